@@ -1,0 +1,185 @@
+"""Errors raised by the ``credo`` SPIFFE model.
+
+Every error Credo raises on purpose is a :class:`CredoError`; every one caused by bad
+input is also a :class:`ValueError`. Each carries data (``text``, ``reason``) so callers
+can act on it without parsing the message.
+
+::
+
+    CredoError
+    ├── InvalidSpiffeId (also ValueError)             text is not a SPIFFE ID
+    │   └── InvalidTrustDomain                        text is not a trust domain name
+    ├── InvalidSelector (also ValueError)             text is not 'type:value'
+    ├── InvalidKey (also ValueError)                  key bytes unreadable / key type unsupported
+    ├── BundleError (also ValueError)                 bundle bytes malformed
+    ├── X509SvidError (also ValueError)               an X509-SVID was refused
+    │   ├── InvalidX509Svid                           malformed: unparsable, key mismatch, ...
+    │   │   ├── NoUriSan                              leaf has no URI SAN
+    │   │   ├── MultipleUriSans                       leaf has more than one URI SAN
+    │   │   ├── LeafIsCa                              leaf has cA=true
+    │   │   ├── BadKeyUsage                           leaf key usage wrong
+    │   │   └── SigningCertNotCa                      intermediate is not a usable CA
+    │   ├── X509SvidExpired                           a chain cert is past NotAfter
+    │   ├── X509SvidNotYetValid                       a chain cert is before NotBefore
+    │   └── UntrustedChain                            no bundle / chain leads to no authority
+    └── JwtSvidError (also ValueError)                a JWT-SVID was refused
+        ├── InvalidJwtSvid                            malformed header or claims
+        ├── UnsupportedJwtAlgorithm                   alg not RS/ES/PS 256/384/512
+        ├── JwtSvidExpired                            exp is in the past
+        ├── JwtAudienceMismatch                       none of the expected audiences present
+        └── UntrustedJwtSvid                          no bundle for the trust domain / bad signature
+            └── UnknownJwtKey                         kid not in the trust domain's bundle
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BadKeyUsage",
+    "BundleError",
+    "CredoError",
+    "InvalidJwtSvid",
+    "InvalidKey",
+    "InvalidSelector",
+    "InvalidSpiffeId",
+    "InvalidTrustDomain",
+    "InvalidX509Svid",
+    "JwtAudienceMismatch",
+    "JwtSvidError",
+    "JwtSvidExpired",
+    "LeafIsCa",
+    "MultipleUriSans",
+    "NoUriSan",
+    "SigningCertNotCa",
+    "UnknownJwtKey",
+    "UnsupportedJwtAlgorithm",
+    "UntrustedChain",
+    "UntrustedJwtSvid",
+    "X509SvidError",
+    "X509SvidExpired",
+    "X509SvidNotYetValid",
+]
+
+
+class CredoError(Exception):
+    """Root of every error Credo raises on purpose."""
+
+
+class InvalidSpiffeId(CredoError, ValueError):
+    """Text is not a valid SPIFFE ID; ``reason`` names the broken rule."""
+
+    def __init__(self, text: str, reason: str) -> None:
+        self.text = text
+        self.reason = reason
+        super().__init__(f"invalid SPIFFE ID {text[:100]!r}: {reason}")
+
+
+class InvalidTrustDomain(InvalidSpiffeId):
+    """Text is not a valid trust domain name."""
+
+    def __init__(self, text: str, reason: str) -> None:
+        self.text = text
+        self.reason = reason
+        ValueError.__init__(self, f"invalid trust domain {text[:100]!r}: {reason}")
+
+
+class InvalidSelector(CredoError, ValueError):
+    """Text is not a ``type:value`` selector."""
+
+    def __init__(self, text: str, reason: str) -> None:
+        self.text = text
+        self.reason = reason
+        super().__init__(f"invalid selector {text[:100]!r}: {reason}")
+
+
+class _ReasonError(CredoError, ValueError):
+    """Base for errors that carry one ``reason`` and prefix it with a fixed subject."""
+
+    _subject = "error"
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(f"{self._subject}: {reason}")
+
+
+class InvalidKey(_ReasonError):
+    """Private or public key bytes are unreadable, or the key type is unsupported."""
+
+    _subject = "invalid key"
+
+
+class BundleError(_ReasonError):
+    """Bundle bytes (PEM, DER, JWKS or SPIFFE bundle) are malformed."""
+
+    _subject = "invalid bundle"
+
+
+class X509SvidError(_ReasonError):
+    """An X509-SVID (or its chain) was refused; ``reason`` says why."""
+
+    _subject = "invalid X509-SVID"
+
+
+class InvalidX509Svid(X509SvidError):
+    """The X509-SVID is malformed: unparsable, bad shape, or the key does not match."""
+
+
+class NoUriSan(InvalidX509Svid):
+    """The leaf certificate has no URI SAN, so it carries no SPIFFE ID."""
+
+
+class MultipleUriSans(InvalidX509Svid):
+    """The leaf certificate has more than one URI SAN; exactly one is allowed."""
+
+
+class LeafIsCa(InvalidX509Svid):
+    """The leaf certificate has ``cA=true`` (or no basic constraints saying otherwise)."""
+
+
+class BadKeyUsage(InvalidX509Svid):
+    """The leaf's key usage misses digitalSignature or sets keyCertSign/cRLSign."""
+
+
+class SigningCertNotCa(InvalidX509Svid):
+    """A signing (intermediate) certificate is not a CA, lacks keyCertSign, or has a path."""
+
+
+class X509SvidExpired(X509SvidError):
+    """A certificate in the chain is past its NotAfter."""
+
+
+class X509SvidNotYetValid(X509SvidError):
+    """A certificate in the chain is before its NotBefore."""
+
+
+class UntrustedChain(X509SvidError):
+    """No bundle for the trust domain, or the chain does not lead to one of its authorities."""
+
+
+class JwtSvidError(_ReasonError):
+    """A JWT-SVID was refused; ``reason`` says why."""
+
+    _subject = "invalid JWT-SVID"
+
+
+class InvalidJwtSvid(JwtSvidError):
+    """The token is malformed, or a required header or claim is missing or wrong."""
+
+
+class UnsupportedJwtAlgorithm(JwtSvidError):
+    """The ``alg`` header is not one of RS/ES/PS 256/384/512."""
+
+
+class JwtSvidExpired(JwtSvidError):
+    """The ``exp`` claim is in the past (beyond the allowed leeway)."""
+
+
+class JwtAudienceMismatch(JwtSvidError):
+    """None of the expected audiences is in the ``aud`` claim."""
+
+
+class UntrustedJwtSvid(JwtSvidError):
+    """No bundle for the token's trust domain, or its signature does not verify."""
+
+
+class UnknownJwtKey(UntrustedJwtSvid):
+    """The ``kid`` header names no key in the trust domain's JWT bundle."""

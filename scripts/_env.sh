@@ -1,0 +1,17 @@
+# Shared by scripts/*: make .venv and install the project with its test extras.
+# Re-installs only when pyproject.toml changed since the last install.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+PYTHON_BIN=${PYTHON_BIN:-python3.11}
+command -v "$PYTHON_BIN" >/dev/null 2>&1 || PYTHON_BIN=python3
+if [ ! -x .venv/bin/python ]; then
+    "$PYTHON_BIN" -m venv .venv
+fi
+STAMP=.venv/.credo-installed
+if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip >/dev/null
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[test,dev]"
+    touch "$STAMP"
+fi
+export PATH="$ROOT/.venv/bin:$PATH"
