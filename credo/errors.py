@@ -183,3 +183,31 @@ class UntrustedJwtSvid(JwtSvidError):
 
 class UnknownJwtKey(UntrustedJwtSvid):
     """The ``kid`` header names no key in the trust domain's JWT bundle."""
+
+
+# --- Workload API client errors (credo.workload_client) ---------------------------------
+#
+#   CredoError
+#   ├── InvalidWorkloadApiEndpoint (also ValueError)  not a Workload API socket address
+#   └── WorkloadApiError                              the Workload API call failed
+
+
+class InvalidWorkloadApiEndpoint(CredoError, ValueError):
+    """The Workload API address is not ``unix:///abs/path``, ``unix:/abs/path`` or ``tcp://IP:port``."""
+
+    def __init__(self, text: str, reason: str) -> None:
+        self.text = text
+        self.reason = reason
+        super().__init__(f"invalid Workload API endpoint {text[:200]!r}: {reason}")
+
+
+class WorkloadApiError(CredoError):
+    """A Workload API call failed; ``code`` is the gRPC status name (``PERMISSION_DENIED``)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        self.code = code
+        self.message = message
+        super().__init__(f"workload API call failed ({code}): {message}")
+
+
+__all__ += ["InvalidWorkloadApiEndpoint", "WorkloadApiError"]

@@ -1,0 +1,74 @@
+"""Credo: SPIFFE workload identity for AI agents and the services they call.
+
+The shared SPIFFE model: IDs, SVIDs, bundles and errors. Import from here, not from the
+submodules; ``credo.__all__`` is the supported surface.
+"""
+
+from __future__ import annotations
+
+from credo import errors
+from credo.bundle import Bundle, BundleSet, JwtBundle, X509Bundle
+from credo.errors import (
+    BundleError,
+    CredoError,
+    InvalidJwtSvid,
+    InvalidKey,
+    InvalidSelector,
+    InvalidSpiffeId,
+    InvalidTrustDomain,
+    InvalidX509Svid,
+    JwtSvidError,
+    X509SvidError,
+)
+from credo.jwtsvid import JwtSvid, sign_jwt_svid
+from credo.keys import (
+    KeyType,
+    generate_private_key,
+    jwt_algorithm_for,
+    load_private_key,
+    private_key_to_pkcs8_der,
+    private_key_to_pkcs8_pem,
+)
+from credo.selector import Selector
+from credo.spiffe_id import SpiffeId, TrustDomain
+from credo.x509svid import (
+    X509Svid,
+    ca_certificate_template,
+    sign_x509_svid,
+    verify_x509_svid,
+    x509_svid_template,
+)
+
+__all__ = [
+    "Bundle",
+    "BundleError",
+    "BundleSet",
+    "CredoError",
+    "InvalidJwtSvid",
+    "InvalidKey",
+    "InvalidSelector",
+    "InvalidSpiffeId",
+    "InvalidTrustDomain",
+    "InvalidX509Svid",
+    "JwtBundle",
+    "JwtSvid",
+    "JwtSvidError",
+    "KeyType",
+    "Selector",
+    "SpiffeId",
+    "TrustDomain",
+    "X509Bundle",
+    "X509Svid",
+    "X509SvidError",
+    "ca_certificate_template",
+    "errors",
+    "generate_private_key",
+    "jwt_algorithm_for",
+    "load_private_key",
+    "private_key_to_pkcs8_der",
+    "private_key_to_pkcs8_pem",
+    "sign_jwt_svid",
+    "sign_x509_svid",
+    "verify_x509_svid",
+    "x509_svid_template",
+]
