@@ -18,6 +18,7 @@ from credo.errors import (
     InvalidTrustDomain,
     InvalidX509Svid,
     JwtSvidError,
+    WorkloadApiError,
     X509SvidError,
 )
 from credo.jwtsvid import JwtSvid, sign_jwt_svid
@@ -31,6 +32,7 @@ from credo.keys import (
 )
 from credo.selector import Selector
 from credo.spiffe_id import SpiffeId, TrustDomain
+from credo.workload_client import WorkloadApiClient, X509Context
 from credo.x509svid import (
     X509Svid,
     ca_certificate_template,
@@ -57,7 +59,10 @@ __all__ = [
     "Selector",
     "SpiffeId",
     "TrustDomain",
+    "WorkloadApiClient",
+    "WorkloadApiError",
     "X509Bundle",
+    "X509Context",
     "X509Svid",
     "X509SvidError",
     "ca_certificate_template",

@@ -15,6 +15,10 @@ EXPECTED = {
     "JwtBundle",
     "Bundle",
     "BundleSet",
+    # the Workload API client
+    "WorkloadApiClient",
+    "X509Context",
+    "WorkloadApiError",
     # keys
     "KeyType",
     "generate_private_key",

@@ -1,0 +1,277 @@
+"""``credo-agent api ...``: call the Workload API as the current process, like ``spire-agent api``.
+
+::
+
+    credo-agent api fetch x509 [--write DIR]
+    credo-agent api fetch jwt --audience A [--audience B] [--spiffe-id ID]
+    credo-agent api fetch jwt-bundle
+    credo-agent api validate jwt --audience A --svid TOKEN
+    credo-agent api watch
+
+Errors print one line on stderr and exit 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import click
+
+from credo.bundle import BundleSet
+from credo.errors import CredoError
+from credo.workload_client import ENDPOINT_ENV, WorkloadApiClient, X509Context
+
+__all__ = ["api"]
+
+DEFAULT_SOCKET = "unix:///tmp/credo-agent/public/api.sock"
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass
+class _Options:
+    socket: str
+    output: str
+    timeout: float
+
+
+def _common(f: F) -> F:
+    """The options every ``api`` command takes."""
+    f = click.option(
+        "--timeout",
+        type=float,
+        default=5.0,
+        show_default=True,
+        help="Seconds to wait for the Workload API.",
+    )(f)
+    f = click.option(
+        "--output",
+        type=click.Choice(["text", "json"]),
+        default="text",
+        show_default=True,
+        help="Output format.",
+    )(f)
+    f = click.option(
+        "--socket",
+        "socket_path",
+        envvar=ENDPOINT_ENV,
+        default=DEFAULT_SOCKET,
+        show_default=True,
+        help=f"Workload API address (unix:///path or tcp://IP:port; env {ENDPOINT_ENV}).",
+    )(f)
+    return f
+
+
+class _Fail(click.ClickException):
+    """One-line error on stderr, exit code 1."""
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"Error: {self.message}", err=True)
+
+
+@contextlib.contextmanager
+def _client(socket_path: str, timeout: float | None) -> Iterator[WorkloadApiClient]:
+    try:
+        with WorkloadApiClient(socket_path, timeout=timeout) as client:
+            yield client
+    except CredoError as err:
+        raise _Fail(str(err).replace("\n", " ")) from None
+    except OSError as err:
+        raise _Fail(f"{err.strerror or err}") from None
+
+
+def _iso(dt: datetime) -> str:
+    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _x509_json(ctx: X509Context) -> dict[str, Any]:
+    return {
+        "svids": [
+            {
+                "spiffe_id": str(s.spiffe_id),
+                "hint": s.hint,
+                "expires_at": _iso(s.expires_at),
+                "chain_pem": s.marshal_chain_pem().decode(),
+            }
+            for s in ctx.svids
+        ],
+        "bundles": {td.id_string(): b.marshal_pem().decode() for td, b in ctx.bundles.items()},
+    }
+
+
+def _print_x509(ctx: X509Context, output: str) -> None:
+    if output == "json":
+        click.echo(json.dumps(_x509_json(ctx), indent=2))
+        return
+    click.echo(f"Received {len(ctx.svids)} svid(s)")
+    for svid in ctx.svids:
+        click.echo("")
+        click.echo(f"SPIFFE ID:\t\t{svid.spiffe_id}")
+        click.echo(f"SVID Valid After:\t{_iso(svid.leaf.not_valid_before_utc)}")
+        click.echo(f"SVID Valid Until:\t{_iso(svid.expires_at)}")
+        if svid.hint:
+            click.echo(f"Hint:\t\t\t{svid.hint}")
+    for td in sorted(ctx.bundles, key=str):
+        click.echo(f"Bundle: {td.id_string()} ({len(ctx.bundles[td].x509_authorities)} CA(s))")
+
+
+def _write_private(path: str, data: bytes, mode: int) -> None:
+    """Write ``data`` atomically (temp file + rename) with ``mode``."""
+    directory = os.path.dirname(path)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _write_x509(ctx: X509Context, directory: str) -> list[str]:
+    """Write svid.<i>.pem/.key, bundle.<i>.pem and federated_bundle.<i>.<n>.pem."""
+    os.makedirs(directory, exist_ok=True)
+    written: list[str] = []
+    for i, svid in enumerate(ctx.svids):
+        own = svid.spiffe_id.trust_domain
+        files: list[tuple[str, bytes, int]] = [
+            (f"svid.{i}.pem", svid.marshal_chain_pem(), 0o644),
+            (f"svid.{i}.key", svid.marshal_key_pem(), 0o600),
+        ]
+        bundle = ctx.bundles.get_bundle_for_trust_domain(own)
+        if bundle is not None:
+            files.append((f"bundle.{i}.pem", bundle.marshal_pem(), 0o644))
+        federated = sorted((td for td in ctx.bundles if td != own), key=str)
+        for n, td in enumerate(federated):
+            files.append((f"federated_bundle.{i}.{n}.pem", ctx.bundles[td].marshal_pem(), 0o644))
+        for name, data, mode in files:
+            path = os.path.join(directory, name)
+            _write_private(path, data, mode)
+            written.append(path)
+    return written
+
+
+@click.group(name="api")
+def api() -> None:
+    """Call the Workload API as this process (fetch, validate, watch)."""
+
+
+@api.group()
+def fetch() -> None:
+    """Fetch SVIDs or bundles."""
+
+
+@fetch.command("x509")
+@_common
+@click.option(
+    "--write", "write_dir", type=click.Path(file_okay=False), help="Write PEM files here."
+)
+def fetch_x509(socket_path: str, output: str, timeout: float, write_dir: str | None) -> None:
+    """Fetch this process's X509-SVIDs and bundles."""
+    with _client(socket_path, timeout) as client:
+        ctx = client.fetch_x509_context()
+    _print_x509(ctx, output)
+    if write_dir is not None:
+        try:
+            written = _write_x509(ctx, write_dir)
+        except OSError as err:
+            raise _Fail(f"cannot write to {write_dir}: {err.strerror or err}") from None
+        if output == "text":
+            click.echo("")
+            for path in written:
+                click.echo(f"Wrote {path}")
+
+
+@fetch.command("jwt")
+@_common
+@click.option("--audience", "-a", multiple=True, required=True, help="Audience (repeatable).")
+@click.option("--spiffe-id", default=None, help="Only this identity's JWT-SVID.")
+def fetch_jwt(
+    socket_path: str, output: str, timeout: float, audience: tuple[str, ...], spiffe_id: str | None
+) -> None:
+    """Fetch JWT-SVIDs for an audience (prints the tokens: they are yours)."""
+    with _client(socket_path, timeout) as client:
+        svids = client.fetch_jwt_svids(list(audience), spiffe_id)
+    if output == "json":
+        click.echo(
+            json.dumps(
+                [
+                    {
+                        "spiffe_id": str(s.spiffe_id),
+                        "svid": s.token,
+                        "expires_at": _iso(s.expires_at),
+                    }
+                    for s in svids
+                ],
+                indent=2,
+            )
+        )
+        return
+    for s in svids:
+        click.echo(f"token({s.spiffe_id}):\n\t{s.token}")
+
+
+def _print_jwt_bundles(bundles: BundleSet, output: str) -> None:
+    docs = {td.id_string(): json.loads(b.jwt_bundle().marshal()) for td, b in bundles.items()}
+    if output == "json":
+        click.echo(json.dumps(docs, indent=2))
+        return
+    for key in sorted(docs):
+        click.echo(f"bundle({key}):\n\t{json.dumps(docs[key])}")
+
+
+@fetch.command("jwt-bundle")
+@_common
+def fetch_jwt_bundle(socket_path: str, output: str, timeout: float) -> None:
+    """Fetch the JWT bundles (JWKS) of the own and federated trust domains."""
+    with _client(socket_path, timeout) as client:
+        bundles = client.fetch_jwt_bundles()
+    _print_jwt_bundles(bundles, output)
+
+
+@api.group()
+def validate() -> None:
+    """Validate SVIDs."""
+
+
+@validate.command("jwt")
+@_common
+@click.option("--audience", "-a", required=True, help="The audience the token must name.")
+@click.option("--svid", required=True, help="The JWT-SVID to validate.")
+def validate_jwt(socket_path: str, output: str, timeout: float, audience: str, svid: str) -> None:
+    """Have the Workload API validate a JWT-SVID."""
+    with _client(socket_path, timeout) as client:
+        parsed = client.validate_jwt_svid(svid, audience)
+    if output == "json":
+        click.echo(json.dumps({"spiffe_id": str(parsed.spiffe_id), "claims": dict(parsed.claims)}))
+        return
+    click.echo("SVID is valid.")
+    click.echo(f"SPIFFE ID : {parsed.spiffe_id}")
+    click.echo(f"Claims    : {json.dumps(dict(parsed.claims))}")
+
+
+@api.command("watch")
+@_common
+def watch(socket_path: str, output: str, timeout: float) -> None:
+    """Print every X.509 context update until interrupted (Ctrl-C)."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        with _client(socket_path, None) as client:
+            for ctx in client.watch_x509_context():
+                _print_x509(ctx, output)
+                click.echo("", nl=True)
+    except KeyboardInterrupt:
+        pass

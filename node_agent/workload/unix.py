@@ -1,0 +1,187 @@
+"""The ``unix`` workload attestor: uid, gid, groups, executable path and its SHA-256.
+
+Selectors (the same names and values as SPIRE's ``unix`` plugin)::
+
+    unix:uid:<n>                  effective uid        unix:user:<name>
+    unix:gid:<n>                  effective gid        unix:group:<name>
+    unix:supplementary_gid:<n>    each supplementary   unix:supplementary_group:<name>
+    unix:path:<exe>               readlink /proc/<pid>/exe
+    unix:sha256:<hex>             digest of the executable
+
+The uid and gid are the **effective** ids (second field of ``Uid:``/``Gid:`` in
+``/proc/<pid>/status``), as SPIRE does: they are what the kernel checks for access, what
+``SO_PEERCRED`` reports, and a setuid binary acts with them. Names come from pwd/grp and
+are left out when the id has no name.
+
+Path and digest are read through ``/proc/<pid>/exe``, so they name the very inode the
+process runs even from another mount namespace. If the agent may not read it (no
+``CAP_SYS_PTRACE`` for another user's process) they are left out: missing selectors only
+ever match fewer entries. Digests are cached by the file's (device, inode, size, mtime,
+ctime), and files larger than ``workload_size_limit`` are not hashed (0 = no limit,
+negative = never hash), like SPIRE's ``workload_size_limit``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import grp
+import hashlib
+import logging
+import os
+import pwd
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from credo.selector import Selector
+from node_agent.workload.errors import AttestationFailed
+
+__all__ = ["DEFAULT_WORKLOAD_SIZE_LIMIT", "UnixAttestor", "UnixAttestorConfig"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_WORKLOAD_SIZE_LIMIT = 64 * 1024 * 1024
+_CACHE_SIZE = 1024
+_CHUNK = 1024 * 1024
+
+_FileKey = tuple[int, int, int, int, int]
+
+
+@dataclass(frozen=True)
+class UnixAttestorConfig:
+    """Settings for :class:`UnixAttestor`.
+
+    ``discover_workload_path`` adds ``unix:path`` and ``unix:sha256``;
+    ``workload_size_limit`` caps the size of a binary that is hashed (bytes; 0 = no limit,
+    negative = never hash); ``proc_root`` is where procfs is mounted (``HOST_PROC``).
+    """
+
+    discover_workload_path: bool = True
+    workload_size_limit: int = DEFAULT_WORKLOAD_SIZE_LIMIT
+    proc_root: str = "/proc"
+
+
+class UnixAttestor:
+    """Attests a local process from procfs; see the module docstring for the selectors."""
+
+    def __init__(self, config: UnixAttestorConfig | None = None) -> None:
+        self.config = config or UnixAttestorConfig()
+        self._digests: OrderedDict[_FileKey, str] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hash_count = 0  # digests actually computed (not served from cache); for tests
+
+    async def attest(self, pid: int) -> list[Selector]:
+        """Selectors for ``pid``; raise :class:`AttestationFailed` if procfs cannot say."""
+        return await asyncio.to_thread(self._attest, pid)
+
+    def _attest(self, pid: int) -> list[Selector]:
+        proc = os.path.join(self.config.proc_root, str(pid))
+        try:
+            status = _read_status(os.path.join(proc, "status"))
+        except FileNotFoundError:
+            raise AttestationFailed("process not found", pid=pid) from None
+        except OSError as err:
+            raise AttestationFailed(f"cannot read process status: {err}", pid=pid) from None
+        try:
+            uid = _second(status, "Uid")
+            gid = _second(status, "Gid")
+            groups = [int(g) for g in status.get("Groups", [])]
+        except (KeyError, ValueError):
+            raise AttestationFailed("process status lacks Uid/Gid lines", pid=pid) from None
+
+        out = [Selector("unix", f"uid:{uid}")]
+        if (user := _user_name(uid)) is not None:
+            out.append(Selector("unix", f"user:{user}"))
+        out.append(Selector("unix", f"gid:{gid}"))
+        if (group := _group_name(gid)) is not None:
+            out.append(Selector("unix", f"group:{group}"))
+        for sgid in groups:
+            out.append(Selector("unix", f"supplementary_gid:{sgid}"))
+            if (name := _group_name(sgid)) is not None:
+                out.append(Selector("unix", f"supplementary_group:{name}"))
+        if self.config.discover_workload_path:
+            out.extend(self._path_selectors(pid, os.path.join(proc, "exe")))
+        return out
+
+    def _path_selectors(self, pid: int, exe_link: str) -> list[Selector]:
+        try:
+            path = os.readlink(exe_link)
+        except FileNotFoundError:
+            raise AttestationFailed("process not found", pid=pid) from None
+        except PermissionError:
+            log.info("cannot read workload executable; no path selectors", extra={"pid": pid})
+            return []
+        out = [Selector("unix", f"path:{path}")]
+        limit = self.config.workload_size_limit
+        if limit < 0:
+            return out
+        try:
+            digest = self._digest(exe_link, limit, pid, path)
+        except FileNotFoundError:
+            raise AttestationFailed("process not found", pid=pid) from None
+        except OSError as err:
+            log.warning(
+                "cannot hash workload executable",
+                extra={"pid": pid, "path": path, "error": str(err)},
+            )
+            return out
+        if digest is not None:
+            out.append(Selector("unix", f"sha256:{digest}"))
+        return out
+
+    def _digest(self, exe_link: str, limit: int, pid: int, path: str) -> str | None:
+        """SHA-256 of the executable (cached), or None if it is over the size limit."""
+        with open(exe_link, "rb") as f:
+            st = os.fstat(f.fileno())
+            key: _FileKey = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+            with self._lock:
+                cached = self._digests.get(key)
+                if cached is not None:
+                    self._digests.move_to_end(key)
+                    return cached
+            if limit > 0 and st.st_size > limit:
+                log.warning(
+                    "workload executable too large to hash; no sha256 selector",
+                    extra={"pid": pid, "path": path, "size": st.st_size, "limit": limit},
+                )
+                return None
+            h = hashlib.sha256()
+            while chunk := f.read(_CHUNK):
+                h.update(chunk)
+        digest = h.hexdigest()
+        with self._lock:
+            self.hash_count += 1
+            self._digests[key] = digest
+            while len(self._digests) > _CACHE_SIZE:
+                self._digests.popitem(last=False)
+        return digest
+
+
+def _read_status(path: str) -> dict[str, list[str]]:
+    fields: dict[str, list[str]] = {}
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            name, sep, value = line.partition(":")
+            if sep:
+                fields[name] = value.split()
+    return fields
+
+
+def _second(status: dict[str, list[str]], name: str) -> int:
+    """The effective id: second of real/effective/saved/filesystem (or the only one)."""
+    values = status[name]
+    return int(values[1] if len(values) > 1 else values[0])
+
+
+def _user_name(uid: int) -> str | None:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return None
+
+
+def _group_name(gid: int) -> str | None:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return None

@@ -1,0 +1,329 @@
+"""The SPIFFE Workload API (``SpiffeWorkloadAPI``) on ``grpc.aio``.
+
+Every call:
+
+1. must carry metadata ``workload.spiffe.io: true`` (else INVALID_ARGUMENT);
+2. is attributed to the process that opened the connection (via :class:`PeerLookup`,
+   fed by :class:`~node_agent.workload.tracker.PeerTrackingProxy`), attested into
+   selectors, and then re-checked to still be that process (else PERMISSION_DENIED) —
+   attestation happens per call, as in SPIRE;
+3. gets only the identities whose entries match those selectors (none: PERMISSION_DENIED
+   ``no identity issued``).
+
+Streams send the full current state at once and again on every change. This is the only
+module that maps Credo errors to gRPC status codes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping
+from typing import Any, NoReturn, Protocol, TypeAlias
+
+import grpc
+from google.protobuf import struct_pb2
+from grpc import aio
+
+from credo._proto import workload_pb2, workload_pb2_grpc
+from credo.bundle import Bundle
+from credo.errors import CredoError, InvalidSpiffeId
+from credo.jwtsvid import JwtSvid
+from credo.selector import Selector
+from credo.spiffe_id import SpiffeId, TrustDomain
+from node_agent.workload.attestor import WorkloadAttestor
+from node_agent.workload.errors import AttestationFailed, PeerChanged, PeerUnknown
+from node_agent.workload.peer import PeerProcess
+from node_agent.workload_api.manager import Identity, Manager, WorkloadUpdate
+
+__all__ = ["SECURITY_HEADER", "PeerLookup", "WorkloadApiServicer"]
+
+log = logging.getLogger(__name__)
+
+SECURITY_HEADER = "workload.spiffe.io"
+
+_Context: TypeAlias = "aio.ServicerContext[Any, Any]"
+
+
+class PeerLookup(Protocol):
+    """Maps a handler's ``context.peer()`` to the pinned calling process."""
+
+    def lookup(self, peer: str) -> PeerProcess | None:
+        """The caller behind ``peer``, or None if unknown."""
+        ...
+
+
+def _td_key(trust_domain: TrustDomain | str) -> str:
+    """Bundle map key: the trust domain's SPIFFE ID, ``spiffe://<name>``."""
+    td = trust_domain if isinstance(trust_domain, TrustDomain) else TrustDomain.parse(trust_domain)
+    return td.id_string()
+
+
+def _x509_bundles(own: Bundle, federated: Mapping[str, Bundle]) -> dict[str, bytes]:
+    out = {_td_key(name): b.x509_bundle().marshal_der() for name, b in federated.items()}
+    out[_td_key(own.trust_domain)] = own.x509_bundle().marshal_der()
+    return out
+
+
+def _jwt_bundles(own: Bundle, federated: Mapping[str, Bundle]) -> dict[str, bytes]:
+    out = {_td_key(name): b.jwt_bundle().marshal() for name, b in federated.items()}
+    out[_td_key(own.trust_domain)] = own.jwt_bundle().marshal()
+    return out
+
+
+def _x509_svid_response(update: WorkloadUpdate) -> workload_pb2.X509SVIDResponse:
+    bundle_der = update.bundle.x509_bundle().marshal_der()
+    svids = [
+        workload_pb2.X509SVID(
+            spiffe_id=str(identity.spiffe_id),
+            x509_svid=identity.svid.marshal_chain_der(),
+            x509_svid_key=identity.svid.marshal_key_der(),
+            bundle=bundle_der,
+            hint=identity.hint,
+        )
+        for identity in update.identities
+    ]
+    federated = {
+        _td_key(name): b.x509_bundle().marshal_der() for name, b in update.federated_bundles.items()
+    }
+    return workload_pb2.X509SVIDResponse(svids=svids, federated_bundles=federated)
+
+
+class WorkloadApiServicer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
+    """Serves the Workload API from a :class:`Manager`, attesting callers with an attestor.
+
+    ``peers`` identifies the caller of each call. With ``allow_unauthenticated_verifiers``
+    the bundle streams also serve callers that have no identity (SPIRE's option of the same
+    name): they receive the own and every federated bundle.
+    """
+
+    def __init__(
+        self,
+        manager: Manager,
+        attestor: WorkloadAttestor,
+        peers: PeerLookup,
+        *,
+        allow_unauthenticated_verifiers: bool = False,
+    ) -> None:
+        self._manager = manager
+        self._attestor = attestor
+        self._peers = peers
+        self._allow_unauthenticated_verifiers = allow_unauthenticated_verifiers
+
+    # -- shared steps -----------------------------------------------------------------
+
+    async def _caller(self, context: _Context, method: str) -> frozenset[Selector]:
+        """Check the security header, attest the caller, and return its selectors."""
+        metadata = context.invocation_metadata() or ()
+        if not any(k == SECURITY_HEADER and v == "true" for k, v in metadata):
+            await _abort(
+                context, grpc.StatusCode.INVALID_ARGUMENT, "security header missing from request"
+            )
+        peer = self._peers.lookup(context.peer())
+        if peer is None:
+            log.warning("workload call from an untracked connection", extra={"method": method})
+            await _abort(context, grpc.StatusCode.PERMISSION_DENIED, "caller credentials unknown")
+        started = time.monotonic()
+        try:
+            selectors = await self._attestor.attest(peer.pid)
+            peer.ensure_same_process()
+        except (PeerChanged, PeerUnknown) as err:
+            log.warning(
+                "workload caller changed during attestation",
+                extra={"method": method, "pid": peer.pid, "reason": err.reason},
+            )
+            await _abort(context, grpc.StatusCode.PERMISSION_DENIED, str(err))
+        except AttestationFailed as err:
+            try:
+                peer.ensure_same_process()
+            except PeerChanged as changed:
+                await _abort(context, grpc.StatusCode.PERMISSION_DENIED, str(changed))
+            log.error(
+                "workload attestation failed",
+                extra={"method": method, "pid": peer.pid, "reason": err.reason},
+            )
+            await _abort(context, grpc.StatusCode.INTERNAL, str(err))
+        log.debug(
+            "workload attested",
+            extra={
+                "method": method,
+                "pid": peer.pid,
+                "uid": peer.credentials.uid,
+                "selectors": len(selectors),
+                "seconds": round(time.monotonic() - started, 6),
+            },
+        )
+        return frozenset(selectors)
+
+    # -- X.509 ------------------------------------------------------------------------
+
+    async def FetchX509SVID(
+        self, request: workload_pb2.X509SVIDRequest, context: _Context
+    ) -> AsyncIterator[workload_pb2.X509SVIDResponse]:
+        """Stream the caller's X509-SVIDs: once at once, then on every change."""
+        selectors = await self._caller(context, "FetchX509SVID")
+        subscription = self._manager.subscribe(selectors)
+        try:
+            previous: workload_pb2.X509SVIDResponse | None = None
+            while True:
+                update = await subscription.next()
+                if not update.identities:
+                    await _abort(context, grpc.StatusCode.PERMISSION_DENIED, "no identity issued")
+                response = _x509_svid_response(update)
+                if response == previous:
+                    continue
+                previous = response
+                log.debug(
+                    "sending X509-SVIDs",
+                    extra={"spiffe_ids": [str(i.spiffe_id) for i in update.identities]},
+                )
+                yield response
+        finally:
+            subscription.close()
+
+    async def FetchX509Bundles(
+        self, request: workload_pb2.X509BundlesRequest, context: _Context
+    ) -> AsyncIterator[workload_pb2.X509BundlesResponse]:
+        """Stream the X.509 bundles (own + federated) keyed by trust domain SPIFFE ID."""
+        selectors = await self._caller(context, "FetchX509Bundles")
+        previous: workload_pb2.X509BundlesResponse | None = None
+        async for own, federated in self._bundles(selectors, context):
+            response = workload_pb2.X509BundlesResponse(bundles=_x509_bundles(own, federated))
+            if response != previous:
+                previous = response
+                yield response
+
+    # -- JWT --------------------------------------------------------------------------
+
+    async def FetchJWTSVID(
+        self, request: workload_pb2.JWTSVIDRequest, context: _Context
+    ) -> workload_pb2.JWTSVIDResponse:
+        """One JWT-SVID per caller identity (or only ``spiffe_id``) for the audience."""
+        selectors = await self._caller(context, "FetchJWTSVID")
+        if not request.audience:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "audience must be specified")
+        identities = self._manager.matching_identities(selectors)
+        if not identities:
+            await _abort(context, grpc.StatusCode.PERMISSION_DENIED, "no identity issued")
+        chosen: tuple[Identity, ...] = identities
+        if request.spiffe_id:
+            try:
+                wanted = SpiffeId.parse(request.spiffe_id)
+            except InvalidSpiffeId as err:
+                await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(err))
+            chosen = tuple(i for i in identities if i.spiffe_id == wanted)
+            if not chosen:
+                await _abort(
+                    context,
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"no identity issued for {request.spiffe_id}",
+                )
+        audience = tuple(request.audience)
+        svids = []
+        for identity in chosen:
+            try:
+                token = await self._manager.fetch_jwt_svid(identity, audience)
+            except CredoError as err:
+                log.error(
+                    "cannot mint JWT-SVID",
+                    extra={"spiffe_id": str(identity.spiffe_id), "error": str(err)},
+                )
+                await _abort(
+                    context, grpc.StatusCode.UNAVAILABLE, f"could not mint JWT-SVID: {err}"
+                )
+            svids.append(
+                workload_pb2.JWTSVID(
+                    spiffe_id=str(identity.spiffe_id), svid=token, hint=identity.hint
+                )
+            )
+        log.debug(
+            "sending JWT-SVIDs",
+            extra={"spiffe_ids": [s.spiffe_id for s in svids], "audience": list(audience)},
+        )
+        return workload_pb2.JWTSVIDResponse(svids=svids)
+
+    async def FetchJWTBundles(
+        self, request: workload_pb2.JWTBundlesRequest, context: _Context
+    ) -> AsyncIterator[workload_pb2.JWTBundlesResponse]:
+        """Stream the JWT bundles (JWKS) keyed by trust domain SPIFFE ID."""
+        selectors = await self._caller(context, "FetchJWTBundles")
+        previous: workload_pb2.JWTBundlesResponse | None = None
+        async for own, federated in self._bundles(selectors, context):
+            response = workload_pb2.JWTBundlesResponse(bundles=_jwt_bundles(own, federated))
+            if response != previous:
+                previous = response
+                yield response
+
+    async def ValidateJWTSVID(
+        self, request: workload_pb2.ValidateJWTSVIDRequest, context: _Context
+    ) -> workload_pb2.ValidateJWTSVIDResponse:
+        """Validate a JWT-SVID against the own and federated bundles for one audience."""
+        await self._caller(context, "ValidateJWTSVID")
+        if not request.audience:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "audience must be specified")
+        if not request.svid:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "svid must be specified")
+        try:
+            svid = JwtSvid.parse_and_validate(
+                request.svid, self._manager.bundle_set(), [request.audience]
+            )
+        except CredoError as err:
+            log.info("JWT-SVID failed validation", extra={"reason": str(err)})
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        claims = struct_pb2.Struct()
+        claims.update(_json_ready(dict(svid.claims)))
+        return workload_pb2.ValidateJWTSVIDResponse(spiffe_id=str(svid.spiffe_id), claims=claims)
+
+    # -- WIT (not supported) ------------------------------------------------------------
+
+    async def FetchWITSVID(
+        self, request: workload_pb2.WITSVIDRequest, context: _Context
+    ) -> AsyncIterator[workload_pb2.WITSVIDResponse]:
+        """Not supported: answers UNIMPLEMENTED."""
+        await _abort(context, grpc.StatusCode.UNIMPLEMENTED, "WIT-SVIDs are not supported")
+        yield workload_pb2.WITSVIDResponse()  # pragma: no cover - makes this a generator
+
+    async def FetchWITBundles(
+        self, request: workload_pb2.WITBundlesRequest, context: _Context
+    ) -> AsyncIterator[workload_pb2.WITBundlesResponse]:
+        """Not supported: answers UNIMPLEMENTED."""
+        await _abort(context, grpc.StatusCode.UNIMPLEMENTED, "WIT bundles are not supported")
+        yield workload_pb2.WITBundlesResponse()  # pragma: no cover
+
+    # -- helpers ------------------------------------------------------------------------
+
+    async def _bundles(
+        self, selectors: frozenset[Selector], context: _Context
+    ) -> AsyncIterator[tuple[Bundle, Mapping[str, Bundle]]]:
+        """Bundles for the bundle streams; only callers with an identity unless allowed."""
+        if self._allow_unauthenticated_verifiers:
+            bundle_sub = self._manager.subscribe_bundles()
+            try:
+                while True:
+                    yield await bundle_sub.next()
+            finally:
+                bundle_sub.close()
+        subscription = self._manager.subscribe(selectors)
+        try:
+            while True:
+                update = await subscription.next()
+                if not update.identities:
+                    await _abort(context, grpc.StatusCode.PERMISSION_DENIED, "no identity issued")
+                yield update.bundle, update.federated_bundles
+        finally:
+            subscription.close()
+
+
+async def _abort(context: _Context, code: grpc.StatusCode, message: str) -> NoReturn:
+    """End the call with ``code``; ``context.abort`` raises, this tells mypy so."""
+    await context.abort(code, message)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _json_ready(value: Any) -> Any:
+    """Claims as protobuf Struct accepts them: tuples become lists, ints stay numbers."""
+    if isinstance(value, Mapping):
+        return {str(k): _json_ready(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_ready(v) for v in value]
+    return value

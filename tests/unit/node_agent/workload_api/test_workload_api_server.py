@@ -1,0 +1,295 @@
+"""The Workload API server, driven by py-spiffe's client and raw gRPC calls over a real socket."""
+
+from __future__ import annotations
+
+import os
+import queue
+import stat
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import spiffe
+from spiffe.spiffe_id.spiffe_id import SpiffeId as PySpiffeId
+from workload_api_fakes import MY_UID, Api
+
+from credo._proto import workload_pb2, workload_pb2_grpc
+
+HEADER = (("workload.spiffe.io", "true"),)
+
+
+def _stub(api: Api) -> tuple[grpc.Channel, Any]:
+    channel = grpc.insecure_channel("unix:" + api.socket_path)
+    return channel, workload_pb2_grpc.SpiffeWorkloadAPIStub(channel)
+
+
+def _code_of_stream(call: Any) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as info:
+        next(call)
+    return info.value.code()
+
+
+def test_socket_is_world_accessible(api: Api) -> None:
+    """The public socket is mode 0777 in a 0755 directory, so any local process may connect."""
+    assert stat.S_IMODE(os.stat(api.socket_path).st_mode) == 0o777
+    assert stat.S_IMODE(os.stat(os.path.dirname(api.socket_path)).st_mode) == 0o755
+
+
+def test_pyspiffe_fetches_x509_context(api: Api) -> None:
+    """py-spiffe fetches the caller's X509-SVID, its key, and own + federated bundles."""
+    identity = api.manager.add([MY_UID], "spiffe://example.org/workload", hint="main")
+    with spiffe.WorkloadApiClient(api.endpoint) as client:
+        ctx = client.fetch_x509_context()
+    svid = ctx.default_svid
+    assert str(svid.spiffe_id) == "spiffe://example.org/workload"
+    assert svid.leaf.serial_number == identity.svid.leaf.serial_number
+    for td in ("example.org", "partner.org"):
+        bundle = ctx.x509_bundle_set.get_bundle_for_trust_domain(spiffe.TrustDomain(td))
+        assert bundle is not None and len(bundle.x509_authorities) == 1
+
+
+def test_two_identities_first_is_default(api: Api) -> None:
+    """Both matching identities come back in order, and the first is the default."""
+    api.manager.add([MY_UID], "spiffe://example.org/first", hint="a")
+    api.manager.add([MY_UID], "spiffe://example.org/second", hint="b")
+    with spiffe.WorkloadApiClient(api.endpoint) as client:
+        svids = client.fetch_x509_svids()
+        default = client.fetch_x509_svid()
+    assert [str(s.spiffe_id) for s in svids] == [
+        "spiffe://example.org/first",
+        "spiffe://example.org/second",
+    ]
+    assert str(default.spiffe_id) == "spiffe://example.org/first"
+    channel, stub = _stub(api)
+    with channel:
+        response = next(stub.FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=HEADER))
+    assert [s.hint for s in response.svids] == ["a", "b"]
+    assert set(response.federated_bundles) == {"spiffe://partner.org"}
+
+
+def test_pyspiffe_jwt_svid_bundles_and_validation(api: Api) -> None:
+    """py-spiffe fetches a JWT-SVID and JWT bundles, and the server validates the token."""
+    api.manager.add([MY_UID], "spiffe://example.org/workload")
+    with spiffe.WorkloadApiClient(api.endpoint) as client:
+        jwt = client.fetch_jwt_svid({"db"})
+        assert str(jwt.spiffe_id) == "spiffe://example.org/workload"
+        bundles = client.fetch_jwt_bundles()
+        own = bundles.get_bundle_for_trust_domain(spiffe.TrustDomain("example.org"))
+        assert own is not None and own.get_jwt_authority(api.manager.ca.kid) is not None
+        validated = client.validate_jwt_svid(jwt.token, "db")
+        assert str(validated.spiffe_id) == "spiffe://example.org/workload"
+    channel, stub = _stub(api)
+    with channel:
+        response = stub.ValidateJWTSVID(
+            workload_pb2.ValidateJWTSVIDRequest(audience="db", svid=jwt.token), metadata=HEADER
+        )
+    assert response.spiffe_id == "spiffe://example.org/workload"
+    assert list(response.claims["aud"]) == ["db"]
+    assert response.claims["sub"] == "spiffe://example.org/workload"
+
+
+def test_validate_rejects_bad_token_and_wrong_audience(api: Api) -> None:
+    """A garbage token or a wrong audience is INVALID_ARGUMENT with the reason."""
+    api.manager.add([MY_UID], "spiffe://example.org/workload")
+    token = api.loop.run(api.manager.fetch_jwt_svid(api.manager.entries[0][1], ("db",)))
+    channel, stub = _stub(api)
+    with channel:
+        for audience, svid in (("db", "not.a.jwt"), ("other", token), ("", token), ("db", "")):
+            with pytest.raises(grpc.RpcError) as info:
+                stub.ValidateJWTSVID(
+                    workload_pb2.ValidateJWTSVIDRequest(audience=audience, svid=svid),
+                    metadata=HEADER,
+                )
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_pyspiffe_stream_receives_update(api: Api) -> None:
+    """py-spiffe's X.509 context stream gets a new message after the manager rotates the SVID."""
+    api.manager.add([MY_UID], "spiffe://example.org/workload")
+    updates: queue.Queue[Any] = queue.Queue()
+    with spiffe.WorkloadApiClient(api.endpoint) as client:
+        handler = client.stream_x509_contexts(updates.put, updates.put, retry_connect=False)
+        try:
+            first = updates.get(timeout=10)
+            rotated = api.manager.ca.issue("spiffe://example.org/workload")
+            entry_selectors, old = api.manager.entries[0]
+            api.manager.entries[0] = (
+                entry_selectors,
+                type(old)(old.entry_id, old.spiffe_id, rotated, old.hint),
+            )
+            api.loop.run(api.manager.push())
+            second = updates.get(timeout=10)
+        finally:
+            handler.cancel()
+    assert first.default_svid.leaf.serial_number == old.svid.leaf.serial_number
+    assert second.default_svid.leaf.serial_number == rotated.leaf.serial_number
+
+
+def test_stream_ends_with_permission_denied_when_identity_removed(api: Api) -> None:
+    """When the caller loses its last identity, the X509-SVID stream ends PERMISSION_DENIED."""
+    api.manager.add([MY_UID], "spiffe://example.org/workload")
+    channel, stub = _stub(api)
+    with channel:
+        call = stub.FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=HEADER)
+        assert len(next(call).svids) == 1
+        api.manager.entries.clear()
+        api.loop.run(api.manager.push())
+        assert _code_of_stream(call) == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_bundle_streams(api: Api) -> None:
+    """X.509 and JWT bundle streams key bundles by trust domain SPIFFE ID."""
+    api.manager.add([MY_UID], "spiffe://example.org/workload")
+    channel, stub = _stub(api)
+    with channel:
+        x509 = next(stub.FetchX509Bundles(workload_pb2.X509BundlesRequest(), metadata=HEADER))
+        jwt = next(stub.FetchJWTBundles(workload_pb2.JWTBundlesRequest(), metadata=HEADER))
+    assert set(x509.bundles) == {"spiffe://example.org", "spiffe://partner.org"}
+    assert set(jwt.bundles) == {"spiffe://example.org", "spiffe://partner.org"}
+    assert b'"keys"' in jwt.bundles["spiffe://example.org"]
+
+
+def test_missing_security_header_is_invalid_argument(api: Api) -> None:
+    """Every method answers INVALID_ARGUMENT when the security header is missing."""
+    api.manager.add([MY_UID], "spiffe://example.org/workload")
+    channel, stub = _stub(api)
+    with channel:
+        assert (
+            _code_of_stream(stub.FetchX509SVID(workload_pb2.X509SVIDRequest()))
+            == grpc.StatusCode.INVALID_ARGUMENT
+        )
+        assert (
+            _code_of_stream(
+                stub.FetchX509SVID(
+                    workload_pb2.X509SVIDRequest(), metadata=(("workload.spiffe.io", "false"),)
+                )
+            )
+            == grpc.StatusCode.INVALID_ARGUMENT
+        )
+        with pytest.raises(grpc.RpcError) as info:
+            stub.FetchJWTSVID(workload_pb2.JWTSVIDRequest(audience=["db"]))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "security header missing from request" in (info.value.details() or "")
+
+
+def test_uid_without_entry_is_permission_denied(api: Api) -> None:
+    """A caller whose uid matches no entry gets PERMISSION_DENIED on every SVID/bundle call."""
+    api.manager.add([f"unix:uid:{os.getuid() + 4242}"], "spiffe://example.org/other")
+    channel, stub = _stub(api)
+    with channel:
+        for call in (
+            stub.FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=HEADER),
+            stub.FetchX509Bundles(workload_pb2.X509BundlesRequest(), metadata=HEADER),
+            stub.FetchJWTBundles(workload_pb2.JWTBundlesRequest(), metadata=HEADER),
+        ):
+            assert _code_of_stream(call) == grpc.StatusCode.PERMISSION_DENIED
+        with pytest.raises(grpc.RpcError) as info:
+            stub.FetchJWTSVID(workload_pb2.JWTSVIDRequest(audience=["db"]), metadata=HEADER)
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert info.value.details() == "no identity issued"
+
+
+def test_jwt_svid_for_foreign_spiffe_id_is_permission_denied(api: Api) -> None:
+    """Asking for a JWT-SVID of an identity the caller does not have is PERMISSION_DENIED."""
+    api.manager.add([MY_UID], "spiffe://example.org/mine")
+    api.manager.add(["unix:uid:999999"], "spiffe://example.org/theirs")
+    channel, stub = _stub(api)
+    with channel:
+        with pytest.raises(grpc.RpcError) as info:
+            stub.FetchJWTSVID(
+                workload_pb2.JWTSVIDRequest(
+                    audience=["db"], spiffe_id="spiffe://example.org/theirs"
+                ),
+                metadata=HEADER,
+            )
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        with pytest.raises(grpc.RpcError) as info:
+            stub.FetchJWTSVID(workload_pb2.JWTSVIDRequest(), metadata=HEADER)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        mine = stub.FetchJWTSVID(
+            workload_pb2.JWTSVIDRequest(audience=["db"], spiffe_id="spiffe://example.org/mine"),
+            metadata=HEADER,
+        )
+    assert [s.spiffe_id for s in mine.svids] == ["spiffe://example.org/mine"]
+    with (
+        spiffe.WorkloadApiClient(api.endpoint) as client,
+        pytest.raises(spiffe.workloadapi.errors.FetchJwtSvidError),
+    ):
+        client.fetch_jwt_svid({"db"}, PySpiffeId("spiffe://example.org/theirs"))
+
+
+def test_one_jwt_svid_per_identity(api: Api) -> None:
+    """Without spiffe_id, FetchJWTSVID returns a JWT-SVID for each identity, with hints."""
+    api.manager.add([MY_UID], "spiffe://example.org/a", hint="ha")
+    api.manager.add([MY_UID], "spiffe://example.org/b", hint="hb")
+    channel, stub = _stub(api)
+    with channel:
+        response = stub.FetchJWTSVID(
+            workload_pb2.JWTSVIDRequest(audience=["x", "y"]), metadata=HEADER
+        )
+    assert [(s.spiffe_id, s.hint) for s in response.svids] == [
+        ("spiffe://example.org/a", "ha"),
+        ("spiffe://example.org/b", "hb"),
+    ]
+    assert api.manager.jwt_requests[-1] == ("spiffe://example.org/b", ("x", "y"))
+
+
+def test_wit_methods_unimplemented(api: Api) -> None:
+    """FetchWITSVID and FetchWITBundles answer UNIMPLEMENTED."""
+    channel, stub = _stub(api)
+    with channel:
+        assert (
+            _code_of_stream(stub.FetchWITSVID(workload_pb2.WITSVIDRequest(), metadata=HEADER))
+            == grpc.StatusCode.UNIMPLEMENTED
+        )
+        assert (
+            _code_of_stream(stub.FetchWITBundles(workload_pb2.WITBundlesRequest(), metadata=HEADER))
+            == grpc.StatusCode.UNIMPLEMENTED
+        )
+
+
+def test_connection_passed_to_child_after_parent_exit_is_refused(api: Api) -> None:
+    """A connection opened by a process that then exits, used by its child, is PERMISSION_DENIED."""
+    api.manager.add([MY_UID], "spiffe://example.org/workload")
+    helper = Path(__file__).with_name("pidreuse_helper.py")
+    proc = subprocess.Popen(
+        [sys.executable, str(helper), api.socket_path],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        lines = [proc.stdout.readline().strip() for _ in range(2)]
+    finally:
+        proc.wait(timeout=20)
+    parent_pid, result = lines
+    assert int(parent_pid) == proc.pid
+    assert result == "PERMISSION_DENIED"
+
+
+def test_connection_used_by_its_opener_succeeds(api: Api) -> None:
+    """The same helper, when the opener itself makes the call, gets its identity (control case)."""
+    api.manager.add([MY_UID], "spiffe://example.org/workload")
+    helper = Path(__file__).with_name("pidreuse_helper.py")
+    out = subprocess.run(
+        [sys.executable, str(helper), api.socket_path, "--no-fork"],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    assert out.stdout.split()[1] == "OK:spiffe://example.org/workload", out.stderr
+
+
+def test_untracked_connection_is_refused(api: Api) -> None:
+    """A call that bypasses the relay (straight to the internal socket) is PERMISSION_DENIED."""
+    api.manager.add([MY_UID], "spiffe://example.org/workload")
+    proxy = api.server._proxy
+    assert proxy is not None
+    assert stat.S_IMODE(os.stat(proxy.private_dir).st_mode) == 0o700
+    with grpc.insecure_channel(proxy.internal_address) as channel:
+        stub = workload_pb2_grpc.SpiffeWorkloadAPIStub(channel)
+        call = stub.FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=HEADER)
+        assert _code_of_stream(call) == grpc.StatusCode.PERMISSION_DENIED
