@@ -1,0 +1,62 @@
+"""The signing server's datastore: entries, nodes, join tokens, bundles, CA journal, events.
+
+Open one with ``SqlDataStore.open("sqlite:///credo.db")`` (or a ``postgresql://`` URL);
+code that uses it should depend on the :class:`DataStore` Protocol.
+"""
+
+from __future__ import annotations
+
+from server.datastore.errors import (
+    AlreadyExists,
+    DataStoreError,
+    InvalidRequest,
+    NotFound,
+    SchemaTooNew,
+    UnsupportedDatabase,
+)
+from server.datastore.models import (
+    AttestedNode,
+    Authority,
+    AuthorityKind,
+    AuthorityStatus,
+    BySelectors,
+    Event,
+    EventKind,
+    JoinToken,
+    ListAttestedNodesRequest,
+    ListAttestedNodesResponse,
+    ListRegistrationEntriesRequest,
+    ListRegistrationEntriesResponse,
+    MatchBehavior,
+    RegistrationEntry,
+)
+from server.datastore.protocol import DataStore
+from server.datastore.schema import SCHEMA_VERSION
+from server.datastore.sql import Listener, SqlDataStore
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "AlreadyExists",
+    "AttestedNode",
+    "Authority",
+    "AuthorityKind",
+    "AuthorityStatus",
+    "BySelectors",
+    "DataStore",
+    "DataStoreError",
+    "Event",
+    "EventKind",
+    "InvalidRequest",
+    "JoinToken",
+    "ListAttestedNodesRequest",
+    "ListAttestedNodesResponse",
+    "ListRegistrationEntriesRequest",
+    "ListRegistrationEntriesResponse",
+    "Listener",
+    "MatchBehavior",
+    "NotFound",
+    "RegistrationEntry",
+    "SchemaTooNew",
+    "SqlDataStore",
+    "UnsupportedDatabase",
+]

@@ -1,0 +1,228 @@
+"""Records the datastore keeps, and the request/response shapes of its list calls.
+
+Records are frozen dataclasses. Collections are tuples; a record normalises what it is
+given so that two records describing the same thing compare equal: entry and node
+selectors are de-duplicated and sorted, ``federates_with`` is de-duplicated and sorted,
+``dns_names`` is de-duplicated keeping its order (the first name becomes the
+certificate's common name). Times are integer unix seconds; ``0`` means "unset".
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Literal
+
+from credo.selector import Selector
+
+__all__ = [
+    "AttestedNode",
+    "Authority",
+    "AuthorityKind",
+    "AuthorityStatus",
+    "BySelectors",
+    "Event",
+    "EventKind",
+    "JoinToken",
+    "ListAttestedNodesRequest",
+    "ListAttestedNodesResponse",
+    "ListRegistrationEntriesRequest",
+    "ListRegistrationEntriesResponse",
+    "MatchBehavior",
+    "RegistrationEntry",
+]
+
+AuthorityKind = Literal["x509", "jwt"]
+AuthorityStatus = Literal["prepared", "active", "old"]
+
+
+def _sorted_selectors(selectors: Iterable[Selector]) -> tuple[Selector, ...]:
+    return tuple(sorted(set(selectors)))
+
+
+def _unique_in_order(items: Iterable[str]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(items))
+
+
+@dataclass(frozen=True, slots=True)
+class RegistrationEntry:
+    """Who may get which SPIFFE ID: a workload matching ``selectors`` under ``parent_id``.
+
+    ``id`` is assigned (uuid4) on create when empty. ``revision_number`` and
+    ``created_at`` are owned by the datastore: it sets them on create and update and
+    ignores what the caller passes. ``x509_svid_ttl``/``jwt_svid_ttl`` of 0 mean the
+    server default; ``expires_at`` of 0 means the entry never expires.
+    """
+
+    spiffe_id: str
+    parent_id: str
+    selectors: tuple[Selector, ...] = ()
+    id: str = ""
+    x509_svid_ttl: int = 0
+    jwt_svid_ttl: int = 0
+    dns_names: tuple[str, ...] = ()
+    admin: bool = False
+    downstream: bool = False
+    node_alias: bool = False
+    hint: str = ""
+    expires_at: int = 0
+    federates_with: tuple[str, ...] = ()
+    revision_number: int = 0
+    created_at: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "selectors", _sorted_selectors(self.selectors))
+        object.__setattr__(self, "dns_names", _unique_in_order(self.dns_names))
+        object.__setattr__(self, "federates_with", tuple(sorted(set(self.federates_with))))
+
+
+@dataclass(frozen=True, slots=True)
+class AttestedNode:
+    """An agent that passed node attestation, and the serials of its current SVIDs.
+
+    ``new_cert_serial`` is the serial of an SVID issued but not yet seen in use
+    (``""`` if none); ``banned`` nodes are refused on every call and never pruned.
+    ``created_at``/``updated_at`` are set by the datastore.
+    """
+
+    spiffe_id: str
+    attestation_type: str
+    selectors: tuple[Selector, ...] = ()
+    cert_serial: str = ""
+    cert_not_after: int = 0
+    new_cert_serial: str = ""
+    new_cert_not_after: int = 0
+    banned: bool = False
+    created_at: int = 0
+    updated_at: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "selectors", _sorted_selectors(self.selectors))
+
+
+@dataclass(frozen=True, slots=True)
+class JoinToken:
+    """A single-use secret an agent presents to attest.
+
+    ``spiffe_id``, when not empty, is the node-alias SPIFFE ID to create for the agent
+    that uses the token.
+    """
+
+    token: str
+    expires_at: int
+    spiffe_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Authority:
+    """One signing key in the CA's rotation journal (the private key stays on disk).
+
+    ``public_data`` is the CA certificate DER (``kind == "x509"``) or the public key
+    DER (``kind == "jwt"``). ``created_at`` of 0 is replaced by the datastore's clock.
+    """
+
+    authority_id: str
+    kind: AuthorityKind
+    status: AuthorityStatus
+    not_after: int
+    public_data: bytes
+    tainted: bool = False
+    created_at: int = 0
+
+
+class EventKind(enum.StrEnum):
+    """What changed; ``Event.subject`` names the entry id, node SPIFFE ID or trust domain."""
+
+    ENTRY_CREATED = "entry_created"
+    ENTRY_UPDATED = "entry_updated"
+    ENTRY_DELETED = "entry_deleted"
+    NODE_CREATED = "node_created"
+    NODE_UPDATED = "node_updated"
+    NODE_DELETED = "node_deleted"
+    BUNDLE_UPDATED = "bundle_updated"
+    BUNDLE_DELETED = "bundle_deleted"
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One change, written in the same transaction as the change itself.
+
+    ``id`` grows monotonically, and events become visible in ``id`` order.
+    """
+
+    id: int
+    kind: EventKind
+    subject: str
+    created_at: int
+
+
+class MatchBehavior(enum.Enum):
+    """How ``BySelectors`` compares an entry's selectors with the given ones (as SPIRE)."""
+
+    EXACT = "exact"
+    """The entry's selectors equal the given set."""
+    SUBSET = "subset"
+    """The entry's selectors are a subset of the given set (workload/agent matching)."""
+    SUPERSET = "superset"
+    """The entry's selectors include every given selector."""
+    ANY = "any"
+    """The entry shares at least one selector with the given set."""
+
+
+@dataclass(frozen=True, slots=True)
+class BySelectors:
+    """Selector filter for ``list_registration_entries``; ``selectors`` must not be empty."""
+
+    selectors: tuple[Selector, ...]
+    match: MatchBehavior = MatchBehavior.EXACT
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "selectors", _sorted_selectors(self.selectors))
+
+
+@dataclass(frozen=True, slots=True)
+class ListRegistrationEntriesRequest:
+    """Filters (all given ones must hold) and pagination for ``list_registration_entries``.
+
+    ``page_size`` of 0 returns every match; otherwise pass the previous response's
+    ``next_page_token`` as ``page_token`` until it comes back empty.
+    """
+
+    by_spiffe_id: str | None = None
+    by_parent_id: str | None = None
+    by_selectors: BySelectors | None = None
+    by_hint: str | None = None
+    by_downstream: bool | None = None
+    page_size: int = 0
+    page_token: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ListRegistrationEntriesResponse:
+    """One page of entries ordered by id; ``next_page_token`` is ``""`` on the last page."""
+
+    entries: list[RegistrationEntry] = field(default_factory=list)
+    next_page_token: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ListAttestedNodesRequest:
+    """Filters and pagination for ``list_attested_nodes``.
+
+    ``by_expires_before`` keeps nodes whose ``cert_not_after`` is before that time.
+    """
+
+    by_attestation_type: str | None = None
+    by_banned: bool | None = None
+    by_expires_before: int | None = None
+    page_size: int = 0
+    page_token: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ListAttestedNodesResponse:
+    """One page of nodes ordered by SPIFFE ID; ``next_page_token`` is ``""`` on the last page."""
+
+    nodes: list[AttestedNode] = field(default_factory=list)
+    next_page_token: str = ""

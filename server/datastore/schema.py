@@ -1,0 +1,250 @@
+"""Tables (SQLAlchemy Core) and the versioned migrations that create them.
+
+``schema_version`` holds one row: the number of migration steps applied. ``migrate``
+runs the missing steps in order inside one transaction, so it is idempotent, safe to
+run from two servers at once, and leaves nothing half-done. A database whose version
+is above ``SCHEMA_VERSION`` is refused with :class:`SchemaTooNew`.
+
+Step 1 creates the tables below as they stood at version 1. A later step that changes
+a table must carry its own DDL (``ALTER TABLE ...``); before changing a table here,
+freeze its version-1 shape inside step 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    Connection,
+    ForeignKey,
+    Identity,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    Text,
+    select,
+    text,
+)
+
+from server.datastore.errors import SchemaTooNew
+
+__all__ = ["SCHEMA_VERSION", "metadata", "migrate"]
+
+metadata = MetaData()
+
+# Entry and node tables are WITHOUT ROWID on SQLite: rows are stored in primary-key
+# order, so listing everything (ordered by id) and its child rows is a sequential scan.
+
+# SQLite only aliases the rowid (and so only autoincrements) for "INTEGER PRIMARY KEY".
+_AutoId = BigInteger().with_variant(Integer(), "sqlite")
+# Text compared byte-wise on PostgreSQL as on SQLite (BINARY): ORDER BY then matches
+# Python's str ordering, and page tokens do not depend on the server's locale.
+_Str = Text().with_variant(Text(collation="C"), "postgresql")
+_Key = String(64).with_variant(String(64, collation="C"), "postgresql")
+
+schema_version = Table(
+    "schema_version",
+    metadata,
+    Column("version", Integer, nullable=False),
+)
+
+entries = Table(
+    "registration_entries",
+    metadata,
+    Column("entry_id", _Key, primary_key=True),
+    Column("spiffe_id", _Str, nullable=False),
+    Column("parent_id", _Str, nullable=False),
+    Column("x509_svid_ttl", Integer, nullable=False),
+    Column("jwt_svid_ttl", Integer, nullable=False),
+    Column("admin", Boolean, nullable=False),
+    Column("downstream", Boolean, nullable=False),
+    Column("node_alias", Boolean, nullable=False),
+    Column("hint", _Str, nullable=False),
+    Column("expires_at", BigInteger, nullable=False),
+    Column("revision_number", BigInteger, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    # sha256 over (spiffe_id, parent_id, sorted selectors): the UNIQUE index makes
+    # duplicate detection race-free on every backend.
+    Column("unique_key", String(64), nullable=False),
+    # sha256 over the sorted selectors alone, and their number: EXACT and SUBSET filters.
+    Column("selectors_key", String(64), nullable=False),
+    Column("selector_count", Integer, nullable=False),
+    Index("ux_registration_entries_unique_key", "unique_key", unique=True),
+    Index("ix_registration_entries_spiffe_id", "spiffe_id"),
+    Index("ix_registration_entries_parent_id", "parent_id"),
+    Index("ix_registration_entries_selectors_key", "selectors_key"),
+    Index("ix_registration_entries_hint", "hint"),
+    Index("ix_registration_entries_expires_at", "expires_at"),
+    sqlite_with_rowid=False,
+)
+
+entry_selectors = Table(
+    "entry_selectors",
+    metadata,
+    Column(
+        "entry_id",
+        _Key,
+        ForeignKey("registration_entries.entry_id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column("type", _Str, nullable=False),
+    Column("value", _Str, nullable=False),
+    PrimaryKeyConstraint("entry_id", "type", "value"),
+    Index("ix_entry_selectors_type_value", "type", "value"),
+    sqlite_with_rowid=False,
+)
+
+entry_dns_names = Table(
+    "entry_dns_names",
+    metadata,
+    Column(
+        "entry_id",
+        _Key,
+        ForeignKey("registration_entries.entry_id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column("position", Integer, nullable=False),
+    Column("dns_name", _Str, nullable=False),
+    PrimaryKeyConstraint("entry_id", "position"),
+    sqlite_with_rowid=False,
+)
+
+entry_federates_with = Table(
+    "entry_federates_with",
+    metadata,
+    Column(
+        "entry_id",
+        _Key,
+        ForeignKey("registration_entries.entry_id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column("trust_domain", _Str, nullable=False),
+    PrimaryKeyConstraint("entry_id", "trust_domain"),
+    sqlite_with_rowid=False,
+)
+
+nodes = Table(
+    "attested_nodes",
+    metadata,
+    Column("spiffe_id", _Str, primary_key=True),
+    Column("attestation_type", _Str, nullable=False),
+    Column("cert_serial", _Str, nullable=False),
+    Column("cert_not_after", BigInteger, nullable=False),
+    Column("new_cert_serial", _Str, nullable=False),
+    Column("new_cert_not_after", BigInteger, nullable=False),
+    Column("banned", Boolean, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Column("updated_at", BigInteger, nullable=False),
+    Index("ix_attested_nodes_attestation_type", "attestation_type"),
+    Index("ix_attested_nodes_cert_not_after", "cert_not_after"),
+    sqlite_with_rowid=False,
+)
+
+node_selectors = Table(
+    "node_selectors",
+    metadata,
+    Column(
+        "spiffe_id",
+        _Str,
+        ForeignKey("attested_nodes.spiffe_id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column("type", _Str, nullable=False),
+    Column("value", _Str, nullable=False),
+    PrimaryKeyConstraint("spiffe_id", "type", "value"),
+    Index("ix_node_selectors_type_value", "type", "value"),
+    sqlite_with_rowid=False,
+)
+
+join_tokens = Table(
+    "join_tokens",
+    metadata,
+    Column("token", _Str, primary_key=True),
+    Column("expires_at", BigInteger, nullable=False),
+    Column("spiffe_id", _Str, nullable=False),
+    Index("ix_join_tokens_expires_at", "expires_at"),
+)
+
+bundles = Table(
+    "bundles",
+    metadata,
+    Column("trust_domain", _Str, primary_key=True),
+    Column("data", LargeBinary, nullable=False),
+    Column("updated_at", BigInteger, nullable=False),
+)
+
+authorities = Table(
+    "authorities",
+    metadata,
+    # Insertion order breaks ties between authorities created in the same second.
+    Column("seq", _AutoId, Identity(), primary_key=True, autoincrement=True),
+    Column("authority_id", _Str, nullable=False, unique=True),
+    Column("kind", String(16), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("tainted", Boolean, nullable=False),
+    Column("not_after", BigInteger, nullable=False),
+    Column("public_data", LargeBinary, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Index("ix_authorities_kind_created_at", "kind", "created_at"),
+)
+
+events = Table(
+    "events",
+    metadata,
+    Column("id", _AutoId, Identity(), primary_key=True, autoincrement=True),
+    Column("kind", String(32), nullable=False),
+    Column("subject", _Str, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Index("ix_events_created_at", "created_at"),
+    # AUTOINCREMENT: SQLite never reuses an id, even after the newest row is deleted.
+    sqlite_autoincrement=True,
+)
+
+
+def _step_1_initial(conn: Connection) -> None:
+    """Create every table of version 1."""
+    metadata.create_all(conn, tables=[t for t in metadata.sorted_tables if t is not schema_version])
+
+
+MIGRATIONS: tuple[Callable[[Connection], None], ...] = (_step_1_initial,)
+"""Ordered steps; step ``n`` (1-based) takes the schema from version ``n - 1`` to ``n``."""
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+# Arbitrary constant for pg_advisory_xact_lock: serialises concurrent migrations.
+_PG_MIGRATION_LOCK = 0x637265646F01
+
+
+def current_version(conn: Connection) -> int:
+    """Return the schema version recorded in the database (0 for an empty database)."""
+    if not conn.dialect.has_table(conn, schema_version.name):
+        return 0
+    version = conn.execute(select(schema_version.c.version)).scalar()
+    return int(version) if version is not None else 0
+
+
+def migrate(conn: Connection) -> int:
+    """Bring the schema up to ``SCHEMA_VERSION`` inside the caller's write transaction.
+
+    Returns the version found before migrating. Raises :class:`SchemaTooNew` when the
+    database is newer than this code.
+    """
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_MIGRATION_LOCK})
+    schema_version.create(conn, checkfirst=True)
+    found = current_version(conn)
+    if found > SCHEMA_VERSION:
+        raise SchemaTooNew(found, SCHEMA_VERSION)
+    for step in MIGRATIONS[found:]:
+        step(conn)
+    if found < SCHEMA_VERSION:
+        conn.execute(schema_version.delete())
+        conn.execute(schema_version.insert().values(version=SCHEMA_VERSION))
+    return found

@@ -1,0 +1,1325 @@
+"""``SqlDataStore``: the datastore on SQLite or PostgreSQL, through SQLAlchemy Core.
+
+Concurrency model
+-----------------
+Every public call is one transaction on a connection from the engine's pool, so the
+store is safe to share between threads (and, on SQLite, between processes on the same
+file). On SQLite, write transactions start with ``BEGIN IMMEDIATE`` (writers queue on
+the busy timeout instead of failing on a lock upgrade) and the file runs in WAL mode
+with ``synchronous=NORMAL`` and foreign keys on. On PostgreSQL, reads run at
+REPEATABLE READ so a list sees one snapshot across its per-table queries, and writes
+run at READ COMMITTED with UNIQUE indexes doing the duplicate detection.
+
+Events
+------
+Each mutation of an entry, node or bundle writes its ``events`` row in the same
+transaction. Event ids must become visible in id order (a poller resumes "after id N"),
+so on PostgreSQL the event insert takes a transaction-scoped advisory lock first: event
+writers commit one at a time, in the order they took their ids. SQLite already runs one
+writer at a time.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import gc
+import hashlib
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from sqlalchemy import (
+    URL,
+    ColumnElement,
+    Connection,
+    Engine,
+    Select,
+    and_,
+    create_engine,
+    delete,
+    event,
+    func,
+    insert,
+    make_url,
+    or_,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.dialects import postgresql as pg_dialect
+from sqlalchemy.dialects import sqlite as sqlite_dialect
+from sqlalchemy.exc import ArgumentError, IntegrityError
+from sqlalchemy.pool import StaticPool
+
+from credo.selector import Selector
+from server.datastore import schema
+from server.datastore.errors import (
+    AlreadyExists,
+    DataStoreError,
+    InvalidRequest,
+    NotFound,
+    UnsupportedDatabase,
+)
+from server.datastore.models import (
+    AttestedNode,
+    Authority,
+    Event,
+    EventKind,
+    JoinToken,
+    ListAttestedNodesRequest,
+    ListAttestedNodesResponse,
+    ListRegistrationEntriesRequest,
+    ListRegistrationEntriesResponse,
+    MatchBehavior,
+    RegistrationEntry,
+)
+from server.datastore.protocol import DataStore
+from server.datastore.schema import (
+    authorities,
+    bundles,
+    entries,
+    entry_dns_names,
+    entry_federates_with,
+    entry_selectors,
+    events,
+    join_tokens,
+    node_selectors,
+    nodes,
+)
+
+__all__ = ["Listener", "SqlDataStore"]
+
+log = logging.getLogger(__name__)
+
+Listener = Callable[[list[Event]], None]
+"""Called after a commit with the events that transaction wrote, in id order."""
+
+_CHUNK = 1000  # ids per IN (...) list; well under SQLite's and PostgreSQL's parameter limits
+_PG_EVENT_LOCK = 0x637265646F02  # pg_advisory_xact_lock key serialising event writers
+_AUTHORITY_KINDS = frozenset({"x509", "jwt"})
+_AUTHORITY_STATUSES = frozenset({"prepared", "active", "old"})
+
+
+def _chunks(items: Sequence[Any], size: int = _CHUNK) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _selector_json(selectors: Iterable[Selector]) -> str:
+    return json.dumps([[s.type, s.value] for s in selectors], separators=(",", ":"))
+
+
+def _selectors_key(selectors: Iterable[Selector]) -> str:
+    return hashlib.sha256(_selector_json(selectors).encode()).hexdigest()
+
+
+def _unique_key(entry: RegistrationEntry) -> str:
+    """Hash of what makes two entries duplicates: SPIFFE ID, parent ID, selector set."""
+    blob = json.dumps(
+        [entry.spiffe_id, entry.parent_id, [[s.type, s.value] for s in entry.selectors]],
+        separators=(",", ":"),
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _encode_token(kind: str, key: str) -> str:
+    """Make an opaque page token: the listing's kind and the last key it returned."""
+    return base64.urlsafe_b64encode(f"{kind}:{key}".encode()).decode().rstrip("=")
+
+
+def _decode_token(kind: str, token: str) -> str:
+    """Return the key inside a token made by ``_encode_token(kind, ...)``."""
+    try:
+        raw = base64.b64decode(token + "=" * (-len(token) % 4), altchars=b"-_", validate=True)
+        found_kind, sep, key = raw.decode().partition(":")
+    except (binascii.Error, UnicodeDecodeError, ValueError) as exc:
+        raise InvalidRequest(f"invalid page token {token[:40]!r}") from exc
+    if not sep or found_kind != kind or not key:
+        raise InvalidRequest(f"invalid page token {token[:40]!r}")
+    return key
+
+
+def _check_page_size(page_size: int) -> None:
+    if page_size < 0:
+        raise InvalidRequest(f"page size must be 0 (everything) or positive, not {page_size}")
+
+
+def _violates(exc: IntegrityError, name: str) -> bool:
+    """True when the integrity error names the constraint or column ``name``."""
+    return name in str(exc.orig)
+
+
+def _normalize_url(url: str) -> URL:
+    try:
+        parsed = make_url(url)
+    except ArgumentError as exc:
+        raise UnsupportedDatabase(f"invalid datastore url {url!r}: {exc}") from exc
+    driver = parsed.drivername
+    if driver in ("sqlite", "sqlite+pysqlite"):
+        return parsed
+    if driver in ("postgresql", "postgres", "postgresql+psycopg"):
+        return parsed.set(drivername="postgresql+psycopg")
+    raise UnsupportedDatabase(
+        f"unsupported datastore url scheme {driver!r}: expected 'sqlite:///path/file.db' "
+        "or 'postgresql://user@host:port/db'"
+    )
+
+
+class _Tx:
+    """One open transaction: its connection, clock reading and the events it wrote."""
+
+    __slots__ = ("conn", "events", "now")
+
+    def __init__(self, conn: Connection, now: int) -> None:
+        self.conn = conn
+        self.now = now
+        self.events: list[Event] = []
+
+
+class SqlDataStore:
+    """The :class:`~server.datastore.protocol.DataStore` on SQLite or PostgreSQL.
+
+    Build it with :meth:`open`, which also runs migrations. All methods are
+    synchronous, thread-safe, and each runs in exactly one transaction: a call that
+    raises has changed nothing.
+    """
+
+    def __init__(self, engine: Engine, *, clock: Callable[[], float] = time.time) -> None:
+        """Wrap an engine configured by :meth:`open`; prefer :meth:`open`."""
+        self._engine = engine
+        self._clock = clock
+        self._is_pg = engine.dialect.name == "postgresql"
+        # A :memory: SQLite database lives on one shared connection: serialise its use.
+        self._serial: threading.Lock | None = (
+            threading.Lock() if isinstance(engine.pool, StaticPool) else None
+        )
+        self._listeners: list[Listener] = []
+        self._guard = threading.Lock()  # protects _listeners, _next_error, _closed
+        self._next_error: BaseException | None = None
+        self._closed = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @classmethod
+    def open(
+        cls,
+        url: str,
+        *,
+        clock: Callable[[], float] = time.time,
+        busy_timeout_ms: int = 5000,
+        pool_size: int = 10,
+    ) -> SqlDataStore:
+        """Connect to ``url``, migrate the schema, and return the store.
+
+        ``url`` is ``sqlite:///relative/file.db``, ``sqlite:////absolute/file.db``,
+        ``sqlite:///:memory:`` or ``postgresql://user@host:port/db`` (psycopg 3 is used).
+        ``clock`` returns unix seconds (tests pass a fake one). Raises
+        :class:`UnsupportedDatabase` for other URLs and :class:`SchemaTooNew` when the
+        database was migrated by a newer Credo.
+        """
+        parsed = _normalize_url(url)
+        engine: Engine
+        if parsed.get_backend_name() == "sqlite":
+            memory = parsed.database in (None, "", ":memory:")
+            engine = create_engine(
+                parsed,
+                connect_args={"check_same_thread": False, "timeout": busy_timeout_ms / 1000},
+                **({"poolclass": StaticPool} if memory else {"pool_size": pool_size}),
+            )
+            _configure_sqlite(engine, busy_timeout_ms)
+        else:
+            engine = create_engine(
+                parsed, pool_size=pool_size, max_overflow=2 * pool_size, pool_pre_ping=True
+            )
+        store = cls(engine, clock=clock)
+        try:
+            with store._transaction(write=True, inject=False) as tx:
+                schema.migrate(tx.conn)
+        except BaseException:
+            engine.dispose()
+            raise
+        return store
+
+    def close(self) -> None:
+        """Close every pooled connection; later calls raise :class:`DataStoreError`."""
+        with self._guard:
+            self._closed = True
+        self._engine.dispose()
+
+    def __enter__(self) -> SqlDataStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ test and feed hooks
+
+    def set_next_error(self, exc: BaseException | None) -> None:
+        """Make the next datastore call raise ``exc`` before touching the database."""
+        with self._guard:
+            self._next_error = exc
+
+    def add_listener(self, callback: Listener) -> Callable[[], None]:
+        """Call ``callback(events)`` after each commit that wrote events; return a remover.
+
+        The callback runs on the committing thread, outside the transaction; batches
+        from different threads may arrive out of order, so order by ``Event.id``. An
+        exception from a callback is logged and does not undo or fail the write.
+        """
+        with self._guard:
+            self._listeners.append(callback)
+
+        def remove() -> None:
+            with self._guard:
+                if callback in self._listeners:
+                    self._listeners.remove(callback)
+
+        return remove
+
+    # ------------------------------------------------------------------ registration entries
+
+    def create_registration_entry(self, entry: RegistrationEntry) -> RegistrationEntry:
+        """Store a new entry (assigning an id when empty) and return it as stored.
+
+        Raises :class:`AlreadyExists` when the id is taken or an entry with the same
+        SPIFFE ID, parent ID and selector set exists.
+        """
+        return self._create_entries([entry], batch=False)[0]
+
+    def create_registration_entries(
+        self, entries_: Sequence[RegistrationEntry]
+    ) -> list[RegistrationEntry]:
+        """Store many entries in one transaction: all of them, or none.
+
+        The raised error's ``index`` is the position of the first item that failed.
+        """
+        return self._create_entries(entries_, batch=True)
+
+    def _create_entries(
+        self, entries_: Sequence[RegistrationEntry], *, batch: bool
+    ) -> list[RegistrationEntry]:
+        now = int(self._clock())
+        prepared = [
+            self._prepare_new_entry(e, i if batch else None, now) for i, e in enumerate(entries_)
+        ]
+        if not prepared:
+            return []
+        seen_ids: dict[str, int] = {}
+        seen_keys: dict[str, int] = {}
+        for i, (entry, key) in enumerate(prepared):
+            if entry.id in seen_ids:
+                raise AlreadyExists(f"registration entry {entry.id!r} appears twice", index=i)
+            if key in seen_keys:
+                raise AlreadyExists(
+                    f"registration entry for {entry.spiffe_id!r} duplicates item {seen_keys[key]}",
+                    index=i,
+                )
+            seen_ids[entry.id] = i
+            seen_keys[key] = i
+        try:
+            with self._transaction(write=True) as tx:
+                self._raise_entry_conflict(tx.conn, prepared, batch=batch)
+                self._insert_entries(tx.conn, prepared)
+                self._emit(tx, [(EventKind.ENTRY_CREATED, e.id) for e, _ in prepared])
+        except IntegrityError as exc:
+            # A concurrent writer won a race the pre-check could not see.
+            with self._transaction(write=False, inject=False) as tx:
+                self._raise_entry_conflict(tx.conn, prepared, batch=batch)
+            raise AlreadyExists(f"registration entry already exists: {exc.orig}") from exc
+        return [e for e, _ in prepared]
+
+    def fetch_registration_entry(self, entry_id: str) -> RegistrationEntry | None:
+        """Return the entry with ``entry_id``, or ``None``."""
+        return self.fetch_registration_entries([entry_id]).get(entry_id)
+
+    def fetch_registration_entries(self, ids: Iterable[str]) -> dict[str, RegistrationEntry]:
+        """Return the entries among ``ids`` that exist, keyed by id."""
+        wanted = list(dict.fromkeys(ids))
+        found: dict[str, RegistrationEntry] = {}
+        with self._transaction(write=False) as tx:
+            for chunk in _chunks(wanted):
+                for entry in self._load_entries(tx.conn, [entries.c.entry_id.in_(chunk)]):
+                    found[entry.id] = entry
+        return found
+
+    def list_registration_entries(
+        self, request: ListRegistrationEntriesRequest | None = None
+    ) -> ListRegistrationEntriesResponse:
+        """Return entries matching every given filter, ordered by id, one page at a time."""
+        request = request or ListRegistrationEntriesRequest()
+        _check_page_size(request.page_size)
+        conds = self._entry_filters(request)
+        if request.page_token:
+            conds.append(entries.c.entry_id > _decode_token("entries", request.page_token))
+        limit = request.page_size or None
+        with self._transaction(write=False) as tx:
+            page = self._load_entries(tx.conn, conds, limit=limit + 1 if limit else None)
+        if limit and len(page) > limit:
+            page = page[:limit]
+            return ListRegistrationEntriesResponse(page, _encode_token("entries", page[-1].id))
+        return ListRegistrationEntriesResponse(page, "")
+
+    def update_registration_entry(self, entry: RegistrationEntry) -> RegistrationEntry:
+        """Replace every field of the entry with ``entry.id``; bump its revision number.
+
+        Raises :class:`NotFound` if there is no such entry and :class:`AlreadyExists`
+        if the change would duplicate another entry.
+        """
+        _validate_entry(entry)
+        key = _unique_key(entry)
+        try:
+            with self._transaction(write=True) as tx:
+                row = tx.conn.execute(
+                    update(entries)
+                    .where(entries.c.entry_id == entry.id)
+                    .values(
+                        revision_number=entries.c.revision_number + 1,
+                        **_entry_values(entry, key, include_id=False),
+                    )
+                    .returning(entries.c.revision_number, entries.c.created_at)
+                ).first()
+                if row is None:
+                    raise NotFound(f"registration entry {entry.id!r} not found")
+                stored = replace(entry, revision_number=row[0], created_at=row[1])
+                for table in (entry_selectors, entry_dns_names, entry_federates_with):
+                    tx.conn.execute(delete(table).where(table.c.entry_id == entry.id))
+                self._insert_entry_children(tx.conn, [stored])
+                self._emit(tx, [(EventKind.ENTRY_UPDATED, entry.id)])
+        except IntegrityError as exc:
+            if _violates(exc, "unique_key"):
+                raise AlreadyExists(
+                    f"registration entry for {entry.spiffe_id!r} under {entry.parent_id!r} "
+                    "with the same selectors already exists"
+                ) from exc
+            raise
+        return stored
+
+    def delete_registration_entry(self, entry_id: str) -> RegistrationEntry:
+        """Delete the entry and return it as it was; :class:`NotFound` if absent."""
+        return self._delete_entries([entry_id], batch=False)[0]
+
+    def delete_registration_entries(self, ids: Sequence[str]) -> list[RegistrationEntry]:
+        """Delete every entry in ``ids`` in one transaction: all of them, or none.
+
+        Raises :class:`NotFound` (with ``index``) if any id is absent.
+        """
+        return self._delete_entries(ids, batch=True)
+
+    def _delete_entries(self, ids: Sequence[str], *, batch: bool) -> list[RegistrationEntry]:
+        seen: dict[str, int] = {}
+        for i, entry_id in enumerate(ids):
+            if entry_id in seen:
+                raise InvalidRequest(f"registration entry {entry_id!r} appears twice", index=i)
+            seen[entry_id] = i
+        with self._transaction(write=True) as tx:
+            found: dict[str, RegistrationEntry] = {}
+            for chunk in _chunks(list(ids)):
+                for entry in self._load_entries(tx.conn, [entries.c.entry_id.in_(chunk)]):
+                    found[entry.id] = entry
+            for i, entry_id in enumerate(ids):
+                if entry_id not in found:
+                    raise NotFound(
+                        f"registration entry {entry_id!r} not found", index=i if batch else None
+                    )
+            deleted = 0
+            for chunk in _chunks(list(ids)):
+                deleted += tx.conn.execute(
+                    delete(entries).where(entries.c.entry_id.in_(chunk))
+                ).rowcount
+            if deleted != len(ids):  # a concurrent delete got there first
+                raise NotFound("registration entry was deleted concurrently; nothing deleted")
+            self._emit(tx, [(EventKind.ENTRY_DELETED, entry_id) for entry_id in ids])
+        return [found[entry_id] for entry_id in ids]
+
+    def count_registration_entries(self) -> int:
+        """Return how many registration entries exist."""
+        with self._transaction(write=False) as tx:
+            return int(tx.conn.execute(select(func.count()).select_from(entries)).scalar_one())
+
+    def prune_registration_entries(self, expires_before: int) -> int:
+        """Delete entries whose ``expires_at`` is set and earlier than ``expires_before``."""
+        with self._transaction(write=True) as tx:
+            gone = (
+                tx.conn.execute(
+                    delete(entries)
+                    .where(entries.c.expires_at != 0, entries.c.expires_at < expires_before)
+                    .returning(entries.c.entry_id)
+                )
+                .scalars()
+                .all()
+            )
+            self._emit(tx, [(EventKind.ENTRY_DELETED, entry_id) for entry_id in sorted(gone)])
+        return len(gone)
+
+    # ------------------------------------------------------------------ attested nodes
+
+    def create_attested_node(self, node: AttestedNode) -> AttestedNode:
+        """Record a newly attested node; :class:`AlreadyExists` if its ID is recorded."""
+        _require(node.spiffe_id, "attested node SPIFFE ID")
+        try:
+            with self._transaction(write=True) as tx:
+                stored = replace(node, created_at=tx.now, updated_at=tx.now)
+                tx.conn.execute(insert(nodes).values(**_node_values(stored)))
+                self._insert_node_selectors(tx.conn, stored.spiffe_id, stored.selectors)
+                self._emit(tx, [(EventKind.NODE_CREATED, stored.spiffe_id)])
+        except IntegrityError as exc:
+            raise AlreadyExists(f"attested node {node.spiffe_id!r} already exists") from exc
+        return stored
+
+    def fetch_attested_node(self, spiffe_id: str) -> AttestedNode | None:
+        """Return the node with ``spiffe_id``, or ``None``."""
+        with self._transaction(write=False) as tx:
+            found = self._load_nodes(tx.conn, [nodes.c.spiffe_id == spiffe_id])
+        return found[0] if found else None
+
+    def list_attested_nodes(
+        self, request: ListAttestedNodesRequest | None = None
+    ) -> ListAttestedNodesResponse:
+        """Return nodes matching every given filter, ordered by SPIFFE ID, page by page."""
+        request = request or ListAttestedNodesRequest()
+        _check_page_size(request.page_size)
+        conds: list[ColumnElement[bool]] = []
+        if request.by_attestation_type is not None:
+            conds.append(nodes.c.attestation_type == request.by_attestation_type)
+        if request.by_banned is not None:
+            conds.append(nodes.c.banned == request.by_banned)
+        if request.by_expires_before is not None:
+            conds.append(nodes.c.cert_not_after < request.by_expires_before)
+        if request.page_token:
+            conds.append(nodes.c.spiffe_id > _decode_token("nodes", request.page_token))
+        limit = request.page_size or None
+        with self._transaction(write=False) as tx:
+            page = self._load_nodes(tx.conn, conds, limit=limit + 1 if limit else None)
+        if limit and len(page) > limit:
+            page = page[:limit]
+            return ListAttestedNodesResponse(page, _encode_token("nodes", page[-1].spiffe_id))
+        return ListAttestedNodesResponse(page, "")
+
+    def update_attested_node(self, node: AttestedNode) -> AttestedNode:
+        """Replace every field of the node (``created_at`` kept); :class:`NotFound` if absent."""
+        with self._transaction(write=True) as tx:
+            values = _node_values(replace(node, updated_at=tx.now))
+            del values["created_at"]
+            created = tx.conn.execute(
+                update(nodes)
+                .where(nodes.c.spiffe_id == node.spiffe_id)
+                .values(**values)
+                .returning(nodes.c.created_at)
+            ).scalar()
+            if created is None:
+                raise NotFound(f"attested node {node.spiffe_id!r} not found")
+            tx.conn.execute(
+                delete(node_selectors).where(node_selectors.c.spiffe_id == node.spiffe_id)
+            )
+            self._insert_node_selectors(tx.conn, node.spiffe_id, node.selectors)
+            self._emit(tx, [(EventKind.NODE_UPDATED, node.spiffe_id)])
+        return replace(node, created_at=created, updated_at=tx.now)
+
+    def set_node_selectors(self, spiffe_id: str, selectors: Iterable[Selector]) -> AttestedNode:
+        """Replace the node's selectors and return the node; :class:`NotFound` if absent."""
+        with self._transaction(write=True) as tx:
+            found = tx.conn.execute(
+                update(nodes)
+                .where(nodes.c.spiffe_id == spiffe_id)
+                .values(updated_at=tx.now)
+                .returning(nodes.c.spiffe_id)
+            ).scalar()
+            if found is None:
+                raise NotFound(f"attested node {spiffe_id!r} not found")
+            tx.conn.execute(delete(node_selectors).where(node_selectors.c.spiffe_id == spiffe_id))
+            self._insert_node_selectors(tx.conn, spiffe_id, tuple(sorted(set(selectors))))
+            self._emit(tx, [(EventKind.NODE_UPDATED, spiffe_id)])
+            return self._load_nodes(tx.conn, [nodes.c.spiffe_id == spiffe_id])[0]
+
+    def delete_attested_node(self, spiffe_id: str) -> AttestedNode:
+        """Delete the node and return it as it was; :class:`NotFound` if absent."""
+        with self._transaction(write=True) as tx:
+            found = self._load_nodes(tx.conn, [nodes.c.spiffe_id == spiffe_id])
+            if not found:
+                raise NotFound(f"attested node {spiffe_id!r} not found")
+            gone = tx.conn.execute(delete(nodes).where(nodes.c.spiffe_id == spiffe_id)).rowcount
+            if gone != 1:
+                raise NotFound(f"attested node {spiffe_id!r} not found")
+            self._emit(tx, [(EventKind.NODE_DELETED, spiffe_id)])
+        return found[0]
+
+    def count_attested_nodes(self) -> int:
+        """Return how many attested nodes exist."""
+        with self._transaction(write=False) as tx:
+            return int(tx.conn.execute(select(func.count()).select_from(nodes)).scalar_one())
+
+    def prune_attested_nodes(self, expires_before: int) -> int:
+        """Delete non-banned nodes whose ``cert_not_after`` is before ``expires_before``.
+
+        Banned nodes are kept: their row is what keeps them out.
+        """
+        with self._transaction(write=True) as tx:
+            gone = (
+                tx.conn.execute(
+                    delete(nodes)
+                    .where(nodes.c.cert_not_after < expires_before, nodes.c.banned.is_(False))
+                    .returning(nodes.c.spiffe_id)
+                )
+                .scalars()
+                .all()
+            )
+            self._emit(tx, [(EventKind.NODE_DELETED, spiffe_id) for spiffe_id in sorted(gone)])
+        return len(gone)
+
+    # ------------------------------------------------------------------ join tokens
+    # Error messages never include the token: it is a secret.
+
+    def create_join_token(self, token: JoinToken) -> JoinToken:
+        """Store a join token; :class:`AlreadyExists` if the same token is stored."""
+        _require(token.token, "join token")
+        try:
+            with self._transaction(write=True) as tx:
+                tx.conn.execute(
+                    insert(join_tokens).values(
+                        token=token.token, expires_at=token.expires_at, spiffe_id=token.spiffe_id
+                    )
+                )
+        except IntegrityError as exc:
+            raise AlreadyExists("join token already exists") from exc
+        return token
+
+    def fetch_join_token(self, token: str) -> JoinToken | None:
+        """Return the join token, or ``None``."""
+        with self._transaction(write=False) as tx:
+            row = tx.conn.execute(
+                select(
+                    join_tokens.c.token, join_tokens.c.expires_at, join_tokens.c.spiffe_id
+                ).where(join_tokens.c.token == token)
+            ).first()
+        return JoinToken(row[0], row[1], row[2]) if row else None
+
+    def consume_join_token(self, token: str) -> JoinToken | None:
+        """Atomically delete the token and return it; ``None`` if it was not there.
+
+        Of any number of concurrent callers (threads or processes) exactly one gets the
+        token. Expiry is not checked here: the caller compares ``expires_at`` to now.
+        """
+        with self._transaction(write=True) as tx:
+            row = tx.conn.execute(
+                delete(join_tokens)
+                .where(join_tokens.c.token == token)
+                .returning(join_tokens.c.token, join_tokens.c.expires_at, join_tokens.c.spiffe_id)
+            ).first()
+        return JoinToken(row[0], row[1], row[2]) if row else None
+
+    def delete_join_token(self, token: str) -> JoinToken:
+        """Delete the token and return it; :class:`NotFound` if absent."""
+        found = self.consume_join_token(token)
+        if found is None:
+            raise NotFound("join token not found")
+        return found
+
+    def count_join_tokens(self) -> int:
+        """Return how many join tokens exist."""
+        with self._transaction(write=False) as tx:
+            return int(tx.conn.execute(select(func.count()).select_from(join_tokens)).scalar_one())
+
+    def prune_join_tokens(self, expires_before: int) -> int:
+        """Delete tokens whose ``expires_at`` is before ``expires_before``; return how many."""
+        with self._transaction(write=True) as tx:
+            return int(
+                tx.conn.execute(
+                    delete(join_tokens).where(join_tokens.c.expires_at < expires_before)
+                ).rowcount
+            )
+
+    # ------------------------------------------------------------------ bundles
+
+    def fetch_bundle(self, trust_domain: str) -> bytes | None:
+        """Return the stored bundle bytes for ``trust_domain``, or ``None``."""
+        with self._transaction(write=False) as tx:
+            data = tx.conn.execute(
+                select(bundles.c.data).where(bundles.c.trust_domain == trust_domain)
+            ).scalar()
+        return bytes(data) if data is not None else None
+
+    def set_bundle(self, trust_domain: str, data: bytes) -> None:
+        """Create or replace the bundle for ``trust_domain``."""
+        _require(trust_domain, "trust domain")
+        with self._transaction(write=True) as tx:
+            values = {"trust_domain": trust_domain, "data": data, "updated_at": tx.now}
+            dialect = pg_dialect if self._is_pg else sqlite_dialect
+            stmt = dialect.insert(bundles).values(**values)
+            tx.conn.execute(
+                stmt.on_conflict_do_update(
+                    index_elements=[bundles.c.trust_domain],
+                    set_={"data": stmt.excluded.data, "updated_at": stmt.excluded.updated_at},
+                )
+            )
+            self._emit(tx, [(EventKind.BUNDLE_UPDATED, trust_domain)])
+
+    def list_bundles(self) -> dict[str, bytes]:
+        """Return every stored bundle keyed by trust domain name."""
+        with self._transaction(write=False) as tx:
+            rows = tx.conn.execute(
+                select(bundles.c.trust_domain, bundles.c.data).order_by(bundles.c.trust_domain)
+            ).all()
+        return {td: bytes(data) for td, data in rows}
+
+    def delete_bundle(self, trust_domain: str) -> None:
+        """Delete the bundle for ``trust_domain``; :class:`NotFound` if absent."""
+        with self._transaction(write=True) as tx:
+            gone = tx.conn.execute(
+                delete(bundles).where(bundles.c.trust_domain == trust_domain)
+            ).rowcount
+            if gone == 0:
+                raise NotFound(f"bundle for trust domain {trust_domain!r} not found")
+            self._emit(tx, [(EventKind.BUNDLE_DELETED, trust_domain)])
+
+    # ------------------------------------------------------------------ authorities
+
+    def create_authority(self, authority: Authority) -> Authority:
+        """Journal a new CA or JWT key; ``created_at`` of 0 becomes now.
+
+        Raises :class:`AlreadyExists` if the authority id is taken.
+        """
+        _validate_authority(authority)
+        try:
+            with self._transaction(write=True) as tx:
+                stored = (
+                    authority if authority.created_at else replace(authority, created_at=tx.now)
+                )
+                tx.conn.execute(insert(authorities).values(**_authority_values(stored)))
+        except IntegrityError as exc:
+            raise AlreadyExists(f"authority {authority.authority_id!r} already exists") from exc
+        return stored
+
+    def fetch_authority(self, authority_id: str) -> Authority | None:
+        """Return the authority with ``authority_id``, or ``None``."""
+        with self._transaction(write=False) as tx:
+            found = self._load_authorities(tx.conn, authorities.c.authority_id == authority_id)
+        return found[0] if found else None
+
+    def list_authorities(self, kind: str | None = None) -> list[Authority]:
+        """Return the authorities of ``kind`` (all when ``None``), oldest first."""
+        with self._transaction(write=False) as tx:
+            cond = authorities.c.kind == kind if kind is not None else None
+            return self._load_authorities(tx.conn, cond)
+
+    def update_authority(self, authority: Authority) -> Authority:
+        """Replace the authority's fields (``created_at`` of 0 keeps the stored one)."""
+        _validate_authority(authority)
+        with self._transaction(write=True) as tx:
+            values = _authority_values(authority)
+            if not authority.created_at:
+                del values["created_at"]
+            created = tx.conn.execute(
+                update(authorities)
+                .where(authorities.c.authority_id == authority.authority_id)
+                .values(**values)
+                .returning(authorities.c.created_at)
+            ).scalar()
+            if created is None:
+                raise NotFound(f"authority {authority.authority_id!r} not found")
+        return replace(authority, created_at=created)
+
+    def delete_authority(self, authority_id: str) -> Authority:
+        """Delete the authority and return it; :class:`NotFound` if absent."""
+        with self._transaction(write=True) as tx:
+            found = self._load_authorities(tx.conn, authorities.c.authority_id == authority_id)
+            if not found:
+                raise NotFound(f"authority {authority_id!r} not found")
+            tx.conn.execute(delete(authorities).where(authorities.c.authority_id == authority_id))
+        return found[0]
+
+    # ------------------------------------------------------------------ events
+
+    def list_events(self, after_id: int, limit: int = 1000) -> list[Event]:
+        """Return up to ``limit`` events with ids above ``after_id``, in id order."""
+        if limit <= 0:
+            raise InvalidRequest(f"event limit must be positive, not {limit}")
+        with self._transaction(write=False) as tx:
+            rows = tx.conn.execute(
+                select(events.c.id, events.c.kind, events.c.subject, events.c.created_at)
+                .where(events.c.id > after_id)
+                .order_by(events.c.id)
+                .limit(limit)
+            ).all()
+        return [Event(row[0], EventKind(row[1]), row[2], row[3]) for row in rows]
+
+    def fetch_latest_event_id(self) -> int:
+        """Return the highest event id (0 when no event was ever written)."""
+        with self._transaction(write=False) as tx:
+            return int(tx.conn.execute(select(func.max(events.c.id))).scalar() or 0)
+
+    def fetch_oldest_event_id(self) -> int:
+        """Return the lowest event id still stored (0 when there is none).
+
+        A reader that has seen every event up to ``n`` can resume with
+        ``list_events(n)`` only if ``n + 1 >= fetch_oldest_event_id()``; otherwise events
+        it missed were pruned and it must start over from a full listing.
+        """
+        with self._transaction(write=False) as tx:
+            return int(tx.conn.execute(select(func.min(events.c.id))).scalar() or 0)
+
+    def prune_events(self, older_than: int) -> int:
+        """Delete events created before ``older_than``, always keeping the newest one.
+
+        Keeping the newest event keeps ``fetch_latest_event_id`` meaningful.
+        """
+        with self._transaction(write=True) as tx:
+            newest = select(func.max(events.c.id)).scalar_subquery()
+            return int(
+                tx.conn.execute(
+                    delete(events).where(events.c.created_at < older_than, events.c.id < newest)
+                ).rowcount
+            )
+
+    # ------------------------------------------------------------------ internals
+
+    @contextmanager
+    def _transaction(self, *, write: bool, inject: bool = True) -> Iterator[_Tx]:
+        """Run the body in one transaction; after commit, hand its events to listeners."""
+        with self._guard:
+            if self._closed:
+                raise DataStoreError("datastore is closed")
+            injected, self._next_error = (self._next_error, None) if inject else (None, None)
+        if injected is not None:
+            raise injected
+        with self._serial or nullcontext(), self._engine.connect() as conn:
+            if write:
+                conn.execution_options(credo_write=True)
+            elif self._is_pg:
+                conn.execution_options(isolation_level="REPEATABLE READ")
+            tx = _Tx(conn, int(self._clock()))
+            with conn.begin():
+                yield tx
+        if tx.events:
+            self._notify(tx.events)
+
+    def _notify(self, written: list[Event]) -> None:
+        with self._guard:
+            listeners = list(self._listeners)
+        for listener in listeners:
+            try:
+                listener(list(written))
+            except Exception:
+                # The write is committed; a broken listener must not make it look failed.
+                log.exception("datastore listener failed", extra={"listener": repr(listener)})
+
+    def _emit(self, tx: _Tx, changes: Sequence[tuple[EventKind, str]]) -> None:
+        """Write one event row per change, in the caller's transaction."""
+        if not changes:
+            return
+        if self._is_pg:
+            tx.conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_EVENT_LOCK})
+        rows = tx.conn.execute(
+            insert(events).returning(events.c.id, events.c.kind, events.c.subject),
+            [
+                {"kind": kind.value, "subject": subject, "created_at": tx.now}
+                for kind, subject in changes
+            ],
+        ).all()
+        written = [Event(row[0], EventKind(row[1]), row[2], tx.now) for row in rows]
+        tx.events.extend(sorted(written, key=_event_id))
+
+    @staticmethod
+    def _prepare_new_entry(
+        entry: RegistrationEntry, index: int | None, now: int
+    ) -> tuple[RegistrationEntry, str]:
+        """Validate a new entry, stamp its id, revision and creation time; hash its identity."""
+        try:
+            _validate_entry(entry)
+        except InvalidRequest as exc:
+            raise InvalidRequest(str(exc), index=index) from exc
+        entry = replace(entry, id=entry.id or str(uuid.uuid4()), revision_number=0, created_at=now)
+        return entry, _unique_key(entry)
+
+    def _raise_entry_conflict(
+        self, conn: Connection, prepared: Sequence[tuple[RegistrationEntry, str]], *, batch: bool
+    ) -> None:
+        """Raise :class:`AlreadyExists` (with ``index`` in a batch) for the first duplicate."""
+
+        def index(i: int) -> int | None:
+            return i if batch else None
+
+        taken_ids: set[str] = set()
+        taken_keys: set[str] = set()
+        for chunk in _chunks(prepared, _CHUNK // 2):
+            ids = [e.id for e, _ in chunk]
+            keys = [k for _, k in chunk]
+            for entry_id, key in conn.execute(
+                select(entries.c.entry_id, entries.c.unique_key).where(
+                    or_(entries.c.entry_id.in_(ids), entries.c.unique_key.in_(keys))
+                )
+            ):
+                taken_ids.add(entry_id)
+                taken_keys.add(key)
+        if not taken_ids:
+            return
+        for i, (entry, key) in enumerate(prepared):
+            if entry.id in taken_ids:
+                raise AlreadyExists(
+                    f"registration entry {entry.id!r} already exists", index=index(i)
+                )
+            if key in taken_keys:
+                raise AlreadyExists(
+                    f"registration entry for {entry.spiffe_id!r} under {entry.parent_id!r} "
+                    "with the same selectors already exists",
+                    index=index(i),
+                )
+
+    def _insert_entries(
+        self, conn: Connection, prepared: Sequence[tuple[RegistrationEntry, str]]
+    ) -> None:
+        conn.execute(insert(entries), [_entry_values(e, k, include_id=True) for e, k in prepared])
+        self._insert_entry_children(conn, [e for e, _ in prepared])
+
+    @staticmethod
+    def _insert_entry_children(conn: Connection, stored: Sequence[RegistrationEntry]) -> None:
+        sel_rows = [
+            {"entry_id": e.id, "type": s.type, "value": s.value}
+            for e in stored
+            for s in e.selectors
+        ]
+        dns_rows = [
+            {"entry_id": e.id, "position": pos, "dns_name": name}
+            for e in stored
+            for pos, name in enumerate(e.dns_names)
+        ]
+        fed_rows = [
+            {"entry_id": e.id, "trust_domain": td} for e in stored for td in e.federates_with
+        ]
+        for table, rows in (
+            (entry_selectors, sel_rows),
+            (entry_dns_names, dns_rows),
+            (entry_federates_with, fed_rows),
+        ):
+            if rows:
+                conn.execute(insert(table), rows)
+
+    @staticmethod
+    def _entry_filters(request: ListRegistrationEntriesRequest) -> list[ColumnElement[bool]]:
+        conds: list[ColumnElement[bool]] = []
+        if request.by_spiffe_id is not None:
+            conds.append(entries.c.spiffe_id == request.by_spiffe_id)
+        if request.by_parent_id is not None:
+            conds.append(entries.c.parent_id == request.by_parent_id)
+        if request.by_hint is not None:
+            conds.append(entries.c.hint == request.by_hint)
+        if request.by_downstream is not None:
+            conds.append(entries.c.downstream == request.by_downstream)
+        by = request.by_selectors
+        if by is None:
+            return conds
+        if not by.selectors:
+            raise InvalidRequest("selector filter needs at least one selector")
+        if by.match is MatchBehavior.EXACT:
+            conds.append(entries.c.selectors_key == _selectors_key(by.selectors))
+            return conds
+        any_given = or_(
+            *(
+                and_(entry_selectors.c.type == s.type, entry_selectors.c.value == s.value)
+                for s in by.selectors
+            )
+        )
+        if by.match is MatchBehavior.ANY:
+            conds.append(
+                entries.c.entry_id.in_(select(entry_selectors.c.entry_id).where(any_given))
+            )
+        elif by.match is MatchBehavior.SUPERSET:
+            conds.append(
+                entries.c.entry_id.in_(
+                    select(entry_selectors.c.entry_id)
+                    .where(any_given)
+                    .group_by(entry_selectors.c.entry_id)
+                    .having(func.count() == len(by.selectors))
+                )
+            )
+        else:  # SUBSET: every selector of the entry is among the given ones
+            inner = entries.alias("subset_entries")
+            conds.append(
+                entries.c.entry_id.in_(
+                    select(entry_selectors.c.entry_id)
+                    .join(inner, inner.c.entry_id == entry_selectors.c.entry_id)
+                    .where(any_given, inner.c.selector_count <= len(by.selectors))
+                    .group_by(entry_selectors.c.entry_id, inner.c.selector_count)
+                    .having(func.count() == inner.c.selector_count)
+                )
+            )
+        return conds
+
+    @staticmethod
+    def _load_entries(
+        conn: Connection, conds: list[ColumnElement[bool]], *, limit: int | None = None
+    ) -> list[RegistrationEntry]:
+        """Load matching entries, ordered by id: one query per table, joined in Python.
+
+        Child rows come back ordered by (entry id, sort key), which is already the order
+        the record keeps them in, so records are built without re-normalising.
+        """
+        c = entries.c
+        stmt = select(
+            c.entry_id,
+            c.spiffe_id,
+            c.parent_id,
+            c.x509_svid_ttl,
+            c.jwt_svid_ttl,
+            c.admin,
+            c.downstream,
+            c.node_alias,
+            c.hint,
+            c.expires_at,
+            c.revision_number,
+            c.created_at,
+        ).order_by(c.entry_id)
+        ids = select(c.entry_id).order_by(c.entry_id)
+        if conds:
+            stmt = stmt.where(*conds)
+            ids = ids.where(*conds)
+        if limit is not None:
+            stmt = stmt.limit(limit)
+            ids = ids.limit(limit)
+        rows = _fetch_rows(conn, stmt)
+        if not rows:
+            return []
+        with _gc_paused() if len(rows) >= _BULK_ROWS else nullcontext():
+            return SqlDataStore._assemble_entries(
+                conn, rows, ids, restrict=bool(conds) or limit is not None
+            )
+
+    @staticmethod
+    def _assemble_entries(
+        conn: Connection, rows: list[tuple[Any, ...]], ids: Select[Any], *, restrict: bool
+    ) -> list[RegistrationEntry]:
+        """Fetch the child rows of the entries in ``rows`` and build the records."""
+
+        def children(*cols: Any) -> list[tuple[Any, ...]]:
+            query = select(*cols).order_by(*cols)
+            if restrict:
+                query = query.where(cols[0].in_(ids.scalar_subquery()))
+            return _fetch_rows(conn, query)
+
+        sc, dc, fc = entry_selectors.c, entry_dns_names.c, entry_federates_with.c
+        selectors = _group_selectors(children(sc.entry_id, sc.type, sc.value))
+        dns = _group_strings(children(dc.entry_id, dc.position, dc.dns_name))
+        feds = _group_strings(children(fc.entry_id, fc.trust_domain))
+        new, put, none = object.__new__, object.__setattr__, ()
+        built: list[RegistrationEntry] = []
+        for r in rows:
+            # Unrolled _restore(): this loop runs 100k times for a full listing.
+            e = new(RegistrationEntry)
+            put(e, "id", r[0])
+            put(e, "spiffe_id", r[1])
+            put(e, "parent_id", r[2])
+            put(e, "selectors", selectors.get(r[0], none))
+            put(e, "x509_svid_ttl", r[3])
+            put(e, "jwt_svid_ttl", r[4])
+            put(e, "dns_names", dns.get(r[0], none))
+            put(e, "admin", bool(r[5]))
+            put(e, "downstream", bool(r[6]))
+            put(e, "node_alias", bool(r[7]))
+            put(e, "hint", r[8])
+            put(e, "expires_at", r[9])
+            put(e, "federates_with", feds.get(r[0], none))
+            put(e, "revision_number", r[10])
+            put(e, "created_at", r[11])
+            built.append(e)
+        return built
+
+    @staticmethod
+    def _insert_node_selectors(
+        conn: Connection, spiffe_id: str, selectors: Iterable[Selector]
+    ) -> None:
+        rows = [{"spiffe_id": spiffe_id, "type": s.type, "value": s.value} for s in selectors]
+        if rows:
+            conn.execute(insert(node_selectors), rows)
+
+    @staticmethod
+    def _load_nodes(
+        conn: Connection, conds: list[ColumnElement[bool]], *, limit: int | None = None
+    ) -> list[AttestedNode]:
+        c = nodes.c
+        stmt = select(
+            c.spiffe_id,
+            c.attestation_type,
+            c.cert_serial,
+            c.cert_not_after,
+            c.new_cert_serial,
+            c.new_cert_not_after,
+            c.banned,
+            c.created_at,
+            c.updated_at,
+        ).order_by(c.spiffe_id)
+        ids = select(c.spiffe_id).order_by(c.spiffe_id)
+        if conds:
+            stmt = stmt.where(*conds)
+            ids = ids.where(*conds)
+        if limit is not None:
+            stmt = stmt.limit(limit)
+            ids = ids.limit(limit)
+        rows = _fetch_rows(conn, stmt)
+        if not rows:
+            return []
+        s = node_selectors.c
+        sel_query = select(s.spiffe_id, s.type, s.value).order_by(s.spiffe_id, s.type, s.value)
+        if conds or limit is not None:
+            sel_query = sel_query.where(s.spiffe_id.in_(ids.scalar_subquery()))
+        selectors = _group_selectors(_fetch_rows(conn, sel_query))
+        return [
+            _restore(
+                AttestedNode,
+                spiffe_id=r[0],
+                attestation_type=r[1],
+                selectors=selectors.get(r[0], ()),
+                cert_serial=r[2],
+                cert_not_after=r[3],
+                new_cert_serial=r[4],
+                new_cert_not_after=r[5],
+                banned=bool(r[6]),
+                created_at=r[7],
+                updated_at=r[8],
+            )
+            for r in rows
+        ]
+
+    @staticmethod
+    def _load_authorities(conn: Connection, cond: ColumnElement[bool] | None) -> list[Authority]:
+        a = authorities.c
+        stmt = select(
+            a.authority_id, a.kind, a.status, a.tainted, a.not_after, a.public_data, a.created_at
+        ).order_by(a.created_at, a.seq)
+        if cond is not None:
+            stmt = stmt.where(cond)
+        return [
+            Authority(
+                authority_id=r[0],
+                kind=r[1],
+                status=r[2],
+                tainted=bool(r[3]),
+                not_after=r[4],
+                public_data=bytes(r[5]),
+                created_at=r[6],
+            )
+            for r in conn.execute(stmt)
+        ]
+
+
+def _event_id(ev: Event) -> int:
+    return ev.id
+
+
+def _fetch_rows(conn: Connection, stmt: Select[Any]) -> list[tuple[Any, ...]]:
+    """Run a SELECT on the connection's DBAPI cursor and return plain tuples.
+
+    The bulk loads (100k entries, 200k selectors) spend most of their time in per-row
+    result processing; the driver's own tuples skip it. Only used for columns that need
+    no type processing other than ``bool()`` on the caller's side.
+    """
+    compiled = stmt.compile(dialect=conn.dialect, compile_kwargs={"render_postcompile": True})
+    params = compiled.construct_params()
+    args: Any = (
+        tuple(params[name] for name in compiled.positiontup or ())
+        if compiled.positional
+        else params
+    )
+    cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    try:
+        cursor.execute(str(compiled), args)
+        return list(cursor.fetchall())
+    finally:
+        cursor.close()
+
+
+def _group_selectors(rows: list[tuple[Any, ...]]) -> dict[str, tuple[Selector, ...]]:
+    """Group ``(owner, type, value)`` rows sorted by owner into per-owner selector tuples.
+
+    Rows come from the database, where only validated selectors are written, so the
+    selectors are rebuilt without re-validating; equal selectors share one object.
+    """
+    new, put = object.__new__, object.__setattr__
+    by_type: dict[str, dict[str, Selector]] = {}
+    grouped: dict[str, tuple[Selector, ...]] = {}
+    owner = ""  # no stored owner (entry id, SPIFFE ID) is empty
+    run: list[Selector] = []
+    for row_owner, kind, value in rows:
+        if row_owner != owner:
+            if run:
+                grouped[owner] = tuple(run)
+            owner, run = row_owner, []
+        values = by_type.get(kind)
+        if values is None:
+            values = by_type[kind] = {}
+        sel = values.get(value)
+        if sel is None:
+            sel = values[value] = new(Selector)
+            put(sel, "type", kind)
+            put(sel, "value", value)
+        run.append(sel)
+    if run:
+        grouped[owner] = tuple(run)
+    return grouped
+
+
+def _group_strings(rows: list[tuple[Any, ...]]) -> dict[str, tuple[str, ...]]:
+    """Group ``(owner, ..., text)`` rows sorted by owner into per-owner tuples of text."""
+    grouped: dict[str, tuple[str, ...]] = {}
+    owner = ""  # no stored owner (entry id, SPIFFE ID) is empty
+    run: list[str] = []
+    for row in rows:
+        if row[0] != owner:
+            if run:
+                grouped[owner] = tuple(run)
+            owner, run = row[0], []
+        run.append(row[-1])
+    if run:
+        grouped[owner] = tuple(run)
+    return grouped
+
+
+_T = TypeVar("_T")
+
+_BULK_ROWS = 5000  # loads at least this big pause the cyclic garbage collector
+_gc_lock = threading.Lock()
+_gc_pausers = 0
+_gc_resume = False
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector while a bulk load builds its records.
+
+    Listing 100k entries allocates about a million container objects, and every
+    generation-2 collection during the build walks all of them: measured, it triples
+    the time. Reference counting still frees everything; the collector resumes (if it
+    was on) when the last concurrent bulk load finishes.
+    """
+    global _gc_pausers, _gc_resume
+    with _gc_lock:
+        if _gc_pausers == 0:
+            _gc_resume = gc.isenabled()
+            gc.disable()
+        _gc_pausers += 1
+    try:
+        yield
+    finally:
+        with _gc_lock:
+            _gc_pausers -= 1
+            if _gc_pausers == 0 and _gc_resume:
+                gc.enable()
+
+
+def _restore(cls: type[_T], **fields: Any) -> _T:
+    """Rebuild a frozen record from stored, already-normalised fields.
+
+    Skips ``__init__``/``__post_init__`` (validation and sorting), which dominate the
+    cost of loading 100k records; every field must be given.
+    """
+    record = object.__new__(cls)
+    for name, value in fields.items():
+        object.__setattr__(record, name, value)
+    return record
+
+
+def _configure_sqlite(engine: Engine, busy_timeout_ms: int) -> None:
+    """Set the pragmas on every new connection and take over BEGIN from the driver."""
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        # The sqlite3 module's implicit transactions start too late (and DEFERRED);
+        # with isolation_level=None it leaves BEGIN to the "begin" hook below.
+        dbapi_conn.isolation_level = None
+        cursor = dbapi_conn.cursor()
+        try:
+            cursor.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+            cursor.execute("PRAGMA journal_mode = WAL")
+            cursor.execute("PRAGMA synchronous = NORMAL")
+            cursor.execute("PRAGMA foreign_keys = ON")
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        write = conn.get_execution_options().get("credo_write", False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+
+def _require(value: str, what: str) -> None:
+    if not value:
+        raise InvalidRequest(f"{what} is empty")
+
+
+def _validate_entry(entry: RegistrationEntry) -> None:
+    _require(entry.spiffe_id, "registration entry SPIFFE ID")
+    _require(entry.parent_id, "registration entry parent ID")
+    if entry.x509_svid_ttl < 0 or entry.jwt_svid_ttl < 0:
+        raise InvalidRequest("registration entry TTLs must be 0 (server default) or positive")
+    if entry.expires_at < 0:
+        raise InvalidRequest("registration entry expires_at must be 0 (never) or positive")
+
+
+def _validate_authority(authority: Authority) -> None:
+    _require(authority.authority_id, "authority id")
+    if authority.kind not in _AUTHORITY_KINDS:
+        raise InvalidRequest(f"authority kind must be 'x509' or 'jwt', not {authority.kind!r}")
+    if authority.status not in _AUTHORITY_STATUSES:
+        raise InvalidRequest(
+            f"authority status must be 'prepared', 'active' or 'old', not {authority.status!r}"
+        )
+
+
+def _entry_values(entry: RegistrationEntry, key: str, *, include_id: bool) -> dict[str, Any]:
+    values: dict[str, Any] = {
+        "spiffe_id": entry.spiffe_id,
+        "parent_id": entry.parent_id,
+        "x509_svid_ttl": entry.x509_svid_ttl,
+        "jwt_svid_ttl": entry.jwt_svid_ttl,
+        "admin": entry.admin,
+        "downstream": entry.downstream,
+        "node_alias": entry.node_alias,
+        "hint": entry.hint,
+        "expires_at": entry.expires_at,
+        "unique_key": key,
+        "selectors_key": _selectors_key(entry.selectors),
+        "selector_count": len(entry.selectors),
+    }
+    if include_id:
+        values["entry_id"] = entry.id
+        values["revision_number"] = entry.revision_number
+        values["created_at"] = entry.created_at
+    return values
+
+
+def _node_values(node: AttestedNode) -> dict[str, Any]:
+    return {
+        "spiffe_id": node.spiffe_id,
+        "attestation_type": node.attestation_type,
+        "cert_serial": node.cert_serial,
+        "cert_not_after": node.cert_not_after,
+        "new_cert_serial": node.new_cert_serial,
+        "new_cert_not_after": node.new_cert_not_after,
+        "banned": node.banned,
+        "created_at": node.created_at,
+        "updated_at": node.updated_at,
+    }
+
+
+def _authority_values(authority: Authority) -> dict[str, Any]:
+    return {
+        "authority_id": authority.authority_id,
+        "kind": authority.kind,
+        "status": authority.status,
+        "tainted": authority.tainted,
+        "not_after": authority.not_after,
+        "public_data": authority.public_data,
+        "created_at": authority.created_at,
+    }
+
+
+if TYPE_CHECKING:
+
+    def _conforms(store: SqlDataStore) -> DataStore:
+        """Let mypy check that SqlDataStore implements the DataStore Protocol."""
+        return store
