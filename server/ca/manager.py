@@ -1,0 +1,678 @@
+"""The authority manager: creates, rotates, taints and revokes the CA's signing authorities.
+
+Modelled on SPIRE's CA manager. For each kind (``x509``: the X.509 CA; ``jwt``: the
+JWT-SVID signing key) there is at most one ``active`` authority (it signs), at most one
+``prepared`` authority (the next one, already published in the bundle), and ``old``
+authorities (no longer sign, stay in the bundle until they expire).
+
+Rotation, one :meth:`AuthorityManager.tick` at a time (``run`` calls it every
+``rotation_check_interval`` seconds; tests call it with an explicit ``now``):
+
+* no active authority: activate the prepared one, or create one and activate it;
+* the active one has lived half its life: prepare the next one and publish it;
+* the active one has a sixth of its life left (or has expired): activate the prepared
+  one; the previous active becomes ``old``;
+* an ``old`` authority past its NotAfter is pruned (row, key, and bundle entry).
+
+Every step is persisted before the next: the private key first (key manager), then the
+datastore row with its status, then the bundle. On start the manager reconciles what a
+crash (even ``kill -9``) may have left half done:
+
+* a prepared or active row whose key is missing is dropped (logged); an old row without
+  its key is kept, since old authorities never sign and only their public part matters;
+* a key (``x509-ca-*`` / ``jwt-*``) with no row is deleted;
+* several prepared rows: the newest is kept; several active rows: the newest stays
+  active, the others become old; no active row but a prepared one: it is activated.
+
+The SPIFFE bundle (X.509 authorities and JWT keys) is derived from the rows and stored
+with ``datastore.set_bundle``; its ``spiffe_sequence`` is incremented on every change,
+including a taint (agents learn the tainted ids from :meth:`tainted_authority_ids`,
+since the JWKS format has no taint flag). With an upstream CA, the bundle's X.509
+authorities are the upstream root(s), not our intermediates.
+
+Authority ids: the lowercase hex SubjectKeyIdentifier of the CA certificate (``x509``),
+the ``kid`` (32 random letters and digits) for ``jwt``. Key ids in the key manager are
+``x509-ca-<authority id>`` and ``jwt-<kid>``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import string
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Literal, Protocol
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from credo.bundle import Bundle
+from credo.errors import BundleError, CredoError
+from credo.keys import KeyType, PrivateKey, PublicKey, generate_private_key, load_private_key
+from credo.spiffe_id import TrustDomain
+from credo.x509svid import signature_hash_for
+from server.ca import templates
+from server.ca.ca import X509CA, CertificateAuthority, Clock, JwtKey, utc_now
+from server.ca.errors import AuthorityNotFound, InvalidAuthorityState, UpstreamCaError
+from server.ca.keymanager import KeyManager
+from server.config import ServerConfig
+from server.datastore.models import Authority, AuthorityKind
+
+__all__ = [
+    "KINDS",
+    "AuthorityChange",
+    "AuthorityInfo",
+    "AuthorityManager",
+    "AuthorityManagerConfig",
+    "AuthorityState",
+    "AuthorityStore",
+    "UpstreamCa",
+    "load_upstream_ca",
+]
+
+log = logging.getLogger(__name__)
+
+KINDS: tuple[AuthorityKind, ...] = ("x509", "jwt")
+_KID_ALPHABET = string.ascii_letters + string.digits
+_MAX_REFRESH_HINT = 300
+
+
+class AuthorityStore(Protocol):
+    """The datastore calls the manager needs (``SqlDataStore`` provides them)."""
+
+    def create_authority(self, authority: Authority) -> Authority: ...
+
+    def fetch_authority(self, authority_id: str) -> Authority | None: ...
+
+    def list_authorities(self, kind: str | None = None) -> list[Authority]: ...
+
+    def update_authority(self, authority: Authority) -> Authority: ...
+
+    def delete_authority(self, authority_id: str) -> Authority: ...
+
+    def fetch_bundle(self, trust_domain: str) -> bytes | None: ...
+
+    def set_bundle(self, trust_domain: str, data: bytes) -> None: ...
+
+
+@dataclass(frozen=True)
+class AuthorityManagerConfig:
+    """What the manager needs from the server config; durations in seconds."""
+
+    trust_domain: TrustDomain
+    ca_ttl: int = 24 * 3600
+    # 0 means "same as ca_ttl", as in SPIRE.
+    jwt_key_ttl: int = 0
+    x509_svid_ttl: int = 3600
+    ca_key_type: KeyType = KeyType.EC_P256
+    jwt_key_type: KeyType = KeyType.EC_P256
+    upstream_ca_cert: Path | None = None
+    upstream_ca_key: Path | None = None
+    rotation_check_interval: float = 5.0
+
+    @property
+    def effective_jwt_key_ttl(self) -> int:
+        """The JWT key lifetime: ``jwt_key_ttl``, or ``ca_ttl`` when 0."""
+        return self.jwt_key_ttl or self.ca_ttl
+
+    @property
+    def refresh_hint(self) -> int:
+        """``spiffe_refresh_hint``: a tenth of the CA TTL, at most 5 minutes."""
+        return max(1, min(self.ca_ttl // 10, _MAX_REFRESH_HINT))
+
+    @classmethod
+    def from_server_config(cls, config: ServerConfig) -> AuthorityManagerConfig:
+        """Take the CA settings from the server's config."""
+        return cls(
+            trust_domain=TrustDomain.parse(config.trust_domain),
+            ca_ttl=config.ca_ttl,
+            x509_svid_ttl=config.x509_svid_ttl,
+            ca_key_type=KeyType(config.ca_key_type),
+            jwt_key_type=KeyType(config.jwt_key_type),
+            upstream_ca_cert=config.upstream_ca_cert,
+            upstream_ca_key=config.upstream_ca_key,
+            rotation_check_interval=config.rotation_check_interval,
+        )
+
+
+@dataclass(frozen=True)
+class AuthorityInfo:
+    """What the CLI shows about one authority."""
+
+    authority_id: str
+    expires_at: datetime
+    tainted: bool
+    status: Literal["prepared", "active", "old"]
+
+
+@dataclass(frozen=True)
+class AuthorityState:
+    """The authorities of one kind: active, prepared and the most recent old one."""
+
+    active: AuthorityInfo | None
+    prepared: AuthorityInfo | None
+    old: AuthorityInfo | None
+
+
+@dataclass(frozen=True)
+class AuthorityChange:
+    """Passed to ``on_change`` callbacks: ``action`` happened to ``authority_id``.
+
+    ``action`` is one of ``prepared``, ``activated``, ``tainted``, ``revoked``, ``pruned``,
+    ``dropped`` (reconciliation removed it).
+    """
+
+    kind: AuthorityKind
+    action: str
+    authority_id: str
+
+
+@dataclass(frozen=True)
+class UpstreamCa:
+    """An upstream CA from disk: the signer, its key, what to chain, and the root(s)."""
+
+    certificate: x509.Certificate
+    private_key: PrivateKey
+    intermediates: tuple[x509.Certificate, ...]
+    roots: tuple[x509.Certificate, ...]
+
+
+def _is_self_signed(cert: x509.Certificate) -> bool:
+    if cert.issuer != cert.subject:
+        return False
+    try:
+        cert.verify_directly_issued_by(cert)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def _spki(key: PublicKey | PrivateKey) -> bytes:
+    public = (
+        key.public_key() if isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) else key
+    )
+    return public.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def load_upstream_ca(cert_path: Path, key_path: Path) -> UpstreamCa:
+    """Load the upstream CA: PEM certificates (signer first, then its chain) and its key.
+
+    The self-signed certificate(s) in the file are the roots that go in the bundle; the
+    others (after the signer) are sent in SVID chains. Raises :class:`UpstreamCaError`.
+    """
+    try:
+        certs = x509.load_pem_x509_certificates(Path(cert_path).read_bytes())
+    except OSError as err:
+        raise UpstreamCaError(
+            f"cannot read upstream ca certificate {cert_path}: {err.strerror}"
+        ) from None
+    except ValueError as err:
+        raise UpstreamCaError(
+            f"upstream ca certificate {cert_path} is not PEM certificates: {err}"
+        ) from None
+    try:
+        key = load_private_key(Path(key_path).read_bytes())
+    except OSError as err:
+        raise UpstreamCaError(f"cannot read upstream ca key {key_path}: {err.strerror}") from None
+    except CredoError as err:
+        raise UpstreamCaError(f"upstream ca key {key_path} is unusable: {err}") from None
+    signer = certs[0]
+    if _spki(signer.public_key()) != _spki(key):  # type: ignore[arg-type]
+        raise UpstreamCaError(
+            f"upstream ca key {key_path} does not match the first certificate in {cert_path}"
+        )
+    try:
+        bc = signer.extensions.get_extension_for_class(x509.BasicConstraints).value
+        ku = signer.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        bc, ku = None, None
+    if bc is None or ku is None or not bc.ca or not ku.key_cert_sign:
+        raise UpstreamCaError(
+            f"upstream ca certificate in {cert_path} is not a ca; expected cA=true and keyCertSign"
+        )
+    roots = tuple(c for c in certs if _is_self_signed(c))
+    if not roots:
+        raise UpstreamCaError(
+            f"upstream ca certificate file {cert_path} has no self-signed root; "
+            "expected the chain to end with the root certificate"
+        )
+    intermediates = tuple(c for c in certs if not _is_self_signed(c))
+    return UpstreamCa(signer, key, intermediates, roots)
+
+
+def _ts(value: datetime) -> int:
+    return int(value.timestamp())
+
+
+def _dt(value: int) -> datetime:
+    return datetime.fromtimestamp(value, UTC)
+
+
+def key_id_for(row: Authority) -> str:
+    """The key manager id of an authority's private key."""
+    return f"x509-ca-{row.authority_id}" if row.kind == "x509" else f"jwt-{row.authority_id}"
+
+
+def _info(row: Authority) -> AuthorityInfo:
+    return AuthorityInfo(row.authority_id, _dt(row.not_after), row.tainted, row.status)
+
+
+class AuthorityManager:
+    """Keeps the CA's X.509 and JWT authorities rotated, persisted and published."""
+
+    def __init__(
+        self,
+        config: AuthorityManagerConfig,
+        datastore: AuthorityStore,
+        key_manager: KeyManager,
+        *,
+        ca: CertificateAuthority | None = None,
+        clock: Clock = utc_now,
+    ) -> None:
+        self.config = config
+        self.datastore = datastore
+        self.key_manager = key_manager
+        self._clock = clock
+        self.ca = ca if ca is not None else CertificateAuthority(config.trust_domain, clock=clock)
+        self.on_change: list[Callable[[AuthorityChange], None]] = []
+        self._lock = threading.RLock()
+        self._started = False
+        self._upstream: UpstreamCa | None = None
+        if (config.upstream_ca_cert is None) != (config.upstream_ca_key is None):
+            raise UpstreamCaError("upstream ca certificate and key must be given together")
+
+    @property
+    def _td(self) -> str:
+        return self.config.trust_domain.name
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    def start(self, now: datetime | None = None) -> None:
+        """Load the upstream CA, reconcile the journal, make sure both kinds are active."""
+        with self._lock:
+            if self.config.upstream_ca_cert is not None and self.config.upstream_ca_key is not None:
+                self._upstream = load_upstream_ca(
+                    self.config.upstream_ca_cert, self.config.upstream_ca_key
+                )
+            self._reconcile()
+            self._started = True
+            self.tick(now)
+            self._publish_bundle()
+
+    async def run(self, stop_event: asyncio.Event) -> None:
+        """Run :meth:`tick` every ``rotation_check_interval`` seconds until ``stop_event``."""
+        if not self._started:
+            await asyncio.to_thread(self.start)
+        while not stop_event.is_set():
+            try:
+                await asyncio.wait_for(stop_event.wait(), self.config.rotation_check_interval)
+            except TimeoutError:
+                pass
+            else:
+                return
+            try:
+                await asyncio.to_thread(self.tick)
+            except (CredoError, OSError) as err:
+                log.error("authority rotation step failed", extra={"error": str(err)})
+
+    def _reconcile(self) -> None:
+        """Repair what a crash in the middle of a step may have left behind."""
+        key_ids = set(self.key_manager.list_key_ids())
+        keep: set[str] = set()
+        for kind in KINDS:
+            rows = self.datastore.list_authorities(kind)
+            live: list[Authority] = []
+            for row in rows:
+                if key_id_for(row) in key_ids or row.status == "old":
+                    live.append(row)
+                    continue
+                self.datastore.delete_authority(row.authority_id)
+                log.warning(
+                    "dropped authority whose private key is missing",
+                    extra={"kind": kind, "authority_id": row.authority_id, "status": row.status},
+                )
+                self._emit(kind, "dropped", row.authority_id)
+            prepared = [r for r in live if r.status == "prepared"]
+            for row in prepared[:-1]:
+                self._delete(row, "dropped")
+                live.remove(row)
+            active = [r for r in live if r.status == "active"]
+            for row in active[:-1]:
+                demoted = self.datastore.update_authority(replace(row, status="old"))
+                live[live.index(row)] = demoted
+                log.warning(
+                    "demoted extra active authority to old",
+                    extra={"kind": kind, "authority_id": row.authority_id},
+                )
+            keep.update(key_id_for(r) for r in live)
+        for key_id in sorted(key_ids - keep):
+            if key_id.startswith(("x509-ca-", "jwt-")):
+                self.key_manager.delete_key(key_id)
+                log.warning("deleted private key with no authority", extra={"key_id": key_id})
+
+    # --- rotation ---------------------------------------------------------------------
+
+    def tick(self, now: datetime | None = None) -> None:
+        """Do whatever rotation step is due at ``now`` (default: the clock) for both kinds."""
+        now = now or self._clock()
+        with self._lock:
+            for kind in KINDS:
+                self._tick_kind(kind, now)
+
+    def _rows(
+        self, kind: AuthorityKind
+    ) -> tuple[Authority | None, Authority | None, list[Authority]]:
+        rows = self.datastore.list_authorities(kind)
+        active = [r for r in rows if r.status == "active"]
+        prepared = [r for r in rows if r.status == "prepared"]
+        old = [r for r in rows if r.status == "old"]
+        return (active[-1] if active else None, prepared[-1] if prepared else None, old)
+
+    def _lifetime(self, row: Authority) -> tuple[datetime, datetime]:
+        if row.kind == "x509":
+            cert = x509.load_der_x509_certificate(row.public_data)
+            return cert.not_valid_before_utc, cert.not_valid_after_utc
+        return _dt(row.created_at), _dt(row.not_after)
+
+    def _tick_kind(self, kind: AuthorityKind, now: datetime) -> None:
+        active, prepared, old = self._rows(kind)
+        if active is None:
+            if prepared is None:
+                prepared = self._prepare(kind, now)
+            self._activate(prepared)
+        else:
+            not_before, not_after = self._lifetime(active)
+            life = not_after - not_before
+            if prepared is None and now >= not_before + life / 2:
+                prepared = self._prepare(kind, now)
+            if prepared is not None and now >= not_after - life / 6:
+                self._activate(prepared)
+            else:
+                self._load_active(active)
+        for row in old:
+            if _dt(row.not_after) <= now:
+                self._delete(row, "pruned")
+
+    def _prepare(self, kind: AuthorityKind, now: datetime) -> Authority:
+        """Create the next authority: key first, then the row, then the bundle."""
+        row = self._prepare_x509(now) if kind == "x509" else self._prepare_jwt(now)
+        log.info(
+            "prepared authority",
+            extra={"kind": kind, "authority_id": row.authority_id, "expires_at": row.not_after},
+        )
+        self._publish_bundle()
+        self._emit(kind, "prepared", row.authority_id)
+        return row
+
+    def _prepare_x509(self, now: datetime) -> Authority:
+        key = generate_private_key(self.config.ca_key_type)
+        ttl = timedelta(seconds=self.config.ca_ttl)
+        upstream = self._upstream
+        if upstream is None:
+            builder = templates.ca_template(self.config.trust_domain, key.public_key(), ttl, now)
+            cert = builder.sign(key, signature_hash_for(key))
+        else:
+            expires = upstream.certificate.not_valid_after_utc
+            if expires <= now + timedelta(seconds=60):
+                raise UpstreamCaError(
+                    f"upstream ca certificate expires at {expires.isoformat()}; expected it "
+                    "valid for at least another minute to sign a new intermediate ca"
+                )
+            builder = templates.ca_template(
+                self.config.trust_domain, key.public_key(), ttl, now, upstream.certificate
+            )
+            cert = builder.sign(upstream.private_key, signature_hash_for(upstream.private_key))
+        ski = cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        authority_id = ski.digest.hex()
+        row = Authority(
+            authority_id=authority_id,
+            kind="x509",
+            status="prepared",
+            not_after=_ts(cert.not_valid_after_utc),
+            public_data=cert.public_bytes(serialization.Encoding.DER),
+            created_at=_ts(now),
+        )
+        self.key_manager.store_key(key_id_for(row), key)
+        return self.datastore.create_authority(row)
+
+    def _prepare_jwt(self, now: datetime) -> Authority:
+        kid = "".join(secrets.choice(_KID_ALPHABET) for _ in range(32))
+        key = self.key_manager.generate_key(f"jwt-{kid}", self.config.jwt_key_type)
+        row = Authority(
+            authority_id=kid,
+            kind="jwt",
+            status="prepared",
+            not_after=_ts(now + timedelta(seconds=self.config.effective_jwt_key_ttl)),
+            public_data=_spki(key),
+            created_at=_ts(now),
+        )
+        return self.datastore.create_authority(row)
+
+    def _activate(self, prepared: Authority) -> None:
+        """Demote the active authority to old, then promote ``prepared`` (crash-safe order)."""
+        active, _, _ = self._rows(prepared.kind)
+        if active is not None:
+            self.datastore.update_authority(replace(active, status="old"))
+        row = self.datastore.update_authority(replace(prepared, status="active"))
+        self._load_active(row)
+        log.info(
+            "activated authority",
+            extra={
+                "kind": row.kind,
+                "authority_id": row.authority_id,
+                "previous_authority_id": active.authority_id if active else "",
+                "expires_at": row.not_after,
+            },
+        )
+        self._publish_bundle()
+        self._emit(row.kind, "activated", row.authority_id)
+
+    def _load_active(self, row: Authority) -> None:
+        """Put ``row``'s authority in the CA's active slot unless it is already there."""
+        if row.kind == "x509":
+            current = self.ca.x509_ca
+            if current is not None and current.authority_id == row.authority_id:
+                return
+        else:
+            current_kid = self.ca.jwt_key_id
+            if current_kid == row.authority_id:
+                return
+        key = self.key_manager.get_key(key_id_for(row))
+        if key is None:
+            raise InvalidAuthorityState(
+                row.kind,
+                row.authority_id,
+                f"{row.kind} authority {row.authority_id!r} has no private key "
+                f"{key_id_for(row)!r}; expected it in the key manager",
+            )
+        if row.kind == "x509":
+            cert = x509.load_der_x509_certificate(row.public_data)
+            chain = self._upstream.intermediates if self._upstream is not None else ()
+            self.ca.set_x509_ca(X509CA(row.authority_id, cert, key, chain))
+        else:
+            self.ca.set_jwt_key(JwtKey(row.authority_id, key, _dt(row.not_after)))
+
+    def _delete(self, row: Authority, action: str) -> None:
+        """Remove an authority: the row first (so no crash leaves a row without its key)."""
+        self.datastore.delete_authority(row.authority_id)
+        self.key_manager.delete_key(key_id_for(row))
+        log.info(
+            f"{action} authority",
+            extra={"kind": row.kind, "authority_id": row.authority_id, "action": action},
+        )
+        self._publish_bundle()
+        self._emit(row.kind, action, row.authority_id)
+
+    def _emit(self, kind: AuthorityKind, action: str, authority_id: str) -> None:
+        change = AuthorityChange(kind, action, authority_id)
+        for callback in list(self.on_change):
+            callback(change)
+
+    # --- bundle -----------------------------------------------------------------------
+
+    def _current_bundle(self) -> Bundle | None:
+        data = self.datastore.fetch_bundle(self._td)
+        if data is None:
+            return None
+        try:
+            return Bundle.parse(self.config.trust_domain, data)
+        except BundleError as err:
+            log.warning("stored bundle is unreadable; replacing it", extra={"error": str(err)})
+            return None
+
+    def _publish_bundle(self, *, force: bool = False) -> Bundle:
+        """Store the bundle derived from the rows; bump the sequence if anything changed."""
+        authorities: list[x509.Certificate] = []
+        if self._upstream is not None:
+            authorities.extend(self._upstream.roots)
+        for row in self.datastore.list_authorities("x509"):
+            cert = x509.load_der_x509_certificate(row.public_data)
+            if _is_self_signed(cert) and cert not in authorities:
+                authorities.append(cert)
+        jwt_keys: dict[str, PublicKey] = {}
+        for row in self.datastore.list_authorities("jwt"):
+            public = serialization.load_der_public_key(row.public_data)
+            if isinstance(public, ec.EllipticCurvePublicKey | rsa.RSAPublicKey):
+                jwt_keys[row.authority_id] = public
+        current = self._current_bundle()
+        if (
+            not force
+            and current is not None
+            and current.x509_authorities == tuple(authorities)
+            and dict(current.jwt_authorities) == jwt_keys
+            and current.refresh_hint == self.config.refresh_hint
+        ):
+            return current
+        sequence = (current.sequence_number if current is not None else 0) + 1
+        bundle = Bundle(
+            self.config.trust_domain,
+            tuple(authorities),
+            jwt_keys,
+            sequence_number=sequence,
+            refresh_hint=self.config.refresh_hint,
+        )
+        self.datastore.set_bundle(self._td, bundle.marshal())
+        log.info(
+            "published bundle",
+            extra={
+                "trust_domain": self._td,
+                "sequence_number": sequence,
+                "x509_authorities": len(authorities),
+                "jwt_authorities": len(jwt_keys),
+            },
+        )
+        return bundle
+
+    def bundle(self) -> Bundle:
+        """The trust domain's current bundle as stored in the datastore."""
+        current = self._current_bundle()
+        if current is None:
+            with self._lock:
+                return self._publish_bundle()
+        return current
+
+    # --- manual control (credo-server localauthority ...) ------------------------------
+
+    def _find(self, kind: AuthorityKind, authority_id: str) -> Authority:
+        row = self.datastore.fetch_authority(authority_id)
+        if row is None or row.kind != kind:
+            raise AuthorityNotFound(kind, authority_id)
+        return row
+
+    def state(self, kind: AuthorityKind) -> AuthorityState:
+        """The active, prepared and most recent old authority of ``kind``."""
+        active, prepared, old = self._rows(kind)
+        return AuthorityState(
+            active=_info(active) if active else None,
+            prepared=_info(prepared) if prepared else None,
+            old=_info(old[-1]) if old else None,
+        )
+
+    def prepare(self, kind: AuthorityKind) -> AuthorityInfo:
+        """Prepare a new authority of ``kind`` now, replacing any prepared one."""
+        with self._lock:
+            _, previous, _ = self._rows(kind)
+            row = self._prepare(kind, self._clock())
+            if previous is not None:
+                self._delete(previous, "dropped")
+            return _info(row)
+
+    def activate(self, kind: AuthorityKind, authority_id: str) -> AuthorityInfo:
+        """Activate the prepared authority ``authority_id``; the active one becomes old."""
+        with self._lock:
+            row = self._find(kind, authority_id)
+            if row.status != "prepared":
+                _, prepared, _ = self._rows(kind)
+                expected = (
+                    f"the prepared authority {prepared.authority_id!r}"
+                    if prepared
+                    else "a prepared authority (run prepare first)"
+                )
+                raise InvalidAuthorityState(
+                    kind,
+                    authority_id,
+                    f"cannot activate {kind} authority {authority_id!r}: it is {row.status}; "
+                    f"expected {expected}",
+                )
+            self._activate(row)
+            return _info(self._find(kind, authority_id))
+
+    def taint(self, kind: AuthorityKind, authority_id: str) -> AuthorityInfo:
+        """Mark an old authority tainted: agents re-issue the SVIDs it signed."""
+        with self._lock:
+            row = self._find(kind, authority_id)
+            if row.status != "old":
+                raise InvalidAuthorityState(
+                    kind,
+                    authority_id,
+                    f"cannot taint {kind} authority {authority_id!r}: it is {row.status}; "
+                    "only an old authority can be tainted (activate its successor first)",
+                )
+            if row.tainted:
+                raise InvalidAuthorityState(
+                    kind,
+                    authority_id,
+                    f"cannot taint {kind} authority {authority_id!r}: it is already tainted",
+                )
+            row = self.datastore.update_authority(replace(row, tainted=True))
+            log.warning("tainted authority", extra={"kind": kind, "authority_id": authority_id})
+            self._publish_bundle(force=True)
+            self._emit(kind, "tainted", authority_id)
+            return _info(row)
+
+    def revoke(self, kind: AuthorityKind, authority_id: str) -> AuthorityInfo:
+        """Remove a tainted authority from the journal, the key manager and the bundle."""
+        with self._lock:
+            row = self._find(kind, authority_id)
+            if not row.tainted:
+                raise InvalidAuthorityState(
+                    kind,
+                    authority_id,
+                    f"cannot revoke {kind} authority {authority_id!r}: it is not tainted; "
+                    "taint it first",
+                )
+            self._delete(row, "revoked")
+            return _info(row)
+
+    def tainted_authority_ids(self, kind: AuthorityKind) -> frozenset[str]:
+        """Ids of the tainted (not yet revoked) authorities of ``kind``."""
+        return frozenset(r.authority_id for r in self.datastore.list_authorities(kind) if r.tainted)
+
+    # --- server identity --------------------------------------------------------------
+
+    def sign_server_svid(
+        self,
+        key: PublicKey | PrivateKey,
+        dns_names: Sequence[str] = templates.DEFAULT_SERVER_DNS_NAMES,
+    ) -> list[x509.Certificate]:
+        """Sign the server's own SVID for ``key`` with the X.509-SVID TTL; re-sign at half-life."""
+        return self.ca.sign_server_svid(key, self.config.x509_svid_ttl, dns_names)
