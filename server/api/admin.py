@@ -1,0 +1,532 @@
+"""The admin endpoint: ``Entries``, ``Agents``, ``Bundles``, ``Svids``, ``LocalAuthority``.
+
+Served on the local Unix socket only; trust comes from the socket's file permissions.
+Every request is validated here, at the edge, before anything changes: a batch with
+one bad item changes nothing, and the status names the item and the field
+(``entries[1].spiffe_id: ...``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Final, TypeVar, cast
+
+import grpc
+
+from credo._proto.credo.server.v1 import admin_pb2, admin_pb2_grpc, types_pb2
+from credo.bundle import Bundle, X509Bundle
+from credo.errors import BundleError, InvalidSpiffeId
+from credo.spiffe_id import SpiffeId, TrustDomain
+from server.api.common import BundleSource
+from server.api.convert import (
+    RESERVED_PATH_PREFIX,
+    InvalidField,
+    bundle_to_proto,
+    entry_from_proto,
+    entry_to_proto,
+    join_token_to_proto,
+    jwt_expiry,
+    node_to_proto,
+    parse_csr,
+    selectors_from_proto,
+    validate_dns_name,
+    validate_spiffe_id,
+    x509_svid_to_proto,
+)
+from server.api.errors import ApiError, handle_errors, status_for
+from server.ca.ca import CertificateAuthority
+from server.ca.manager import AuthorityInfo, AuthorityManager
+from server.datastore.errors import DataStoreError
+from server.datastore.models import (
+    AuthorityKind,
+    BySelectors,
+    JoinToken,
+    ListAttestedNodesRequest,
+    ListRegistrationEntriesRequest,
+    MatchBehavior,
+)
+from server.datastore.protocol import DataStore
+
+__all__ = [
+    "AdminApiConfig",
+    "AgentsService",
+    "BundlesService",
+    "EntriesService",
+    "LocalAuthorityService",
+    "SvidsService",
+]
+
+log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+MAX_BATCH: Final = 10_000
+MAX_PAGE_SIZE: Final = 10_000
+
+
+@dataclass(frozen=True)
+class AdminApiConfig:
+    """Settings of the admin API; TTLs in seconds."""
+
+    trust_domain: TrustDomain
+    x509_svid_ttl: int = 3600
+    jwt_svid_ttl: int = 300
+    join_token_ttl: int = 600
+
+
+async def _call(fn: Callable[..., _T], *args: object) -> _T:
+    return await asyncio.to_thread(fn, *args)
+
+
+def _batch_error(err: DataStoreError, field: str) -> ApiError:
+    """Re-word a datastore batch error so it names the request field (``entries[2]``)."""
+    code, message = status_for(err)
+    if err.index is not None:
+        message = f"{field}[{err.index}]: " + message.removeprefix(f"item {err.index}: ")
+    return ApiError(code, message)
+
+
+def _token_fingerprint(token: str) -> str:
+    """A short, non-reversible label for a join token, fit for logs."""
+    return hashlib.sha256(token.encode()).hexdigest()[:12]
+
+
+class EntriesService(admin_pb2_grpc.EntriesServicer):
+    """Registration entries: batch create/update/delete, get, list, count."""
+
+    def __init__(self, config: AdminApiConfig, datastore: DataStore) -> None:
+        self._td = config.trust_domain
+        self._ds = datastore
+
+    def _check_batch(self, items: Sequence[object], field: str) -> None:
+        if len(items) > MAX_BATCH:
+            raise InvalidField(field, f"too many items: {len(items)} > {MAX_BATCH}")
+
+    @handle_errors
+    async def BatchCreateEntry(
+        self, request: admin_pb2.BatchCreateEntryRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.BatchCreateEntryResponse:
+        self._check_batch(request.entries, "entries")
+        records = [
+            entry_from_proto(pb, self._td, f"entries[{i}]") for i, pb in enumerate(request.entries)
+        ]
+        if not records:
+            return admin_pb2.BatchCreateEntryResponse()
+        try:
+            created = await _call(self._ds.create_registration_entries, records)
+        except DataStoreError as err:
+            raise _batch_error(err, "entries") from None
+        for entry in created[:100]:
+            log.info(
+                "created registration entry",
+                extra={
+                    "entry_id": entry.id,
+                    "spiffe_id": entry.spiffe_id,
+                    "parent_id": entry.parent_id,
+                },
+            )
+        if len(created) > 100:
+            log.info("created registration entries", extra={"count": len(created)})
+        return admin_pb2.BatchCreateEntryResponse(entries=[entry_to_proto(e) for e in created])
+
+    @handle_errors
+    async def BatchUpdateEntry(
+        self, request: admin_pb2.BatchUpdateEntryRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.BatchUpdateEntryResponse:
+        self._check_batch(request.entries, "entries")
+        records = [
+            entry_from_proto(pb, self._td, f"entries[{i}]", require_id=True)
+            for i, pb in enumerate(request.entries)
+        ]
+        ids = [r.id for r in records]
+        for i, entry_id in enumerate(ids):
+            if entry_id in ids[:i]:
+                raise InvalidField(f"entries[{i}].id", f"entry {entry_id!r} appears twice")
+        existing = await _call(self._ds.fetch_registration_entries, ids)
+        for i, entry_id in enumerate(ids):
+            if entry_id not in existing:
+                raise ApiError(
+                    grpc.StatusCode.NOT_FOUND,
+                    f"entries[{i}].id: registration entry {entry_id!r} not found",
+                )
+        # The datastore updates one entry per transaction: a conflict found part way
+        # through (another admin racing us) leaves the earlier items updated.
+        updated = []
+        for i, record in enumerate(records):
+            try:
+                updated.append(await _call(self._ds.update_registration_entry, record))
+            except DataStoreError as err:
+                code, message = status_for(err)
+                raise ApiError(code, f"entries[{i}]: {message}") from None
+            log.info(
+                "updated registration entry",
+                extra={"entry_id": record.id, "spiffe_id": record.spiffe_id},
+            )
+        return admin_pb2.BatchUpdateEntryResponse(entries=[entry_to_proto(e) for e in updated])
+
+    @handle_errors
+    async def BatchDeleteEntry(
+        self, request: admin_pb2.BatchDeleteEntryRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.BatchDeleteEntryResponse:
+        self._check_batch(request.ids, "ids")
+        for i, entry_id in enumerate(request.ids):
+            if not entry_id:
+                raise InvalidField(f"ids[{i}]", "is empty; expected an entry id")
+        if not request.ids:
+            return admin_pb2.BatchDeleteEntryResponse()
+        try:
+            deleted = await _call(self._ds.delete_registration_entries, list(request.ids))
+        except DataStoreError as err:
+            raise _batch_error(err, "ids") from None
+        for entry in deleted[:100]:
+            log.info(
+                "deleted registration entry",
+                extra={"entry_id": entry.id, "spiffe_id": entry.spiffe_id},
+            )
+        return admin_pb2.BatchDeleteEntryResponse(entries=[entry_to_proto(e) for e in deleted])
+
+    @handle_errors
+    async def GetEntry(
+        self, request: admin_pb2.GetEntryRequest, context: grpc.aio.ServicerContext
+    ) -> types_pb2.RegistrationEntry:
+        if not request.id:
+            raise InvalidField("id", "is required")
+        entry = await _call(self._ds.fetch_registration_entry, request.id)
+        if entry is None:
+            raise ApiError(
+                grpc.StatusCode.NOT_FOUND, f"registration entry {request.id!r} not found"
+            )
+        return entry_to_proto(entry)
+
+    @handle_errors
+    async def ListEntries(
+        self, request: admin_pb2.ListEntriesRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.ListEntriesResponse:
+        f = request.filter
+        if request.page_size < 0 or request.page_size > MAX_PAGE_SIZE:
+            raise InvalidField("page_size", f"must be between 0 and {MAX_PAGE_SIZE}")
+        by_selectors = None
+        if f.by_selectors:
+            selectors = selectors_from_proto(f.by_selectors, "filter.by_selectors")
+            try:
+                match = MatchBehavior(f.selector_match or "exact")
+            except ValueError:
+                raise InvalidField(
+                    "filter.selector_match",
+                    f"{f.selector_match!r} is not one of exact, subset, superset, any",
+                ) from None
+            by_selectors = BySelectors(selectors, match)
+        elif f.selector_match:
+            raise InvalidField("filter.selector_match", "needs filter.by_selectors")
+        query = ListRegistrationEntriesRequest(
+            by_spiffe_id=f.by_spiffe_id or None,
+            by_parent_id=f.by_parent_id or None,
+            by_selectors=by_selectors,
+            by_hint=f.by_hint or None,
+            page_size=request.page_size,
+            page_token=request.page_token,
+        )
+        page = await _call(self._ds.list_registration_entries, query)
+        return admin_pb2.ListEntriesResponse(
+            entries=[entry_to_proto(e) for e in page.entries],
+            next_page_token=page.next_page_token,
+        )
+
+    @handle_errors
+    async def CountEntries(
+        self, request: admin_pb2.CountEntriesRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.CountEntriesResponse:
+        return admin_pb2.CountEntriesResponse(
+            count=await _call(self._ds.count_registration_entries)
+        )
+
+
+class AgentsService(admin_pb2_grpc.AgentsServicer):
+    """Attested agents (list, show, count, ban, evict) and join tokens."""
+
+    def __init__(self, config: AdminApiConfig, datastore: DataStore) -> None:
+        self._config = config
+        self._td = config.trust_domain
+        self._ds = datastore
+
+    def _agent_id(self, text: str) -> str:
+        return str(validate_spiffe_id(text, self._td, "spiffe_id"))
+
+    async def _node(self, spiffe_id: str) -> types_pb2.AttestedNode:
+        node = await _call(self._ds.fetch_attested_node, spiffe_id)
+        if node is None:
+            raise ApiError(grpc.StatusCode.NOT_FOUND, f"agent {spiffe_id!r} not found")
+        return node_to_proto(node)
+
+    @handle_errors
+    async def ListAgents(
+        self, request: admin_pb2.ListAgentsRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.ListAgentsResponse:
+        banned = {"": None, "true": True, "false": False}
+        if request.by_banned not in banned:
+            raise InvalidField("by_banned", f"{request.by_banned!r} is not one of '', true, false")
+        if request.page_size < 0 or request.page_size > MAX_PAGE_SIZE:
+            raise InvalidField("page_size", f"must be between 0 and {MAX_PAGE_SIZE}")
+        page = await _call(
+            self._ds.list_attested_nodes,
+            ListAttestedNodesRequest(
+                by_attestation_type=request.by_attestation_type or None,
+                by_banned=banned[request.by_banned],
+                page_size=request.page_size,
+                page_token=request.page_token,
+            ),
+        )
+        return admin_pb2.ListAgentsResponse(
+            agents=[node_to_proto(n) for n in page.nodes], next_page_token=page.next_page_token
+        )
+
+    @handle_errors
+    async def GetAgent(
+        self, request: admin_pb2.GetAgentRequest, context: grpc.aio.ServicerContext
+    ) -> types_pb2.AttestedNode:
+        return await self._node(self._agent_id(request.spiffe_id))
+
+    @handle_errors
+    async def CountAgents(
+        self, request: admin_pb2.CountAgentsRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.CountAgentsResponse:
+        return admin_pb2.CountAgentsResponse(count=await _call(self._ds.count_attested_nodes))
+
+    @handle_errors
+    async def BanAgent(
+        self, request: admin_pb2.BanAgentRequest, context: grpc.aio.ServicerContext
+    ) -> types_pb2.AttestedNode:
+        agent_id = self._agent_id(request.spiffe_id)
+        node = await _call(self._ds.fetch_attested_node, agent_id)
+        if node is None:
+            raise ApiError(grpc.StatusCode.NOT_FOUND, f"agent {agent_id!r} not found")
+        banned = await _call(self._ds.update_attested_node, replace(node, banned=True))
+        log.warning("banned agent", extra={"agent_id": agent_id})
+        return node_to_proto(banned)
+
+    @handle_errors
+    async def DeleteAgent(
+        self, request: admin_pb2.DeleteAgentRequest, context: grpc.aio.ServicerContext
+    ) -> types_pb2.AttestedNode:
+        agent_id = self._agent_id(request.spiffe_id)
+        node = await _call(self._ds.delete_attested_node, agent_id)
+        log.warning("evicted agent", extra={"agent_id": agent_id})
+        return node_to_proto(node)
+
+    @handle_errors
+    async def CreateJoinToken(
+        self, request: admin_pb2.CreateJoinTokenRequest, context: grpc.aio.ServicerContext
+    ) -> types_pb2.JoinToken:
+        if request.ttl < 0:
+            raise InvalidField(
+                "ttl", f"must not be negative, got {request.ttl} (0 means the default)"
+            )
+        ttl = request.ttl or self._config.join_token_ttl
+        alias = ""
+        if request.spiffe_id:
+            spiffe_id = validate_spiffe_id(request.spiffe_id, self._td, "spiffe_id")
+            if not spiffe_id.path or spiffe_id.path.startswith(RESERVED_PATH_PREFIX):
+                raise InvalidField(
+                    "spiffe_id",
+                    f"must have a path outside {RESERVED_PATH_PREFIX} (reserved for the server)",
+                )
+            alias = str(spiffe_id)
+        token = JoinToken(str(uuid.uuid4()), int(time.time()) + ttl, alias)
+        created = await _call(self._ds.create_join_token, token)
+        log.info(
+            "created join token",
+            extra={
+                "token_sha256": _token_fingerprint(created.token),
+                "expires_at": created.expires_at,
+                "spiffe_id": alias,
+            },
+        )
+        return join_token_to_proto(created)
+
+
+class BundlesService(admin_pb2_grpc.BundlesServicer):
+    """The trust domain's bundle and federated bundles."""
+
+    def __init__(self, config: AdminApiConfig, datastore: DataStore, bundles: BundleSource) -> None:
+        self._td = config.trust_domain
+        self._ds = datastore
+        self._bundles = bundles
+
+    def _federated_td(self, text: str) -> TrustDomain:
+        if not text:
+            raise InvalidField("trust_domain", "is required, e.g. partner.example")
+        try:
+            td = TrustDomain.parse(text)
+        except InvalidSpiffeId as err:
+            raise InvalidField("trust_domain", str(err)) from None
+        if td == self._td:
+            raise InvalidField(
+                "trust_domain",
+                f"{td} is this server's own trust domain; its bundle is managed by the CA",
+            )
+        return td
+
+    @handle_errors
+    async def GetBundle(
+        self, request: admin_pb2.GetBundleAdminRequest, context: grpc.aio.ServicerContext
+    ) -> types_pb2.Bundle:
+        return await _call(self._bundles.own)
+
+    @handle_errors
+    async def ListFederatedBundles(
+        self, request: admin_pb2.ListFederatedBundlesRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.ListFederatedBundlesResponse:
+        return admin_pb2.ListFederatedBundlesResponse(
+            bundles=await _call(self._bundles.federated, None)
+        )
+
+    @handle_errors
+    async def SetFederatedBundle(
+        self, request: admin_pb2.SetFederatedBundleRequest, context: grpc.aio.ServicerContext
+    ) -> types_pb2.Bundle:
+        td = self._federated_td(request.trust_domain)
+        fmt = request.format or "pem"
+        try:
+            if fmt == "pem":
+                x509_bundle = X509Bundle.parse_pem(td, request.data)
+                bundle = Bundle(td, x509_bundle.authorities)
+            elif fmt == "spiffe":
+                bundle = Bundle.parse(td, request.data)
+            else:
+                raise InvalidField("format", f"{fmt!r} is not one of pem, spiffe")
+        except BundleError as err:
+            raise InvalidField("data", str(err)) from None
+        if not bundle.x509_authorities and not bundle.jwt_authorities:
+            raise InvalidField("data", "the bundle has no X.509 or JWT authorities")
+        await _call(self._ds.set_bundle, td.name, bundle.marshal())
+        log.info("set federated bundle", extra={"trust_domain": td.name})
+        return bundle_to_proto(bundle)
+
+    @handle_errors
+    async def DeleteFederatedBundle(
+        self, request: admin_pb2.DeleteFederatedBundleRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.DeleteFederatedBundleResponse:
+        td = self._federated_td(request.trust_domain)
+        await _call(self._ds.delete_bundle, td.name)
+        log.info("deleted federated bundle", extra={"trust_domain": td.name})
+        return admin_pb2.DeleteFederatedBundleResponse()
+
+
+class SvidsService(admin_pb2_grpc.SvidsServicer):
+    """Mint SVIDs directly (``credo-server x509 mint`` / ``jwt mint``)."""
+
+    def __init__(self, config: AdminApiConfig, ca: CertificateAuthority) -> None:
+        self._config = config
+        self._ca = ca
+
+    def _spiffe_id(self, text: str) -> SpiffeId:
+        spiffe_id = validate_spiffe_id(text, self._config.trust_domain, "spiffe_id")
+        if not spiffe_id.path:
+            raise InvalidField("spiffe_id", "must have a path; the trust domain ID is not allowed")
+        return spiffe_id
+
+    @staticmethod
+    def _ttl(value: int, default: int) -> int:
+        if value < 0:
+            raise InvalidField("ttl", f"must not be negative, got {value} (0 means the default)")
+        return value or default
+
+    @handle_errors
+    async def MintX509SVID(
+        self, request: admin_pb2.MintX509SVIDRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.MintX509SVIDResponse:
+        spiffe_id = self._spiffe_id(request.spiffe_id)
+        ttl = self._ttl(request.ttl, self._config.x509_svid_ttl)
+        dns = [validate_dns_name(n, f"dns_names[{i}]") for i, n in enumerate(request.dns_names)]
+        public_key = parse_csr(request.csr, "csr")
+        chain = await _call(self._ca.sign_x509_svid, spiffe_id, public_key, ttl, dns)
+        log.info("minted x509-svid", extra={"spiffe_id": str(spiffe_id)})
+        return admin_pb2.MintX509SVIDResponse(svid=x509_svid_to_proto(chain))
+
+    @handle_errors
+    async def MintJWTSVID(
+        self, request: admin_pb2.MintJWTSVIDRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.MintJWTSVIDResponse:
+        spiffe_id = self._spiffe_id(request.spiffe_id)
+        if not request.audience or not all(request.audience):
+            raise InvalidField("audience", "at least one non-empty audience is required")
+        ttl = self._ttl(request.ttl, self._config.jwt_svid_ttl)
+        now = int(time.time())
+        token = await _call(self._ca.sign_jwt_svid, spiffe_id, list(request.audience), ttl)
+        log.info("minted jwt-svid", extra={"spiffe_id": str(spiffe_id)})
+        return admin_pb2.MintJWTSVIDResponse(
+            svid=types_pb2.JwtSvid(
+                spiffe_id=str(spiffe_id), token=token, issued_at=now, expires_at=jwt_expiry(token)
+            )
+        )
+
+
+def _authority_info(info: AuthorityInfo) -> admin_pb2.AuthorityInfo:
+    return admin_pb2.AuthorityInfo(
+        authority_id=info.authority_id,
+        expires_at=int(info.expires_at.timestamp()),
+        tainted=info.tainted,
+        status=info.status,
+    )
+
+
+class LocalAuthorityService(admin_pb2_grpc.LocalAuthorityServicer):
+    """Manual control of the CA's authorities, delegated to the authority manager."""
+
+    def __init__(self, manager: AuthorityManager) -> None:
+        self._manager = manager
+
+    @staticmethod
+    def _kind(request: admin_pb2.AuthorityRequest) -> AuthorityKind:
+        if request.kind not in ("x509", "jwt"):
+            raise InvalidField("kind", f"{request.kind!r} is not one of x509, jwt")
+        return cast(AuthorityKind, request.kind)
+
+    @staticmethod
+    def _id(request: admin_pb2.AuthorityRequest) -> str:
+        if not request.authority_id:
+            raise InvalidField("authority_id", "is required (see: localauthority <kind> show)")
+        return request.authority_id
+
+    @handle_errors
+    async def GetAuthorityState(
+        self, request: admin_pb2.AuthorityRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.AuthorityState:
+        state = await _call(self._manager.state, self._kind(request))
+        return admin_pb2.AuthorityState(
+            active=_authority_info(state.active) if state.active else None,
+            prepared=_authority_info(state.prepared) if state.prepared else None,
+            old=_authority_info(state.old) if state.old else None,
+        )
+
+    @handle_errors
+    async def PrepareAuthority(
+        self, request: admin_pb2.AuthorityRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.AuthorityInfo:
+        return _authority_info(await _call(self._manager.prepare, self._kind(request)))
+
+    @handle_errors
+    async def ActivateAuthority(
+        self, request: admin_pb2.AuthorityRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.AuthorityInfo:
+        kind, authority_id = self._kind(request), self._id(request)
+        return _authority_info(await _call(self._manager.activate, kind, authority_id))
+
+    @handle_errors
+    async def TaintAuthority(
+        self, request: admin_pb2.AuthorityRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.AuthorityInfo:
+        kind, authority_id = self._kind(request), self._id(request)
+        return _authority_info(await _call(self._manager.taint, kind, authority_id))
+
+    @handle_errors
+    async def RevokeAuthority(
+        self, request: admin_pb2.AuthorityRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.AuthorityInfo:
+        kind, authority_id = self._kind(request), self._id(request)
+        return _authority_info(await _call(self._manager.revoke, kind, authority_id))

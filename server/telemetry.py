@@ -1,0 +1,118 @@
+"""Prometheus metrics of the signing server; metric and label names live here only.
+
+Everything is registered on a dedicated :class:`prometheus_client.CollectorRegistry`
+(never the global one), so several servers in one process (tests) do not collide.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Final
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+__all__ = [
+    "AGENTS",
+    "CA_EXPIRY_SECONDS",
+    "ENTRIES",
+    "KIND_AGENT",
+    "KIND_JWT",
+    "KIND_X509",
+    "LABEL_KIND",
+    "LABEL_RESULT",
+    "NODE_ATTESTATIONS_TOTAL",
+    "RESULT_FAILURE",
+    "RESULT_SUCCESS",
+    "SIGNING_SECONDS",
+    "SVIDS_SIGNED_TOTAL",
+    "Metrics",
+]
+
+log = logging.getLogger(__name__)
+
+SVIDS_SIGNED_TOTAL: Final = "credo_svids_signed_total"
+SIGNING_SECONDS: Final = "credo_signing_seconds"
+ENTRIES: Final = "credo_entries"
+AGENTS: Final = "credo_agents"
+NODE_ATTESTATIONS_TOTAL: Final = "credo_node_attestations_total"
+CA_EXPIRY_SECONDS: Final = "credo_ca_expiry_seconds"
+
+LABEL_KIND: Final = "kind"
+LABEL_RESULT: Final = "result"
+
+KIND_X509: Final = "x509"
+KIND_JWT: Final = "jwt"
+KIND_AGENT: Final = "agent"
+RESULT_SUCCESS: Final = "success"
+RESULT_FAILURE: Final = "failure"
+
+# The CA's sign kinds (server.ca.ca.SIGN_*) mapped to this module's ``kind`` label.
+_SIGN_KIND_LABEL = {
+    "x509_workload": KIND_X509,
+    "x509_agent": KIND_AGENT,
+    "x509_server": KIND_X509,
+    "jwt": KIND_JWT,
+}
+
+
+class Metrics:
+    """The server's metrics on their own registry; ``serve`` exposes them over HTTP."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.svids_signed = Counter(
+            SVIDS_SIGNED_TOTAL, "SVIDs signed, by kind", [LABEL_KIND], registry=self.registry
+        )
+        self.signing_seconds = Histogram(
+            SIGNING_SECONDS,
+            "Time to build and sign one SVID",
+            [LABEL_KIND],
+            registry=self.registry,
+            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1),
+        )
+        self.entries = Gauge(ENTRIES, "Registration entries", registry=self.registry)
+        self.agents = Gauge(AGENTS, "Attested agents", registry=self.registry)
+        self.node_attestations = Counter(
+            NODE_ATTESTATIONS_TOTAL,
+            "Node attestations, by result",
+            [LABEL_RESULT],
+            registry=self.registry,
+        )
+        self.ca_expiry = Gauge(
+            CA_EXPIRY_SECONDS, "Seconds until the active X.509 CA expires", registry=self.registry
+        )
+
+    def on_sign(self, sign_kind: str, seconds: float) -> None:
+        """The CA's ``on_sign`` hook: count the SVID and record how long it took."""
+        kind = _SIGN_KIND_LABEL.get(sign_kind, sign_kind)
+        self.svids_signed.labels(kind).inc()
+        self.signing_seconds.labels(kind).observe(seconds)
+
+    def set_gauge_sources(
+        self,
+        *,
+        entries: Callable[[], float],
+        agents: Callable[[], float],
+        ca_expiry: Callable[[], float],
+    ) -> None:
+        """Compute the gauges from the given callables at scrape time."""
+        self.entries.set_function(entries)
+        self.agents.set_function(agents)
+        self.ca_expiry.set_function(ca_expiry)
+
+    def serve_http(self, address: str) -> tuple[str, Callable[[], None]]:
+        """Serve ``/metrics`` on ``host:port``; return the bound address and a stop function."""
+        host, _, port = address.rpartition(":")
+        server, thread = start_http_server(
+            int(port), addr=host or "0.0.0.0", registry=self.registry
+        )
+        bound = f"{host or '0.0.0.0'}:{server.server_port}"
+        log.info("serving metrics", extra={"address": bound})
+
+        def stop() -> None:
+            server.shutdown()
+            server.server_close()
+            thread.join(timeout=5)
+
+        return bound, stop
