@@ -1,0 +1,47 @@
+"""``credo-server jwt mint``: a JWT-SVID for any SPIFFE ID (printed: the admin asked for it)."""
+
+from __future__ import annotations
+
+import click
+
+from credo._proto.credo.server.v1 import admin_pb2
+from server.cli.client import AdminClient
+from server.cli.output import emit
+from server.cli.params import DURATION, SPIFFE_ID, admin_options
+
+__all__ = ["jwt"]
+
+
+@click.group()
+def jwt() -> None:
+    """JWT-SVIDs minted directly by the server."""
+
+
+@jwt.command()
+@admin_options
+@click.option("--spiffe-id", type=SPIFFE_ID, required=True, help="SPIFFE ID (the sub claim).")
+@click.option("--audience", "audience", multiple=True, required=True, help="Audience (repeatable).")
+@click.option("--ttl", type=DURATION, help="Lifetime, e.g. 5m [default: the server's].")
+def mint(
+    socket_path: str, output: str, spiffe_id: str, audience: tuple[str, ...], ttl: int | None
+) -> None:
+    """Mint a JWT-SVID and print it."""
+    with AdminClient(socket_path) as client:
+        reply = client.call(
+            client.svids.MintJWTSVID,
+            admin_pb2.MintJWTSVIDRequest(
+                spiffe_id=spiffe_id, audience=list(audience), ttl=ttl or 0
+            ),
+            noun="SPIFFE ID",
+        )
+    svid = reply.svid
+    emit(
+        output,
+        {
+            "spiffe_id": svid.spiffe_id,
+            "token": svid.token,
+            "expires_at": int(svid.expires_at),
+            "issued_at": int(svid.issued_at),
+        },
+        svid.token,
+    )

@@ -1,0 +1,72 @@
+"""``credo-server``: run the signing server and administer it over its admin socket.
+
+Each command group lives in its own module; this one wires them together and holds the
+one place where failures become a single ``Error: ...`` line and exit code 1.
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import Any
+
+import click
+import grpc
+
+from credo.errors import CredoError
+from server.cli.agent import agent
+from server.cli.bundle import bundle
+from server.cli.client import describe_rpc_error
+from server.cli.entry import entry
+from server.cli.errors import CliError
+from server.cli.healthcheck import healthcheck
+from server.cli.jwt import jwt
+from server.cli.localauthority import localauthority
+from server.cli.run import run
+from server.cli.token import token
+from server.cli.x509 import x509
+
+__all__ = ["cli", "main"]
+
+
+def _os_error_message(exc: OSError) -> str:
+    reason = exc.strerror or str(exc)
+    if exc.filename is not None:
+        return f"{reason}: {exc.filename}"
+    return reason
+
+
+class CredoGroup(click.Group):
+    """A click group that reports expected failures as one line, never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except grpc.RpcError as exc:
+            socket_path = str(ctx.find_root().params.get("socket_path") or "the admin socket")
+            raise CliError(describe_rpc_error(exc, socket_path)) from None
+        except CredoError as exc:
+            raise CliError(str(exc)) from None
+        except OSError as exc:
+            if exc.errno == errno.EPIPE:
+                raise
+            raise CliError(_os_error_message(exc)) from None
+        except ValueError as exc:
+            raise CliError(str(exc)) from None
+
+
+@click.group(cls=CredoGroup, context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """Credo signing server: issues SPIFFE identities to node agents and their workloads."""
+
+
+for command in (run, healthcheck, entry, token, agent, bundle, x509, jwt, localauthority):
+    cli.add_command(command)
+
+
+def main() -> None:
+    """Console-script entry point (``credo-server``)."""
+    cli(prog_name="credo-server")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""``credo-server run``: load the config (defaults, ``--config`` file, flags) and serve."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from server.cli.errors import CliError
+from server.config import KEY_TYPES, LOG_FORMATS, LOG_LEVELS, ConfigError, load_config
+
+__all__ = ["SETTING_FLAGS", "config_from_flags", "run"]
+
+# Every ServerConfig setting as (flag, click type, help); defaults live in ServerConfig.
+SETTING_FLAGS: tuple[tuple[str, Any, str], ...] = (
+    ("--trust-domain", str, "Trust domain name [default: example.org]."),
+    (
+        "--data-dir",
+        str,
+        "Directory for keys, the SQLite datastore and server.addr [default: ./.credo/server].",
+    ),
+    (
+        "--bind-address",
+        str,
+        "Agent endpoint host:port; port 0 picks a free port [default: 0.0.0.0:8081].",
+    ),
+    ("--admin-socket", str, "Admin API Unix socket [default: /tmp/credo-server/private/api.sock]."),
+    ("--datastore", str, "Datastore URL [default: SQLite in the data dir]."),
+    ("--ca-ttl", str, "CA certificate lifetime [default: 24h]."),
+    ("--x509-svid-ttl", str, "Default X.509-SVID lifetime [default: 1h]."),
+    ("--jwt-svid-ttl", str, "Default JWT-SVID lifetime [default: 5m]."),
+    ("--agent-svid-ttl", str, "Agent SVID lifetime [default: the X.509-SVID TTL]."),
+    ("--ca-key-type", click.Choice(KEY_TYPES), "CA key type [default: ec-p256]."),
+    ("--jwt-key-type", click.Choice(KEY_TYPES), "JWT signing key type [default: ec-p256]."),
+    ("--ca-subject-organization", str, "Organization (O) in the CA subject [default: Credo]."),
+    ("--upstream-ca-cert", str, "Upstream CA certificate (PEM); the CA becomes its intermediate."),
+    ("--upstream-ca-key", str, "Upstream CA private key (PEM)."),
+    ("--join-token-ttl", str, "Default join token lifetime [default: 600s]."),
+    ("--log-level", click.Choice(LOG_LEVELS), "Log level [default: info]."),
+    ("--log-format", click.Choice(LOG_FORMATS), "Log format [default: text]."),
+    ("--metrics-address", str, "Prometheus endpoint host:port [default: disabled]."),
+    (
+        "--attestation-rate-limit",
+        float,
+        "Node attestations per second per source address [default: 1].",
+    ),
+    ("--signing-rate-limit", float, "Signing calls per second per agent [default: 500]."),
+    (
+        "--rotation-check-interval",
+        float,
+        "Seconds between CA/JWT key rotation checks [default: 5].",
+    ),
+)
+
+
+def _setting_name(flag: str) -> str:
+    return flag.removeprefix("--").replace("-", "_")
+
+
+def config_from_flags(config_file: str | None, flags: dict[str, Any]) -> Any:
+    """Defaults, then ``config_file``, then every flag that was given; ConfigError -> CliError."""
+    overrides = {name: value for name, value in flags.items() if value is not None}
+    try:
+        return load_config(Path(config_file) if config_file else None, overrides)
+    except ConfigError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _setting_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    for flag, kind, help_text in reversed(SETTING_FLAGS):
+        f = click.option(flag, _setting_name(flag), type=kind, default=None, help=help_text)(f)
+    return f
+
+
+@click.command()
+@click.option(
+    "--config",
+    "config_file",
+    metavar="FILE",
+    default=None,
+    help="TOML config file; flags given on the command line override it.",
+)
+@_setting_options
+@click.pass_context
+def run(ctx: click.Context, /, config_file: str | None, **flags: Any) -> None:
+    """Run the signing server until SIGTERM or SIGINT."""
+    config = config_from_flags(config_file, flags)
+    # The server's imports are heavy (datastore, CA); only `run` pays for them.
+    server_app = importlib.import_module("server.app")
+    ctx.exit(server_app.run(config))

@@ -1,0 +1,131 @@
+"""``credo-server x509 mint``: an X.509-SVID for any SPIFFE ID, with a key made here.
+
+The private key is generated locally (ec-p256) and never leaves this process except to
+stdout or ``--write DIR`` (``key.pem`` mode 0600, written atomically).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import click
+from cryptography import x509 as cx509
+from cryptography.hazmat.primitives import hashes, serialization
+
+from credo._proto.credo.server.v1 import admin_pb2
+from credo.keys import KeyType, generate_private_key, private_key_to_pkcs8_pem
+from server.cli.client import AdminClient
+from server.cli.output import emit, render_bundle
+from server.cli.params import DURATION, SPIFFE_ID, admin_options
+
+__all__ = ["write_file_atomic", "x509"]
+
+
+def write_file_atomic(path: Path, data: bytes, mode: int) -> None:
+    """Write ``data`` to ``path`` with ``mode``: temp file, fsync, rename."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@click.group()
+def x509() -> None:
+    """X.509-SVIDs minted directly by the server."""
+
+
+@x509.command()
+@admin_options
+@click.option("--spiffe-id", type=SPIFFE_ID, required=True, help="SPIFFE ID of the SVID.")
+@click.option("--ttl", type=DURATION, help="Lifetime, e.g. 1h [default: the server's].")
+@click.option("--dns", "dns_names", multiple=True, help="DNS name SAN (repeatable).")
+@click.option(
+    "--write",
+    "write_dir",
+    metavar="DIR",
+    help="Write svid.pem, key.pem and bundle.pem to DIR instead of printing them.",
+)
+def mint(
+    socket_path: str,
+    output: str,
+    spiffe_id: str,
+    ttl: int | None,
+    dns_names: tuple[str, ...],
+    write_dir: str | None,
+) -> None:
+    """Mint an X.509-SVID (with a key generated here)."""
+    key = generate_private_key(KeyType.EC_P256)
+    csr = (
+        cx509.CertificateSigningRequestBuilder()
+        .subject_name(cx509.Name([]))
+        .add_extension(
+            cx509.SubjectAlternativeName([cx509.UniformResourceIdentifier(spiffe_id)]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    with AdminClient(socket_path) as client:
+        reply = client.call(
+            client.svids.MintX509SVID,
+            admin_pb2.MintX509SVIDRequest(
+                csr=csr.public_bytes(serialization.Encoding.DER),
+                spiffe_id=spiffe_id,
+                ttl=ttl or 0,
+                dns_names=list(dns_names),
+            ),
+            noun="SPIFFE ID",
+        )
+        trust = client.call(
+            client.bundles.GetBundle, admin_pb2.GetBundleAdminRequest(), noun="bundle"
+        )
+    svid_pem = b"".join(
+        cx509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM)
+        for der in reply.svid.cert_chain
+    ).decode("ascii")
+    key_pem = private_key_to_pkcs8_pem(key).decode("ascii")
+    bundle_pem = render_bundle(trust, "pem")
+    expires_at = int(reply.svid.expires_at)
+    if write_dir is None:
+        emit(
+            output,
+            {
+                "spiffe_id": reply.svid.spiffe_id,
+                "expires_at": expires_at,
+                "x509_svid": svid_pem,
+                "private_key": key_pem,
+                "bundle": bundle_pem,
+            },
+            f"X509-SVID:\n{svid_pem}\nPrivate key:\n{key_pem}\nRoot CAs:\n{bundle_pem}",
+        )
+        return
+    directory = Path(write_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "svid_path": directory / "svid.pem",
+        "key_path": directory / "key.pem",
+        "bundle_path": directory / "bundle.pem",
+    }
+    write_file_atomic(paths["key_path"], key_pem.encode(), 0o600)
+    write_file_atomic(paths["svid_path"], svid_pem.encode(), 0o644)
+    write_file_atomic(paths["bundle_path"], bundle_pem.encode(), 0o644)
+    emit(
+        output,
+        {"spiffe_id": reply.svid.spiffe_id, "expires_at": expires_at}
+        | {name: str(p) for name, p in paths.items()},
+        "\n".join(
+            [
+                f"X509-SVID written to {paths['svid_path']}",
+                f"Private key written to {paths['key_path']}",
+                f"Root CAs written to {paths['bundle_path']}",
+            ]
+        ),
+    )

@@ -1,0 +1,269 @@
+"""Real Credo processes for integration tests, driven the way users drive them.
+
+``start_server(tmp_path, **flags)`` runs ``credo-server run`` on a temp data dir, a
+temp admin socket and ``--bind-address 127.0.0.1:0``, waits until its gRPC health
+service says SERVING, and returns a :class:`ServerProcess`::
+
+    with start_server(tmp_path, x509_svid_ttl="10s") as server:
+        server.cli_json("entry", "count")        # runs `credo-server entry count --output json`
+        server.address                           # "127.0.0.1:<port>" from <data-dir>/server.addr
+        server.restart()                         # SIGTERM, wait, start again with the same flags
+        server.kill()                            # SIGKILL (e.g. mid-rotation), then .start()
+        server.logs                              # everything it wrote to stdout/stderr
+
+Flags are ``ServerConfig`` names (``trust_domain="x.org"`` becomes ``--trust-domain x.org``);
+a flag given as ``None`` is left out. Leaving the ``with`` block (or interpreter exit, as a
+last resort) stops the process and removes the socket directory.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+__all__ = ["ServerProcess", "credo_server_command", "run_cli", "start_server"]
+
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 15.0
+
+_RUNNING: set[ServerProcess] = set()
+
+
+def credo_server_command() -> list[str]:
+    """The installed ``credo-server`` console script (next to this Python), or ``-m``."""
+    script = Path(sys.executable).parent / "credo-server"
+    if script.exists():
+        return [str(script)]
+    found = shutil.which("credo-server")
+    if found:
+        return [found]
+    return [sys.executable, "-m", "server.cli.main"]
+
+
+def run_cli(
+    socket: Path | str,
+    *args: str,
+    output: str | None = "json",
+    stdin: str | None = None,
+    timeout: float = 60.0,
+    check: bool = False,
+) -> subprocess.CompletedProcess[str]:
+    """Run ``credo-server <args> --socket <socket> [--output json]`` as a subprocess."""
+    cmd = [*credo_server_command(), *args, "--socket", str(socket)]
+    if output is not None:
+        cmd += ["--output", output]
+    return subprocess.run(
+        cmd, input=stdin, capture_output=True, text=True, timeout=timeout, check=check
+    )
+
+
+def _flag_args(flags: dict[str, Any]) -> list[str]:
+    args: list[str] = []
+    for name, value in flags.items():
+        if value is None:
+            continue
+        args += ["--" + name.replace("_", "-"), str(value)]
+    return args
+
+
+def _health(socket: Path, timeout: float = 1.0) -> int | None:
+    """The health status on ``socket``, or None if nobody answers."""
+    with grpc.insecure_channel(f"unix:{socket}") as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=timeout
+            )
+        except grpc.RpcError:
+            return None
+    return int(reply.status)
+
+
+class ServerProcess:
+    """A ``credo-server run`` process and where to reach it."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        admin_socket: Path,
+        flags: dict[str, Any],
+        *,
+        owned_dir: Path | None = None,
+    ) -> None:
+        self.data_dir = data_dir
+        self.admin_socket = admin_socket
+        self.flags = flags
+        self.log_path = data_dir.parent / f"{data_dir.name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._address: str | None = None
+        self._owned_dir = owned_dir  # temp dir holding the socket, removed on close()
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    @property
+    def command(self) -> list[str]:
+        return [*credo_server_command(), "run", *_flag_args(self.flags)]
+
+    def start(self, timeout: float = START_TIMEOUT) -> ServerProcess:
+        """Start the process and wait until it is healthy (and has written server.addr)."""
+        if self.running:
+            raise RuntimeError("credo-server is already running")
+        self._address = None
+        (self.data_dir / "server.addr").unlink(missing_ok=True)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        with self.log_path.open("ab") as log:
+            log.write(f"--- start: {' '.join(self.command)}\n".encode())
+            log.flush()
+            self.proc = subprocess.Popen(
+                self.command, stdout=log, stderr=subprocess.STDOUT, env=env
+            )
+        _RUNNING.add(self)
+        self._wait_healthy(timeout)
+        return self
+
+    def _wait_healthy(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            assert self.proc is not None
+            code = self.proc.poll()
+            if code is not None:
+                _RUNNING.discard(self)
+                raise RuntimeError(
+                    f"credo-server exited with {code} before it was healthy; log:\n{self.logs}"
+                )
+            if (
+                self.admin_socket.exists()
+                and _health(self.admin_socket) == health_pb2.HealthCheckResponse.SERVING
+                and (not self._picks_port or (self.data_dir / "server.addr").exists())
+            ):
+                return
+            if time.monotonic() > deadline:
+                self.kill()
+                raise TimeoutError(
+                    f"credo-server was not healthy after {timeout}s; log:\n{self.logs}"
+                )
+            time.sleep(0.05)
+
+    @property
+    def _picks_port(self) -> bool:
+        return str(self.flags.get("bind_address", "")).endswith(":0")
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> int:
+        """SIGTERM and wait; SIGKILL if it does not exit in ``timeout``. Returns the exit code."""
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        _RUNNING.discard(self)
+        return int(self.proc.returncode)
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would; ``start()`` brings it back on the same data dir."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        _RUNNING.discard(self)
+
+    def restart(self, timeout: float = START_TIMEOUT) -> ServerProcess:
+        """Stop cleanly and start again with the same flags and data dir."""
+        self.stop()
+        return self.start(timeout)
+
+    def close(self) -> None:
+        """Stop the process and remove the socket's temp directory."""
+        self.stop()
+        if self._owned_dir is not None:
+            shutil.rmtree(self._owned_dir, ignore_errors=True)
+
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # --- what tests look at ----------------------------------------------------------
+
+    @property
+    def address(self) -> str:
+        """The agent endpoint ``host:port`` the server chose (from ``<data-dir>/server.addr``)."""
+        if self._address is None:
+            self._address = (self.data_dir / "server.addr").read_text().strip()
+        return self._address
+
+    @property
+    def logs(self) -> str:
+        """Everything the process (and earlier runs of it) wrote to stdout and stderr."""
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def cli(self, *args: str, output: str | None = "json", stdin: str | None = None) -> Any:
+        """Run ``credo-server <args>`` against this server; the CompletedProcess."""
+        return run_cli(self.admin_socket, *args, output=output, stdin=stdin)
+
+    def cli_json(self, *args: str, stdin: str | None = None) -> Any:
+        """Run ``credo-server <args> --output json``; fail with its stderr unless it exits 0."""
+        result = self.cli(*args, stdin=stdin)
+        if result.returncode != 0:
+            raise AssertionError(
+                f"credo-server {' '.join(args)} exited {result.returncode}: {result.stderr}"
+            )
+        return json.loads(result.stdout)
+
+
+def start_server(tmp_path: Path, **flags: Any) -> ServerProcess:
+    """Start ``credo-server run`` in ``tmp_path`` and wait until healthy (see module doc)."""
+    data_dir = Path(flags.pop("data_dir", None) or tmp_path / "server")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    owned_dir: Path | None = None
+    if flags.get("admin_socket"):
+        admin_socket = Path(flags.pop("admin_socket"))
+    else:
+        # Unix socket paths are limited to ~107 bytes; pytest's tmp_path can be longer.
+        owned_dir = Path(tempfile.mkdtemp(prefix="credo-"))
+        admin_socket = owned_dir / "private" / "api.sock"
+    all_flags = {
+        "data_dir": data_dir,
+        "admin_socket": admin_socket,
+        "bind_address": "127.0.0.1:0",
+        **flags,
+    }
+    server = ServerProcess(data_dir, admin_socket, all_flags, owned_dir=owned_dir)
+    try:
+        return server.start()
+    except BaseException:
+        server.close()
+        raise
+
+
+@atexit.register
+def _stop_leftovers() -> None:
+    for server in list(_RUNNING):
+        server.kill()
