@@ -1,0 +1,230 @@
+"""Node attestation, the stored agent SVID, renewal and bans, against a fake TLS server."""
+
+from __future__ import annotations
+
+import asyncio
+import stat
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+from agent_fake_server import FakeAgentServer
+from cryptography.hazmat.primitives import serialization
+
+from credo.keys import generate_private_key
+from credo.spiffe_id import TrustDomain
+from credo.x509svid import X509Svid
+from node_agent.attestation.errors import (
+    AgentBanned,
+    AttestationRejected,
+    NoAgentCredentials,
+    ServerUnreachable,
+)
+from node_agent.attestation.session import AgentSession, SessionConfig
+from node_agent.attestation.store import SvidStore
+
+TD = TrustDomain.parse("example.org")
+
+
+def run(scenario: Callable[[], Awaitable[None]], timeout: float = 20.0) -> None:
+    """Run an async scenario with a deadline."""
+
+    async def bounded() -> None:
+        await asyncio.wait_for(scenario(), timeout)
+
+    asyncio.run(bounded())
+
+
+def _bundle_file(server: FakeAgentServer, tmp_path: Path) -> Path:
+    path = tmp_path / "bootstrap.pem"
+    path.write_bytes(server.authorities[0].cert.public_bytes(serialization.Encoding.PEM))
+    return path
+
+
+def _session(address: str, tmp_path: Path, **settings: object) -> AgentSession:
+    config = SessionConfig(
+        server_addresses=(address,),
+        trust_domain=TD,
+        data_dir=tmp_path / "data",
+        attest_retry_timeout=0.3,
+        **settings,  # type: ignore[arg-type]
+    )
+    return AgentSession(config)
+
+
+def test_attests_with_join_token_and_stores_svid_0600(tmp_path: Path) -> None:
+    """Attesting with a join token stores the agent SVID, a 0600 key and the bundle."""
+
+    async def scenario() -> None:
+        server = FakeAgentServer()
+        server.join_tokens.add("tok-1")
+        address = await server.start(tls=True)
+        session = _session(
+            address, tmp_path, trust_bundle=_bundle_file(server, tmp_path), join_token="tok-1"
+        )
+        await session.start()
+        assert str(session.agent_id) == "spiffe://example.org/credo/agent/join_token/tok-1"
+        store = SvidStore(tmp_path / "data")
+        assert stat.S_IMODE(store.key_path.stat().st_mode) == 0o600
+        assert stat.S_IMODE(store.svid_path.stat().st_mode) == 0o600
+        stored = store.load()
+        assert stored is not None and stored.svid.spiffe_id == session.agent_id
+        assert stored.authorities == (server.authorities[0].cert,)
+        await session.close()
+        await server.stop()
+
+    run(scenario)
+
+
+def test_restart_resumes_with_stored_svid_without_token(tmp_path: Path) -> None:
+    """A second session with no join token resumes with the stored SVID and does not attest."""
+
+    async def scenario() -> None:
+        server = FakeAgentServer()
+        server.join_tokens.add("tok-2")
+        address = await server.start(tls=True)
+        bundle = _bundle_file(server, tmp_path)
+        first = _session(address, tmp_path, trust_bundle=bundle, join_token="tok-2")
+        await first.start()
+        await first.close()
+        again = _session(address, tmp_path, trust_bundle=bundle)
+        await again.start()
+        assert again.agent_id == first.agent_id
+        assert server.attest_calls == 1
+        await again.close()
+        await server.stop()
+
+    run(scenario)
+
+
+def test_no_stored_svid_and_no_token_is_a_clear_error(tmp_path: Path) -> None:
+    """Without a stored SVID or a join token, start() says exactly that."""
+
+    async def scenario() -> None:
+        session = _session("127.0.0.1:1", tmp_path)
+        with pytest.raises(NoAgentCredentials, match="no stored agent SVID and no --join-token"):
+            await session.start()
+
+    run(scenario)
+
+
+def test_refused_join_token_is_attestation_rejected(tmp_path: Path) -> None:
+    """A join token the server does not know is reported as a refused attestation."""
+
+    async def scenario() -> None:
+        server = FakeAgentServer()
+        address = await server.start(tls=True)
+        session = _session(
+            address, tmp_path, trust_bundle=_bundle_file(server, tmp_path), join_token="nope"
+        )
+        with pytest.raises(AttestationRejected, match="unknown or used"):
+            await session.start()
+        await server.stop()
+
+    run(scenario)
+
+
+def test_server_with_wrong_spiffe_id_is_not_trusted(tmp_path: Path) -> None:
+    """A server whose certificate chains to the bundle but is not credo/server is refused."""
+
+    async def scenario() -> None:
+        server = FakeAgentServer()
+        server.server_spiffe_id = "spiffe://example.org/impostor"
+        server.join_tokens.add("tok-3")
+        address = await server.start(tls=True)
+        session = _session(
+            address, tmp_path, trust_bundle=_bundle_file(server, tmp_path), join_token="tok-3"
+        )
+        with pytest.raises(ServerUnreachable, match=r"expected spiffe://example\.org/credo/server"):
+            await session.start()
+        assert server.attest_calls == 0
+        await server.stop()
+
+    run(scenario)
+
+
+def test_insecure_bootstrap_attests_without_bundle(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With insecure_bootstrap and no bundle the agent attests, warning loudly."""
+
+    async def scenario() -> None:
+        server = FakeAgentServer()
+        server.join_tokens.add("tok-4")
+        address = await server.start(tls=True)
+        session = _session(address, tmp_path, insecure_bootstrap=True, join_token="tok-4")
+        await session.start()
+        assert session.authorities == (server.authorities[0].cert,)
+        await session.close()
+        await server.stop()
+
+    run(scenario)
+    assert "INSECURE BOOTSTRAP" in caplog.text
+
+
+def test_renewal_uses_a_new_key_and_stores_it(tmp_path: Path) -> None:
+    """Renewing the agent SVID stores a new certificate for a new key."""
+
+    async def scenario() -> None:
+        server = FakeAgentServer()
+        server.join_tokens.add("tok-5")
+        address = await server.start(tls=True)
+        session = _session(
+            address, tmp_path, trust_bundle=_bundle_file(server, tmp_path), join_token="tok-5"
+        )
+        await session.start()
+        before = session.svid
+        await session.renew()
+        after = session.svid
+        assert server.renew_calls == 1
+        assert after.leaf.serial_number != before.leaf.serial_number
+        assert after.marshal_key_der() != before.marshal_key_der()
+        stored = SvidStore(tmp_path / "data").load()
+        assert stored is not None and stored.svid.leaf == after.leaf
+        start = after.leaf.not_valid_before_utc.timestamp()
+        end = after.leaf.not_valid_after_utc.timestamp()
+        assert session.renew_at() == pytest.approx(start + (end - start) / 2)
+        await session.close()
+        await server.stop()
+
+    run(scenario)
+
+
+def test_ban_deletes_stored_svid_and_raises(tmp_path: Path) -> None:
+    """When the server says the agent is banned, the stored SVID and key are deleted."""
+
+    async def scenario() -> None:
+        server = FakeAgentServer()
+        server.join_tokens.add("tok-6")
+        address = await server.start(tls=True)
+        session = _session(
+            address, tmp_path, trust_bundle=_bundle_file(server, tmp_path), join_token="tok-6"
+        )
+        await session.start()
+        server.banned = True
+        with pytest.raises(AgentBanned, match="was banned by the server; its SVID was deleted"):
+            await session.renew()
+        store = SvidStore(tmp_path / "data")
+        assert not store.svid_path.exists()
+        assert not store.key_path.exists()
+        await session.close()
+        await server.stop()
+
+    run(scenario)
+
+
+def test_store_ignores_mismatched_or_partial_files(tmp_path: Path) -> None:
+    """The store loads nothing when a file is missing or the key does not match the chain."""
+    store = SvidStore(tmp_path)
+    assert store.load() is None
+    (tmp_path / "agent_svid.pem").write_bytes(b"garbage")
+    (tmp_path / "agent_key.pem").write_bytes(
+        generate_private_key().private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    (tmp_path / "bundle.pem").write_bytes(b"")
+    assert store.load() is None
+    assert not isinstance(store.load(), X509Svid)

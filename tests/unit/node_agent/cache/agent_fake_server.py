@@ -1,0 +1,437 @@
+"""A fake signing server for node-agent unit tests: a real in-process ``grpc.aio`` Agent
+servicer that signs with credo, plus an insecure-channel client standing in for the
+agent's mTLS session.
+
+It keeps entries and an event log, pushes changes to open ``SyncEntries`` streams, signs
+CSRs with a CA of its own (no backdating, so short TTLs renew quickly), and can be told
+to ban the agent, taint or remove an authority, or fail calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+
+from credo._proto.credo.server.v1 import agent_pb2, agent_pb2_grpc, types_pb2
+from credo.jwtsvid import sign_jwt_svid
+from credo.keys import PrivateKey, generate_private_key
+from credo.spiffe_id import SpiffeId, TrustDomain
+from credo.x509svid import ca_certificate_template, x509_svid_template
+from node_agent.attestation.errors import AgentBanned
+from node_agent.attestation.session import is_banned
+
+TD = TrustDomain.parse("example.org")
+AGENT_ID = SpiffeId.parse("spiffe://example.org/credo/agent/join_token/test")
+
+
+@dataclass
+class Authority:
+    cert: x509.Certificate
+    key: PrivateKey
+    tainted: bool = False
+
+
+def make_authority(now: datetime | None = None) -> Authority:
+    """A fresh self-signed CA for the fake trust domain."""
+    now = now or datetime.now(UTC)
+    key = generate_private_key()
+    cert = ca_certificate_template(
+        TD,
+        key.public_key(),
+        not_before=now - timedelta(minutes=1),
+        not_after=now + timedelta(days=1),
+    ).sign(key, hashes.SHA256())
+    return Authority(cert, key)
+
+
+@dataclass
+class FakeState:
+    """What the fake server has seen and holds."""
+
+    entries: dict[str, types_pb2.RegistrationEntry] = field(default_factory=dict)
+    events: list[agent_pb2.SyncEntriesResponse] = field(default_factory=list)
+    batch_sizes: list[int] = field(default_factory=list)
+    resume_requests: list[int] = field(default_factory=list)
+    jwt_calls: int = 0
+
+
+class FakeAgentServer(agent_pb2_grpc.AgentServicer):
+    """The ``Agent`` service, in memory."""
+
+    def __init__(self, x509_ttl: float = 3600.0, jwt_ttl: float = 300.0) -> None:
+        self.x509_ttl = x509_ttl
+        self.jwt_ttl = jwt_ttl
+        self.authorities = [make_authority()]
+        self.jwt_key = generate_private_key()
+        self.state = FakeState()
+        self.banned = False
+        self.can_resume = True
+        self.fail_batch: grpc.StatusCode | None = None
+        self._streams: list[asyncio.Queue[agent_pb2.SyncEntriesResponse | None]] = []
+        self._ids = itertools.count(1)
+        self._event_ids = itertools.count(1)
+        self.event_id = 0
+        self.server: grpc.aio.Server | None = None
+        self.address = ""
+        self.server_spiffe_id = "spiffe://example.org/credo/server"
+        self.join_tokens: set[str] = set()
+        self.attest_calls = 0
+        self.renew_calls = 0
+
+    # --- control ------------------------------------------------------------------
+
+    async def start(self, port: int = 0, *, tls: bool = False) -> str:
+        """Serve on 127.0.0.1; with ``tls`` present :meth:`server_svid_pem` (no client auth)."""
+        self.server = grpc.aio.server()
+        agent_pb2_grpc.add_AgentServicer_to_server(self, self.server)
+        if tls:
+            key_pem, chain_pem = self.server_svid_pem()
+            credentials = grpc.ssl_server_credentials([(key_pem, chain_pem)])
+            bound = self.server.add_secure_port(f"127.0.0.1:{port}", credentials)
+        else:
+            bound = self.server.add_insecure_port(f"127.0.0.1:{port}")
+        await self.server.start()
+        self.address = f"127.0.0.1:{bound}"
+        return self.address
+
+    async def stop(self) -> None:
+        for queue in self._streams:
+            queue.put_nowait(None)
+        if self.server is not None:
+            await self.server.stop(None)
+            self.server = None
+
+    def server_svid_pem(self) -> tuple[bytes, bytes]:
+        """(key PEM, cert PEM) of the server's SVID: ``server_spiffe_id`` + DNS localhost."""
+        import ipaddress
+
+        authority = self.authorities[0]
+        key = generate_private_key()
+        now = datetime.now(UTC)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([]))
+            .issuer_name(authority.cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(minutes=1))
+            .not_valid_after(now + timedelta(hours=1))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.SubjectAlternativeName(
+                    [
+                        x509.UniformResourceIdentifier(self.server_spiffe_id),
+                        x509.DNSName("localhost"),
+                        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                    ]
+                ),
+                critical=False,
+            )
+            .sign(authority.key, hashes.SHA256())
+        )
+        key_pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        return key_pem, cert.public_bytes(serialization.Encoding.PEM)
+
+    def _sign_agent(self, spiffe_id: str, csr_der: bytes) -> types_pb2.X509Svid:
+        authority = self.signing_authority()
+        now = datetime.now(UTC)
+        csr = x509.load_der_x509_csr(csr_der)
+        cert = x509_svid_template(
+            SpiffeId.parse(spiffe_id),
+            csr.public_key(),  # type: ignore[arg-type]
+            issuer=authority.cert,
+            not_before=now,
+            not_after=now + timedelta(seconds=self.x509_ttl),
+        ).sign(authority.key, hashes.SHA256())
+        return types_pb2.X509Svid(
+            spiffe_id=spiffe_id,
+            cert_chain=[cert.public_bytes(serialization.Encoding.DER)],
+            expires_at=int(cert.not_valid_after_utc.timestamp()),
+        )
+
+    def signing_authority(self) -> Authority:
+        return next((a for a in reversed(self.authorities) if not a.tainted), self.authorities[-1])
+
+    def bundle_proto(self) -> types_pb2.Bundle:
+        return types_pb2.Bundle(
+            trust_domain=str(TD),
+            x509_authorities=[
+                types_pb2.X509Authority(
+                    asn1=a.cert.public_bytes(serialization.Encoding.DER), tainted=a.tainted
+                )
+                for a in self.authorities
+            ],
+            jwt_authorities=[
+                types_pb2.JwtAuthority(
+                    public_key=self.jwt_key.public_key().public_bytes(
+                        serialization.Encoding.DER,
+                        serialization.PublicFormat.SubjectPublicKeyInfo,
+                    ),
+                    key_id="jwt-1",
+                )
+            ],
+            sequence_number=self.event_id,
+        )
+
+    def _push(self, message: agent_pb2.SyncEntriesResponse) -> None:
+        self.state.events.append(message)
+        for queue in self._streams:
+            queue.put_nowait(message)
+
+    def create_entry(
+        self,
+        spiffe_id: str,
+        selectors: list[str],
+        *,
+        parent_id: str = str(AGENT_ID),
+        hint: str = "",
+        created_at: int | None = None,
+        push: bool = True,
+    ) -> str:
+        entry_id = f"entry-{next(self._ids):05d}"
+        sels = [
+            types_pb2.Selector(type=s.split(":", 1)[0], value=s.split(":", 1)[1]) for s in selectors
+        ]
+        entry = types_pb2.RegistrationEntry(
+            id=entry_id,
+            spiffe_id=spiffe_id,
+            parent_id=parent_id,
+            selectors=sels,
+            hint=hint,
+            created_at=created_at if created_at is not None else int(time.time()),
+        )
+        self.state.entries[entry_id] = entry
+        self.event_id = next(self._event_ids)
+        if push:
+            self._push(agent_pb2.SyncEntriesResponse(event_id=self.event_id, entries=[entry]))
+        return entry_id
+
+    def delete_entry(self, entry_id: str) -> None:
+        del self.state.entries[entry_id]
+        self.event_id = next(self._event_ids)
+        self._push(
+            agent_pb2.SyncEntriesResponse(event_id=self.event_id, deleted_entry_ids=[entry_id])
+        )
+
+    def bundle_changed(self) -> None:
+        """Push the current bundle (after tainting, adding or removing an authority)."""
+        self.event_id = next(self._event_ids)
+        self._push(
+            agent_pb2.SyncEntriesResponse(event_id=self.event_id, bundle=self.bundle_proto())
+        )
+
+    def drop_streams(self) -> None:
+        """End every open sync stream (as a server restart would)."""
+        for queue in self._streams:
+            queue.put_nowait(None)
+
+    # --- Agent service ----------------------------------------------------------------
+
+    async def _check_ban(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        if self.banned:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "agent is banned")
+
+    async def AttestAgent(self, request: Any, context: Any) -> Any:
+        self.attest_calls += 1
+        token = request.attestation_data.payload.decode()
+        if request.attestation_data.type != "join_token" or token not in self.join_tokens:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "join token is unknown or used")
+        self.join_tokens.discard(token)
+        svid = self._sign_agent(f"spiffe://example.org/credo/agent/join_token/{token}", request.csr)
+        return agent_pb2.AttestAgentResponse(svid=svid, bundle=self.bundle_proto())
+
+    async def RenewAgent(self, request: Any, context: Any) -> Any:
+        await self._check_ban(context)
+        self.renew_calls += 1
+        return agent_pb2.RenewAgentResponse(svid=self._sign_agent(str(AGENT_ID), request.csr))
+
+    async def SyncEntries(self, request: Any, context: Any) -> Any:
+        await self._check_ban(context)
+        self.state.resume_requests.append(request.resume_after_event_id)
+        queue: asyncio.Queue[agent_pb2.SyncEntriesResponse | None] = asyncio.Queue()
+        self._streams.append(queue)
+        try:
+            after = request.resume_after_event_id
+            if after and self.can_resume:
+                for event in self.state.events:
+                    if event.event_id > after:
+                        yield event
+            else:
+                yield agent_pb2.SyncEntriesResponse(
+                    event_id=self.event_id,
+                    full=True,
+                    entries=list(self.state.entries.values()),
+                    bundle=self.bundle_proto(),
+                )
+            while True:
+                message = await queue.get()
+                if message is None:
+                    return
+                yield message
+        finally:
+            self._streams.remove(queue)
+
+    async def BatchNewX509SVID(self, request: Any, context: Any) -> Any:
+        await self._check_ban(context)
+        if self.fail_batch is not None:
+            await context.abort(self.fail_batch, "injected failure")
+        self.state.batch_sizes.append(len(request.params))
+        authority = self.signing_authority()
+        now = datetime.now(UTC)
+        results = []
+        for param in request.params:
+            entry = self.state.entries.get(param.entry_id)
+            if entry is None:
+                results.append(
+                    agent_pb2.BatchNewX509SVIDResponse.Result(
+                        entry_id=param.entry_id,
+                        status=types_pb2.Status(
+                            code=grpc.StatusCode.NOT_FOUND.value[0], message="no such entry"
+                        ),
+                    )
+                )
+                continue
+            csr = x509.load_der_x509_csr(param.csr)
+            cert = x509_svid_template(
+                SpiffeId.parse(entry.spiffe_id),
+                csr.public_key(),  # type: ignore[arg-type]
+                issuer=authority.cert,
+                not_before=now,
+                not_after=now + timedelta(seconds=self.x509_ttl),
+            ).sign(authority.key, hashes.SHA256())
+            results.append(
+                agent_pb2.BatchNewX509SVIDResponse.Result(
+                    entry_id=param.entry_id,
+                    status=types_pb2.Status(code=0),
+                    svid=types_pb2.X509Svid(
+                        spiffe_id=entry.spiffe_id,
+                        cert_chain=[cert.public_bytes(serialization.Encoding.DER)],
+                        expires_at=int(cert.not_valid_after_utc.timestamp()),
+                    ),
+                )
+            )
+        return agent_pb2.BatchNewX509SVIDResponse(results=results)
+
+    async def NewJWTSVID(self, request: Any, context: Any) -> Any:
+        await self._check_ban(context)
+        self.state.jwt_calls += 1
+        entry = self.state.entries[request.entry_id]
+        now = datetime.now(UTC)
+        expires = now + timedelta(seconds=self.jwt_ttl)
+        token = sign_jwt_svid(
+            SpiffeId.parse(entry.spiffe_id),
+            list(request.audience),
+            key=self.jwt_key,
+            key_id="jwt-1",
+            expires_at=expires,
+            now=now,
+        )
+        return agent_pb2.NewJWTSVIDResponse(
+            svid=types_pb2.JwtSvid(
+                spiffe_id=entry.spiffe_id,
+                token=token,
+                expires_at=int(expires.timestamp()),
+                issued_at=int(now.timestamp()),
+            )
+        )
+
+
+class InsecureClient:
+    """The agent's session, over plaintext channels to the fake server(s)."""
+
+    def __init__(self, *addresses: str) -> None:
+        self.addresses = list(addresses)
+        self.index = 0
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self.authorities: tuple[x509.Certificate, ...] = ()
+        self._changed = asyncio.Event()
+        self.failovers = 0
+
+    @property
+    def agent_id(self) -> SpiffeId:
+        return AGENT_ID
+
+    @property
+    def address(self) -> str:
+        return self.addresses[self.index % len(self.addresses)]
+
+    async def stub(self) -> Any:
+        address = self.address
+        if address not in self._channels:
+            self._channels[address] = grpc.aio.insecure_channel(address)
+        return agent_pb2_grpc.AgentStub(self._channels[address])
+
+    def failover(self) -> str:
+        self.failovers += 1
+        self.index += 1
+        return self.address
+
+    def raise_if_banned(self, err: BaseException) -> None:
+        if is_banned(err):
+            raise AgentBanned(str(AGENT_ID))
+
+    def set_authorities(self, authorities: tuple[x509.Certificate, ...]) -> None:
+        self.authorities = authorities
+
+    def credentials_changed(self) -> asyncio.Event:
+        return self._changed
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close(None)
+
+
+class RunningAgent:
+    """A cache manager fed by a real syncer, both running against a fake server."""
+
+    def __init__(
+        self, server: FakeAgentServer, client: InsecureClient, **cache_settings: Any
+    ) -> None:
+        from node_agent.cache.manager import CacheConfig, CacheManager
+        from node_agent.sync.syncer import EntrySyncer, SyncerConfig
+
+        self.server = server
+        self.client = client
+        self.cache = CacheManager(CacheConfig(trust_domain=TD, **cache_settings), client)
+        self.syncer = EntrySyncer(
+            client, self.cache, SyncerConfig(backoff_min=0.05, backoff_max=0.5)
+        )
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def __aenter__(self) -> RunningAgent:
+        self._tasks = [
+            asyncio.create_task(self.syncer.run()),
+            asyncio.create_task(self.cache.run()),
+        ]
+        await asyncio.wait_for(self.syncer.synced.wait(), 5)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await self.client.close()
+
+
+async def wait_until(predicate: Any, timeout: float = 5.0, interval: float = 0.02) -> None:
+    """Poll ``predicate`` until it is true; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(interval)
