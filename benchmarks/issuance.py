@@ -1,0 +1,182 @@
+"""Benchmark: X.509-SVIDs signed per second through the agent endpoint of a running server,
+against credo's raw build+sign rate in the same run.
+
+Run: ``./scripts/bench issuance [--json] [--batches N] [--concurrency N]``.
+
+* ``svids_per_s`` — a real ``credo-server run`` (SQLite, 127.0.0.1); this process attests as
+  an agent with a join token (``AttestAgent`` over TLS), creates 500 entries parented to
+  that agent, then calls ``BatchNewX509SVID`` over mTLS with its agent SVID, 500 (entry,
+  CSR) pairs a call, ``--batches`` calls (40) from ``--concurrency`` (1) callers back to
+  back. Each result's status is checked. The CSRs (a client-side signature each) are built
+  before the clock starts; what is timed is the round trip: TLS, gRPC, CSR parse and
+  signature check, authorization, template, signature, response.
+* ``build_sign_per_s`` — :func:`credo.x509svid.sign_x509_svid` with a P-256 CA in this
+  process (as ``svid_sign`` measures it). With one caller, each timed call is followed by 500
+  such signatures timed here, so both rates see the same machine load; with
+  ``--concurrency`` > 1, ``--raw-seconds`` before and after the calls.
+* ``ratio`` — ``svids_per_s / build_sign_per_s``; the target is >= 0.5.
+
+The client runs on the same machine as the server (2 cores here), so it takes some of the
+CPU the server could use; the client's share is small (decode 500 certificates per call).
+
+With ``--json`` the last line is one JSON object: ``{"name": "issuance", "metrics": {...}}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+
+from _common import (
+    TRUST_DOMAIN,
+    Workspace,
+    attest,
+    create_entries,
+    entry_proto,
+    log,
+    make_csr,
+    report,
+)
+from cryptography.hazmat.primitives import hashes
+
+from credo import SpiffeId, TrustDomain, ca_certificate_template, generate_private_key
+from credo._proto.credo.server.v1 import agent_pb2, agent_pb2_grpc
+from credo.x509svid import sign_x509_svid
+
+BATCH = 500
+TARGETS = [("ratio", ">=", 0.5)]
+
+
+class BuildSign:
+    """credo's raw build+sign of leaf X509-SVIDs with a P-256 CA, timed in bursts."""
+
+    def __init__(self) -> None:
+        now = datetime.now(UTC)
+        self.ca_key = generate_private_key()
+        self.ca_cert = ca_certificate_template(
+            TrustDomain(TRUST_DOMAIN), self.ca_key.public_key(), not_before=now,
+            not_after=now + timedelta(days=1),
+        ).sign(self.ca_key, hashes.SHA256())  # fmt: skip
+        self.spiffe_id = SpiffeId.parse(f"spiffe://{TRUST_DOMAIN}/bench/workload")
+        self.public_key = generate_private_key().public_key()
+        self.count = 0
+        self.spent = 0.0
+        self.burst(50)
+        self.count, self.spent = 0, 0.0
+
+    def burst(self, n: int) -> None:
+        ttl = timedelta(hours=1)
+        started = time.perf_counter()
+        for _ in range(n):
+            sign_x509_svid(
+                self.spiffe_id, self.public_key, ca_cert=self.ca_cert, ca_key=self.ca_key, ttl=ttl
+            )
+        self.spent += time.perf_counter() - started
+        self.count += n
+
+    def seconds(self, seconds: float) -> None:
+        deadline = time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            self.burst(100)
+
+    @property
+    def rate(self) -> float:
+        return self.count / self.spent
+
+
+def run(batches: int, concurrency: int, raw_seconds: float) -> dict[str, float]:
+    raw = BuildSign()
+    if concurrency > 1:
+        raw.seconds(raw_seconds)
+    with Workspace() as ws:
+        server = ws.start_server(signing_rate_limit=10_000)
+        agent = attest(server)
+        log(f"attested as {agent.agent_id}")
+        with server.admin_channel() as admin:
+            entry_ids = create_entries(
+                admin,
+                [
+                    entry_proto(f"spiffe://{TRUST_DOMAIN}/bench/svid-{i}", agent.agent_id,
+                                [f"unix:uid:{i}"])
+                    for i in range(BATCH)
+                ],
+            )  # fmt: skip
+        log(f"building {BATCH} CSRs (not timed)")
+        request = agent_pb2.BatchNewX509SVIDRequest(
+            params=[agent_pb2.NewX509SVIDParams(entry_id=e, csr=make_csr()) for e in entry_ids]
+        )
+        channel = agent.channel()
+        try:
+            stub = agent_pb2_grpc.AgentStub(channel)
+            errors: list[BaseException] = []
+
+            def call(n: int) -> None:
+                try:
+                    for _ in range(n):
+                        response = stub.BatchNewX509SVID(request, timeout=120)
+                        bad = [r for r in response.results if r.status.code != 0]
+                        if bad or len(response.results) != BATCH:
+                            raise RuntimeError(
+                                f"{len(bad)} refused of {len(response.results)}: "
+                                f"{bad[0].status.message if bad else 'missing results'}"
+                            )
+                except BaseException as err:  # reported by the main thread
+                    errors.append(err)
+
+            call(1)  # warm up: connection, entry cache catch-up
+            if errors:
+                raise errors[0]
+            log(f"timing {batches} calls of {BATCH} CSRs, {concurrency} caller(s)")
+            shares = [batches // concurrency + (i < batches % concurrency)
+                      for i in range(concurrency)]  # fmt: skip
+            if concurrency == 1:
+                # alternate: one call, then 500 raw build+signs here, so both see the same load
+                elapsed = 0.0
+                for _ in range(batches):
+                    started = time.perf_counter()
+                    call(1)
+                    elapsed += time.perf_counter() - started
+                    if errors:
+                        break
+                    raw.burst(BATCH)
+            else:
+                threads = [threading.Thread(target=call, args=(n,)) for n in shares]
+                started = time.perf_counter()
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+                elapsed = time.perf_counter() - started
+            if errors:
+                raise errors[0]
+        finally:
+            channel.close()
+    if concurrency > 1:
+        raw.seconds(raw_seconds)
+    svids_per_s = batches * BATCH / elapsed
+    return {
+        "svids_per_s": round(svids_per_s, 1),
+        "build_sign_per_s": round(raw.rate, 1),
+        "ratio": round(svids_per_s / raw.rate, 3),
+        "batch_s": round(elapsed / batches * concurrency, 3),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print one JSON object last")
+    parser.add_argument("--batches", type=int, default=40, help="timed calls of 500 CSRs")
+    parser.add_argument("--concurrency", type=int, default=1, help="callers at once")
+    parser.add_argument("--raw-seconds", type=float, default=3.0, help="build+sign timing, each")
+    args = parser.parse_args()
+    if args.batches < 1 or not 1 <= args.concurrency <= args.batches:
+        sys.exit("issuance: need --batches >= 1 and 1 <= --concurrency <= --batches")
+    metrics = run(args.batches, args.concurrency, args.raw_seconds)
+    report("issuance", metrics, TARGETS, as_json=args.json)
+
+
+if __name__ == "__main__":
+    main()
