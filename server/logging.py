@@ -105,5 +105,8 @@ def setup_logging(level: str = "info", fmt: str = "text", stream: TextIO | None 
     root.addHandler(handler)
     root.setLevel(_LEVELS[level])
     # Third-party chatter stays at warning unless we are debugging.
-    for name in ("sqlalchemy", "grpc", "asyncio"):
+    for name in ("grpc", "asyncio"):
         logging.getLogger(name).setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
+    # SQLAlchemy's engine log prints statement parameters and result rows (join tokens,
+    # agent IDs holding them): keep it at warning even at debug level.
+    logging.getLogger("sqlalchemy").setLevel(logging.WARNING)

@@ -42,7 +42,7 @@ from server.api.convert import (
 from server.api.errors import ApiError, handle_errors, status_for
 from server.ca.ca import CertificateAuthority
 from server.ca.manager import AuthorityInfo, AuthorityManager
-from server.datastore.errors import DataStoreError
+from server.datastore.errors import DataStoreError, NotFound
 from server.datastore.models import (
     AuthorityKind,
     BySelectors,
@@ -83,11 +83,15 @@ async def _call(fn: Callable[..., _T], *args: object) -> _T:
     return await asyncio.to_thread(fn, *args)
 
 
-def _batch_error(err: DataStoreError, field: str) -> ApiError:
-    """Re-word a datastore batch error so it names the request field (``entries[2]``)."""
+def _batch_error(err: DataStoreError, field: str, member: str = "") -> ApiError:
+    """Re-word a datastore batch error so it names the request field (``entries[2]``).
+
+    ``member`` names a part of the item (``".id"`` gives ``entries[2].id``).
+    """
     code, message = status_for(err)
     if err.index is not None:
-        message = f"{field}[{err.index}]: " + message.removeprefix(f"item {err.index}: ")
+        prefix = f"{field}[{err.index}]{member}: "
+        message = prefix + message.removeprefix(f"item {err.index}: ")
     return ApiError(code, message)
 
 
@@ -143,30 +147,26 @@ class EntriesService(admin_pb2_grpc.EntriesServicer):
             entry_from_proto(pb, self._td, f"entries[{i}]", require_id=True)
             for i, pb in enumerate(request.entries)
         ]
-        ids = [r.id for r in records]
-        for i, entry_id in enumerate(ids):
-            if entry_id in ids[:i]:
-                raise InvalidField(f"entries[{i}].id", f"entry {entry_id!r} appears twice")
-        existing = await _call(self._ds.fetch_registration_entries, ids)
-        for i, entry_id in enumerate(ids):
-            if entry_id not in existing:
-                raise ApiError(
-                    grpc.StatusCode.NOT_FOUND,
-                    f"entries[{i}].id: registration entry {entry_id!r} not found",
-                )
-        # The datastore updates one entry per transaction: a conflict found part way
-        # through (another admin racing us) leaves the earlier items updated.
-        updated = []
+        seen: set[str] = set()
         for i, record in enumerate(records):
-            try:
-                updated.append(await _call(self._ds.update_registration_entry, record))
-            except DataStoreError as err:
-                code, message = status_for(err)
-                raise ApiError(code, f"entries[{i}]: {message}") from None
+            if record.id in seen:
+                raise InvalidField(f"entries[{i}].id", f"entry {record.id!r} appears twice")
+            seen.add(record.id)
+        if not records:
+            return admin_pb2.BatchUpdateEntryResponse()
+        # One transaction: an unknown id or a conflict on any item changes nothing.
+        try:
+            updated = await _call(self._ds.update_registration_entries, records)
+        except DataStoreError as err:
+            # An unknown id is the fault of the item's id field: ``entries[1].id: ...``.
+            raise _batch_error(err, "entries", ".id" if isinstance(err, NotFound) else "") from None
+        for entry in updated[:100]:
             log.info(
                 "updated registration entry",
-                extra={"entry_id": record.id, "spiffe_id": record.spiffe_id},
+                extra={"entry_id": entry.id, "spiffe_id": entry.spiffe_id},
             )
+        if len(updated) > 100:
+            log.info("updated registration entries", extra={"count": len(updated)})
         return admin_pb2.BatchUpdateEntryResponse(entries=[entry_to_proto(e) for e in updated])
 
     @handle_errors

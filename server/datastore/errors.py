@@ -13,8 +13,9 @@
                                      the URL names a database Credo cannot use
 
 Every error may carry ``index``: in a batch call (``create_registration_entries``,
-``delete_registration_entries``) it is the position of the item that failed; ``None``
-otherwise. The API layer maps these to gRPC status codes; nothing here knows about gRPC.
+``update_registration_entries``, ``delete_registration_entries``) it is the position
+of the item that failed; ``None`` otherwise. The API layer maps these to gRPC status
+codes; nothing here knows about gRPC.
 """
 
 from __future__ import annotations

@@ -230,13 +230,18 @@ class SqlDataStore:
             memory = parsed.database in (None, "", ":memory:")
             engine = create_engine(
                 parsed,
+                hide_parameters=True,  # parameters (join tokens) never reach logs or errors
                 connect_args={"check_same_thread": False, "timeout": busy_timeout_ms / 1000},
                 **({"poolclass": StaticPool} if memory else {"pool_size": pool_size}),
             )
             _configure_sqlite(engine, busy_timeout_ms)
         else:
             engine = create_engine(
-                parsed, pool_size=pool_size, max_overflow=2 * pool_size, pool_pre_ping=True
+                parsed,
+                pool_size=pool_size,
+                max_overflow=2 * pool_size,
+                pool_pre_ping=True,
+                hide_parameters=True,  # parameters (join tokens) never reach logs or errors
             )
         store = cls(engine, clock=clock)
         try:
@@ -372,33 +377,89 @@ class SqlDataStore:
         Raises :class:`NotFound` if there is no such entry and :class:`AlreadyExists`
         if the change would duplicate another entry.
         """
-        _validate_entry(entry)
-        key = _unique_key(entry)
-        try:
-            with self._transaction(write=True) as tx:
-                row = tx.conn.execute(
-                    update(entries)
-                    .where(entries.c.entry_id == entry.id)
-                    .values(
-                        revision_number=entries.c.revision_number + 1,
-                        **_entry_values(entry, key, include_id=False),
-                    )
-                    .returning(entries.c.revision_number, entries.c.created_at)
-                ).first()
-                if row is None:
-                    raise NotFound(f"registration entry {entry.id!r} not found")
-                stored = replace(entry, revision_number=row[0], created_at=row[1])
-                for table in (entry_selectors, entry_dns_names, entry_federates_with):
-                    tx.conn.execute(delete(table).where(table.c.entry_id == entry.id))
-                self._insert_entry_children(tx.conn, [stored])
-                self._emit(tx, [(EventKind.ENTRY_UPDATED, entry.id)])
-        except IntegrityError as exc:
-            if _violates(exc, "unique_key"):
+        return self._update_entries([entry], batch=False)[0]
+
+    def update_registration_entries(
+        self, entries_: Sequence[RegistrationEntry]
+    ) -> list[RegistrationEntry]:
+        """Update many entries in one transaction: all of them, or none.
+
+        Each entry's revision number goes up by one and one ``ENTRY_UPDATED`` event is
+        written per entry; listeners hear of them only after the commit. The raised
+        error's ``index`` is the position of the first item that failed: an id given
+        twice is :class:`InvalidRequest`, an unknown id :class:`NotFound`, an update that
+        would duplicate another entry (or another item) :class:`AlreadyExists`.
+        Items are applied in order, so an item may not take the SPIFFE ID, parent ID
+        and selector set that a later item moves away from.
+        """
+        return self._update_entries(entries_, batch=True)
+
+    def _update_entries(
+        self, entries_: Sequence[RegistrationEntry], *, batch: bool
+    ) -> list[RegistrationEntry]:
+        def index(i: int) -> int | None:
+            return i if batch else None
+
+        keys: list[str] = []
+        for i, entry in enumerate(entries_):
+            try:
+                _validate_entry(entry)
+            except InvalidRequest as exc:
+                raise InvalidRequest(str(exc), index=index(i)) from exc
+            keys.append(_unique_key(entry))
+        if not keys:
+            return []
+        seen_ids: dict[str, int] = {}
+        seen_keys: dict[str, int] = {}
+        for i, (entry, key) in enumerate(zip(entries_, keys, strict=True)):
+            if entry.id in seen_ids:
+                raise InvalidRequest(f"registration entry {entry.id!r} appears twice", index=i)
+            if key in seen_keys:
                 raise AlreadyExists(
-                    f"registration entry for {entry.spiffe_id!r} under {entry.parent_id!r} "
-                    "with the same selectors already exists"
-                ) from exc
-            raise
+                    f"registration entry for {entry.spiffe_id!r} duplicates item {seen_keys[key]}",
+                    index=i,
+                )
+            seen_ids[entry.id] = i
+            seen_keys[key] = i
+        stored: list[RegistrationEntry] = []
+        with self._transaction(write=True) as tx:
+            if self._is_pg and len(entries_) > 1:
+                # Lock the rows in id order so overlapping batches cannot deadlock.
+                for chunk in _chunks(sorted(seen_ids)):
+                    tx.conn.execute(
+                        select(entries.c.entry_id)
+                        .where(entries.c.entry_id.in_(chunk))
+                        .order_by(entries.c.entry_id)
+                        .with_for_update()
+                    )
+            for i, (entry, key) in enumerate(zip(entries_, keys, strict=True)):
+                try:
+                    row = tx.conn.execute(
+                        update(entries)
+                        .where(entries.c.entry_id == entry.id)
+                        .values(
+                            revision_number=entries.c.revision_number + 1,
+                            **_entry_values(entry, key, include_id=False),
+                        )
+                        .returning(entries.c.revision_number, entries.c.created_at)
+                    ).first()
+                except IntegrityError as exc:
+                    # Raised inside the transaction: it rolls back every earlier item.
+                    if _violates(exc, "unique_key"):
+                        raise AlreadyExists(
+                            f"registration entry for {entry.spiffe_id!r} under "
+                            f"{entry.parent_id!r} with the same selectors already exists",
+                            index=index(i),
+                        ) from exc
+                    raise
+                if row is None:
+                    raise NotFound(f"registration entry {entry.id!r} not found", index=index(i))
+                stored.append(replace(entry, revision_number=row[0], created_at=row[1]))
+            for chunk in _chunks([e.id for e in stored]):
+                for table in (entry_selectors, entry_dns_names, entry_federates_with):
+                    tx.conn.execute(delete(table).where(table.c.entry_id.in_(chunk)))
+            self._insert_entry_children(tx.conn, stored)
+            self._emit(tx, [(EventKind.ENTRY_UPDATED, e.id) for e in stored])
         return stored
 
     def delete_registration_entry(self, entry_id: str) -> RegistrationEntry:

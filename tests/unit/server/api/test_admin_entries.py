@@ -160,3 +160,30 @@ def test_list_filters_and_pages(server: InProcessServer) -> None:
             )
         )
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_update_with_conflicting_second_item_changes_nothing(server: InProcessServer) -> None:
+    """BatchUpdate with a second item duplicating an entry is ALREADY_EXISTS; nothing changes."""
+    s = stub(server)
+    first, second, _ = s.BatchCreateEntry(
+        admin_pb2.BatchCreateEntryRequest(
+            entries=[
+                entry("spiffe://example.org/a"),
+                entry("spiffe://example.org/b"),
+                entry("spiffe://example.org/c"),
+            ]
+        )
+    ).entries
+    with pytest.raises(grpc.RpcError) as err:
+        s.BatchUpdateEntry(
+            admin_pb2.BatchUpdateEntryRequest(
+                entries=[
+                    entry("spiffe://example.org/a", id=first.id, x509_svid_ttl=120),
+                    entry("spiffe://example.org/c", id=second.id),
+                ]
+            )
+        )
+    assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert err.value.details().startswith("entries[1]: ")
+    assert s.GetEntry(admin_pb2.GetEntryRequest(id=first.id)) == first
+    assert s.GetEntry(admin_pb2.GetEntryRequest(id=second.id)) == second
