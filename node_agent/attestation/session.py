@@ -197,6 +197,7 @@ class AgentSession:
         self.store = store or SvidStore(config.data_dir)
         self._clock = clock
         self._svid: X509Svid | None = None
+        self._svid_received_at: float | None = None  # when the current SVID came from a server
         self._authorities: tuple[x509.Certificate, ...] = ()
         self._index = 0
         self._channels: dict[str, grpc.aio.Channel] = {}
@@ -387,6 +388,8 @@ class AgentSession:
 
     def _install(self, svid: X509Svid, authorities: tuple[x509.Certificate, ...]) -> None:
         """Use ``svid`` and ``authorities`` from now on; old channels retire after a grace."""
+        if svid is not self._svid:
+            self._svid_received_at = self._clock()
         self._svid = svid
         self._authorities = authorities
         for channel in self._channels.values():
@@ -472,6 +475,10 @@ class AgentSession:
         leaf = self.svid.leaf
         start = leaf.not_valid_before_utc.timestamp()
         end = leaf.not_valid_after_utc.timestamp()
+        if self._svid_received_at is not None:
+            # The server backdates NotBefore; with a short TTL half of NotAfter-NotBefore can
+            # fall before the SVID arrived (a renewal loop), so count from its arrival.
+            start = max(start, min(self._svid_received_at, end))
         return start + (end - start) / 2
 
     async def renew(self) -> None:

@@ -658,8 +658,11 @@ class CacheManager:
                 "server returned an unusable X509-SVID", extra=kv(entry_id=entry.id, error=str(exc))
             )
             return None
-        start = chain[0].not_valid_before_utc.timestamp()
         end = chain[0].not_valid_after_utc.timestamp()
+        # Count the lifetime from when the SVID arrived, not from NotBefore: the server
+        # backdates NotBefore (clock skew), and with a short TTL half of NotAfter-NotBefore
+        # falls before the SVID even arrived -- an endless re-signing loop.
+        start = max(chain[0].not_valid_before_utc.timestamp(), min(now, end))
         jitter = self.config.renew_jitter
         renew_at = start + (end - start) * 0.5 * random.uniform(1 - jitter, 1 + jitter)
         bundles = self._bundles
