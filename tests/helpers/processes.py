@@ -14,6 +14,17 @@ service says SERVING, and returns a :class:`ServerProcess`::
 Flags are ``ServerConfig`` names (``trust_domain="x.org"`` becomes ``--trust-domain x.org``);
 a flag given as ``None`` is left out. Leaving the ``with`` block (or interpreter exit, as a
 last resort) stops the process and removes the socket directory.
+
+``start_agent(server, root)`` runs ``credo-agent run`` joined to that server with a fresh
+join token (``root`` is a short directory, e.g. from ``short_temp_dir()``; Unix socket paths
+are limited to ~107 bytes), waits until its healthcheck passes, and returns an
+:class:`AgentProcess`::
+
+    with start_agent(server, root) as agent:
+        create_entry(server, agent.spiffe_id, "spiffe://example.org/web")   # unix:uid:<me>
+        wait_for(lambda: agent.fetch_ids(), 20, "the SVID")
+        agent.endpoint                           # "unix:///.../public/api.sock"
+        agent.stop(); agent.token = None; agent.start()   # resumes with the stored SVID
 """
 
 from __future__ import annotations
@@ -23,10 +34,12 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -34,7 +47,22 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-__all__ = ["ServerProcess", "credo_server_command", "run_cli", "start_server"]
+__all__ = [
+    "AgentProcess",
+    "ServerProcess",
+    "agent_id",
+    "create_entry",
+    "credo_agent_command",
+    "credo_server_command",
+    "free_port",
+    "join_token",
+    "run_cli",
+    "short_temp_dir",
+    "start_agent",
+    "start_server",
+    "wait_for",
+    "write_server_bundle",
+]
 
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0
@@ -263,7 +291,278 @@ def start_server(tmp_path: Path, **flags: Any) -> ServerProcess:
         raise
 
 
+# --- the agent ------------------------------------------------------------------------
+
+DEFAULT_TRUST_DOMAIN = "example.org"
+AGENT_START_TIMEOUT = 30.0
+
+_RUNNING_AGENTS: set[AgentProcess] = set()
+
+
+def credo_agent_command() -> list[str]:
+    """The installed ``credo-agent`` console script (next to this Python), or ``-m``."""
+    script = Path(sys.executable).parent / "credo-agent"
+    if script.exists():
+        return [str(script)]
+    found = shutil.which("credo-agent")
+    if found:
+        return [found]
+    return [sys.executable, "-m", "node_agent.cli.main"]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for a server that must keep it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def short_temp_dir(prefix: str = "credo-a-", mode: int = 0o700) -> Path:
+    """A fresh directory directly under /tmp (short enough for Unix socket paths).
+
+    ``mode=0o755`` lets other users (e.g. a workload dropped to ``nobody``) reach the
+    agent's public socket inside it. The caller removes it.
+    """
+    root = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    os.chmod(root, mode)
+    return root
+
+
+def join_token(server: ServerProcess) -> str:
+    """A fresh join token from ``credo-server token generate``."""
+    return str(server.cli_json("token", "generate")["token"])
+
+
+def agent_id(token: str, trust_domain: str = DEFAULT_TRUST_DOMAIN) -> str:
+    """The SPIFFE ID an agent gets by joining with ``token``."""
+    return f"spiffe://{trust_domain}/credo/agent/join_token/{token}"
+
+
+def write_server_bundle(server: ServerProcess, path: Path) -> Path:
+    """Write ``credo-server bundle show --format pem`` to ``path`` (a bootstrap bundle)."""
+    result = server.cli("bundle", "show", "--format", "pem", output=None)
+    if result.returncode != 0:
+        raise AssertionError(f"bundle show exited {result.returncode}: {result.stderr}")
+    path.write_text(result.stdout)
+    return path
+
+
+def create_entry(
+    server: ServerProcess, parent: str, spiffe_id: str, *selectors: str, extra: Sequence[str] = ()
+) -> str:
+    """``credo-server entry create``; selectors default to ``unix:uid:<this uid>``; the id."""
+    args = ["entry", "create", "--parent-id", parent, "--spiffe-id", spiffe_id, *extra]
+    for selector in selectors or (f"unix:uid:{os.getuid()}",):
+        args += ["--selector", selector]
+    out = server.cli_json(*args)
+    entry = out["entries"][0] if "entries" in out else out.get("entry", out)
+    return str(entry["id"])
+
+
+class AgentProcess:
+    """A ``credo-agent run`` process on short temp paths under ``root``."""
+
+    def __init__(
+        self,
+        root: Path,
+        server_address: str,
+        bundle: Path,
+        token: str | None,
+        *,
+        trust_domain: str = DEFAULT_TRUST_DOMAIN,
+        flags: dict[str, Any] | None = None,
+    ) -> None:
+        self.root = root
+        self.socket = root / "public" / "api.sock"
+        self.admin_socket = root / "private" / "admin.sock"
+        self.data_dir = root / "data"
+        self.log_path = root / "agent.log"
+        self.server_address = server_address
+        self.bundle = bundle
+        self.token = token
+        self.trust_domain = trust_domain
+        self.flags = dict(flags or {})
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.joined_token = token
+        """The token this agent first joined with (its SPIFFE ID stays the same after)."""
+
+    @property
+    def endpoint(self) -> str:
+        """The Workload API address, ``unix:///<root>/public/api.sock``."""
+        return f"unix://{self.socket}"
+
+    @property
+    def spiffe_id(self) -> str:
+        """The agent's own SPIFFE ID (the parent ID for its workload entries)."""
+        if self.joined_token is None:
+            raise RuntimeError("the agent was not started with a join token")
+        return agent_id(self.joined_token, self.trust_domain)
+
+    def start(
+        self, *, token: str | None = None, wait: bool = True, timeout: float = AGENT_START_TIMEOUT
+    ) -> AgentProcess:
+        """Start ``credo-agent run``; with ``wait``, until ``credo-agent healthcheck`` passes."""
+        cmd = [
+            *credo_agent_command(),
+            "run",
+            "--server-address",
+            self.server_address,
+            "--trust-domain",
+            self.trust_domain,
+            "--trust-bundle",
+            str(self.bundle),
+            "--socket",
+            str(self.socket),
+            "--admin-socket",
+            str(self.admin_socket),
+            "--data-dir",
+            str(self.data_dir),
+            "--sync-backoff-max",
+            "1",
+            *_flag_args(self.flags),
+        ]
+        token = token or self.token
+        if token:
+            cmd += ["--join-token", token]
+            if self.joined_token is None:
+                self.joined_token = token
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        _RUNNING_AGENTS.add(self)
+        if wait:
+            wait_for(self.healthy, timeout, "the agent to become healthy")
+        return self
+
+    def healthy(self) -> bool:
+        """``credo-agent healthcheck`` passes; fails the test if the process has exited."""
+        if self.proc is not None and self.proc.poll() is not None:
+            raise AssertionError(f"agent exited {self.proc.returncode}:\n{self.logs}")
+        result = subprocess.run(
+            [*credo_agent_command(), "healthcheck", "--admin-socket", str(self.admin_socket)],
+            capture_output=True,
+            timeout=20,
+        )
+        return result.returncode == 0
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> int:
+        """SIGTERM and wait; SIGKILL if it does not exit in ``timeout``. Returns the exit code."""
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        _RUNNING_AGENTS.discard(self)
+        return int(self.proc.returncode)
+
+    def kill(self) -> None:
+        """SIGKILL."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        _RUNNING_AGENTS.discard(self)
+
+    def __enter__(self) -> AgentProcess:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    @property
+    def logs(self) -> str:
+        """Everything the process (and earlier runs of it) wrote to stdout and stderr."""
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def client(self) -> Any:
+        """A py-spiffe ``WorkloadApiClient`` on this agent's socket."""
+        import spiffe
+
+        return spiffe.WorkloadApiClient(socket_path=self.endpoint)
+
+    def fetch_ids(self) -> list[str]:
+        """The SPIFFE IDs of this process's X509-SVIDs (via py-spiffe), default first.
+
+        ``[]`` while the agent answers PERMISSION_DENIED (no identity yet), so it can be
+        polled with :func:`wait_for`; any other error is raised.
+        """
+        from spiffe.workloadapi.errors import WorkloadApiError
+
+        with self.client() as client:
+            try:
+                svids = client.fetch_x509_svids(timeout=30)
+            except WorkloadApiError as err:
+                cause = err.__cause__
+                if isinstance(cause, grpc.Call) and (
+                    cause.code() == grpc.StatusCode.PERMISSION_DENIED
+                ):
+                    return []
+                raise
+            return [str(svid.spiffe_id) for svid in svids]
+
+
+def start_agent(
+    server: ServerProcess,
+    root: Path,
+    *,
+    token: str | None = None,
+    bundle: Path | None = None,
+    trust_domain: str = DEFAULT_TRUST_DOMAIN,
+    wait: bool = True,
+    **flags: Any,
+) -> AgentProcess:
+    """Start ``credo-agent run`` in ``root`` joined to ``server`` (see module doc).
+
+    ``token`` defaults to a fresh join token, ``bundle`` to the server's bundle written to
+    ``root/bundle.pem``; ``flags`` are extra ``credo-agent run`` flags (``None``: left out).
+    """
+    if bundle is None:
+        bundle = write_server_bundle(server, root / "bundle.pem")
+    agent = AgentProcess(
+        root,
+        server.address,
+        bundle,
+        token or join_token(server),
+        trust_domain=trust_domain,
+        flags=flags,
+    )
+    try:
+        return agent.start(wait=wait)
+    except BaseException:
+        agent.kill()
+        raise
+
+
 @atexit.register
 def _stop_leftovers() -> None:
+    for agent in list(_RUNNING_AGENTS):
+        agent.kill()
     for server in list(_RUNNING):
         server.kill()
