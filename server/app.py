@@ -59,6 +59,7 @@ from server.authorization import EntryCache
 from server.ca.ca import CertificateAuthority
 from server.ca.keymanager import DiskKeyManager
 from server.ca.manager import AuthorityManager, AuthorityManagerConfig
+from server.ca.pool import SigningPool
 from server.ca.templates import DEFAULT_SERVER_DNS_NAMES
 from server.config import ServerConfig
 from server.datastore.protocol import DataStore
@@ -232,6 +233,7 @@ class _Server:
     frontend: TlsFrontend
     health: list[health.aio.HealthServicer] = field(default_factory=list)
     stop_metrics: Callable[[], None] | None = None
+    signing_pool: SigningPool | None = None
     closed: bool = False
 
     async def aclose(self) -> None:
@@ -248,6 +250,8 @@ class _Server:
             self.admin_grpc.stop(SHUTDOWN_GRACE),
         )
         await self.frontend.close()
+        if self.signing_pool is not None:
+            await asyncio.to_thread(self.signing_pool.close)
         if self.stop_metrics is not None:
             await asyncio.to_thread(self.stop_metrics)
         with contextlib.suppress(OSError):
@@ -290,6 +294,14 @@ async def _build(config: ServerConfig, stop: asyncio.Event) -> _Server:
         )
         await asyncio.to_thread(manager.start)
 
+        # Signing workers load the CA key from the key directory themselves; they are
+        # spawned in the background once the endpoints start.
+        signing_pool = (
+            SigningPool(config.signing_workers, key_manager.directory, td)
+            if config.signing_workers > 0
+            else None
+        )
+
         # 4. entry cache (authorization)
         cache = EntryCache(datastore)
         await asyncio.to_thread(cache.load)
@@ -320,6 +332,7 @@ async def _build(config: ServerConfig, stop: asyncio.Event) -> _Server:
             peers=peers,
             metrics=metrics,
             stopping=stopping,
+            signing_pool=signing_pool,
         )
         admin_config = AdminApiConfig(
             trust_domain=td,
@@ -389,6 +402,7 @@ async def _build(config: ServerConfig, stop: asyncio.Event) -> _Server:
             admin_grpc=admin_grpc,
             frontend=frontend,
             health=[agent_health, admin_health],
+            signing_pool=signing_pool,
         )
     except BaseException:
         datastore.close()
@@ -452,6 +466,8 @@ async def serve(
             tasks.create_task(
                 _housekeeping(server.datastore, stop, HOUSEKEEPING_INTERVAL), name="housekeeping"
             )
+            if server.signing_pool is not None:
+                server.signing_pool.start_background()
             info = await _start_endpoints(server)
             log.info("server ready", extra={"seconds": round(time.perf_counter() - started, 3)})
             if ready is not None:

@@ -8,6 +8,7 @@ and as a flag (``--x509-svid-ttl`` for ``x509_svid_ttl``). Durations are seconds
 from __future__ import annotations
 
 import dataclasses
+import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -24,6 +25,10 @@ KEY_TYPES = ("ec-p256", "ec-p384", "rsa-2048")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 _DURATIONS = ("ca_ttl", "x509_svid_ttl", "jwt_svid_ttl", "agent_svid_ttl", "join_token_ttl")
+
+
+def _default_signing_workers() -> int:
+    return min(2, os.cpu_count() or 1)
 
 
 class ConfigError(CredoError, ValueError):
@@ -60,6 +65,8 @@ class ServerConfig:
     signing_rate_limit: float = 500.0
     # How often the rotation loop looks at the CA and JWT key (seconds).
     rotation_check_interval: float = 5.0
+    # Processes that check CSRs and sign large X509-SVID batches; 0 signs in-process.
+    signing_workers: int = field(default_factory=_default_signing_workers)
     extra: Mapping[str, Any] = field(default_factory=dict, repr=False)
 
     @property
@@ -79,7 +86,9 @@ class ServerConfig:
         except ValueError as exc:
             raise ConfigError(f"trust_domain: {exc}") from None
         for name in _DURATIONS:
-            if int(getattr(self, name)) < 0 or (name != "agent_svid_ttl" and getattr(self, name) == 0):
+            if int(getattr(self, name)) < 0 or (
+                name != "agent_svid_ttl" and getattr(self, name) == 0
+            ):
                 raise ConfigError(f"{name}: must be a positive duration, got {getattr(self, name)}")
         if self.x509_svid_ttl > self.ca_ttl:
             raise ConfigError(
@@ -102,6 +111,10 @@ class ServerConfig:
             raise ConfigError(f"bind_address: expected host:port, got {self.bind_address!r}")
         if self.attestation_rate_limit <= 0 or self.signing_rate_limit <= 0:
             raise ConfigError("rate limits must be positive")
+        if not 0 <= self.signing_workers <= 64:
+            raise ConfigError(
+                f"signing_workers: expected 0 (sign in-process) to 64, got {self.signing_workers}"
+            )
         return self
 
 
@@ -117,6 +130,13 @@ def _coerce(name: str, value: Any) -> Any:
     kind = str(kinds[name])
     if "Path" in kind:
         return None if value in (None, "") else Path(value)
+    if kind == "int":
+        if isinstance(value, bool):
+            raise ConfigError(f"{name}: expected an integer, got {value!r}")
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name}: expected an integer, got {value!r}") from None
     if kind == "float":
         try:
             return float(value)

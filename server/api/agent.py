@@ -30,6 +30,7 @@ from typing import Final
 
 import grpc
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from credo._proto.credo.server.v1 import agent_pb2, agent_pb2_grpc, types_pb2
 from credo.errors import InvalidX509Svid
@@ -50,11 +51,12 @@ from server.attestation import AttestationError, NodeAttestor
 from server.authorization import EntryCache, Subscription
 from server.ca.ca import CertificateAuthority
 from server.ca.errors import CaError
+from server.ca.pool import ERROR_INVALID, PoolUnavailable, SigningPool, SignItem
 from server.datastore.errors import AlreadyExists
 from server.datastore.models import AttestedNode, Event, EventKind, RegistrationEntry
 from server.datastore.protocol import DataStore
 from server.ratelimit import KeyedRateLimiter
-from server.telemetry import RESULT_FAILURE, RESULT_SUCCESS, Metrics
+from server.telemetry import KIND_X509, RESULT_FAILURE, RESULT_SUCCESS, Metrics
 
 __all__ = ["MAX_CSRS_PER_CALL", "SYNC_CHUNK", "AgentApiConfig", "AgentService"]
 
@@ -117,8 +119,10 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         peers: PeerRegistry,
         metrics: Metrics | None = None,
         stopping: asyncio.Event | None = None,
+        signing_pool: SigningPool | None = None,
     ) -> None:
         self._config = config
+        self._pool = signing_pool
         self._ds = datastore
         self._ca = ca
         self._bundles = bundles
@@ -351,10 +355,71 @@ class AgentService(agent_pb2_grpc.AgentServicer):
                 )
             else:
                 work.append((i, entry, params.csr))
-        # CSR checks and signing are CPU-bound: keep them off the event loop.
-        for i, result in await asyncio.to_thread(self._sign_batch, work):
+        for i, result in await self._sign_work(work):
             results[i] = result
         return agent_pb2.BatchNewX509SVIDResponse(results=[r for r in results if r is not None])
+
+    async def _sign_work(
+        self, work: list[tuple[int, RegistrationEntry, bytes]]
+    ) -> list[tuple[int, agent_pb2.BatchNewX509SVIDResponse.Result]]:
+        """Sign the authorized items: in the worker pool when the batch is large enough."""
+        pool = self._pool
+        if pool is not None and pool.usable(len(work)):
+            try:
+                return await self._sign_pooled(pool, work)
+            except PoolUnavailable:
+                pass  # the pool logged why; sign this batch here
+        # CSR checks and signing are CPU-bound: keep them off the event loop.
+        return await asyncio.to_thread(self._sign_batch, work)
+
+    async def _sign_pooled(
+        self, pool: SigningPool, work: list[tuple[int, RegistrationEntry, bytes]]
+    ) -> list[tuple[int, agent_pb2.BatchNewX509SVIDResponse.Result]]:
+        """:meth:`_sign_batch` in the worker processes; same results, metrics once per batch."""
+        try:
+            ca, now = self._ca.x509_snapshot()
+        except CaError:
+            raise PoolUnavailable("no active x509 authority") from None  # per-item errors
+        default_ttl = self._config.x509_svid_ttl
+        items: list[SignItem] = [
+            (
+                f"params[{i}].csr",
+                csr,
+                entry.spiffe_id,
+                tuple(entry.dns_names),
+                entry.x509_svid_ttl or default_ttl,
+            )
+            for i, entry, csr in work
+        ]
+        started = time.perf_counter()
+        signed = await pool.sign(ca, now, items)
+        seconds = time.perf_counter() - started
+        chain = [c.public_bytes(serialization.Encoding.DER) for c in ca.chain]
+        out = []
+        count = 0
+        for (i, entry, _), (leaf, expires_at, error, message) in zip(work, signed, strict=True):
+            if leaf is None:
+                code = (
+                    grpc.StatusCode.INVALID_ARGUMENT
+                    if error == ERROR_INVALID
+                    else grpc.StatusCode.FAILED_PRECONDITION
+                )
+                out.append((i, _result(entry.id, code, message)))
+                continue
+            count += 1
+            svid = types_pb2.X509Svid(
+                spiffe_id=entry.spiffe_id, cert_chain=[leaf, *chain], expires_at=expires_at
+            )
+            out.append((i, agent_pb2.BatchNewX509SVIDResponse.Result(entry_id=entry.id, svid=svid)))
+        if count and self._metrics is not None:
+            self._metrics.svids_signed.labels(KIND_X509).inc(count)
+            # One observation per batch: the mean time per SVID across the workers.
+            self._metrics.signing_seconds.labels(KIND_X509).observe(seconds / count)
+        log.debug(
+            "signed x509-svid batch in workers",
+            extra={"count": count, "failed": len(work) - count, "authority_id": ca.authority_id},
+        )
+        return out
 
     def _sign_batch(
         self, work: list[tuple[int, RegistrationEntry, bytes]]
@@ -432,6 +497,9 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         agent_id, node = caller.agent_id, caller.node
         sub = self._cache.subscribe()
         try:
+            # Read-your-writes: an entry committed just before this call is in the first
+            # message, not only in the push that follows the cache's next wake-up.
+            await self._cache.catch_up()
             authorized = self._cache.index.authorized(agent_id, node.selectors)
             event_id = self._cache.event_id
             federated = _federated_names(authorized.values())

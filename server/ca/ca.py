@@ -49,6 +49,7 @@ __all__ = [
     "Clock",
     "JwtKey",
     "SignHook",
+    "build_workload_svid",
     "utc_now",
 ]
 
@@ -109,6 +110,29 @@ class JwtKey:
     kid: str
     private_key: PrivateKey = field(repr=False)
     not_after: datetime
+
+
+def build_workload_svid(
+    trust_domain: TrustDomain,
+    ca_certificate: x509.Certificate,
+    ca_key: PrivateKey,
+    spiffe_id: SpiffeId,
+    public_key: PublicKey,
+    ttl: int,
+    dns_names: Sequence[str],
+    now: datetime,
+) -> x509.Certificate:
+    """Build and sign a workload X509-SVID leaf: the one implementation of its contents.
+
+    Used by :meth:`CertificateAuthority.sign_x509_svid` and by the signing worker
+    processes (:mod:`server.ca.pool`), so both paths hand out identical certificates.
+    """
+    if spiffe_id.trust_domain != trust_domain:
+        raise InvalidSpiffeId(str(spiffe_id), f"not in trust domain {trust_domain}; cannot sign it")
+    builder = templates.workload_svid_template(
+        spiffe_id, dns_names, public_key, ca_certificate, timedelta(seconds=ttl), now
+    )
+    return builder.sign(ca_key, signature_hash_for(ca_key))
 
 
 def _public(key: PublicKey | PrivateKey) -> PublicKey:
@@ -175,6 +199,13 @@ class CertificateAuthority:
             )
         return ca
 
+    def x509_snapshot(self) -> tuple[X509CA, datetime]:
+        """The active X.509 CA and the current time, for signing a batch elsewhere.
+
+        Raises :class:`InvalidAuthorityState` when no CA is active (as signing would).
+        """
+        return self._active_x509(), self._clock()
+
     def _check_member(self, spiffe_id: SpiffeId) -> None:
         if spiffe_id.trust_domain != self.trust_domain:
             raise InvalidSpiffeId(
@@ -194,7 +225,13 @@ class CertificateAuthority:
     def _sign(
         self, kind: str, ca: X509CA, builder: x509.CertificateBuilder, started: float
     ) -> list[x509.Certificate]:
-        leaf = builder.sign(ca.private_key, signature_hash_for(ca.private_key))
+        return self._signed(
+            kind, ca, builder.sign(ca.private_key, signature_hash_for(ca.private_key)), started
+        )
+
+    def _signed(
+        self, kind: str, ca: X509CA, leaf: x509.Certificate, started: float
+    ) -> list[x509.Certificate]:
         self._notify(kind, started)
         log.debug(
             "signed x509-svid",
@@ -218,10 +255,17 @@ class CertificateAuthority:
         started = time.perf_counter()
         self._check_member(spiffe_id)
         ca = self._active_x509()
-        builder = templates.workload_svid_template(
-            spiffe_id, dns_names, public_key, ca.certificate, timedelta(seconds=ttl), self._clock()
+        leaf = build_workload_svid(
+            self.trust_domain,
+            ca.certificate,
+            ca.private_key,
+            spiffe_id,
+            public_key,
+            ttl,
+            dns_names,
+            self._clock(),
         )
-        return self._sign(SIGN_X509_WORKLOAD, ca, builder, started)
+        return self._signed(SIGN_X509_WORKLOAD, ca, leaf, started)
 
     def sign_agent_svid(
         self, spiffe_id: SpiffeId, public_key: PublicKey, ttl: int

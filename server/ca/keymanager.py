@@ -31,7 +31,7 @@ from credo.keys import (
     private_key_to_pkcs8_pem,
 )
 
-__all__ = ["DiskKeyManager", "KeyManager", "MemoryKeyManager", "check_key_id"]
+__all__ = ["DiskKeyManager", "KeyManager", "MemoryKeyManager", "check_key_id", "read_key_file"]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,20 @@ def check_key_id(key_id: str) -> str:
             f"invalid key id {key_id!r}; expected 1-128 letters, digits, '.', '_' or '-'"
         )
     return key_id
+
+
+def read_key_file(directory: Path | str, key_id: str) -> PrivateKey | None:
+    """Load the key a :class:`DiskKeyManager` stored under ``key_id`` in ``directory``.
+
+    Read-only (no directory creation or cleanup), so signing worker processes can load the
+    CA key themselves. None if there is no such file; InvalidKey if it is unreadable.
+    """
+    path = Path(directory) / (check_key_id(key_id) + _SUFFIX)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    return load_private_key(data)
 
 
 class KeyManager(Protocol):
@@ -178,12 +192,7 @@ class DiskKeyManager:
 
     def get_key(self, key_id: str) -> PrivateKey | None:
         """Load ``<key_id>.pem``; None if it does not exist (InvalidKey if unreadable)."""
-        path = self._path(key_id)
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            return None
-        return load_private_key(data)
+        return read_key_file(self.directory, key_id)
 
     def delete_key(self, key_id: str) -> None:
         """Remove ``<key_id>.pem`` (and fsync the directory); no error if it is gone."""

@@ -62,6 +62,7 @@ from server.ca import templates
 from server.ca.ca import X509CA, CertificateAuthority, Clock, JwtKey, utc_now
 from server.ca.errors import AuthorityNotFound, InvalidAuthorityState, UpstreamCaError
 from server.ca.keymanager import KeyManager
+from server.ca.pool import x509_ca_key_id
 from server.config import ServerConfig
 from server.datastore.models import Authority, AuthorityKind
 
@@ -259,7 +260,7 @@ def _dt(value: int) -> datetime:
 
 def key_id_for(row: Authority) -> str:
     """The key manager id of an authority's private key."""
-    return f"x509-ca-{row.authority_id}" if row.kind == "x509" else f"jwt-{row.authority_id}"
+    return x509_ca_key_id(row.authority_id) if row.kind == "x509" else f"jwt-{row.authority_id}"
 
 
 def _info(row: Authority) -> AuthorityInfo:

@@ -53,6 +53,12 @@ SETTING_FLAGS: tuple[tuple[str, Any, str], ...] = (
         float,
         "Seconds between CA/JWT key rotation checks [default: 5].",
     ),
+    (
+        "--signing-workers",
+        int,
+        "Processes that check CSRs and sign large X.509-SVID batches; 0 signs in-process "
+        "[default: min(2, CPUs)].",
+    ),
 )
 
 
