@@ -13,13 +13,13 @@ A restarted agent resumes with these instead of a new join token.
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from credo._files import write_atomically
 from credo.bundle import load_certificates
 from credo.errors import CredoError
 from credo.x509svid import X509Svid
@@ -33,24 +33,7 @@ BUNDLE_FILE = "bundle.pem"
 
 def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
     """Replace ``path`` with ``data`` so a crash leaves the old file or the new one."""
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    write_atomically(path, data, mode)
 
 
 @dataclass(frozen=True)

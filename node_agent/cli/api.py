@@ -18,7 +18,6 @@ import json
 import os
 import signal
 import sys
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -26,6 +25,7 @@ from typing import Any, TypeVar
 
 import click
 
+from credo._files import write_atomically
 from credo.bundle import BundleSet
 from credo.errors import CredoError
 from credo.workload_client import ENDPOINT_ENV, WorkloadApiClient, X509Context
@@ -126,19 +126,7 @@ def _print_x509(ctx: X509Context, output: str) -> None:
 
 def _write_private(path: str, data: bytes, mode: int) -> None:
     """Write ``data`` atomically (temp file + rename) with ``mode``."""
-    directory = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    write_atomically(path, data, mode)
 
 
 def _write_x509(ctx: X509Context, directory: str) -> list[str]:

@@ -17,11 +17,11 @@ import contextlib
 import logging
 import os
 import re
-import secrets
 import threading
 from pathlib import Path
 from typing import Protocol
 
+from credo._files import TEMP_PREFIX, fsync_directory, write_atomically
 from credo.keys import (
     KeyType,
     PrivateKey,
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 _KEY_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _SUFFIX = ".pem"
-_TMP_PREFIX = ".tmp-"
+_TMP_PREFIX = TEMP_PREFIX
 
 
 def check_key_id(key_id: str) -> str:
@@ -149,32 +149,11 @@ class DiskKeyManager:
             log.warning("removed stray temporary key file", extra={"path": str(path)})
 
     def _fsync_directory(self) -> None:
-        fd = os.open(self.directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_directory(self.directory)
 
     def _write_atomically(self, key_id: str, data: bytes) -> None:
         """Write ``data`` to the key file of ``key_id``: 0600 temp file, fsync, rename."""
-        target = self._path(key_id)
-        tmp = self.directory / f"{_TMP_PREFIX}{key_id}-{secrets.token_hex(8)}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            try:
-                view = memoryview(data)
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, target)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        self._fsync_directory()
+        write_atomically(self._path(key_id), data, 0o600)
 
     def generate_key(self, key_id: str, key_type: KeyType | str) -> PrivateKey:
         """Generate a key of ``key_type`` and write it atomically to ``<key_id>.pem``."""

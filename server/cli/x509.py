@@ -6,14 +6,13 @@ stdout or ``--write DIR`` (``key.pem`` mode 0600, written atomically).
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import click
 from cryptography import x509 as cx509
 from cryptography.hazmat.primitives import hashes, serialization
 
+from credo._files import write_atomically
 from credo._proto.credo.server.v1 import admin_pb2
 from credo.keys import KeyType, generate_private_key, private_key_to_pkcs8_pem
 from server.cli.client import AdminClient
@@ -25,17 +24,7 @@ __all__ = ["write_file_atomic", "x509"]
 
 def write_file_atomic(path: Path, data: bytes, mode: int) -> None:
     """Write ``data`` to ``path`` with ``mode``: temp file, fsync, rename."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(path, data, mode)
 
 
 @click.group()
