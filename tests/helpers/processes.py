@@ -101,7 +101,10 @@ def run_cli(
 def _flag_args(flags: dict[str, Any]) -> list[str]:
     args: list[str] = []
     for name, value in flags.items():
-        if value is None:
+        if value is None or value is False:
+            continue
+        if value is True:
+            args.append("--" + name.replace("_", "-"))
             continue
         args += ["--" + name.replace("_", "-"), str(value)]
     return args
@@ -378,7 +381,7 @@ class AgentProcess:
         self,
         root: Path,
         server_address: str,
-        bundle: Path,
+        bundle: Path | None,
         token: str | None,
         *,
         trust_domain: str = DEFAULT_TRUST_DOMAIN,
@@ -421,8 +424,7 @@ class AgentProcess:
             self.server_address,
             "--trust-domain",
             self.trust_domain,
-            "--trust-bundle",
-            str(self.bundle),
+            *(["--trust-bundle", str(self.bundle)] if self.bundle is not None else []),
             "--socket",
             str(self.socket),
             "--admin-socket",

@@ -3,7 +3,6 @@ users use it: the server CLI to register entries, py-spiffe's WorkloadApiClient 
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import queue
 import shutil
@@ -24,11 +23,6 @@ from tests.helpers.processes import (
     start_server,
     wait_for,
     write_server_bundle,
-)
-
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("server.app") is None,
-    reason="server.app (the `credo-server run` process) is not written yet",
 )
 
 spiffe = pytest.importorskip("spiffe")

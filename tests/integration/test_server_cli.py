@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import stat
 import subprocess
@@ -15,12 +14,6 @@ from cryptography import x509
 
 from credo.bundle import Bundle
 from tests.helpers.processes import ServerProcess, start_server
-
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("server.app") is None,
-    reason="server.app (the `credo-server run` process) is not written yet; "
-    "remove this skip when it lands",
-)
 
 TD = "example.org"
 AGENT = f"spiffe://{TD}/credo/agent/join_token/cli-test"

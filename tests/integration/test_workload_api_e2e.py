@@ -8,7 +8,6 @@ process's uid; the rotation test runs its own server with a short X509-SVID TTL.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import queue
@@ -39,11 +38,6 @@ from tests.helpers.processes import (
     start_agent,
     start_server,
     wait_for,
-)
-
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("server.app") is None,
-    reason="server.app (the `credo-server run` process) is not written yet",
 )
 
 spiffe = pytest.importorskip("spiffe")
