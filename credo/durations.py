@@ -1,4 +1,7 @@
-"""Durations as users write them in flags and TOML: ``90``, ``90s``, ``10m``, ``1h``, ``1h30m``, ``7d``."""
+"""Durations as users write them in flags and TOML.
+
+``90`` (seconds), ``90s``, ``10m``, ``1h``, ``1h30m``, ``7d``.
+"""
 
 from __future__ import annotations
 

@@ -52,20 +52,36 @@ def generate(out: Path) -> None:
     """Write every stub into ``out`` (a directory that becomes credo._proto)."""
     with tempfile.TemporaryDirectory() as tmp:
         t = Path(tmp)
-        outs = [f"--python_out={t}", f"--grpc_python_out={t}", f"--mypy_out={t}",
-                f"--mypy_grpc_out={t}"]
-        _run([f"-I{PROTO / 'spiffe' / 'workload'}", *outs,
-              str(PROTO / "spiffe" / "workload" / "workload.proto")])
+        outs = [
+            f"--python_out={t}",
+            f"--grpc_python_out={t}",
+            f"--mypy_out={t}",
+            f"--mypy_grpc_out={t}",
+        ]
+        _run(
+            [
+                f"-I{PROTO / 'spiffe' / 'workload'}",
+                *outs,
+                str(PROTO / "spiffe" / "workload" / "workload.proto"),
+            ]
+        )
         credo_protos = sorted(str(p) for p in (PROTO / "credo").rglob("*.proto"))
         _run([f"-I{PROTO}", *outs, *credo_protos])
 
         for path in sorted(t.rglob("*.py*")):
             text = path.read_text()
-            text = re.sub(r"^import workload_pb2 as", "from credo._proto import workload_pb2 as",
-                          text, flags=re.M)
-            text = re.sub(r"^import workload_pb2$", "from credo._proto import workload_pb2",
-                          text, flags=re.M)
-            text = text.replace("from credo.server.v1 import", "from credo._proto.credo.server.v1 import")
+            text = re.sub(
+                r"^import workload_pb2 as",
+                "from credo._proto import workload_pb2 as",
+                text,
+                flags=re.M,
+            )
+            text = re.sub(
+                r"^import workload_pb2$", "from credo._proto import workload_pb2", text, flags=re.M
+            )
+            text = text.replace(
+                "from credo.server.v1 import", "from credo._proto.credo.server.v1 import"
+            )
             text = text.replace("import credo.server.v1.", "import credo._proto.credo.server.v1.")
             if path.name == "workload_pb2.py":
                 text = text.replace(
@@ -73,7 +89,8 @@ def generate(out: Path) -> None:
                     _PRIVATE_POOL + "DESCRIPTOR = _POOL.AddSerializedFile(",
                 )
                 text = text.replace(
-                    "from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2\n",
+                    "from google.protobuf import struct_pb2 as "
+                    "google_dot_protobuf_dot_struct__pb2\n",
                     "",
                 )
             path.write_text(text)
@@ -82,7 +99,9 @@ def generate(out: Path) -> None:
             init = d / "__init__.py"
             if not init.exists():
                 init.write_text("")
-        (t / "__init__.py").write_text('"""Generated gRPC stubs; regenerate with ./scripts/gen-proto."""\n')
+        (t / "__init__.py").write_text(
+            '"""Generated gRPC stubs; regenerate with ./scripts/gen-proto."""\n'
+        )
 
         if out.exists():
             shutil.rmtree(out)

@@ -36,19 +36,25 @@ def _wait(what: str, check, timeout: float, procs: list[subprocess.Popen[bytes]]
     while time.monotonic() < deadline:
         for p in procs:
             if p.poll() is not None:
-                raise SystemExit(f"quickstart: {p.args[0]} exited with {p.returncode} while waiting for {what}")
+                raise SystemExit(
+                    f"quickstart: {p.args[0]} exited with {p.returncode} while waiting for {what}"
+                )
         try:
             if check():
                 return
-        except Exception:  # noqa: BLE001 - any failure here just means "not yet"
+        except Exception:
             pass
         time.sleep(0.1)
     raise SystemExit(f"quickstart: timed out waiting for {what}")
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--check", action="store_true", help="verify and exit instead of running until Ctrl-C")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--check", action="store_true", help="verify and exit instead of running until Ctrl-C"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = parser.parse_args()
 
@@ -62,17 +68,35 @@ def main() -> int:
     try:
         print(f"• working in {root}")
         server = subprocess.Popen(
-            [str(BIN / "credo-server"), "run", "--trust-domain", TRUST_DOMAIN,
-             "--data-dir", str(server_dir), "--bind-address", "127.0.0.1:0",
-             "--admin-socket", str(admin_sock)],
-            stdout=logs["server"], stderr=subprocess.STDOUT,
+            [
+                str(BIN / "credo-server"),
+                "run",
+                "--trust-domain",
+                TRUST_DOMAIN,
+                "--data-dir",
+                str(server_dir),
+                "--bind-address",
+                "127.0.0.1:0",
+                "--admin-socket",
+                str(admin_sock),
+            ],
+            stdout=logs["server"],
+            stderr=subprocess.STDOUT,
         )
         procs.append(server)
         addr_file = server_dir / "server.addr"
         _wait("the server", lambda: addr_file.exists() and admin_sock.exists(), 30, procs)
-        _wait("the server to be healthy",
-              lambda: subprocess.run([str(BIN / "credo-server"), "healthcheck"],
-                                     capture_output=True).returncode == 0, 30, procs)
+        _wait(
+            "the server to be healthy",
+            lambda: (
+                subprocess.run(
+                    [str(BIN / "credo-server"), "healthcheck"], capture_output=True
+                ).returncode
+                == 0
+            ),
+            30,
+            procs,
+        )
         address = addr_file.read_text().strip()
         print(f"• signing server for spiffe://{TRUST_DOMAIN} listening on {address}")
 
@@ -82,12 +106,26 @@ def main() -> int:
         agent_id = f"spiffe://{TRUST_DOMAIN}/credo/agent/join_token/{token}"
 
         agent = subprocess.Popen(
-            [str(BIN / "credo-agent"), "run", "--server-address", address,
-             "--trust-domain", TRUST_DOMAIN, "--trust-bundle", str(bundle),
-             "--join-token", token, "--data-dir", str(agent_dir),
-             "--socket", str(workload_sock),
-             "--admin-socket", str(root / "agent-private" / "admin.sock")],
-            stdout=logs["agent"], stderr=subprocess.STDOUT,
+            [
+                str(BIN / "credo-agent"),
+                "run",
+                "--server-address",
+                address,
+                "--trust-domain",
+                TRUST_DOMAIN,
+                "--trust-bundle",
+                str(bundle),
+                "--join-token",
+                token,
+                "--data-dir",
+                str(agent_dir),
+                "--socket",
+                str(workload_sock),
+                "--admin-socket",
+                str(root / "agent-private" / "admin.sock"),
+            ],
+            stdout=logs["agent"],
+            stderr=subprocess.STDOUT,
         )
         procs.append(agent)
         _wait("the agent's Workload API socket", workload_sock.exists, 30, procs)
@@ -95,9 +133,21 @@ def main() -> int:
 
         uid = os.getuid()
         spiffe_id = f"spiffe://{TRUST_DOMAIN}/quickstart/uid-{uid}"
-        entry = json.loads(_cli(
-            "credo-server", "entry", "create", "--parent-id", agent_id,
-            "--spiffe-id", spiffe_id, "--selector", f"unix:uid:{uid}", "--output", "json"))
+        entry = json.loads(
+            _cli(
+                "credo-server",
+                "entry",
+                "create",
+                "--parent-id",
+                agent_id,
+                "--spiffe-id",
+                spiffe_id,
+                "--selector",
+                f"unix:uid:{uid}",
+                "--output",
+                "json",
+            )
+        )
         entry_id = entry["id"] if "id" in entry else entry["entries"][0]["id"]
         print(f"• registered entry {entry_id}: processes with unix:uid:{uid} are {spiffe_id}")
 
@@ -118,12 +168,16 @@ def main() -> int:
 
         print()
         print(f"  You are        {svid.spiffe_id}")
-        print(f"  X.509-SVID     expires {svid.expires_at:%Y-%m-%d %H:%M:%S} UTC "
-              f"(serial {svid.leaf.serial_number:x}), renewed automatically at half-life")
+        print(
+            f"  X.509-SVID     expires {svid.expires_at:%Y-%m-%d %H:%M:%S} UTC "
+            f"(serial {svid.leaf.serial_number:x}), renewed automatically at half-life"
+        )
         print(f"  JWT-SVID       for audience 'quickstart', expires {jwt.expires_at:%H:%M:%S} UTC")
         print(f"  validated by   the agent: sub={validated.spiffe_id}")
         print()
-        print(f"  Try: SPIFFE_ENDPOINT_SOCKET=unix://{workload_sock} {BIN}/credo-agent api fetch x509")
+        print(
+            f"  Try: SPIFFE_ENDPOINT_SOCKET=unix://{workload_sock} {BIN}/credo-agent api fetch x509"
+        )
         print(f"       CREDO_SERVER_SOCKET={admin_sock} {BIN}/credo-server entry show")
         if args.check:
             print("quickstart: OK")
