@@ -52,7 +52,6 @@ class ServerConfig:
     agent_svid_ttl: int = 0
     ca_key_type: str = "ec-p256"
     jwt_key_type: str = "ec-p256"
-    ca_subject_organization: str = "Credo"
     upstream_ca_cert: Path | None = None
     upstream_ca_key: Path | None = None
     join_token_ttl: int = 600
