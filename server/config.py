@@ -66,7 +66,6 @@ class ServerConfig:
     rotation_check_interval: float = 5.0
     # Processes that check CSRs and sign large X509-SVID batches; 0 signs in-process.
     signing_workers: int = field(default_factory=_default_signing_workers)
-    extra: Mapping[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def datastore_url(self) -> str:
@@ -119,7 +118,7 @@ class ServerConfig:
 
 def _coerce(name: str, value: Any) -> Any:
     kinds = {f.name: f.type for f in dataclasses.fields(ServerConfig)}
-    if name not in kinds or name == "extra":
+    if name not in kinds:
         raise ConfigError(f"unknown setting {name!r}")
     if name in _DURATIONS:
         try:
