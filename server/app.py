@@ -30,6 +30,7 @@ import ssl
 import stat
 import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,7 +68,7 @@ from server.datastore.sql import SqlDataStore
 from server.logging import setup_logging
 from server.telemetry import Metrics
 
-__all__ = ["RunningServer", "run", "serve"]
+__all__ = ["RunningServer", "load_server_id", "run", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,41 @@ def _write_atomically(path: Path, data: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def load_server_id(data_dir: Path) -> str:
+    """This server's stable id, from ``<data-dir>/server_id`` (a random UUID made once).
+
+    It names the owner of the CA authorities this server manages when several servers
+    share one datastore. Created atomically: a temp file linked into place, so two
+    processes racing on one data dir end up with the same id.
+    """
+    path = data_dir / "server_id"
+    if not path.exists():
+        _create_server_id(path)
+    text = path.read_text().strip()
+    try:
+        return str(uuid.UUID(text))
+    except ValueError:
+        raise OSError(
+            f"{path} holds {text[:40]!r}; expected a server id (a UUID). Remove the file only "
+            "if this server's keys are gone too: a new id orphans this server's authorities"
+        ) from None
+
+
+def _create_server_id(path: Path) -> None:
+    tmp = path.with_name(f".server_id.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        f.write(f"{uuid.uuid4()}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.chmod(tmp, 0o644)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        pass  # another process won the race; use its id
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _split_host_port(address: str) -> tuple[str, int]:
@@ -289,8 +325,13 @@ async def _build(config: ServerConfig, stop: asyncio.Event) -> _Server:
         metrics = Metrics()
         key_manager = DiskKeyManager(_private_dir(data_dir / "keys"))
         ca = CertificateAuthority(td, on_sign=metrics.on_sign)
+        server_id = load_server_id(data_dir)
+        log.info("server id", extra={"server_id": server_id})
         manager = AuthorityManager(
-            AuthorityManagerConfig.from_server_config(config), datastore, key_manager, ca=ca
+            AuthorityManagerConfig.from_server_config(config, server_id),
+            datastore,
+            key_manager,
+            ca=ca,
         )
         await asyncio.to_thread(manager.start)
 

@@ -15,8 +15,8 @@ Rotation, one :meth:`AuthorityManager.tick` at a time (``run`` calls it every
 * an ``old`` authority past its NotAfter is pruned (row, key, and bundle entry).
 
 Every step is persisted before the next: the private key first (key manager), then the
-datastore row with its status, then the bundle. On start the manager reconciles what a
-crash (even ``kill -9``) may have left half done:
+datastore row with its status, then the bundle. On start the manager reconciles (in its own
+rows only, see below) what a crash (even ``kill -9``) may have left half done:
 
 * a prepared or active row whose key is missing is dropped (logged); an old row without
   its key is kept, since old authorities never sign and only their public part matters;
@@ -30,6 +30,17 @@ including a taint (agents learn the tainted ids from :meth:`tainted_authority_id
 since the JWKS format has no taint flag). With an upstream CA, the bundle's X.509
 authorities are the upstream root(s), not our intermediates.
 
+Several servers on one database (HA): each server has its own CA and JWT key, as in
+SPIRE. Every row carries the ``owner`` server id (``config.server_id``, from
+``<data-dir>/server_id``); a manager rotates, reconciles, taints and revokes only its
+own rows and never drops or changes another server's (a row of another owner past its
+NotAfter may be pruned by anyone, so a server that is gone for good does not leave its
+authorities behind). Rows from before owners existed (owner ``""``) are adopted on start
+by the server whose key manager holds their key. The published bundle is the union of
+every owner's authorities; it is rebuilt with ``datastore.update_bundle``, which reads
+the stored bundle and all rows and writes the successor in one locked transaction, so
+two servers publishing at once never hand out the same ``spiffe_sequence``.
+
 Authority ids: the lowercase hex SubjectKeyIdentifier of the CA certificate (``x509``),
 the ``kid`` (32 random letters and digits) for ``jwt``. Key ids in the key manager are
 ``x509-ca-<authority id>`` and ``jwt-<kid>``.
@@ -38,6 +49,7 @@ the ``kid`` (32 random letters and digits) for ``jwt``. Key ids in the key manag
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import string
@@ -64,6 +76,7 @@ from server.ca.errors import AuthorityNotFound, InvalidAuthorityState, UpstreamC
 from server.ca.keymanager import KeyManager
 from server.ca.pool import x509_ca_key_id
 from server.config import ServerConfig
+from server.datastore.errors import NotFound
 from server.datastore.models import Authority, AuthorityKind
 
 __all__ = [
@@ -92,7 +105,9 @@ class AuthorityStore(Protocol):
 
     def fetch_authority(self, authority_id: str) -> Authority | None: ...
 
-    def list_authorities(self, kind: str | None = None) -> list[Authority]: ...
+    def list_authorities(
+        self, kind: str | None = None, owner: str | None = None
+    ) -> list[Authority]: ...
 
     def update_authority(self, authority: Authority) -> Authority: ...
 
@@ -101,6 +116,12 @@ class AuthorityStore(Protocol):
     def fetch_bundle(self, trust_domain: str) -> bytes | None: ...
 
     def set_bundle(self, trust_domain: str, data: bytes) -> None: ...
+
+    def update_bundle(
+        self,
+        trust_domain: str,
+        build: Callable[[bytes | None, list[Authority]], bytes | None],
+    ) -> bytes | None: ...
 
 
 @dataclass(frozen=True)
@@ -117,6 +138,8 @@ class AuthorityManagerConfig:
     upstream_ca_cert: Path | None = None
     upstream_ca_key: Path | None = None
     rotation_check_interval: float = 5.0
+    # This server's id (``<data-dir>/server_id``): the ``owner`` of the rows it manages.
+    server_id: str = ""
 
     @property
     def effective_jwt_key_ttl(self) -> int:
@@ -129,9 +152,12 @@ class AuthorityManagerConfig:
         return max(1, min(self.ca_ttl // 10, _MAX_REFRESH_HINT))
 
     @classmethod
-    def from_server_config(cls, config: ServerConfig) -> AuthorityManagerConfig:
+    def from_server_config(
+        cls, config: ServerConfig, server_id: str = ""
+    ) -> AuthorityManagerConfig:
         """Take the CA settings from the server's config."""
         return cls(
+            server_id=server_id,
             trust_domain=TrustDomain.parse(config.trust_domain),
             ca_ttl=config.ca_ttl,
             x509_svid_ttl=config.x509_svid_ttl,
@@ -295,6 +321,11 @@ class AuthorityManager:
     def _td(self) -> str:
         return self.config.trust_domain.name
 
+    @property
+    def owner(self) -> str:
+        """The ``owner`` of the authority rows this manager manages."""
+        return self.config.server_id
+
     # --- lifecycle --------------------------------------------------------------------
 
     def start(self, now: datetime | None = None) -> None:
@@ -328,9 +359,10 @@ class AuthorityManager:
     def _reconcile(self) -> None:
         """Repair what a crash in the middle of a step may have left behind."""
         key_ids = set(self.key_manager.list_key_ids())
+        self._adopt_legacy(key_ids)
         keep: set[str] = set()
         for kind in KINDS:
-            rows = self.datastore.list_authorities(kind)
+            rows = self.datastore.list_authorities(kind, owner=self.owner)
             live: list[Authority] = []
             for row in rows:
                 if key_id_for(row) in key_ids or row.status == "old":
@@ -360,6 +392,19 @@ class AuthorityManager:
                 self.key_manager.delete_key(key_id)
                 log.warning("deleted private key with no authority", extra={"key_id": key_id})
 
+    def _adopt_legacy(self, key_ids: set[str]) -> None:
+        """Take ownership of rows without an owner whose private key this server holds."""
+        if not self.owner:
+            return
+        for row in self.datastore.list_authorities(owner=""):
+            if key_id_for(row) not in key_ids:
+                continue  # another server's (or a lost key: pruned by anyone once expired)
+            self.datastore.update_authority(replace(row, owner=self.owner))
+            log.info(
+                "adopted authority written before server ids",
+                extra={"kind": row.kind, "authority_id": row.authority_id},
+            )
+
     # --- rotation ---------------------------------------------------------------------
 
     def tick(self, now: datetime | None = None) -> None:
@@ -368,11 +413,12 @@ class AuthorityManager:
         with self._lock:
             for kind in KINDS:
                 self._tick_kind(kind, now)
+            self._prune_foreign(now)
 
     def _rows(
         self, kind: AuthorityKind
     ) -> tuple[Authority | None, Authority | None, list[Authority]]:
-        rows = self.datastore.list_authorities(kind)
+        rows = self.datastore.list_authorities(kind, owner=self.owner)
         active = [r for r in rows if r.status == "active"]
         prepared = [r for r in rows if r.status == "prepared"]
         old = [r for r in rows if r.status == "old"]
@@ -402,6 +448,26 @@ class AuthorityManager:
         for row in old:
             if _dt(row.not_after) <= now:
                 self._delete(row, "pruned")
+
+    def _prune_foreign(self, now: datetime) -> None:
+        """Prune other servers' authorities past their NotAfter (the row only: no key here)."""
+        pruned: list[Authority] = []
+        for row in self.datastore.list_authorities():
+            if row.owner == self.owner or _dt(row.not_after) > now:
+                continue
+            try:
+                self.datastore.delete_authority(row.authority_id)
+            except NotFound:
+                continue  # another server pruned it first
+            pruned.append(row)
+            log.info(
+                "pruned expired authority of another server",
+                extra={"kind": row.kind, "authority_id": row.authority_id, "owner": row.owner},
+            )
+        if pruned:
+            self._publish_bundle()
+            for row in pruned:
+                self._emit(row.kind, "pruned", row.authority_id)
 
     def _prepare(self, kind: AuthorityKind, now: datetime) -> Authority:
         """Create the next authority: key first, then the row, then the bundle."""
@@ -441,6 +507,7 @@ class AuthorityManager:
             not_after=_ts(cert.not_valid_after_utc),
             public_data=cert.public_bytes(serialization.Encoding.DER),
             created_at=_ts(now),
+            owner=self.owner,
         )
         self.key_manager.store_key(key_id_for(row), key)
         return self.datastore.create_authority(row)
@@ -455,6 +522,7 @@ class AuthorityManager:
             not_after=_ts(now + timedelta(seconds=self.config.effective_jwt_key_ttl)),
             public_data=_spki(key),
             created_at=_ts(now),
+            owner=self.owner,
         )
         return self.datastore.create_authority(row)
 
@@ -504,7 +572,9 @@ class AuthorityManager:
 
     def _delete(self, row: Authority, action: str) -> None:
         """Remove an authority: the row first (so no crash leaves a row without its key)."""
-        self.datastore.delete_authority(row.authority_id)
+        # NotFound: another server pruned it (expired) first; the key is still ours to delete.
+        with contextlib.suppress(NotFound):
+            self.datastore.delete_authority(row.authority_id)
         self.key_manager.delete_key(key_id_for(row))
         log.info(
             f"{action} authority",
@@ -520,8 +590,7 @@ class AuthorityManager:
 
     # --- bundle -----------------------------------------------------------------------
 
-    def _current_bundle(self) -> Bundle | None:
-        data = self.datastore.fetch_bundle(self._td)
+    def _parse_bundle(self, data: bytes | None) -> Bundle | None:
         if data is None:
             return None
         try:
@@ -530,48 +599,77 @@ class AuthorityManager:
             log.warning("stored bundle is unreadable; replacing it", extra={"error": str(err)})
             return None
 
+    def _current_bundle(self) -> Bundle | None:
+        return self._parse_bundle(self.datastore.fetch_bundle(self._td))
+
     def _publish_bundle(self, *, force: bool = False) -> Bundle:
-        """Store the bundle derived from the rows; bump the sequence if anything changed."""
+        """Store the bundle derived from every server's rows; bump the sequence on change.
+
+        The read of the stored bundle and the rows and the write of the successor happen
+        in one locked datastore transaction (``update_bundle``), so servers sharing the
+        database never publish the same sequence number or lose each other's changes.
+        """
+        # The callback may run more than once if the datastore retries; the last run counts.
+        published: list[Bundle] = []
+        written_flags: list[bool] = []
+
+        def build(current_data: bytes | None, rows: list[Authority]) -> bytes | None:
+            current = self._parse_bundle(current_data)
+            authorities, jwt_keys = self._bundle_contents(rows)
+            if (
+                not force
+                and current is not None
+                and current.x509_authorities == tuple(authorities)
+                and dict(current.jwt_authorities) == jwt_keys
+                and current.refresh_hint == self.config.refresh_hint
+            ):
+                published.append(current)
+                written_flags.append(False)
+                return None
+            sequence = (current.sequence_number if current is not None else 0) + 1
+            bundle = Bundle(
+                self.config.trust_domain,
+                tuple(authorities),
+                jwt_keys,
+                sequence_number=sequence,
+                refresh_hint=self.config.refresh_hint,
+            )
+            published.append(bundle)
+            written_flags.append(True)
+            return bundle.marshal()
+
+        self.datastore.update_bundle(self._td, build)
+        bundle, written = published[-1], written_flags[-1]
+        if written:
+            log.info(
+                "published bundle",
+                extra={
+                    "trust_domain": self._td,
+                    "sequence_number": bundle.sequence_number,
+                    "x509_authorities": len(bundle.x509_authorities),
+                    "jwt_authorities": len(bundle.jwt_authorities),
+                },
+            )
+        return bundle
+
+    def _bundle_contents(
+        self, rows: list[Authority]
+    ) -> tuple[list[x509.Certificate], dict[str, PublicKey]]:
+        """The bundle's X.509 authorities and JWT keys: every owner's live rows."""
         authorities: list[x509.Certificate] = []
         if self._upstream is not None:
             authorities.extend(self._upstream.roots)
-        for row in self.datastore.list_authorities("x509"):
-            cert = x509.load_der_x509_certificate(row.public_data)
-            if _is_self_signed(cert) and cert not in authorities:
-                authorities.append(cert)
         jwt_keys: dict[str, PublicKey] = {}
-        for row in self.datastore.list_authorities("jwt"):
-            public = serialization.load_der_public_key(row.public_data)
-            if isinstance(public, ec.EllipticCurvePublicKey | rsa.RSAPublicKey):
-                jwt_keys[row.authority_id] = public
-        current = self._current_bundle()
-        if (
-            not force
-            and current is not None
-            and current.x509_authorities == tuple(authorities)
-            and dict(current.jwt_authorities) == jwt_keys
-            and current.refresh_hint == self.config.refresh_hint
-        ):
-            return current
-        sequence = (current.sequence_number if current is not None else 0) + 1
-        bundle = Bundle(
-            self.config.trust_domain,
-            tuple(authorities),
-            jwt_keys,
-            sequence_number=sequence,
-            refresh_hint=self.config.refresh_hint,
-        )
-        self.datastore.set_bundle(self._td, bundle.marshal())
-        log.info(
-            "published bundle",
-            extra={
-                "trust_domain": self._td,
-                "sequence_number": sequence,
-                "x509_authorities": len(authorities),
-                "jwt_authorities": len(jwt_keys),
-            },
-        )
-        return bundle
+        for row in rows:
+            if row.kind == "x509":
+                cert = x509.load_der_x509_certificate(row.public_data)
+                if _is_self_signed(cert) and cert not in authorities:
+                    authorities.append(cert)
+            else:
+                public = serialization.load_der_public_key(row.public_data)
+                if isinstance(public, ec.EllipticCurvePublicKey | rsa.RSAPublicKey):
+                    jwt_keys[row.authority_id] = public
+        return authorities, jwt_keys
 
     def bundle(self) -> Bundle:
         """The trust domain's current bundle as stored in the datastore."""
@@ -587,6 +685,13 @@ class AuthorityManager:
         row = self.datastore.fetch_authority(authority_id)
         if row is None or row.kind != kind:
             raise AuthorityNotFound(kind, authority_id)
+        if row.owner != self.owner:
+            raise InvalidAuthorityState(
+                kind,
+                authority_id,
+                f"{kind} authority {authority_id!r} belongs to another server "
+                f"(server id {row.owner or '(none)'}); run the command against that server",
+            )
         return row
 
     def state(self, kind: AuthorityKind) -> AuthorityState:

@@ -120,6 +120,8 @@ class Authority:
 
     ``public_data`` is the CA certificate DER (``kind == "x509"``) or the public key
     DER (``kind == "jwt"``). ``created_at`` of 0 is replaced by the datastore's clock.
+    ``owner`` is the server id (``<data-dir>/server_id``) of the server that holds the
+    private key; ``""`` marks a row written before schema version 2 (not yet adopted).
     """
 
     authority_id: str
@@ -129,6 +131,7 @@ class Authority:
     public_data: bytes
     tainted: bool = False
     created_at: int = 0
+    owner: str = ""
 
 
 class EventKind(enum.StrEnum):

@@ -8,6 +8,13 @@ is above ``SCHEMA_VERSION`` is refused with :class:`SchemaTooNew`.
 Step 1 creates the tables below as they stood at version 1. A later step that changes
 a table must carry its own DDL (``ALTER TABLE ...``); before changing a table here,
 freeze its version-1 shape inside step 1.
+
+Versions:
+
+1. every table (``authorities`` in its frozen version-1 shape, ``_authorities_v1``);
+2. ``authorities.owner``: the server id of the server holding the private key (servers
+   sharing one database each keep their own CA). Rows from version 1 get ``""``: the
+   first server that finds their key file adopts them.
 """
 
 from __future__ import annotations
@@ -192,6 +199,24 @@ authorities = Table(
     Column("not_after", BigInteger, nullable=False),
     Column("public_data", LargeBinary, nullable=False),
     Column("created_at", BigInteger, nullable=False),
+    # Version 2: the server id of the server whose key manager holds the private key.
+    Column("owner", _Str, nullable=False, server_default=""),
+    Index("ix_authorities_kind_created_at", "kind", "created_at"),
+)
+
+# ``authorities`` as version 1 created it (step 1 must keep creating exactly this).
+_v1_metadata = MetaData()
+_authorities_v1 = Table(
+    "authorities",
+    _v1_metadata,
+    Column("seq", _AutoId, Identity(), primary_key=True, autoincrement=True),
+    Column("authority_id", _Str, nullable=False, unique=True),
+    Column("kind", String(16), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("tainted", Boolean, nullable=False),
+    Column("not_after", BigInteger, nullable=False),
+    Column("public_data", LargeBinary, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
     Index("ix_authorities_kind_created_at", "kind", "created_at"),
 )
 
@@ -210,10 +235,20 @@ events = Table(
 
 def _step_1_initial(conn: Connection) -> None:
     """Create every table of version 1."""
-    metadata.create_all(conn, tables=[t for t in metadata.sorted_tables if t is not schema_version])
+    frozen = {schema_version, authorities}
+    metadata.create_all(conn, tables=[t for t in metadata.sorted_tables if t not in frozen])
+    _authorities_v1.create(conn)
 
 
-MIGRATIONS: tuple[Callable[[Connection], None], ...] = (_step_1_initial,)
+def _step_2_authority_owner(conn: Connection) -> None:
+    """Add ``authorities.owner`` (``""`` for existing rows: adopted by their key's holder)."""
+    collate = ' COLLATE "C"' if conn.dialect.name == "postgresql" else ""
+    conn.execute(
+        text(f"ALTER TABLE authorities ADD COLUMN owner TEXT{collate} NOT NULL DEFAULT ''")
+    )
+
+
+MIGRATIONS: tuple[Callable[[Connection], None], ...] = (_step_1_initial, _step_2_authority_owner)
 """Ordered steps; step ``n`` (1-based) takes the schema from version ``n - 1`` to ``n``."""
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -80,7 +80,7 @@ from server.datastore.models import (
     MatchBehavior,
     RegistrationEntry,
 )
-from server.datastore.protocol import DataStore
+from server.datastore.protocol import BundleBuilder, DataStore
 from server.datastore.schema import (
     authorities,
     bundles,
@@ -103,6 +103,7 @@ Listener = Callable[[list[Event]], None]
 
 _CHUNK = 1000  # ids per IN (...) list; well under SQLite's and PostgreSQL's parameter limits
 _PG_EVENT_LOCK = 0x637265646F02  # pg_advisory_xact_lock key serialising event writers
+_PG_BUNDLE_LOCK = 0x637265646F03  # pg_advisory_xact_lock key serialising update_bundle
 _AUTHORITY_KINDS = frozenset({"x509", "jwt"})
 _AUTHORITY_STATUSES = frozenset({"prepared", "active", "old"})
 
@@ -710,16 +711,47 @@ class SqlDataStore:
         """Create or replace the bundle for ``trust_domain``."""
         _require(trust_domain, "trust domain")
         with self._transaction(write=True) as tx:
-            values = {"trust_domain": trust_domain, "data": data, "updated_at": tx.now}
-            dialect = pg_dialect if self._is_pg else sqlite_dialect
-            stmt = dialect.insert(bundles).values(**values)
-            tx.conn.execute(
-                stmt.on_conflict_do_update(
-                    index_elements=[bundles.c.trust_domain],
-                    set_={"data": stmt.excluded.data, "updated_at": stmt.excluded.updated_at},
-                )
+            self._upsert_bundle(tx, trust_domain, data)
+
+    def update_bundle(self, trust_domain: str, build: BundleBuilder) -> bytes | None:
+        """Read-modify-write the bundle of ``trust_domain`` in one locked transaction.
+
+        ``build(current, authorities)`` gets the stored bundle bytes (``None``: none yet)
+        and every authority row (all owners, oldest first), both read after taking the
+        bundle lock, so it sees every earlier ``update_bundle`` and authority change; it
+        returns the new bytes, or ``None`` to leave the bundle as it is. Concurrent callers
+        (threads, or servers sharing the database) run one after another: on PostgreSQL
+        through a transaction-scoped advisory lock plus ``SELECT ... FOR UPDATE`` on the
+        row, on SQLite through ``BEGIN IMMEDIATE``. So a sequence number derived from
+        ``current`` is never handed out twice. Returns the bundle stored afterwards.
+        """
+        _require(trust_domain, "trust domain")
+        with self._transaction(write=True) as tx:
+            if self._is_pg:
+                tx.conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_BUNDLE_LOCK})
+            query = select(bundles.c.data).where(bundles.c.trust_domain == trust_domain)
+            if self._is_pg:
+                query = query.with_for_update()
+            raw = tx.conn.execute(query).scalar()
+            current = bytes(raw) if raw is not None else None
+            rows = self._load_authorities(tx.conn, None)
+            data = build(current, rows)
+            if data is None or data == current:
+                return current
+            self._upsert_bundle(tx, trust_domain, data)
+            return data
+
+    def _upsert_bundle(self, tx: _Tx, trust_domain: str, data: bytes) -> None:
+        values = {"trust_domain": trust_domain, "data": data, "updated_at": tx.now}
+        dialect = pg_dialect if self._is_pg else sqlite_dialect
+        stmt = dialect.insert(bundles).values(**values)
+        tx.conn.execute(
+            stmt.on_conflict_do_update(
+                index_elements=[bundles.c.trust_domain],
+                set_={"data": stmt.excluded.data, "updated_at": stmt.excluded.updated_at},
             )
-            self._emit(tx, [(EventKind.BUNDLE_UPDATED, trust_domain)])
+        )
+        self._emit(tx, [(EventKind.BUNDLE_UPDATED, trust_domain)])
 
     def list_bundles(self) -> dict[str, bytes]:
         """Return every stored bundle keyed by trust domain name."""
@@ -763,11 +795,17 @@ class SqlDataStore:
             found = self._load_authorities(tx.conn, authorities.c.authority_id == authority_id)
         return found[0] if found else None
 
-    def list_authorities(self, kind: str | None = None) -> list[Authority]:
-        """Return the authorities of ``kind`` (all when ``None``), oldest first."""
+    def list_authorities(
+        self, kind: str | None = None, owner: str | None = None
+    ) -> list[Authority]:
+        """Return the authorities of ``kind`` and ``owner`` (``None``: any), oldest first."""
         with self._transaction(write=False) as tx:
-            cond = authorities.c.kind == kind if kind is not None else None
-            return self._load_authorities(tx.conn, cond)
+            conds = []
+            if kind is not None:
+                conds.append(authorities.c.kind == kind)
+            if owner is not None:
+                conds.append(authorities.c.owner == owner)
+            return self._load_authorities(tx.conn, and_(*conds) if conds else None)
 
     def update_authority(self, authority: Authority) -> Authority:
         """Replace the authority's fields (``created_at`` of 0 keeps the stored one)."""
@@ -1150,7 +1188,14 @@ class SqlDataStore:
     def _load_authorities(conn: Connection, cond: ColumnElement[bool] | None) -> list[Authority]:
         a = authorities.c
         stmt = select(
-            a.authority_id, a.kind, a.status, a.tainted, a.not_after, a.public_data, a.created_at
+            a.authority_id,
+            a.kind,
+            a.status,
+            a.tainted,
+            a.not_after,
+            a.public_data,
+            a.created_at,
+            a.owner,
         ).order_by(a.created_at, a.seq)
         if cond is not None:
             stmt = stmt.where(cond)
@@ -1163,6 +1208,7 @@ class SqlDataStore:
                 not_after=r[4],
                 public_data=bytes(r[5]),
                 created_at=r[6],
+                owner=r[7],
             )
             for r in conn.execute(stmt)
         ]
@@ -1376,6 +1422,7 @@ def _authority_values(authority: Authority) -> dict[str, Any]:
         "not_after": authority.not_after,
         "public_data": authority.public_data,
         "created_at": authority.created_at,
+        "owner": authority.owner,
     }
 
 

@@ -4,8 +4,7 @@ Needs PostgreSQL at 127.0.0.1:5432 (user ``postgres``, no password), or ``CREDO_
 set to another server's admin URL; skipped with the reason if it cannot be reached. Each test
 creates its own ``credo_it_<random>`` database and drops it afterwards.
 
-Not covered: two servers sharing one database (HA). The CA keys live in a per-server disk key
-manager (``<data-dir>/keys``), so a second server cannot sign with the first one's authorities.
+Two servers sharing one database (high availability) are covered in test_server_ha.py.
 """
 
 from __future__ import annotations
