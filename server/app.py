@@ -39,6 +39,7 @@ import grpc
 from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from credo._files import write_atomically
 from credo._proto.credo.server.v1 import admin_pb2_grpc, agent_pb2_grpc
 from credo.errors import CredoError
 from credo.keys import generate_private_key, private_key_to_pkcs8_pem
@@ -98,15 +99,6 @@ def _private_dir(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(path, 0o700)
     return path
-
-
-def _write_atomically(path: Path, data: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def load_server_id(data_dir: Path) -> str:
@@ -460,7 +452,7 @@ async def _start_endpoints(server: _Server) -> RunningServer:
     await server.frontend.start()
     host, port = server.frontend.address
     data_dir = Path(config.data_dir)
-    _write_atomically(data_dir / "server.addr", f"{host}:{port}\n")
+    write_atomically(data_dir / "server.addr", f"{host}:{port}\n".encode(), 0o644)
     for servicer in server.health:
         await servicer.set("", health_pb2.HealthCheckResponse.SERVING)
         for name in ("credo.server.v1.Agent", "credo.server.v1.Entries"):
