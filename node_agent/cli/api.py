@@ -27,7 +27,7 @@ import click
 
 from credo._files import write_atomically
 from credo.bundle import BundleSet
-from credo.errors import CredoError
+from credo.errors import CredoError, WorkloadApiError
 from credo.workload_client import ENDPOINT_ENV, WorkloadApiClient, X509Context
 
 __all__ = ["api"]
@@ -83,6 +83,17 @@ def _client(socket_path: str, timeout: float | None) -> Iterator[WorkloadApiClie
     try:
         with WorkloadApiClient(socket_path, timeout=timeout) as client:
             yield client
+    except WorkloadApiError as err:
+        if err.code == "UNAVAILABLE":
+            raise _Fail(
+                f"cannot reach the Workload API at {socket_path}: is credo-agent running?"
+            ) from None
+        if err.code == "PERMISSION_DENIED":
+            raise _Fail(
+                f"no identity for this process ({err.message}): is there a registration "
+                "entry whose selectors match it?"
+            ) from None
+        raise _Fail(str(err).replace("\n", " ")) from None
     except CredoError as err:
         raise _Fail(str(err).replace("\n", " ")) from None
     except OSError as err:

@@ -68,7 +68,18 @@ def test_no_identity_is_one_line_error(api: Api) -> None:
     result = CliRunner().invoke(api_cli, ["fetch", "x509", "--socket", api.endpoint])
     assert result.exit_code == 1
     assert result.stderr.strip().count("\n") == 0
-    assert "PERMISSION_DENIED" in result.stderr
+    assert "no identity for this process" in result.stderr
+    assert "registration entry" in result.stderr
+
+
+def test_agent_not_running_is_one_line_error(tmp_path: Path) -> None:
+    """With nothing listening on the socket, the CLI says so in one line and exits 1."""
+    missing = f"unix://{tmp_path}/missing.sock"
+    result = CliRunner().invoke(api_cli, ["fetch", "x509", "--socket", missing, "--timeout", "5"])
+    assert result.exit_code == 1
+    assert result.stderr.strip() == (
+        f"Error: cannot reach the Workload API at {missing}: is credo-agent running?"
+    )
 
 
 def test_watch_prints_updates_until_interrupted(api: Api) -> None:
