@@ -21,13 +21,16 @@ keeps an X509-SVID for each entry it should hold:
 * **Push.** Subscriptions get the full state again on every new or rotated SVID, entry
   change and bundle change. A new subscription whose matching entries have no SVID yet
   waits for them (up to ``svid_wait_timeout``) rather than report "no identity".
-* **JWT-SVIDs** are cached per (SPIFFE ID, audiences) and reused until half their life.
+* **JWT-SVIDs** are cached per (SPIFFE ID, audiences) and reused until half their life;
+  one whose signing key is tainted or left the bundle (revoked) is dropped at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import json
 import logging
 import random
 import time
@@ -120,6 +123,17 @@ class _CachedJwt:
     token: str
     refresh_at: float
     expires_at: float
+
+
+def _jwt_kid(token: str) -> str:
+    """The ``kid`` header of ``token`` (not verified), or "" if it has none."""
+    try:
+        head = token.split(".", 1)[0]
+        header = json.loads(base64.urlsafe_b64decode(head + "=" * (-len(head) % 4)))
+        kid = header.get("kid", "") if isinstance(header, dict) else ""
+    except ValueError:
+        return ""
+    return kid if isinstance(kid, str) else ""
 
 
 def _der(cert: x509.Certificate) -> bytes:
@@ -318,6 +332,21 @@ class CacheManager:
             log.warning(
                 "dropped SVIDs whose authority left the bundle", extra=kv(entries=len(revoked))
             )
+        kids = bundles.bundle.jwt_authorities
+        if kids:
+            # A JWT-SVID signed by a tainted key, or one that left the bundle (revoked), is
+            # not served again: the next fetch mints one with the active key.
+            stale = [
+                k
+                for k, c in self._jwts.items()
+                if _jwt_kid(c.token) not in kids or _jwt_kid(c.token) in bundles.tainted_jwt
+            ]
+            for key in stale:
+                del self._jwts[key]
+            if stale:
+                log.warning(
+                    "dropped JWT-SVIDs of a tainted or revoked key", extra=kv(svids=len(stale))
+                )
         for sub in list(self._bundle_subs):
             sub.notify()
         self._changed()

@@ -89,6 +89,8 @@ class TrustBundles:
     """DER of the own bundle's X.509 authorities marked tainted."""
     federated: Mapping[str, Bundle] = field(default_factory=dict)
     """Trust domain name -> bundle."""
+    tainted_jwt: frozenset[str] = frozenset()
+    """Key IDs of the own bundle's JWT authorities marked tainted."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "federated", MappingProxyType(dict(self.federated)))
@@ -169,8 +171,12 @@ class SyncState:
         try:
             if has_bundle:
                 own, tainted = bundle_from_proto(message.bundle)
+                tainted_jwt = frozenset(
+                    k.key_id for k in message.bundle.jwt_authorities if k.tainted
+                )
             elif current is not None:
                 own, tainted = current.bundle, current.tainted_x509
+                tainted_jwt = current.tainted_jwt
             else:
                 return False
             federated: dict[str, Bundle] = {}
@@ -183,11 +189,12 @@ class SyncState:
         except (CredoError, ValueError) as exc:
             log.warning("ignoring malformed bundle from the server", extra=kv(error=str(exc)))
             return False
-        fresh = TrustBundles(own, tainted, federated)
+        fresh = TrustBundles(own, tainted, federated, tainted_jwt)
         if (
             current is not None
             and current.bundle == fresh.bundle
             and current.tainted_x509 == fresh.tainted_x509
+            and current.tainted_jwt == fresh.tainted_jwt
             and dict(current.federated) == dict(fresh.federated)
         ):
             return False
