@@ -72,6 +72,7 @@ class FakeAgentServer(agent_pb2_grpc.AgentServicer):
         self.jwt_ttl = jwt_ttl
         self.authorities = [make_authority()]
         self.jwt_key = generate_private_key()
+        self.jwt_tainted = False
         self.state = FakeState()
         self.banned = False
         self.can_resume = True
@@ -181,6 +182,7 @@ class FakeAgentServer(agent_pb2_grpc.AgentServicer):
                         serialization.PublicFormat.SubjectPublicKeyInfo,
                     ),
                     key_id="jwt-1",
+                    tainted=self.jwt_tainted,
                 )
             ],
             sequence_number=self.event_id,

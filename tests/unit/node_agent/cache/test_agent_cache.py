@@ -235,6 +235,31 @@ def test_jwt_svid_is_reused_until_half_its_lifetime() -> None:
     run(scenario)
 
 
+def test_cached_jwt_svid_is_dropped_when_its_key_is_tainted() -> None:
+    """A cached JWT-SVID signed by a key that becomes tainted is not served again."""
+
+    async def scenario() -> None:
+        server, client = await _started()
+        server.create_entry("spiffe://example.org/web", ["unix:uid:1000"])
+        async with RunningAgent(server, client) as agent:
+            await wait_until(lambda: bool(agent.cache.matching_identities(UID)))
+            identity = agent.cache.matching_identities(UID)[0]
+            await agent.cache.fetch_jwt_svid(identity, ("a",))
+            assert server.state.jwt_calls == 1
+            server.jwt_tainted = True
+            server.bundle_changed()
+            await wait_until(lambda: bool(agent.cache.bundle_set()))
+            for _ in range(100):  # the bundle change reaches the cache asynchronously
+                await agent.cache.fetch_jwt_svid(identity, ("a",))
+                if server.state.jwt_calls > 1:
+                    break
+                await asyncio.sleep(0.05)
+            assert server.state.jwt_calls == 2
+        await server.stop()
+
+    run(scenario)
+
+
 def test_cached_svids_are_served_while_server_is_down() -> None:
     """After the server goes away, cached SVIDs are still served (until they expire)."""
 
