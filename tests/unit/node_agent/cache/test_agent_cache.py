@@ -62,17 +62,23 @@ def test_renewal_time_is_half_life_with_ten_percent_jitter() -> None:
         server, client = await _started(x509_ttl=1000)
         for i in range(40):
             server.create_entry(f"spiffe://example.org/w/{i}", [f"unix:uid:{i}"], push=False)
+        before = time.time()
         async with RunningAgent(server, client) as agent:
             await wait_until(lambda: agent.cache.size == 40)
+            after = time.time()
             fractions = []
             for entry_id in server.state.entries:
                 svid = agent.cache.cached_svid(entry_id)
                 renew_at = agent.cache.renew_at(entry_id)
                 assert svid is not None and renew_at is not None
-                start = svid.leaf.not_valid_before_utc.timestamp()
+                not_before = svid.leaf.not_valid_before_utc.timestamp()
                 end = svid.leaf.not_valid_after_utc.timestamp()
-                fractions.append((renew_at - start) / (end - start))
-            assert all(0.45 <= f <= 0.55 for f in fractions), fractions
+                # Half-life counts from when the SVID arrived (NotBefore is backdated), some
+                # time between `before` and `after`: bound renew_at for both extremes.
+                earliest, latest = max(not_before, before), max(not_before, after)
+                assert earliest + 0.45 * (end - earliest) <= renew_at, entry_id
+                assert renew_at <= latest + 0.55 * (end - latest), entry_id
+                fractions.append((renew_at - earliest) / (end - earliest))
             assert len({round(f, 4) for f in fractions}) > 1, "renewal times are not jittered"
         await server.stop()
 
