@@ -82,6 +82,15 @@ _GRPC_OPTIONS = [
     ("grpc.max_send_message_length", _MAX_MESSAGE),
     ("grpc.so_reuseport", 0),
 ]
+# The agent endpoint takes requests before any authentication (AttestAgent): do not let
+# a caller make the server buffer 64 MiB per call. Its largest legitimate request, a
+# batch of 500 CSRs, is well under 1 MiB; responses (sync, signed chains) may be larger.
+_MAX_AGENT_REQUEST = 4 * 1024 * 1024
+_AGENT_GRPC_OPTIONS = [
+    ("grpc.max_receive_message_length", _MAX_AGENT_REQUEST),
+    ("grpc.max_send_message_length", _MAX_MESSAGE),
+    ("grpc.so_reuseport", 0),
+]
 
 
 @dataclass(frozen=True)
@@ -382,7 +391,7 @@ async def _build(config: ServerConfig, stop: asyncio.Event) -> _Server:
         await asyncio.to_thread(identity.refresh)
         relay_dir = Path(tempfile.mkdtemp(prefix="credo-relay-"))
         agent_health = health.aio.HealthServicer()
-        agent_grpc = grpc.aio.server(options=_GRPC_OPTIONS)
+        agent_grpc = grpc.aio.server(options=_AGENT_GRPC_OPTIONS)
         agent_pb2_grpc.add_AgentServicer_to_server(agent_api, agent_grpc)
         health_pb2_grpc.add_HealthServicer_to_server(agent_health, agent_grpc)
         agent_grpc.add_insecure_port(f"unix:{relay_dir / 'agent.sock'}")

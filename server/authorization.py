@@ -103,9 +103,14 @@ class EntryIndex:
         self, agent_id: str, node_selectors: Iterable[Selector], now: float | None = None
     ) -> dict[str, RegistrationEntry]:
         """The entries authorized for the agent, by id."""
+        now = time.time() if now is None else now
         roots = [agent_id]
-        roots.extend(alias.spiffe_id for alias in self.matching_aliases(node_selectors))
-        return self._descendants(roots, time.time() if now is None else now)
+        roots.extend(
+            alias.spiffe_id
+            for alias in self.matching_aliases(node_selectors)
+            if not (alias.expires_at and alias.expires_at <= now)
+        )
+        return self._descendants(roots, now)
 
     def descendant_ids(self, parent_ids: Iterable[str]) -> set[str]:
         """Ids of every entry below any of ``parent_ids`` (expired ones included)."""

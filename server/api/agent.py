@@ -30,6 +30,7 @@ from typing import Final
 
 import grpc
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
 from credo._proto.credo.server.v1 import agent_pb2, agent_pb2_grpc, types_pb2
@@ -138,9 +139,12 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         )
         self._sign_limiter = KeyedRateLimiter(config.signing_rate_limit)
         self._authorized: OrderedDict[
-            str, tuple[int, tuple[object, ...], dict[str, RegistrationEntry]]
+            str, tuple[int, tuple[object, ...], dict[str, RegistrationEntry], float]
         ]
         self._authorized = OrderedDict()
+        # Authority certificates by DER, and (authority DER, SVID signature) pairs verified.
+        self._ca_certs: dict[bytes, x509.Certificate] = {}
+        self._issuer_memo: OrderedDict[tuple[bytes, bytes], None] = OrderedDict()
 
     # --- caller identity --------------------------------------------------------------
 
@@ -167,6 +171,13 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             )
         if cert.not_valid_after_utc <= datetime.now(UTC):
             raise ApiError(grpc.StatusCode.UNAUTHENTICATED, "agent SVID expired; attest again")
+        if not await asyncio.to_thread(self._issued_by_live_authority, cert):
+            # The TLS handshake verified it against the bundle of its time; the
+            # authority has since been revoked (or pruned): no longer trusted.
+            raise ApiError(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "agent SVID was signed by an authority that is no longer trusted; attest again",
+            )
         agent_id = str(spiffe_id)
         node = await asyncio.to_thread(self._ds.fetch_attested_node, agent_id)
         if node is None:
@@ -194,6 +205,28 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             return _Caller(agent_id, node)
         raise ApiError(grpc.StatusCode.PERMISSION_DENIED, "agent SVID is not current")
 
+    def _issued_by_live_authority(self, cert: x509.Certificate) -> bool:
+        """True if ``cert`` was signed by an X.509 authority still in the CA journal."""
+        for row in self._ds.list_authorities("x509"):
+            der = bytes(row.public_data)
+            memo_key = (der, cert.signature)
+            if memo_key in self._issuer_memo:
+                return True
+            ca_cert = self._ca_certs.get(der)
+            if ca_cert is None:
+                ca_cert = self._ca_certs[der] = x509.load_der_x509_certificate(der)
+            if ca_cert.subject != cert.issuer:
+                continue
+            try:
+                cert.verify_directly_issued_by(ca_cert)
+            except (ValueError, TypeError, InvalidSignature):
+                continue
+            self._issuer_memo[memo_key] = None
+            while len(self._issuer_memo) > 4096:
+                self._issuer_memo.popitem(last=False)
+            return True
+        return False
+
     def _check_sign_rate(self, agent_id: str) -> None:
         if not self._sign_limiter.allow(agent_id):
             raise ApiError(
@@ -203,14 +236,34 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             )
 
     def _authorized_for(self, caller: _Caller) -> dict[str, RegistrationEntry]:
-        """The caller's authorized entries, memoised per cache version and node selectors."""
+        """The caller's authorized entries, memoised per cache version and node selectors.
+
+        A memo is good only until the first expiry among the entries (and node aliases)
+        it relied on: an entry that expires later is no longer authorized, nor its children.
+        """
         key = (caller.node.selectors,)
+        now = time.time()
         cached = self._authorized.get(caller.agent_id)
-        if cached is not None and cached[0] == self._cache.version and cached[1] == key:
+        if (
+            cached is not None
+            and cached[0] == self._cache.version
+            and cached[1] == key
+            and now < cached[3]
+        ):
             self._authorized.move_to_end(caller.agent_id)
             return cached[2]
-        found = self._cache.index.authorized(caller.agent_id, caller.node.selectors)
-        self._authorized[caller.agent_id] = (self._cache.version, key, found)
+        index = self._cache.index
+        found = index.authorized(caller.agent_id, caller.node.selectors, now)
+        valid_until = min(
+            [e.expires_at for e in found.values() if e.expires_at]
+            + [
+                a.expires_at
+                for a in index.matching_aliases(caller.node.selectors)
+                if a.expires_at > now
+            ],
+            default=float("inf"),
+        )
+        self._authorized[caller.agent_id] = (self._cache.version, key, found, valid_until)
         while len(self._authorized) > 1024:
             self._authorized.popitem(last=False)
         return found

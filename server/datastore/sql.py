@@ -565,24 +565,31 @@ class SqlDataStore:
         return ListAttestedNodesResponse(page, "")
 
     def update_attested_node(self, node: AttestedNode) -> AttestedNode:
-        """Replace every field of the node (``created_at`` kept); :class:`NotFound` if absent."""
+        """Replace every field of the node (``created_at`` kept); :class:`NotFound` if absent.
+
+        A ban is sticky: writing back a copy read before a concurrent ban (a renewal)
+        does not lift it; only deleting the node (eviction) does.
+        """
         with self._transaction(write=True) as tx:
             values = _node_values(replace(node, updated_at=tx.now))
             del values["created_at"]
-            created = tx.conn.execute(
+            if not node.banned:
+                del values["banned"]
+            row = tx.conn.execute(
                 update(nodes)
                 .where(nodes.c.spiffe_id == node.spiffe_id)
                 .values(**values)
-                .returning(nodes.c.created_at)
-            ).scalar()
-            if created is None:
+                .returning(nodes.c.created_at, nodes.c.banned)
+            ).first()
+            if row is None:
                 raise NotFound(f"attested node {node.spiffe_id!r} not found")
+            created, banned = row[0], bool(row[1])
             tx.conn.execute(
                 delete(node_selectors).where(node_selectors.c.spiffe_id == node.spiffe_id)
             )
             self._insert_node_selectors(tx.conn, node.spiffe_id, node.selectors)
             self._emit(tx, [(EventKind.NODE_UPDATED, node.spiffe_id)])
-        return replace(node, created_at=created, updated_at=tx.now)
+        return replace(node, created_at=created, updated_at=tx.now, banned=banned)
 
     def set_node_selectors(self, spiffe_id: str, selectors: Iterable[Selector]) -> AttestedNode:
         """Replace the node's selectors and return the node; :class:`NotFound` if absent."""
