@@ -39,7 +39,11 @@ from node_agent.logging import configure_logging, kv
 from node_agent.sync.entries import TrustBundles
 from node_agent.sync.syncer import EntrySyncer, SyncerConfig
 from node_agent.workload.unix import UnixAttestor, UnixAttestorConfig
-from node_agent.workload_api.server import WorkloadApiServer, WorkloadApiServerConfig
+from node_agent.workload_api.server import (
+    WorkloadApiServer,
+    WorkloadApiServerConfig,
+    check_socket_directory,
+)
 
 __all__ = ["run", "serve"]
 
@@ -56,6 +60,7 @@ class _AdminServer:
 
     async def start(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        check_socket_directory(str(self.path.parent))
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
         server = grpc.aio.server()

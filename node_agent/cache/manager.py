@@ -101,6 +101,9 @@ class CacheConfig:
     backoff_max: float = 30.0
     # Renew at (0.5 ± renew_jitter/2) of an SVID's lifetime: ±10% of half-life.
     renew_jitter: float = 0.1
+    # Most cached JWT-SVIDs; the audiences are chosen by workloads, so the cache is bounded
+    # (least recently used dropped first).
+    jwt_cache_max_size: int = 1000
 
 
 @dataclass
@@ -285,8 +288,9 @@ class CacheManager:
         self._failed_until: dict[str, float] = {}
         self._subs: set[_Subscription] = set()
         self._bundle_subs: set[_BundleSubscription] = set()
-        self._jwts: dict[tuple[str, tuple[str, ...]], _CachedJwt] = {}
-        self._jwt_locks: dict[tuple[str, tuple[str, ...]], asyncio.Lock] = {}
+        self._jwts: OrderedDict[tuple[str, tuple[str, ...]], _CachedJwt] = OrderedDict()
+        # Per-key lock and the number of callers using it; removed when unused.
+        self._jwt_locks: dict[tuple[str, tuple[str, ...]], tuple[asyncio.Lock, list[int]]] = {}
         self._wake = asyncio.Event()
         self.connected = False
         self.batch_calls = 0
@@ -419,25 +423,45 @@ class CacheManager:
     async def fetch_jwt_svid(self, identity: Identity, audience: tuple[str, ...]) -> str:
         """A JWT-SVID for ``identity`` and ``audience``, reused until half its lifetime."""
         key = (str(identity.spiffe_id), tuple(sorted(set(audience))))
-        lock = self._jwt_locks.setdefault(key, asyncio.Lock())
-        async with lock:
-            cached = self._jwts.get(key)
-            if cached is not None and self._clock() < cached.refresh_at:
-                return cached.token
-            try:
-                token, issued_at, expires_at = await self._new_jwt_svid(identity, audience)
-            except JwtSvidUnavailable:
-                if cached is not None and self._clock() < cached.expires_at - 5:
-                    log.warning(
-                        "server unreachable; serving cached JWT-SVID",
-                        extra=kv(spiffe_id=key[0]),
-                    )
+        slot = self._jwt_locks.get(key)
+        if slot is None:
+            slot = self._jwt_locks[key] = (asyncio.Lock(), [0])
+        lock, users = slot
+        users[0] += 1
+        try:
+            async with lock:
+                cached = self._jwts.get(key)
+                if cached is not None and self._clock() < cached.refresh_at:
+                    self._jwts.move_to_end(key)
                     return cached.token
-                raise
-            self._jwts[key] = _CachedJwt(
-                token, issued_at + (expires_at - issued_at) / 2, expires_at
-            )
-            return token
+                try:
+                    token, issued_at, expires_at = await self._new_jwt_svid(identity, audience)
+                except JwtSvidUnavailable:
+                    if cached is not None and self._clock() < cached.expires_at - 5:
+                        log.warning(
+                            "server unreachable; serving cached JWT-SVID",
+                            extra=kv(spiffe_id=key[0]),
+                        )
+                        return cached.token
+                    raise
+                self._jwts[key] = _CachedJwt(
+                    token, issued_at + (expires_at - issued_at) / 2, expires_at
+                )
+                self._jwts.move_to_end(key)
+                self._trim_jwts()
+                return token
+        finally:
+            users[0] -= 1
+            if users[0] == 0 and self._jwt_locks.get(key) is slot:
+                del self._jwt_locks[key]
+
+    def _trim_jwts(self) -> None:
+        """Drop expired JWT-SVIDs, then the least recently used beyond the size limit."""
+        now = self._clock()
+        for key in [k for k, c in self._jwts.items() if c.expires_at <= now]:
+            del self._jwts[key]
+        while len(self._jwts) > max(self.config.jwt_cache_max_size, 0):
+            self._jwts.popitem(last=False)
 
     async def _new_jwt_svid(
         self, identity: Identity, audience: tuple[str, ...]

@@ -9,12 +9,13 @@ connection is accepted:
 * a **pidfd** (``os.pidfd_open``) — it keeps referring to *that* process, never to a later
   one with the same pid, and becomes readable when the process exits;
 * the process **start time** (``/proc/<pid>/stat`` field 22, clock ticks since boot);
-* the **effective uid** reported by ``SO_PEERCRED``;
+* the **effective uid and gid** reported by ``SO_PEERCRED``;
 * the identity (``st_dev``, ``st_ino``) of its **executable** when the agent may stat it.
 
-After attestation, :meth:`PeerProcess.ensure_same_process` re-checks all four and raises
+After attestation, :meth:`PeerProcess.ensure_same_process` re-checks all of them and raises
 :class:`~node_agent.workload.errors.PeerChanged` if the process exited, the pid now names a
-different process, the process switched uid (setuid exec), or it exec'd another binary.
+different process, the process switched uid or gid (setuid/setgid exec), or it exec'd
+another binary.
 Selectors gathered for a pid are only trusted if that check passes afterwards — the
 same defence SPIRE's peertracker applies.
 
@@ -69,11 +70,22 @@ def read_start_time(pid: int) -> int:
 
 def read_effective_uid(pid: int) -> int:
     """The effective uid from ``/proc/<pid>/status`` (second number of ``Uid:``)."""
+    return read_effective_ids(pid)[0]
+
+
+def read_effective_ids(pid: int) -> tuple[int, int]:
+    """Effective uid and gid from ``/proc/<pid>/status`` (second of ``Uid:``, ``Gid:``)."""
+    uid: int | None = None
+    gid: int | None = None
     with open(f"/proc/{pid}/status", "rb") as f:
         for line in f:
             if line.startswith(b"Uid:"):
-                return int(line.split()[2])
-    raise PeerChanged("process status has no Uid line", pid=pid)
+                uid = int(line.split()[2])
+            elif line.startswith(b"Gid:"):
+                gid = int(line.split()[2])
+    if uid is None or gid is None:
+        raise PeerChanged("process status has no Uid/Gid line", pid=pid)
+    return uid, gid
 
 
 def _exe_identity(pid: int) -> tuple[int, int] | None:
@@ -125,7 +137,7 @@ class PeerProcess:
             raise PeerChanged("process exited before it could be tracked", pid=pid) from None
         try:
             start_time = read_start_time(pid)
-            uid = read_effective_uid(pid)
+            uid, gid = read_effective_ids(pid)
             exe = _exe_identity(pid)
             if _exited(pidfd):
                 raise PeerChanged("process exited before it could be tracked", pid=pid)
@@ -133,6 +145,13 @@ class PeerProcess:
                 raise PeerChanged(
                     f"effective uid is {uid}, but the connection was opened as uid "
                     f"{credentials.uid}",
+                    pid=pid,
+                )
+            if gid != credentials.gid:
+                # e.g. it exec'd a setgid binary between connect() and accept()
+                raise PeerChanged(
+                    f"effective gid is {gid}, but the connection was opened as gid "
+                    f"{credentials.gid}",
                     pid=pid,
                 )
         except (FileNotFoundError, ProcessLookupError):
@@ -156,12 +175,16 @@ class PeerProcess:
         try:
             if read_start_time(pid) != self._start_time:
                 raise PeerChanged("pid now names a different process", pid=pid)
-            uid = read_effective_uid(pid)
+            uid, gid = read_effective_ids(pid)
         except (FileNotFoundError, ProcessLookupError):
             raise PeerChanged("process exited", pid=pid) from None
         if uid != self.credentials.uid:
             raise PeerChanged(
                 f"effective uid changed from {self.credentials.uid} to {uid}", pid=pid
+            )
+        if gid != self.credentials.gid:
+            raise PeerChanged(
+                f"effective gid changed from {self.credentials.gid} to {gid}", pid=pid
             )
         if self._exe is not None and _exe_identity(pid) != self._exe:
             raise PeerChanged("process now runs a different executable", pid=pid)

@@ -180,6 +180,12 @@ class PeerTrackingProxy:
         self.public_path = public_path
         self._own_dir = private_dir is None
         self.private_dir = private_dir or tempfile.mkdtemp(prefix="credo-wl-")
+        st = os.lstat(self.private_dir)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+            # Whoever owns it could bind names in it and pose as another connection.
+            raise PermissionError(
+                f"private directory {self.private_dir} must be a directory owned by the agent"
+            )
         os.chmod(self.private_dir, 0o700)
         self.internal_path = os.path.join(self.private_dir, "api.sock")
         self.peers: dict[str, PeerProcess] = {}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 from dataclasses import dataclass
 
 from grpc import aio
@@ -21,7 +22,12 @@ from node_agent.workload.tracker import PeerTrackingProxy
 from node_agent.workload_api.handler import WorkloadApiServicer
 from node_agent.workload_api.manager import Manager
 
-__all__ = ["DEFAULT_SOCKET_PATH", "WorkloadApiServer", "WorkloadApiServerConfig"]
+__all__ = [
+    "DEFAULT_SOCKET_PATH",
+    "WorkloadApiServer",
+    "WorkloadApiServerConfig",
+    "check_socket_directory",
+]
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +47,40 @@ class WorkloadApiServerConfig:
     allow_unauthenticated_verifiers: bool = False
 
 
+def check_socket_directory(directory: str) -> None:
+    """Refuse a socket directory another local user could tamper with.
+
+    The default lives under ``/tmp``: a user who created ``/tmp/credo-agent`` (or
+    ``public``) first, or owns any directory on the way, could later swap ``api.sock`` for
+    a socket of their own and serve every workload forged bundles (and collect the JWT-SVIDs
+    sent to ``ValidateJWTSVID``). Every component of the path must be owned by root or by
+    the agent's user, and a directory others may write to must be sticky (like ``/tmp``).
+    """
+    euid = os.geteuid()
+    for start in {os.path.abspath(directory), os.path.realpath(directory)}:
+        path = start
+        while True:
+            st = os.lstat(path)
+            if st.st_uid not in (0, euid):
+                raise PermissionError(
+                    f"socket directory {directory}: {path} is owned by uid {st.st_uid}, not "
+                    f"by root or the agent (uid {euid}); remove it or choose another --socket"
+                )
+            if (
+                path != start  # the socket directory itself is set to 0755 next
+                and stat.S_ISDIR(st.st_mode)
+                and st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+                and not st.st_mode & stat.S_ISVTX
+            ):
+                raise PermissionError(
+                    f"socket directory {directory}: {path} is writable by other users"
+                )
+            parent = os.path.dirname(path)
+            if parent == path:
+                break
+            path = parent
+
+
 class WorkloadApiServer:
     """Serves the SPIFFE Workload API on a Unix socket; ``start()`` then ``stop()``."""
 
@@ -57,6 +97,7 @@ class WorkloadApiServer:
         """Create the socket directory (0755), remove a stale socket, and start serving."""
         directory = os.path.dirname(os.path.abspath(self.config.socket_path))
         os.makedirs(directory, mode=0o755, exist_ok=True)
+        check_socket_directory(directory)
         os.chmod(directory, 0o755)
         proxy = PeerTrackingProxy(self.config.socket_path, self.config.private_dir)
         server = aio.server()
