@@ -50,6 +50,7 @@ from credo._proto.credo.server.v1 import (
     agent_pb2_grpc,
     types_pb2,
 )
+from credo._reserved import SERVER_TLS_NAME
 from credo.keys import PrivateKey, generate_private_key, private_key_to_pkcs8_pem
 
 __all__ = [
@@ -473,7 +474,7 @@ def _roots_pem(bundle: Any) -> bytes:
 
 
 # The server SVID carries DNS SAN "localhost"; we connect to 127.0.0.1 and check that name.
-_TLS_OPTIONS = [("grpc.ssl_target_name_override", "localhost"), *_GRPC_OPTIONS]
+_TLS_OPTIONS = [("grpc.ssl_target_name_override", SERVER_TLS_NAME), *_GRPC_OPTIONS]
 
 
 @dataclass

@@ -10,8 +10,15 @@ if [ ! -x .venv/bin/python ]; then
 fi
 STAMP=.venv/.credo-installed
 if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
-    .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip >/dev/null
-    .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[test,dev]"
+    echo "installing Credo and its test tools into .venv (first run, or pyproject.toml changed)..." >&2
+    LOG=.venv/install.log
+    if ! { .venv/bin/python -m pip install --disable-pip-version-check --upgrade pip \
+           && .venv/bin/python -m pip install --disable-pip-version-check -e ".[test,dev]"; } \
+           >"$LOG" 2>&1; then
+        tail -n 30 "$LOG" >&2
+        echo "scripts: installing into .venv failed; the full log is $LOG" >&2
+        exit 1
+    fi
     touch "$STAMP"
 fi
 export PATH="$ROOT/.venv/bin:$PATH"

@@ -8,12 +8,13 @@ moves to the next one (round-robin). :meth:`AgentSession.run_renewal` renews the
 half its lifetime with a new key and rebuilds the channels.
 
 Server verification. The server presents its SVID ``spiffe://<td>/credo/server``, which
-carries the DNS SAN ``localhost``. gRPC checks the chain against the trust bundle and the
-host name; since the server's certificate does not name the host the agent dials, every
-channel sets ``grpc.ssl_target_name_override=localhost``. That alone would accept any
-SVID of the trust domain with that DNS name, so before a channel is first used the agent
-makes one TLS handshake of its own (same trust bundle) and checks that the certificate's
-URI SAN is exactly the server's SPIFFE ID (:func:`verify_server_identity`).
+carries the DNS SAN ``server.credo.invalid`` (:data:`credo._reserved.SERVER_TLS_NAME`,
+a name the server refuses to put in any other SVID). gRPC checks the chain against the
+trust bundle and the host name; since the server's certificate does not name the host the
+agent dials, every channel sets ``grpc.ssl_target_name_override`` to that name. As a
+second line of defence, before a channel is first used the agent makes one TLS handshake
+of its own (same trust bundle) and checks that the certificate's URI SAN is exactly the
+server's SPIFFE ID (:func:`verify_server_identity`).
 
 With ``insecure_bootstrap`` (no trust bundle) the first attestation trusts whatever
 certificate the server presents, and says so loudly; afterwards the bundle returned by
@@ -44,6 +45,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
 from credo._proto.credo.server.v1 import agent_pb2, agent_pb2_grpc
+from credo._reserved import SERVER_TLS_NAME
 from credo.bundle import load_certificates
 from credo.errors import CredoError
 from credo.keys import PrivateKey, generate_private_key
@@ -69,7 +71,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_TARGET_NAME = "localhost"
+_TARGET_NAME = SERVER_TLS_NAME
 _CHANNEL_RETIRE_GRACE = 10.0
 
 

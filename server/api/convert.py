@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from credo._proto.credo.server.v1 import types_pb2
+from credo._reserved import SERVER_TLS_NAME, is_reserved_dns_name
 from credo.bundle import Bundle
 from credo.errors import InvalidSelector, InvalidSpiffeId
 from credo.keys import PublicKey
@@ -94,6 +95,11 @@ def validate_dns_name(name: str, field: str) -> str:
     if not name or len(name) > 253 or not labels or not all(_DNS_LABEL.match(x) for x in labels):
         raise InvalidField(
             field, f"{name!r} is not a valid DNS name; expected labels of letters, digits and '-'"
+        )
+    if is_reserved_dns_name(name):
+        raise InvalidField(
+            field,
+            f"{name!r} is reserved for the Credo server's own certificate ({SERVER_TLS_NAME})",
         )
     return name
 

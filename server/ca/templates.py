@@ -8,7 +8,8 @@ signs it. The X509-SVID shape itself (SANs, key usage, extensions) comes from
 * every leaf is valid from ``now - 10s`` (clock skew) to ``min(now + ttl, CA NotAfter)``;
 * workload SVIDs carry the entry's SPIFFE ID and DNS names;
 * agent SVIDs carry the agent's SPIFFE ID and no DNS names;
-* the server's own SVID is ``spiffe://<td>/credo/server`` with DNS SANs (``localhost``);
+* the server's own SVID is ``spiffe://<td>/credo/server`` with DNS SANs
+  (``server.credo.invalid``, ``localhost``);
 * a CA certificate is a self-signed root, or an intermediate under an upstream CA, with
   NotAfter capped at the upstream certificate's.
 """
@@ -20,6 +21,7 @@ from datetime import datetime, timedelta
 
 from cryptography import x509
 
+from credo._reserved import SERVER_TLS_NAME
 from credo.keys import PublicKey
 from credo.spiffe_id import SpiffeId, TrustDomain
 from credo.x509svid import BACKDATE, ca_certificate_template, x509_svid_template
@@ -35,7 +37,8 @@ __all__ = [
 ]
 
 SERVER_ID_PATH = ("credo", "server")
-DEFAULT_SERVER_DNS_NAMES: tuple[str, ...] = ("localhost",)
+# SERVER_TLS_NAME is what agents verify (see credo._reserved); localhost is for local tools.
+DEFAULT_SERVER_DNS_NAMES: tuple[str, ...] = (SERVER_TLS_NAME, "localhost")
 
 
 def _leaf_window(

@@ -143,6 +143,29 @@ def test_server_with_wrong_spiffe_id_is_not_trusted(tmp_path: Path) -> None:
     run(scenario)
 
 
+def test_server_certificate_without_the_reserved_name_is_not_trusted(tmp_path: Path) -> None:
+    """A certificate from our CA that names only ``localhost`` (as a workload SVID may) is refused.
+
+    Agents check the server against ``server.credo.invalid``, a name the server never puts
+    in a workload SVID, so a workload holding a ``localhost`` SVID cannot pose as the server.
+    """
+
+    async def scenario() -> None:
+        server = FakeAgentServer()
+        server.server_dns_names = ("localhost",)
+        server.join_tokens.add("tok-4")
+        address = await server.start(tls=True)
+        session = _session(
+            address, tmp_path, trust_bundle=_bundle_file(server, tmp_path), join_token="tok-4"
+        )
+        with pytest.raises(ServerUnreachable):
+            await session.start()
+        assert server.attest_calls == 0
+        await server.stop()
+
+    run(scenario)
+
+
 def test_insecure_bootstrap_attests_without_bundle(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

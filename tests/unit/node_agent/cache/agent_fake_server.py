@@ -22,6 +22,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
 from credo._proto.credo.server.v1 import agent_pb2, agent_pb2_grpc, types_pb2
+from credo._reserved import SERVER_TLS_NAME
 from credo.jwtsvid import sign_jwt_svid
 from credo.keys import PrivateKey, generate_private_key
 from credo.spiffe_id import SpiffeId, TrustDomain
@@ -84,6 +85,7 @@ class FakeAgentServer(agent_pb2_grpc.AgentServicer):
         self.server: grpc.aio.Server | None = None
         self.address = ""
         self.server_spiffe_id = "spiffe://example.org/credo/server"
+        self.server_dns_names: tuple[str, ...] = (SERVER_TLS_NAME, "localhost")
         self.join_tokens: set[str] = set()
         self.attest_calls = 0
         self.renew_calls = 0
@@ -112,7 +114,7 @@ class FakeAgentServer(agent_pb2_grpc.AgentServicer):
             self.server = None
 
     def server_svid_pem(self) -> tuple[bytes, bytes]:
-        """(key PEM, cert PEM) of the server's SVID: ``server_spiffe_id`` + DNS localhost."""
+        """(key PEM, cert PEM) of the server's SVID: ``server_spiffe_id`` + ``server_dns_names``."""
         import ipaddress
 
         authority = self.authorities[0]
@@ -131,7 +133,7 @@ class FakeAgentServer(agent_pb2_grpc.AgentServicer):
                 x509.SubjectAlternativeName(
                     [
                         x509.UniformResourceIdentifier(self.server_spiffe_id),
-                        x509.DNSName("localhost"),
+                        *(x509.DNSName(name) for name in self.server_dns_names),
                         x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
                     ]
                 ),

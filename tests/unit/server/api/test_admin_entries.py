@@ -71,6 +71,10 @@ def test_create_get_update_delete_round_trip(server: InProcessServer) -> None:
         (entry(x509_svid_ttl=-1), "entries[1].x509_svid_ttl"),
         (entry(jwt_svid_ttl=-5), "entries[1].jwt_svid_ttl"),
         (entry(dns_names=["bad name"]), "entries[1].dns_names[0]"),
+        # Reserved for the server's own certificate: a workload holding it could pose as the
+        # server to agents.
+        (entry(dns_names=["ok.example.org", "server.credo.invalid"]), "entries[1].dns_names[1]"),
+        (entry(dns_names=["*.CREDO.invalid"]), "entries[1].dns_names[0]"),
         (entry(federates_with=["Not A TD"]), "entries[1].federates_with[0]"),
         (entry("spiffe://example.org/credo/agent/x"), "entries[1].spiffe_id"),
     ],

@@ -50,7 +50,7 @@ def test_svid_ttl_is_capped_at_ca_not_after(make_manager: MakeManager, clock: Fa
 
 
 def test_agent_and_server_svids(make_manager: MakeManager, clock: FakeClock) -> None:
-    """Agent SVIDs carry no DNS names; the server SVID is spiffe://<td>/credo/server + localhost."""
+    """Agent SVIDs carry no DNS names; the server SVID has its reserved TLS name and localhost."""
     manager = make_manager()
     manager.start()
     agent_id = SpiffeId.from_segments(TD, "credo", "agent", "join_token", "t1")
@@ -62,7 +62,7 @@ def test_agent_and_server_svids(make_manager: MakeManager, clock: FakeClock) -> 
         "spiffe://example.org/credo/server"
     )
     san = server[0].extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert san.get_values_for_type(x509.DNSName) == ["localhost"]
+    assert san.get_values_for_type(x509.DNSName) == ["server.credo.invalid", "localhost"]
     assert server[0].not_valid_after_utc == clock() + timedelta(seconds=60)
 
 
