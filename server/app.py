@@ -299,7 +299,28 @@ class _Server:
 
 
 def _prepare_admin_socket(path: Path) -> None:
-    _private_dir(path.parent)
+    """Make the socket's directory private (0700), refusing one that others can reach.
+
+    A directory Credo creates is made 0700. An existing one is never chmod'ed: pointing
+    ``--admin-socket`` at ``/tmp/api.sock`` must not lock everyone else out of ``/tmp``,
+    and a directory others can enter would let them reach the admin API.
+    """
+    parent = path.parent
+    if parent.exists():
+        st = parent.stat()
+        if st.st_uid != os.geteuid():
+            raise OSError(
+                f"admin socket directory {parent} is owned by uid {st.st_uid}, not by this "
+                f"server's uid {os.geteuid()}"
+            )
+        if st.st_mode & 0o077:
+            raise OSError(
+                f"admin socket directory {parent} is open to other users (mode "
+                f"{stat.S_IMODE(st.st_mode):o}); the admin socket needs a private (0700) "
+                "directory of its own, e.g. /tmp/credo-server/private/api.sock"
+            )
+    else:
+        _private_dir(parent)
     if path.exists() or path.is_symlink():
         if not stat.S_ISSOCK(path.lstat().st_mode):
             raise OSError(f"admin socket path {path} exists and is not a socket")

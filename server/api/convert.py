@@ -182,6 +182,9 @@ def entry_from_proto(
     )
 
 
+_CSR_CURVES = frozenset({"secp256r1", "secp384r1", "secp521r1"})
+
+
 def parse_csr(data: bytes, field: str) -> PublicKey:
     """Parse a DER PKCS#10 CSR, check its signature and key type; return its public key.
 
@@ -194,20 +197,29 @@ def parse_csr(data: bytes, field: str) -> PublicKey:
     except ValueError:
         raise InvalidField(field, "is not a DER PKCS#10 certificate request") from None
     try:
-        valid = csr.is_signature_valid
         key = csr.public_key()
+    except (ValueError, TypeError, UnsupportedAlgorithm) as err:
+        raise InvalidField(field, f"cannot read the request's public key: {err}") from None
+    if not isinstance(key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey):
+        raise InvalidField(
+            field, f"key type {type(key).__name__} is not supported; expected an EC or RSA key"
+        )
+    if isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name not in _CSR_CURVES:
+        raise InvalidField(
+            field,
+            f"EC curve {key.curve.name} is not supported; expected one of "
+            f"{', '.join(sorted(_CSR_CURVES))}",
+        )
+    if isinstance(key, rsa.RSAPublicKey) and key.key_size < 2048:
+        raise InvalidField(field, f"RSA key of {key.key_size} bits is too small; expected >= 2048")
+    try:
+        valid = csr.is_signature_valid
     except (ValueError, TypeError, UnsupportedAlgorithm) as err:
         raise InvalidField(field, f"cannot check the request's signature: {err}") from None
     if not valid:
         raise InvalidField(
             field, "signature does not verify; the request was not signed by its key"
         )
-    if not isinstance(key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey):
-        raise InvalidField(
-            field, f"key type {type(key).__name__} is not supported; expected an EC or RSA key"
-        )
-    if isinstance(key, rsa.RSAPublicKey) and key.key_size < 2048:
-        raise InvalidField(field, f"RSA key of {key.key_size} bits is too small; expected >= 2048")
     return key
 
 

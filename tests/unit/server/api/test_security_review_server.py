@@ -149,3 +149,28 @@ def test_stale_node_update_does_not_lift_a_ban(tmp_path: Path) -> None:
         assert node is not None and node.banned
     finally:
         ds.close()
+
+
+def test_csr_for_a_weak_curve_is_refused(server: InProcessServer) -> None:
+    """A CSR whose key is on a curve other than P-256/384/521 gets a per-item INVALID_ARGUMENT."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    agent = server.attest(server.create_join_token())
+    entry_id = create_entry(server, "spiffe://example.org/weak", agent.agent_id)
+    weak = make_csr(ec.generate_private_key(ec.SECP256K1()))  # type: ignore[arg-type]
+    good = make_csr()
+    results = sign(agent, (entry_id, weak), (entry_id, good)).results
+    assert results[0].status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "curve secp256k1 is not supported" in results[0].status.message
+    assert results[1].status.code == 0
+
+
+def test_admin_socket_in_a_shared_directory_is_refused_and_left_alone(tmp_path: Path) -> None:
+    """An admin socket in a directory others can enter fails start, and the mode is untouched."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    server = InProcessServer(tmp_path, admin_socket=shared / "api.sock")
+    with pytest.raises(OSError, match="open to other users"):
+        server.start()
+    assert shared.stat().st_mode & 0o7777 == 0o1777
