@@ -428,6 +428,11 @@ class SvidsService(admin_pb2_grpc.SvidsServicer):
         spiffe_id = validate_spiffe_id(text, self._config.trust_domain, "spiffe_id")
         if not spiffe_id.path:
             raise InvalidField("spiffe_id", "must have a path; the trust domain ID is not allowed")
+        if (spiffe_id.path + "/").startswith(RESERVED_PATH_PREFIX):
+            raise InvalidField(
+                "spiffe_id",
+                f"paths under {RESERVED_PATH_PREFIX} are reserved for the server and its agents",
+            )
         return spiffe_id
 
     @staticmethod

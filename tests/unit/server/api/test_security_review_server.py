@@ -174,3 +174,20 @@ def test_admin_socket_in_a_shared_directory_is_refused_and_left_alone(tmp_path: 
     with pytest.raises(OSError, match="open to other users"):
         server.start()
     assert shared.stat().st_mode & 0o7777 == 0o1777
+
+
+@pytest.mark.parametrize("path", ["/credo/server", "/credo/agent/join_token/x", "/credo"])
+def test_admin_cannot_mint_reserved_ids(server: InProcessServer, path: str) -> None:
+    """Minting an SVID for the server's or an agent's reserved ID is INVALID_ARGUMENT."""
+    stub = admin_pb2_grpc.SvidsStub(server.admin_channel())
+    with pytest.raises(grpc.RpcError) as err:
+        stub.MintJWTSVID(
+            admin_pb2.MintJWTSVIDRequest(spiffe_id=f"spiffe://example.org{path}", audience=["a"])
+        )
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "reserved" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        stub.MintX509SVID(
+            admin_pb2.MintX509SVIDRequest(spiffe_id=f"spiffe://example.org{path}", csr=make_csr())
+        )
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
