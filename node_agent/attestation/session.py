@@ -51,6 +51,7 @@ from credo.errors import CredoError
 from credo.keys import PrivateKey, generate_private_key
 from credo.spiffe_id import SpiffeId, TrustDomain
 from credo.x509svid import X509Svid
+from node_agent.attestation.anchor import find_anchor
 from node_agent.attestation.errors import (
     AgentBanned,
     AttestationRejected,
@@ -206,6 +207,7 @@ class AgentSession:
         self._verified: set[str] = set()
         self._retiring: set[asyncio.Task[None]] = set()
         self._changed = asyncio.Event()
+        self._renew_now = asyncio.Event()
         self.server_id = SpiffeId.from_segments(config.trust_domain, "credo", "server")
 
     # --- state -------------------------------------------------------------------------
@@ -444,8 +446,22 @@ class AgentSession:
         """An event set the next time the SVID or trust bundle is replaced."""
         return self._changed
 
-    def set_authorities(self, authorities: tuple[x509.Certificate, ...]) -> None:
-        """Trust ``authorities`` for the server from now on (the bundle changed)."""
+    def set_authorities(
+        self,
+        authorities: tuple[x509.Certificate, ...],
+        tainted: frozenset[bytes] = frozenset(),
+    ) -> None:
+        """Trust ``authorities`` for the server from now on (the bundle changed).
+
+        ``tainted`` holds the DER of authorities marked tainted: if the agent's own SVID was
+        signed by one, it is renewed at once (as workload SVIDs are), so that revoking that
+        authority later does not cut the agent off.
+        """
+        if tainted and self._svid is not None:
+            anchor = find_anchor(self._svid.cert_chain, authorities or self._authorities)
+            if anchor is not None and anchor in tainted and not self._renew_now.is_set():
+                log.warning("agent SVID was signed by a tainted authority; renewing it now")
+                self._renew_now.set()
         if not authorities or set(authorities) == set(self._authorities):
             return
         try:
@@ -507,10 +523,13 @@ class AgentSession:
         delay = 1.0
         while True:
             wait = self.renew_at() - self._clock()
-            if wait > 0:
-                await asyncio.sleep(wait)
+            if wait > 0 and not self._renew_now.is_set():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait):
+                        await self._renew_now.wait()
             try:
                 await self.renew()
+                self._renew_now.clear()
                 delay = 1.0
             except (grpc.aio.AioRpcError, ServerUnreachable, AttestationRejected) as exc:
                 text = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)

@@ -29,19 +29,17 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import json
 import logging
 import random
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import grpc
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
 from credo._proto.credo.server.v1 import agent_pb2
 from credo.bundle import Bundle, BundleSet
@@ -51,6 +49,7 @@ from credo.keys import PrivateKey, generate_private_key
 from credo.selector import Selector
 from credo.spiffe_id import SpiffeId, TrustDomain
 from credo.x509svid import X509Svid, leaf_spiffe_id
+from node_agent.attestation.anchor import find_anchor
 from node_agent.attestation.errors import ServerUnreachable
 from node_agent.attestation.session import make_csr
 from node_agent.cache.errors import JwtSvidUnavailable
@@ -137,47 +136,6 @@ def _jwt_kid(token: str) -> str:
     except ValueError:
         return ""
     return kid if isinstance(kid, str) else ""
-
-
-def _der(cert: x509.Certificate) -> bytes:
-    return cert.public_bytes(serialization.Encoding.DER)
-
-
-def _key_id(cert: x509.Certificate, kind: type[Any]) -> bytes | None:
-    try:
-        ext = cert.extensions.get_extension_for_class(kind).value
-    except (x509.ExtensionNotFound, ValueError):
-        return None
-    if isinstance(ext, x509.SubjectKeyIdentifier):
-        return ext.digest
-    if isinstance(ext, x509.AuthorityKeyIdentifier):
-        return ext.key_identifier
-    return None
-
-
-def find_anchor(
-    chain: tuple[x509.Certificate, ...], authorities: Iterable[x509.Certificate]
-) -> bytes | None:
-    """The DER of the authority in ``authorities`` that ``chain`` (leaf first) leads to."""
-    by_der = {_der(a): a for a in authorities}
-    for cert in chain:
-        der = _der(cert)
-        if der in by_der:
-            return der
-    top = chain[-1]
-    aki = _key_id(top, x509.AuthorityKeyIdentifier)
-    for der, authority in by_der.items():
-        if top.issuer != authority.subject:
-            continue
-        ski = _key_id(authority, x509.SubjectKeyIdentifier)
-        if aki is not None and ski is not None:
-            if aki == ski:
-                return der
-            continue
-        with contextlib.suppress(ValueError, TypeError, Exception):
-            top.verify_directly_issued_by(authority)
-            return der
-    return None
 
 
 class _Subscription:

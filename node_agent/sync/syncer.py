@@ -48,8 +48,10 @@ class SyncSession(Protocol):
         """Raise AgentBanned when ``err`` says the agent is banned."""
         ...
 
-    def set_authorities(self, authorities: tuple[x509.Certificate, ...]) -> None:
-        """Trust these X.509 authorities for the server from now on."""
+    def set_authorities(
+        self, authorities: tuple[x509.Certificate, ...], tainted: frozenset[bytes] = ...
+    ) -> None:
+        """Trust these X.509 authorities for the server from now on (DER of tainted ones)."""
         ...
 
     def credentials_changed(self) -> asyncio.Event:
@@ -165,7 +167,9 @@ class EntrySyncer:
         async for message in call:
             entries_changed, bundles_changed = self.state.apply(message)
             if bundles_changed and self.state.bundles is not None:
-                self.session.set_authorities(self.state.bundles.bundle.x509_authorities)
+                self.session.set_authorities(
+                    self.state.bundles.bundle.x509_authorities, self.state.bundles.tainted_x509
+                )
                 self.listener.update_bundles(self.state.bundles)
             entries_pending = entries_pending or entries_changed or message.full
             if entries_pending and self.state.complete:

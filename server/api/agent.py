@@ -86,6 +86,7 @@ class AgentApiConfig:
 class _Caller:
     agent_id: str
     node: AttestedNode
+    certificate: x509.Certificate | None = None
 
 
 def _serial(cert: x509.Certificate) -> str:
@@ -189,7 +190,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             raise ApiError(grpc.StatusCode.PERMISSION_DENIED, "agent is banned")
         serial = _serial(cert)
         if serial == node.cert_serial:
-            return _Caller(agent_id, node)
+            return _Caller(agent_id, node, cert)
         if node.new_cert_serial and serial == node.new_cert_serial:
             # The agent uses its renewed SVID: from now on only that one is accepted.
             node = await asyncio.to_thread(
@@ -202,7 +203,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
                     new_cert_not_after=0,
                 ),
             )
-            return _Caller(agent_id, node)
+            return _Caller(agent_id, node, cert)
         raise ApiError(grpc.StatusCode.PERMISSION_DENIED, "agent SVID is not current")
 
     def _issued_by_live_authority(self, cert: x509.Certificate) -> bool:
@@ -586,8 +587,23 @@ class AgentService(agent_pb2_grpc.AgentServicer):
                 },
             )
             sent = {i: e.revision_number for i, e in authorized.items()}
+            cert = caller.certificate
+            expires = cert.not_valid_after_utc.timestamp() if cert is not None else None
             while True:
-                events = await self._next_events(sub)
+                events = await self._next_events(sub, until=expires)
+                if expires is not None and time.time() >= expires:
+                    # The stream outlived the SVID it was opened with: the agent must come
+                    # back with its renewed one (its next call would be refused anyway).
+                    raise ApiError(grpc.StatusCode.UNAUTHENTICATED, "agent SVID expired; reconnect")
+                if (
+                    cert is not None
+                    and any(e.kind in _BUNDLE_EVENTS for e in events)
+                    and not await asyncio.to_thread(self._issued_by_live_authority, cert)
+                ):
+                    raise ApiError(
+                        grpc.StatusCode.UNAUTHENTICATED,
+                        "agent SVID was signed by an authority that is no longer trusted",
+                    )
                 if any(e.kind in _NODE_EVENTS and e.subject == agent_id for e in events):
                     fresh = await asyncio.to_thread(self._ds.fetch_attested_node, agent_id)
                     if fresh is None:
@@ -623,16 +639,23 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         finally:
             self._cache.unsubscribe(sub)
 
-    async def _next_events(self, sub: Subscription) -> list[Event]:
+    async def _next_events(self, sub: Subscription, until: float | None = None) -> list[Event]:
+        """The next events for ``sub``; ``[]`` once the wall-clock time ``until`` is reached."""
         waiter = asyncio.ensure_future(sub.wait())
         stopper = asyncio.ensure_future(self._stopping.wait())
+        timeout = None if until is None else max(0.0, until - time.time())
         try:
-            await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(
+                {waiter, stopper}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
         finally:
             stopper.cancel()
-        if not waiter.done():
+        if stopper.done() and not stopper.cancelled() and not waiter.done():
             waiter.cancel()
             raise ApiError(grpc.StatusCode.UNAVAILABLE, "server is shutting down; reconnect")
+        if not waiter.done():
+            waiter.cancel()
+            return []
         return waiter.result()
 
 

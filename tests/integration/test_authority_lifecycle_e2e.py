@@ -297,6 +297,16 @@ def test_revoking_the_old_x509_authority_removes_it_from_workload_bundles(
     for svid in context.x509_svids:
         assert _aki(svid.leaf) in authorities
         assert str(verify_x509_svid(svid.cert_chain, own_bundle)) == WORKLOAD
+    # The agent's own SVID was signed by the old CA too: taint made the agent renew it, so
+    # the revoke did not cut the agent off. It still syncs and signs: a new entry arrives.
+    agent_svid = load_certificates((agent.data_dir / "agent_svid.pem").read_bytes())[0]
+    assert _aki(agent_svid) == new
+    create_entry(server, agent.spiffe_id, WORKLOAD + "-after-revoke")
+    wait_for(
+        lambda: sorted(agent.fetch_ids()) == [WORKLOAD, WORKLOAD + "-after-revoke"],
+        REACT_TIMEOUT,
+        "an entry created after the revoke",
+    )
     # py-spiffe's own bundle fetch agrees.
     with agent.client() as client:
         fetched = client.fetch_x509_bundles(timeout=CALL_TIMEOUT)

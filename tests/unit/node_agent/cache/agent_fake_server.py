@@ -387,7 +387,9 @@ class InsecureClient:
         if is_banned(err):
             raise AgentBanned(str(AGENT_ID))
 
-    def set_authorities(self, authorities: tuple[x509.Certificate, ...]) -> None:
+    def set_authorities(
+        self, authorities: tuple[x509.Certificate, ...], tainted: frozenset[bytes] = frozenset()
+    ) -> None:
         self.authorities = authorities
 
     def credentials_changed(self) -> asyncio.Event:

@@ -191,3 +191,20 @@ def test_admin_cannot_mint_reserved_ids(server: InProcessServer, path: str) -> N
             admin_pb2.MintX509SVIDRequest(spiffe_id=f"spiffe://example.org{path}", csr=make_csr())
         )
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_sync_stream_ends_when_the_agent_svid_expires(tmp_path: Path) -> None:
+    """An entry stream opened with an agent SVID ends (UNAUTHENTICATED) once that SVID expires."""
+    with InProcessServer(tmp_path, agent_svid_ttl=3) as server:
+        agent = server.attest(server.create_join_token())
+        with agent.channel() as ch:
+            stream = agent_pb2_grpc.AgentStub(ch).SyncEntries(
+                agent_pb2.SyncEntriesRequest(), timeout=60
+            )
+            first = next(stream)
+            assert first.full
+            with pytest.raises(grpc.RpcError) as err:
+                for _ in stream:
+                    pass
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "expired" in err.value.details()
