@@ -49,17 +49,16 @@ def test_update_moves_entry_between_parents_and_expired_are_skipped() -> None:
     assert len(index) == 1
 
 
-def test_100k_entries_index_and_lookup_fast() -> None:
-    """Indexing 100,000 entries and one agent's lookup stay well inside the startup budget."""
+def test_100k_entries_index_and_lookup() -> None:
+    """100,000 entries index, and one agent's lookup finds exactly its own 100.
+
+    How long this takes is measured by benchmarks/entries.py (start_100k_s), not here.
+    """
     entries = [
         e(f"id{i}", f"spiffe://td/w{i}", f"spiffe://td/credo/agent/{i % 1000}")
         for i in range(100_000)
     ]
-    started = time.perf_counter()
     index = EntryIndex(entries)
-    built = time.perf_counter() - started
-    started = time.perf_counter()
     found = index.authorized("spiffe://td/credo/agent/7", [])
-    lookup = time.perf_counter() - started
     assert len(found) == 100
-    assert built < 2.0 and lookup < 0.05
+    assert all(e.parent_id == "spiffe://td/credo/agent/7" for e in found.values())
