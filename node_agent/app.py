@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import resource
 import signal
 import sys
 from pathlib import Path
@@ -178,6 +179,16 @@ def _find(
     return None
 
 
+def _raise_open_file_limit() -> None:
+    """Lift the soft open-file limit to the hard one: each workload connection holds a few
+    descriptors, and a default soft limit of 1024 would cap the agent at a few hundred."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
 def run(config: AgentConfig) -> int:
     """Run the agent until SIGTERM/SIGINT; return the process exit code.
 
@@ -185,6 +196,7 @@ def run(config: AgentConfig) -> int:
     logged and printed as one line on stderr).
     """
     configure_logging(config.log_level, config.log_format)
+    _raise_open_file_limit()
 
     async def main() -> None:
         stop = asyncio.Event()

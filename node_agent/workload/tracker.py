@@ -112,6 +112,17 @@ class _Relay:
             log.warning("workload connection refused", extra={"reason": str(err)})
             transport.abort()
             return
+        uid = self.peer.credentials.uid
+        if self.proxy.open_by_uid.get(uid, 0) >= self.proxy.max_connections_per_uid:
+            log.warning(
+                "workload connection refused: too many open connections for this uid",
+                extra={"uid": uid, "limit": self.proxy.max_connections_per_uid},
+            )
+            self.peer.close()
+            self.peer = None
+            transport.abort()
+            return
+        self.proxy.open_by_uid[uid] = self.proxy.open_by_uid.get(uid, 0) + 1
         transport.pause_reading()
         self.proxy.connections.add(self)
         self.task = asyncio.get_running_loop().create_task(self._connect_upstream(transport))
@@ -157,7 +168,14 @@ class _Relay:
             self.proxy.peers.pop(self.key, None)
         if self.peer is not None:
             self.peer.close()
-        self.proxy.connections.discard(self)
+        if self in self.proxy.connections:
+            self.proxy.connections.discard(self)
+            if self.peer is not None:
+                left = self.proxy.open_by_uid.get(self.peer.credentials.uid, 1) - 1
+                if left > 0:
+                    self.proxy.open_by_uid[self.peer.credentials.uid] = left
+                else:
+                    self.proxy.open_by_uid.pop(self.peer.credentials.uid, None)
 
 
 class _Downstream(_Half):
@@ -177,8 +195,18 @@ class PeerTrackingProxy:
     handler's ``context.peer()`` to the pinned caller.
     """
 
-    def __init__(self, public_path: str, private_dir: str | None = None) -> None:
+    def __init__(
+        self,
+        public_path: str,
+        private_dir: str | None = None,
+        *,
+        max_connections_per_uid: int = 1024,
+    ) -> None:
         self.public_path = public_path
+        # Each relayed connection holds a few file descriptors; one user must not be able
+        # to use up the agent's and so lock every other workload out.
+        self.max_connections_per_uid = max_connections_per_uid
+        self.open_by_uid: dict[int, int] = {}
         self._own_dir = private_dir is None
         self.private_dir = private_dir or tempfile.mkdtemp(prefix="credo-wl-")
         st = os.lstat(self.private_dir)

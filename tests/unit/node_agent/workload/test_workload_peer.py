@@ -124,8 +124,8 @@ class _Running:
         self.proxy, self.server = proxy, server
 
 
-async def _start(short_dir: str) -> _Running:
-    proxy = PeerTrackingProxy(os.path.join(short_dir, "api.sock"))
+async def _start(short_dir: str, **settings: int) -> _Running:
+    proxy = PeerTrackingProxy(os.path.join(short_dir, "api.sock"), **settings)
     server = await _echo_server(proxy, proxy.internal_address)
     await proxy.start()
     return _Running(proxy, server)
@@ -195,6 +195,42 @@ def test_many_concurrent_connections_close_cleanly(short_dir: str) -> None:
         finally:
             await _stop(r)
         assert not os.path.exists(r.proxy.private_dir)
+
+    asyncio.run(main())
+
+
+def test_connections_per_uid_are_capped_and_freed(short_dir: str) -> None:
+    """Past the per-uid cap a new connection is refused; closing one makes room again."""
+
+    async def who(ch: aio.Channel) -> bytes:
+        return await ch.unary_unary("/T/Who")(b"", timeout=10)
+
+    def channel(r: _Running) -> aio.Channel:
+        return aio.insecure_channel(
+            "unix:" + r.proxy.public_path, options=[("grpc.use_local_subchannel_pool", 1)]
+        )
+
+    async def main() -> None:
+        r = await _start(short_dir, max_connections_per_uid=3)
+        try:
+            held = [channel(r) for _ in range(3)]
+            await asyncio.gather(*(who(ch) for ch in held))
+            assert r.proxy.open_by_uid == {os.geteuid(): 3}
+            extra = channel(r)
+            with pytest.raises(grpc.RpcError) as err:
+                await who(extra)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            await extra.close()
+            await held.pop().close()
+            for _ in range(100):
+                if r.proxy.open_by_uid.get(os.geteuid()) == 2:
+                    break
+                await asyncio.sleep(0.02)
+            again = channel(r)
+            assert await who(again) == f"{os.getpid()} {os.geteuid()}".encode()
+            await asyncio.gather(again.close(), *(ch.close() for ch in held))
+        finally:
+            await _stop(r)
 
     asyncio.run(main())
 
