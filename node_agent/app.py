@@ -30,13 +30,13 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from credo._logging import setup_logging
 from credo.bundle import Bundle
 from credo.errors import CredoError
 from node_agent.attestation.errors import AgentBanned
 from node_agent.attestation.session import AgentSession, SessionConfig
 from node_agent.cache.manager import CacheConfig, CacheManager
 from node_agent.config import AgentConfig
-from node_agent.logging import configure_logging, kv
 from node_agent.sync.entries import TrustBundles
 from node_agent.sync.syncer import EntrySyncer, SyncerConfig
 from node_agent.workload.unix import UnixAttestor, UnixAttestorConfig
@@ -135,12 +135,12 @@ async def serve(
             await admin.start()
             log.info(
                 "agent running",
-                extra=kv(
-                    spiffe_id=str(session.agent_id),
-                    socket=str(config.socket_path),
-                    admin_socket=str(config.admin_socket),
-                    servers=",".join(config.server_addresses),
-                ),
+                extra={
+                    "spiffe_id": str(session.agent_id),
+                    "socket": str(config.socket_path),
+                    "admin_socket": str(config.admin_socket),
+                    "servers": ",".join(config.server_addresses),
+                },
             )
             if ready is not None:
                 ready.set()
@@ -195,7 +195,7 @@ def run(config: AgentConfig) -> int:
     0 after a clean shutdown; 1 when the agent cannot start or was banned (the reason is
     logged and printed as one line on stderr).
     """
-    configure_logging(config.log_level, config.log_format)
+    setup_logging(config.log_level, config.log_format)
     _raise_open_file_limit()
 
     async def main() -> None:
@@ -212,13 +212,13 @@ def run(config: AgentConfig) -> int:
     try:
         asyncio.run(main())
     except AgentBanned as exc:
-        log.error("agent banned; exiting", extra=kv(spiffe_id=exc.agent_id))
+        log.error("agent banned; exiting", extra={"spiffe_id": exc.agent_id})
         print(f"Error: {exc}", file=sys.stderr)
         return 1
     except (CredoError, OSError) as exc:
         message = " ".join(str(exc).split())
-        log.error("agent failed", extra=kv(error=message))
+        log.error("agent failed", extra={"error": message})
         print(f"Error: {message}", file=sys.stderr)
         return 1
-    log.info("agent stopped", extra=kv(pid=os.getpid()))
+    log.info("agent stopped", extra={"pid": os.getpid()})
     return 0

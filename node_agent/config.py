@@ -15,13 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from credo._logging import LOG_FORMATS, LOG_LEVELS
 from credo.errors import CredoError
 from credo.spiffe_id import TrustDomain
 
 __all__ = ["LOG_FORMATS", "LOG_LEVELS", "AgentConfig", "ConfigError", "load_config"]
 
-LOG_LEVELS = ("debug", "info", "warning", "error")
-LOG_FORMATS = ("text", "json")
 
 _PATHS = ("trust_bundle", "socket_path", "admin_socket", "data_dir")
 _FLOATS = ("sync_backoff_min", "sync_backoff_max", "svid_wait_timeout")

@@ -40,6 +40,7 @@ from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from credo._files import write_atomically
+from credo._logging import setup_logging
 from credo._proto.credo.server.v1 import admin_pb2_grpc, agent_pb2_grpc
 from credo.errors import CredoError
 from credo.keys import generate_private_key, private_key_to_pkcs8_pem
@@ -66,7 +67,6 @@ from server.ca.templates import DEFAULT_SERVER_DNS_NAMES
 from server.config import ServerConfig
 from server.datastore.protocol import DataStore
 from server.datastore.sql import SqlDataStore
-from server.logging import setup_logging
 from server.telemetry import Metrics
 
 __all__ = ["RunningServer", "load_server_id", "run", "serve"]

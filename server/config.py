@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from credo._logging import LOG_FORMATS, LOG_LEVELS
 from credo.durations import parse_duration
 from credo.errors import CredoError
 from credo.spiffe_id import TrustDomain
@@ -22,8 +23,6 @@ from credo.spiffe_id import TrustDomain
 __all__ = ["KEY_TYPES", "LOG_FORMATS", "LOG_LEVELS", "ConfigError", "ServerConfig", "load_config"]
 
 KEY_TYPES = ("ec-p256", "ec-p384", "rsa-2048")
-LOG_LEVELS = ("debug", "info", "warning", "error")
-LOG_FORMATS = ("text", "json")
 _DURATIONS = ("ca_ttl", "x509_svid_ttl", "jwt_svid_ttl", "agent_svid_ttl", "join_token_ttl")
 
 

@@ -59,7 +59,6 @@ from node_agent.attestation.errors import (
     ServerUnreachable,
 )
 from node_agent.attestation.store import SvidStore
-from node_agent.logging import kv
 
 __all__ = [
     "AgentSession",
@@ -238,7 +237,7 @@ class AgentSession:
         """Move to the next server address (round-robin) and return it."""
         if len(self.config.server_addresses) > 1:
             self._index = (self._index + 1) % len(self.config.server_addresses)
-            log.info("failing over to next server", extra=kv(server=self.address))
+            log.info("failing over to next server", extra={"server": self.address})
         return self.address
 
     # --- start: resume or attest --------------------------------------------------------
@@ -252,19 +251,25 @@ class AgentSession:
             if svid.spiffe_id.trust_domain != self.config.trust_domain:
                 log.warning(
                     "stored agent SVID is for another trust domain; ignoring it",
-                    extra=kv(spiffe_id=str(svid.spiffe_id)),
+                    extra={"spiffe_id": str(svid.spiffe_id)},
                 )
             elif svid.expires_at <= now:
                 log.warning(
                     "stored agent SVID has expired",
-                    extra=kv(spiffe_id=str(svid.spiffe_id), expired_at=svid.expires_at.isoformat()),
+                    extra={
+                        "spiffe_id": str(svid.spiffe_id),
+                        "expired_at": svid.expires_at.isoformat(),
+                    },
                 )
             else:
                 self._svid = svid
                 self._authorities = stored.authorities
                 log.info(
                     "resuming with stored agent SVID",
-                    extra=kv(spiffe_id=str(svid.spiffe_id), expires_at=svid.expires_at.isoformat()),
+                    extra={
+                        "spiffe_id": str(svid.spiffe_id),
+                        "expires_at": svid.expires_at.isoformat(),
+                    },
                 )
                 return
         if not self.config.join_token:
@@ -300,7 +305,7 @@ class AgentSession:
             log.warning(
                 "INSECURE BOOTSTRAP: trusting the server's certificate WITHOUT verification "
                 "for this first attestation; use --trust-bundle in production",
-                extra=kv(server=address),
+                extra={"server": address},
             )
             cert = await asyncio.to_thread(fetch_server_certificate, address)
             return _pem([cert])
@@ -334,7 +339,8 @@ class AgentSession:
                             f"server {address} refused the node attestation: {exc.details()}"
                         ) from None
                 log.warning(
-                    "node attestation attempt failed", extra=kv(server=address, error=last_error)
+                    "node attestation attempt failed",
+                    extra={"server": address, "error": last_error},
                 )
                 self.failover()
             if time.monotonic() + delay > deadline:
@@ -369,11 +375,11 @@ class AgentSession:
         self._install(svid, authorities)
         log.info(
             "node attested",
-            extra=kv(
-                spiffe_id=str(svid.spiffe_id),
-                server=address,
-                expires_at=svid.expires_at.isoformat(),
-            ),
+            extra={
+                "spiffe_id": str(svid.spiffe_id),
+                "server": address,
+                "expires_at": svid.expires_at.isoformat(),
+            },
         )
 
     def _svid_from_response(self, proto_svid: Any, key: PrivateKey) -> X509Svid:
@@ -467,10 +473,10 @@ class AgentSession:
         try:
             self.store.save_bundle(authorities)
         except OSError as exc:
-            log.warning("cannot store trust bundle", extra=kv(error=exc.strerror))
+            log.warning("cannot store trust bundle", extra={"error": exc.strerror})
         log.info(
             "trust bundle changed; rebuilding server channels",
-            extra=kv(authorities=len(authorities)),
+            extra={"authorities": len(authorities)},
         )
         self._install(self.svid, authorities)
 
@@ -482,7 +488,7 @@ class AgentSession:
             self.store.delete()
             log.error(
                 f"agent was {action} by the server; stored SVID deleted",
-                extra=kv(spiffe_id=agent_id, server=self.address),
+                extra={"spiffe_id": agent_id, "server": self.address},
             )
             raise AgentBanned(agent_id, action) from None
 
@@ -515,7 +521,7 @@ class AgentSession:
         self._install(svid, self._authorities)
         log.info(
             "agent SVID renewed",
-            extra=kv(spiffe_id=str(svid.spiffe_id), expires_at=svid.expires_at.isoformat()),
+            extra={"spiffe_id": str(svid.spiffe_id), "expires_at": svid.expires_at.isoformat()},
         )
 
     async def run_renewal(self) -> None:
@@ -535,7 +541,7 @@ class AgentSession:
                 text = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
                 log.warning(
                     "agent SVID renewal failed; retrying",
-                    extra=kv(server=self.address, error=text, retry_in=round(delay, 1)),
+                    extra={"server": self.address, "error": text, "retry_in": round(delay, 1)},
                 )
                 self.failover()
                 await asyncio.sleep(delay * random.uniform(0.8, 1.2))

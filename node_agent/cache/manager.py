@@ -53,7 +53,6 @@ from node_agent.attestation.anchor import find_anchor
 from node_agent.attestation.errors import ServerUnreachable
 from node_agent.attestation.session import make_csr
 from node_agent.cache.errors import JwtSvidUnavailable
-from node_agent.logging import kv
 from node_agent.sync.entries import Entry, TrustBundles
 from node_agent.sync.syncer import Backoff, wait_event
 from node_agent.workload_api.manager import Identity, WorkloadUpdate
@@ -269,7 +268,7 @@ class CacheManager:
                 del self._svids[entry_id]
                 dropped.append(entry_id)
         if dropped:
-            log.info("dropped SVIDs of deleted entries", extra=kv(entries=len(dropped)))
+            log.info("dropped SVIDs of deleted entries", extra={"entries": len(dropped)})
         live_ids = {str(e.spiffe_id) for e in self._served}
         for key in [k for k in self._jwts if k[0] not in live_ids]:
             del self._jwts[key]
@@ -288,11 +287,11 @@ class CacheManager:
                 revoked.append(entry_id)
             elif cached.anchor in bundles.tainted_x509:
                 log.info(
-                    "SVID signed by a tainted authority; re-issuing", extra=kv(entry_id=entry_id)
+                    "SVID signed by a tainted authority; re-issuing", extra={"entry_id": entry_id}
                 )
         if revoked:
             log.warning(
-                "dropped SVIDs whose authority left the bundle", extra=kv(entries=len(revoked))
+                "dropped SVIDs whose authority left the bundle", extra={"entries": len(revoked)}
             )
         kids = bundles.bundle.jwt_authorities
         if kids:
@@ -307,7 +306,7 @@ class CacheManager:
                 del self._jwts[key]
             if stale:
                 log.warning(
-                    "dropped JWT-SVIDs of a tainted or revoked key", extra=kv(svids=len(stale))
+                    "dropped JWT-SVIDs of a tainted or revoked key", extra={"svids": len(stale)}
                 )
         for sub in list(self._bundle_subs):
             sub.notify()
@@ -398,7 +397,7 @@ class CacheManager:
                     if cached is not None and self._clock() < cached.expires_at - 5:
                         log.warning(
                             "server unreachable; serving cached JWT-SVID",
-                            extra=kv(spiffe_id=key[0]),
+                            extra={"spiffe_id": key[0]},
                         )
                         return cached.token
                     raise
@@ -555,7 +554,7 @@ class CacheManager:
         for entry_id in expired:
             del self._svids[entry_id]
         if expired:
-            log.warning("cached SVIDs expired", extra=kv(entries=len(expired)))
+            log.warning("cached SVIDs expired", extra={"entries": len(expired)})
             self._changed()
 
     def _evict(self) -> None:
@@ -609,14 +608,14 @@ class CacheManager:
             self._client.raise_if_banned(exc)
             log.warning(
                 "X509-SVID batch signing failed",
-                extra=kv(entries=len(batch), error=f"{exc.code().name}: {exc.details()}"),
+                extra={"entries": len(batch), "error": f"{exc.code().name}: {exc.details()}"},
             )
             if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 self._client.failover()
             return False
         except ServerUnreachable as exc:
             log.warning(
-                "X509-SVID batch signing failed", extra=kv(entries=len(batch), error=str(exc))
+                "X509-SVID batch signing failed", extra={"entries": len(batch), "error": str(exc)}
             )
             self._client.failover()
             return False
@@ -634,9 +633,11 @@ class CacheManager:
                 self._failed_until[entry.id] = now + 5.0
                 log.warning(
                     "server refused an X509-SVID",
-                    extra=kv(
-                        entry_id=entry.id, code=result.status.code, error=result.status.message
-                    ),
+                    extra={
+                        "entry_id": entry.id,
+                        "code": result.status.code,
+                        "error": result.status.message,
+                    },
                 )
                 continue
             if self._entries.get(entry.id) is None:
@@ -648,7 +649,7 @@ class CacheManager:
             self._failed_until[entry_id] = now + 5.0
         self._evict()
         if issued:
-            log.info("X509-SVIDs issued", extra=kv(entries=issued, cached=len(self._svids)))
+            log.info("X509-SVIDs issued", extra={"entries": issued, "cached": len(self._svids)})
             self._changed()
         return True
 
@@ -666,7 +667,8 @@ class CacheManager:
         except (CredoError, ValueError) as exc:
             self._failed_until[entry.id] = now + 5.0
             log.warning(
-                "server returned an unusable X509-SVID", extra=kv(entry_id=entry.id, error=str(exc))
+                "server returned an unusable X509-SVID",
+                extra={"entry_id": entry.id, "error": str(exc)},
             )
             return None
         end = chain[0].not_valid_after_utc.timestamp()

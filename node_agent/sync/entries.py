@@ -22,7 +22,6 @@ from credo.errors import CredoError
 from credo.keys import PublicKey
 from credo.selector import Selector
 from credo.spiffe_id import SpiffeId
-from node_agent.logging import kv
 
 __all__ = ["Entry", "SyncState", "TrustBundles", "bundle_from_proto", "entry_from_proto"]
 
@@ -187,7 +186,7 @@ class SyncState:
                 fb, _ = bundle_from_proto(item)
                 federated[str(fb.trust_domain)] = fb
         except (CredoError, ValueError) as exc:
-            log.warning("ignoring malformed bundle from the server", extra=kv(error=str(exc)))
+            log.warning("ignoring malformed bundle from the server", extra={"error": str(exc)})
             return False
         fresh = TrustBundles(own, tainted, federated, tainted_jwt)
         if (
@@ -208,6 +207,6 @@ class SyncState:
         except (CredoError, ValueError) as exc:
             log.warning(
                 "ignoring malformed entry from the server",
-                extra=kv(entry_id=item.id, error=str(exc)),
+                extra={"entry_id": item.id, "error": str(exc)},
             )
             return None

@@ -20,7 +20,6 @@ from cryptography import x509
 
 from credo._proto.credo.server.v1 import agent_pb2
 from node_agent.attestation.errors import ServerUnreachable
-from node_agent.logging import kv
 from node_agent.sync.entries import Entry, SyncState, TrustBundles
 
 __all__ = ["Backoff", "EntrySyncer", "SyncListener", "SyncSession", "SyncerConfig", "wait_event"]
@@ -145,12 +144,12 @@ class EntrySyncer:
             delay = backoff.next()
             log.warning(
                 "entry sync stream lost; reconnecting",
-                extra=kv(
-                    server=self.session.address,
-                    error=error,
-                    retry_in=round(delay, 2),
-                    last_event_id=self.state.last_event_id,
-                ),
+                extra={
+                    "server": self.session.address,
+                    "error": error,
+                    "retry_in": round(delay, 2),
+                    "last_event_id": self.state.last_event_id,
+                },
             )
             self.session.failover()
             changed = self.session.credentials_changed()
@@ -183,19 +182,19 @@ class EntrySyncer:
                 self.synced.set()
                 log.info(
                     "entry sync stream open",
-                    extra=kv(
-                        server=self.session.address,
-                        full=message.full,
-                        entries=len(self.state.entries),
-                        event_id=self.state.last_event_id,
-                    ),
+                    extra={
+                        "server": self.session.address,
+                        "full": message.full,
+                        "entries": len(self.state.entries),
+                        "event_id": self.state.last_event_id,
+                    },
                 )
             log.debug(
                 "sync message applied",
-                extra=kv(
-                    event_id=message.event_id,
-                    full=message.full,
-                    upserted=len(message.entries),
-                    deleted=len(message.deleted_entry_ids),
-                ),
+                extra={
+                    "event_id": message.event_id,
+                    "full": message.full,
+                    "upserted": len(message.entries),
+                    "deleted": len(message.deleted_entry_ids),
+                },
             )

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
 from typing import Any, NoReturn, Protocol, TypeAlias
 
 import grpc
@@ -89,6 +90,34 @@ def _x509_svid_response(update: WorkloadUpdate) -> workload_pb2.X509SVIDResponse
     return workload_pb2.X509SVIDResponse(svids=svids, federated_bundles=federated)
 
 
+@dataclass(frozen=True)
+class _Caller:
+    """An attested caller of one Workload API call."""
+
+    method: str
+    pid: int
+    uid: int
+    selectors: frozenset[Selector]
+
+
+async def _refuse(context: _Context, caller: _Caller, message: str, reason: str) -> NoReturn:
+    """Answer PERMISSION_DENIED and log who was refused, what they had and why."""
+    log.info(
+        "workload call refused",
+        extra={
+            "method": caller.method,
+            "pid": caller.pid,
+            "uid": caller.uid,
+            "selectors": sorted(str(s) for s in caller.selectors),
+            "reason": reason,
+        },
+    )
+    await _abort(context, grpc.StatusCode.PERMISSION_DENIED, message)
+
+
+_NO_MATCH = "no registration entry matches the caller's selectors"
+
+
 class WorkloadApiServicer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
     """Serves the Workload API from a :class:`Manager`, attesting callers with an attestor.
 
@@ -112,8 +141,8 @@ class WorkloadApiServicer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
 
     # -- shared steps -----------------------------------------------------------------
 
-    async def _caller(self, context: _Context, method: str) -> frozenset[Selector]:
-        """Check the security header, attest the caller, and return its selectors."""
+    async def _caller(self, context: _Context, method: str) -> _Caller:
+        """Check the security header, attest the caller, and return it with its selectors."""
         metadata = context.invocation_metadata() or ()
         if not any(k == SECURITY_HEADER and v == "true" for k, v in metadata):
             await _abort(
@@ -153,7 +182,7 @@ class WorkloadApiServicer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
                 "seconds": round(time.monotonic() - started, 6),
             },
         )
-        return frozenset(selectors)
+        return _Caller(method, peer.pid, peer.credentials.uid, frozenset(selectors))
 
     # -- X.509 ------------------------------------------------------------------------
 
@@ -161,14 +190,14 @@ class WorkloadApiServicer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
         self, request: workload_pb2.X509SVIDRequest, context: _Context
     ) -> AsyncIterator[workload_pb2.X509SVIDResponse]:
         """Stream the caller's X509-SVIDs: once at once, then on every change."""
-        selectors = await self._caller(context, "FetchX509SVID")
-        subscription = self._manager.subscribe(selectors)
+        caller = await self._caller(context, "FetchX509SVID")
+        subscription = self._manager.subscribe(caller.selectors)
         try:
             previous: workload_pb2.X509SVIDResponse | None = None
             while True:
                 update = await subscription.next()
                 if not update.identities:
-                    await _abort(context, grpc.StatusCode.PERMISSION_DENIED, "no identity issued")
+                    await _refuse(context, caller, "no identity issued", _NO_MATCH)
                 response = _x509_svid_response(update)
                 if response == previous:
                     continue
@@ -185,9 +214,9 @@ class WorkloadApiServicer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
         self, request: workload_pb2.X509BundlesRequest, context: _Context
     ) -> AsyncIterator[workload_pb2.X509BundlesResponse]:
         """Stream the X.509 bundles (own + federated) keyed by trust domain SPIFFE ID."""
-        selectors = await self._caller(context, "FetchX509Bundles")
+        caller = await self._caller(context, "FetchX509Bundles")
         previous: workload_pb2.X509BundlesResponse | None = None
-        async for own, federated in self._bundles(selectors, context):
+        async for own, federated in self._bundles(caller, context):
             response = workload_pb2.X509BundlesResponse(bundles=_x509_bundles(own, federated))
             if response != previous:
                 previous = response
@@ -199,12 +228,12 @@ class WorkloadApiServicer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
         self, request: workload_pb2.JWTSVIDRequest, context: _Context
     ) -> workload_pb2.JWTSVIDResponse:
         """One JWT-SVID per caller identity (or only ``spiffe_id``) for the audience."""
-        selectors = await self._caller(context, "FetchJWTSVID")
+        caller = await self._caller(context, "FetchJWTSVID")
         if not request.audience:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "audience must be specified")
-        identities = self._manager.matching_identities(selectors)
+        identities = self._manager.matching_identities(caller.selectors)
         if not identities:
-            await _abort(context, grpc.StatusCode.PERMISSION_DENIED, "no identity issued")
+            await _refuse(context, caller, "no identity issued", _NO_MATCH)
         chosen: tuple[Identity, ...] = identities
         if request.spiffe_id:
             try:
@@ -213,10 +242,11 @@ class WorkloadApiServicer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
                 await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(err))
             chosen = tuple(i for i in identities if i.spiffe_id == wanted)
             if not chosen:
-                await _abort(
+                await _refuse(
                     context,
-                    grpc.StatusCode.PERMISSION_DENIED,
+                    caller,
                     f"no identity issued for {request.spiffe_id}",
+                    f"none of the caller's identities is {request.spiffe_id}",
                 )
         audience = tuple(request.audience)
         svids = []
@@ -246,9 +276,9 @@ class WorkloadApiServicer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
         self, request: workload_pb2.JWTBundlesRequest, context: _Context
     ) -> AsyncIterator[workload_pb2.JWTBundlesResponse]:
         """Stream the JWT bundles (JWKS) keyed by trust domain SPIFFE ID."""
-        selectors = await self._caller(context, "FetchJWTBundles")
+        caller = await self._caller(context, "FetchJWTBundles")
         previous: workload_pb2.JWTBundlesResponse | None = None
-        async for own, federated in self._bundles(selectors, context):
+        async for own, federated in self._bundles(caller, context):
             response = workload_pb2.JWTBundlesResponse(bundles=_jwt_bundles(own, federated))
             if response != previous:
                 previous = response
@@ -293,7 +323,7 @@ class WorkloadApiServicer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
     # -- helpers ------------------------------------------------------------------------
 
     async def _bundles(
-        self, selectors: frozenset[Selector], context: _Context
+        self, caller: _Caller, context: _Context
     ) -> AsyncIterator[tuple[Bundle, Mapping[str, Bundle]]]:
         """Bundles for the bundle streams; only callers with an identity unless allowed."""
         if self._allow_unauthenticated_verifiers:
@@ -303,12 +333,12 @@ class WorkloadApiServicer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
                     yield await bundle_sub.next()
             finally:
                 bundle_sub.close()
-        subscription = self._manager.subscribe(selectors)
+        subscription = self._manager.subscribe(caller.selectors)
         try:
             while True:
                 update = await subscription.next()
                 if not update.identities:
-                    await _abort(context, grpc.StatusCode.PERMISSION_DENIED, "no identity issued")
+                    await _refuse(context, caller, "no identity issued", _NO_MATCH)
                 yield update.bundle, update.federated_bundles
         finally:
             subscription.close()

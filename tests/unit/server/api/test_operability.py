@@ -9,8 +9,8 @@ from pathlib import Path
 
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from credo._logging import StructuredFormatter
 from credo._proto.credo.server.v1 import admin_pb2, admin_pb2_grpc
-from server.logging import StructuredFormatter
 from tests.helpers.server import InProcessServer
 
 
