@@ -22,13 +22,16 @@ can act on it without parsing the message.
     │   ├── X509SvidExpired                           a chain cert is past NotAfter
     │   ├── X509SvidNotYetValid                       a chain cert is before NotBefore
     │   └── UntrustedChain                            no bundle / chain leads to no authority
-    └── JwtSvidError (also ValueError)                a JWT-SVID was refused
-        ├── InvalidJwtSvid                            malformed header or claims
-        ├── UnsupportedJwtAlgorithm                   alg not RS/ES/PS 256/384/512
-        ├── JwtSvidExpired                            exp is in the past
-        ├── JwtAudienceMismatch                       none of the expected audiences present
-        └── UntrustedJwtSvid                          no bundle for the trust domain / bad signature
-            └── UnknownJwtKey                         kid not in the trust domain's bundle
+    ├── JwtSvidError (also ValueError)                a JWT-SVID was refused
+    │   ├── InvalidJwtSvid                            malformed header or claims
+    │   ├── UnsupportedJwtAlgorithm                   alg not RS/ES/PS 256/384/512
+    │   ├── JwtSvidExpired                            exp is in the past
+    │   ├── JwtAudienceMismatch                       none of the expected audiences present
+    │   └── UntrustedJwtSvid                          no bundle for the trust domain / bad signature
+    │       └── UnknownJwtKey                         kid not in the trust domain's bundle
+    ├── InvalidWorkloadApiEndpoint (also ValueError)  not a Workload API socket address
+    ├── WorkloadApiError                              a Workload API call failed
+    └── ConfigError (also ValueError)                 a setting is missing, unknown or bad
 """
 
 from __future__ import annotations
@@ -211,3 +214,17 @@ class WorkloadApiError(CredoError):
 
 
 __all__ += ["InvalidWorkloadApiEndpoint", "WorkloadApiError"]
+
+
+# --- configuration (both processes) -----------------------------------------------------
+#
+#   CredoError
+#   └── ConfigError (also ValueError)                 a setting is missing, unknown or bad
+
+
+class ConfigError(CredoError, ValueError):
+    """A setting is missing, unknown or out of range; the message names it by its TOML key
+    (``agent.workload_attestor.unix.workload_size_limit: must be >= 0``)."""
+
+
+__all__ += ["ConfigError"]

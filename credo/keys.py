@@ -5,8 +5,9 @@ from __future__ import annotations
 import enum
 from typing import TypeAlias
 
+from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from credo.errors import InvalidKey
@@ -19,6 +20,7 @@ __all__ = [
     "jwt_algorithm_for",
     "key_type_of",
     "load_private_key",
+    "make_csr",
     "private_key_to_pkcs8_der",
     "private_key_to_pkcs8_pem",
 ]
@@ -110,3 +112,17 @@ def jwt_algorithm_for(key: PrivateKey | PublicKey) -> str:
     if kind is KeyType.EC_P384:
         return "ES384"
     return "RS256"
+
+
+def make_csr(key: PrivateKey) -> bytes:
+    """A PKCS#10 CSR (DER) for ``key`` with an empty subject.
+
+    The signing server takes only the public key from it: the SPIFFE ID, names and lifetime
+    come from the registration entry.
+    """
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([]))
+        .sign(key, hashes.SHA256())
+    )
+    return csr.public_bytes(serialization.Encoding.DER)

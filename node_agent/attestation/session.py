@@ -48,7 +48,7 @@ from credo._proto.credo.server.v1 import agent_pb2, agent_pb2_grpc
 from credo._reserved import SERVER_TLS_NAME
 from credo.bundle import load_certificates
 from credo.errors import CredoError
-from credo.keys import PrivateKey, generate_private_key
+from credo.keys import generate_private_key, make_csr
 from credo.spiffe_id import SpiffeId, TrustDomain
 from credo.x509svid import X509Svid
 from node_agent.attestation.anchor import find_anchor
@@ -65,7 +65,6 @@ __all__ = [
     "SessionConfig",
     "ban_action",
     "is_banned",
-    "make_csr",
     "verify_server_identity",
 ]
 
@@ -89,16 +88,6 @@ class SessionConfig:
     rpc_timeout: float = 10.0
     # How long attestation keeps retrying servers that do not answer.
     attest_retry_timeout: float = 30.0
-
-
-def make_csr(key: PrivateKey) -> bytes:
-    """A PKCS#10 CSR (DER) for ``key``; the server uses only its public key."""
-    csr = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name([]))
-        .sign(key, hashes.SHA256())
-    )
-    return csr.public_bytes(serialization.Encoding.DER)
 
 
 def _pem(certs: tuple[x509.Certificate, ...] | list[x509.Certificate]) -> bytes:

@@ -51,7 +51,7 @@ from credo.spiffe_id import SpiffeId, TrustDomain
 from credo.x509svid import X509Svid, leaf_spiffe_id
 from node_agent.attestation.anchor import find_anchor
 from node_agent.attestation.errors import ServerUnreachable
-from node_agent.attestation.session import make_csr
+from credo.keys import make_csr
 from node_agent.cache.errors import JwtSvidUnavailable
 from node_agent.sync.entries import Entry, TrustBundles
 from node_agent.sync.syncer import Backoff, wait_event
