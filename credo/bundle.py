@@ -83,12 +83,20 @@ def load_certificates(data: bytes) -> list[x509.Certificate]:
     return load_der_certificates(data)
 
 
-def _parse_certs(data: bytes, what: str) -> tuple[x509.Certificate, ...]:
-    """Parse certificates for a bundle, mapping every failure to BundleError."""
+def _parse_certs(
+    data: bytes, what: str, *, allow_empty: bool = False
+) -> tuple[x509.Certificate, ...]:
+    """Parse certificates for a bundle, mapping every failure to BundleError.
+
+    With ``allow_empty``, empty ``data`` is a bundle without authorities (a trust domain whose
+    X.509 authorities were all removed, or one that federates JWT authorities only).
+    """
     if not isinstance(data, bytes | bytearray | memoryview):
         raise BundleError(f"{what} must be bytes, got {type(data).__name__}")
     data = bytes(data)
     if not data.strip():
+        if allow_empty:
+            return ()
         raise BundleError(f"{what} is empty; expected at least one certificate")
     try:
         certs = load_certificates(data)
@@ -187,6 +195,19 @@ def public_key_from_jwk(jwk: Mapping[str, Any]) -> PublicKey:
     raise BundleError(f"JWK kty {kty!r} is unsupported; expected 'EC' or 'RSA'")
 
 
+def _is_supported_jwk(jwk: Mapping[str, Any]) -> bool:
+    """True for the key types Credo can use: ``EC`` on P-256/384/521 and ``RSA``.
+
+    Keys of any other type (``OKP`` Ed25519, ``oct``, an unknown curve) are ignored by the
+    bundle parsers, as the SPIFFE bundle format (4.2.1) and RFC 7517 (5) require, instead of
+    making the whole bundle fail.
+    """
+    kty = jwk.get("kty")
+    if kty == "RSA":
+        return True
+    return kty == "EC" and jwk.get("crv") in _CURVES
+
+
 def _load_json_object(data: bytes, what: str) -> dict[str, Any]:
     """Decode ``data`` as a UTF-8 JSON object, mapping every failure to BundleError."""
     if not isinstance(data, bytes | bytearray | memoryview | str):
@@ -235,10 +256,14 @@ class X509Bundle:
 
     @classmethod
     def parse_der(cls, trust_domain: TrustDomain | str, data: bytes) -> X509Bundle:
-        """Parse concatenated DER certificates (the Workload API ``bundle`` field)."""
+        """Parse concatenated DER certificates (the Workload API ``bundle`` fields).
+
+        Empty ``data`` is a bundle with no authorities: a federated trust domain may publish
+        JWT authorities only (X509-SVID standard, 6.2), and a bundle's key set may be empty.
+        """
         if is_pem(bytes(data)):
             raise BundleError("bundle is PEM; expected concatenated DER")
-        return cls(_coerce_td(trust_domain), _parse_certs(data, "X.509 bundle"))
+        return cls(_coerce_td(trust_domain), _parse_certs(data, "X.509 bundle", allow_empty=True))
 
     @classmethod
     def parse_pem(cls, trust_domain: TrustDomain | str, data: bytes) -> X509Bundle:
@@ -285,12 +310,16 @@ class JwtBundle:
 
     @classmethod
     def parse(cls, trust_domain: TrustDomain | str, data: bytes) -> JwtBundle:
-        """Parse an RFC 7517 JWKS; entries marked ``use: x509-svid`` are skipped."""
+        """Parse an RFC 7517 JWKS of signing keys.
+
+        Keys with a ``use`` other than ``sig`` or ``jwt-svid`` (``x509-svid``, ``enc``...)
+        and keys of a type Credo does not know are skipped; unknown members are ignored.
+        """
         td = _coerce_td(trust_domain)
         doc = _load_json_object(data, "JWT bundle")
         keys: dict[str, PublicKey] = {}
         for i, entry in enumerate(_keys_array(doc, "JWT bundle")):
-            if entry.get("use") == _USE_X509:
+            if entry.get("use") not in (None, "sig", _USE_JWT) or not _is_supported_jwk(entry):
                 continue
             kid = _parse_kid(entry, i)
             if kid in keys:
@@ -338,7 +367,12 @@ class Bundle:
 
     @classmethod
     def parse(cls, trust_domain: TrustDomain | str, data: bytes) -> Bundle:
-        """Parse a SPIFFE bundle (JWKS with ``use`` on every key)."""
+        """Parse a SPIFFE bundle (JWKS with ``use`` on every key).
+
+        As the standard requires (SPIFFE Trust Domain and Bundle, 4.1.3, 4.2.1, 4.2.2), a key
+        with no ``use``, an unknown ``use`` or an unknown key type is ignored, not an error,
+        and an empty ``keys`` array is a valid bundle (all of a trust domain's keys revoked).
+        """
         td = _coerce_td(trust_domain)
         doc = _load_json_object(data, "SPIFFE bundle")
         if "keys" not in doc:
@@ -347,18 +381,17 @@ class Bundle:
         jwt_keys: dict[str, PublicKey] = {}
         for i, entry in enumerate(_keys_array(doc, "SPIFFE bundle")):
             use = entry.get("use")
+            if use not in (_USE_X509, _USE_JWT) or not _is_supported_jwk(entry):
+                continue  # no, unknown or other use (wit-svid...), or an unknown key type
             if use == _USE_X509:
                 cert = _parse_x5c(entry, i)
                 if cert is not None:
                     authorities.append(cert)
-            elif use == _USE_JWT:
+            else:
                 kid = _parse_kid(entry, i)
                 if kid in jwt_keys:
                     raise BundleError(f"key entry {i} repeats kid {kid!r}; key IDs must be unique")
                 jwt_keys[kid] = public_key_from_jwk(entry)
-            elif use is None:
-                raise BundleError(f"key entry {i} has no 'use'; expected x509-svid or jwt-svid")
-            # Entries with other 'use' values are ignored, as the standard requires.
         sequence = doc.get("spiffe_sequence", 0)
         if type(sequence) is not int or sequence < 0:
             raise BundleError("'spiffe_sequence' must be a non-negative integer")

@@ -42,13 +42,13 @@ from typing import Any
 
 import grpc
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 
 from credo._proto.credo.server.v1 import agent_pb2, agent_pb2_grpc
 from credo._reserved import SERVER_TLS_NAME
 from credo.bundle import load_certificates
 from credo.errors import CredoError
-from credo.keys import generate_private_key, make_csr
+from credo.keys import PrivateKey, generate_private_key, make_csr
 from credo.spiffe_id import SpiffeId, TrustDomain
 from credo.x509svid import X509Svid
 from node_agent.attestation.anchor import find_anchor

@@ -45,13 +45,12 @@ from credo._proto.credo.server.v1 import agent_pb2
 from credo.bundle import Bundle, BundleSet
 from credo.errors import CredoError
 from credo.jwtsvid import JwtSvid
-from credo.keys import PrivateKey, generate_private_key
+from credo.keys import PrivateKey, generate_private_key, make_csr
 from credo.selector import Selector
 from credo.spiffe_id import SpiffeId, TrustDomain
 from credo.x509svid import X509Svid, leaf_spiffe_id
 from node_agent.attestation.anchor import find_anchor
 from node_agent.attestation.errors import ServerUnreachable
-from credo.keys import make_csr
 from node_agent.cache.errors import JwtSvidUnavailable
 from node_agent.sync.entries import Entry, TrustBundles
 from node_agent.sync.syncer import Backoff, wait_event

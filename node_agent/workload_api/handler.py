@@ -60,14 +60,31 @@ def _td_key(trust_domain: TrustDomain | str) -> str:
     return td.id_string()
 
 
+def _federated_x509(federated: Mapping[str, Bundle]) -> dict[str, bytes]:
+    """Federated X.509 bundles by trust domain ID, leaving out those with no X.509 authority.
+
+    A federated trust domain may publish JWT authorities only (X509-SVID 6.2); an empty entry
+    would make standard clients (py-spiffe, go-spiffe) refuse the caller's whole X.509 context.
+    """
+    return {
+        _td_key(name): b.x509_bundle().marshal_der()
+        for name, b in federated.items()
+        if b.x509_authorities
+    }
+
+
 def _x509_bundles(own: Bundle, federated: Mapping[str, Bundle]) -> dict[str, bytes]:
-    out = {_td_key(name): b.x509_bundle().marshal_der() for name, b in federated.items()}
+    out = _federated_x509(federated)
     out[_td_key(own.trust_domain)] = own.x509_bundle().marshal_der()
     return out
 
 
 def _jwt_bundles(own: Bundle, federated: Mapping[str, Bundle]) -> dict[str, bytes]:
-    out = {_td_key(name): b.jwt_bundle().marshal() for name, b in federated.items()}
+    out = {
+        _td_key(name): b.jwt_bundle().marshal()
+        for name, b in federated.items()
+        if b.jwt_authorities
+    }
     out[_td_key(own.trust_domain)] = own.jwt_bundle().marshal()
     return out
 
@@ -84,10 +101,9 @@ def _x509_svid_response(update: WorkloadUpdate) -> workload_pb2.X509SVIDResponse
         )
         for identity in update.identities
     ]
-    federated = {
-        _td_key(name): b.x509_bundle().marshal_der() for name, b in update.federated_bundles.items()
-    }
-    return workload_pb2.X509SVIDResponse(svids=svids, federated_bundles=federated)
+    return workload_pb2.X509SVIDResponse(
+        svids=svids, federated_bundles=_federated_x509(update.federated_bundles)
+    )
 
 
 @dataclass(frozen=True)

@@ -401,8 +401,12 @@ class BundlesService(admin_pb2_grpc.BundlesServicer):
                 raise InvalidField("format", f"{fmt!r} is not one of pem, spiffe")
         except BundleError as err:
             raise InvalidField("data", str(err)) from None
-        if not bundle.x509_authorities and not bundle.jwt_authorities:
-            raise InvalidField("data", "the bundle has no X.509 or JWT authorities")
+        if not bundle.x509_authorities and not bundle.jwt_authorities and not request.force:
+            raise InvalidField(
+                "data",
+                "the bundle has no X.509 or JWT authorities: nothing from "
+                f"{td} would verify any more; set force (--force) to store it anyway",
+            )
         await _call(self._ds.set_bundle, td.name, bundle.marshal())
         log.info("set federated bundle", extra={"trust_domain": td.name})
         return bundle_to_proto(bundle)

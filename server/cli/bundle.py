@@ -90,8 +90,13 @@ def list_bundles(socket_path: str, output: str, bundle_format: str) -> None:
     help="File with the bundle; - reads stdin.",
 )
 @_format_option
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Store a bundle with no authorities (all of the trust domain's keys revoked).",
+)
 def set_bundle(
-    socket_path: str, output: str, trust_domain: str, path: str, bundle_format: str
+    socket_path: str, output: str, trust_domain: str, path: str, bundle_format: str, force: bool
 ) -> None:
     """Create or replace a federated bundle."""
     if path == "-":
@@ -105,12 +110,17 @@ def set_bundle(
     if bundle_format == "pem":
         X509Bundle.parse_pem(trust_domain, data)
     else:
-        Bundle.parse(trust_domain, data)
+        parsed = Bundle.parse(trust_domain, data)
+        if not parsed.x509_authorities and not parsed.jwt_authorities and not force:
+            raise CliError(
+                f"the bundle for {trust_domain} has no X.509 or JWT authorities, so nothing "
+                "from that trust domain would verify any more; pass --force to store it anyway"
+            )
     with AdminClient(socket_path) as client:
         reply = client.call(
             client.bundles.SetFederatedBundle,
             admin_pb2.SetFederatedBundleRequest(
-                trust_domain=trust_domain, format=bundle_format, data=data
+                trust_domain=trust_domain, format=bundle_format, data=data, force=force
             ),
             noun="bundle",
         )

@@ -134,15 +134,12 @@ MALFORMED_SPIFFE_BUNDLES = [
     pytest.param(b"{}", "no 'keys'", id="no-keys"),
     pytest.param(b'{"keys": {}}', "array", id="keys-not-array"),
     pytest.param(b'{"keys": [1]}', "JSON object", id="key-entry-not-object"),
-    pytest.param(b'{"keys": [{"kty": "EC"}]}', "no 'use'", id="entry-without-use"),
     pytest.param({"keys": [{**_jwt_entry(), "kid": None}]}, "no 'kid'", id="jwt-entry-without-kid"),
     pytest.param({"keys": [_jwt_entry(), _jwt_entry()]}, "repeats kid", id="duplicate-kid"),
-    pytest.param({"keys": [{**_jwt_entry(), "crv": "P-999"}]}, "crv", id="unknown-curve"),
     pytest.param({"keys": [{**_jwt_entry(), "x": "AAAA"}]}, "32 bytes", id="short-ec-coordinate"),
     pytest.param(
         {"keys": [{**_jwt_entry(), "y": _jwt_entry()["x"]}]}, "not on curve", id="point-off-curve"
     ),
-    pytest.param({"keys": [{**_jwt_entry(), "kty": "oct"}]}, "kty", id="symmetric-key"),
     pytest.param({"keys": [{**_jwt_entry(), "x": "!!"}]}, "base64url", id="bad-base64url"),
     pytest.param({"keys": [{**_x509_entry(CA), "x5c": ["%%%"]}]}, "x5c", id="x5c-not-base64"),
     pytest.param(
@@ -167,6 +164,61 @@ def test_spiffe_bundle_refuses_malformed_documents(
         Bundle.parse(TD, raw)
     assert reason in info.value.reason
     assert isinstance(info.value, ValueError)
+
+
+ED25519_JWK = {
+    "kty": "OKP",
+    "crv": "Ed25519",
+    "x": "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo",
+    "kid": "ed",
+}
+
+
+@pytest.mark.parametrize(
+    "ignored",
+    [
+        pytest.param({"kty": "EC", "kid": "x"}, id="no-use"),
+        pytest.param({**_jwt_entry(), "use": None, "kid": "nouse"}, id="use-null"),
+        pytest.param({**ED25519_JWK, "use": "jwt-svid"}, id="okp-ed25519-jwt"),
+        pytest.param({**ED25519_JWK, "use": "x509-svid", "x5c": []}, id="okp-ed25519-x509"),
+        pytest.param({**_jwt_entry(), "kty": "oct", "k": "AAAA", "kid": "sym"}, id="symmetric"),
+        pytest.param({**_jwt_entry(), "crv": "P-999", "kid": "curve"}, id="unknown-curve"),
+        pytest.param({**_jwt_entry(), "use": "wit-svid", "kid": "wit"}, id="other-use"),
+    ],
+)
+def test_spiffe_bundle_ignores_keys_it_does_not_know(ca: Ca, ignored: dict[str, Any]) -> None:
+    """A key with no use, an unknown use or an unknown key type is skipped (SPIFFE bundle
+    4.2.1, 4.2.2); the bundle's other keys still load."""
+    good = json.loads(
+        Bundle(TD, (ca.root,), {"k": generate_private_key().public_key()}, 3).marshal()
+    )
+    good["keys"].insert(1, ignored)
+    parsed = Bundle.parse(TD, json.dumps(good).encode())
+    assert parsed.x509_authorities == (ca.root,)
+    assert list(parsed.jwt_authorities) == ["k"]
+    assert parsed.sequence_number == 3
+
+
+def test_jwt_bundle_skips_unknown_key_types_and_non_signing_uses() -> None:
+    """A plain JWKS (RFC 7517) with an Ed25519 key, an encryption key and unknown members
+    still yields its usable signing keys; ``use: sig`` keys count."""
+    sig = {**_jwt_entry(), "use": "sig", "kid": "sig", "x-extra": {"a": 1}}
+    enc = {**_jwt_entry(), "use": "enc", "kid": "enc"}
+    doc = {"keys": [ED25519_JWK, sig, enc], "unknown-member": True}
+    assert list(JwtBundle.parse(TD, json.dumps(doc).encode()).keys) == ["sig"]
+
+
+def test_empty_key_set_is_a_valid_bundle() -> None:
+    """A trust domain whose keys were all revoked publishes ``keys: []``: a valid bundle."""
+    parsed = Bundle.parse(TD, b'{"keys": [], "spiffe_sequence": 7}')
+    assert parsed == Bundle(TD, sequence_number=7)
+    assert JwtBundle.parse(TD, b'{"keys": []}') == JwtBundle(TD)
+
+
+def test_empty_der_is_an_x509_bundle_without_authorities() -> None:
+    """Workload API bundle fields may be empty for a trust domain with JWT authorities
+    only: ``parse_der`` gives an empty X.509 bundle instead of failing."""
+    assert X509Bundle.parse_der(TD, b"") == X509Bundle(TD, ())
 
 
 def test_jwt_bundle_refuses_missing_kid() -> None:

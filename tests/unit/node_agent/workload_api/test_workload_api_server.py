@@ -17,6 +17,8 @@ from spiffe.spiffe_id.spiffe_id import SpiffeId as PySpiffeId
 from workload_api_fakes import MY_UID, Api
 
 from credo._proto import workload_pb2, workload_pb2_grpc
+from credo.bundle import Bundle
+from credo.keys import generate_private_key
 
 HEADER = (("workload.spiffe.io", "true"),)
 
@@ -293,3 +295,24 @@ def test_untracked_connection_is_refused(api: Api) -> None:
         stub = workload_pb2_grpc.SpiffeWorkloadAPIStub(channel)
         call = stub.FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=HEADER)
         assert _code_of_stream(call) == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_jwt_only_federated_bundle_is_left_out_of_x509_responses(api: Api) -> None:
+    """A federated trust domain with JWT authorities only (X509-SVID 6.2) gets no empty entry
+    in the X.509 responses, so standard clients still parse the caller's X.509 context; its
+    JWT authorities are still served."""
+    jwt_only = Bundle("jwtonly.org", jwt_authorities={"k1": generate_private_key().public_key()})
+    federated = api.manager.federated_bundles()
+    api.manager.federated_bundles = lambda: {**federated, "jwtonly.org": jwt_only}  # type: ignore[method-assign]
+    api.manager.add([MY_UID], "spiffe://example.org/workload")
+    with spiffe.WorkloadApiClient(api.endpoint) as client:
+        ctx = client.fetch_x509_context()
+        assert str(ctx.default_svid.spiffe_id) == "spiffe://example.org/workload"
+        jwt_bundles = client.fetch_jwt_bundles()
+    assert jwt_bundles.get_bundle_for_trust_domain(spiffe.TrustDomain("jwtonly.org")) is not None
+    channel, stub = _stub(api)
+    with channel:
+        svids = next(stub.FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=HEADER))
+        bundles = next(stub.FetchX509Bundles(workload_pb2.X509BundlesRequest(), metadata=HEADER))
+    assert set(svids.federated_bundles) == {"spiffe://partner.org"}
+    assert set(bundles.bundles) == {"spiffe://example.org", "spiffe://partner.org"}

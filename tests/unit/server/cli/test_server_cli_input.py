@@ -325,3 +325,14 @@ def test_usage_errors_exit_2(args: list[str], needle: str, socket: Path) -> None
     assert isinstance(result.exception, SystemExit)
     assert "Traceback" not in result.output
     assert needle in result.stderr
+
+
+def test_bundle_set_asks_for_force_before_storing_an_empty_key_set(socket: Path) -> None:
+    """A bundle with an empty key set is valid (all keys revoked), but storing it means
+    nothing from that trust domain verifies: `bundle set` asks for --force first."""
+    result = invoke(
+        ["bundle", "set", "--trust-domain", "other.org", "--format", "spiffe"],
+        socket,
+        stdin='{"keys": [], "spiffe_sequence": 4}',
+    )
+    assert_one_line_error(result, "no X.509 or JWT authorities", "--force")

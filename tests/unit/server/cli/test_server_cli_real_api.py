@@ -169,3 +169,16 @@ def test_localauthority_show_and_prepare(socket: str) -> None:
     assert prepared["authority_id"]
     text = run(socket, "localauthority", "jwt", "show").stdout
     assert "Prepared JWT authority:" in text and prepared["authority_id"] in text
+
+
+def test_empty_federated_bundle_is_stored_only_with_force(socket: str) -> None:
+    """A federated bundle with an empty key set is refused by the server unless forced, and
+    with --force it is stored and listed with no authorities."""
+    args = ["bundle", "set", "--trust-domain", "revoked.example", "--format", "spiffe"]
+    empty = '{"keys": [], "spiffe_sequence": 3}'
+    assert "--force" in error_line(run(socket, *args, stdin=empty))
+    run_json(socket, *args, "--force", stdin=empty)
+    listed = run_json(socket, "bundle", "list")["bundles"]
+    (stored,) = [b for b in listed if b["trust_domain"] == "revoked.example"]
+    assert not stored.get("x509_authorities") and not stored.get("jwt_authorities")
+    run_json(socket, "bundle", "delete", "--trust-domain", "revoked.example")

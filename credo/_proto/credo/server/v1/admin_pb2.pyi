@@ -502,20 +502,26 @@ class SetFederatedBundleRequest(_message.Message):
     TRUST_DOMAIN_FIELD_NUMBER: _builtins.int
     FORMAT_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
+    FORCE_FIELD_NUMBER: _builtins.int
     trust_domain: _builtins.str
     format: _builtins.str
     """"pem" (X.509 authorities only) or "spiffe" (SPIFFE bundle JWKS)."""
     data: _builtins.bytes
+    force: _builtins.bool
+    """Store a bundle with no authorities at all (a trust domain whose keys were all revoked:
+    nothing it issued verifies any more). Without it such a bundle is refused.
+    """
     def __init__(
         self,
         *,
         trust_domain: _builtins.str = ...,
         format: _builtins.str = ...,
         data: _builtins.bytes = ...,
+        force: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "format", b"format", "trust_domain", b"trust_domain"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "force", b"force", "format", b"format", "trust_domain", b"trust_domain"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
