@@ -163,8 +163,12 @@ def setup_logging(level: str = "info", fmt: str = "text", stream: TextIO | None 
     root.addHandler(handler)
     root.setLevel(_LEVELS[level])
     # Third-party chatter stays at warning unless we are debugging.
-    for name in ("grpc", "asyncio"):
-        logging.getLogger(name).setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
+    logging.getLogger("asyncio").setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
+    # grpc's Python logger stays at warning even at debug level: its Cython layer logs debug
+    # records from its own threads with arguments it does not own a reference to, and a
+    # record kept alive afterwards (as pytest's log capture does) crashed the interpreter in
+    # the garbage collector. GRPC_VERBOSITY/GRPC_TRACE are the switches for grpc internals.
+    logging.getLogger("grpc").setLevel(logging.WARNING)
     # SQLAlchemy's engine log prints statement parameters and result rows (join tokens,
     # agent IDs holding them): keep it at warning even at debug level.
     logging.getLogger("sqlalchemy").setLevel(logging.WARNING)

@@ -37,6 +37,8 @@ def captured() -> Iterator[io.StringIO]:
     out = io.StringIO()
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
+    # setup_logging also sets the level of third-party loggers: put those back too.
+    others = {name: logging.getLogger(name).level for name in ("grpc", "asyncio", "sqlalchemy")}
     setup_logging("debug", "json", stream=out)
     try:
         yield out
@@ -46,6 +48,8 @@ def captured() -> Iterator[io.StringIO]:
         for handler in handlers:
             root.addHandler(handler)
         root.setLevel(level)
+        for name, old in others.items():
+            logging.getLogger(name).setLevel(old)
 
 
 def test_text_line_carries_every_extra_field() -> None:
