@@ -235,10 +235,13 @@ def test_py_spiffe_stream_receives_rotated_svid(tmp_path: Path) -> None:
 _CHILD = r"""
 import json, os, sys
 import grpc
+import grpc._channel  # grpc imports this lazily: do it while the checkout is still readable
 from credo._proto import workload_pb2, workload_pb2_grpc
 
 target, uid = sys.argv[1], int(sys.argv[2])
 if uid != os.getuid():
+    # Everything the child needs is imported above, before it drops to ``uid``: the checkout
+    # (and its .venv) may live in a directory that uid cannot read (a 0700 home, mktemp -d).
     os.setgroups([])
     os.setgid(uid)
     os.setuid(uid)
