@@ -367,8 +367,13 @@ class Deployment:
         if self.keep:
             print(f"test-image: kept containers {' '.join(self.names)} and {self.work}")
             return
-        for name in self.names:
-            subprocess.run(["podman", "rm", "-f", "-t", "5", name], capture_output=True)
+        # Newest first: the agent joins the server's network namespace, so it goes first.
+        for name in reversed(self.names):
+            removed = subprocess.run(
+                ["podman", "rm", "-f", "-t", "5", name], capture_output=True, text=True
+            )
+            if removed.returncode != 0:
+                print(f"test-image: could not remove {name}: {removed.stderr.strip()}")
 
 
 def exercise(deployment: Deployment, steps: Steps) -> None:
