@@ -406,20 +406,11 @@ def exercise(deployment: Deployment, steps: Steps) -> None:
     agent_id = f"spiffe://{d.agent_toml['trust_domain']}/credo/agent/join_token/{token}"
     test_env = {e["name"]: e["value"] for e in d.test["env"]}
     test_uid = d.test["securityContext"]["runAsUser"]
+    # The helm test's SPIFFE ID for its container's uid, and one for this host process.
+    create = ("credo-server", "entry", "create", "--parent-id", agent_id)
     for spiffe_id, uid in ((test_env["EXPECTED_SPIFFE_ID"], test_uid), (HOST_ENTRY_ID, 0)):
-        d.exec(
-            server,
-            "credo-server",
-            "entry",
-            "create",
-            "--parent-id",
-            agent_id,
-            "--spiffe-id",
-            spiffe_id,
-            "--selector",
-            f"unix:uid:{uid}",
-            what="entry create",
-        )
+        selector = ("--selector", f"unix:uid:{uid}")
+        d.exec(server, *create, "--spiffe-id", spiffe_id, *selector, what="entry create")
 
     out = d.run_helm_test()
     if f"ok: X.509-SVID for {test_env['EXPECTED_SPIFFE_ID']}" not in out:
