@@ -1,8 +1,13 @@
-"""charts/credo renders valid Kubernetes objects and a server.toml the server loads.
+"""charts/credo renders valid Kubernetes objects, and configs the server and agent load.
 
 Helm itself does the rendering and linting: helm-python-sdk binds Helm's Go SDK (libhelm_c),
 so no helm binary and no cluster are needed. kubernetes-validate checks every rendered object
 against the Kubernetes OpenAPI schemas.
+
+The chart configures plugin tables (``[server.node_attestor.k8s_psat.clusters.<name>]``,
+``[agent.workload_attestor.k8s]``...) that the config loaders learn with the plugin catalogs
+and the Kubernetes plugins; until then the tests load the scalar settings with the real
+loaders and check the plugin tables as TOML data.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import itertools
 import json
 import re
 import shutil
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,14 +27,17 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from server.config import load_config
+from node_agent.config import load_config as load_agent_config
+from server.config import load_config as load_server_config
 
 REPO = Path(__file__).resolve().parents[3]
 CHART = REPO / "charts" / "credo"
 CI_VALUES = sorted((CHART / "ci").glob("*-values.yaml"))
-KUBE_VERSION = "1.30"
+# The oldest Kubernetes the chart is checked against, and a current one.
+KUBE_VERSIONS = ("1.30", "1.36")
 RELEASE = "credo"
 NAMESPACE = "identity"
+COMPONENT = "app.kubernetes.io/component"
 
 Manifests = dict[str, list[dict[str, Any]]]
 
@@ -64,22 +73,77 @@ def one(objects: Manifests, kind: str, name: str | None = None) -> dict[str, Any
     return found[0]
 
 
-def server_toml(objects: Manifests, tmp_path: Path) -> Path:
-    path = tmp_path / "server.toml"
-    path.write_text(one(objects, "ConfigMap")["data"]["server.toml"])
+def server_toml(objects: Manifests) -> dict[str, Any]:
+    """The [server] table of the rendered server.toml."""
+    text = one(objects, "ConfigMap", "credo-server")["data"]["server.toml"]
+    table: dict[str, Any] = tomllib.loads(text)["server"]
+    return table
+
+
+def agent_toml(objects: Manifests) -> dict[str, Any]:
+    """The [agent] table of the rendered agent.toml."""
+    text = one(objects, "ConfigMap", "credo-agent")["data"]["agent.toml"]
+    table: dict[str, Any] = tomllib.loads(text)["agent"]
+    return table
+
+
+def scalars(table: dict[str, Any], tmp_path: Path, name: str) -> Path:
+    """The table's scalar settings (no plugin tables) as a TOML file for today's loaders."""
+    lines = [f"[{name}]"] + [
+        f"{key} = {json.dumps(value)}"
+        for key, value in table.items()
+        if not isinstance(value, dict)
+    ]
+    path = tmp_path / f"{name}.toml"
+    path.write_text("\n".join(lines) + "\n")
     return path
 
 
+def load_server(objects: Manifests, tmp_path: Path, flags: dict[str, Any] | None = None) -> Any:
+    return load_server_config(scalars(server_toml(objects), tmp_path, "server"), flags or {})
+
+
+def pod_spec(workload: dict[str, Any]) -> dict[str, Any]:
+    """The pod spec of a Pod, or of a workload's pod template."""
+    if workload["kind"] == "Pod":
+        pod: dict[str, Any] = workload["spec"]
+        return pod
+    spec: dict[str, Any] = workload["spec"]["template"]["spec"]
+    return spec
+
+
+def container(workload: dict[str, Any], name: str) -> dict[str, Any]:
+    found: dict[str, Any] = next(c for c in pod_spec(workload)["containers"] if c["name"] == name)
+    return found
+
+
 def server_container(objects: Manifests) -> dict[str, Any]:
-    spec = one(objects, "StatefulSet")["spec"]["template"]["spec"]
-    (container,) = spec["containers"]
-    container_spec: dict[str, Any] = container
-    return container_spec
+    return container(one(objects, "StatefulSet"), "server")
+
+
+def agent_container(objects: Manifests) -> dict[str, Any]:
+    return container(one(objects, "DaemonSet"), "agent")
+
+
+def volumes(workload: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {v["name"]: v for v in pod_spec(workload)["volumes"]}
+
+
+def mounts(c: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {m["mountPath"]: m for m in c["volumeMounts"]}
+
+
+def matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+# --- every scenario: lint, Kubernetes schemas, labels ----------------------------------
 
 
 def test_every_ci_scenario_is_present() -> None:
-    """The four documented ci/*-values.yaml scenarios exist."""
+    """The documented ci/*-values.yaml scenarios exist."""
     assert [p.name for p in CI_VALUES] == [
+        "custom-trust-domain-values.yaml",
         "default-values.yaml",
         "metrics-values.yaml",
         "postgres-ha-values.yaml",
@@ -91,25 +155,71 @@ def test_every_ci_scenario_is_present() -> None:
 def test_helm_lint_passes(values_file: Path) -> None:
     """`helm lint --strict` reports no warning or error for the scenario."""
     values = yaml.safe_load(values_file.read_text())
-    report = helm.lint(CHART, values, strict=True, kube_version=f"v{KUBE_VERSION}.0")
+    report = helm.lint(CHART, values, strict=True, kube_version=f"v{KUBE_VERSIONS[-1]}.0")
     problems = [m for m in report["messages"] if m["severity"] >= 2]
     assert report["errors"] == [] and problems == [], report
 
 
+@pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
 @pytest.mark.parametrize("values_file", CI_VALUES, ids=lambda p: p.name)
-def test_rendered_objects_validate_against_kubernetes(chart: Any, values_file: Path) -> None:
+def test_rendered_objects_validate_against_kubernetes(
+    chart: Any, values_file: Path, kube_version: str
+) -> None:
     """Every object the scenario renders is valid (strict: no unknown fields) for Kubernetes."""
     objects = render(chart, yaml.safe_load(values_file.read_text()))
-    rendered = [o for docs in objects.values() for o in docs]
-    assert {"StatefulSet", "ConfigMap", "Service", "ServiceAccount"} <= set(objects)
-    for obj in rendered:
-        kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
+    assert {"StatefulSet", "ConfigMap", "Service", "ServiceAccount", "Role"} <= set(objects)
+    for obj in (o for docs in objects.values() for o in docs):
+        kubernetes_validate.validate(obj, kube_version, strict=True)
+
+
+@pytest.mark.parametrize("values_file", CI_VALUES, ids=lambda p: p.name)
+def test_every_object_names_its_component(chart: Any, values_file: Path) -> None:
+    """Every object is labelled server, agent or test, and each selector includes its component."""
+    objects = render(chart, yaml.safe_load(values_file.read_text()))
+    for obj in (o for docs in objects.values() for o in docs):
+        labels = obj["metadata"]["labels"]
+        assert labels[COMPONENT] in ("server", "agent", "test"), obj["metadata"]["name"]
+        assert labels["app.kubernetes.io/instance"] == RELEASE
+    for kind in ("StatefulSet", "DaemonSet"):
+        for workload in objects.get(kind, []):
+            selector = workload["spec"]["selector"]["matchLabels"]
+            pod_labels = workload["spec"]["template"]["metadata"]["labels"]
+            assert (
+                selector[COMPONENT]
+                == pod_labels[COMPONENT]
+                == workload["metadata"]["labels"][COMPONENT]
+            )
+    for service in objects["Service"]:
+        assert service["spec"]["selector"][COMPONENT] == "server"
+
+
+def test_server_and_agent_selectors_do_not_overlap(chart: Any) -> None:
+    """The server's Services and PDB select server pods only; the DaemonSet only agent pods."""
+    objects = render(chart, ci_values("postgres-ha"))  # 3 replicas: a PodDisruptionBudget too
+    server_pods = one(objects, "StatefulSet")["spec"]["template"]["metadata"]["labels"]
+    agent_pods = one(objects, "DaemonSet")["spec"]["template"]["metadata"]["labels"]
+    test_pod = one(objects, "Pod")["metadata"]["labels"]
+    selectors = [s["spec"]["selector"] for s in objects["Service"]]
+    selectors.append(one(objects, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"])
+    selectors.append(one(objects, "StatefulSet")["spec"]["selector"]["matchLabels"])
+    assert len(selectors) == 4  # the agent Service, headless Service, PDB, StatefulSet
+    for selector in selectors:
+        assert matches(selector, server_pods), selector
+        assert not matches(selector, agent_pods), selector
+        assert not matches(selector, test_pod), selector
+    agent_selector = one(objects, "DaemonSet")["spec"]["selector"]["matchLabels"]
+    assert matches(agent_selector, agent_pods)
+    assert not matches(agent_selector, server_pods)
+    assert not matches(agent_selector, test_pod)
+
+
+# --- the server ------------------------------------------------------------------------
 
 
 def test_default_server_toml_loads_with_chart_defaults(chart: Any, tmp_path: Path) -> None:
-    """The default ConfigMap's server.toml loads with load_config and uses SQLite in the volume."""
+    """The default server.toml's settings load with load_config: SQLite in the volume."""
     objects = render(chart, ci_values("default"))
-    config = load_config(server_toml(objects, tmp_path), {})
+    config = load_server(objects, tmp_path)
     assert config.trust_domain == "example.org"
     assert str(config.data_dir) == "/var/lib/credo/server"
     assert config.bind_address == "0.0.0.0:8081"
@@ -124,13 +234,100 @@ def test_default_server_toml_loads_with_chart_defaults(chart: Any, tmp_path: Pat
     assert claim["spec"]["resources"]["requests"]["storage"] == "1Gi"
 
 
+def test_k8s_psat_config_names_this_cluster(chart: Any) -> None:
+    """server.toml configures k8s_psat for clusterName, admitting the chart's agent account."""
+    objects = render(chart, ci_values("default"))
+    attestors = server_toml(objects)["node_attestor"]
+    assert attestors["join_token"] == {}
+    assert attestors["k8s_psat"] == {
+        "clusters": {
+            "example-cluster": {
+                "service_account_allow_list": ["identity:credo-agent"],
+                "audience": ["credo-server"],
+                "kube_config_file": "",
+                "allowed_node_label_keys": [],
+                "allowed_pod_label_keys": [],
+            }
+        }
+    }
+    # The allowed account is the one the agents run as.
+    agent_sa = pod_spec(one(objects, "DaemonSet"))["serviceAccountName"]
+    assert agent_sa == "credo-agent"
+    assert one(objects, "ServiceAccount", agent_sa)["metadata"]["namespace"] == NAMESPACE
+
+
+def test_custom_scenario_reaches_the_k8s_psat_config(chart: Any) -> None:
+    """Cluster name, audiences, extra accounts and label keys of the values reach server.toml."""
+    objects = render(chart, ci_values("custom-trust-domain"))
+    server = server_toml(objects)
+    assert server["trust_domain"] == "prod.example.com"
+    assert server["node_attestor"]["k8s_psat"]["clusters"] == {
+        "prod-eu-1": {
+            "service_account_allow_list": ["identity:credo-agent", "infra:credo-agent-canary"],
+            "audience": ["credo.prod.example.com", "credo-server"],
+            "kube_config_file": "",
+            "allowed_node_label_keys": ["topology.kubernetes.io/zone"],
+            "allowed_pod_label_keys": ["app.kubernetes.io/version"],
+        }
+    }
+
+
+def test_bundle_publisher_writes_the_configmap_agents_mount(chart: Any) -> None:
+    """The server publishes to the chart's bundle ConfigMap, may patch it, and agents mount it."""
+    objects = render(chart)
+    publisher = server_toml(objects)["bundle_publisher"]["k8s_configmap"]
+    assert publisher == {"namespace": NAMESPACE, "name": "credo-bundle"}
+    bundle = one(objects, "ConfigMap", "credo-bundle")
+    assert "data" not in bundle  # the server fills it; Helm never overwrites the bundle
+    rules = one(objects, "Role", "credo-server-bundle")["rules"]
+    assert {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create"]} in rules
+    assert {
+        "apiGroups": [""],
+        "resources": ["configmaps"],
+        "resourceNames": ["credo-bundle"],
+        "verbs": ["get", "patch", "update"],
+    } in rules
+    binding = one(objects, "RoleBinding", "credo-server-bundle")
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "credo-server", "namespace": NAMESPACE}
+    ]
+    daemonset = one(objects, "DaemonSet")
+    assert volumes(daemonset)["bundle"]["configMap"] == {"name": "credo-bundle"}
+    trust_bundle = agent_toml(objects)["trust_bundle"]
+    assert trust_bundle == "/etc/credo/bundle/bundle.pem"
+    assert mounts(container(daemonset, "agent"))["/etc/credo/bundle"]["name"] == "bundle"
+    assert "insecure_bootstrap" not in agent_toml(objects)
+
+
+def test_server_may_review_tokens_and_read_pods_and_nodes(chart: Any) -> None:
+    """The server's ClusterRole allows TokenReview create and pods/nodes get, bound to its SA."""
+    objects = render(chart)
+    role = one(objects, "ClusterRole", "credo-server-identity")
+    assert role["rules"] == [
+        {
+            "apiGroups": ["authentication.k8s.io"],
+            "resources": ["tokenreviews"],
+            "verbs": ["create"],
+        },
+        {"apiGroups": [""], "resources": ["pods", "nodes"], "verbs": ["get"]},
+    ]
+    binding = one(objects, "ClusterRoleBinding", "credo-server-identity")
+    assert binding["roleRef"]["name"] == "credo-server-identity"
+    assert (
+        binding["subjects"][0]["name"]
+        == pod_spec(one(objects, "StatefulSet"))["serviceAccountName"]
+    )
+    # The server calls the Kubernetes API in-cluster: its token is mounted.
+    assert pod_spec(one(objects, "StatefulSet"))["automountServiceAccountToken"] is True
+
+
 def test_server_values_reach_server_toml(chart: Any, tmp_path: Path) -> None:
-    """Every server.* value is rendered into server.toml under its config name."""
+    """Every scalar server.* value is rendered into server.toml under its config name."""
     objects = render(
         chart,
         {
+            "trustDomain": "corp.example",
             "server": {
-                "trustDomain": "corp.example",
                 "caTtl": "2d",
                 "x509SvidTtl": "90m",
                 "jwtSvidTtl": "120",
@@ -144,10 +341,10 @@ def test_server_values_reach_server_toml(chart: Any, tmp_path: Path) -> None:
                 "signingRateLimit": 1000000,
                 "signingWorkers": 64,
                 "rotationCheckInterval": 0.5,
-            }
+            },
         },
     )
-    config = load_config(server_toml(objects, tmp_path), {})
+    config = load_server(objects, tmp_path)
     assert config.trust_domain == "corp.example"
     assert (config.ca_ttl, config.x509_svid_ttl, config.jwt_svid_ttl) == (172800, 5400, 120)
     assert (config.agent_svid_ttl, config.join_token_ttl) == (1800, 3600)
@@ -160,33 +357,42 @@ def test_server_values_reach_server_toml(chart: Any, tmp_path: Path) -> None:
 def test_upstream_ca_scenario_mounts_the_secret_read_only(chart: Any, tmp_path: Path) -> None:
     """upstreamCa mounts tls.crt/tls.key read-only from the Secret and server.toml uses them."""
     objects = render(chart, ci_values("upstream-ca"))
-    config = load_config(server_toml(objects, tmp_path), {})
+    config = load_server(objects, tmp_path)
     assert (config.trust_domain, config.ca_key_type, config.ca_ttl) == (
-        "prod.example.com",
+        "corp.example.com",
         "ec-p384",
         172800,
     )
     assert str(config.upstream_ca_cert) == "/etc/credo/upstream-ca/tls.crt"
     assert str(config.upstream_ca_key) == "/etc/credo/upstream-ca/tls.key"
-    container = server_container(objects)
-    mount = next(m for m in container["volumeMounts"] if m["name"] == "upstream-ca")
+    mount = mounts(server_container(objects))["/etc/credo/upstream-ca"]
     assert mount == {"name": "upstream-ca", "mountPath": "/etc/credo/upstream-ca", "readOnly": True}
-    volumes = one(objects, "StatefulSet")["spec"]["template"]["spec"]["volumes"]
-    secret = next(v for v in volumes if v["name"] == "upstream-ca")["secret"]
+    secret = volumes(one(objects, "StatefulSet"))["upstream-ca"]["secret"]
     assert secret["secretName"] == "credo-upstream-ca"
     assert {i["key"] for i in secret["items"]} == {"tls.crt", "tls.key"}
+
+
+def test_server_only_scenario_renders_no_agent(chart: Any) -> None:
+    """With agent, k8s_psat, node alias and test off, only the server and its bundle remain."""
+    objects = render(chart, ci_values("upstream-ca"))
+    assert "DaemonSet" not in objects and "Pod" not in objects
+    assert "ClusterRole" not in objects  # no TokenReview, no kubelet access
+    server = server_toml(objects)
+    assert server["node_attestor"] == {"join_token": {}}
+    assert "lifecycle" not in server_container(objects)
+    assert set(one(objects, "ConfigMap", "credo-server")["data"]) == {"server.toml"}
 
 
 def test_metrics_scenario_exposes_the_metrics_port(chart: Any, tmp_path: Path) -> None:
     """metrics.enabled sets metrics_address, a container port, a Service and scrape annotations."""
     objects = render(chart, ci_values("metrics"))
-    config = load_config(server_toml(objects, tmp_path), {})
+    config = load_server(objects, tmp_path)
     assert config.metrics_address == "0.0.0.0:9988"
     assert (config.log_level, config.log_format, config.signing_workers) == ("debug", "text", 0)
     assert (config.attestation_rate_limit, config.signing_rate_limit) == (0.5, 1_000_000.0)
     ports = {p["name"]: p["containerPort"] for p in server_container(objects)["ports"]}
     assert ports == {"grpc": 8081, "metrics": 9988}
-    service = one(objects, "Service", "credo-metrics")
+    service = one(objects, "Service", "credo-server-metrics")
     assert service["spec"]["ports"][0]["targetPort"] == "metrics"
     annotations = one(objects, "StatefulSet")["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true"
@@ -194,8 +400,11 @@ def test_metrics_scenario_exposes_the_metrics_port(chart: Any, tmp_path: Path) -
     # persistence.enabled=false in this scenario: the data dir is an emptyDir.
     statefulset = one(objects, "StatefulSet")
     assert "volumeClaimTemplates" not in statefulset["spec"]
-    volumes = {v["name"]: v for v in statefulset["spec"]["template"]["spec"]["volumes"]}
-    assert volumes["data"] == {"name": "data", "emptyDir": {}}
+    assert volumes(statefulset)["data"] == {"name": "data", "emptyDir": {}}
+    assert (agent_toml(objects)["log_level"], agent_toml(objects)["log_format"]) == (
+        "debug",
+        "text",
+    )
 
 
 def test_postgres_ha_scenario_passes_the_url_from_the_secret(chart: Any, tmp_path: Path) -> None:
@@ -204,57 +413,326 @@ def test_postgres_ha_scenario_passes_the_url_from_the_secret(chart: Any, tmp_pat
     assert one(objects, "StatefulSet")["spec"]["replicas"] == 3
     assert one(objects, "PodDisruptionBudget")["spec"]["maxUnavailable"] == 1
     assert "Secret" not in objects  # the URL lives in the user's existing Secret
-    container = server_container(objects)
-    args = container["args"]
+    server = server_container(objects)
+    assert server["command"] == ["credo-server"]
+    args = server["args"]
     assert args[:3] == ["run", "--config", "/etc/credo/server.toml"]
     assert args[args.index("--datastore") + 1] == "$(CREDO_DATASTORE)"
-    env = {e["name"]: e for e in container["env"]}
+    env = {e["name"]: e for e in server["env"]}
     assert env["CREDO_DATASTORE"]["valueFrom"]["secretKeyRef"] == {
         "name": "credo-datastore",
         "key": "url",
     }
     # The flag overrides the (empty) datastore in the file, as Kubernetes would expand it.
     url = "postgresql://credo:secret@db:5432/credo"
-    config = load_config(server_toml(objects, tmp_path), {"datastore": url})
+    config = load_server(objects, tmp_path, {"datastore": url})
     assert config.datastore_url == url
 
 
 def test_postgres_url_in_values_goes_to_a_secret_not_the_configmap(chart: Any) -> None:
     """A datastore.postgresql.url is stored in a chart Secret and never in the ConfigMap."""
     url = "postgresql://credo:hunter2@db:5432/credo"
-    objects = render(chart, {"datastore": {"type": "postgresql", "postgresql": {"url": url}}})
+    objects = render(
+        chart, {"server": {"datastore": {"type": "postgresql", "postgresql": {"url": url}}}}
+    )
     secret = one(objects, "Secret", "credo-datastore")
     assert base64.b64decode(secret["data"]["url"]).decode() == url
-    assert "hunter2" not in json.dumps(one(objects, "ConfigMap"))
+    assert "hunter2" not in json.dumps(objects["ConfigMap"])
     assert "hunter2" not in json.dumps(one(objects, "StatefulSet"))
     assert "PodDisruptionBudget" not in objects  # replicas: 1
 
 
+def test_server_runs_non_root_with_a_read_only_root_filesystem(chart: Any) -> None:
+    """The server pod runs as non-root uid 10001 with a read-only root fs and no capabilities."""
+    objects = render(chart)
+    pod = pod_spec(one(objects, "StatefulSet"))
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == 10001
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert "hostPID" not in pod and "hostNetwork" not in pod
+    security = server_container(objects)["securityContext"]
+    assert security["runAsNonRoot"] is True and security["runAsUser"] == 10001
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"] == {"drop": ["ALL"]}
+    # Everything the server writes is on a volume: data dir, admin socket dir, /tmp. The
+    # volumes sit one level above the directories the server creates and chmods 0700 itself.
+    assert {"/var/lib/credo", "/run/credo-server", "/tmp"} <= set(mounts(server_container(objects)))
+
+
+def test_probes_run_credo_server_healthcheck(chart: Any) -> None:
+    """The startup, liveness and readiness probes exec `credo-server healthcheck` on the socket."""
+    server = server_container(render(chart))
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        command = server[probe]["exec"]["command"]
+        assert command[:4] == [
+            "credo-server",
+            "healthcheck",
+            "--socket",
+            "/run/credo-server/private/api.sock",
+        ], probe
+    env = {e["name"]: e.get("value") for e in server["env"]}
+    assert env["CREDO_SERVER_SOCKET"] == "/run/credo-server/private/api.sock"
+
+
+def test_service_exposes_grpc_on_8081(chart: Any) -> None:
+    """The ClusterIP Service forwards port 8081 named grpc to the server's agent endpoint."""
+    service = one(render(chart), "Service", "credo-server")
+    assert service["spec"]["type"] == "ClusterIP"
+    assert service["spec"]["ports"][0]["name"] == "grpc"
+    assert service["spec"]["ports"][0]["port"] == 8081
+    assert service["spec"]["ports"][0]["targetPort"] == "grpc"
+
+
+# --- the node alias and its registration -----------------------------------------------
+
+
+def test_node_alias_is_registered_by_the_server_pods(chart: Any) -> None:
+    """The server's postStart hook runs the rendered script that registers the node alias."""
+    objects = render(chart)
+    server = server_container(objects)
+    assert server["lifecycle"]["postStart"]["exec"]["command"] == [
+        "sh",
+        "/etc/credo/register-entries.sh",
+    ]
+    assert mounts(server)["/etc/credo/register-entries.sh"] == {
+        "name": "config",
+        "mountPath": "/etc/credo/register-entries.sh",
+        "subPath": "register-entries.sh",
+        "readOnly": True,
+    }
+    script = one(objects, "ConfigMap", "credo-server")["data"]["register-entries.sh"]
+    assert (
+        "ensure_entry 'spiffe://example.org/k8s-cluster/example-cluster' --node "
+        "'k8s_psat:cluster:example-cluster'"
+    ) in script
+    assert (
+        "ensure_entry 'spiffe://example.org/ns/identity/sa/credo-test' "
+        "'spiffe://example.org/k8s-cluster/example-cluster' 'k8s:ns:identity k8s:sa:credo-test'"
+    ) in script
+
+
+def test_custom_node_alias_id_is_registered(chart: Any) -> None:
+    """server.nodeAlias.spiffeId replaces the default node alias ID for this cluster."""
+    objects = render(chart, ci_values("custom-trust-domain"))
+    script = one(objects, "ConfigMap", "credo-server")["data"]["register-entries.sh"]
+    assert (
+        "ensure_entry 'spiffe://prod.example.com/clusters/prod-eu-1/nodes' --node "
+        "'k8s_psat:cluster:prod-eu-1'"
+    ) in script
+
+
+# --- the agent -------------------------------------------------------------------------
+
+
+def test_agent_toml_attests_with_k8s_psat_and_both_workload_attestors(
+    chart: Any, tmp_path: Path
+) -> None:
+    """agent.toml names k8s_psat for the cluster, unix and k8s attestors, and the server Service."""
+    objects = render(chart)
+    agent = agent_toml(objects)
+    config = load_agent_config(scalars(agent, tmp_path, "agent"), {})
+    assert config.server_addresses == ("credo-server.identity.svc:8081",)
+    assert config.trust_domain == "example.org"
+    assert str(config.socket_path) == "/run/credo/agent-sockets/api.sock"
+    assert str(config.admin_socket) == "/run/credo-agent/private/admin.sock"
+    assert str(config.data_dir) == "/var/lib/credo-agent/agent"
+    assert config.insecure_bootstrap is False and config.join_token is None
+    assert agent["node_attestor"] == {
+        "k8s_psat": {
+            "cluster": "example-cluster",
+            "token_path": "/var/run/secrets/tokens/credo-agent",
+        }
+    }
+    assert agent["workload_attestor"] == {
+        "unix": {"workload_size_limit": 64 * 1024 * 1024},
+        "k8s": {
+            "kubelet_secure_port": 10250,
+            "node_name_env": "MY_NODE_NAME",
+            "token_path": "/var/run/secrets/kubernetes.io/serviceaccount/token",
+            "kubelet_ca_path": "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt",
+            "skip_kubelet_verification": False,
+        },
+    }
+    service = one(objects, "Service", "credo-server")
+    assert service["spec"]["ports"][0]["port"] == 8081
+
+
+def test_daemonset_mounts_the_socket_directory_and_the_projected_token(chart: Any) -> None:
+    """The agent mounts the socket's host directory and a token with the server's audience."""
+    objects = render(chart)
+    daemonset = one(objects, "DaemonSet")
+    agent = container(daemonset, "agent")
+    vols = volumes(daemonset)
+    assert vols["sockets"]["hostPath"] == {
+        "path": "/run/credo/agent-sockets",
+        "type": "DirectoryOrCreate",
+    }
+    assert mounts(agent)["/run/credo/agent-sockets"]["name"] == "sockets"
+    (source,) = vols["agent-token"]["projected"]["sources"]
+    assert source["serviceAccountToken"] == {
+        "audience": "credo-server",
+        "expirationSeconds": 7200,
+        "path": "credo-agent",
+    }
+    token_mount = mounts(agent)["/var/run/secrets/tokens"]
+    assert token_mount == {
+        "name": "agent-token",
+        "mountPath": "/var/run/secrets/tokens",
+        "readOnly": True,
+    }
+    # The token file lands where agent.toml's k8s_psat token_path points.
+    token_path = agent_toml(objects)["node_attestor"]["k8s_psat"]["token_path"]
+    assert token_path == f"{token_mount['mountPath']}/{source['serviceAccountToken']['path']}"
+    # The audience is one the server accepts.
+    cluster = server_toml(objects)["node_attestor"]["k8s_psat"]["clusters"]["example-cluster"]
+    assert source["serviceAccountToken"]["audience"] in cluster["audience"]
+
+
+def test_daemonset_gives_the_attestors_what_they_need(chart: Any) -> None:
+    """hostPID, MY_NODE_NAME from the downward API, the pod token, and exec health probes."""
+    objects = render(chart)
+    daemonset = one(objects, "DaemonSet")
+    pod = pod_spec(daemonset)
+    assert pod["hostPID"] is True
+    assert "hostNetwork" not in pod
+    assert pod["automountServiceAccountToken"] is True  # kubelet bearer token and CA
+    agent = container(daemonset, "agent")
+    assert agent["command"] == ["credo-agent"]
+    assert agent["args"] == ["run", "--config", "/etc/credo/agent.toml"]
+    env = {e["name"]: e for e in agent["env"]}
+    assert env["MY_NODE_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert agent[probe]["exec"]["command"][:4] == [
+            "credo-agent",
+            "healthcheck",
+            "--admin-socket",
+            "/run/credo-agent/private/admin.sock",
+        ], probe
+    assert agent["resources"]["requests"] == {"cpu": "50m", "memory": "128Mi"}
+    rules = one(objects, "ClusterRole", "credo-agent-identity")["rules"]
+    assert rules == [
+        {"apiGroups": [""], "resources": ["pods", "nodes", "nodes/proxy"], "verbs": ["get"]}
+    ]
+    binding = one(objects, "ClusterRoleBinding", "credo-agent-identity")
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": pod["serviceAccountName"], "namespace": NAMESPACE}
+    ]
+
+
+def test_agent_runs_as_its_own_user_without_capabilities(chart: Any) -> None:
+    """The agent is non-root uid 10002 with no capabilities; only the chown step is root."""
+    daemonset = one(render(chart), "DaemonSet")
+    pod = pod_spec(daemonset)
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == 10002
+    security = container(daemonset, "agent")["securityContext"]
+    assert security["runAsUser"] == 10002 and security["runAsNonRoot"] is True
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"] == {"drop": ["ALL"]}
+    init = {c["name"]: c for c in pod["initContainers"]}
+    assert init["socket-dir"]["command"] == ["chown", "10002:10002", "/run/credo/agent-sockets"]
+    assert init["socket-dir"]["securityContext"]["runAsUser"] == 0
+    assert init["socket-dir"]["securityContext"]["capabilities"] == {
+        "drop": ["ALL"],
+        "add": ["CHOWN"],
+    }
+    assert init["wait-for-bundle"]["securityContext"]["runAsUser"] == 10002
+    assert init["wait-for-bundle"]["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+
+
+def test_custom_socket_path_reaches_agent_daemonset_and_test(chart: Any) -> None:
+    """agent.socketPath sets the agent's socket, the host directory, and the test's endpoint."""
+    objects = render(chart, ci_values("custom-trust-domain"))
+    assert agent_toml(objects)["socket_path"] == "/run/identity/sockets/workload.sock"
+    daemonset = one(objects, "DaemonSet")
+    assert volumes(daemonset)["sockets"]["hostPath"]["path"] == "/run/identity/sockets"
+    assert "/run/identity/sockets" in mounts(container(daemonset, "agent"))
+    audience = volumes(daemonset)["agent-token"]["projected"]["sources"][0]
+    assert audience["serviceAccountToken"]["audience"] == "credo.prod.example.com"
+    assert agent_toml(objects)["workload_attestor"]["k8s"]["skip_kubelet_verification"] is True
+    test_pod = one(objects, "Pod")
+    assert volumes(test_pod)["spiffe-workload-api"]["hostPath"]["path"] == "/run/identity/sockets"
+    env = {e["name"]: e["value"] for e in test_pod["spec"]["containers"][0]["env"]}
+    assert env == {
+        "SPIFFE_ENDPOINT_SOCKET": "unix:///spiffe-workload-api/workload.sock",
+        "EXPECTED_SPIFFE_ID": "spiffe://prod.example.com/ns/identity/sa/credo-test",
+    }
+
+
+# --- helm test -------------------------------------------------------------------------
+
+
+def test_helm_test_pod_fetches_its_svid_through_the_workload_api(chart: Any) -> None:
+    """The test hook pod runs `credo-agent api fetch x509` on the mounted socket as its own SA."""
+    objects = render(chart)
+    pod = one(objects, "Pod")
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    assert pod["spec"]["serviceAccountName"] == "credo-test"
+    one(objects, "ServiceAccount", "credo-test")
+    (fetch,) = pod["spec"]["containers"]
+    assert "credo-agent api fetch x509 --output json" in fetch["command"][-1]
+    assert mounts(fetch)["/spiffe-workload-api"]["readOnly"] is True
+    assert volumes(pod)["spiffe-workload-api"]["hostPath"] == {
+        "path": "/run/credo/agent-sockets",
+        "type": "Directory",
+    }
+
+
+# --- refused values --------------------------------------------------------------------
+
+
 def test_replicas_above_one_with_sqlite_fail_clearly(chart: Any) -> None:
     """More than one replica without PostgreSQL refuses to render and says why."""
-    with pytest.raises(helm.HelmRenderError, match=r"replicas=2 needs a shared PostgreSQL"):
-        render(chart, {"replicas": 2})
+    with pytest.raises(helm.HelmRenderError, match=r"server.replicas=2 needs a shared PostgreSQL"):
+        render(chart, {"server": {"replicas": 2}})
 
 
 @pytest.mark.parametrize(
     ("values", "message"),
     [
-        ({"datastore": {"type": "postgresql"}}, "needs datastore.postgresql.url or"),
+        (
+            {"server": {"datastore": {"type": "postgresql"}}},
+            "needs server.datastore.postgresql.url",
+        ),
         (
             {
-                "datastore": {
-                    "type": "postgresql",
-                    "postgresql": {"url": "postgresql://db/credo", "existingSecret": "s"},
+                "server": {
+                    "datastore": {
+                        "type": "postgresql",
+                        "postgresql": {"url": "postgresql://db/credo", "existingSecret": "s"},
+                    }
                 }
             },
             "set url or existingSecret, not both",
         ),
         (
-            {"datastore": {"postgresql": {"existingSecret": "s"}}},
-            "datastore.type is sqlite",
+            {"server": {"datastore": {"postgresql": {"existingSecret": "s"}}}},
+            "server.datastore.type is sqlite",
         ),
-        ({"upstreamCa": {"enabled": True}}, "upstreamCa.enabled needs upstreamCa.existingSecret"),
-        ({"service": {"nodePort": 30081}}, "service.nodePort needs service.type"),
+        (
+            {"server": {"upstreamCa": {"enabled": True}}},
+            "server.upstreamCa.enabled needs server.upstreamCa.existingSecret",
+        ),
+        ({"server": {"service": {"nodePort": 30081}}}, "server.service.nodePort needs"),
+        (
+            {"server": {"nodeAttestor": {"k8sPsat": {"enabled": False}}}},
+            "agent.enabled needs server.nodeAttestor.k8sPsat.enabled",
+        ),
+        ({"agent": {"enabled": False}}, "test.enabled needs agent.enabled"),
+        (
+            {"server": {"nodeAlias": {"spiffeId": "spiffe://other.org/k8s-cluster/x"}}},
+            "must be in the trust domain (start with spiffe://example.org/)",
+        ),
+        (
+            {"server": {"nodeAlias": {"spiffeId": "spiffe://example.org/credo/agents"}}},
+            "is under /credo/, which is reserved",
+        ),
+        (
+            {"agent": {"socketPath": "/run/credo-agent/public/api.sock"}},
+            "is inside /run/credo-agent, the agent's private directory",
+        ),
     ],
     ids=[
         "postgres-no-url",
@@ -262,6 +740,11 @@ def test_replicas_above_one_with_sqlite_fail_clearly(chart: Any) -> None:
         "secret-with-sqlite",
         "upstream-no-secret",
         "nodeport-clusterip",
+        "agent-without-k8s-psat",
+        "test-without-agent",
+        "alias-other-trust-domain",
+        "alias-reserved-path",
+        "socket-in-private-dir",
     ],
 )
 def test_invalid_combinations_fail(chart: Any, values: dict[str, Any], message: str) -> None:
@@ -273,30 +756,57 @@ def test_invalid_combinations_fail(chart: Any, values: dict[str, Any], message: 
 @pytest.mark.parametrize(
     ("values", "where"),
     [
-        ({"replica": 2}, "additional properties 'replica' not allowed"),
-        ({"server": {"trustdomain": "x.org"}}, "additional properties 'trustdomain' not allowed"),
-        ({"persistence": {"enabled": True, "sizee": "1Gi"}}, "'sizee' not allowed"),
+        ({"replicas": 2}, "additional properties 'replicas' not allowed"),
+        ({"server": {"trustDomain": "x.org"}}, "additional properties 'trustDomain' not allowed"),
+        ({"server": {"persistence": {"enabled": True, "sizee": "1Gi"}}}, "'sizee' not allowed"),
+        ({"agent": {"socket": "/run/x/api.sock"}}, "additional properties 'socket' not allowed"),
         ({"server": {"caKeyType": "dsa"}}, "/server/caKeyType"),
         ({"server": {"logLevel": "trace"}}, "/server/logLevel"),
-        ({"datastore": {"type": "mysql"}}, "/datastore/type"),
-        ({"replicas": 0}, "/replicas"),
+        ({"agent": {"logFormat": "xml"}}, "/agent/logFormat"),
+        ({"server": {"datastore": {"type": "mysql"}}}, "/server/datastore/type"),
+        ({"server": {"replicas": 0}}, "/server/replicas"),
         ({"server": {"signingWorkers": 65}}, "/server/signingWorkers"),
         ({"server": {"caTtl": "one day"}}, "/server/caTtl"),
+        ({"trustDomain": "Example.ORG"}, "/trustDomain"),
+        ({"clusterName": "prod_eu"}, "/clusterName"),
+        ({"agent": {"socketPath": "run/credo/api.sock"}}, "/agent/socketPath"),
+        ({"agent": {"socketPath": "/run/api.sock"}}, "/agent/socketPath"),
+        ({"agent": {"kubelet": {"securePort": 0}}}, "/agent/kubelet/securePort"),
+        ({"agent": {"tokenExpirationSeconds": 60}}, "/agent/tokenExpirationSeconds"),
+        ({"server": {"nodeAttestor": {"k8sPsat": {"audience": []}}}}, "/audience"),
+        (
+            {"server": {"nodeAttestor": {"k8sPsat": {"serviceAccountAllowList": ["credo-agent"]}}}},
+            "/serviceAccountAllowList/0",
+        ),
+        ({"server": {"nodeAlias": {"spiffeId": "k8s-cluster/x"}}}, "/server/nodeAlias/spiffeId"),
+        ({"test": {"enabled": "yes"}}, "/test/enabled"),
     ],
     ids=[
         "unknown-top",
-        "unknown-nested",
+        "moved-to-top",
         "unknown-deep",
+        "unknown-agent",
         "ca-key-dsa",
         "log-level",
+        "agent-log-format",
         "datastore",
         "replicas-0",
         "workers-65",
         "bad-duration",
+        "trust-domain-upper-case",
+        "cluster-name-underscore",
+        "socket-relative",
+        "socket-directly-under-run",
+        "kubelet-port-0",
+        "token-too-short",
+        "no-audience",
+        "allow-list-without-namespace",
+        "alias-not-spiffe",
+        "test-not-boolean",
     ],
 )
 def test_schema_rejects_bad_values(chart: Any, values: dict[str, Any], where: str) -> None:
-    """values.schema.json rejects unknown keys, bad enum values and out-of-range numbers."""
+    """values.schema.json rejects unknown keys, bad enum values, patterns and ranges."""
     with pytest.raises(helm.HelmValuesError, match=re.escape(where)):
         render(chart, values)
 
@@ -306,11 +816,15 @@ def test_templates_fail_on_bad_enums_even_without_the_schema(tmp_path: Path) -> 
     copy = tmp_path / "credo"
     shutil.copytree(CHART, copy)
     (copy / "values.schema.json").unlink()
-    with (
-        helm.Chart.load(copy) as unchecked,
-        pytest.raises(helm.HelmRenderError, match=r'server.caKeyType: "dsa" is not one of ec-p256'),
-    ):
-        render(unchecked, {"server": {"caKeyType": "dsa"}})
+    with helm.Chart.load(copy) as unchecked:
+        with pytest.raises(
+            helm.HelmRenderError, match=r'server.caKeyType: "dsa" is not one of ec-p256'
+        ):
+            render(unchecked, {"server": {"caKeyType": "dsa"}})
+        with pytest.raises(helm.HelmRenderError, match=r'agent.logLevel: "trace" is not one of'):
+            render(unchecked, {"agent": {"logLevel": "trace"}})
+        with pytest.raises(helm.HelmRenderError, match=r'clusterName: "Prod" must be lower-case'):
+            render(unchecked, {"clusterName": "Prod"})
 
 
 def test_schema_closes_every_object() -> None:
@@ -332,6 +846,27 @@ def test_schema_closes_every_object() -> None:
     assert open_objects == []
 
 
+def test_schema_describes_every_value() -> None:
+    """Every key of values.yaml is declared in the schema, with a type and a description."""
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    missing: list[str] = []
+
+    def walk(value: Any, node: dict[str, Any], path: str) -> None:
+        if not ("type" in node or "oneOf" in node) or "description" not in node:
+            missing.append(path)
+        if isinstance(value, dict) and "properties" in node:
+            for key, child in value.items():
+                if key not in node["properties"]:
+                    missing.append(f"{path}/{key}")
+                else:
+                    walk(child, node["properties"][key], f"{path}/{key}")
+
+    for key, child in values.items():
+        walk(child, schema["properties"][key], key)
+    assert missing == []
+
+
 def test_every_value_has_a_comment() -> None:
     """Each key in values.yaml is documented by a comment line right above it."""
     lines = (CHART / "values.yaml").read_text().splitlines()
@@ -343,59 +878,23 @@ def test_every_value_has_a_comment() -> None:
     assert undocumented == []
 
 
-def test_server_runs_non_root_with_a_read_only_root_filesystem(chart: Any) -> None:
-    """The pod runs as non-root uid 10001 with a read-only root fs and no capabilities."""
-    statefulset = one(render(chart), "StatefulSet")
-    pod = statefulset["spec"]["template"]["spec"]
-    assert pod["securityContext"]["runAsNonRoot"] is True
-    assert pod["securityContext"]["runAsUser"] == 10001
-    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
-    assert pod["automountServiceAccountToken"] is False
-    security = server_container(render(chart))["securityContext"]
-    assert security["runAsNonRoot"] is True and security["runAsUser"] == 10001
-    assert security["readOnlyRootFilesystem"] is True
-    assert security["allowPrivilegeEscalation"] is False
-    assert security["capabilities"] == {"drop": ["ALL"]}
-    mounts = {m["mountPath"] for m in server_container(render(chart))["volumeMounts"]}
-    # Everything the server writes is on a volume: data dir, admin socket dir, /tmp. The
-    # volumes sit one level above the directories the server creates and chmods 0700 itself.
-    assert {"/var/lib/credo", "/run/credo-server", "/tmp"} <= mounts
+# --- the image -------------------------------------------------------------------------
 
 
-def test_probes_run_credo_server_healthcheck(chart: Any) -> None:
-    """The startup, liveness and readiness probes exec `credo-server healthcheck` on the socket."""
-    container = server_container(render(chart))
-    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
-        command = container[probe]["exec"]["command"]
-        assert command[:4] == [
-            "credo-server",
-            "healthcheck",
-            "--socket",
-            "/run/credo-server/private/api.sock",
-        ], probe
-    env = {e["name"]: e.get("value") for e in container["env"]}
-    assert env["CREDO_SERVER_SOCKET"] == "/run/credo-server/private/api.sock"
-
-
-def test_service_exposes_grpc_on_8081(chart: Any) -> None:
-    """The ClusterIP Service forwards port 8081 named grpc to the server's agent endpoint."""
-    service = one(render(chart), "Service", "credo")
-    assert service["spec"]["type"] == "ClusterIP"
-    assert service["spec"]["ports"][0]["name"] == "grpc"
-    assert service["spec"]["ports"][0]["port"] == 8081
-    assert service["spec"]["ports"][0]["targetPort"] == "grpc"
-
-
-def test_chart_renders_no_agent_daemonset(chart: Any) -> None:
-    """The chart installs only the server: the agent DaemonSet awaits Kubernetes attestation."""
-    for values_file in CI_VALUES:
-        assert "DaemonSet" not in render(chart, yaml.safe_load(values_file.read_text()))
-
-
-def test_dockerfile_user_matches_the_chart(chart: Any) -> None:
-    """The Dockerfile runs as uid 10001, the uid the chart's securityContext requires."""
+def test_chart_runs_the_image_the_dockerfile_builds(chart: Any) -> None:
+    """The default image is the Dockerfile's, whose users have the uids the chart runs as."""
     dockerfile = (REPO / "Dockerfile").read_text()
+    assert re.search(r"^ARG BASE_IMAGE=python:3\.11-slim$", dockerfile, re.MULTILINE)
     assert re.search(r"^USER 10001", dockerfile, re.MULTILINE)
+    assert "--uid 10001" in dockerfile and "--uid 10002" in dockerfile
     assert 'ENTRYPOINT ["credo-server"]' in dockerfile
     assert chart.metadata["appVersion"] == "0.1.0"
     assert chart.values["image"] == {"repository": "credo", "tag": "", "pullPolicy": "IfNotPresent"}
+    objects = render(chart)
+    images = {
+        c["image"]
+        for workload in (one(objects, "StatefulSet"), one(objects, "DaemonSet"))
+        for c in pod_spec(workload)["containers"] + pod_spec(workload).get("initContainers", [])
+    }
+    images |= {c["image"] for c in one(objects, "Pod")["spec"]["containers"]}
+    assert images == {"credo:0.1.0"}
