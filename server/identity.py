@@ -13,9 +13,12 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import random
 import ssl
 import time
+from collections.abc import Callable
 
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from credo._renewal import renew_at
@@ -53,6 +56,7 @@ class ServerIdentity:
         *,
         key_type: str,
         dns_names: tuple[str, ...],
+        rng: Callable[[], float] = random.random,
     ) -> None:
         self._manager = manager
         self._bundles = bundles
@@ -62,6 +66,13 @@ class ServerIdentity:
         self._renew_at = 0.0
         self._signed_by: object = None
         self._roots_pem = b""
+        self._rng = rng
+        self._leaf: x509.Certificate | None = None
+
+    @property
+    def certificate(self) -> x509.Certificate | None:
+        """The current SVID's leaf certificate; None before the first one."""
+        return self._leaf
 
     @property
     def renew_at(self) -> float:
@@ -96,8 +107,10 @@ class ServerIdentity:
         self._renew_at = renew_at(
             leaf.not_valid_before_utc.timestamp(),
             leaf.not_valid_after_utc.timestamp(),
-            received_at=now,
+            received_at=time.time(),
+            rng=self._rng,
         )
+        self._leaf = leaf
         chain_pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in chain)
         self._context = build_server_context(chain_pem, private_key_to_pkcs8_pem(self._key), roots)
         self._signed_by = ca

@@ -228,3 +228,17 @@ def test_attestation_rate_limit(tmp_path: object) -> None:
                 codes.append(err.code())
         assert codes[:5] == [grpc.StatusCode.PERMISSION_DENIED] * 5
         assert codes[5:] == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 2
+
+
+def test_csr_for_a_weak_curve_is_refused(server: InProcessServer) -> None:
+    """A CSR whose key is on a curve other than P-256/384/521 gets a per-item INVALID_ARGUMENT."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    agent = server.attest(server.create_join_token())
+    entry_id = create_entry(server, "spiffe://example.org/weak", agent.agent_id)
+    weak = make_csr(ec.generate_private_key(ec.SECP256K1()))  # type: ignore[arg-type]
+    good = make_csr()
+    results = sign(agent, (entry_id, weak), (entry_id, good)).results
+    assert results[0].status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "curve secp256k1 is not supported" in results[0].status.message
+    assert results[1].status.code == 0

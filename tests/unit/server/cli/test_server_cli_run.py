@@ -44,7 +44,7 @@ def test_every_scalar_setting_has_a_flag() -> None:
     plugin tables ([server.node_attestor.<name>]) are set in the config file only."""
     flags = {flag.removeprefix("--").replace("-", "_") for flag, _, _ in SETTING_FLAGS}
     settings = {f.name for f in dataclasses.fields(ServerConfig)}
-    assert FILE_ONLY_SETTINGS == {"node_attestor"}
+    assert {"node_attestor"} == FILE_ONLY_SETTINGS
     assert flags == settings - FILE_ONLY_SETTINGS
 
 
