@@ -79,33 +79,29 @@ _MAPPED = (
     AttestationError,
     ValueError,
 )
-_UNAUTHENTICATED = (NoAgentSvid, AgentSvidExpired, UntrustedAuthority)
+# First match wins: subclasses before their bases.
+_STATUSES: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], grpc.StatusCode], ...]
+_STATUSES = (
+    ((NoAgentSvid, AgentSvidExpired, UntrustedAuthority), grpc.StatusCode.UNAUTHENTICATED),
+    (RateLimited, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (AgentRefused, grpc.StatusCode.PERMISSION_DENIED),
+    (UnknownNodeAttestor, grpc.StatusCode.INVALID_ARGUMENT),
+    (AttestationError, grpc.StatusCode.PERMISSION_DENIED),
+    (ServerStopping, grpc.StatusCode.UNAVAILABLE),
+    ((NotFound, AuthorityNotFound), grpc.StatusCode.NOT_FOUND),
+    (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
+    (CaError, grpc.StatusCode.FAILED_PRECONDITION),
+    (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
+)
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status code and message for a domain error (see the module table)."""
     if isinstance(exc, ApiError):
         return exc.code, exc.message
-    if isinstance(exc, _UNAUTHENTICATED):
-        return grpc.StatusCode.UNAUTHENTICATED, str(exc)
-    if isinstance(exc, RateLimited):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
-    if isinstance(exc, AgentRefused):
-        return grpc.StatusCode.PERMISSION_DENIED, str(exc)
-    if isinstance(exc, UnknownNodeAttestor):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
-    if isinstance(exc, AttestationError):
-        return grpc.StatusCode.PERMISSION_DENIED, str(exc)
-    if isinstance(exc, ServerStopping):
-        return grpc.StatusCode.UNAVAILABLE, str(exc)
-    if isinstance(exc, NotFound | AuthorityNotFound):
-        return grpc.StatusCode.NOT_FOUND, str(exc)
-    if isinstance(exc, AlreadyExists):
-        return grpc.StatusCode.ALREADY_EXISTS, str(exc)
-    if isinstance(exc, CaError):
-        return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
-    if isinstance(exc, ValueError):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    for kinds, code in _STATUSES:
+        if isinstance(exc, kinds):
+            return code, str(exc)
     if isinstance(exc, DataStoreError):
         return grpc.StatusCode.UNAVAILABLE, f"datastore unavailable: {exc}"
     raise TypeError(f"no status mapping for {type(exc).__name__}") from exc

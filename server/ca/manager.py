@@ -70,7 +70,7 @@ from server.ca.ca import X509CA, CertificateAuthority, Clock, JwtKey, utc_now
 from server.ca.errors import AuthorityNotFound, InvalidAuthorityState, UpstreamCaError
 from server.ca.keymanager import KeyManager
 from server.ca.pool import x509_ca_key_id
-from server.ca.publisher import BundlePublisher
+from server.ca.publisher import BundlePublisher, BundleStore
 from server.ca.upstream import UpstreamCa, load_upstream_ca, spki_der
 from server.config import ServerConfig
 from server.datastore.errors import NotFound
@@ -94,7 +94,7 @@ _KID_ALPHABET = string.ascii_letters + string.digits
 _MAX_REFRESH_HINT = 300
 
 
-class AuthorityStore(Protocol):
+class AuthorityStore(BundleStore, Protocol):
     """The datastore calls the manager needs (``SqlDataStore`` provides them)."""
 
     def create_authority(self, authority: Authority) -> Authority: ...
@@ -108,14 +108,6 @@ class AuthorityStore(Protocol):
     def update_authority(self, authority: Authority) -> Authority: ...
 
     def delete_authority(self, authority_id: str) -> Authority: ...
-
-    def fetch_bundle(self, trust_domain: str) -> bytes | None: ...
-
-    def update_bundle(
-        self,
-        trust_domain: str,
-        build: Callable[[bytes | None, list[Authority]], bytes | None],
-    ) -> bytes | None: ...
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,7 @@ from credo._proto.credo.server.v1 import admin_pb2, admin_pb2_grpc, agent_pb2, a
 from credo._protocol import REFUSAL_KEY, Refusal, refusal_in
 from credo.keys import generate_private_key
 from tests.helpers.server import AttestedAgent, InProcessServer, make_csr
-from tests.unit.server.api.test_agent_api import create_entry, get_bundle, sign
-from tests.unit.server.api.test_sync import sync
+from tests.unit.server.api.test_agent_api import create_entry, get_bundle, renew, sign
 
 
 def _refusal(err: grpc.RpcError) -> Refusal | None:
@@ -54,52 +53,27 @@ def test_refusal_in_reads_only_known_codes() -> None:
     assert refusal_in(None) is None
 
 
-def test_banned_agent_is_refused_with_banned(server: InProcessServer) -> None:
-    """A banned agent's calls and its open sync stream end with credo-refusal: banned."""
+@pytest.mark.parametrize("action", [Refusal.BANNED, Refusal.EVICTED], ids=["ban", "delete"])
+def test_banned_or_deleted_agent_is_refused_with_banned_or_evicted(
+    server: InProcessServer, action: Refusal
+) -> None:
+    """After a ban the agent's calls say banned; after an operator deleted it, evicted.
+    (Open sync streams: tests/unit/server/api/test_sync.py.)"""
     agent = server.attest(server.create_join_token())
-    with sync(agent) as stream:
-        stream.next()
-        admin_pb2_grpc.AgentsStub(server.admin_channel()).BanAgent(
-            admin_pb2.BanAgentRequest(spiffe_id=agent.agent_id)
-        )
-        with pytest.raises(grpc.RpcError) as streamed:
-            stream.next(timeout=10.0)
-    assert _refusal(streamed.value) is Refusal.BANNED
+    agents = admin_pb2_grpc.AgentsStub(server.admin_channel())
+    if action is Refusal.BANNED:
+        agents.BanAgent(admin_pb2.BanAgentRequest(spiffe_id=agent.agent_id))
+    else:
+        agents.DeleteAgent(admin_pb2.DeleteAgentRequest(spiffe_id=agent.agent_id))
     err = _refused(lambda: get_bundle(agent))
     assert err.code() == grpc.StatusCode.PERMISSION_DENIED
-    assert _refusal(err) is Refusal.BANNED
-
-
-def test_deleted_agent_is_refused_with_evicted(server: InProcessServer) -> None:
-    """An agent an operator deleted is told evicted, on calls and on its open sync stream."""
-    agent = server.attest(server.create_join_token())
-    with sync(agent) as stream:
-        stream.next()
-        admin_pb2_grpc.AgentsStub(server.admin_channel()).DeleteAgent(
-            admin_pb2.DeleteAgentRequest(spiffe_id=agent.agent_id)
-        )
-        with pytest.raises(grpc.RpcError) as streamed:
-            stream.next(timeout=10.0)
-    assert streamed.value.details() == "agent was evicted"
-    assert _refusal(streamed.value) is Refusal.EVICTED
-    err = _refused(lambda: get_bundle(agent))
-    assert err.code() == grpc.StatusCode.PERMISSION_DENIED
-    assert _refusal(err) is Refusal.EVICTED
+    assert _refusal(err) is action
 
 
 def test_superseded_agent_svid_is_refused_with_svid_not_current(server: InProcessServer) -> None:
     """Once a renewed agent SVID has been used, the previous one is told svid_not_current."""
     agent = server.attest(server.create_join_token())
-    key = generate_private_key()
-    with agent.channel() as ch:
-        svid = (
-            agent_pb2_grpc.AgentStub(ch)
-            .RenewAgent(agent_pb2.RenewAgentRequest(csr=make_csr(key)), timeout=10)
-            .svid
-        )
-    get_bundle(
-        AttestedAgent(agent.agent_id, key, list(svid.cert_chain), agent.bundle, agent.target)
-    )
+    get_bundle(renew(agent))
     err = _refused(lambda: get_bundle(agent))
     assert _refusal(err) is Refusal.SVID_NOT_CURRENT
 
