@@ -38,7 +38,7 @@ from server.ca.pool import ERROR_INVALID, SigningPool, SignItem
 from server.datastore.models import RegistrationEntry
 from server.telemetry import KIND_X509, Metrics
 
-__all__ = ["IssueFailed", "Issuer", "X509SvidIssued", "X509SvidRequest"]
+__all__ = ["IssueFailed", "Issuer", "X509Result", "X509SvidIssued", "X509SvidRequest"]
 
 log = logging.getLogger(__name__)
 
