@@ -7,9 +7,9 @@ are the ones both need, written once:
 * :func:`from_table` builds a frozen dataclass from a TOML table (or flag values): each key
   is converted to its field's type (``str``, ``int``, ``float``, ``bool``, ``Path``,
   ``tuple[str, ...]``, their ``| None`` forms, and durations marked with
-  :func:`duration_field`), unknown keys are refused, and the dataclass's own ``validate()``
-  runs last; every error names the key by its full TOML path
-  (``agent.workload_attestor.unix.workload_size_limit: must be >= 0``);
+  :func:`duration_field`, and named sub-tables marked with :func:`named_tables_field`), unknown
+  keys are refused, and the dataclass's own ``validate()`` runs last; every error names the
+  key by its full TOML path (``agent.workload_attestor.unix.workload_size_limit: must be >= 0``);
 * :func:`plugin_tables` turns ``[<side>.<kind>.<name>]`` tables into plugin configs through
   a catalog (name -> config class), refusing unknown plugin names.
 
@@ -31,7 +31,15 @@ from typing import Any, TypeVar
 from credo.durations import parse_duration
 from credo.errors import ConfigError
 
-__all__ = ["DURATION", "duration_field", "from_table", "plugin_tables", "read_toml"]
+__all__ = [
+    "DURATION",
+    "NAMED_TABLES",
+    "duration_field",
+    "from_table",
+    "named_tables_field",
+    "plugin_tables",
+    "read_toml",
+]
 
 T = TypeVar("T")
 
@@ -39,9 +47,24 @@ DURATION = "credo.duration"
 """Field metadata key marking a field as a duration (``90s``, ``10m``, ``1h`` or seconds)."""
 
 
+NAMED_TABLES = "credo.named_tables"
+"""Field metadata key marking a field as named sub-tables; the value is their dataclass."""
+
+
 def duration_field(default: int, **kwargs: Any) -> Any:
     """A dataclass field holding whole seconds, written in TOML as ``90s`` / ``10m`` / ``1h``."""
     return dataclasses.field(default=default, metadata={DURATION: True}, **kwargs)
+
+
+def named_tables_field(cls: type[Any]) -> Any:
+    """A dataclass field holding named sub-tables, each parsed into the dataclass ``cls``.
+
+    A plugin whose settings include one table per cluster declares
+    ``clusters: Mapping[str, Cluster] = named_tables_field(Cluster)``; the TOML tables
+    ``[<where>.clusters.<name>]`` then become ``{name: Cluster(...)}`` (empty by default),
+    and errors name the sub-table's key (``<where>.clusters.prod.audience: ...``).
+    """
+    return dataclasses.field(default_factory=dict, metadata={NAMED_TABLES: cls})
 
 
 def read_toml(path: Path) -> dict[str, Any]:
@@ -139,8 +162,11 @@ def from_table(
         if name not in fields or not fields[name].init:
             known = ", ".join(sorted(n for n, f in fields.items() if f.init)) or "none"
             raise ConfigError(f"{full}: unknown setting; expected one of: {known}")
+        tables_cls = fields[name].metadata.get(NAMED_TABLES)
         if convert and name in convert:
             values[name] = convert[name](value, full)
+        elif tables_cls is not None:
+            values[name] = _named_tables(tables_cls, value, full)
         else:
             values[name] = _convert(
                 hints[name], value, full, duration=bool(fields[name].metadata.get(DURATION))
@@ -155,6 +181,13 @@ def from_table(
                 raise
             raise ConfigError(f"{where}.{exc}") from None
     return instance
+
+
+def _named_tables(cls: type[T], tables: Any, where: str) -> dict[str, T]:
+    """``{name: cls(...)}`` for each ``[<where>.<name>]`` table."""
+    if not isinstance(tables, Mapping):
+        raise ConfigError(f"{where}: expected tables like [{where}.<name>], got {tables!r}")
+    return {name: from_table(cls, table, f"{where}.{name}") for name, table in tables.items()}
 
 
 def plugin_tables(tables: Any, catalog: Mapping[str, type[Any]], where: str) -> dict[str, Any]:

@@ -1,37 +1,58 @@
 """The signing server's configuration: defaults (SPIRE's), a TOML file, then flags.
 
-Every setting has the same name in the TOML file (``[server]`` table or top level)
+Every scalar setting has the same name in the TOML file (``[server]`` table or top level)
 and as a flag (``--x509-svid-ttl`` for ``x509_svid_ttl``). Durations are seconds or
 ``90s`` / ``10m`` / ``1h`` / ``1d``.
+
+Plugin tables are set in the file only (:data:`FILE_ONLY_SETTINGS`)::
+
+    [server.node_attestor.join_token]     # one table per node attestor (see
+                                          # server.attestation.catalog)
+
+Without any ``[server.node_attestor.*]`` table, ``join_token`` is enabled, as it was
+before plugin tables existed.
+
+Reading the file and converting each value is :mod:`credo._config`'s job (shared with the
+agent); this module declares the settings and checks how they fit together.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
+from credo._config import duration_field, from_table, read_toml
 from credo._logging import LOG_FORMATS, LOG_LEVELS
-from credo.durations import parse_duration
-from credo.errors import CredoError
+from credo.errors import ConfigError
 from credo.spiffe_id import TrustDomain
+from server.attestation.catalog import DEFAULT_NODE_ATTESTORS, WHERE, parse_node_attestors
 
-__all__ = ["KEY_TYPES", "LOG_FORMATS", "LOG_LEVELS", "ConfigError", "ServerConfig", "load_config"]
+__all__ = [
+    "FILE_ONLY_SETTINGS",
+    "KEY_TYPES",
+    "LOG_FORMATS",
+    "LOG_LEVELS",
+    "ConfigError",
+    "ServerConfig",
+    "load_config",
+]
 
 KEY_TYPES = ("ec-p256", "ec-p384", "rsa-2048")
 _DURATIONS = ("ca_ttl", "x509_svid_ttl", "jwt_svid_ttl", "agent_svid_ttl", "join_token_ttl")
+
+FILE_ONLY_SETTINGS: Final = frozenset({"node_attestor"})
+"""Settings made of nested plugin tables: config file only, no flag."""
 
 
 def _default_signing_workers() -> int:
     return min(2, os.cpu_count() or 1)
 
 
-class ConfigError(CredoError, ValueError):
-    """A setting is missing, unknown or out of range; the message names it."""
+def _default_node_attestors() -> dict[str, Any]:
+    return dict(DEFAULT_NODE_ATTESTORS)
 
 
 @dataclass(frozen=True)
@@ -44,16 +65,16 @@ class ServerConfig:
     admin_socket: Path = Path("/tmp/credo-server/private/api.sock")
     # SQLAlchemy-style URL; "" means SQLite at <data_dir>/datastore.sqlite3.
     datastore: str = ""
-    ca_ttl: int = 24 * 3600
-    x509_svid_ttl: int = 3600
-    jwt_svid_ttl: int = 300
+    ca_ttl: int = duration_field(24 * 3600)
+    x509_svid_ttl: int = duration_field(3600)
+    jwt_svid_ttl: int = duration_field(300)
     # 0 means "same as x509_svid_ttl", as in SPIRE.
-    agent_svid_ttl: int = 0
+    agent_svid_ttl: int = duration_field(0)
     ca_key_type: str = "ec-p256"
     jwt_key_type: str = "ec-p256"
     upstream_ca_cert: Path | None = None
     upstream_ca_key: Path | None = None
-    join_token_ttl: int = 600
+    join_token_ttl: int = duration_field(600)
     log_level: str = "info"
     log_format: str = "text"
     # "" disables the Prometheus endpoint.
@@ -65,6 +86,8 @@ class ServerConfig:
     rotation_check_interval: float = 5.0
     # Processes that check CSRs and sign large X509-SVID batches; 0 signs in-process.
     signing_workers: int = field(default_factory=_default_signing_workers)
+    # [server.node_attestor.<name>] tables: plugin name -> its config dataclass.
+    node_attestor: Mapping[str, Any] = field(default_factory=_default_node_attestors)
 
     @property
     def datastore_url(self) -> str:
@@ -112,50 +135,42 @@ class ServerConfig:
             raise ConfigError(
                 f"signing_workers: expected 0 (sign in-process) to 64, got {self.signing_workers}"
             )
+        if not self.node_attestor:
+            raise ConfigError(f"{WHERE}: no node attestor configured")
         return self
 
 
-def _coerce(name: str, value: Any) -> Any:
-    kinds = {f.name: f.type for f in dataclasses.fields(ServerConfig)}
-    if name not in kinds:
-        raise ConfigError(f"unknown setting {name!r}")
-    if name in _DURATIONS:
-        try:
-            return parse_duration(value)
-        except ValueError as exc:
-            raise ConfigError(f"{name}: {exc}") from None
-    kind = str(kinds[name])
-    if "Path" in kind:
-        return None if value in (None, "") else Path(value)
-    if kind == "int":
-        if isinstance(value, bool):
-            raise ConfigError(f"{name}: expected an integer, got {value!r}")
-        try:
-            return int(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{name}: expected an integer, got {value!r}") from None
-    if kind == "float":
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{name}: expected a number, got {value!r}") from None
-    return str(value)
+_SETTINGS = frozenset(f.name for f in fields(ServerConfig))
+
+
+def _server_table(path: Path) -> dict[str, Any]:
+    """The ``[server]`` table of the file at ``path`` (or its top level), keys with ``_``."""
+    doc = read_toml(path)
+    table = doc.get("server", doc)
+    if not isinstance(table, dict):
+        raise ConfigError(f"config file {path}: [server] must be a table")
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        name = key.replace("-", "_")
+        if name not in _SETTINGS:
+            raise ConfigError(
+                f"unknown setting {key!r} in config file {path}; expected one of: "
+                f"{', '.join(sorted(_SETTINGS))}"
+            )
+        values[name] = value
+    return values
+
+
+def _node_attestors(value: Any, key: str) -> dict[str, Any]:
+    return parse_node_attestors(value)
 
 
 def load_config(path: Path | None, overrides: Mapping[str, Any]) -> ServerConfig:
     """Defaults, then the TOML file at ``path`` (if any), then ``overrides`` (flags set)."""
-    values: dict[str, Any] = {}
-    if path is not None:
-        try:
-            doc = tomllib.loads(Path(path).read_text())
-        except OSError as exc:
-            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
-        table = doc.get("server", doc)
-        for key, value in table.items():
-            values[key.replace("-", "_")] = _coerce(key.replace("-", "_"), value)
+    values = _server_table(path) if path is not None else {}
     for key, value in overrides.items():
+        if key in FILE_ONLY_SETTINGS:
+            raise ConfigError(f"{key}: is set in the config file only ([{WHERE}.<name>] tables)")
         if value is not None:
-            values[key] = _coerce(key, value)
-    return ServerConfig(**values).validate()
+            values[key] = value
+    return from_table(ServerConfig, values, convert={"node_attestor": _node_attestors}).validate()

@@ -20,12 +20,12 @@ from typing import Final, TypeVar, cast
 import grpc
 
 from credo._proto.credo.server.v1 import admin_pb2, admin_pb2_grpc, types_pb2
+from credo._reserved import RESERVED_PATH_PREFIX, is_reserved_path
 from credo.bundle import Bundle, X509Bundle
 from credo.errors import BundleError, InvalidSpiffeId
 from credo.spiffe_id import SpiffeId, TrustDomain
 from server.api.common import BundleSource
 from server.api.convert import (
-    RESERVED_PATH_PREFIX,
     InvalidField,
     bundle_to_proto,
     entry_from_proto,
@@ -330,7 +330,7 @@ class AgentsService(admin_pb2_grpc.AgentsServicer):
         alias = ""
         if request.spiffe_id:
             spiffe_id = validate_spiffe_id(request.spiffe_id, self._td, "spiffe_id")
-            if not spiffe_id.path or spiffe_id.path.startswith(RESERVED_PATH_PREFIX):
+            if not spiffe_id.path or is_reserved_path(spiffe_id.path):
                 raise InvalidField(
                     "spiffe_id",
                     f"must have a path outside {RESERVED_PATH_PREFIX} (reserved for the server)",
@@ -432,7 +432,7 @@ class SvidsService(admin_pb2_grpc.SvidsServicer):
         spiffe_id = validate_spiffe_id(text, self._config.trust_domain, "spiffe_id")
         if not spiffe_id.path:
             raise InvalidField("spiffe_id", "must have a path; the trust domain ID is not allowed")
-        if (spiffe_id.path + "/").startswith(RESERVED_PATH_PREFIX):
+        if is_reserved_path(spiffe_id.path):
             raise InvalidField(
                 "spiffe_id",
                 f"paths under {RESERVED_PATH_PREFIX} are reserved for the server and its agents",

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
-from typing import Final
 
 import jwt
 from cryptography import x509
@@ -17,7 +16,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from credo._proto.credo.server.v1 import types_pb2
-from credo._reserved import SERVER_TLS_NAME, is_reserved_dns_name
+from credo._reserved import (
+    RESERVED_PATH_PREFIX,
+    SERVER_TLS_NAME,
+    is_reserved_dns_name,
+    is_reserved_path,
+    server_spiffe_id,
+)
 from credo.bundle import Bundle
 from credo.errors import InvalidSelector, InvalidSpiffeId
 from credo.keys import PublicKey
@@ -26,7 +31,6 @@ from credo.spiffe_id import SpiffeId, TrustDomain
 from server.datastore.models import AttestedNode, Authority, JoinToken, RegistrationEntry
 
 __all__ = [
-    "RESERVED_PATH_PREFIX",
     "InvalidField",
     "bundle_to_proto",
     "entry_from_proto",
@@ -40,9 +44,6 @@ __all__ = [
     "validate_spiffe_id",
     "x509_svid_to_proto",
 ]
-
-RESERVED_PATH_PREFIX: Final = "/credo/"
-"""Entry SPIFFE IDs under this path are refused: it holds the server's and agents' IDs."""
 
 _DNS_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 _ENTRY_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -137,14 +138,14 @@ def entry_from_proto(
         raise InvalidField(
             f"{field}.spiffe_id", "must have a path; the trust domain ID is not allowed"
         )
-    if spiffe_id.path.startswith(RESERVED_PATH_PREFIX):
+    if is_reserved_path(spiffe_id.path):
         raise InvalidField(
             f"{field}.spiffe_id",
             f"paths under {RESERVED_PATH_PREFIX} are reserved for the server and its agents",
         )
     parent = pb.parent_id
     if not parent and pb.node_alias:
-        parent = str(SpiffeId.from_segments(trust_domain, "credo", "server"))
+        parent = str(server_spiffe_id(trust_domain))
     validate_spiffe_id(parent, trust_domain, f"{field}.parent_id")
     selectors = selectors_from_proto(pb.selectors, f"{field}.selectors")
     if not selectors:

@@ -13,16 +13,37 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Final, Protocol
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final, Protocol
 
+from credo._reserved import agent_spiffe_id
 from credo.errors import InvalidSpiffeId
 from credo.spiffe_id import SpiffeId, TrustDomain
-from server.attestation import AttestationError, AttestationResult
-from server.datastore.models import JoinToken
+from server.attestation.errors import AttestationError
+from server.attestation.protocol import AttestationResult
 
-__all__ = ["JOIN_TOKEN", "JoinTokenAttestor", "JoinTokenStore", "agent_id_for_token"]
+if TYPE_CHECKING:  # the datastore package is heavy to import; the CLI loads this catalog
+    from server.attestation.catalog import PluginContext
+    from server.datastore.models import JoinToken
+
+__all__ = [
+    "JOIN_TOKEN",
+    "JoinTokenAttestor",
+    "JoinTokenConfig",
+    "JoinTokenStore",
+    "agent_id_for_token",
+]
 
 JOIN_TOKEN: Final = "join_token"
+
+
+@dataclass(frozen=True)
+class JoinTokenConfig:
+    """``[server.node_attestor.join_token]``: this plugin has no settings of its own.
+
+    The lifetime of the tokens ``credo-server token generate`` makes is the server's
+    ``join_token_ttl`` (flag ``--join-token-ttl``).
+    """
 
 
 class JoinTokenStore(Protocol):
@@ -33,7 +54,7 @@ class JoinTokenStore(Protocol):
 
 def agent_id_for_token(trust_domain: TrustDomain, token: str) -> SpiffeId:
     """``spiffe://<td>/credo/agent/join_token/<token>``."""
-    return SpiffeId.from_segments(trust_domain, "credo", "agent", JOIN_TOKEN, token)
+    return agent_spiffe_id(trust_domain, JOIN_TOKEN, token)
 
 
 class JoinTokenAttestor:
@@ -51,6 +72,11 @@ class JoinTokenAttestor:
         self._store = store
         self._td = trust_domain
         self._clock = clock
+
+    @classmethod
+    def from_config(cls, config: JoinTokenConfig, context: PluginContext) -> JoinTokenAttestor:
+        """The attestor for ``[server.node_attestor.join_token]``."""
+        return cls(context.datastore, context.trust_domain)
 
     def attest(self, payload: bytes) -> AttestationResult:
         try:

@@ -8,7 +8,9 @@
         ├── InvalidAuthorityState      the authority is not in the state the operation needs
         │                              (activate a non-prepared one, taint the active one,
         │                              revoke an untainted one, sign with no active CA)
-        └── UpstreamCaError            the upstream CA certificate or key is unusable
+        ├── UpstreamCaError            the upstream CA certificate or key is unusable
+        └── PoolUnavailable            the signing worker pool cannot take this batch (not
+                                       started, closed, a worker died): sign it in-process
 
 Messages are lower-case, name the authority id, and say what was expected. The API
 layer maps these to gRPC status codes; nothing here knows about gRPC.
@@ -18,7 +20,13 @@ from __future__ import annotations
 
 from credo.errors import CredoError
 
-__all__ = ["AuthorityNotFound", "CaError", "InvalidAuthorityState", "UpstreamCaError"]
+__all__ = [
+    "AuthorityNotFound",
+    "CaError",
+    "InvalidAuthorityState",
+    "PoolUnavailable",
+    "UpstreamCaError",
+]
 
 
 class CaError(CredoError):
@@ -45,3 +53,10 @@ class InvalidAuthorityState(CaError):
 
 class UpstreamCaError(CaError):
     """The upstream CA certificate or key cannot be used to sign the intermediate CA."""
+
+
+class PoolUnavailable(CaError):
+    """The signing worker pool cannot sign this batch (not started, closed, or a worker died).
+
+    Never reaches a caller: the issuer signs the batch in-process instead.
+    """

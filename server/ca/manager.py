@@ -24,11 +24,10 @@ rows only, see below) what a crash (even ``kill -9``) may have left half done:
 * several prepared rows: the newest is kept; several active rows: the newest stays
   active, the others become old; no active row but a prepared one: it is activated.
 
-The SPIFFE bundle (X.509 authorities and JWT keys) is derived from the rows and stored
-with ``datastore.set_bundle``; its ``spiffe_sequence`` is incremented on every change,
-including a taint (agents learn the tainted ids from :meth:`tainted_authority_ids`,
-since the JWKS format has no taint flag). With an upstream CA, the bundle's X.509
-authorities are the upstream root(s), not our intermediates.
+After every change the manager publishes the SPIFFE bundle (:mod:`server.ca.publisher`),
+a taint included (agents learn the tainted ids from :meth:`tainted_authority_ids`, since
+the JWKS format has no taint flag). With an upstream CA (:mod:`server.ca.upstream`) every
+X.509 authority is an intermediate under it, and the bundle holds the upstream root(s).
 
 Several servers on one database (HA): each server has its own CA and JWT key, as in
 SPIRE. Every row carries the ``owner`` server id (``config.server_id``, from
@@ -37,9 +36,7 @@ own rows and never drops or changes another server's (a row of another owner pas
 NotAfter may be pruned by anyone, so a server that is gone for good does not leave its
 authorities behind). Rows from before owners existed (owner ``""``) are adopted on start
 by the server whose key manager holds their key. The published bundle is the union of
-every owner's authorities; it is rebuilt with ``datastore.update_bundle``, which reads
-the stored bundle and all rows and writes the successor in one locked transaction, so
-two servers publishing at once never hand out the same ``spiffe_sequence``.
+every owner's authorities.
 
 Authority ids: the lowercase hex SubjectKeyIdentifier of the CA certificate (``x509``),
 the ``kid`` (32 random letters and digits) for ``jwt``. Key ids in the key manager are
@@ -61,13 +58,11 @@ from pathlib import Path
 from typing import Literal, Protocol
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from credo.bundle import Bundle
-from credo.errors import BundleError, CredoError
-from credo.keys import KeyType, PrivateKey, PublicKey, generate_private_key, load_private_key
+from credo.errors import CredoError
+from credo.keys import KeyType, PrivateKey, PublicKey, generate_private_key
 from credo.spiffe_id import TrustDomain
 from credo.x509svid import signature_hash_for
 from server.ca import templates
@@ -75,6 +70,8 @@ from server.ca.ca import X509CA, CertificateAuthority, Clock, JwtKey, utc_now
 from server.ca.errors import AuthorityNotFound, InvalidAuthorityState, UpstreamCaError
 from server.ca.keymanager import KeyManager
 from server.ca.pool import x509_ca_key_id
+from server.ca.publisher import BundlePublisher, BundleStore
+from server.ca.upstream import UpstreamCa, load_upstream_ca, spki_der
 from server.config import ServerConfig
 from server.datastore.errors import NotFound
 from server.datastore.models import Authority, AuthorityKind
@@ -87,8 +84,7 @@ __all__ = [
     "AuthorityManagerConfig",
     "AuthorityState",
     "AuthorityStore",
-    "UpstreamCa",
-    "load_upstream_ca",
+    "key_id_for",
 ]
 
 log = logging.getLogger(__name__)
@@ -98,7 +94,7 @@ _KID_ALPHABET = string.ascii_letters + string.digits
 _MAX_REFRESH_HINT = 300
 
 
-class AuthorityStore(Protocol):
+class AuthorityStore(BundleStore, Protocol):
     """The datastore calls the manager needs (``SqlDataStore`` provides them)."""
 
     def create_authority(self, authority: Authority) -> Authority: ...
@@ -112,16 +108,6 @@ class AuthorityStore(Protocol):
     def update_authority(self, authority: Authority) -> Authority: ...
 
     def delete_authority(self, authority_id: str) -> Authority: ...
-
-    def fetch_bundle(self, trust_domain: str) -> bytes | None: ...
-
-    def set_bundle(self, trust_domain: str, data: bytes) -> None: ...
-
-    def update_bundle(
-        self,
-        trust_domain: str,
-        build: Callable[[bytes | None, list[Authority]], bytes | None],
-    ) -> bytes | None: ...
 
 
 @dataclass(frozen=True)
@@ -201,81 +187,6 @@ class AuthorityChange:
     authority_id: str
 
 
-@dataclass(frozen=True)
-class UpstreamCa:
-    """An upstream CA from disk: the signer, its key, what to chain, and the root(s)."""
-
-    certificate: x509.Certificate
-    private_key: PrivateKey
-    intermediates: tuple[x509.Certificate, ...]
-    roots: tuple[x509.Certificate, ...]
-
-
-def _is_self_signed(cert: x509.Certificate) -> bool:
-    if cert.issuer != cert.subject:
-        return False
-    try:
-        cert.verify_directly_issued_by(cert)
-    except (ValueError, TypeError, InvalidSignature):
-        return False
-    return True
-
-
-def _spki(key: PublicKey | PrivateKey) -> bytes:
-    public = (
-        key.public_key() if isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) else key
-    )
-    return public.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-
-
-def load_upstream_ca(cert_path: Path, key_path: Path) -> UpstreamCa:
-    """Load the upstream CA: PEM certificates (signer first, then its chain) and its key.
-
-    The self-signed certificate(s) in the file are the roots that go in the bundle; the
-    others (after the signer) are sent in SVID chains. Raises :class:`UpstreamCaError`.
-    """
-    try:
-        certs = x509.load_pem_x509_certificates(Path(cert_path).read_bytes())
-    except OSError as err:
-        raise UpstreamCaError(
-            f"cannot read upstream ca certificate {cert_path}: {err.strerror}"
-        ) from None
-    except ValueError as err:
-        raise UpstreamCaError(
-            f"upstream ca certificate {cert_path} is not PEM certificates: {err}"
-        ) from None
-    try:
-        key = load_private_key(Path(key_path).read_bytes())
-    except OSError as err:
-        raise UpstreamCaError(f"cannot read upstream ca key {key_path}: {err.strerror}") from None
-    except CredoError as err:
-        raise UpstreamCaError(f"upstream ca key {key_path} is unusable: {err}") from None
-    signer = certs[0]
-    if _spki(signer.public_key()) != _spki(key):  # type: ignore[arg-type]
-        raise UpstreamCaError(
-            f"upstream ca key {key_path} does not match the first certificate in {cert_path}"
-        )
-    try:
-        bc = signer.extensions.get_extension_for_class(x509.BasicConstraints).value
-        ku = signer.extensions.get_extension_for_class(x509.KeyUsage).value
-    except x509.ExtensionNotFound:
-        bc, ku = None, None
-    if bc is None or ku is None or not bc.ca or not ku.key_cert_sign:
-        raise UpstreamCaError(
-            f"upstream ca certificate in {cert_path} is not a ca; expected cA=true and keyCertSign"
-        )
-    roots = tuple(c for c in certs if _is_self_signed(c))
-    if not roots:
-        raise UpstreamCaError(
-            f"upstream ca certificate file {cert_path} has no self-signed root; "
-            "expected the chain to end with the root certificate"
-        )
-    intermediates = tuple(c for c in certs if not _is_self_signed(c))
-    return UpstreamCa(signer, key, intermediates, roots)
-
-
 def _ts(value: datetime) -> int:
     return int(value.timestamp())
 
@@ -314,12 +225,9 @@ class AuthorityManager:
         self._lock = threading.RLock()
         self._started = False
         self._upstream: UpstreamCa | None = None
+        self.publisher = BundlePublisher(config.trust_domain, datastore, config.refresh_hint)
         if (config.upstream_ca_cert is None) != (config.upstream_ca_key is None):
             raise UpstreamCaError("upstream ca certificate and key must be given together")
-
-    @property
-    def _td(self) -> str:
-        return self.config.trust_domain.name
 
     @property
     def owner(self) -> str:
@@ -335,6 +243,7 @@ class AuthorityManager:
                 self._upstream = load_upstream_ca(
                     self.config.upstream_ca_cert, self.config.upstream_ca_key
                 )
+                self.publisher.upstream = self._upstream
             self._reconcile()
             self._started = True
             self.tick(now)
@@ -520,7 +429,7 @@ class AuthorityManager:
             kind="jwt",
             status="prepared",
             not_after=_ts(now + timedelta(seconds=self.config.effective_jwt_key_ttl)),
-            public_data=_spki(key),
+            public_data=spki_der(key),
             created_at=_ts(now),
             owner=self.owner,
         )
@@ -590,90 +499,12 @@ class AuthorityManager:
 
     # --- bundle -----------------------------------------------------------------------
 
-    def _parse_bundle(self, data: bytes | None) -> Bundle | None:
-        if data is None:
-            return None
-        try:
-            return Bundle.parse(self.config.trust_domain, data)
-        except BundleError as err:
-            log.warning("stored bundle is unreadable; replacing it", extra={"error": str(err)})
-            return None
-
-    def _current_bundle(self) -> Bundle | None:
-        return self._parse_bundle(self.datastore.fetch_bundle(self._td))
-
     def _publish_bundle(self, *, force: bool = False) -> Bundle:
-        """Store the bundle derived from every server's rows; bump the sequence on change.
-
-        The read of the stored bundle and the rows and the write of the successor happen
-        in one locked datastore transaction (``update_bundle``), so servers sharing the
-        database never publish the same sequence number or lose each other's changes.
-        """
-        # The callback may run more than once if the datastore retries; the last run counts.
-        published: list[Bundle] = []
-        written_flags: list[bool] = []
-
-        def build(current_data: bytes | None, rows: list[Authority]) -> bytes | None:
-            current = self._parse_bundle(current_data)
-            authorities, jwt_keys = self._bundle_contents(rows)
-            if (
-                not force
-                and current is not None
-                and current.x509_authorities == tuple(authorities)
-                and dict(current.jwt_authorities) == jwt_keys
-                and current.refresh_hint == self.config.refresh_hint
-            ):
-                published.append(current)
-                written_flags.append(False)
-                return None
-            sequence = (current.sequence_number if current is not None else 0) + 1
-            bundle = Bundle(
-                self.config.trust_domain,
-                tuple(authorities),
-                jwt_keys,
-                sequence_number=sequence,
-                refresh_hint=self.config.refresh_hint,
-            )
-            published.append(bundle)
-            written_flags.append(True)
-            return bundle.marshal()
-
-        self.datastore.update_bundle(self._td, build)
-        bundle, written = published[-1], written_flags[-1]
-        if written:
-            log.info(
-                "published bundle",
-                extra={
-                    "trust_domain": self._td,
-                    "sequence_number": bundle.sequence_number,
-                    "x509_authorities": len(bundle.x509_authorities),
-                    "jwt_authorities": len(bundle.jwt_authorities),
-                },
-            )
-        return bundle
-
-    def _bundle_contents(
-        self, rows: list[Authority]
-    ) -> tuple[list[x509.Certificate], dict[str, PublicKey]]:
-        """The bundle's X.509 authorities and JWT keys: every owner's live rows."""
-        authorities: list[x509.Certificate] = []
-        if self._upstream is not None:
-            authorities.extend(self._upstream.roots)
-        jwt_keys: dict[str, PublicKey] = {}
-        for row in rows:
-            if row.kind == "x509":
-                cert = x509.load_der_x509_certificate(row.public_data)
-                if _is_self_signed(cert) and cert not in authorities:
-                    authorities.append(cert)
-            else:
-                public = serialization.load_der_public_key(row.public_data)
-                if isinstance(public, ec.EllipticCurvePublicKey | rsa.RSAPublicKey):
-                    jwt_keys[row.authority_id] = public
-        return authorities, jwt_keys
+        return self.publisher.publish(force=force)
 
     def bundle(self) -> Bundle:
         """The trust domain's current bundle as stored in the datastore."""
-        current = self._current_bundle()
+        current = self.publisher.current()
         if current is None:
             with self._lock:
                 return self._publish_bundle()

@@ -47,7 +47,7 @@ from cryptography.hazmat.primitives import serialization
 from credo.keys import PrivateKey
 from credo.spiffe_id import SpiffeId, TrustDomain
 from server.ca.ca import X509CA, build_workload_svid
-from server.ca.errors import CaError
+from server.ca.errors import CaError, PoolUnavailable
 from server.ca.keymanager import read_key_file
 
 __all__ = [
@@ -90,10 +90,6 @@ def default_signing_workers() -> int:
 def x509_ca_key_id(authority_id: str) -> str:
     """The key manager id of an X.509 authority's private key."""
     return f"x509-ca-{authority_id}"
-
-
-class PoolUnavailable(Exception):
-    """The pool cannot sign this batch (not started, closed, or a worker died)."""
 
 
 class _KeyUnavailable(Exception):

@@ -21,22 +21,19 @@ from datetime import datetime, timedelta
 
 from cryptography import x509
 
-from credo._reserved import SERVER_TLS_NAME
+from credo._reserved import SERVER_TLS_NAME, server_spiffe_id
 from credo.keys import PublicKey
 from credo.spiffe_id import SpiffeId, TrustDomain
 from credo.x509svid import BACKDATE, ca_certificate_template, x509_svid_template
 
 __all__ = [
     "DEFAULT_SERVER_DNS_NAMES",
-    "SERVER_ID_PATH",
     "agent_svid_template",
     "ca_template",
-    "server_spiffe_id",
     "server_svid_template",
     "workload_svid_template",
 ]
 
-SERVER_ID_PATH = ("credo", "server")
 # SERVER_TLS_NAME is what agents verify (see credo._reserved); localhost is for local tools.
 DEFAULT_SERVER_DNS_NAMES: tuple[str, ...] = (SERVER_TLS_NAME, "localhost")
 
@@ -82,11 +79,6 @@ def agent_svid_template(
     return x509_svid_template(
         spiffe_id, public_key, issuer=ca_cert, not_before=not_before, not_after=not_after
     )
-
-
-def server_spiffe_id(trust_domain: TrustDomain) -> SpiffeId:
-    """The server's own SPIFFE ID, ``spiffe://<td>/credo/server``."""
-    return SpiffeId.from_segments(trust_domain, *SERVER_ID_PATH)
 
 
 def server_svid_template(

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import click
 
 from credo._proto.credo.server.v1 import admin_pb2, types_pb2
+from credo._reserved import server_spiffe_id
 from credo.errors import CredoError
 from credo.selector import Selector
 from credo.spiffe_id import SpiffeId, TrustDomain
@@ -82,7 +83,7 @@ _FLAG_NAMES = {"selectors": "--selector", "dns_names": "--dns", "entry_id": "--i
 def server_id_for(spiffe_id: str) -> str:
     """The server's SPIFFE ID in ``spiffe_id``'s trust domain (parent of node-alias entries)."""
     td = SpiffeId.parse(spiffe_id).trust_domain
-    return str(SpiffeId.from_segments(td, "credo", "server"))
+    return str(server_spiffe_id(td))
 
 
 # --- building entries ------------------------------------------------------------------

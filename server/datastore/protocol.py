@@ -6,6 +6,9 @@ so a fake or another backend slots in. Verbs follow SPIRE's datastore:
 returns ``None`` when the record is absent; ``update_``/``delete_`` raise
 :class:`~server.datastore.errors.NotFound`. Every call is one transaction: a call that
 raises has changed nothing.
+
+Test hooks (``SqlDataStore.set_next_error``, which makes the next call raise) are on the
+store, not on this protocol: production code never calls them.
 """
 
 from __future__ import annotations
@@ -97,6 +100,5 @@ class DataStore(Protocol):
     def prune_events(self, older_than: int) -> int: ...
     def add_listener(self, callback: Callable[[list[Event]], None]) -> Callable[[], None]: ...
 
-    # lifecycle and tests
-    def set_next_error(self, exc: BaseException | None) -> None: ...
+    # lifecycle
     def close(self) -> None: ...

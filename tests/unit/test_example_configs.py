@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from node_agent.config import load_config as load_agent_config
+from server.attestation.join_token import JoinTokenConfig
 from server.config import load_config as load_server_config
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "docs" / "examples"
@@ -18,6 +19,7 @@ def test_server_example_loads_with_its_values() -> None:
     assert config.join_token_ttl == 600
     assert config.log_format == "json"
     assert config.datastore_url.startswith("sqlite:///")
+    assert dict(config.node_attestor) == {"join_token": JoinTokenConfig()}
 
 
 def test_server_flags_override_the_example_file() -> None:

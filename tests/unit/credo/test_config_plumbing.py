@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from credo._config import duration_field, from_table, plugin_tables, read_toml
+from credo._config import (
+    duration_field,
+    from_table,
+    named_tables_field,
+    plugin_tables,
+    read_toml,
+)
 from credo.errors import ConfigError
 
 
@@ -107,3 +114,22 @@ def test_read_toml_errors_are_one_line(tmp_path: Path) -> None:
     bad.write_text("[agent\n")
     with pytest.raises(ConfigError, match="is not valid TOML"):
         read_toml(bad)
+
+
+@dataclass(frozen=True)
+class _Cluster:
+    audience: str = "credo"
+
+
+@dataclass(frozen=True)
+class _WithClusters:
+    clusters: Mapping[str, _Cluster] = named_tables_field(_Cluster)
+
+
+def test_named_sub_tables_become_a_dict_of_their_dataclass() -> None:
+    """``[<where>.clusters.<name>]`` tables parse into ``{name: Cluster}``; none gives ``{}``."""
+    got = from_table(_WithClusters, {"clusters": {"a": {}, "b": {"audience": "x"}}}, "s.k.p")
+    assert got == _WithClusters({"a": _Cluster(), "b": _Cluster("x")})
+    assert from_table(_WithClusters, {}).clusters == {}
+    with pytest.raises(ConfigError, match=r"^s.k.p.clusters.b.audience: expected a string"):
+        from_table(_WithClusters, {"clusters": {"b": {"audience": 1}}}, "s.k.p")

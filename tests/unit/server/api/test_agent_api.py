@@ -44,6 +44,18 @@ def get_bundle(agent: AttestedAgent) -> agent_pb2.GetBundleResponse:
         return agent_pb2_grpc.AgentStub(ch).GetBundle(agent_pb2.GetBundleRequest(), timeout=10)
 
 
+def renew(agent: AttestedAgent) -> AttestedAgent:
+    """RenewAgent with a new key; the agent as it is with the renewed SVID."""
+    key = generate_private_key()
+    with agent.channel() as ch:
+        svid = (
+            agent_pb2_grpc.AgentStub(ch)
+            .RenewAgent(agent_pb2.RenewAgentRequest(csr=make_csr(key)), timeout=10)
+            .svid
+        )
+    return AttestedAgent(agent.agent_id, key, list(svid.cert_chain), agent.bundle, agent.target)
+
+
 def test_attest_returns_agent_svid_and_bundle(server: InProcessServer) -> None:
     """A join token yields an agent SVID for .../credo/agent/join_token/<token> and the bundle."""
     token = server.create_join_token()
@@ -182,14 +194,7 @@ def test_evicted_agent_can_attest_with_new_token(server: InProcessServer) -> Non
 def test_renewal_retires_the_old_svid_once_the_new_one_is_used(server: InProcessServer) -> None:
     """RenewAgent issues a new SVID; both work until the new one is used, then only it."""
     agent = server.attest(server.create_join_token())
-    key = generate_private_key()
-    with agent.channel() as ch:
-        svid = (
-            agent_pb2_grpc.AgentStub(ch)
-            .RenewAgent(agent_pb2.RenewAgentRequest(csr=make_csr(key)), timeout=10)
-            .svid
-        )
-    renewed = AttestedAgent(agent.agent_id, key, list(svid.cert_chain), agent.bundle, agent.target)
+    renewed = renew(agent)
     get_bundle(agent)  # the old one still works until the new one is used
     get_bundle(renewed)
     with pytest.raises(grpc.RpcError) as err:
@@ -228,3 +233,17 @@ def test_attestation_rate_limit(tmp_path: object) -> None:
                 codes.append(err.code())
         assert codes[:5] == [grpc.StatusCode.PERMISSION_DENIED] * 5
         assert codes[5:] == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 2
+
+
+def test_csr_for_a_weak_curve_is_refused(server: InProcessServer) -> None:
+    """A CSR whose key is on a curve other than P-256/384/521 gets a per-item INVALID_ARGUMENT."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    agent = server.attest(server.create_join_token())
+    entry_id = create_entry(server, "spiffe://example.org/weak", agent.agent_id)
+    weak = make_csr(ec.generate_private_key(ec.SECP256K1()))  # type: ignore[arg-type]
+    good = make_csr()
+    results = sign(agent, (entry_id, weak), (entry_id, good)).results
+    assert results[0].status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "curve secp256k1 is not supported" in results[0].status.message
+    assert results[1].status.code == 0

@@ -1,16 +1,24 @@
-"""The in-memory entry index that decides which entries an agent may see and sign."""
+"""Which entries an agent may see and sign: the entry index rules, and the per-agent memo."""
 
 from __future__ import annotations
 
 import time
 
+import grpc
+import pytest
+
+from credo._proto.credo.server.v1 import agent_pb2, agent_pb2_grpc
 from credo.selector import Selector
 from server.authorization import EntryIndex
 from server.datastore.models import RegistrationEntry
+from tests.helpers.server import AttestedAgent, InProcessServer, make_csr
+from tests.unit.server.api.test_agent_api import create_entry, sign
 
 AGENT = "spiffe://td/credo/agent/x"
 SERVER = "spiffe://td/credo/server"
 S = Selector("k8s_psat", "cluster:a")
+NODE = S
+UID = (Selector("unix", "uid:1"),)
 
 
 def e(entry_id: str, spiffe_id: str, parent: str, **kw: object) -> RegistrationEntry:
@@ -62,3 +70,50 @@ def test_100k_entries_index_and_lookup() -> None:
     found = index.authorized("spiffe://td/credo/agent/7", [])
     assert len(found) == 100
     assert all(e.parent_id == "spiffe://td/credo/agent/7" for e in found.values())
+
+
+def test_expired_node_alias_grants_nothing() -> None:
+    """An expired node-alias entry no longer makes its children authorized for matching agents."""
+    index = EntryIndex(
+        [
+            RegistrationEntry(
+                id="alias",
+                spiffe_id="spiffe://td/alias",
+                parent_id=SERVER,
+                selectors=(NODE,),
+                node_alias=True,
+                expires_at=int(time.time()) - 1,
+            ),
+            RegistrationEntry(
+                id="w", spiffe_id="spiffe://td/w", parent_id="spiffe://td/alias", selectors=UID
+            ),
+        ]
+    )
+    assert index.authorized(AGENT, [NODE]) == {}
+
+
+def _new_jwt(agent: AttestedAgent, entry_id: str) -> agent_pb2.NewJWTSVIDResponse:
+    with agent.channel() as ch:
+        return agent_pb2_grpc.AgentStub(ch).NewJWTSVID(
+            agent_pb2.NewJWTSVIDRequest(entry_id=entry_id, audience=["db"]), timeout=10
+        )
+
+
+def test_entry_expiring_after_first_use_is_refused(server: InProcessServer) -> None:
+    """The per-agent authorization memo must not outlive an entry's (or its parent's) expiry."""
+    agent = server.attest(server.create_join_token())
+    expires_at = int(time.time()) + 3
+    parent = create_entry(
+        server, "spiffe://example.org/parent", agent.agent_id, expires_at=expires_at
+    )
+    child = create_entry(server, "spiffe://example.org/child", "spiffe://example.org/parent")
+    # Served (and memoised) while valid.
+    assert _new_jwt(agent, parent).svid.token
+    assert sign(agent, (child, make_csr())).results[0].svid.cert_chain
+    time.sleep(max(0.0, expires_at - time.time()) + 1.1)
+    with pytest.raises(grpc.RpcError) as err:
+        _new_jwt(agent, parent)
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    result = sign(agent, (child, make_csr())).results[0]
+    assert result.status.code == grpc.StatusCode.PERMISSION_DENIED.value[0]
+    assert not result.svid.cert_chain

@@ -19,6 +19,7 @@ from credo._proto.credo.server.v1 import (
     agent_pb2_grpc,
     types_pb2,
 )
+from credo._protocol import Refusal, refusal_in
 from credo.selector import Selector
 from server.datastore.sql import SqlDataStore
 from tests.helpers.server import AttestedAgent, InProcessServer, make_csr
@@ -214,14 +215,19 @@ def test_resume_replays_only_changes(server: InProcessServer) -> None:
         assert stream.next().full
 
 
-def test_ban_ends_open_stream(server: InProcessServer) -> None:
-    """Banning an agent terminates its open sync stream with PERMISSION_DENIED."""
+@pytest.mark.parametrize("action", [Refusal.BANNED, Refusal.EVICTED], ids=["ban", "delete"])
+def test_ban_ends_open_stream(server: InProcessServer, action: Refusal) -> None:
+    """Banning (or deleting) an agent terminates its open sync stream with PERMISSION_DENIED
+    and credo-refusal banned (or evicted)."""
     agent = server.attest(server.create_join_token())
+    agents = admin_pb2_grpc.AgentsStub(server.admin_channel())
     with sync(agent) as stream:
         stream.next()
-        admin_pb2_grpc.AgentsStub(server.admin_channel()).BanAgent(
-            admin_pb2.BanAgentRequest(spiffe_id=agent.agent_id)
-        )
+        if action is Refusal.BANNED:
+            agents.BanAgent(admin_pb2.BanAgentRequest(spiffe_id=agent.agent_id))
+        else:
+            agents.DeleteAgent(admin_pb2.DeleteAgentRequest(spiffe_id=agent.agent_id))
         with pytest.raises(grpc.RpcError) as err:
             stream.next(timeout=2.0)
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert refusal_in(err.value.trailing_metadata()) is action

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from ds_helpers import FakeClock
 
@@ -130,3 +132,27 @@ def test_prune_keeps_banned_and_unexpired_nodes(store: SqlDataStore) -> None:
     assert store.prune_attested_nodes(500) == 1
     assert store.fetch_attested_node(f"{TD}/credo/agent/join_token/old") is None
     assert store.count_attested_nodes() == 2
+
+
+def test_stale_node_update_does_not_lift_a_ban(tmp_path: Path) -> None:
+    """RenewAgent and the renewed-serial switch write back a node read before a concurrent
+    ban (read, ban, write): the ban must survive; only eviction clears it."""
+    from dataclasses import replace
+
+    from server.datastore.models import AttestedNode
+    from server.datastore.sql import SqlDataStore
+
+    ds = SqlDataStore.open(f"sqlite:///{tmp_path / 'ds.sqlite'}")
+    try:
+        agent = "spiffe://example.org/credo/agent/join_token/t"
+        ds.create_attested_node(AttestedNode(agent, "join_token", (), "a1", 1))
+        stale = ds.fetch_attested_node(agent)
+        assert stale is not None and not stale.banned
+        fresh = ds.fetch_attested_node(agent)
+        assert fresh is not None
+        ds.update_attested_node(replace(fresh, banned=True))  # admin BanAgent
+        ds.update_attested_node(replace(stale, new_cert_serial="b2", new_cert_not_after=2))
+        node = ds.fetch_attested_node(agent)
+        assert node is not None and node.banned
+    finally:
+        ds.close()

@@ -1,4 +1,4 @@
-"""Per-agent signing rate limits on the agent endpoint."""
+"""Limits on the agent endpoint: per-agent signing rates, and the size of requests."""
 
 from __future__ import annotations
 
@@ -46,3 +46,22 @@ def test_non_positive_rate_limit_is_a_config_error(value: float) -> None:
 
     with pytest.raises(ConfigError, match="rate"):
         load_config(None, {"signing_rate_limit": value})
+
+
+def test_agent_endpoint_refuses_oversized_unauthenticated_requests(
+    server: InProcessServer,
+) -> None:
+    """The agent endpoint (reachable before any authentication) does not buffer 64 MiB
+    requests: a 5 MiB attestation is refused by the message size limit."""
+    stub = agent_pb2_grpc.AgentStub(server.bootstrap_channel())
+    with pytest.raises(grpc.RpcError) as err:
+        stub.AttestAgent(
+            agent_pb2.AttestAgentRequest(
+                attestation_data=agent_pb2.AttestationData(
+                    type="join_token", payload=b"x" * (5 * 1024 * 1024)
+                ),
+                csr=make_csr(),
+            ),
+            timeout=10,
+        )
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED

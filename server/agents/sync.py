@@ -1,0 +1,271 @@
+"""What each agent sees: its authorized entries (memoised) and its ``SyncEntries`` stream.
+
+:class:`AuthorizedEntries` answers "which entries may this agent sign for" (signing calls
+and ``GetBundle`` ask it), memoised per agent until the entry cache moves, the agent's node
+selectors change, or the first entry (or node alias) it relied on expires. See
+:mod:`server.authorization` for the rule itself.
+
+:class:`SyncView` computes an agent's entry stream (the API turns each
+:class:`SyncMessage` into a ``SyncEntriesResponse``):
+
+* the first message has ``full=True`` and the whole authorized set (split over several
+  messages above :data:`SYNC_CHUNK` entries: the first has ``full=True`` and
+  ``event_id=0``, the following ones ``full=False``, and only the last carries the event
+  id; an agent must not resume from a message with ``event_id=0``);
+* with ``resume_after_event_id=N`` the server replays what changed after ``N`` instead of
+  the full set, when it still has that history; otherwise it sends the full set;
+* then, whenever the change feed moves, what changed for this agent: created or updated
+  entries, ``deleted_entry_ids`` for entries deleted or no longer authorized, and the
+  bundles when a bundle changed or the set of federated trust domains did;
+* the stream ends (an :class:`~server.agents.errors.AgentRefused`) when the agent SVID it
+  was opened with expires, its authority is revoked, or the agent is evicted or banned;
+  and (:class:`~server.agents.errors.ServerStopping`) when the server shuts down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import AsyncGenerator, Iterable
+from dataclasses import dataclass
+from typing import Final
+
+from server.agents.authn import AgentAuthenticator, Caller
+from server.agents.errors import (
+    AgentBanned,
+    AgentEvicted,
+    AgentSvidExpired,
+    EntryNotAuthorized,
+    ServerStopping,
+    UntrustedAuthority,
+)
+from server.authorization import EntryCache, Subscription
+from server.datastore.models import Event, EventKind, RegistrationEntry
+from server.datastore.protocol import DataStore
+
+__all__ = ["SYNC_CHUNK", "AuthorizedEntries", "SyncMessage", "SyncView", "federated_names"]
+
+log = logging.getLogger(__name__)
+
+SYNC_CHUNK: Final = 5000
+_MAX_MEMO: Final = 1024
+_BUNDLE_EVENTS = frozenset({EventKind.BUNDLE_UPDATED, EventKind.BUNDLE_DELETED})
+_NODE_EVENTS = frozenset({EventKind.NODE_CREATED, EventKind.NODE_UPDATED, EventKind.NODE_DELETED})
+
+
+def federated_names(entries: Iterable[RegistrationEntry]) -> frozenset[str]:
+    """The trust domains the entries federate with."""
+    names: set[str] = set()
+    for entry in entries:
+        names.update(entry.federates_with)
+    return frozenset(names)
+
+
+class AuthorizedEntries:
+    """Each agent's authorized entries, memoised per cache version and node selectors."""
+
+    def __init__(self, cache: EntryCache) -> None:
+        self._cache = cache
+        self._memo: OrderedDict[
+            str, tuple[int, tuple[object, ...], dict[str, RegistrationEntry], float]
+        ] = OrderedDict()
+
+    def of(self, caller: Caller) -> dict[str, RegistrationEntry]:
+        """The caller's authorized entries, by id.
+
+        A memo is good only until the first expiry among the entries (and node aliases)
+        it relied on: an entry that expires later is no longer authorized, nor its children.
+        """
+        key = (caller.node.selectors,)
+        now = time.time()
+        cached = self._memo.get(caller.agent_id)
+        if (
+            cached is not None
+            and cached[0] == self._cache.version
+            and cached[1] == key
+            and now < cached[3]
+        ):
+            self._memo.move_to_end(caller.agent_id)
+            return cached[2]
+        index = self._cache.index
+        found = index.authorized(caller.agent_id, caller.node.selectors, now)
+        valid_until = min(
+            [e.expires_at for e in found.values() if e.expires_at]
+            + [
+                a.expires_at
+                for a in index.matching_aliases(caller.node.selectors)
+                if a.expires_at > now
+            ],
+            default=float("inf"),
+        )
+        self._memo[caller.agent_id] = (self._cache.version, key, found, valid_until)
+        while len(self._memo) > _MAX_MEMO:
+            self._memo.popitem(last=False)
+        return found
+
+    async def including(
+        self, caller: Caller, entry_ids: Iterable[str]
+    ) -> dict[str, RegistrationEntry]:
+        """:meth:`of`, after catching the cache up once if an id in ``entry_ids`` is missing
+        (the entry may be newer than the cache)."""
+        authorized = self.of(caller)
+        if any(i not in authorized for i in entry_ids):
+            await self._cache.catch_up()
+            authorized = self.of(caller)
+        return authorized
+
+    async def entry(self, caller: Caller, entry_id: str) -> RegistrationEntry:
+        """The authorized entry ``entry_id``; :class:`EntryNotAuthorized` if it is not one."""
+        entry = (await self.including(caller, [entry_id])).get(entry_id)
+        if entry is None:
+            raise EntryNotAuthorized(entry_id)
+        return entry
+
+
+@dataclass(frozen=True)
+class SyncMessage:
+    """One message of an agent's entry stream.
+
+    ``bundles``: None when the message carries no bundle; otherwise the trust domains
+    whose federated bundles go with the trust domain's own bundle.
+    """
+
+    event_id: int
+    full: bool
+    entries: list[RegistrationEntry]
+    deleted_entry_ids: list[str]
+    bundles: frozenset[str] | None
+
+
+def _full_messages(
+    entries: list[RegistrationEntry], event_id: int, federated: frozenset[str]
+) -> list[SyncMessage]:
+    chunks = [entries[i : i + SYNC_CHUNK] for i in range(0, len(entries), SYNC_CHUNK)] or [[]]
+    messages = []
+    for n, chunk in enumerate(chunks):
+        last = n == len(chunks) - 1
+        messages.append(
+            SyncMessage(
+                event_id=event_id if last else 0,
+                full=n == 0,
+                entries=chunk,
+                deleted_entry_ids=[],
+                bundles=federated if n == 0 else None,
+            )
+        )
+    return messages
+
+
+class SyncView:
+    """Computes the ``SyncEntries`` stream of each agent from the entry cache."""
+
+    def __init__(
+        self,
+        cache: EntryCache,
+        datastore: DataStore,
+        authn: AgentAuthenticator,
+        stopping: asyncio.Event | None = None,
+    ) -> None:
+        self._cache = cache
+        self._ds = datastore
+        self._authn = authn
+        self._stopping = stopping or asyncio.Event()
+
+    async def stream(
+        self, caller: Caller, resume_after_event_id: int
+    ) -> AsyncGenerator[SyncMessage, None]:
+        """The messages for ``caller``'s stream, until it must end (see the module doc)."""
+        agent_id, node = caller.agent_id, caller.node
+        sub = self._cache.subscribe()
+        try:
+            # Read-your-writes: an entry committed just before this call is in the first
+            # message, not only in the push that follows the cache's next wake-up.
+            await self._cache.catch_up()
+            authorized = self._cache.index.authorized(agent_id, node.selectors)
+            event_id = self._cache.event_id
+            federated = federated_names(authorized.values())
+            resume = resume_after_event_id
+            candidates = self._cache.changed_since(resume, agent_id) if resume > 0 else None
+            if candidates is not None:
+                yield SyncMessage(
+                    event_id=event_id,
+                    full=False,
+                    entries=[authorized[i] for i in sorted(candidates) if i in authorized],
+                    deleted_entry_ids=sorted(i for i in candidates if i not in authorized),
+                    bundles=federated,
+                )
+            else:
+                for message in _full_messages(list(authorized.values()), event_id, federated):
+                    yield message
+            log.info(
+                "agent sync started",
+                extra={
+                    "agent_id": agent_id,
+                    "entries": len(authorized),
+                    "event_id": event_id,
+                    "resumed": candidates is not None,
+                },
+            )
+            sent = {i: e.revision_number for i, e in authorized.items()}
+            cert = caller.certificate
+            expires = cert.not_valid_after_utc.timestamp()
+            while True:
+                events = await self._next_events(sub, until=expires)
+                if time.time() >= expires:
+                    # The stream outlived the SVID it was opened with: the agent must come
+                    # back with its renewed one (its next call would be refused anyway).
+                    raise AgentSvidExpired("agent SVID expired; reconnect")
+                if any(e.kind in _BUNDLE_EVENTS for e in events) and not await asyncio.to_thread(
+                    self._authn.issued_by_live_authority, cert
+                ):
+                    raise UntrustedAuthority(
+                        "agent SVID was signed by an authority that is no longer trusted"
+                    )
+                if any(e.kind in _NODE_EVENTS and e.subject == agent_id for e in events):
+                    fresh = await asyncio.to_thread(self._ds.fetch_attested_node, agent_id)
+                    if fresh is None:
+                        raise AgentEvicted("agent was evicted")
+                    if fresh.banned:
+                        raise AgentBanned()
+                    node = fresh
+                authorized = self._cache.index.authorized(agent_id, node.selectors)
+                changed = [e for i, e in authorized.items() if sent.get(i) != e.revision_number]
+                deleted = sorted(i for i in sent if i not in authorized)
+                names = federated_names(authorized.values())
+                bundle_changed = any(e.kind in _BUNDLE_EVENTS for e in events)
+                bundles: frozenset[str] | None = None
+                if bundle_changed or names != federated:
+                    bundles = federated = names
+                elif not changed and not deleted:
+                    continue
+                sent = {i: e.revision_number for i, e in authorized.items()}
+                yield SyncMessage(
+                    event_id=self._cache.event_id,
+                    full=False,
+                    entries=changed,
+                    deleted_entry_ids=deleted,
+                    bundles=bundles,
+                )
+        finally:
+            self._cache.unsubscribe(sub)
+
+    async def _next_events(self, sub: Subscription, until: float | None = None) -> list[Event]:
+        """The next events for ``sub``; ``[]`` once the wall-clock time ``until`` is reached."""
+        waiter = asyncio.ensure_future(sub.wait())
+        stopper = asyncio.ensure_future(self._stopping.wait())
+        timeout = None if until is None else max(0.0, until - time.time())
+        try:
+            await asyncio.wait(
+                {waiter, stopper}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            stopper.cancel()
+        if stopper.done() and not stopper.cancelled() and not waiter.done():
+            waiter.cancel()
+            raise ServerStopping()
+        if not waiter.done():
+            waiter.cancel()
+            return []
+        return waiter.result()

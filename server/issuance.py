@@ -1,0 +1,205 @@
+"""Issuing workload SVIDs for agents: X509-SVID batches and JWT-SVIDs.
+
+:meth:`Issuer.x509_svids` takes a batch of (entry id, CSR) requests and the entries the
+agent is authorized for, and returns one result per request, in order:
+
+* an entry that is not authorized (or has expired) fails its own item
+  (:class:`~server.agents.errors.EntryNotAuthorized`); the others go on;
+* each CSR is checked (signature, key type) and only its public key is used; the SVID gets
+  the entry's SPIFFE ID, DNS names and TTL (the entry's, or the server's default);
+* batches of at least :data:`~server.ca.pool.MIN_POOLED_BATCH` go to the signing worker
+  processes (:mod:`server.ca.pool`) when they are ready, which check and sign in parallel;
+  smaller batches, or any batch the pool cannot take (not started, a worker died, no active
+  authority), are signed in this process, off the event loop. Both paths give the same
+  certificates and the same per-item errors: a bad CSR is a ``ValueError``
+  (``params[3].csr: ...``), a CA that cannot sign a :class:`~server.ca.errors.CaError`;
+* metrics: in-process signing is counted by the CA itself; a pooled batch is counted once,
+  with the mean time per SVID across the workers.
+
+Authorization always happens here, in the main process, before anything is signed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from cryptography.hazmat.primitives import serialization
+
+from credo.spiffe_id import SpiffeId
+from server.agents.errors import EntryNotAuthorized
+from server.api.convert import parse_csr
+from server.ca.ca import CertificateAuthority
+from server.ca.errors import CaError, PoolUnavailable
+from server.ca.pool import ERROR_INVALID, SigningPool, SignItem
+from server.datastore.models import RegistrationEntry
+from server.telemetry import KIND_X509, Metrics
+
+__all__ = ["IssueFailed", "Issuer", "X509Result", "X509SvidIssued", "X509SvidRequest"]
+
+log = logging.getLogger(__name__)
+
+_DER = serialization.Encoding.DER
+
+
+@dataclass(frozen=True)
+class X509SvidRequest:
+    """One item of a batch: the entry to sign for, and the CSR (DER) with the public key.
+
+    ``field`` names the CSR in error messages (``params[3].csr``).
+    """
+
+    entry_id: str
+    csr: bytes
+    field: str
+
+
+@dataclass(frozen=True)
+class X509SvidIssued:
+    """A signed X509-SVID: its chain as DER, leaf first, and the leaf's NotAfter."""
+
+    entry_id: str
+    spiffe_id: str
+    cert_chain: list[bytes]
+    expires_at: int
+
+
+@dataclass(frozen=True)
+class IssueFailed:
+    """An item that was not signed; ``error`` says why (a domain error or ``ValueError``)."""
+
+    entry_id: str
+    error: Exception
+
+
+X509Result = X509SvidIssued | IssueFailed
+_Work = list[tuple[int, RegistrationEntry, X509SvidRequest]]
+
+
+class Issuer:
+    """Signs workload SVIDs for authorized entries, in worker processes or in-process."""
+
+    def __init__(
+        self,
+        ca: CertificateAuthority,
+        *,
+        x509_svid_ttl: int = 3600,
+        jwt_svid_ttl: int = 300,
+        pool: SigningPool | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self._ca = ca
+        self._x509_ttl = x509_svid_ttl
+        self._jwt_ttl = jwt_svid_ttl
+        self._pool = pool
+        self._metrics = metrics
+
+    async def x509_svids(
+        self,
+        requests: Sequence[X509SvidRequest],
+        authorized: Mapping[str, RegistrationEntry],
+    ) -> list[X509Result]:
+        """One result per request, in order (see the module doc)."""
+        now = time.time()
+        results: list[X509Result | None] = [None] * len(requests)
+        work: _Work = []
+        for i, request in enumerate(requests):
+            entry = authorized.get(request.entry_id)
+            if entry is None or (entry.expires_at and entry.expires_at <= now):
+                results[i] = IssueFailed(request.entry_id, EntryNotAuthorized(request.entry_id))
+            else:
+                work.append((i, entry, request))
+        for i, result in await self._sign_work(work):
+            results[i] = result
+        return [r for r in results if r is not None]
+
+    async def _sign_work(self, work: _Work) -> list[tuple[int, X509Result]]:
+        """Sign the authorized items: in the worker pool when the batch is large enough."""
+        pool = self._pool
+        if pool is not None and pool.usable(len(work)):
+            try:
+                return await self._sign_pooled(pool, work)
+            except PoolUnavailable:
+                pass  # the pool logged why; sign this batch here
+        # CSR checks and signing are CPU-bound: keep them off the event loop.
+        return await asyncio.to_thread(self._sign_batch, work)
+
+    async def _sign_pooled(self, pool: SigningPool, work: _Work) -> list[tuple[int, X509Result]]:
+        """:meth:`_sign_batch` in the worker processes; same results, metrics once per batch."""
+        try:
+            ca, now = self._ca.x509_snapshot()
+        except CaError:
+            raise PoolUnavailable("no active x509 authority") from None  # per-item errors
+        items: list[SignItem] = [
+            (
+                request.field,
+                request.csr,
+                entry.spiffe_id,
+                tuple(entry.dns_names),
+                entry.x509_svid_ttl or self._x509_ttl,
+            )
+            for _, entry, request in work
+        ]
+        started = time.perf_counter()
+        signed = await pool.sign(ca, now, items)
+        seconds = time.perf_counter() - started
+        chain = [c.public_bytes(_DER) for c in ca.chain]
+        out: list[tuple[int, X509Result]] = []
+        count = 0
+        for (i, entry, _), (leaf, expires_at, error, message) in zip(work, signed, strict=True):
+            if leaf is None:
+                failure: Exception = (
+                    ValueError(message) if error == ERROR_INVALID else CaError(message)
+                )
+                out.append((i, IssueFailed(entry.id, failure)))
+                continue
+            count += 1
+            out.append((i, X509SvidIssued(entry.id, entry.spiffe_id, [leaf, *chain], expires_at)))
+        if count and self._metrics is not None:
+            self._metrics.svids_signed.labels(KIND_X509).inc(count)
+            # One observation per batch: the mean time per SVID across the workers.
+            self._metrics.signing_seconds.labels(KIND_X509).observe(seconds / count)
+        log.debug(
+            "signed x509-svid batch in workers",
+            extra={"count": count, "failed": len(work) - count, "authority_id": ca.authority_id},
+        )
+        return out
+
+    def _sign_batch(self, work: _Work) -> list[tuple[int, X509Result]]:
+        """Check each CSR and sign it with its entry's SPIFFE ID, DNS names and TTL."""
+        out: list[tuple[int, X509Result]] = []
+        ids: dict[str, SpiffeId] = {}
+        for i, entry, request in work:
+            try:
+                public_key = parse_csr(request.csr, request.field)
+                spiffe_id = ids.get(entry.spiffe_id)
+                if spiffe_id is None:
+                    spiffe_id = ids[entry.spiffe_id] = SpiffeId.parse(entry.spiffe_id)
+                chain = self._ca.sign_x509_svid(
+                    spiffe_id, public_key, entry.x509_svid_ttl or self._x509_ttl, entry.dns_names
+                )
+            except (ValueError, CaError) as err:
+                out.append((i, IssueFailed(entry.id, err)))
+                continue
+            out.append(
+                (
+                    i,
+                    X509SvidIssued(
+                        entry.id,
+                        entry.spiffe_id,
+                        [c.public_bytes(_DER) for c in chain],
+                        int(chain[0].not_valid_after_utc.timestamp()),
+                    ),
+                )
+            )
+        return out
+
+    async def jwt_svid(self, entry: RegistrationEntry, audience: Sequence[str]) -> str:
+        """A JWT-SVID for ``entry`` and ``audience``, with the entry's TTL (or the default)."""
+        ttl = entry.jwt_svid_ttl or self._jwt_ttl
+        return await asyncio.to_thread(
+            self._ca.sign_jwt_svid, SpiffeId.parse(entry.spiffe_id), list(audience), ttl
+        )
