@@ -260,3 +260,44 @@ def test_store_ignores_mismatched_or_partial_files(tmp_path: Path) -> None:
     (tmp_path / "bundle.pem").write_bytes(b"")
     assert store.load() is None
     assert not isinstance(store.load(), X509Svid)
+
+
+class _AttestsAgain:
+    """A node attestor whose data may be sent more than once (as k8s_psat's will be)."""
+
+    type = "join_token"
+    can_reattest = True
+
+    def __init__(self, *tokens: str) -> None:
+        self._tokens = list(tokens)
+
+    async def payload(self) -> bytes:
+        return self._tokens.pop(0).encode()
+
+
+def test_attestor_that_may_attest_again_renews_by_attesting(tmp_path: Path) -> None:
+    """With a node attestor that may attest again, renewal attests again for a new key
+    (SPIRE's re-attestation) instead of calling RenewAgent; the new SVID is stored."""
+
+    async def scenario() -> None:
+        server = FakeAgentServer()
+        server.join_tokens.update({"first", "second"})
+        address = await server.start(tls=True)
+        store = SvidStore(tmp_path / "data")
+        session = AgentSession(
+            SessionConfig(trust_domain=TD, trust_bundle=_bundle_file(server, tmp_path)),
+            make_client(address, forget_agent_svid=store.delete),
+            _AttestsAgain("first", "second"),
+            store,
+        )
+        await session.start()
+        before = session.svid
+        await session.renew()
+        assert (server.attest_calls, server.renew_calls) == (2, 0)
+        assert session.svid.marshal_key_der() != before.marshal_key_der()
+        stored = store.load()
+        assert stored is not None and stored.svid.leaf == session.svid.leaf
+        await session.client.close()
+        await server.stop()
+
+    run(scenario)

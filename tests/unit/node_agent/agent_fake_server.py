@@ -70,8 +70,18 @@ class FakeState:
 class FakeAgentServer(agent_pb2_grpc.AgentServicer):
     """The ``Agent`` service, in memory."""
 
-    def __init__(self, x509_ttl: float = 3600.0, jwt_ttl: float = 300.0) -> None:
+    def __init__(
+        self,
+        x509_ttl: float = 3600.0,
+        jwt_ttl: float = 300.0,
+        *,
+        name: str = "server",
+        journal: list[str] | None = None,
+    ) -> None:
         self.x509_ttl = x509_ttl
+        self.name = name
+        # Shared by several fakes: the names of the servers called, in call order.
+        self.journal = journal
         self.jwt_ttl = jwt_ttl
         self.authorities = [make_authority()]
         self.jwt_key = generate_private_key()
@@ -276,6 +286,11 @@ class FakeAgentServer(agent_pb2_grpc.AgentServicer):
             self.client_serials.append(x509.load_pem_x509_certificate(pem[0]).serial_number)
         if self.banned:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, "agent is banned")
+        await self._refuse(context)
+
+    async def _refuse(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        if self.journal is not None:
+            self.journal.append(self.name)
         if self.refuse is not None:
             code, message, reason = self.refuse
             metadata = ((REFUSAL_METADATA_KEY, reason),) if reason is not None else ()
@@ -283,6 +298,7 @@ class FakeAgentServer(agent_pb2_grpc.AgentServicer):
 
     async def AttestAgent(self, request: Any, context: Any) -> Any:
         self.attest_calls += 1
+        await self._refuse(context)
         token = request.attestation_data.payload.decode()
         if request.attestation_data.type != "join_token" or token not in self.join_tokens:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, "join token is unknown or used")
