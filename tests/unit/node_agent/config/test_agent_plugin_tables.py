@@ -16,10 +16,15 @@ from node_agent.workload.unix import DEFAULT_WORKLOAD_SIZE_LIMIT, UnixAttestorCo
 SERVER = {"server_addresses": ("127.0.0.1:8081",)}
 
 
-def _load(tmp_path: Path, text: str, **overrides: object) -> AgentConfig:
+def _file(tmp_path: Path, text: str) -> Path:
+    """An agent config file: an [agent] table with a server address, then ``text``."""
     path = tmp_path / "agent.toml"
     path.write_text('[agent]\nserver_address = "127.0.0.1:8081"\n' + text)
-    return load_config(path, overrides)
+    return path
+
+
+def _load(tmp_path: Path, text: str, **overrides: object) -> AgentConfig:
+    return load_config(_file(tmp_path, text), overrides)
 
 
 @dataclass(frozen=True)
@@ -77,11 +82,43 @@ def test_join_token_table_is_valid_empty(tmp_path: Path) -> None:
             "[agent.node_attestor]\n",
             "agent.node_attestor: exactly one node attestor table is required, got none",
         ),
+        (
+            "[agent.workload_attestor.unix]\nhash_limit = 5\n",
+            "agent.workload_attestor.unix.hash_limit: unknown setting; expected one of: "
+            "discover_workload_path, proc_root, workload_size_limit",
+        ),
+        (
+            '[agent.workload_attestor.unix]\nworkload_size_limit = "big"\n',
+            "agent.workload_attestor.unix.workload_size_limit: expected an integer, got 'big'",
+        ),
+        (
+            '[agent.workload_attestor.unix]\nproc_root = "proc"\n',
+            "agent.workload_attestor.unix.proc_root: must be an absolute path, got 'proc'",
+        ),
+        (
+            "[agent.workload_attestor.docker]\n",
+            "agent.workload_attestor.docker: unknown plugin 'docker'; known plugins: unix",
+        ),
+        (
+            "[agent.workload_attestor]\n",
+            "agent.workload_attestor: at least one workload attestor table is required",
+        ),
     ],
-    ids=["unknown-key", "bad-value", "unknown-plugin", "no-plugin"],
+    ids=[
+        "node-unknown-key",
+        "node-bad-value",
+        "node-unknown-plugin",
+        "node-no-plugin",
+        "unix-unknown-key",
+        "unix-bad-type",
+        "unix-bad-value",
+        "unix-unknown-plugin",
+        "unix-no-plugin",
+    ],
 )
-def test_bad_node_attestor_tables_name_the_key(tmp_path: Path, text: str, message: str) -> None:
-    """Each bad node attestor table is refused with the full key of what is wrong."""
+def test_bad_plugin_tables_name_the_key(tmp_path: Path, text: str, message: str) -> None:
+    """Each bad plugin table (unknown key, bad value, unknown plugin, none at all) is refused
+    with the full key of what is wrong."""
     with pytest.raises(ConfigError) as info:
         _load(tmp_path, text)
     assert str(info.value) == message
@@ -89,11 +126,9 @@ def test_bad_node_attestor_tables_name_the_key(tmp_path: Path, text: str, messag
 
 def test_exactly_one_node_attestor(tmp_path: Path) -> None:
     """Two node attestor tables are refused, naming both."""
-    path = tmp_path / "agent.toml"
-    path.write_text(
-        '[agent]\nserver_address = "127.0.0.1:8081"\n'
-        "[agent.node_attestor.join_token]\n"
-        '[agent.node_attestor.k8s_psat]\ncluster = "prod"\n'
+    path = _file(
+        tmp_path,
+        '[agent.node_attestor.join_token]\n[agent.node_attestor.k8s_psat]\ncluster = "prod"\n',
     )
     catalog = {"join_token": JoinTokenConfig, "k8s_psat": _PsatConfig}
     with pytest.raises(ConfigError, match="exactly one node attestor table is required, got "):
@@ -102,11 +137,7 @@ def test_exactly_one_node_attestor(tmp_path: Path) -> None:
 
 def test_join_token_flag_needs_the_join_token_attestor(tmp_path: Path) -> None:
     """--join-token with another node attestor configured is refused, saying which."""
-    path = tmp_path / "agent.toml"
-    path.write_text(
-        '[agent]\nserver_address = "127.0.0.1:8081"\n'
-        '[agent.node_attestor.k8s_psat]\ncluster = "prod"\n'
-    )
+    path = _file(tmp_path, '[agent.node_attestor.k8s_psat]\ncluster = "prod"\n')
     catalog = {"join_token": JoinTokenConfig, "k8s_psat": _PsatConfig}
     config = load_config(path, {}, node_attestors=catalog)
     assert config.node_attestor == PluginConfig("k8s_psat", _PsatConfig("prod"))
@@ -131,47 +162,11 @@ def test_unix_table_parses_into_its_dataclass(tmp_path: Path) -> None:
     )
 
 
-@pytest.mark.parametrize(
-    ("text", "message"),
-    [
-        (
-            "[agent.workload_attestor.unix]\nhash_limit = 5\n",
-            "agent.workload_attestor.unix.hash_limit: unknown setting; expected one of: "
-            "discover_workload_path, proc_root, workload_size_limit",
-        ),
-        (
-            '[agent.workload_attestor.unix]\nworkload_size_limit = "big"\n',
-            "agent.workload_attestor.unix.workload_size_limit: expected an integer, got 'big'",
-        ),
-        (
-            '[agent.workload_attestor.unix]\nproc_root = "proc"\n',
-            "agent.workload_attestor.unix.proc_root: must be an absolute path, got 'proc'",
-        ),
-        (
-            "[agent.workload_attestor.docker]\n",
-            "agent.workload_attestor.docker: unknown plugin 'docker'; known plugins: unix",
-        ),
-        (
-            "[agent.workload_attestor]\n",
-            "agent.workload_attestor: at least one workload attestor table is required",
-        ),
-    ],
-    ids=["unknown-key", "bad-type", "bad-value", "unknown-plugin", "no-plugin"],
-)
-def test_bad_workload_attestor_tables_name_the_key(tmp_path: Path, text: str, message: str) -> None:
-    """Each bad workload attestor table is refused with the full key of what is wrong."""
-    with pytest.raises(ConfigError) as info:
-        _load(tmp_path, text)
-    assert str(info.value) == message
-
-
 def test_several_workload_attestors_in_config_order(tmp_path: Path) -> None:
     """Every [agent.workload_attestor.*] table is kept, in the order the file names them."""
-    path = tmp_path / "agent.toml"
-    path.write_text(
-        '[agent]\nserver_address = "127.0.0.1:8081"\n'
-        "[agent.workload_attestor.systemd]\nuser_units = true\n"
-        "[agent.workload_attestor.unix]\n"
+    path = _file(
+        tmp_path,
+        "[agent.workload_attestor.systemd]\nuser_units = true\n[agent.workload_attestor.unix]\n",
     )
     catalog = {"unix": UnixAttestorConfig, "systemd": _SystemdConfig}
     config = load_config(path, {}, workload_attestors=catalog)
@@ -206,11 +201,7 @@ def test_flat_workload_size_limit_still_works_with_a_deprecation(tmp_path: Path)
 
 def test_flat_workload_size_limit_without_unix_says_where_it_moved(tmp_path: Path) -> None:
     """With no unix attestor configured the old key has nowhere to go: a clear error."""
-    path = tmp_path / "agent.toml"
-    path.write_text(
-        '[agent]\nserver_address = "127.0.0.1:8081"\nworkload_size_limit = 5\n'
-        "[agent.workload_attestor.systemd]\n"
-    )
+    path = _file(tmp_path, "workload_size_limit = 5\n[agent.workload_attestor.systemd]\n")
     catalog = {"unix": UnixAttestorConfig, "systemd": _SystemdConfig}
     with pytest.raises(
         ConfigError, match=r"workload_size_limit: moved to \[agent\.workload_attestor\.unix\]"
