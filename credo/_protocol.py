@@ -1,37 +1,69 @@
-"""Wire facts of Credo's own agent API that both the server and the agent must spell alike.
+"""What agent and server agree on beyond the protobuf messages: why the server refused a call.
 
-When the signing server refuses an agent's call it says why in machine-readable form, in
-the call's trailing metadata under :data:`REFUSAL_METADATA_KEY`, with one of the
-:class:`Refusal` values; the status message stays prose for people. The agent decides
-"banned" or "evicted" from this value, never from the words of the message.
+When the signing server refuses a node agent's call because of who the agent is or what
+it may do, the call ends with a gRPC error status whose trailing metadata carries
+:data:`REFUSAL_KEY` (``credo-refusal``) set to one :class:`Refusal` code. The status
+message stays prose for people; agents act on the code:
+
+======================  =====================================================================
+code                    meaning, and what an agent does
+======================  =====================================================================
+``banned``              an operator banned this agent: stop; only an operator can undo it
+``evicted``             the server has no record of this agent (never attested, or deleted
+                        by an operator): attest again with new attestation data
+``svid_expired``        the agent SVID the call presented has expired: attest again
+``svid_not_current``    the agent SVID is not the one the server last issued (a newer one
+                        was used since): use the newest
+``untrusted_authority`` the CA that signed the agent SVID is no longer trusted: attest again
+``no_agent_svid``       the call needs the agent SVID as TLS client certificate (or it was
+                        unreadable): attest first
+``not_an_agent``        the client certificate is not an agent SVID of this trust domain
+``not_authorized``      the agent is not authorized for the registration entry it named
+``rate_limited``        too many calls: retry later, with backoff
+``attestation_refused`` the attestation data proves nothing (unknown, used or expired join
+                        token, unknown attestor type, or an agent that may not re-attest)
+======================  =====================================================================
+
+Calls that fail for other reasons (a malformed request, the server shutting down, the
+datastore unavailable) carry no ``credo-refusal``: the status code alone says what to do.
+Per-item failures inside ``BatchNewX509SVID`` are statuses in the response, not refusals.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from enum import StrEnum
+from typing import Final
 
-__all__ = ["REFUSAL_METADATA_KEY", "Refusal"]
+__all__ = ["REFUSAL_KEY", "Refusal", "refusal_in"]
 
-REFUSAL_METADATA_KEY = "credo-refusal"
-"""Trailing-metadata key carrying a :class:`Refusal` value (gRPC keys are lower case)."""
+REFUSAL_KEY: Final = "credo-refusal"
+"""The trailing metadata key of a refused agent call (gRPC metadata keys are lower case)."""
 
 
 class Refusal(StrEnum):
-    """Why the server refused an agent's call (the value under :data:`REFUSAL_METADATA_KEY`)."""
+    """Why the server refused an agent's call; the value goes on the wire."""
 
     BANNED = "banned"
-    """The agent is banned: it must not attest or call again."""
     EVICTED = "evicted"
-    """The agent's attested node was deleted: it must attest again."""
     SVID_EXPIRED = "svid_expired"
-    """The agent SVID presented has expired."""
     SVID_NOT_CURRENT = "svid_not_current"
-    """The agent SVID presented is not the one the server issued last."""
     UNTRUSTED_AUTHORITY = "untrusted_authority"
-    """The agent SVID was signed by an authority the server no longer trusts."""
+    NO_AGENT_SVID = "no_agent_svid"
+    NOT_AN_AGENT = "not_an_agent"
     NOT_AUTHORIZED = "not_authorized"
-    """The caller may not do this (not an agent, or the entry is not authorized for it)."""
     RATE_LIMITED = "rate_limited"
-    """Too many calls; try again later."""
     ATTESTATION_REFUSED = "attestation_refused"
-    """The node attestation data was refused (unknown or used join token, ...)."""
+
+
+def refusal_in(metadata: Iterable[tuple[str, str | bytes]] | None) -> Refusal | None:
+    """The :class:`Refusal` in a call's trailing metadata; None if absent or not a known code."""
+    for key, value in metadata or ():
+        if key != REFUSAL_KEY:
+            continue
+        text = value.decode("ascii", "replace") if isinstance(value, bytes) else value
+        try:
+            return Refusal(text)
+        except ValueError:
+            return None
+    return None

@@ -51,8 +51,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from credo._proto.credo.server.v1 import agent_pb2, agent_pb2_grpc
-from credo._protocol import REFUSAL_METADATA_KEY, Refusal
-from credo._reserved import SERVER_TLS_NAME
+from credo._protocol import Refusal, refusal_in
+from credo._reserved import SERVER_TLS_NAME, server_spiffe_id
 from credo.bundle import Bundle
 from credo.errors import CredoError
 from credo.jwtsvid import JwtSvid
@@ -359,11 +359,9 @@ def _x509_result(result: Any) -> X509SvidResult:
 
 def _refusal(err: grpc.aio.AioRpcError) -> Refusal | None:
     """Why the server refused: its ``credo-refusal`` trailing metadata, if any."""
-    for key, value in err.trailing_metadata() or ():
-        if key == REFUSAL_METADATA_KEY:
-            text = value.decode() if isinstance(value, bytes) else str(value)
-            with contextlib.suppress(ValueError):
-                return Refusal(text)
+    reason = refusal_in(err.trailing_metadata())
+    if reason is not None:
+        return reason
     # REMOVE once every server sends credo-refusal (issue 7): servers from before it say
     # "banned" or "evicted" only in the words of the message. The one place that reads them.
     if err.code() in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
@@ -404,7 +402,7 @@ class ServerClient:
         if not config.server_addresses:
             raise ValueError("at least one server address is required")
         self.config = config
-        self.server_id = SpiffeId.from_segments(config.trust_domain, "credo", "server")
+        self.server_id = server_spiffe_id(config.trust_domain)
         self._forget_agent_svid = forget_agent_svid
         self._index = 0
         self._svid: X509Svid | None = None

@@ -24,7 +24,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
 from credo._proto.credo.server.v1 import agent_pb2, agent_pb2_grpc, types_pb2
-from credo._protocol import REFUSAL_METADATA_KEY
+from credo._protocol import REFUSAL_KEY
 from credo._reserved import SERVER_TLS_NAME
 from credo.jwtsvid import sign_jwt_svid
 from credo.keys import PrivateKey, generate_private_key, private_key_to_pkcs8_pem
@@ -293,7 +293,7 @@ class FakeAgentServer(agent_pb2_grpc.AgentServicer):
             self.journal.append(self.name)
         if self.refuse is not None:
             code, message, reason = self.refuse
-            metadata = ((REFUSAL_METADATA_KEY, reason),) if reason is not None else ()
+            metadata = ((REFUSAL_KEY, reason),) if reason is not None else ()
             await context.abort(code, message, trailing_metadata=metadata)
 
     async def AttestAgent(self, request: Any, context: Any) -> Any:
