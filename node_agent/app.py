@@ -2,14 +2,18 @@
 
 Order (nothing else constructs these):
 
-1. :class:`~node_agent.attestation.session.AgentSession` — resume with the stored agent
-   SVID or attest with the join token; mTLS channels to the servers;
-2. :class:`~node_agent.cache.manager.CacheManager` — the SVID cache (the Workload API's
+1. :class:`~node_agent.attestation.store.SvidStore` — the agent SVID, key and bundle on disk;
+2. :class:`~node_agent.server_client.ServerClient` — the one client to the servers
+   (channels, failover, server verification, backoff, errors);
+3. the node attestor the config names (:mod:`node_agent.attestation.catalog`) and
+   :class:`~node_agent.attestation.session.AgentSession` — resume with the stored agent
+   SVID or attest;
+4. :class:`~node_agent.cache.manager.CacheManager` — the SVID cache (the Workload API's
    ``Manager``), seeded with the stored trust bundle;
-3. :class:`~node_agent.sync.syncer.EntrySyncer` — the entry stream, feeding the cache;
-4. :class:`~node_agent.workload.unix.UnixAttestor` and
-   :class:`~node_agent.workload_api.server.WorkloadApiServer` on the public socket;
-5. the admin socket (gRPC health, for ``credo-agent healthcheck``).
+5. :class:`~node_agent.sync.syncer.EntrySyncer` — the entry stream, feeding the cache;
+6. the workload attestors the config names (:mod:`node_agent.workload.catalog`, combined)
+   and :class:`~node_agent.workload_api.server.WorkloadApiServer` on the public socket;
+7. :class:`~node_agent.workload_api.admin.AdminServer` — gRPC health on the admin socket.
 
 The agent-SVID renewal loop, the sync stream and the cache's signing loop run side by
 side under one :class:`asyncio.TaskGroup`. SIGTERM or SIGINT stops everything cleanly;
@@ -25,60 +29,26 @@ import os
 import resource
 import signal
 import sys
-from pathlib import Path
-
-import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from credo._logging import setup_logging
 from credo.bundle import Bundle
 from credo.errors import CredoError
-from node_agent.attestation.errors import AgentBanned
+from node_agent.attestation.catalog import build_node_attestor
 from node_agent.attestation.session import AgentSession, SessionConfig
+from node_agent.attestation.store import SvidStore
 from node_agent.cache.manager import CacheConfig, CacheManager
 from node_agent.config import AgentConfig
+from node_agent.errors import AgentRemoved
+from node_agent.server_client import BackoffPolicy, ServerClient, ServerClientConfig
 from node_agent.sync.entries import TrustBundles
-from node_agent.sync.syncer import EntrySyncer, SyncerConfig
-from node_agent.workload.unix import UnixAttestor, UnixAttestorConfig
-from node_agent.workload_api.server import (
-    WorkloadApiServer,
-    WorkloadApiServerConfig,
-    check_socket_directory,
-)
+from node_agent.sync.syncer import EntrySyncer
+from node_agent.workload.catalog import build_workload_attestor
+from node_agent.workload_api.admin import AdminServer
+from node_agent.workload_api.server import WorkloadApiServer, WorkloadApiServerConfig
 
 __all__ = ["run", "serve"]
 
 log = logging.getLogger(__name__)
-
-
-class _AdminServer:
-    """gRPC health on the private admin Unix socket (directory 0700)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.health = health.aio.HealthServicer()
-        self._server: grpc.aio.Server | None = None
-
-    async def start(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        check_socket_directory(str(self.path.parent))
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
-        server = grpc.aio.server()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        if server.add_insecure_port(f"unix://{self.path.resolve()}") == 0:
-            raise OSError(f"cannot listen on admin socket {self.path}")
-        await server.start()
-        self._server = server
-        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
-            await self._server.stop(1.0)
-            self._server = None
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
 
 
 async def serve(
@@ -88,23 +58,32 @@ async def serve(
 ) -> None:
     """Run the agent until ``stop`` is set; set ``ready`` once the Workload API serves.
 
-    Raises :class:`~node_agent.attestation.errors.AgentBanned` when the server bans the
-    agent, and other :class:`~credo.errors.CredoError` subclasses when it cannot start.
+    Raises :class:`~node_agent.errors.AgentBanned` (or AgentEvicted) when the server removes
+    the agent, and other :class:`~credo.errors.CredoError` subclasses when it cannot start.
     """
     stop = stop or asyncio.Event()
     trust_domain = config.trust_domain_obj
-    session = AgentSession(
-        SessionConfig(
+    store = SvidStore(config.data_dir)
+    client = ServerClient(
+        ServerClientConfig(
             server_addresses=config.server_addresses,
             trust_domain=trust_domain,
-            data_dir=config.data_dir,
+            backoff=BackoffPolicy(initial=config.sync_backoff_min, cap=config.sync_backoff_max),
+        ),
+        forget_agent_svid=store.delete,
+    )
+    session = AgentSession(
+        SessionConfig(
+            trust_domain=trust_domain,
             trust_bundle=config.trust_bundle,
             insecure_bootstrap=config.insecure_bootstrap,
-            join_token=config.join_token,
-        )
+        ),
+        client,
+        build_node_attestor(config),
+        store,
     )
     workload_api: WorkloadApiServer | None = None
-    admin = _AdminServer(config.admin_socket)
+    admin = AdminServer(config.admin_socket)
     try:
         await session.start()
         cache = CacheManager(
@@ -113,17 +92,14 @@ async def serve(
                 max_size=config.svid_cache_max_size,
                 svid_wait_timeout=config.svid_wait_timeout,
             ),
-            session,
+            client,
         )
         cache.update_bundles(TrustBundles(Bundle(trust_domain, session.authorities)))
-        syncer = EntrySyncer(
-            session,
-            cache,
-            SyncerConfig(backoff_min=config.sync_backoff_min, backoff_max=config.sync_backoff_max),
-        )
-        attestor = UnixAttestor(UnixAttestorConfig(workload_size_limit=config.workload_size_limit))
+        syncer = EntrySyncer(client, cache, session)
         workload_api = WorkloadApiServer(
-            WorkloadApiServerConfig(socket_path=str(config.socket_path)), cache, attestor
+            WorkloadApiServerConfig(socket_path=str(config.socket_path)),
+            cache,
+            build_workload_attestor(config.workload_attestor),
         )
         async with asyncio.TaskGroup() as group:
             tasks = [
@@ -140,6 +116,8 @@ async def serve(
                     "socket": str(config.socket_path),
                     "admin_socket": str(config.admin_socket),
                     "servers": ",".join(config.server_addresses),
+                    "node_attestor": config.node_attestor.name,
+                    "workload_attestors": ",".join(p.name for p in config.workload_attestor),
                 },
             )
             if ready is not None:
@@ -149,9 +127,9 @@ async def serve(
             for task in tasks:
                 task.cancel()
     except BaseExceptionGroup as group_error:
-        banned = _find(group_error, AgentBanned)
-        if banned is not None:
-            raise banned from None
+        removed = _find(group_error, AgentRemoved)
+        if removed is not None:
+            raise removed from None
         failure = _find(group_error, CredoError) or _find(group_error, OSError)
         if failure is not None:
             raise failure from None
@@ -162,7 +140,7 @@ async def serve(
         if workload_api is not None:
             with contextlib.suppress(Exception):
                 await workload_api.stop(1.0)
-        await session.close()
+        await client.close()
 
 
 def _find(
@@ -196,6 +174,8 @@ def run(config: AgentConfig) -> int:
     logged and printed as one line on stderr).
     """
     setup_logging(config.log_level, config.log_format)
+    for message in config.deprecations:
+        log.warning(message)
     _raise_open_file_limit()
 
     async def main() -> None:
@@ -211,8 +191,8 @@ def run(config: AgentConfig) -> int:
 
     try:
         asyncio.run(main())
-    except AgentBanned as exc:
-        log.error("agent banned; exiting", extra={"spiffe_id": exc.agent_id})
+    except AgentRemoved as exc:
+        log.error(f"agent {exc.action}; exiting", extra={"spiffe_id": exc.agent_id})
         print(f"Error: {exc}", file=sys.stderr)
         return 1
     except (CredoError, OSError) as exc:

@@ -1,40 +1,78 @@
 """The node agent's configuration: defaults (SPIRE's), a TOML file, then flags.
 
-Every setting has the same name in the TOML file (``[agent]`` table or top level) and
-as a flag (``--data-dir`` for ``data_dir``). Durations are seconds or ``90s`` / ``10m``.
+Every scalar setting has the same name in the TOML file (``[agent]`` table or top level)
+and as a flag (``--data-dir`` for ``data_dir``). Durations are seconds or ``90s`` / ``10m``.
 ``server_address`` (one string) and ``server_addresses`` (a list) are both accepted; the
 agent fails over between the addresses in order.
+
+Plugins are TOML tables, config file only, named as in SPIRE::
+
+    [agent.node_attestor.join_token]      # exactly one node attestor
+    [agent.workload_attestor.unix]        # one or more workload attestors, combined
+    workload_size_limit = 67108864
+
+Each table parses into its plugin's own frozen dataclass (listed in
+:mod:`node_agent.attestation.catalog` and :mod:`node_agent.workload.catalog`); an error
+names the key by its full path (``agent.workload_attestor.unix.proc_root: ...``). With no
+``[agent.node_attestor.*]`` table the node attestor is ``join_token`` (``--join-token``
+gives its token); with no ``[agent.workload_attestor.*]`` table it is ``unix``.
+
+The flat ``workload_size_limit`` key and its flag ``--workload-size-limit`` from before the
+plugin tables still work: they set the ``unix`` attestor's ``workload_size_limit`` (over
+the table's value) and the agent logs a deprecation warning at start saying where the key
+moved.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import tomllib
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from credo._config import from_table, plugin_tables, read_toml
 from credo._logging import LOG_FORMATS, LOG_LEVELS
-from credo.errors import CredoError
+from credo.errors import ConfigError
 from credo.spiffe_id import TrustDomain
+from node_agent.attestation.catalog import DEFAULT_NODE_ATTESTOR, NODE_ATTESTORS
+from node_agent.workload.catalog import DEFAULT_WORKLOAD_ATTESTORS, WORKLOAD_ATTESTORS
 
-__all__ = ["LOG_FORMATS", "LOG_LEVELS", "AgentConfig", "ConfigError", "load_config"]
+__all__ = [
+    "LOG_FORMATS",
+    "LOG_LEVELS",
+    "AgentConfig",
+    "ConfigError",
+    "PluginConfig",
+    "load_config",
+]
 
-
-_PATHS = ("trust_bundle", "socket_path", "admin_socket", "data_dir")
-_FLOATS = ("sync_backoff_min", "sync_backoff_max", "svid_wait_timeout")
-_INTS = ("svid_cache_max_size", "workload_size_limit")
 # Aliases users may write in TOML (the flag spellings).
 _ALIASES = {
     "socket": "socket_path",
     "server_address": "server_addresses",
     "svid_cache_size": "svid_cache_max_size",
 }
+# Flat keys that moved into a plugin table: key -> (plugin kind, plugin name).
+_MOVED = {"workload_size_limit": ("workload_attestor", "unix")}
 
 
-class ConfigError(CredoError, ValueError):
-    """A setting is missing, unknown or out of range; the message names it."""
+@dataclass(frozen=True)
+class PluginConfig:
+    """One configured plugin: its name in the catalog and its parsed table."""
+
+    name: str
+    config: Any
+    """The plugin's own frozen config dataclass."""
+
+
+def _default_node_attestor() -> PluginConfig:
+    return PluginConfig(DEFAULT_NODE_ATTESTOR, NODE_ATTESTORS[DEFAULT_NODE_ATTESTOR].config())
+
+
+def _default_workload_attestors() -> tuple[PluginConfig, ...]:
+    return tuple(
+        PluginConfig(name, WORKLOAD_ATTESTORS[name].config()) for name in DEFAULT_WORKLOAD_ATTESTORS
+    )
 
 
 @dataclass(frozen=True)
@@ -48,6 +86,7 @@ class AgentConfig:
     trust_bundle: Path | None = None
     # Skip server verification for the first attestation only (warns loudly).
     insecure_bootstrap: bool = False
+    # The join_token node attestor's token.
     join_token: str | None = None
     socket_path: Path = Path("/tmp/credo-agent/public/api.sock")
     admin_socket: Path = Path("/tmp/credo-agent/private/admin.sock")
@@ -56,22 +95,26 @@ class AgentConfig:
     log_format: str = "text"
     # Soft bound on cached X509-SVIDs; identities of active subscriptions are always kept.
     svid_cache_max_size: int = 1000
-    # unix:sha256 is computed only for binaries up to this many bytes; 0 = no limit,
-    # negative = never hash (SPIRE's semantics).
-    workload_size_limit: int = 64 * 1024 * 1024
-    # Reconnect backoff of the sync stream: exponential with jitter between these bounds.
+    # Backoff of every retry to the server (sync reconnects, signing, agent-SVID renewal,
+    # attestation): exponential with jitter between these bounds.
     sync_backoff_min: float = 0.2
     sync_backoff_max: float = 30.0
     # How long a new subscription waits for SVIDs of matching entries to be signed.
     svid_wait_timeout: float = 5.0
+    # [agent.node_attestor.<name>]: exactly one.
+    node_attestor: PluginConfig = field(default_factory=_default_node_attestor)
+    # [agent.workload_attestor.<name>]: one or more, their selectors combined.
+    workload_attestor: tuple[PluginConfig, ...] = field(default_factory=_default_workload_attestors)
+    # Deprecated settings that were used, as messages to log at start.
+    deprecations: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def trust_domain_obj(self) -> TrustDomain:
         """The parsed trust domain."""
         return TrustDomain.parse(self.trust_domain)
 
-    def validate(self) -> AgentConfig:
-        """Raise :class:`ConfigError` naming the first bad setting; return self."""
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the first bad setting."""
         try:
             TrustDomain.parse(self.trust_domain)
         except ValueError as exc:
@@ -103,72 +146,120 @@ class AgentConfig:
             )
         if self.svid_wait_timeout < 0:
             raise ConfigError(f"svid_wait_timeout: must be >= 0, got {self.svid_wait_timeout}")
-        if self.join_token is not None and not self.join_token.strip():
-            raise ConfigError("join_token: is empty")
-        return self
+        if self.join_token is not None:
+            if not self.join_token.strip():
+                raise ConfigError("join_token: is empty")
+            if self.node_attestor.name != "join_token":
+                raise ConfigError(
+                    "join_token: only the join_token node attestor uses a join token; "
+                    f"the config names [agent.node_attestor.{self.node_attestor.name}]"
+                )
 
 
-def _coerce(name: str, value: Any) -> Any:
-    """Convert a TOML or flag value for setting ``name`` to the field's type."""
-    name = _ALIASES.get(name, name)
-    if name not in {f.name for f in dataclasses.fields(AgentConfig)}:
-        raise ConfigError(f"unknown setting {name!r}")
-    if name == "server_addresses":
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, Sequence) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"server_addresses: expected a list of host:port, got {value!r}")
-        return tuple(v.strip() for v in value)
-    if name in _PATHS:
-        return None if value in (None, "") else Path(value).expanduser()
-    if name == "insecure_bootstrap":
-        if not isinstance(value, bool):
-            raise ConfigError(f"insecure_bootstrap: expected true or false, got {value!r}")
-        return value
-    if name in _INTS:
-        if isinstance(value, bool):
-            raise ConfigError(f"{name}: expected an integer, got {value!r}")
-        try:
-            return int(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{name}: expected an integer, got {value!r}") from None
-    if name in _FLOATS:
-        if isinstance(value, bool):
-            raise ConfigError(f"{name}: expected a number, got {value!r}")
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{name}: expected a number, got {value!r}") from None
-    if name == "join_token":
-        return None if value in (None, "") else str(value)
-    if name in ("log_level", "log_format"):
-        return str(value).lower()
-    return str(value)
+def _lower(value: Any, key: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return value.lower()
 
 
-def load_config(path: Path | None, overrides: Mapping[str, Any]) -> AgentConfig:
+def _addresses(value: Any, key: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{key}: expected a list of host:port, got {value!r}")
+    return tuple(v.strip() for v in value)
+
+
+def _normalise(table: Mapping[str, Any]) -> dict[str, Any]:
+    """Keys with ``_`` for ``-`` and aliases resolved."""
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        name = key.replace("-", "_")
+        out[_ALIASES.get(name, name)] = value
+    return out
+
+
+def load_config(
+    path: Path | None,
+    overrides: Mapping[str, Any],
+    *,
+    node_attestors: Mapping[str, type[Any]] | None = None,
+    workload_attestors: Mapping[str, type[Any]] | None = None,
+) -> AgentConfig:
     """Defaults, then the TOML file at ``path`` (if any), then ``overrides`` (flags set).
 
     Overrides whose value is None (flag not given) are ignored; an empty tuple for
-    ``server_addresses`` also counts as "not given".
+    ``server_addresses`` also counts as "not given". ``node_attestors`` and
+    ``workload_attestors`` map plugin names to config classes (default: the catalogs).
     """
+    if node_attestors is None:
+        node_attestors = {name: p.config for name, p in NODE_ATTESTORS.items()}
+    if workload_attestors is None:
+        workload_attestors = {name: p.config for name, p in WORKLOAD_ATTESTORS.items()}
     values: dict[str, Any] = {}
+    prefix = ""
     if path is not None:
-        try:
-            doc = tomllib.loads(Path(path).read_text())
-        except OSError as exc:
-            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+        doc = read_toml(path)
         table = doc.get("agent", doc)
         if not isinstance(table, dict):
             raise ConfigError(f"config file {path}: [agent] must be a table")
-        for key, value in table.items():
-            name = _ALIASES.get(key.replace("-", "_"), key.replace("-", "_"))
-            values[name] = _coerce(name, value)
-    for key, value in overrides.items():
-        if value is None or (key in ("server_addresses", "server_address") and not value):
+        prefix = "agent." if "agent" in doc else ""
+        values.update(_normalise(table))
+    for key, value in _normalise(overrides).items():
+        if value is None or (key == "server_addresses" and not value):
             continue
-        name = _ALIASES.get(key, key)
-        values[name] = _coerce(name, value)
-    return AgentConfig(**values).validate()
+        if key in ("node_attestor", "workload_attestor"):
+            raise ConfigError(f"{key}: plugin tables are set in the config file only")
+        values[key] = value
+    deprecations = []
+    for key, (kind, plugin) in _MOVED.items():
+        if key not in values:
+            continue
+        deprecations.append(
+            f"{key} is deprecated: set it in [agent.{kind}.{plugin}]; the flat key and "
+            f"--{key.replace('_', '-')} will be removed"
+        )
+        tables = values.get(kind)
+        if tables is None:
+            tables = {plugin: {}}
+        if not isinstance(tables, Mapping) or plugin not in tables:
+            raise ConfigError(
+                f"{key}: moved to [agent.{kind}.{plugin}], but the config names no "
+                f"{plugin} {kind.replace('_', ' ')}"
+            )
+        values[kind] = {**tables, plugin: {**(tables[plugin] or {}), key: values.pop(key)}}
+
+    def node_attestor(tables: Any, key: str) -> PluginConfig:
+        parsed = plugin_tables(tables, node_attestors, prefix + key)
+        if len(parsed) != 1:
+            got = ", ".join(parsed) or "none"
+            raise ConfigError(
+                f"{prefix}{key}: exactly one node attestor table is required, got {got}"
+            )
+        ((name, config),) = parsed.items()
+        return PluginConfig(name, config)
+
+    def workload_attestor(tables: Any, key: str) -> tuple[PluginConfig, ...]:
+        parsed = plugin_tables(tables, workload_attestors, prefix + key)
+        if not parsed:
+            raise ConfigError(f"{prefix}{key}: at least one workload attestor table is required")
+        return tuple(PluginConfig(name, config) for name, config in parsed.items())
+
+    config = from_table(
+        AgentConfig,
+        values,
+        convert={
+            "server_addresses": _addresses,
+            "log_level": _lower,
+            "log_format": _lower,
+            "node_attestor": node_attestor,
+            "workload_attestor": workload_attestor,
+            "deprecations": _not_a_setting,
+        },
+    )
+    return replace(config, deprecations=tuple(deprecations)) if deprecations else config
+
+
+def _not_a_setting(value: Any, key: str) -> Any:
+    """``deprecations`` is filled by the loader, not by the user."""
+    raise ConfigError(f"{key}: unknown setting")

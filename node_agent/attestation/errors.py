@@ -1,13 +1,16 @@
-"""Errors of the agent's standing with the signing server.
+"""Errors of the agent's node attestation.
 
 ::
 
     CredoError
-    └── NodeAttestationError                 attesting to / talking with the server failed
-        ├── NoAgentCredentials               no stored agent SVID and no join token
-        ├── AttestationRejected              the server refused the attestation data
-        ├── AgentBanned                      the server banned this agent (fatal)
-        └── ServerUnreachable                no server answered, or one failed verification
+    └── NodeAttestationError                 establishing the agent's identity failed
+        ├── NoAttestationData                the node attestor has nothing to attest with
+        ├── NoAgentCredentials               no stored agent SVID and nothing to attest with
+        └── AttestationRejected              the server refused the attestation data
+
+Failures of the calls themselves (:class:`~node_agent.errors.ServerUnreachable`) and a
+ban (:class:`~node_agent.errors.AgentBanned`) are the server client's errors,
+:mod:`node_agent.errors`.
 """
 
 from __future__ import annotations
@@ -15,11 +18,10 @@ from __future__ import annotations
 from credo.errors import CredoError
 
 __all__ = [
-    "AgentBanned",
     "AttestationRejected",
     "NoAgentCredentials",
+    "NoAttestationData",
     "NodeAttestationError",
-    "ServerUnreachable",
 ]
 
 
@@ -27,25 +29,19 @@ class NodeAttestationError(CredoError):
     """The agent could not establish or keep its identity with the server."""
 
 
+class NoAttestationData(NodeAttestationError):
+    """The node attestor has nothing to attest with; ``missing`` says what, ``hint`` how to
+    get it."""
+
+    def __init__(self, missing: str, hint: str) -> None:
+        self.missing = missing
+        self.hint = hint
+        super().__init__(f"{missing}; {hint}")
+
+
 class NoAgentCredentials(NodeAttestationError):
-    """There is no usable stored agent SVID and no join token to attest with."""
+    """There is no usable stored agent SVID and nothing to attest with."""
 
 
 class AttestationRejected(NodeAttestationError):
     """The server refused the node attestation (bad, used or expired join token, ...)."""
-
-
-class AgentBanned(NodeAttestationError):
-    """The server says this agent is banned (or evicted); its stored SVID has been deleted."""
-
-    def __init__(self, agent_id: str, action: str = "banned") -> None:
-        self.agent_id = agent_id
-        self.action = action
-        super().__init__(
-            f"agent {agent_id} was {action} by the server; its SVID was deleted. "
-            "Attest again with a new join token"
-        )
-
-
-class ServerUnreachable(NodeAttestationError):
-    """No server answered, or the one that did failed identity verification."""

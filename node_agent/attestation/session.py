@@ -1,28 +1,19 @@
-"""The agent's session with the signing servers: node attestation, mTLS channels, renewal.
+"""The agent's standing with the signing servers: its SVID, attested, stored and renewed.
 
-:class:`AgentSession` owns the agent SVID. On :meth:`AgentSession.start` it resumes with
-the SVID stored in the data dir when that is still valid, else attests with the join
-token. Every later call is mTLS with the agent SVID; :meth:`AgentSession.stub` hands out
-a stub on the channel to the current server address and :meth:`AgentSession.failover`
-moves to the next one (round-robin). :meth:`AgentSession.run_renewal` renews the SVID at
-half its lifetime with a new key and rebuilds the channels.
+:class:`AgentSession` owns the agent SVID. :meth:`AgentSession.start` resumes with the SVID
+stored in the data dir when that is still valid, else attests with the configured node
+attestor (:mod:`node_agent.attestation.catalog`). Every SVID it gets, and every trust
+bundle the server later sends (:meth:`AgentSession.set_authorities`), is stored and handed
+to the :class:`~node_agent.server_client.ServerClient`, which rebuilds its mTLS channels.
+:meth:`AgentSession.run_renewal` renews the SVID with a new key at about half its lifetime
+(:func:`credo._renewal.renew_at`: +-10% jitter, counted from when it arrived), or at once
+when the authority that signed it is tainted. A node attestor that may attest again does so
+instead of calling ``RenewAgent`` (SPIRE's re-attestation).
 
-Server verification. The server presents its SVID ``spiffe://<td>/credo/server``, which
-carries the DNS SAN ``server.credo.invalid`` (:data:`credo._reserved.SERVER_TLS_NAME`,
-a name the server refuses to put in any other SVID). gRPC checks the chain against the
-trust bundle and the host name; since the server's certificate does not name the host the
-agent dials, every channel sets ``grpc.ssl_target_name_override`` to that name. As a
-second line of defence, before a channel is first used the agent makes one TLS handshake
-of its own (same trust bundle) and checks that the certificate's URI SAN is exactly the
-server's SPIFFE ID (:func:`verify_server_identity`).
-
-With ``insecure_bootstrap`` (no trust bundle) the first attestation trusts whatever
-certificate the server presents, and says so loudly; afterwards the bundle returned by
-the server is used, as with a bootstrap bundle.
-
-Bans. Any call answered PERMISSION_DENIED or UNAUTHENTICATED with "banned" in the message
-means the server banned this agent: :meth:`AgentSession.raise_if_banned` deletes the stored
-SVID and key and raises :class:`AgentBanned`, which ends the agent.
+The first attestation trusts the bootstrap bundle (``trust_bundle``), or with
+``insecure_bootstrap`` whatever certificate the server presents, and says so loudly;
+afterwards the bundle returned by the server is used. A ban is the server client's
+business: it deletes the stored SVID (``forget_agent_svid``) and raises AgentBanned.
 """
 
 from __future__ import annotations
@@ -30,173 +21,67 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
-import socket
-import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
-import grpc
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
-from credo._proto.credo.server.v1 import agent_pb2, agent_pb2_grpc
-from credo._reserved import SERVER_TLS_NAME
+from credo._renewal import renew_at
 from credo.bundle import load_certificates
-from credo.errors import CredoError
-from credo.keys import PrivateKey, generate_private_key, make_csr
+from credo.keys import generate_private_key
 from credo.spiffe_id import SpiffeId, TrustDomain
 from credo.x509svid import X509Svid
 from node_agent.attestation.anchor import find_anchor
+from node_agent.attestation.attestor import NodeAttestor
 from node_agent.attestation.errors import (
-    AgentBanned,
     AttestationRejected,
     NoAgentCredentials,
-    ServerUnreachable,
+    NoAttestationData,
 )
 from node_agent.attestation.store import SvidStore
+from node_agent.errors import BadServerResponse, ServerClientError, ServerRefused, ServerUnreachable
+from node_agent.server_client import ServerClient
 
-__all__ = [
-    "AgentSession",
-    "SessionConfig",
-    "ban_action",
-    "is_banned",
-    "verify_server_identity",
-]
+__all__ = ["AgentSession", "SessionConfig"]
 
 log = logging.getLogger(__name__)
-
-_TARGET_NAME = SERVER_TLS_NAME
-_CHANNEL_RETIRE_GRACE = 10.0
 
 
 @dataclass(frozen=True)
 class SessionConfig:
     """What the session needs from the agent's configuration."""
 
-    server_addresses: tuple[str, ...]
     trust_domain: TrustDomain
-    data_dir: Path
     trust_bundle: Path | None = None
     insecure_bootstrap: bool = False
-    join_token: str | None = None
-    # Per-call deadline for unary calls to the server.
-    rpc_timeout: float = 10.0
     # How long attestation keeps retrying servers that do not answer.
     attest_retry_timeout: float = 30.0
 
 
-def _pem(certs: tuple[x509.Certificate, ...] | list[x509.Certificate]) -> bytes:
-    return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
-
-
-def _split_address(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    return host.strip("[]"), int(port)
-
-
-def _handshake(address: str, context: ssl.SSLContext, timeout: float) -> bytes:
-    """TLS-handshake with ``address`` and return the peer's leaf certificate (DER)."""
-    host, port = _split_address(address)
-    with (
-        socket.create_connection((host, port), timeout=timeout) as raw,
-        context.wrap_socket(raw, server_hostname=_TARGET_NAME) as tls,
-    ):
-        der = tls.getpeercert(binary_form=True)
-    if not der:
-        raise ssl.SSLError("server presented no certificate")
-    return der
-
-
-def verify_server_identity(
-    address: str,
-    authorities: tuple[x509.Certificate, ...],
-    expected: SpiffeId,
-    timeout: float = 5.0,
-) -> None:
-    """Check that ``address`` presents a certificate chaining to ``authorities`` for ``expected``.
-
-    Raises :class:`ServerUnreachable` when the server cannot be reached or is not it.
-    """
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cadata=_pem(authorities).decode())
-    context.check_hostname = False
-    context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
-    context.set_alpn_protocols(["h2"])
-    try:
-        der = _handshake(address, context, timeout)
-    except (OSError, ssl.SSLError) as exc:
-        raise ServerUnreachable(f"cannot verify server {address}: {exc}") from None
-    cert = x509.load_der_x509_certificate(der)
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        uris = san.get_values_for_type(x509.UniformResourceIdentifier)
-    except x509.ExtensionNotFound:
-        uris = []
-    if uris != [str(expected)]:
-        raise ServerUnreachable(
-            f"server {address} presented SPIFFE ID {', '.join(uris) or '(none)'}; "
-            f"expected {expected}"
-        )
-
-
-def fetch_server_certificate(address: str, timeout: float = 5.0) -> x509.Certificate:
-    """The leaf certificate ``address`` presents, *without verifying it* (insecure bootstrap)."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    context.set_alpn_protocols(["h2"])
-    try:
-        der = _handshake(address, context, timeout)
-    except (OSError, ssl.SSLError) as exc:
-        raise ServerUnreachable(f"cannot reach server {address}: {exc}") from None
-    return x509.load_der_x509_certificate(der)
-
-
-def ban_action(err: BaseException) -> str | None:
-    """``"banned"`` or ``"evicted"`` when ``err`` is the server refusing this agent for good."""
-    if not isinstance(err, grpc.aio.AioRpcError):
-        return None
-    if err.code() not in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
-        return None
-    details = (err.details() or "").lower()
-    for action in ("banned", "evicted"):
-        if action in details:
-            return action
-    return None
-
-
-def is_banned(err: BaseException) -> bool:
-    """True when ``err`` says this agent is banned or was evicted."""
-    return ban_action(err) is not None
-
-
 class AgentSession:
-    """The agent SVID, the trust bundle, and mTLS channels to the server addresses."""
+    """The agent SVID and trust bundle: attested or resumed, stored, renewed."""
 
     def __init__(
         self,
         config: SessionConfig,
-        store: SvidStore | None = None,
+        client: ServerClient,
+        attestor: NodeAttestor,
+        store: SvidStore,
         *,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
-        self.store = store or SvidStore(config.data_dir)
+        self.client = client
+        self.attestor = attestor
+        self.store = store
         self._clock = clock
         self._svid: X509Svid | None = None
-        self._svid_received_at: float | None = None  # when the current SVID came from a server
+        self._renew_at = 0.0
         self._authorities: tuple[x509.Certificate, ...] = ()
-        self._index = 0
-        self._channels: dict[str, grpc.aio.Channel] = {}
-        self._verified: set[str] = set()
-        self._retiring: set[asyncio.Task[None]] = set()
-        self._changed = asyncio.Event()
         self._renew_now = asyncio.Event()
-        self.server_id = SpiffeId.from_segments(config.trust_domain, "credo", "server")
 
     # --- state -------------------------------------------------------------------------
 
@@ -213,26 +98,40 @@ class AgentSession:
         return self.svid.spiffe_id
 
     @property
-    def address(self) -> str:
-        """The server address calls currently go to."""
-        return self.config.server_addresses[self._index % len(self.config.server_addresses)]
-
-    @property
     def authorities(self) -> tuple[x509.Certificate, ...]:
         """The X.509 authorities the agent trusts for the server's certificate."""
         return self._authorities
 
-    def failover(self) -> str:
-        """Move to the next server address (round-robin) and return it."""
-        if len(self.config.server_addresses) > 1:
-            self._index = (self._index + 1) % len(self.config.server_addresses)
-            log.info("failing over to next server", extra={"server": self.address})
-        return self.address
+    def renew_at(self) -> float:
+        """Unix time at which the agent SVID is renewed (half-life, jittered, once per SVID)."""
+        return self._renew_at
+
+    def _install(
+        self,
+        svid: X509Svid,
+        authorities: tuple[x509.Certificate, ...],
+        *,
+        received_at: float | None,
+    ) -> None:
+        """Use ``svid`` and ``authorities`` from now on (the client rebuilds its channels).
+
+        ``received_at``: when a server handed over ``svid`` (None: resumed from disk).
+        """
+        if svid is not self._svid:
+            leaf = svid.leaf
+            self._renew_at = renew_at(
+                leaf.not_valid_before_utc.timestamp(),
+                leaf.not_valid_after_utc.timestamp(),
+                received_at=received_at,
+            )
+        self._svid = svid
+        self._authorities = authorities
+        self.client.set_credentials(svid, authorities)
 
     # --- start: resume or attest --------------------------------------------------------
 
     async def start(self) -> None:
-        """Resume with the stored agent SVID if still valid, else attest with the join token."""
+        """Resume with the stored agent SVID if still valid, else attest."""
         stored = await asyncio.to_thread(self.store.load)
         now = datetime.fromtimestamp(self._clock(), UTC)
         if stored is not None:
@@ -251,8 +150,7 @@ class AgentSession:
                     },
                 )
             else:
-                self._svid = svid
-                self._authorities = stored.authorities
+                self._install(svid, stored.authorities, received_at=None)
                 log.info(
                     "resuming with stored agent SVID",
                     extra={
@@ -261,20 +159,20 @@ class AgentSession:
                     },
                 )
                 return
-        if not self.config.join_token:
+        try:
+            await self.attest()
+        except NoAttestationData as exc:
             reason = (
                 "the stored agent SVID has expired"
                 if stored is not None
                 else f"no stored agent SVID in {self.store.data_dir}"
             )
             raise NoAgentCredentials(
-                f"no stored agent SVID and no --join-token: {reason}; generate a token with "
-                "'credo-server token generate' and pass it with --join-token"
-            )
-        await self.attest(self.config.join_token)
+                f"no stored agent SVID and {exc.missing}: {reason}; {exc.hint}"
+            ) from None
 
-    async def _bootstrap_roots(self, address: str) -> bytes:
-        """The root certificates (PEM) to trust for the first attestation with ``address``."""
+    async def _bootstrap_roots(self) -> tuple[x509.Certificate, ...] | None:
+        """The certificates to trust for the first attestation (None: insecure bootstrap)."""
         if self.config.trust_bundle is not None:
             try:
                 certs = load_certificates(self.config.trust_bundle.read_bytes())
@@ -288,158 +186,67 @@ class AgentSession:
                 ) from None
             if not certs:
                 raise NoAgentCredentials(f"trust bundle {self.config.trust_bundle} is empty")
-            await asyncio.to_thread(verify_server_identity, address, tuple(certs), self.server_id)
-            return _pem(certs)
+            return tuple(certs)
         if self.config.insecure_bootstrap:
             log.warning(
                 "INSECURE BOOTSTRAP: trusting the server's certificate WITHOUT verification "
                 "for this first attestation; use --trust-bundle in production",
-                extra={"server": address},
+                extra={"server": self.client.address},
             )
-            cert = await asyncio.to_thread(fetch_server_certificate, address)
-            return _pem([cert])
+            return None
         raise NoAgentCredentials(
             "no trust bundle to verify the server: pass --trust-bundle FILE "
             "(from 'credo-server bundle show --format pem') or --insecure-bootstrap"
         )
 
-    async def attest(self, join_token: str) -> None:
-        """Attest with ``join_token``, trying each server address; store the SVID."""
+    async def attest(self, roots: tuple[x509.Certificate, ...] | None = None) -> None:
+        """Attest with the node attestor, retrying unreachable servers; store the SVID.
+
+        ``roots`` (the current bundle when attesting again) default to the bootstrap trust.
+        """
+        payload = await self.attestor.payload()
+        if roots is None:
+            roots = await self._bootstrap_roots()
         deadline = time.monotonic() + self.config.attest_retry_timeout
-        delay = 0.2
-        last_error = "no server address configured"
+        backoff = self.client.backoff()
         while True:
-            for _ in self.config.server_addresses:
-                address = self.address
-                try:
-                    await self._attest_once(address, join_token)
-                    return
-                except ServerUnreachable as exc:
-                    last_error = str(exc)
-                except grpc.aio.AioRpcError as exc:
-                    if exc.code() in (
-                        grpc.StatusCode.UNAVAILABLE,
-                        grpc.StatusCode.DEADLINE_EXCEEDED,
-                        grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    ):
-                        last_error = f"server {address}: {exc.details()}"
-                    else:
-                        raise AttestationRejected(
-                            f"server {address} refused the node attestation: {exc.details()}"
-                        ) from None
-                log.warning(
-                    "node attestation attempt failed",
-                    extra={"server": address, "error": last_error},
-                )
-                self.failover()
+            key = generate_private_key()
+            try:
+                result = await self.client.attest(self.attestor.type, payload, key, roots)
+                break
+            except ServerUnreachable as exc:
+                last_error = str(exc)
+            except ServerRefused as exc:
+                if not exc.retryable:
+                    raise AttestationRejected(
+                        f"server {exc.server} refused the node attestation: {exc.message}"
+                    ) from None
+                last_error = f"server {exc.server}: {exc.message}"
+            except BadServerResponse as exc:
+                raise AttestationRejected(str(exc)) from None
+            delay = backoff.next()
+            log.warning(
+                "node attestation attempt failed",
+                extra={"error": last_error, "retry_in": round(delay, 2)},
+            )
             if time.monotonic() + delay > deadline:
                 raise ServerUnreachable(f"node attestation failed: {last_error}")
-            await asyncio.sleep(delay * random.uniform(0.8, 1.2))
-            delay = min(delay * 2, 5.0)
-
-    async def _attest_once(self, address: str, join_token: str) -> None:
-        roots = await self._bootstrap_roots(address)
-        key = generate_private_key()
-        request = agent_pb2.AttestAgentRequest(
-            attestation_data=agent_pb2.AttestationData(
-                type="join_token", payload=join_token.encode()
-            ),
-            csr=make_csr(key),
-        )
-        credentials = grpc.ssl_channel_credentials(root_certificates=roots)
-        async with grpc.aio.secure_channel(
-            address, credentials, options=[("grpc.ssl_target_name_override", _TARGET_NAME)]
-        ) as channel:
-            response = await agent_pb2_grpc.AgentStub(channel).AttestAgent(
-                request, timeout=self.config.rpc_timeout
-            )
-        svid = self._svid_from_response(response.svid, key)
-        authorities = tuple(
-            x509.load_der_x509_certificate(a.asn1) for a in response.bundle.x509_authorities
-        )
-        if not authorities:
-            raise AttestationRejected(f"server {address} returned an empty trust bundle")
+            await asyncio.sleep(delay)
+        svid = result.svid
         await asyncio.to_thread(self.store.save_svid, svid)
-        await asyncio.to_thread(self.store.save_bundle, authorities)
-        self._install(svid, authorities)
+        await asyncio.to_thread(self.store.save_bundle, result.authorities)
+        self._install(svid, result.authorities, received_at=self._clock())
         log.info(
             "node attested",
             extra={
                 "spiffe_id": str(svid.spiffe_id),
-                "server": address,
+                "server": self.client.address,
+                "node_attestor": self.attestor.type,
                 "expires_at": svid.expires_at.isoformat(),
             },
         )
 
-    def _svid_from_response(self, proto_svid: Any, key: PrivateKey) -> X509Svid:
-        chain = b"".join(bytes(c) for c in proto_svid.cert_chain)
-        key_der = key.private_bytes(
-            serialization.Encoding.DER,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-        try:
-            return X509Svid.parse(chain, key_der)
-        except CredoError as exc:
-            raise AttestationRejected(f"server returned an unusable agent SVID: {exc}") from None
-
-    # --- channels ------------------------------------------------------------------------
-
-    def _install(self, svid: X509Svid, authorities: tuple[x509.Certificate, ...]) -> None:
-        """Use ``svid`` and ``authorities`` from now on; old channels retire after a grace."""
-        if svid is not self._svid:
-            self._svid_received_at = self._clock()
-        self._svid = svid
-        self._authorities = authorities
-        for channel in self._channels.values():
-            self._retire(channel)
-        self._channels.clear()
-        self._verified.clear()
-        self._changed.set()
-        self._changed = asyncio.Event()
-
-    def _retire(self, channel: grpc.aio.Channel) -> None:
-        task = asyncio.get_running_loop().create_task(channel.close(grace=_CHANNEL_RETIRE_GRACE))
-        self._retiring.add(task)
-        task.add_done_callback(self._retiring.discard)
-
-    async def stub(self) -> Any:
-        """An ``Agent`` stub on the mTLS channel to the current server address.
-
-        Raises :class:`ServerUnreachable` when the server fails identity verification.
-        """
-        address = self.address
-        channel = self._channels.get(address)
-        if channel is None:
-            if address not in self._verified:
-                await asyncio.to_thread(
-                    verify_server_identity, address, self._authorities, self.server_id
-                )
-                self._verified.add(address)
-            svid = self.svid
-            credentials = grpc.ssl_channel_credentials(
-                root_certificates=_pem(self._authorities),
-                private_key=svid.marshal_key_pem(),
-                certificate_chain=svid.marshal_chain_pem(),
-            )
-            channel = grpc.aio.secure_channel(
-                address,
-                credentials,
-                options=[
-                    ("grpc.ssl_target_name_override", _TARGET_NAME),
-                    ("grpc.keepalive_time_ms", 30_000),
-                    ("grpc.keepalive_timeout_ms", 10_000),
-                    ("grpc.http2.max_pings_without_data", 0),
-                    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-                    ("grpc.max_send_message_length", 64 * 1024 * 1024),
-                ],
-            )
-            self._channels[address] = channel
-        return agent_pb2_grpc.AgentStub(channel)
-
-    def credentials_changed(self) -> asyncio.Event:
-        """An event set the next time the SVID or trust bundle is replaced."""
-        return self._changed
+    # --- the trust bundle ----------------------------------------------------------------
 
     def set_authorities(
         self,
@@ -467,57 +274,32 @@ class AgentSession:
             "trust bundle changed; rebuilding server channels",
             extra={"authorities": len(authorities)},
         )
-        self._install(self.svid, authorities)
-
-    def raise_if_banned(self, err: BaseException) -> None:
-        """If ``err`` says the agent is banned: delete the stored SVID and raise AgentBanned."""
-        action = ban_action(err)
-        if action is not None:
-            agent_id = str(self._svid.spiffe_id) if self._svid else "(unknown)"
-            self.store.delete()
-            log.error(
-                f"agent was {action} by the server; stored SVID deleted",
-                extra={"spiffe_id": agent_id, "server": self.address},
-            )
-            raise AgentBanned(agent_id, action) from None
+        self._install(self.svid, authorities, received_at=None)
 
     # --- renewal -------------------------------------------------------------------------
 
-    def renew_at(self) -> float:
-        """Unix time at which the agent SVID reaches half its lifetime."""
-        leaf = self.svid.leaf
-        start = leaf.not_valid_before_utc.timestamp()
-        end = leaf.not_valid_after_utc.timestamp()
-        if self._svid_received_at is not None:
-            # The server backdates NotBefore; with a short TTL half of NotAfter-NotBefore can
-            # fall before the SVID arrived (a renewal loop), so count from its arrival.
-            start = max(start, min(self._svid_received_at, end))
-        return start + (end - start) / 2
-
     async def renew(self) -> None:
-        """Renew the agent SVID for a new key via RenewAgent; store it; rebuild channels."""
+        """A new agent SVID for a new key (re-attesting when the attestor may); store it."""
+        if self.attestor.can_reattest:
+            await self.attest(self._authorities)
+            return
         key = generate_private_key()
-        stub = await self.stub()
-        try:
-            response = await stub.RenewAgent(
-                agent_pb2.RenewAgentRequest(csr=make_csr(key)), timeout=self.config.rpc_timeout
-            )
-        except grpc.aio.AioRpcError as exc:
-            self.raise_if_banned(exc)
-            raise
-        svid = self._svid_from_response(response.svid, key)
+        svid = await self.client.renew(key)
         await asyncio.to_thread(self.store.save_svid, svid)
-        self._install(svid, self._authorities)
+        self._install(svid, self._authorities, received_at=self._clock())
         log.info(
             "agent SVID renewed",
             extra={"spiffe_id": str(svid.spiffe_id), "expires_at": svid.expires_at.isoformat()},
         )
 
     async def run_renewal(self) -> None:
-        """Renew the agent SVID at half-life, forever; retries failures with backoff."""
-        delay = 1.0
+        """Renew the agent SVID when due, forever; retry failures with the client's backoff.
+
+        Only :class:`~node_agent.errors.AgentRemoved` (a ban) escapes.
+        """
+        backoff = self.client.backoff()
         while True:
-            wait = self.renew_at() - self._clock()
+            wait = self._renew_at - self._clock()
             if wait > 0 and not self._renew_now.is_set():
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(wait):
@@ -525,25 +307,15 @@ class AgentSession:
             try:
                 await self.renew()
                 self._renew_now.clear()
-                delay = 1.0
-            except (grpc.aio.AioRpcError, ServerUnreachable, AttestationRejected) as exc:
-                text = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
+                backoff.reset()
+            except (ServerClientError, AttestationRejected) as exc:
+                delay = backoff.next()
                 log.warning(
                     "agent SVID renewal failed; retrying",
-                    extra={"server": self.address, "error": text, "retry_in": round(delay, 1)},
+                    extra={
+                        "server": self.client.address,
+                        "error": str(exc),
+                        "retry_in": round(delay, 1),
+                    },
                 )
-                self.failover()
-                await asyncio.sleep(delay * random.uniform(0.8, 1.2))
-                delay = min(delay * 2, 30.0)
-
-    async def close(self) -> None:
-        """Close every channel."""
-        for channel in self._channels.values():
-            with contextlib.suppress(Exception):
-                await channel.close(grace=None)
-        self._channels.clear()
-        for task in list(self._retiring):
-            task.cancel()
-        for task in list(self._retiring):
-            with contextlib.suppress(BaseException):
-                await task
+                await asyncio.sleep(delay)

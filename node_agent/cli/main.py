@@ -11,24 +11,24 @@ Every failure is one ``Error: ...`` line on stderr and exit code 1, never a trac
 
 from __future__ import annotations
 
-import errno
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from credo.errors import CredoError
+from credo._cli import CliGroup
 from node_agent.config import LOG_FORMATS, LOG_LEVELS, AgentConfig, load_config
+from node_agent.workload_api.admin import check_health
 
 __all__ = ["cli", "main"]
 
 _DEFAULT_ADMIN_SOCKET = str(AgentConfig.admin_socket)
 
-# Every AgentConfig setting as (flag, setting, click type, help); defaults live in AgentConfig.
+# Every scalar AgentConfig setting as (flag, setting, click type, help); defaults live in
+# AgentConfig. Plugin tables ([agent.node_attestor.*], [agent.workload_attestor.*]) are
+# config-file only.
 SETTING_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
     ("--trust-domain", "trust_domain", str, "Trust domain name [default: example.org]."),
     (
@@ -68,19 +68,20 @@ SETTING_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
         "--workload-size-limit",
         "workload_size_limit",
         int,
-        "Largest binary hashed for unix:sha256, bytes; 0 = no limit, <0 = never [default: 64 MiB].",
+        "Deprecated: set workload_size_limit in [agent.workload_attestor.unix]. Largest binary "
+        "hashed for unix:sha256, bytes; 0 = no limit, <0 = never [default: 64 MiB].",
     ),
     (
         "--sync-backoff-min",
         "sync_backoff_min",
         float,
-        "Sync reconnect backoff start, s [default: 0.2].",
+        "Backoff of sync reconnects and every retry to the server: start, s [default: 0.2].",
     ),
     (
         "--sync-backoff-max",
         "sync_backoff_max",
         float,
-        "Sync reconnect backoff cap, s [default: 30].",
+        "Backoff of sync reconnects and every retry to the server: cap, s [default: 30].",
     ),
     (
         "--svid-wait-timeout",
@@ -91,33 +92,7 @@ SETTING_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
 )
 
 
-class CliError(click.ClickException):
-    """A failure to report as one line on stderr with exit code 1."""
-
-    exit_code = 1
-
-    def __init__(self, message: str) -> None:
-        super().__init__(" ".join(str(message).split()))
-
-
-class _AgentGroup(click.Group):
-    """A click group that reports expected failures as one line, never a traceback."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except CredoError as exc:
-            raise CliError(str(exc)) from None
-        except OSError as exc:
-            if exc.errno == errno.EPIPE:
-                raise
-            reason = exc.strerror or str(exc)
-            raise CliError(f"{reason}: {exc.filename}" if exc.filename else reason) from None
-        except ValueError as exc:
-            raise CliError(str(exc)) from None
-
-
-@click.group(cls=_AgentGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=CliGroup, context_settings={"help_option_names": ["-h", "--help"]})
 def cli() -> None:
     """Credo node agent: attests local workloads and serves them SPIFFE identities."""
 
@@ -134,7 +109,8 @@ def _setting_options(f: Callable[..., Any]) -> Callable[..., Any]:
     "config_file",
     type=click.Path(dir_okay=False),
     default=None,
-    help="TOML config file ([agent] table or top level); flags override it.",
+    help="TOML config file ([agent] table or top level, plugin tables "
+    "[agent.node_attestor.<name>] and [agent.workload_attestor.<name>]); flags override it.",
 )
 @click.option(
     "--server-address",
@@ -154,10 +130,7 @@ def run(config_file: str | None, server_addresses: tuple[str, ...], **flags: Any
     overrides = {name: value for name, value in flags.items() if value is not None}
     if server_addresses:
         overrides["server_addresses"] = server_addresses
-    try:
-        config = load_config(Path(config_file) if config_file else None, overrides)
-    except ValueError as exc:
-        raise CliError(str(exc)) from None
+    config = load_config(Path(config_file) if config_file else None, overrides)
     from node_agent.app import run as run_agent
 
     sys.exit(run_agent(config))
@@ -174,19 +147,7 @@ def run(config_file: str | None, server_addresses: tuple[str, ...], **flags: Any
 @click.option("--timeout", type=float, default=5.0, show_default=True, help="Seconds to wait.")
 def healthcheck(admin_socket: str, timeout: float) -> None:
     """Check that the agent is up and serving; exit 1 if not."""
-    target = f"unix://{Path(admin_socket).expanduser().resolve()}"
-    with grpc.insecure_channel(target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        try:
-            reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
-        except grpc.RpcError as exc:
-            code = exc.code().name if hasattr(exc, "code") else "UNKNOWN"
-            raise CliError(
-                f"agent is unhealthy: cannot reach its admin socket {admin_socket} ({code})"
-            ) from None
-    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-    if reply.status != health_pb2.HealthCheckResponse.SERVING:
-        raise CliError(f"agent is unhealthy: status {status}")
+    check_health(admin_socket, timeout)
     click.echo("agent is healthy")
 
 

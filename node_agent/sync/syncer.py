@@ -2,55 +2,49 @@
 
 The first message of a stream is the full authorized set (or, when resuming, the changes
 after ``resume_after_event_id``; the server may answer a resume with a full set). On any
-error the stream is reopened from the last event id after an exponential backoff with
-jitter, failing over round-robin between the server addresses. A ban ends the agent.
+error the stream is reopened from the last event id after the server client's backoff
+(exponential, jitter, cap), moving on to the next server address. A ban ends the agent.
+The stream itself, its messages and its errors are the server client's
+(:meth:`node_agent.server_client.ServerClient.sync`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import random
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, Protocol
+from collections.abc import AsyncIterator, Mapping
+from typing import Protocol
 
-import grpc
 from cryptography import x509
 
-from credo._proto.credo.server.v1 import agent_pb2
-from node_agent.attestation.errors import ServerUnreachable
-from node_agent.sync.entries import Entry, SyncState, TrustBundles
+from node_agent._wait import wait_event
+from node_agent.errors import ServerClientError, ServerUnreachable
+from node_agent.server_client import Backoff
+from node_agent.sync.entries import RegistrationEntry, SyncMessage, SyncState, TrustBundles
 
-__all__ = ["Backoff", "EntrySyncer", "SyncListener", "SyncSession", "SyncerConfig", "wait_event"]
+__all__ = ["EntrySyncer", "SyncClient", "SyncListener", "TrustListener"]
 
 log = logging.getLogger(__name__)
 
 
-class SyncSession(Protocol):
-    """What the syncer needs from the agent's session with the servers."""
+class SyncClient(Protocol):
+    """What the syncer needs from the server client."""
 
     @property
     def address(self) -> str:
         """The server address calls currently go to."""
         ...
 
-    async def stub(self) -> Any:
-        """An ``Agent`` stub on a channel to the current server."""
+    def sync(self, resume_after_event_id: int = 0) -> AsyncIterator[SyncMessage]:
+        """The stream of sync messages from the current server."""
         ...
 
-    def failover(self) -> str:
+    def failover(self, error: str = "") -> str:
         """Move to the next server address."""
         ...
 
-    def raise_if_banned(self, err: BaseException) -> None:
-        """Raise AgentBanned when ``err`` says the agent is banned."""
-        ...
-
-    def set_authorities(
-        self, authorities: tuple[x509.Certificate, ...], tainted: frozenset[bytes] = ...
-    ) -> None:
-        """Trust these X.509 authorities for the server from now on (DER of tainted ones)."""
+    def backoff(self) -> Backoff:
+        """A fresh backoff for one retry loop."""
         ...
 
     def credentials_changed(self) -> asyncio.Event:
@@ -61,7 +55,7 @@ class SyncSession(Protocol):
 class SyncListener(Protocol):
     """Receives the synced state (the SVID cache)."""
 
-    def update_entries(self, entries: Mapping[str, Entry]) -> None:
+    def update_entries(self, entries: Mapping[str, RegistrationEntry]) -> None:
         """The full current entry set (a copy the listener may keep)."""
         ...
 
@@ -74,99 +68,63 @@ class SyncListener(Protocol):
         ...
 
 
-@dataclass(frozen=True)
-class SyncerConfig:
-    """Backoff bounds of the reconnect loop, in seconds."""
+class TrustListener(Protocol):
+    """Receives the X.509 authorities to trust for the server (the agent session)."""
 
-    backoff_min: float = 0.2
-    backoff_max: float = 30.0
-
-
-async def wait_event(event: asyncio.Event, timeout: float) -> bool:
-    """Wait until ``event`` is set or ``timeout`` seconds pass; True if it was set.
-
-    Uses :func:`asyncio.timeout`, not :func:`asyncio.wait_for`: on Python 3.11 ``wait_for``
-    can swallow a cancellation that arrives as the event fires, and the task never stops.
-    """
-    try:
-        async with asyncio.timeout(max(0.0, timeout)):
-            await event.wait()
-    except TimeoutError:
-        return False
-    return True
-
-
-class Backoff:
-    """Exponential backoff with full jitter between ``low`` and ``high`` seconds."""
-
-    def __init__(self, low: float, high: float) -> None:
-        self.low = low
-        self.high = high
-        self._attempt = 0
-
-    def next(self) -> float:
-        """The delay before the next attempt (grows x2 per failure, ±20% jitter, capped)."""
-        base = min(self.high, self.low * 2.0 ** min(self._attempt, 64))
-        self._attempt += 1
-        return float(min(self.high, base * random.uniform(0.8, 1.2)))
-
-    def reset(self) -> None:
-        """Start again from ``low`` (after a success)."""
-        self._attempt = 0
+    def set_authorities(
+        self, authorities: tuple[x509.Certificate, ...], tainted: frozenset[bytes] = ...
+    ) -> None:
+        """Trust these X.509 authorities for the server from now on (DER of tainted ones)."""
+        ...
 
 
 class EntrySyncer:
     """Holds the entry stream open for the agent's whole life."""
 
-    def __init__(
-        self, session: SyncSession, listener: SyncListener, config: SyncerConfig | None = None
-    ) -> None:
-        self.session = session
+    def __init__(self, client: SyncClient, listener: SyncListener, trust: TrustListener) -> None:
+        self.client = client
         self.listener = listener
-        self.config = config or SyncerConfig()
+        self.trust = trust
         self.state = SyncState()
         self.synced = asyncio.Event()
         """Set once the first full set has been applied."""
 
     async def run(self) -> None:
-        """Sync forever; only :class:`~node_agent.attestation.errors.AgentBanned` escapes."""
-        backoff = Backoff(self.config.backoff_min, self.config.backoff_max)
+        """Sync forever; only :class:`~node_agent.errors.AgentRemoved` (a ban) escapes."""
+        backoff = self.client.backoff()
         while True:
+            address = self.client.address
             try:
                 await self._stream_once(backoff)
                 error = "stream ended by the server"
-            except grpc.aio.AioRpcError as exc:
-                self.session.raise_if_banned(exc)
-                error = f"{exc.code().name}: {exc.details()}"
+                self.client.failover(error)
             except ServerUnreachable as exc:
+                error = str(exc)  # the client has already moved on to the next address
+            except ServerClientError as exc:
                 error = str(exc)
+                self.client.failover(error)
             self.listener.set_connected(False)
             delay = backoff.next()
             log.warning(
                 "entry sync stream lost; reconnecting",
                 extra={
-                    "server": self.session.address,
+                    "server": address,
                     "error": error,
                     "retry_in": round(delay, 2),
                     "last_event_id": self.state.last_event_id,
                 },
             )
-            self.session.failover()
-            changed = self.session.credentials_changed()
+            changed = self.client.credentials_changed()
             # A new SVID or bundle is worth retrying at once; otherwise wait out the backoff.
             await wait_event(changed, delay)
 
     async def _stream_once(self, backoff: Backoff) -> None:
-        stub = await self.session.stub()
-        call = stub.SyncEntries(
-            agent_pb2.SyncEntriesRequest(resume_after_event_id=self.state.last_event_id)
-        )
         first = True
         entries_pending = False
-        async for message in call:
+        async for message in self.client.sync(self.state.last_event_id):
             entries_changed, bundles_changed = self.state.apply(message)
             if bundles_changed and self.state.bundles is not None:
-                self.session.set_authorities(
+                self.trust.set_authorities(
                     self.state.bundles.bundle.x509_authorities, self.state.bundles.tainted_x509
                 )
                 self.listener.update_bundles(self.state.bundles)
@@ -183,7 +141,7 @@ class EntrySyncer:
                 log.info(
                     "entry sync stream open",
                     extra={
-                        "server": self.session.address,
+                        "server": self.client.address,
                         "full": message.full,
                         "entries": len(self.state.entries),
                         "event_id": self.state.last_event_id,

@@ -33,6 +33,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from credo.errors import ConfigError
 from credo.selector import Selector
 from node_agent.workload.errors import AttestationFailed
 
@@ -59,6 +60,11 @@ class UnixAttestorConfig:
     discover_workload_path: bool = True
     workload_size_limit: int = DEFAULT_WORKLOAD_SIZE_LIMIT
     proc_root: str = "/proc"
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the first bad field of the TOML table."""
+        if not os.path.isabs(self.proc_root):
+            raise ConfigError(f"proc_root: must be an absolute path, got {self.proc_root!r}")
 
 
 class UnixAttestor:

@@ -6,13 +6,12 @@ one place where failures become a single ``Error: ...`` line and exit code 1.
 
 from __future__ import annotations
 
-import errno
 from typing import Any
 
 import click
 import grpc
 
-from credo.errors import CredoError
+from credo._cli import CliGroup
 from server.cli.agent import agent
 from server.cli.bundle import bundle
 from server.cli.client import describe_rpc_error
@@ -28,15 +27,8 @@ from server.cli.x509 import x509
 __all__ = ["cli", "main"]
 
 
-def _os_error_message(exc: OSError) -> str:
-    reason = exc.strerror or str(exc)
-    if exc.filename is not None:
-        return f"{reason}: {exc.filename}"
-    return reason
-
-
-class CredoGroup(click.Group):
-    """A click group that reports expected failures as one line, never a traceback."""
+class CredoGroup(CliGroup):
+    """The shared one-line error wrapper, plus the admin API's RPC errors described."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -44,14 +36,6 @@ class CredoGroup(click.Group):
         except grpc.RpcError as exc:
             socket_path = str(ctx.find_root().params.get("socket_path") or "the admin socket")
             raise CliError(describe_rpc_error(exc, socket_path)) from None
-        except CredoError as exc:
-            raise CliError(str(exc)) from None
-        except OSError as exc:
-            if exc.errno == errno.EPIPE:
-                raise
-            raise CliError(_os_error_message(exc)) from None
-        except ValueError as exc:
-            raise CliError(str(exc)) from None
 
 
 @click.group(cls=CredoGroup, context_settings={"help_option_names": ["-h", "--help"]})

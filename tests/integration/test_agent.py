@@ -1,8 +1,10 @@
 """`credo-agent run` as a real process, joined to a real `credo-server run`, used the way
-users use it: the server CLI to register entries, py-spiffe's WorkloadApiClient to fetch."""
+users use it: the server CLI to register entries, py-spiffe's WorkloadApiClient to fetch,
+and a config file naming the attestors in plugin tables."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import queue
 import shutil
@@ -180,3 +182,73 @@ def test_banned_agent_deletes_its_svid_and_exits(
     assert "was banned by the server; its SVID was deleted" in agent.logs
     assert not (agent.data_dir / "agent_svid.pem").exists()
     assert not (agent.data_dir / "agent_key.pem").exists()
+
+
+# --- an agent configured by plugin tables ------------------------------------------------
+
+EXE = os.readlink("/proc/self/exe")
+
+
+def _configured_agent(server: ServerProcess, bundle: Path, root: Path, config: str) -> AgentProcess:
+    """``credo-agent run --config <root>/agent.toml`` holding ``config``, with a fresh token."""
+    path = root / "agent.toml"
+    path.write_text(config)
+    return AgentProcess(
+        root, server.address, bundle, _token(server), flags={"config": path}
+    ).start()
+
+
+def _path_and_digest_entries(server: ServerProcess, agent: AgentProcess) -> tuple[str, str]:
+    """An entry needing the executable's path, and one needing its digest; the digest one
+    is created first, so it has reached the agent whenever the path one has."""
+    digest = hashlib.sha256(Path(EXE).read_bytes()).hexdigest()
+    by_digest = f"spiffe://{TD}/by-digest"
+    by_path = f"spiffe://{TD}/by-path"
+    _create_entry(server, agent.spiffe_id, by_digest, UID_SELECTOR, f"unix:sha256:{digest}")
+    _create_entry(server, agent.spiffe_id, by_path, UID_SELECTOR, f"unix:path:{EXE}")
+    return by_path, by_digest
+
+
+def test_attestors_named_in_plugin_tables_are_the_ones_used(
+    server: ServerProcess, bundle: Path, short_root: Path
+) -> None:
+    """An agent whose file names [agent.node_attestor.join_token] and
+    [agent.workload_attestor.unix] (hashing off) attests with its join token and serves the
+    identity its unix selectors match, and not the one needing a digest it may not compute."""
+    agent = _configured_agent(
+        server,
+        bundle,
+        short_root,
+        "[agent]\n"
+        'log_format = "json"\n'
+        "[agent.node_attestor.join_token]\n"
+        "[agent.workload_attestor.unix]\n"
+        "discover_workload_path = true\n"
+        "workload_size_limit = -1\n",
+    )
+    try:
+        by_path, _ = _path_and_digest_entries(server, agent)
+        assert wait_for(lambda: agent.fetch_ids(), 30, "the SVID") == [by_path]
+        assert agent.fetch_ids() == [by_path]
+        assert '"node_attestor": "join_token"' in agent.logs
+        assert '"workload_attestors": "unix"' in agent.logs
+        assert "deprecated" not in agent.logs
+    finally:
+        agent.stop()
+
+
+def test_flat_workload_size_limit_still_applies_and_warns(
+    server: ServerProcess, bundle: Path, short_root: Path
+) -> None:
+    """The pre-table flat key still sets the unix attestor's limit, and the agent warns at
+    start where the key moved."""
+    agent = _configured_agent(server, bundle, short_root, "[agent]\nworkload_size_limit = -1\n")
+    try:
+        by_path, _ = _path_and_digest_entries(server, agent)
+        assert wait_for(lambda: agent.fetch_ids(), 30, "the SVID") == [by_path]
+        assert (
+            "workload_size_limit is deprecated: set it in [agent.workload_attestor.unix]"
+            in agent.logs
+        )
+    finally:
+        agent.stop()

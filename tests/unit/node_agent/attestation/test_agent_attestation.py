@@ -4,24 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import stat
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
-from agent_fake_server import FakeAgentServer
+from agent_fake_server import FakeAgentServer, make_client
 from cryptography.hazmat.primitives import serialization
 
+from credo._renewal import RENEWAL_JITTER
 from credo.keys import generate_private_key
 from credo.spiffe_id import TrustDomain
 from credo.x509svid import X509Svid
-from node_agent.attestation.errors import (
-    AgentBanned,
-    AttestationRejected,
-    NoAgentCredentials,
-    ServerUnreachable,
-)
+from node_agent.attestation.errors import AttestationRejected, NoAgentCredentials
+from node_agent.attestation.join_token import JoinTokenAttestor, JoinTokenConfig
 from node_agent.attestation.session import AgentSession, SessionConfig
 from node_agent.attestation.store import SvidStore
+from node_agent.errors import AgentBanned, ServerUnreachable
 
 TD = TrustDomain.parse("example.org")
 
@@ -41,15 +40,18 @@ def _bundle_file(server: FakeAgentServer, tmp_path: Path) -> Path:
     return path
 
 
-def _session(address: str, tmp_path: Path, **settings: object) -> AgentSession:
+def _session(
+    address: str, tmp_path: Path, join_token: str | None = None, **settings: object
+) -> AgentSession:
+    """A session as the agent builds it: real store, real server client, join-token attestor."""
+    store = SvidStore(tmp_path / "data")
     config = SessionConfig(
-        server_addresses=(address,),
         trust_domain=TD,
-        data_dir=tmp_path / "data",
         attest_retry_timeout=0.3,
         **settings,  # type: ignore[arg-type]
     )
-    return AgentSession(config)
+    client = make_client(address, forget_agent_svid=store.delete)
+    return AgentSession(config, client, JoinTokenAttestor(JoinTokenConfig(), join_token), store)
 
 
 def test_attests_with_join_token_and_stores_svid_0600(tmp_path: Path) -> None:
@@ -70,7 +72,7 @@ def test_attests_with_join_token_and_stores_svid_0600(tmp_path: Path) -> None:
         stored = store.load()
         assert stored is not None and stored.svid.spiffe_id == session.agent_id
         assert stored.authorities == (server.authorities[0].cert,)
-        await session.close()
+        await session.client.close()
         await server.stop()
 
     run(scenario)
@@ -86,12 +88,12 @@ def test_restart_resumes_with_stored_svid_without_token(tmp_path: Path) -> None:
         bundle = _bundle_file(server, tmp_path)
         first = _session(address, tmp_path, trust_bundle=bundle, join_token="tok-2")
         await first.start()
-        await first.close()
+        await first.client.close()
         again = _session(address, tmp_path, trust_bundle=bundle)
         await again.start()
         assert again.agent_id == first.agent_id
         assert server.attest_calls == 1
-        await again.close()
+        await again.client.close()
         await server.stop()
 
     run(scenario)
@@ -178,7 +180,7 @@ def test_insecure_bootstrap_attests_without_bundle(
         session = _session(address, tmp_path, insecure_bootstrap=True, join_token="tok-4")
         await session.start()
         assert session.authorities == (server.authorities[0].cert,)
-        await session.close()
+        await session.client.close()
         await server.stop()
 
     run(scenario)
@@ -197,17 +199,24 @@ def test_renewal_uses_a_new_key_and_stores_it(tmp_path: Path) -> None:
         )
         await session.start()
         before = session.svid
+        asked = time.time()
         await session.renew()
+        answered = time.time()
         after = session.svid
         assert server.renew_calls == 1
         assert after.leaf.serial_number != before.leaf.serial_number
         assert after.marshal_key_der() != before.marshal_key_der()
         stored = SvidStore(tmp_path / "data").load()
         assert stored is not None and stored.svid.leaf == after.leaf
-        start = after.leaf.not_valid_before_utc.timestamp()
+        not_before = after.leaf.not_valid_before_utc.timestamp()
         end = after.leaf.not_valid_after_utc.timestamp()
-        assert session.renew_at() == pytest.approx(start + (end - start) / 2)
-        await session.close()
+        # Half-life +-10%, like every SVID, counted from when the SVID arrived (some time
+        # between `asked` and `answered`): bound renew_at for both extremes.
+        earliest, latest = max(not_before, asked), max(not_before, answered)
+        low = earliest + (end - earliest) / 2 * (1 - RENEWAL_JITTER)
+        high = latest + (end - latest) / 2 * (1 + RENEWAL_JITTER)
+        assert low <= session.renew_at() <= high
+        await session.client.close()
         await server.stop()
 
     run(scenario)
@@ -230,7 +239,7 @@ def test_ban_deletes_stored_svid_and_raises(tmp_path: Path) -> None:
         store = SvidStore(tmp_path / "data")
         assert not store.svid_path.exists()
         assert not store.key_path.exists()
-        await session.close()
+        await session.client.close()
         await server.stop()
 
     run(scenario)
@@ -251,3 +260,44 @@ def test_store_ignores_mismatched_or_partial_files(tmp_path: Path) -> None:
     (tmp_path / "bundle.pem").write_bytes(b"")
     assert store.load() is None
     assert not isinstance(store.load(), X509Svid)
+
+
+class _AttestsAgain:
+    """A node attestor whose data may be sent more than once (as k8s_psat's will be)."""
+
+    type = "join_token"
+    can_reattest = True
+
+    def __init__(self, *tokens: str) -> None:
+        self._tokens = list(tokens)
+
+    async def payload(self) -> bytes:
+        return self._tokens.pop(0).encode()
+
+
+def test_attestor_that_may_attest_again_renews_by_attesting(tmp_path: Path) -> None:
+    """With a node attestor that may attest again, renewal attests again for a new key
+    (SPIRE's re-attestation) instead of calling RenewAgent; the new SVID is stored."""
+
+    async def scenario() -> None:
+        server = FakeAgentServer()
+        server.join_tokens.update({"first", "second"})
+        address = await server.start(tls=True)
+        store = SvidStore(tmp_path / "data")
+        session = AgentSession(
+            SessionConfig(trust_domain=TD, trust_bundle=_bundle_file(server, tmp_path)),
+            make_client(address, forget_agent_svid=store.delete),
+            _AttestsAgain("first", "second"),
+            store,
+        )
+        await session.start()
+        before = session.svid
+        await session.renew()
+        assert (server.attest_calls, server.renew_calls) == (2, 0)
+        assert session.svid.marshal_key_der() != before.marshal_key_der()
+        stored = store.load()
+        assert stored is not None and stored.svid.leaf == session.svid.leaf
+        await session.client.close()
+        await server.stop()
+
+    run(scenario)

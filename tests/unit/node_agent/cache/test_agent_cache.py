@@ -10,15 +10,16 @@ from typing import Any
 import pytest
 from agent_fake_server import (
     FakeAgentServer,
-    InsecureClient,
     RunningAgent,
+    attested_client,
     make_authority,
     wait_until,
 )
 
 from credo.selector import Selector
-from node_agent.attestation.errors import AgentBanned
 from node_agent.cache.manager import MAX_BATCH
+from node_agent.errors import AgentBanned
+from node_agent.server_client import ServerClient
 
 UID = frozenset({Selector("unix", "uid:1000"), Selector("unix", "gid:1000")})
 
@@ -32,10 +33,10 @@ def run(scenario: Callable[[], Awaitable[None]], timeout: float = 30.0) -> None:
     asyncio.run(bounded())
 
 
-async def _started(**server_settings: Any) -> tuple[FakeAgentServer, InsecureClient]:
+async def _started(**server_settings: Any) -> tuple[FakeAgentServer, ServerClient]:
     server = FakeAgentServer(**server_settings)
-    address = await server.start()
-    return server, InsecureClient(address)
+    await server.start()
+    return server, attested_client(server)
 
 
 def test_csrs_are_sent_in_batches_of_at_most_500() -> None:
@@ -154,7 +155,7 @@ def test_first_update_waits_for_pending_svids() -> None:
         async with RunningAgent(server, client, svid_wait_timeout=5) as agent:
             sub = agent.cache.subscribe(UID)
             server.create_entry("spiffe://example.org/late", ["unix:uid:1000"])
-            await wait_until(lambda: bool(agent.cache._served))
+            await wait_until(lambda: bool(agent.cache.served))
             update = await sub.next()
             assert [str(i.spiffe_id) for i in update.identities] == ["spiffe://example.org/late"]
             sub.close()

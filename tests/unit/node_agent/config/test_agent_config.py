@@ -91,3 +91,19 @@ def test_config_is_frozen() -> None:
     config = AgentConfig(server_addresses=("h:1",))
     with pytest.raises(AttributeError):
         config.trust_domain = "x"  # type: ignore[misc]
+
+
+def test_every_scalar_setting_has_a_flag_and_plugin_tables_have_none() -> None:
+    """Each scalar AgentConfig setting is a `credo-agent run` flag; plugin tables are not."""
+    import dataclasses
+
+    import click
+
+    from node_agent.cli.main import cli
+
+    run = cli.commands["run"]
+    assert isinstance(run, click.Command)
+    flags = {p.name for p in run.params} - {"config_file"}
+    settings = {f.name for f in dataclasses.fields(AgentConfig)}
+    plugin_tables = {"node_attestor", "workload_attestor"}
+    assert flags == (settings - plugin_tables - {"deprecations"}) | {"workload_size_limit"}

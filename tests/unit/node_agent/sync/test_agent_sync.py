@@ -7,23 +7,30 @@ import contextlib
 from collections.abc import Awaitable, Callable, Mapping
 
 import pytest
-from agent_fake_server import FakeAgentServer, InsecureClient, wait_until
+from agent_fake_server import (
+    FakeAgentServer,
+    TrustRecorder,
+    attested_client,
+    wait_until,
+)
 
-from credo._proto.credo.server.v1 import agent_pb2, types_pb2
-from node_agent.attestation.errors import AgentBanned
-from node_agent.sync.entries import Entry, SyncState, TrustBundles
-from node_agent.sync.syncer import Backoff, EntrySyncer, SyncerConfig
+from credo.selector import Selector
+from credo.spiffe_id import SpiffeId
+from node_agent.errors import AgentBanned
+from node_agent.server_client import ServerClient
+from node_agent.sync.entries import RegistrationEntry, SyncMessage, SyncState, TrustBundles
+from node_agent.sync.syncer import EntrySyncer
 
 
 class Recorder:
     """A SyncListener that keeps what it was handed."""
 
     def __init__(self) -> None:
-        self.entry_sets: list[dict[str, Entry]] = []
+        self.entry_sets: list[dict[str, RegistrationEntry]] = []
         self.bundles: list[TrustBundles] = []
         self.connected = False
 
-    def update_entries(self, entries: Mapping[str, Entry]) -> None:
+    def update_entries(self, entries: Mapping[str, RegistrationEntry]) -> None:
         self.entry_sets.append(dict(entries))
 
     def update_bundles(self, bundles: TrustBundles) -> None:
@@ -33,7 +40,7 @@ class Recorder:
         self.connected = connected
 
     @property
-    def entries(self) -> dict[str, Entry]:
+    def entries(self) -> dict[str, RegistrationEntry]:
         return self.entry_sets[-1] if self.entry_sets else {}
 
 
@@ -52,8 +59,8 @@ async def _cancel(task: asyncio.Task[None]) -> None:
         await task
 
 
-def _syncer(client: InsecureClient, recorder: Recorder) -> EntrySyncer:
-    return EntrySyncer(client, recorder, SyncerConfig(backoff_min=0.05, backoff_max=0.2))
+def _syncer(client: ServerClient, recorder: Recorder) -> EntrySyncer:
+    return EntrySyncer(client, recorder, TrustRecorder())
 
 
 def test_full_set_then_incremental_changes() -> None:
@@ -61,7 +68,8 @@ def test_full_set_then_incremental_changes() -> None:
 
     async def scenario() -> None:
         server = FakeAgentServer()
-        client = InsecureClient(await server.start())
+        await server.start()
+        client = attested_client(server)
         keep = server.create_entry("spiffe://example.org/a", ["unix:uid:1"])
         recorder = Recorder()
         syncer = _syncer(client, recorder)
@@ -89,7 +97,8 @@ def test_reconnect_resumes_from_last_event_id() -> None:
 
     async def scenario() -> None:
         server = FakeAgentServer()
-        client = InsecureClient(await server.start())
+        await server.start()
+        client = attested_client(server)
         server.create_entry("spiffe://example.org/a", ["unix:uid:1"])
         recorder = Recorder()
         syncer = _syncer(client, recorder)
@@ -116,7 +125,8 @@ def test_full_resync_when_server_cannot_resume() -> None:
 
     async def scenario() -> None:
         server = FakeAgentServer()
-        client = InsecureClient(await server.start())
+        await server.start()
+        client = attested_client(server)
         a = server.create_entry("spiffe://example.org/a", ["unix:uid:1"])
         b = server.create_entry("spiffe://example.org/b", ["unix:uid:2"])
         recorder = Recorder()
@@ -137,7 +147,7 @@ def test_full_resync_when_server_cannot_resume() -> None:
     run(scenario)
 
 
-def test_fails_over_to_the_next_server_address() -> None:
+def test_fails_over_to_the_next_server_address(caplog: pytest.LogCaptureFixture) -> None:
     """When the first address does not answer, the syncer moves on to the next one."""
 
     async def scenario() -> None:
@@ -147,19 +157,20 @@ def test_fails_over_to_the_next_server_address() -> None:
         server = FakeAgentServer()
         live_address = await server.start()
         server.create_entry("spiffe://example.org/a", ["unix:uid:1"])
-        client = InsecureClient(dead_address, live_address)
+        client = attested_client(server, dead_address, live_address)
         recorder = Recorder()
         syncer = _syncer(client, recorder)
         task = asyncio.create_task(syncer.run())
         await asyncio.wait_for(syncer.synced.wait(), 5)
         assert client.address == live_address
-        assert client.failovers >= 1
         assert len(recorder.entries) == 1
         await _cancel(task)
         await client.close()
         await server.stop()
 
+    caplog.set_level("INFO", logger="node_agent.server_client")
     run(scenario)
+    assert "failing over to next server" in caplog.text
 
 
 def test_ban_ends_sync_with_agent_banned() -> None:
@@ -167,7 +178,8 @@ def test_ban_ends_sync_with_agent_banned() -> None:
 
     async def scenario() -> None:
         server = FakeAgentServer()
-        client = InsecureClient(await server.start())
+        await server.start()
+        client = attested_client(server)
         server.banned = True
         syncer = _syncer(client, Recorder())
         with pytest.raises(AgentBanned, match="banned by the server"):
@@ -178,25 +190,12 @@ def test_ban_ends_sync_with_agent_banned() -> None:
     run(scenario)
 
 
-def test_backoff_grows_exponentially_with_jitter_and_is_capped() -> None:
-    """Backoff delays double per failure within ±20% jitter, never exceed the cap, and reset."""
-    backoff = Backoff(0.2, 30.0)
-    delays = [backoff.next() for _ in range(12)]
-    for attempt, delay in enumerate(delays[:7]):
-        base = 0.2 * 2**attempt
-        assert 0.8 * base <= delay <= 1.2 * base
-    assert all(d <= 30.0 for d in delays)
-    assert delays[-1] >= 0.8 * 30.0
-    backoff.reset()
-    assert backoff.next() <= 0.24
-
-
-def _entry(entry_id: str) -> types_pb2.RegistrationEntry:
-    return types_pb2.RegistrationEntry(
+def _entry(entry_id: str) -> RegistrationEntry:
+    return RegistrationEntry(
         id=entry_id,
-        spiffe_id=f"spiffe://example.org/{entry_id}",
+        spiffe_id=SpiffeId.parse(f"spiffe://example.org/{entry_id}"),
         parent_id="spiffe://example.org/agent",
-        selectors=[types_pb2.Selector(type="unix", value="uid:1")],
+        selectors=frozenset({Selector("unix", "uid:1")}),
     )
 
 
@@ -204,12 +203,12 @@ def test_split_full_set_is_complete_only_at_its_last_message() -> None:
     """A full set split over messages is resumable only once its last part arrives."""
     state = SyncState()
     state.last_event_id = 7
-    state.apply(agent_pb2.SyncEntriesResponse(event_id=0, full=True, entries=[_entry("a")]))
+    state.apply(SyncMessage(event_id=0, full=True, entries=(_entry("a"),)))
     assert not state.complete
     assert state.last_event_id == 0
-    state.apply(agent_pb2.SyncEntriesResponse(event_id=0, entries=[_entry("b")]))
+    state.apply(SyncMessage(event_id=0, entries=(_entry("b"),)))
     assert not state.complete
-    state.apply(agent_pb2.SyncEntriesResponse(event_id=12, entries=[_entry("c")]))
+    state.apply(SyncMessage(event_id=12, entries=(_entry("c"),)))
     assert state.complete
     assert state.last_event_id == 12
     assert set(state.entries) == {"a", "b", "c"}

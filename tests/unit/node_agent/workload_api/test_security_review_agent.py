@@ -8,13 +8,13 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from credo.spiffe_id import SpiffeId, TrustDomain
 from node_agent.cache.manager import CacheConfig, CacheManager
+from node_agent.server_client import Backoff, BackoffPolicy, IssuedJwtSvid, X509SvidResult
 from node_agent.workload import peer as peer_module
 from node_agent.workload.errors import PeerChanged
 from node_agent.workload.peer import PeerCredentials, PeerProcess
@@ -83,45 +83,35 @@ def test_ensure_same_process_detects_gid_change(monkeypatch: pytest.MonkeyPatch)
 # --- JWT-SVID cache keyed by workload-chosen audiences -----------------------------------
 
 
-class _JwtStub:
+class _Client:
+    """The server client as the cache sees it: signs any JWT-SVID asked for."""
+
     def __init__(self) -> None:
         self.calls = 0
-
-    async def NewJWTSVID(self, request: Any, timeout: float | None = None) -> Any:
-        self.calls += 1
-        now = time.time()
-        return SimpleNamespace(
-            svid=SimpleNamespace(
-                token=f"token-{self.calls}", issued_at=int(now), expires_at=int(now) + 300
-            )
-        )
-
-
-class _Client:
-    def __init__(self) -> None:
-        self.stub_obj = _JwtStub()
 
     @property
     def agent_id(self) -> SpiffeId:
         return SpiffeId.parse("spiffe://example.org/credo/agent/join_token/x")
 
-    async def stub(self) -> Any:
-        return self.stub_obj
+    def backoff(self) -> Backoff:
+        return Backoff(BackoffPolicy())
 
-    def raise_if_banned(self, err: BaseException) -> None:
-        pass
+    async def batch_new_x509_svid(self, csrs: Any) -> list[X509SvidResult]:
+        raise AssertionError("not used")
 
-    def failover(self) -> str:
-        return "x"
+    async def new_jwt_svid(self, entry_id: str, audience: Any) -> IssuedJwtSvid:
+        self.calls += 1
+        now = time.time()
+        return IssuedJwtSvid(f"token-{self.calls}", int(now), int(now) + 300)
 
 
 def test_jwt_cache_is_bounded_for_attacker_chosen_audiences() -> None:
     """A workload asking for many distinct audiences cannot grow the agent's memory."""
 
     async def scenario() -> None:
+        client = _Client()
         cache = CacheManager(
-            CacheConfig(trust_domain=TrustDomain("example.org"), jwt_cache_max_size=10),
-            _Client(),
+            CacheConfig(trust_domain=TrustDomain("example.org"), jwt_cache_max_size=10), client
         )
         identity = Identity(
             "entry-1",
@@ -130,12 +120,12 @@ def test_jwt_cache_is_bounded_for_attacker_chosen_audiences() -> None:
         )
         for i in range(100):
             await cache.fetch_jwt_svid(identity, (f"aud-{i}",))
-        assert len(cache._jwts) <= 10
-        assert not cache._jwt_locks
+        assert len(cache.jwt_svids) <= 10
+        assert cache.jwt_svids.in_flight == 0
         # The most recent ones are still served from the cache.
-        calls = cache._client.stub_obj.calls  # type: ignore[attr-defined]
+        calls = client.calls
         await cache.fetch_jwt_svid(identity, ("aud-99",))
-        assert cache._client.stub_obj.calls == calls  # type: ignore[attr-defined]
+        assert client.calls == calls
 
     asyncio.run(scenario())
 

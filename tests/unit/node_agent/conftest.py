@@ -1,4 +1,5 @@
-"""Load the fake signing server under a unique module name for these tests."""
+"""Load the fake signing server (agent_fake_server.py) under a unique module name, for every
+node-agent test that talks to a server."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 if "agent_fake_server" not in sys.modules:
     _spec = importlib.util.spec_from_file_location(
-        "agent_fake_server", Path(__file__).parent.parent / "cache" / "agent_fake_server.py"
+        "agent_fake_server", Path(__file__).with_name("agent_fake_server.py")
     )
     assert _spec is not None and _spec.loader is not None
     _module = importlib.util.module_from_spec(_spec)

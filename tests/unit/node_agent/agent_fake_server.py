@@ -1,10 +1,12 @@
 """A fake signing server for node-agent unit tests: a real in-process ``grpc.aio`` Agent
-servicer that signs with credo, plus an insecure-channel client standing in for the
-agent's mTLS session.
+servicer over TLS that signs with credo, and helpers that point the agent's real
+:class:`~node_agent.server_client.ServerClient` at it.
 
 It keeps entries and an event log, pushes changes to open ``SyncEntries`` streams, signs
 CSRs with a CA of its own (no backdating, so short TTLs renew quickly), and can be told
-to ban the agent, taint or remove an authority, or fail calls.
+to ban the agent, refuse calls with a status and a ``credo-refusal`` reason, taint or
+remove an authority, or fail calls. With ``require_client_auth`` it records the serial of
+the client certificate of every mTLS call.
 """
 
 from __future__ import annotations
@@ -22,13 +24,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
 from credo._proto.credo.server.v1 import agent_pb2, agent_pb2_grpc, types_pb2
+from credo._protocol import REFUSAL_KEY
 from credo._reserved import SERVER_TLS_NAME
 from credo.jwtsvid import sign_jwt_svid
-from credo.keys import PrivateKey, generate_private_key
+from credo.keys import PrivateKey, generate_private_key, private_key_to_pkcs8_pem
 from credo.spiffe_id import SpiffeId, TrustDomain
-from credo.x509svid import ca_certificate_template, x509_svid_template
-from node_agent.attestation.errors import AgentBanned
-from node_agent.attestation.session import is_banned
+from credo.x509svid import X509Svid, ca_certificate_template, x509_svid_template
+from node_agent.server_client import BackoffPolicy, ServerClient, ServerClientConfig
 
 TD = TrustDomain.parse("example.org")
 AGENT_ID = SpiffeId.parse("spiffe://example.org/credo/agent/join_token/test")
@@ -68,14 +70,27 @@ class FakeState:
 class FakeAgentServer(agent_pb2_grpc.AgentServicer):
     """The ``Agent`` service, in memory."""
 
-    def __init__(self, x509_ttl: float = 3600.0, jwt_ttl: float = 300.0) -> None:
+    def __init__(
+        self,
+        x509_ttl: float = 3600.0,
+        jwt_ttl: float = 300.0,
+        *,
+        name: str = "server",
+        journal: list[str] | None = None,
+    ) -> None:
         self.x509_ttl = x509_ttl
+        self.name = name
+        # Shared by several fakes: the names of the servers called, in call order.
+        self.journal = journal
         self.jwt_ttl = jwt_ttl
         self.authorities = [make_authority()]
         self.jwt_key = generate_private_key()
         self.jwt_tainted = False
         self.state = FakeState()
         self.banned = False
+        # (status, message, credo-refusal value or None): every mTLS call is refused so.
+        self.refuse: tuple[grpc.StatusCode, str, str | None] | None = None
+        self.client_serials: list[int] = []
         self.can_resume = True
         self.fail_batch: grpc.StatusCode | None = None
         self._streams: list[asyncio.Queue[agent_pb2.SyncEntriesResponse | None]] = []
@@ -92,13 +107,22 @@ class FakeAgentServer(agent_pb2_grpc.AgentServicer):
 
     # --- control ------------------------------------------------------------------
 
-    async def start(self, port: int = 0, *, tls: bool = False) -> str:
-        """Serve on 127.0.0.1; with ``tls`` present :meth:`server_svid_pem` (no client auth)."""
+    async def start(
+        self, port: int = 0, *, tls: bool = True, require_client_auth: bool = False
+    ) -> str:
+        """Serve on 127.0.0.1; with ``tls`` present :meth:`server_svid_pem`, and with
+        ``require_client_auth`` demand a client certificate from the fake CA."""
         self.server = grpc.aio.server()
         agent_pb2_grpc.add_AgentServicer_to_server(self, self.server)
         if tls:
             key_pem, chain_pem = self.server_svid_pem()
-            credentials = grpc.ssl_server_credentials([(key_pem, chain_pem)])
+            credentials = grpc.ssl_server_credentials(
+                [(key_pem, chain_pem)],
+                root_certificates=self.authorities[0].cert.public_bytes(serialization.Encoding.PEM)
+                if require_client_auth
+                else None,
+                require_client_auth=require_client_auth,
+            )
             bound = self.server.add_secure_port(f"127.0.0.1:{port}", credentials)
         else:
             bound = self.server.add_insecure_port(f"127.0.0.1:{port}")
@@ -164,6 +188,15 @@ class FakeAgentServer(agent_pb2_grpc.AgentServicer):
             cert_chain=[cert.public_bytes(serialization.Encoding.DER)],
             expires_at=int(cert.not_valid_after_utc.timestamp()),
         )
+
+    def agent_svid(self, spiffe_id: SpiffeId = AGENT_ID) -> X509Svid:
+        """A fresh agent SVID (and key) signed by the fake CA, as attestation would give."""
+        key = generate_private_key()
+        csr = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([]))
+        proto = self._sign_agent(
+            str(spiffe_id), csr.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
+        )
+        return X509Svid.parse(b"".join(proto.cert_chain), private_key_to_pkcs8_pem(key))
 
     def signing_authority(self) -> Authority:
         return next((a for a in reversed(self.authorities) if not a.tainted), self.authorities[-1])
@@ -245,11 +278,27 @@ class FakeAgentServer(agent_pb2_grpc.AgentServicer):
     # --- Agent service ----------------------------------------------------------------
 
     async def _check_ban(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        """What the real server checks on every mTLS call: records the client certificate,
+        refuses a banned agent (in words only, as servers before credo-refusal did) and
+        applies ``refuse``."""
+        pem = context.auth_context().get("x509_pem_cert")
+        if pem:
+            self.client_serials.append(x509.load_pem_x509_certificate(pem[0]).serial_number)
         if self.banned:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, "agent is banned")
+        await self._refuse(context)
+
+    async def _refuse(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        if self.journal is not None:
+            self.journal.append(self.name)
+        if self.refuse is not None:
+            code, message, reason = self.refuse
+            metadata = ((REFUSAL_KEY, reason),) if reason is not None else ()
+            await context.abort(code, message, trailing_metadata=metadata)
 
     async def AttestAgent(self, request: Any, context: Any) -> Any:
         self.attest_calls += 1
+        await self._refuse(context)
         token = request.attestation_data.payload.decode()
         if request.attestation_data.type != "join_token" or token not in self.join_tokens:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, "join token is unknown or used")
@@ -329,6 +378,10 @@ class FakeAgentServer(agent_pb2_grpc.AgentServicer):
             )
         return agent_pb2.BatchNewX509SVIDResponse(results=results)
 
+    async def GetBundle(self, request: Any, context: Any) -> Any:
+        await self._check_ban(context)
+        return agent_pb2.GetBundleResponse(bundle=self.bundle_proto())
+
     async def NewJWTSVID(self, request: Any, context: Any) -> Any:
         await self._check_ban(context)
         self.state.jwt_calls += 1
@@ -353,68 +406,59 @@ class FakeAgentServer(agent_pb2_grpc.AgentServicer):
         )
 
 
-class InsecureClient:
-    """The agent's session, over plaintext channels to the fake server(s)."""
+FAST_BACKOFF = BackoffPolicy(initial=0.05, cap=0.5)
 
-    def __init__(self, *addresses: str) -> None:
-        self.addresses = list(addresses)
-        self.index = 0
-        self._channels: dict[str, grpc.aio.Channel] = {}
+
+def make_client(
+    *addresses: str,
+    backoff: BackoffPolicy = FAST_BACKOFF,
+    forget_agent_svid: Any = lambda: None,
+) -> ServerClient:
+    """The agent's real server client for ``addresses`` (no credentials yet)."""
+    return ServerClient(
+        ServerClientConfig(server_addresses=addresses, trust_domain=TD, backoff=backoff),
+        forget_agent_svid=forget_agent_svid,
+    )
+
+
+def attested_client(server: FakeAgentServer, *addresses: str, **settings: Any) -> ServerClient:
+    """A real server client holding an agent SVID from ``server``'s CA, as after attestation;
+    it calls ``addresses`` (default: the server's own)."""
+    client = make_client(*(addresses or (server.address,)), **settings)
+    client.set_credentials(server.agent_svid(), (server.authorities[0].cert,))
+    return client
+
+
+class TrustRecorder:
+    """Stands in for the agent session as the syncer's trust listener: keeps what it gets
+    (and leaves the client's channels alone, so a test may replace the fake's CA)."""
+
+    def __init__(self) -> None:
         self.authorities: tuple[x509.Certificate, ...] = ()
-        self._changed = asyncio.Event()
-        self.failovers = 0
-
-    @property
-    def agent_id(self) -> SpiffeId:
-        return AGENT_ID
-
-    @property
-    def address(self) -> str:
-        return self.addresses[self.index % len(self.addresses)]
-
-    async def stub(self) -> Any:
-        address = self.address
-        if address not in self._channels:
-            self._channels[address] = grpc.aio.insecure_channel(address)
-        return agent_pb2_grpc.AgentStub(self._channels[address])
-
-    def failover(self) -> str:
-        self.failovers += 1
-        self.index += 1
-        return self.address
-
-    def raise_if_banned(self, err: BaseException) -> None:
-        if is_banned(err):
-            raise AgentBanned(str(AGENT_ID))
+        self.tainted: frozenset[bytes] = frozenset()
 
     def set_authorities(
         self, authorities: tuple[x509.Certificate, ...], tainted: frozenset[bytes] = frozenset()
     ) -> None:
         self.authorities = authorities
-
-    def credentials_changed(self) -> asyncio.Event:
-        return self._changed
-
-    async def close(self) -> None:
-        for channel in self._channels.values():
-            await channel.close(None)
+        self.tainted = tainted
 
 
 class RunningAgent:
-    """A cache manager fed by a real syncer, both running against a fake server."""
+    """A cache manager fed by a real syncer, both running on the real server client
+    against a fake server."""
 
     def __init__(
-        self, server: FakeAgentServer, client: InsecureClient, **cache_settings: Any
+        self, server: FakeAgentServer, client: ServerClient, **cache_settings: Any
     ) -> None:
         from node_agent.cache.manager import CacheConfig, CacheManager
-        from node_agent.sync.syncer import EntrySyncer, SyncerConfig
+        from node_agent.sync.syncer import EntrySyncer
 
         self.server = server
         self.client = client
+        self.trust = TrustRecorder()
         self.cache = CacheManager(CacheConfig(trust_domain=TD, **cache_settings), client)
-        self.syncer = EntrySyncer(
-            client, self.cache, SyncerConfig(backoff_min=0.05, backoff_max=0.5)
-        )
+        self.syncer = EntrySyncer(client, self.cache, self.trust)
         self._tasks: list[asyncio.Task[None]] = []
 
     async def __aenter__(self) -> RunningAgent:
