@@ -1,6 +1,6 @@
 """Benchmark: X.509-SVIDs signed per second, against raw ECDSA P-256 signatures per second.
 
-Run: ``python benchmarks/svid_sign.py [--json] [--seconds N]``.
+Run: ``./scripts/bench svid_sign [--json] [--seconds N]``.
 
 * ``credo_svids_per_s`` — workload leaf X509-SVIDs signed by a P-256 CA the way the server
   signs them: :func:`server.ca.ca.build_workload_svid` with the CA's leaf signer (the
