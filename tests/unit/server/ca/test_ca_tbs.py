@@ -349,6 +349,23 @@ def test_first_leaf_of_each_key_kind_is_built_then_templated() -> None:
     assert made == [False, True, False, True]
 
 
+def test_template_serials_are_random_128_bit_numbers_like_the_builders() -> None:
+    """Serials the template picks are 128 bits with the top bit set and never repeat, like
+    the ones credo.x509svid picks for the builder."""
+    ca = authority("ec-p256-root")
+    leaf_signer = signer("ec-p256-root")
+    public_key = workload_key("ec-p256", 0)
+    serials = [
+        x509.load_der_x509_certificate(
+            leaf_signer.sign(WORKLOAD, public_key, timedelta(hours=1), (), NOW).der
+        ).serial_number
+        for _ in range(64)
+    ]
+    built = _builder_leaf(ca, WORKLOAD, public_key, timedelta(hours=1), (), NOW, None)
+    assert {s.bit_length() for s in serials} == {built.serial_number.bit_length()} == {128}
+    assert len(set(serials)) == len(serials)
+
+
 def test_changed_certificate_shape_keeps_the_builder(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
