@@ -66,9 +66,8 @@ class BuildSign:
         self.td = TrustDomain(TRUST_DOMAIN)
         self.ca_key = generate_private_key()
         self.ca_cert = ca_certificate_template(
-            self.td, self.ca_key.public_key(), not_before=now,
-            not_after=now + timedelta(days=1),
-        ).sign(self.ca_key, hashes.SHA256())  # fmt: skip
+            self.td, self.ca_key.public_key(), not_before=now, not_after=now + timedelta(days=1)
+        ).sign(self.ca_key, hashes.SHA256())
         self.ca = X509CA("bench", self.ca_cert, self.ca_key)
         self.spiffe_id = SpiffeId.parse(f"spiffe://{TRUST_DOMAIN}/bench/workload")
         self.public_key = generate_private_key().public_key()
@@ -85,9 +84,11 @@ class BuildSign:
                 self.spiffe_id, self.public_key, ca_cert=self.ca_cert, ca_key=self.ca_key, ttl=ttl
             )
         middle = time.perf_counter()
+        signer = self.ca.leaf_signer
         for _ in range(n):
-            build_workload_svid(self.td, self.ca.leaf_signer, self.spiffe_id, self.public_key,
-                                3600, (), datetime.now(UTC))  # fmt: skip
+            build_workload_svid(
+                self.td, signer, self.spiffe_id, self.public_key, 3600, (), datetime.now(UTC)
+            )
         self.spent[0] += middle - started
         self.spent[1] += time.perf_counter() - middle
         self.count += n
