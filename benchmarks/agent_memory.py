@@ -37,12 +37,12 @@ from _common import (
     log,
     report,
     rss_mb,
-    wait_until,
+    wait_for,
 )
 
 TARGETS = [("rss_mb_1000_svids", "<=", 150.0)]
 SETTLE = 2.0
-_CACHED = re.compile(r'msg="X509-SVIDs issued".*\bcached=(\d+)')
+_CACHED = re.compile(r"X509-SVIDs issued\b.*\bcached=(\d+)")
 
 
 def _cached(logs: str) -> int:
@@ -68,7 +68,7 @@ def run(svids: int) -> dict[str, float]:
         idle = _settled_rss(agent.pid)
         log(f"idle agent: {idle:.1f} MiB; creating {svids} entries")
         entries = [
-            entry_proto(f"spiffe://{TRUST_DOMAIN}/bench/mem-{i}", agent.agent_id,
+            entry_proto(f"spiffe://{TRUST_DOMAIN}/bench/mem-{i}", agent.spiffe_id,
                         [f"unix:uid:{uid}", f"unix:gid:{100000 + i}"])
             for i in range(svids)
         ]  # fmt: skip
@@ -78,12 +78,12 @@ def run(svids: int) -> dict[str, float]:
 
         def full() -> bool:
             agent.check_alive()
-            return _cached(agent.logs()) >= svids
+            return _cached(agent.logs) >= svids
 
-        wait_until(full, 80, f"the agent to cache {svids} SVIDs", interval=0.1)
+        wait_for(full, 80, f"the agent to cache {svids} SVIDs", interval=0.1)
         fill = time.perf_counter() - started
         loaded = _settled_rss(agent.pid)
-        if _cached(agent.logs()) < svids:
+        if _cached(agent.logs) < svids:
             raise RuntimeError("the agent's cache shrank while settling")
         log(f"{svids} SVIDs cached in {fill:.1f}s: {loaded:.1f} MiB")
     return {

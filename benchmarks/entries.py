@@ -149,14 +149,11 @@ def run(count: int, batch: int, total: int, starts: int) -> dict[str, float]:
         log("reference: raw sqlite3 executemany")
         reference = sqlite_reference(ws.root, count, batch)
 
-        empty = ServerProcess(ws.root, "empty")
-        ws.adopt(empty)
-        start_empty = empty.start()
+        empty = ws.start_server("empty")
+        start_empty = empty.start_seconds
         empty.stop()
 
-        server = ServerProcess(ws.root, "server", log_level="info")
-        ws.adopt(server)
-        server.start()
+        server = ws.start_server("server", log_level="info")
         log(f"creating {count} entries through the admin API, batches of {batch}")
         create_rate = measure_create(server, count, batch)
         server.stop()
@@ -165,10 +162,10 @@ def run(count: int, batch: int, total: int, starts: int) -> dict[str, float]:
         top_up(server.datastore_path, count, total)
         start_times = []
         for n in range(starts):
-            start_times.append(server.start())
+            start_times.append(server.start().start_seconds)
             log(f"start {n + 1}/{starts} with {total} entries: {start_times[-1]:.2f}s")
             server.stop()
-        logs = server.logs()
+        logs = server.logs
     return {
         "create_per_s": round(create_rate, 1),
         "start_100k_s": round(statistics.median(start_times), 3),

@@ -126,15 +126,15 @@ def run(changes: int) -> dict[str, float]:
     with Workspace() as ws:
         server = ws.start_server()
         agent = ws.start_agent(server)
-        log(f"agent {agent.agent_id} serving on {agent.socket}")
+        log(f"agent {agent.spiffe_id} serving on {agent.socket}")
         with server.admin_channel() as admin:
             base = f"spiffe://{TRUST_DOMAIN}/bench/base"
-            create_entries(admin, [entry_proto(base, agent.agent_id, [selector])])
-            watcher = _open_stream(agent.workload_target, base)
+            create_entries(admin, [entry_proto(base, agent.spiffe_id, [selector])])
+            watcher = _open_stream(agent.endpoint, base)
             try:
                 # warm-up change (not counted): connections, code paths, caches
                 warm = f"spiffe://{TRUST_DOMAIN}/bench/warm"
-                (warm_id,) = create_entries(admin, [entry_proto(warm, agent.agent_id, [selector])])
+                (warm_id,) = create_entries(admin, [entry_proto(warm, agent.spiffe_id, [selector])])
                 watcher.wait_for(lambda ids: warm in ids, CHANGE_TIMEOUT, "the warm-up entry")
                 delete_entries(admin, [warm_id])
                 watcher.wait_for(lambda ids: warm not in ids, CHANGE_TIMEOUT, "the warm-up delete")
@@ -144,7 +144,7 @@ def run(changes: int) -> dict[str, float]:
                 create_lat: list[float] = []
                 for i in range(changes):
                     spiffe_id = f"spiffe://{TRUST_DOMAIN}/bench/change-{i}"
-                    proto = entry_proto(spiffe_id, agent.agent_id, [selector])
+                    proto = entry_proto(spiffe_id, agent.spiffe_id, [selector])
                     started = time.perf_counter()
                     (entry_id,) = create_entries(admin, [proto])
                     seen = watcher.wait_for(

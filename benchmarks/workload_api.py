@@ -47,7 +47,7 @@ from _common import (
     log,
     percentile,
     report,
-    wait_until,
+    wait_for,
 )
 
 TARGETS = [("ratio_p99_100", "<=", 3.0)]
@@ -79,7 +79,7 @@ class EchoProcess(ManagedProcess):
     kind = "echo server"
 
     def __init__(self, root: Path) -> None:
-        super().__init__(root / "echo.log")
+        super().__init__(root / "echo.log", die_with_parent=True)
         self.socket = root / "echo.sock"
 
     def start(self) -> None:
@@ -89,7 +89,7 @@ class EchoProcess(ManagedProcess):
             self.check_alive()
             return self.socket.exists()
 
-        wait_until(up, 30, "the echo server")
+        wait_for(up, 30, "the echo server")
 
 
 # --- clients -----------------------------------------------------------------------------
@@ -159,14 +159,14 @@ def run(samples_1: int, rounds: int) -> dict[str, float]:
         with server.admin_channel() as admin:
             create_entries(
                 admin,
-                [entry_proto(f"spiffe://{TRUST_DOMAIN}/bench/workload", agent.agent_id,
+                [entry_proto(f"spiffe://{TRUST_DOMAIN}/bench/workload", agent.spiffe_id,
                              [f"unix:uid:{uid}"])],
             )  # fmt: skip
         echo = EchoProcess(ws.root)
         ws.adopt(echo)
         echo.start()
-        asyncio.run(_first_fetch(agent.workload_target))
-        lat = asyncio.run(_measure(agent.workload_target, f"unix:{echo.socket}", samples_1, rounds))
+        asyncio.run(_first_fetch(agent.endpoint))
+        lat = asyncio.run(_measure(agent.endpoint, f"unix:{echo.socket}", samples_1, rounds))
         agent.check_alive()
         echo.check_alive()
     p99_100 = percentile(lat["agent_100"], 99)

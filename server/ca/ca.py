@@ -20,6 +20,7 @@ metrics without this module importing a metrics library.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -38,6 +39,7 @@ from credo.spiffe_id import SpiffeId, TrustDomain
 from credo.x509svid import signature_hash_for
 from server.ca import templates
 from server.ca.errors import InvalidAuthorityState
+from server.ca.tbs import SignedLeaf, WorkloadSvidSigner
 
 __all__ = [
     "SIGN_JWT",
@@ -84,6 +86,12 @@ class X509CA:
     certificate: x509.Certificate
     private_key: PrivateKey = field(repr=False)
     upstream_chain: tuple[x509.Certificate, ...] = ()
+    leaf_signer: WorkloadSvidSigner = field(init=False, repr=False, compare=False)
+    """Signs this CA's workload leaves (:mod:`server.ca.tbs`)."""
+
+    def __post_init__(self) -> None:
+        signer = WorkloadSvidSigner(self.certificate, self.private_key)
+        object.__setattr__(self, "leaf_signer", signer)
 
     @property
     def self_signed(self) -> bool:
@@ -114,25 +122,28 @@ class JwtKey:
 
 def build_workload_svid(
     trust_domain: TrustDomain,
-    ca_certificate: x509.Certificate,
-    ca_key: PrivateKey,
+    signer: WorkloadSvidSigner,
     spiffe_id: SpiffeId,
     public_key: PublicKey,
     ttl: int,
     dns_names: Sequence[str],
     now: datetime,
-) -> x509.Certificate:
-    """Build and sign a workload X509-SVID leaf: the one implementation of its contents.
+) -> SignedLeaf:
+    """Sign a workload X509-SVID leaf with ``signer`` (the issuing CA's
+    :attr:`X509CA.leaf_signer`): the one implementation of its contents.
 
     Used by :meth:`CertificateAuthority.sign_x509_svid` and by the signing worker
     processes (:mod:`server.ca.pool`), so both paths hand out identical certificates.
     """
     if spiffe_id.trust_domain != trust_domain:
         raise InvalidSpiffeId(str(spiffe_id), f"not in trust domain {trust_domain}; cannot sign it")
-    builder = templates.workload_svid_template(
-        spiffe_id, dns_names, public_key, ca_certificate, timedelta(seconds=ttl), now
-    )
-    return builder.sign(ca_key, signature_hash_for(ca_key))
+    return signer.sign(spiffe_id, public_key, _ttl(ttl), dns_names, now)
+
+
+@functools.lru_cache(maxsize=64)
+def _ttl(seconds: int) -> timedelta:
+    """``timedelta(seconds=seconds)``, cached: entries share a handful of TTLs."""
+    return timedelta(seconds=seconds)
 
 
 def _public(key: PublicKey | PrivateKey) -> PublicKey:
@@ -233,15 +244,16 @@ class CertificateAuthority:
         self, kind: str, ca: X509CA, leaf: x509.Certificate, started: float
     ) -> list[x509.Certificate]:
         self._notify(kind, started)
-        log.debug(
-            "signed x509-svid",
-            extra={
-                "sign_kind": kind,
-                "serial": format(leaf.serial_number, "x"),
-                "authority_id": ca.authority_id,
-                "expires_at": leaf.not_valid_after_utc.isoformat(),
-            },
-        )
+        if log.isEnabledFor(logging.DEBUG):  # the fields cost more than a fast-path signature
+            log.debug(
+                "signed x509-svid",
+                extra={
+                    "sign_kind": kind,
+                    "serial": format(leaf.serial_number, "x"),
+                    "authority_id": ca.authority_id,
+                    "expires_at": leaf.not_valid_after_utc.isoformat(),
+                },
+            )
         return [leaf, *ca.chain]
 
     def sign_x509_svid(
@@ -255,16 +267,16 @@ class CertificateAuthority:
         started = time.perf_counter()
         self._check_member(spiffe_id)
         ca = self._active_x509()
-        leaf = build_workload_svid(
+        signed = build_workload_svid(
             self.trust_domain,
-            ca.certificate,
-            ca.private_key,
+            ca.leaf_signer,
             spiffe_id,
             public_key,
             ttl,
             dns_names,
             self._clock(),
         )
+        leaf = x509.load_der_x509_certificate(signed.der)
         return self._signed(SIGN_X509_WORKLOAD, ca, leaf, started)
 
     def sign_agent_svid(

@@ -2,16 +2,17 @@
 
 pyca/cryptography holds the GIL while it verifies and signs, so threads bring no
 parallelism; this pool spreads a batch over ``workers`` processes instead. Each worker
-checks the CSR signature, extracts its public key and builds + signs the leaf with
-:func:`server.ca.ca.build_workload_svid` (the same function the in-process path uses,
-so both hand out identical certificates).
+checks the CSR signature, extracts its public key and signs the leaf with
+:func:`server.ca.ca.build_workload_svid` (the same function and template the in-process
+path uses, so both hand out identical certificates).
 
 * Workers are started with ``forkserver`` (``spawn`` where that is unavailable), never
   ``fork``: the server process runs gRPC and asyncio threads.
 * Private keys never cross the pipe. A task carries the CA certificate (DER), the
   authority id, the key id and the :class:`~server.ca.keymanager.DiskKeyManager`
-  directory; each worker loads the key itself and caches it per authority id, so a
-  rotation (a new authority id) makes it load the new key.
+  directory; each worker loads the key itself and caches it, with its
+  :class:`~server.ca.tbs.WorkloadSvidSigner`, per authority id, so a rotation (a new
+  authority id) makes it load the new key.
 * A batch is split into one chunk per worker; the results come back as leaf DER plus
   NotAfter, or an error kind and message per item. The caller builds the response and
   appends the CA chain.
@@ -44,11 +45,11 @@ from typing import Final
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from credo.keys import PrivateKey
 from credo.spiffe_id import SpiffeId, TrustDomain
 from server.ca.ca import X509CA, build_workload_svid
 from server.ca.errors import CaError, PoolUnavailable
 from server.ca.keymanager import read_key_file
+from server.ca.tbs import WorkloadSvidSigner
 
 __all__ = [
     "ERROR_CA",
@@ -109,7 +110,7 @@ class _Authority:
 
 # --- worker side ------------------------------------------------------------------------
 
-_loaded: OrderedDict[str, tuple[TrustDomain, x509.Certificate, PrivateKey]] = OrderedDict()
+_loaded: OrderedDict[str, tuple[TrustDomain, WorkloadSvidSigner]] = OrderedDict()
 
 
 def _watch_server(server_pid: int) -> None:
@@ -148,8 +149,8 @@ def _warm() -> int:
     return os.getpid()
 
 
-def _authority(spec: _Authority) -> tuple[TrustDomain, x509.Certificate, PrivateKey]:
-    """The authority's certificate and key, loaded from the key directory once per id."""
+def _authority(spec: _Authority) -> tuple[TrustDomain, WorkloadSvidSigner]:
+    """The authority's leaf signer (certificate and key), loaded once per id."""
     cached = _loaded.get(spec.authority_id)
     if cached is not None:
         _loaded.move_to_end(spec.authority_id)
@@ -162,7 +163,7 @@ def _authority(spec: _Authority) -> tuple[TrustDomain, x509.Certificate, Private
     der = serialization.Encoding.DER
     if key.public_key().public_bytes(der, spki) != cert.public_key().public_bytes(der, spki):
         raise _KeyUnavailable(f"key {spec.key_id!r} does not match authority {spec.authority_id!r}")
-    loaded = (TrustDomain.parse(spec.trust_domain), cert, key)
+    loaded = (TrustDomain.parse(spec.trust_domain), WorkloadSvidSigner(cert, key))
     _loaded[spec.authority_id] = loaded
     while len(_loaded) > _MAX_CACHED_AUTHORITIES:
         _loaded.popitem(last=False)
@@ -175,7 +176,7 @@ def _sign_chunk(spec: _Authority, now: datetime, items: list[SignItem]) -> list[
     # graph stays CA -> nothing in server.api.
     from server.api.convert import parse_csr
 
-    trust_domain, cert, key = _authority(spec)
+    trust_domain, signer = _authority(spec)
     ids: dict[str, SpiffeId] = {}
     out: list[ItemResult] = []
     for field, csr, spiffe_id_text, dns_names, ttl in items:
@@ -185,21 +186,14 @@ def _sign_chunk(spec: _Authority, now: datetime, items: list[SignItem]) -> list[
             if spiffe_id is None:
                 spiffe_id = ids[spiffe_id_text] = SpiffeId.parse(spiffe_id_text)
             leaf = build_workload_svid(
-                trust_domain, cert, key, spiffe_id, public_key, ttl, dns_names, now
+                trust_domain, signer, spiffe_id, public_key, ttl, dns_names, now
             )
         except CaError as err:
             out.append((None, 0, ERROR_CA, str(err)))
         except ValueError as err:
             out.append((None, 0, ERROR_INVALID, str(err)))
         else:
-            out.append(
-                (
-                    leaf.public_bytes(serialization.Encoding.DER),
-                    int(leaf.not_valid_after_utc.timestamp()),
-                    "",
-                    "",
-                )
-            )
+            out.append((leaf.der, leaf.not_after, "", ""))
     return out
 
 

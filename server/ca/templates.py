@@ -30,21 +30,29 @@ __all__ = [
     "DEFAULT_SERVER_DNS_NAMES",
     "agent_svid_template",
     "ca_template",
+    "leaf_window",
     "server_svid_template",
     "workload_svid_template",
 ]
 
 # SERVER_TLS_NAME is what agents verify (see credo._reserved); localhost is for local tools.
 DEFAULT_SERVER_DNS_NAMES: tuple[str, ...] = (SERVER_TLS_NAME, "localhost")
+_NO_TIME = timedelta(0)
+
+
+def leaf_window(ca_not_after: datetime, ttl: timedelta, now: datetime) -> tuple[datetime, datetime]:
+    """NotBefore (backdated) and NotAfter (capped at ``ca_not_after``) for a leaf signed at
+    ``now``."""
+    if ttl <= _NO_TIME:
+        raise ValueError(f"ttl is {ttl}; expected a positive duration")
+    return now - BACKDATE, min(now + ttl, ca_not_after)
 
 
 def _leaf_window(
     ca_cert: x509.Certificate, ttl: timedelta, now: datetime
 ) -> tuple[datetime, datetime]:
-    """NotBefore (backdated) and NotAfter (capped at the CA's) for a leaf signed at ``now``."""
-    if ttl <= timedelta(0):
-        raise ValueError(f"ttl is {ttl}; expected a positive duration")
-    return now - BACKDATE, min(now + ttl, ca_cert.not_valid_after_utc)
+    """:func:`leaf_window` under ``ca_cert``."""
+    return leaf_window(ca_cert.not_valid_after_utc, ttl, now)
 
 
 def workload_svid_template(
@@ -54,8 +62,13 @@ def workload_svid_template(
     ca_cert: x509.Certificate,
     ttl: timedelta,
     now: datetime,
+    serial_number: int | None = None,
 ) -> x509.CertificateBuilder:
-    """The X509-SVID for a registration entry's ``spiffe_id`` and ``dns_names``."""
+    """The X509-SVID for a registration entry's ``spiffe_id`` and ``dns_names``.
+
+    :mod:`server.ca.tbs` encodes the same certificate from a per-CA template; keep the two
+    in step (its tests compare them).
+    """
     not_before, not_after = _leaf_window(ca_cert, ttl, now)
     return x509_svid_template(
         spiffe_id,
@@ -63,6 +76,7 @@ def workload_svid_template(
         issuer=ca_cert,
         not_before=not_before,
         not_after=not_after,
+        serial_number=serial_number,
         dns_names=tuple(dns_names),
     )
 

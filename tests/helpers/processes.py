@@ -1,8 +1,9 @@
-"""Real Credo processes for integration tests, driven the way users drive them.
+"""Real Credo processes, driven the way users drive them: the one harness for the
+integration tests and the benchmarks (``benchmarks/_common.py`` builds on it).
 
 ``start_server(tmp_path, **flags)`` runs ``credo-server run`` on a temp data dir, a
-temp admin socket and ``--bind-address 127.0.0.1:0``, waits until its gRPC health
-service says SERVING, and returns a :class:`ServerProcess`::
+temp admin socket and ``--bind-address 127.0.0.1:0``, waits until it serves, and returns a
+:class:`ServerProcess`::
 
     with start_server(tmp_path, x509_svid_ttl="10s") as server:
         server.cli_json("entry", "count")        # runs `credo-server entry count --output json`
@@ -11,25 +12,36 @@ service says SERVING, and returns a :class:`ServerProcess`::
         server.kill()                            # SIGKILL (e.g. mid-rotation), then .start()
         server.logs                              # everything it wrote to stdout/stderr
 
+Serving means: gRPC health SERVING on the admin socket, ``server.addr`` written, and the
+agent port accepting TCP connections (``server.start_seconds`` is how long that took).
 Flags are ``ServerConfig`` names (``trust_domain="x.org"`` becomes ``--trust-domain x.org``);
 a flag given as ``None`` is left out. Leaving the ``with`` block (or interpreter exit, as a
 last resort) stops the process and removes the socket directory.
 
 ``start_agent(server, root)`` runs ``credo-agent run`` joined to that server with a fresh
 join token (``root`` is a short directory, e.g. from ``short_temp_dir()``; Unix socket paths
-are limited to ~107 bytes), waits until its healthcheck passes, and returns an
-:class:`AgentProcess`::
+are limited to ~107 bytes), waits until its admin health service says SERVING and its
+Workload API socket exists (what ``credo-agent healthcheck`` and a workload see), and
+returns an :class:`AgentProcess`::
 
     with start_agent(server, root) as agent:
         create_entry(server, agent.spiffe_id, "spiffe://example.org/web")   # unix:uid:<me>
         wait_for(lambda: agent.fetch_ids(), 20, "the SVID")
         agent.endpoint                           # "unix:///.../public/api.sock"
         agent.stop(); agent.token = None; agent.start()   # resumes with the stored SVID
+
+Both are :class:`ManagedProcess` subclasses: output goes to a log file, ``stop()`` sends
+SIGTERM and then SIGKILL, ``kill()`` SIGKILL. With ``die_with_parent=True`` (what the
+benchmarks use) the child also gets ``PR_SET_PDEATHSIG``, so it dies even if this process
+is killed outright; only start such processes from the main thread, as the signal follows
+the thread that spawned the child.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
+import ctypes
 import json
 import os
 import shutil
@@ -42,13 +54,14 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 __all__ = [
     "AgentProcess",
+    "ManagedProcess",
     "ServerProcess",
     "agent_id",
     "create_entry",
@@ -66,19 +79,41 @@ __all__ = [
 
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0
+DEFAULT_TRUST_DOMAIN = "example.org"
+AGENT_START_TIMEOUT = 30.0
+GRPC_OPTIONS = [
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+]
+"""Channel options for admin calls that move many entries at once."""
 
-_RUNNING: set[ServerProcess] = set()
+_SECRET_FLAGS = frozenset({"--join-token"})
+"""Flags whose values stay out of the logs (tests check that no log line holds a token)."""
+_RUNNING: dict[ManagedProcess, None] = {}  # started and not yet stopped, in start order
+
+
+# --- commands and small helpers -----------------------------------------------------------
+
+
+def _console_script(name: str, module: str) -> list[str]:
+    """The installed console script ``name`` (next to this Python), or ``python -m``."""
+    script = Path(sys.executable).parent / name
+    if script.exists():
+        return [str(script)]
+    found = shutil.which(name)
+    if found:
+        return [found]
+    return [sys.executable, "-m", module]
 
 
 def credo_server_command() -> list[str]:
     """The installed ``credo-server`` console script (next to this Python), or ``-m``."""
-    script = Path(sys.executable).parent / "credo-server"
-    if script.exists():
-        return [str(script)]
-    found = shutil.which("credo-server")
-    if found:
-        return [found]
-    return [sys.executable, "-m", "server.cli.main"]
+    return _console_script("credo-server", "server.cli.main")
+
+
+def credo_agent_command() -> list[str]:
+    """The installed ``credo-agent`` console script (next to this Python), or ``-m``."""
+    return _console_script("credo-agent", "node_agent.cli.main")
 
 
 def run_cli(
@@ -122,78 +157,120 @@ def _health(socket: Path, timeout: float = 1.0) -> int | None:
     return int(reply.status)
 
 
-class ServerProcess:
-    """A ``credo-server run`` process and where to reach it."""
+def _serving(socket: Path) -> bool:
+    """The gRPC health service on Unix socket ``socket`` says SERVING."""
+    return socket.exists() and _health(socket) == health_pb2.HealthCheckResponse.SERVING
 
-    def __init__(
-        self,
-        data_dir: Path,
-        admin_socket: Path,
-        flags: dict[str, Any],
-        *,
-        owned_dir: Path | None = None,
-    ) -> None:
-        self.data_dir = data_dir
-        self.admin_socket = admin_socket
-        self.flags = flags
-        self.log_path = data_dir.parent / f"{data_dir.name}.log"
+
+def _tcp_accepts(address: str) -> bool:
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for a server that must keep it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(
+    predicate: Callable[[], Any],
+    timeout: float = 10.0,
+    what: str = "condition",
+    interval: float = 0.05,
+) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def short_temp_dir(prefix: str = "credo-a-", mode: int = 0o700) -> Path:
+    """A fresh directory directly under /tmp (short enough for Unix socket paths).
+
+    ``mode=0o755`` lets other users (e.g. a workload dropped to ``nobody``) reach the
+    agent's public socket inside it. The caller removes it.
+    """
+    root = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    os.chmod(root, mode)
+    return root
+
+
+def _die_with_parent() -> None:
+    """preexec_fn: SIGTERM the child when the thread that spawned it dies (Linux)."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+# --- any child process ----------------------------------------------------------------------
+
+
+class ManagedProcess:
+    """A child process writing to ``log_path``; stopped with SIGTERM, then SIGKILL."""
+
+    kind = "process"
+
+    def __init__(self, log_path: Path, *, die_with_parent: bool = False) -> None:
+        self.log_path = log_path
+        self.die_with_parent = die_with_parent
         self.proc: subprocess.Popen[bytes] | None = None
-        self._address: str | None = None
-        self._owned_dir = owned_dir  # temp dir holding the socket, removed on close()
 
-    # --- lifecycle -------------------------------------------------------------------
-
-    @property
-    def command(self) -> list[str]:
-        return [*credo_server_command(), "run", *_flag_args(self.flags)]
-
-    def start(self, timeout: float = START_TIMEOUT) -> ServerProcess:
-        """Start the process and wait until it is healthy (and has written server.addr)."""
-        if self.running:
-            raise RuntimeError("credo-server is already running")
-        self._address = None
-        (self.data_dir / "server.addr").unlink(missing_ok=True)
+    def _spawn(self, command: Sequence[str]) -> None:
+        """Start ``command`` with its stdout and stderr appended to the log (after a line
+        naming the command, with secret flag values masked)."""
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        shown = [
+            "***" if i and command[i - 1] in _SECRET_FLAGS else arg for i, arg in enumerate(command)
+        ]
         with self.log_path.open("ab") as log:
-            log.write(f"--- start: {' '.join(self.command)}\n".encode())
+            log.write(f"--- start: {' '.join(shown)}\n".encode())
             log.flush()
             self.proc = subprocess.Popen(
-                self.command, stdout=log, stderr=subprocess.STDOUT, env=env
+                list(command),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                preexec_fn=_die_with_parent if self.die_with_parent else None,
             )
-        _RUNNING.add(self)
-        self._wait_healthy(timeout)
-        return self
-
-    def _wait_healthy(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            assert self.proc is not None
-            code = self.proc.poll()
-            if code is not None:
-                _RUNNING.discard(self)
-                raise RuntimeError(
-                    f"credo-server exited with {code} before it was healthy; log:\n{self.logs}"
-                )
-            if (
-                self.admin_socket.exists()
-                and _health(self.admin_socket) == health_pb2.HealthCheckResponse.SERVING
-                and (not self._picks_port or (self.data_dir / "server.addr").exists())
-            ):
-                return
-            if time.monotonic() > deadline:
-                self.kill()
-                raise TimeoutError(
-                    f"credo-server was not healthy after {timeout}s; log:\n{self.logs}"
-                )
-            time.sleep(0.05)
+        _RUNNING[self] = None
 
     @property
-    def _picks_port(self) -> bool:
-        return str(self.flags.get("bind_address", "")).endswith(":0")
+    def pid(self) -> int:
+        assert self.proc is not None, f"{self.kind} was not started"
+        return self.proc.pid
 
     @property
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+    def check_alive(self) -> None:
+        """Raise RuntimeError with the log's tail if the process has exited."""
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError(
+                f"{self.kind} exited with {self.proc.returncode}; log tail:\n{self.log_tail()}"
+            )
+
+    @property
+    def logs(self) -> str:
+        """Everything the process (and earlier runs of it) wrote to stdout and stderr."""
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def log_tail(self, lines: int = 30) -> str:
+        return "\n".join(self.logs.splitlines()[-lines:])
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> int:
         """SIGTERM and wait; SIGKILL if it does not exit in ``timeout``. Returns the exit code."""
@@ -206,15 +283,102 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        _RUNNING.discard(self)
+        _RUNNING.pop(self, None)
         return int(self.proc.returncode)
 
     def kill(self) -> None:
-        """SIGKILL, as a crash would; ``start()`` brings it back on the same data dir."""
+        """SIGKILL, as a crash would."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
-        _RUNNING.discard(self)
+        _RUNNING.pop(self, None)
+
+    def close(self) -> None:
+        """Stop the process (subclasses also remove what they own)."""
+        self.stop()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+@atexit.register
+def _stop_leftovers() -> None:
+    """Kill what a test or benchmark left running, newest first (agents before servers)."""
+    for process in reversed(list(_RUNNING)):
+        process.kill()
+
+
+# --- the server -----------------------------------------------------------------------------
+
+
+class ServerProcess(ManagedProcess):
+    """A ``credo-server run`` process and where to reach it."""
+
+    kind = "credo-server"
+
+    def __init__(
+        self,
+        data_dir: Path,
+        admin_socket: Path,
+        flags: dict[str, Any],
+        *,
+        owned_dir: Path | None = None,
+        die_with_parent: bool = False,
+    ) -> None:
+        super().__init__(data_dir.parent / f"{data_dir.name}.log", die_with_parent=die_with_parent)
+        self.data_dir = data_dir
+        self.admin_socket = admin_socket
+        self.flags = flags
+        self.start_seconds = 0.0
+        """Seconds from spawn to serving, of the last :meth:`start`."""
+        self._address: str | None = None
+        self._owned_dir = owned_dir  # temp dir holding the socket, removed on close()
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    @property
+    def command(self) -> list[str]:
+        return [*credo_server_command(), "run", *_flag_args(self.flags)]
+
+    def start(self, timeout: float = START_TIMEOUT) -> ServerProcess:
+        """Start the process and wait until it serves (see the module doc)."""
+        if self.running:
+            raise RuntimeError("credo-server is already running")
+        self._address = None
+        addr_file = self.data_dir / "server.addr"
+        addr_file.unlink(missing_ok=True)
+        started = time.perf_counter()
+        self._spawn(self.command)
+        deadline = time.monotonic() + timeout
+        while True:
+            assert self.proc is not None
+            code = self.proc.poll()
+            if code is not None:
+                _RUNNING.pop(self, None)
+                raise RuntimeError(
+                    f"credo-server exited with {code} before it was healthy; log:\n{self.logs}"
+                )
+            if (
+                addr_file.exists()
+                and _serving(self.admin_socket)
+                and _tcp_accepts(addr_file.read_text().strip())
+            ):
+                self.start_seconds = time.perf_counter() - started
+                return self
+            if time.monotonic() > deadline:
+                self.kill()
+                raise TimeoutError(
+                    f"credo-server was not healthy after {timeout}s; log:\n{self.logs}"
+                )
+            time.sleep(0.02)
 
     def restart(self, timeout: float = START_TIMEOUT) -> ServerProcess:
         """Stop cleanly and start again with the same flags and data dir."""
@@ -227,17 +391,6 @@ class ServerProcess:
         if self._owned_dir is not None:
             shutil.rmtree(self._owned_dir, ignore_errors=True)
 
-    def __enter__(self) -> ServerProcess:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
     # --- what tests look at ----------------------------------------------------------
 
     @property
@@ -248,12 +401,18 @@ class ServerProcess:
         return self._address
 
     @property
-    def logs(self) -> str:
-        """Everything the process (and earlier runs of it) wrote to stdout and stderr."""
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
+    def agent_target(self) -> str:
+        """``localhost:<port>``: the agent endpoint under a name its TLS certificate carries."""
+        return f"localhost:{self.address.rpartition(':')[2]}"
+
+    @property
+    def datastore_path(self) -> Path:
+        """The SQLite datastore file in the data dir (unless a database URL says otherwise)."""
+        return self.data_dir / "datastore.sqlite3"
+
+    def admin_channel(self) -> grpc.Channel:
+        """An insecure gRPC channel on the admin socket (close it, or use ``with``)."""
+        return grpc.insecure_channel(f"unix:{self.admin_socket}", options=GRPC_OPTIONS)
 
     def cli(self, *args: str, output: str | None = "json", stdin: str | None = None) -> Any:
         """Run ``credo-server <args>`` against this server; the CompletedProcess."""
@@ -268,9 +427,22 @@ class ServerProcess:
             )
         return json.loads(result.stdout)
 
+    def bundle_pem(self) -> str:
+        """``credo-server bundle show --format pem``: the bundle's X.509 authorities."""
+        result = self.cli("bundle", "show", "--format", "pem", output=None)
+        if result.returncode != 0:
+            raise AssertionError(f"bundle show exited {result.returncode}: {result.stderr}")
+        return str(result.stdout)
 
-def start_server(tmp_path: Path, **flags: Any) -> ServerProcess:
-    """Start ``credo-server run`` in ``tmp_path`` and wait until healthy (see module doc)."""
+
+def start_server(
+    tmp_path: Path,
+    *,
+    die_with_parent: bool = False,
+    timeout: float = START_TIMEOUT,
+    **flags: Any,
+) -> ServerProcess:
+    """Start ``credo-server run`` in ``tmp_path`` and wait until it serves (see module doc)."""
     data_dir = Path(flags.pop("data_dir", None) or tmp_path / "server")
     data_dir.mkdir(parents=True, exist_ok=True)
     owned_dir: Path | None = None
@@ -286,61 +458,14 @@ def start_server(tmp_path: Path, **flags: Any) -> ServerProcess:
         "bind_address": "127.0.0.1:0",
         **flags,
     }
-    server = ServerProcess(data_dir, admin_socket, all_flags, owned_dir=owned_dir)
+    server = ServerProcess(
+        data_dir, admin_socket, all_flags, owned_dir=owned_dir, die_with_parent=die_with_parent
+    )
     try:
-        return server.start()
+        return server.start(timeout)
     except BaseException:
         server.close()
         raise
-
-
-# --- the agent ------------------------------------------------------------------------
-
-DEFAULT_TRUST_DOMAIN = "example.org"
-AGENT_START_TIMEOUT = 30.0
-
-_RUNNING_AGENTS: set[AgentProcess] = set()
-
-
-def credo_agent_command() -> list[str]:
-    """The installed ``credo-agent`` console script (next to this Python), or ``-m``."""
-    script = Path(sys.executable).parent / "credo-agent"
-    if script.exists():
-        return [str(script)]
-    found = shutil.which("credo-agent")
-    if found:
-        return [found]
-    return [sys.executable, "-m", "node_agent.cli.main"]
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (for a server that must keep it)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
-def short_temp_dir(prefix: str = "credo-a-", mode: int = 0o700) -> Path:
-    """A fresh directory directly under /tmp (short enough for Unix socket paths).
-
-    ``mode=0o755`` lets other users (e.g. a workload dropped to ``nobody``) reach the
-    agent's public socket inside it. The caller removes it.
-    """
-    root = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
-    os.chmod(root, mode)
-    return root
 
 
 def join_token(server: ServerProcess) -> str:
@@ -355,10 +480,7 @@ def agent_id(token: str, trust_domain: str = DEFAULT_TRUST_DOMAIN) -> str:
 
 def write_server_bundle(server: ServerProcess, path: Path) -> Path:
     """Write ``credo-server bundle show --format pem`` to ``path`` (a bootstrap bundle)."""
-    result = server.cli("bundle", "show", "--format", "pem", output=None)
-    if result.returncode != 0:
-        raise AssertionError(f"bundle show exited {result.returncode}: {result.stderr}")
-    path.write_text(result.stdout)
+    path.write_text(server.bundle_pem())
     return path
 
 
@@ -374,8 +496,13 @@ def create_entry(
     return str(entry["id"])
 
 
-class AgentProcess:
+# --- the agent ------------------------------------------------------------------------------
+
+
+class AgentProcess(ManagedProcess):
     """A ``credo-agent run`` process on short temp paths under ``root``."""
+
+    kind = "credo-agent"
 
     def __init__(
         self,
@@ -386,18 +513,20 @@ class AgentProcess:
         *,
         trust_domain: str = DEFAULT_TRUST_DOMAIN,
         flags: dict[str, Any] | None = None,
+        die_with_parent: bool = False,
     ) -> None:
+        super().__init__(root / "agent.log", die_with_parent=die_with_parent)
         self.root = root
         self.socket = root / "public" / "api.sock"
         self.admin_socket = root / "private" / "admin.sock"
         self.data_dir = root / "data"
-        self.log_path = root / "agent.log"
         self.server_address = server_address
         self.bundle = bundle
         self.token = token
         self.trust_domain = trust_domain
         self.flags = dict(flags or {})
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.start_seconds = 0.0
+        """Seconds from spawn to serving, of the last :meth:`start` that waited."""
         self.joined_token = token
         """The token this agent first joined with (its SPIFFE ID stays the same after)."""
 
@@ -416,7 +545,7 @@ class AgentProcess:
     def start(
         self, *, token: str | None = None, wait: bool = True, timeout: float = AGENT_START_TIMEOUT
     ) -> AgentProcess:
-        """Start ``credo-agent run``; with ``wait``, until ``credo-agent healthcheck`` passes."""
+        """Start ``credo-agent run``; with ``wait``, until it serves (see the module doc)."""
         cmd = [
             *credo_agent_command(),
             "run",
@@ -440,13 +569,17 @@ class AgentProcess:
             cmd += ["--join-token", token]
             if self.joined_token is None:
                 self.joined_token = token
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-        _RUNNING_AGENTS.add(self)
+        started = time.perf_counter()
+        self._spawn(cmd)
         if wait:
-            wait_for(self.healthy, timeout, "the agent to become healthy")
+            wait_for(self._serving, timeout, "the agent to become healthy", interval=0.02)
+            self.start_seconds = time.perf_counter() - started
         return self
+
+    def _serving(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise AssertionError(f"agent exited {self.proc.returncode}:\n{self.logs}")
+        return self.socket.exists() and _serving(self.admin_socket)
 
     def healthy(self) -> bool:
         """``credo-agent healthcheck`` passes; fails the test if the process has exited."""
@@ -458,50 +591,6 @@ class AgentProcess:
             timeout=20,
         )
         return result.returncode == 0
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self, timeout: float = STOP_TIMEOUT) -> int:
-        """SIGTERM and wait; SIGKILL if it does not exit in ``timeout``. Returns the exit code."""
-        if self.proc is None:
-            return 0
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        _RUNNING_AGENTS.discard(self)
-        return int(self.proc.returncode)
-
-    def kill(self) -> None:
-        """SIGKILL."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        _RUNNING_AGENTS.discard(self)
-
-    def __enter__(self) -> AgentProcess:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    @property
-    def logs(self) -> str:
-        """Everything the process (and earlier runs of it) wrote to stdout and stderr."""
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
 
     def client(self) -> Any:
         """A py-spiffe ``WorkloadApiClient`` on this agent's socket."""
@@ -538,6 +627,8 @@ def start_agent(
     bundle: Path | None = None,
     trust_domain: str = DEFAULT_TRUST_DOMAIN,
     wait: bool = True,
+    die_with_parent: bool = False,
+    timeout: float = AGENT_START_TIMEOUT,
     **flags: Any,
 ) -> AgentProcess:
     """Start ``credo-agent run`` in ``root`` joined to ``server`` (see module doc).
@@ -554,17 +645,10 @@ def start_agent(
         token or join_token(server),
         trust_domain=trust_domain,
         flags=flags,
+        die_with_parent=die_with_parent,
     )
     try:
-        return agent.start(wait=wait)
+        return agent.start(wait=wait, timeout=timeout)
     except BaseException:
         agent.kill()
         raise
-
-
-@atexit.register
-def _stop_leftovers() -> None:
-    for agent in list(_RUNNING_AGENTS):
-        agent.kill()
-    for server in list(_RUNNING):
-        server.kill()

@@ -14,7 +14,8 @@ plain blocking gRPC channels::
 ``make_csr(key, uri=...)`` builds a DER CSR (optionally claiming a URI SAN, which the
 server must ignore). ``bootstrap_credentials`` / ``AttestedAgent.credentials`` give
 ``grpc.ChannelCredentials`` usable with ``grpc.secure_channel`` or
-``grpc.aio.secure_channel`` alike.
+``grpc.aio.secure_channel`` alike. ``attest_with_join_token`` does an agent's node
+attestation against any server (in-process, or a ``credo-server`` process).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from server.config import ServerConfig
 __all__ = [
     "AttestedAgent",
     "InProcessServer",
+    "attest_with_join_token",
     "bootstrap_credentials",
     "make_csr",
 ]
@@ -102,6 +104,36 @@ class AttestedAgent:
     @property
     def serial(self) -> str:
         return format(x509.load_der_x509_certificate(self.chain[0]).serial_number, "x")
+
+
+def attest_with_join_token(
+    target: str,
+    bundle: Any,
+    token: str,
+    key: PrivateKey | None = None,
+    *,
+    timeout: float = 10.0,
+) -> AttestedAgent:
+    """Node-attest at ``target`` with ``token`` over TLS trusting ``bundle`` (a
+    ``types_pb2.Bundle``), without a client certificate; raise ``grpc.RpcError`` if refused."""
+    key = key or generate_private_key()
+    with grpc.secure_channel(target, bootstrap_credentials(bundle)) as channel:
+        resp = agent_pb2_grpc.AgentStub(channel).AttestAgent(
+            agent_pb2.AttestAgentRequest(
+                attestation_data=agent_pb2.AttestationData(
+                    type="join_token", payload=token.encode()
+                ),
+                csr=make_csr(key),
+            ),
+            timeout=timeout,
+        )
+    return AttestedAgent(
+        agent_id=resp.svid.spiffe_id,
+        key=key,
+        chain=list(resp.svid.cert_chain),
+        bundle=resp.bundle,
+        target=target,
+    )
 
 
 class InProcessServer:
@@ -218,24 +250,7 @@ class InProcessServer:
 
     def attest(self, token: str, key: PrivateKey | None = None) -> AttestedAgent:
         """Node-attest with a join token; raise ``grpc.RpcError`` if refused."""
-        key = key or generate_private_key()
-        stub = agent_pb2_grpc.AgentStub(self.bootstrap_channel())
-        resp = stub.AttestAgent(
-            agent_pb2.AttestAgentRequest(
-                attestation_data=agent_pb2.AttestationData(
-                    type="join_token", payload=token.encode()
-                ),
-                csr=make_csr(key),
-            ),
-            timeout=10,
-        )
-        return AttestedAgent(
-            agent_id=resp.svid.spiffe_id,
-            key=key,
-            chain=list(resp.svid.cert_chain),
-            bundle=resp.bundle,
-            target=self.target,
-        )
+        return attest_with_join_token(self.target, self.bundle(), token, key)
 
 
 @contextmanager

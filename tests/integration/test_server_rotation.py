@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives import serialization
 from credo import Bundle, verify_x509_svid
 from credo._proto.credo.server.v1 import admin_pb2, admin_pb2_grpc, agent_pb2, agent_pb2_grpc
 from credo.keys import generate_private_key, private_key_to_pkcs8_pem
-from tests.helpers.processes import ServerProcess, start_server
+from tests.helpers.processes import ServerProcess, start_server, wait_for
 from tests.helpers.server import make_csr
 
 TD = "example.org"
@@ -78,18 +78,6 @@ def verify(chain: list[x509.Certificate], bundle: Bundle, *, clamp: bool = False
             leaf.not_valid_before_utc, min(now, leaf.not_valid_after_utc - timedelta(seconds=1))
         )
     return str(verify_x509_svid(chain, bundle.x509_bundle(), now=now))
-
-
-def poll(predicate: Any, timeout: float, what: str, interval: float = 0.5) -> Any:
-    """Call ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 @dataclass
@@ -244,10 +232,11 @@ def test_svids_verify_across_rotations_and_a_kill_mid_rotation_resumes(
     # --- kill -9 between `prepare` and activation, then restart on the same data dir ---
     # Wait for a young active CA so the SVID minted now (10s) outlives the restart and the
     # prepared authority is not yet due for activation when the server comes back.
-    poll(
+    wait_for(
         lambda: (x509_state(server)["active"]["expires_at"] - time.time()) >= 12,
         timeout=CA_TTL + 20,
         what="an active CA with at least 12s left",
+        interval=0.5,
     )
     pre_kill_chain = agent.sign(fetch_bundle(server))
     pre_kill_sequence = admin_bundle_sequence(server)
@@ -270,10 +259,11 @@ def test_svids_verify_across_rotations_and_a_kill_mid_rotation_resumes(
     assert verify(pre_kill_chain, bundle, clamp=True) == WORKLOAD
 
     # The rotation proceeds: the authority prepared before the kill becomes active.
-    poll(
+    wait_for(
         lambda: (x509_state(server)["active"] or {}).get("authority_id") == prepared_id,
         timeout=CA_TTL + 40,
         what=f"the prepared authority {prepared_id} to be activated after the restart",
+        interval=0.5,
     )
 
     # SVIDs minted after the restart verify against the bundle fetched just before.
