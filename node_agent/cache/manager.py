@@ -13,8 +13,10 @@ keeps an X509-SVID for each entry it should hold. Its parts:
 
 What it decides:
 
-* **Which entries.** Entries the agent serves are those whose parent is the agent or one
-  of its node aliases (node-alias entries themselves are not served). SVIDs are kept for
+* **Which entries.** The agent serves every entry the server sent (the server sends only
+  what it authorized for this agent: under the agent, under its node aliases, and their
+  descendants), except those naming agents rather than workloads (node-alias entries,
+  and entries with only ``spiffe_id:`` selectors). SVIDs are kept for
   every entry used by an open subscription (always), for every entry already cached, and
   for further entries in (created_at, id) order while the cache has room
   (``max_size``, SPIRE's ``svid_cache_max_size``). Beyond that the least recently used
@@ -57,6 +59,9 @@ from node_agent.workload_api.manager import Identity, WorkloadUpdate
 __all__ = ["MAX_BATCH", "CacheClient", "CacheConfig", "CacheManager"]
 
 log = logging.getLogger(__name__)
+
+# Selectors of this type name an agent (node-alias entries); workload attestors never make them.
+_NODE_SELECTOR_TYPE = "spiffe_id"
 
 
 class CacheClient(Protocol):
@@ -157,19 +162,19 @@ class CacheManager:
         self._subs.notify()
 
     def _compute_served(self) -> list[RegistrationEntry]:
-        """Entries this agent serves to workloads, oldest first."""
-        try:
-            agent_id = str(self._client.agent_id)
-        except RuntimeError:
-            agent_id = ""
-        parents = {agent_id}
-        for entry in self._entries.values():
-            if entry.node_alias or (entry.parent_id == agent_id and not entry.selectors):
-                parents.add(str(entry.spiffe_id))
+        """Entries this agent serves to workloads, oldest first.
+
+        Every entry the server sent is authorized for this agent: those under the agent, under
+        a join-token alias, under a ``--node`` alias whose selectors match the node (the alias
+        entry itself is not sent), and every descendant of those. All of them are served,
+        except entries that name agents rather than workloads: node aliases, and entries
+        whose selectors are only ``spiffe_id:`` (the join-token alias,
+        ``spiffe_id:<agent id>``), which no workload attestor produces.
+        """
         served = [
             e
             for e in self._entries.values()
-            if not e.node_alias and e.selectors and e.parent_id in parents
+            if not e.node_alias and any(s.type != _NODE_SELECTOR_TYPE for s in e.selectors)
         ]
         served.sort(key=lambda e: e.sort_key)
         return served
