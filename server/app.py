@@ -229,6 +229,7 @@ async def _build(config: ServerConfig, stop: asyncio.Event) -> _Server:
             x509_svid_ttl=config.x509_svid_ttl,
             jwt_svid_ttl=config.jwt_svid_ttl,
             join_token_ttl=config.join_token_ttl,
+            join_token_max_ttl=config.join_token_max_ttl,
         )
 
         # 7. servers
