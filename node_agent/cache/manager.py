@@ -46,12 +46,12 @@ from credo.selector import Selector
 from credo.spiffe_id import SpiffeId, TrustDomain
 from credo.x509svid import X509Svid
 from node_agent._wait import wait_event
-from node_agent.cache.errors import JwtSvidUnavailable
+from node_agent.cache.errors import JwtSvidRateLimited, JwtSvidRefused, JwtSvidUnavailable
 from node_agent.cache.jwt import JwtSvidCache
 from node_agent.cache.signer import sign_batch
 from node_agent.cache.subscriptions import BundleSubscription, Subscription, Subscriptions
 from node_agent.cache.svids import SvidCache
-from node_agent.errors import ServerClientError
+from node_agent.errors import ServerClientError, ServerRefused
 from node_agent.server_client import MAX_BATCH, Backoff, IssuedJwtSvid, X509SvidResult
 from node_agent.sync.entries import RegistrationEntry, TrustBundles
 from node_agent.workload_api.manager import Identity, WorkloadUpdate
@@ -214,6 +214,12 @@ class CacheManager:
     async def _new_jwt_svid(self, identity: Identity, audience: tuple[str, ...]) -> IssuedJwtSvid:
         try:
             return await self._client.new_jwt_svid(identity.entry_id, audience)
+        except ServerRefused as exc:
+            if exc.retryable:
+                raise JwtSvidRateLimited(
+                    f"the server rate-limited JWT-SVIDs for {identity.spiffe_id}: {exc.message}"
+                ) from None
+            raise JwtSvidRefused(str(identity.spiffe_id), exc.code, exc.message) from None
         except ServerClientError as exc:
             raise JwtSvidUnavailable(
                 f"cannot get a JWT-SVID for {identity.spiffe_id}: {exc}"

@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ import click
 from credo._files import write_atomically
 from credo.bundle import BundleSet
 from credo.errors import CredoError, WorkloadApiError
-from credo.workload_client import ENDPOINT_ENV, WorkloadApiClient, X509Context
+from credo.workload_client import ENDPOINT_ENV, WorkloadApiClient, X509Context, grpc_target
 
 __all__ = ["api"]
 
@@ -78,6 +79,29 @@ class _Fail(click.ClickException):
         click.echo(f"Error: {self.message}", err=True)
 
 
+def _unreachable(socket_path: str) -> str | None:
+    """Why the Workload API socket cannot be opened, or None when it can."""
+    target = grpc_target(socket_path)
+    if not target.startswith("unix:"):
+        return None  # tcp: gRPC's own words say it
+    path = target.removeprefix("unix:")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(2.0)
+        probe.connect(path)
+    except FileNotFoundError:
+        return f"no Workload API socket at {path}: is credo-agent running?"
+    except ConnectionRefusedError:
+        return f"nothing listens on the Workload API socket {path}: is credo-agent running?"
+    except PermissionError:
+        return f"permission denied opening the Workload API socket {path}"
+    except OSError as err:
+        return f"cannot open the Workload API socket {path}: {err.strerror or err}"
+    finally:
+        probe.close()
+    return None
+
+
 @contextlib.contextmanager
 def _client(socket_path: str, timeout: float | None) -> Iterator[WorkloadApiClient]:
     try:
@@ -85,9 +109,11 @@ def _client(socket_path: str, timeout: float | None) -> Iterator[WorkloadApiClie
             yield client
     except WorkloadApiError as err:
         if err.code == "UNAVAILABLE":
-            raise _Fail(
-                f"cannot reach the Workload API at {socket_path}: is credo-agent running?"
-            ) from None
+            why = _unreachable(socket_path)
+            if why is None:
+                # The agent answered: say what it said, not that it is not running.
+                raise _Fail(f"the Workload API at {socket_path}: {err.message}") from None
+            raise _Fail(why) from None
         if err.code == "PERMISSION_DENIED":
             raise _Fail(
                 f"no identity for this process ({err.message}): is there a registration "

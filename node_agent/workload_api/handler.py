@@ -32,6 +32,7 @@ from credo.errors import CredoError, InvalidSpiffeId
 from credo.jwtsvid import JwtSvid
 from credo.selector import Selector
 from credo.spiffe_id import SpiffeId, TrustDomain
+from node_agent.cache.errors import JwtSvidRateLimited, JwtSvidRefused
 from node_agent.workload.attestor import WorkloadAttestor
 from node_agent.workload.errors import AttestationFailed, PeerChanged, PeerUnknown
 from node_agent.workload.peer import PeerProcess
@@ -116,8 +117,14 @@ class _Caller:
     selectors: frozenset[Selector]
 
 
-async def _refuse(context: _Context, caller: _Caller, message: str, reason: str) -> NoReturn:
-    """Answer PERMISSION_DENIED and log who was refused, what they had and why."""
+async def _refuse(
+    context: _Context,
+    caller: _Caller,
+    message: str,
+    reason: str,
+    code: grpc.StatusCode = grpc.StatusCode.PERMISSION_DENIED,
+) -> NoReturn:
+    """Answer ``code`` (PERMISSION_DENIED) and log who was refused, what they had and why."""
     log.info(
         "workload call refused",
         extra={
@@ -128,8 +135,16 @@ async def _refuse(context: _Context, caller: _Caller, message: str, reason: str)
             "reason": reason,
         },
     )
-    await _abort(context, grpc.StatusCode.PERMISSION_DENIED, message)
+    await _abort(context, code, message)
 
+
+# How a server's refusal of a JWT-SVID reaches the workload: its status where the workload
+# can act on it (a bad request, an identity it may not have), else UNAVAILABLE.
+_JWT_REFUSAL_STATUS = {
+    "INVALID_ARGUMENT": grpc.StatusCode.INVALID_ARGUMENT,
+    "PERMISSION_DENIED": grpc.StatusCode.PERMISSION_DENIED,
+    "NOT_FOUND": grpc.StatusCode.PERMISSION_DENIED,
+}
 
 _NO_MATCH = "no registration entry matches the caller's selectors"
 
@@ -269,6 +284,26 @@ class WorkloadApiServicer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
         for identity in chosen:
             try:
                 token = await self._manager.fetch_jwt_svid(identity, audience)
+            except JwtSvidRateLimited as err:
+                await _refuse(
+                    context,
+                    caller,
+                    f"JWT-SVID requests are rate limited; retry later: {err}",
+                    "rate limited by the server",
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                )
+            except JwtSvidRefused as err:
+                status = _JWT_REFUSAL_STATUS.get(err.code, grpc.StatusCode.UNAVAILABLE)
+                log.info(
+                    "JWT-SVID refused by the server",
+                    extra={
+                        "spiffe_id": err.spiffe_id,
+                        "pid": caller.pid,
+                        "code": err.code,
+                        "reason": err.reason,
+                    },
+                )
+                await _abort(context, status, str(err))
             except CredoError as err:
                 log.error(
                     "cannot mint JWT-SVID",
