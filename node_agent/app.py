@@ -12,8 +12,11 @@ Order (nothing else constructs these):
    ``Manager``), seeded with the stored trust bundle;
 5. :class:`~node_agent.sync.syncer.EntrySyncer` — the entry stream, feeding the cache;
 6. the workload attestors the config names (:mod:`node_agent.workload.catalog`, combined)
-   and :class:`~node_agent.workload_api.server.WorkloadApiServer` on the public socket;
-7. :class:`~node_agent.workload_api.admin.AdminServer` — gRPC health on the admin socket.
+   and :class:`~node_agent.workload_api.server.WorkloadApiServer` on the public socket, its
+   internal socket in a :class:`~credo._rundir.RuntimeDir` under the data dir (removed on
+   exit; one left by a crash is removed at the next start);
+7. :class:`~node_agent.workload_api.admin.AdminServer` — gRPC health on the admin socket
+   (live: a real Workload API call through the public socket; ready: also synced).
 
 The agent-SVID renewal loop, the sync stream and the cache's signing loop run side by
 side under one :class:`asyncio.TaskGroup`. SIGTERM or SIGINT stops everything cleanly;
@@ -29,8 +32,10 @@ import os
 import resource
 import signal
 import sys
+import time
 
 from credo._logging import setup_logging
+from credo._rundir import RuntimeDir
 from credo.bundle import Bundle
 from credo.errors import CredoError
 from node_agent.attestation.catalog import build_node_attestor
@@ -83,7 +88,17 @@ async def serve(
         store,
     )
     workload_api: WorkloadApiServer | None = None
-    admin = AdminServer(config.admin_socket)
+    runtime: RuntimeDir | None = None
+    syncer: EntrySyncer | None = None
+
+    def not_ready() -> str | None:
+        if syncer is None or not syncer.synced.is_set():
+            return "the first entry sync from the server has not completed"
+        if session.svid.expires_at.timestamp() <= time.time():
+            return f"the agent SVID expired at {session.svid.expires_at.isoformat()}"
+        return None
+
+    admin = AdminServer(config.admin_socket, config.socket_path, not_ready)
     try:
         await session.start()
         cache = CacheManager(
@@ -96,8 +111,11 @@ async def serve(
         )
         cache.update_bundles(TrustBundles(Bundle(trust_domain, session.authorities)))
         syncer = EntrySyncer(client, cache, session)
+        runtime = RuntimeDir.create(config.data_dir, setting="data_dir")
         workload_api = WorkloadApiServer(
-            WorkloadApiServerConfig(socket_path=str(config.socket_path)),
+            WorkloadApiServerConfig(
+                socket_path=str(config.socket_path), private_dir=str(runtime.path)
+            ),
             cache,
             build_workload_attestor(config.workload_attestor),
         )
@@ -140,6 +158,8 @@ async def serve(
         if workload_api is not None:
             with contextlib.suppress(Exception):
                 await workload_api.stop(1.0)
+        if runtime is not None:
+            runtime.close()
         await client.close()
 
 

@@ -3,7 +3,7 @@
 ::
 
     credo-agent run [--config FILE] [--server-address HOST:PORT ...] [--join-token T] ...
-    credo-agent healthcheck [--admin-socket PATH]
+    credo-agent healthcheck [--admin-socket PATH] [--ready]
     credo-agent api ...            (node_agent.cli.api)
 
 Every failure is one ``Error: ...`` line on stderr and exit code 1, never a traceback.
@@ -145,10 +145,23 @@ def run(config_file: str | None, server_addresses: tuple[str, ...], **flags: Any
     help="The agent's admin socket.",
 )
 @click.option("--timeout", type=float, default=5.0, show_default=True, help="Seconds to wait.")
-def healthcheck(admin_socket: str, timeout: float) -> None:
-    """Check that the agent is up and serving; exit 1 if not."""
-    check_health(admin_socket, timeout)
-    click.echo("agent is healthy")
+@click.option(
+    "--ready",
+    is_flag=True,
+    help="Check readiness instead of liveness: also that the first entry sync has completed "
+    "and the agent SVID is valid.",
+)
+def healthcheck(admin_socket: str, timeout: float, ready: bool) -> None:
+    """Check that the agent is live (default) or ready (--ready); exit 1 with why if not.
+
+    Live: the agent answers on its admin socket, and its Workload API answers a real call
+    the agent makes through its own public socket (relay, internal socket, attestation).
+    Ready: live, the first entry sync from the server has completed, and the agent SVID
+    has not expired. An agent cut off from its server stays ready while it serves its
+    cache. Run it as the agent's user (or root): the admin socket is private to it.
+    """
+    check_health(admin_socket, timeout, ready=ready)
+    click.echo("agent is ready" if ready else "agent is healthy")
 
 
 def _mount_api() -> None:
