@@ -5,7 +5,7 @@
     credo-agent api fetch x509 [--write DIR]
     credo-agent api fetch jwt --audience A [--audience B] [--spiffe-id ID]
     credo-agent api fetch jwt-bundle
-    credo-agent api validate jwt --audience A --svid TOKEN
+    credo-agent api validate jwt --audience A (--svid-file FILE | --svid - | $CREDO_JWT_SVID)
     credo-agent api watch
 
 Errors print one line on stderr and exit 1.
@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 
 import click
 
+from credo._cli import CliError, read_secret
 from credo._files import write_atomically
 from credo.bundle import BundleSet
 from credo.errors import CredoError, WorkloadApiError
@@ -34,6 +35,7 @@ from credo.workload_client import ENDPOINT_ENV, WorkloadApiClient, X509Context, 
 __all__ = ["api"]
 
 DEFAULT_SOCKET = "unix:///tmp/credo-agent/public/api.sock"
+SVID_ENV = "CREDO_JWT_SVID"
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -275,9 +277,37 @@ def validate() -> None:
 @validate.command("jwt")
 @_common
 @click.option("--audience", "-a", required=True, help="The audience the token must name.")
-@click.option("--svid", required=True, help="The JWT-SVID to validate.")
-def validate_jwt(socket_path: str, output: str, timeout: float, audience: str, svid: str) -> None:
-    """Have the Workload API validate a JWT-SVID."""
+@click.option(
+    "--svid",
+    default=None,
+    metavar="TOKEN",
+    help="The JWT-SVID to validate; '-' reads it from stdin. A token on the command line is "
+    f"visible to every local user in `ps`: prefer --svid-file, '-' or ${SVID_ENV}.",
+)
+@click.option(
+    "--svid-file",
+    default=None,
+    metavar="FILE",
+    help=f"Read the JWT-SVID from FILE ('-': stdin). Without either flag, ${SVID_ENV} is used.",
+)
+def validate_jwt(
+    socket_path: str,
+    output: str,
+    timeout: float,
+    audience: str,
+    svid: str | None,
+    svid_file: str | None,
+) -> None:
+    """Have the Workload API validate a JWT-SVID (from --svid-file, stdin or $CREDO_JWT_SVID)."""
+    try:
+        token = read_secret(svid, svid_file, flag="svid", env=SVID_ENV)
+    except CliError as err:
+        raise _Fail(err.message) from None
+    if token is None:
+        raise _Fail(
+            f"no JWT-SVID given: pass --svid-file FILE, --svid - (stdin) or set ${SVID_ENV}"
+        )
+    svid = token
     with _client(socket_path, timeout) as client:
         parsed = client.validate_jwt_svid(svid, audience)
     if output == "json":

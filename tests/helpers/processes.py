@@ -414,9 +414,17 @@ class AgentProcess:
         return agent_id(self.joined_token, self.trust_domain)
 
     def start(
-        self, *, token: str | None = None, wait: bool = True, timeout: float = AGENT_START_TIMEOUT
+        self,
+        *,
+        token: str | None = None,
+        wait: bool = True,
+        timeout: float = AGENT_START_TIMEOUT,
+        stdin: bytes | None = None,
     ) -> AgentProcess:
-        """Start ``credo-agent run``; with ``wait``, until ``credo-agent healthcheck`` passes."""
+        """Start ``credo-agent run``; with ``wait``, until ``credo-agent healthcheck`` passes.
+
+        ``stdin``: written to the agent's standard input, which is then closed.
+        """
         cmd = [
             *credo_agent_command(),
             "run",
@@ -442,7 +450,17 @@ class AgentProcess:
                 self.joined_token = token
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+            self.proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.PIPE if stdin is not None else None,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+        if stdin is not None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.write(stdin)
+            self.proc.stdin.close()
         _RUNNING_AGENTS.add(self)
         if wait:
             wait_for(self.healthy, timeout, "the agent to become healthy")

@@ -104,7 +104,7 @@ def test_no_stored_svid_and_no_token_is_a_clear_error(tmp_path: Path) -> None:
 
     async def scenario() -> None:
         session = _session("127.0.0.1:1", tmp_path)
-        with pytest.raises(NoAgentCredentials, match="no stored agent SVID and no --join-token"):
+        with pytest.raises(NoAgentCredentials, match="no stored agent SVID and no join token"):
             await session.start()
 
     run(scenario)
