@@ -16,7 +16,8 @@ Order (nothing else constructs these):
    internal socket in a :class:`~credo._rundir.RuntimeDir` under the data dir (removed on
    exit; one left by a crash is removed at the next start);
 7. :class:`~node_agent.workload_api.admin.AdminServer` — gRPC health on the admin socket
-   (live: a real Workload API call through the public socket; ready: also synced).
+   (live: a real Workload API call through the public socket; ready: also synced);
+8. :class:`~node_agent.telemetry.AgentMetrics` on ``metrics_address``, when set.
 
 The agent-SVID renewal loop, the sync stream and the cache's signing loop run side by
 side under one :class:`asyncio.TaskGroup`. SIGTERM or SIGINT stops everything cleanly;
@@ -33,6 +34,7 @@ import resource
 import signal
 import sys
 import time
+from collections.abc import Callable
 
 from credo._logging import setup_logging
 from credo._rundir import RuntimeDir
@@ -47,6 +49,7 @@ from node_agent.errors import AgentRemoved
 from node_agent.server_client import BackoffPolicy, ServerClient, ServerClientConfig
 from node_agent.sync.entries import TrustBundles
 from node_agent.sync.syncer import EntrySyncer
+from node_agent.telemetry import AgentMetrics
 from node_agent.workload.catalog import build_workload_attestor
 from node_agent.workload_api.admin import AdminServer
 from node_agent.workload_api.server import WorkloadApiServer, WorkloadApiServerConfig
@@ -99,6 +102,8 @@ async def serve(
         return None
 
     admin = AdminServer(config.admin_socket, config.socket_path, not_ready)
+    metrics = AgentMetrics()
+    stop_metrics: Callable[[], None] | None = None
     try:
         await session.start()
         cache = CacheManager(
@@ -118,6 +123,13 @@ async def serve(
             ),
             cache,
             build_workload_attestor(config.workload_attestor),
+            metrics=metrics,
+        )
+        metrics.set_gauge_sources(
+            svids_cached=lambda: cache.size,
+            entries=lambda: len(cache.served),
+            sync_connected=lambda: 1.0 if cache.connected else 0.0,
+            sync_last_event_id=lambda: syncer.state.last_event_id if syncer else 0,
         )
         async with asyncio.TaskGroup() as group:
             tasks = [
@@ -127,6 +139,10 @@ async def serve(
             ]
             await workload_api.start()
             await admin.start()
+            if config.metrics_address:
+                _, stop_metrics = await asyncio.to_thread(
+                    metrics.serve_http, config.metrics_address
+                )
             log.info(
                 "agent running",
                 extra={
@@ -158,6 +174,8 @@ async def serve(
         if workload_api is not None:
             with contextlib.suppress(Exception):
                 await workload_api.stop(1.0)
+        if stop_metrics is not None:
+            await asyncio.to_thread(stop_metrics)
         if runtime is not None:
             runtime.close()
         await client.close()

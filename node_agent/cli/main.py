@@ -85,6 +85,12 @@ SETTING_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
         "Backoff of sync reconnects and every retry to the server: cap, s [default: 30].",
     ),
     (
+        "--metrics-address",
+        "metrics_address",
+        str,
+        "Prometheus endpoint host:port (port 0: any free one) [default: disabled].",
+    ),
+    (
         "--svid-wait-timeout",
         "svid_wait_timeout",
         float,

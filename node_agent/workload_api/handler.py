@@ -38,7 +38,7 @@ from node_agent.workload.errors import AttestationFailed, PeerChanged, PeerUnkno
 from node_agent.workload.peer import PeerProcess
 from node_agent.workload_api.manager import Identity, Manager, WorkloadUpdate
 
-__all__ = ["SECURITY_HEADER", "PeerLookup", "WorkloadApiServicer"]
+__all__ = ["SECURITY_HEADER", "PeerLookup", "WorkloadApiMetrics", "WorkloadApiServicer"]
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +107,14 @@ def _x509_svid_response(update: WorkloadUpdate) -> workload_pb2.X509SVIDResponse
     )
 
 
+class WorkloadApiMetrics(Protocol):
+    """Where the handler counts calls and refusals (:class:`node_agent.telemetry.AgentMetrics`)."""
+
+    def call(self, method: str) -> None: ...
+
+    def refused(self, method: str, code: str) -> None: ...
+
+
 @dataclass(frozen=True)
 class _Caller:
     """An attested caller of one Workload API call."""
@@ -115,6 +123,7 @@ class _Caller:
     pid: int
     uid: int
     selectors: frozenset[Selector]
+    metrics: WorkloadApiMetrics | None = None
 
 
 async def _refuse(
@@ -135,6 +144,8 @@ async def _refuse(
             "reason": reason,
         },
     )
+    if caller.metrics is not None:
+        caller.metrics.refused(caller.method, code.name)
     await _abort(context, code, message)
 
 
@@ -164,16 +175,20 @@ class WorkloadApiServicer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
         peers: PeerLookup,
         *,
         allow_unauthenticated_verifiers: bool = False,
+        metrics: WorkloadApiMetrics | None = None,
     ) -> None:
         self._manager = manager
         self._attestor = attestor
         self._peers = peers
         self._allow_unauthenticated_verifiers = allow_unauthenticated_verifiers
+        self._metrics = metrics
 
     # -- shared steps -----------------------------------------------------------------
 
     async def _caller(self, context: _Context, method: str) -> _Caller:
         """Check the security header, attest the caller, and return it with its selectors."""
+        if self._metrics is not None:
+            self._metrics.call(method)
         metadata = context.invocation_metadata() or ()
         if not any(k == SECURITY_HEADER and v == "true" for k, v in metadata):
             await _abort(
@@ -213,7 +228,7 @@ class WorkloadApiServicer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
                 "seconds": round(time.monotonic() - started, 6),
             },
         )
-        return _Caller(method, peer.pid, peer.credentials.uid, frozenset(selectors))
+        return _Caller(method, peer.pid, peer.credentials.uid, frozenset(selectors), self._metrics)
 
     # -- X.509 ------------------------------------------------------------------------
 

@@ -61,6 +61,7 @@ def test_top_level_toml_and_single_address(tmp_path: Path) -> None:
         ({"sync_backoff_min": 5, "sync_backoff_max": 1}, "sync_backoff_min"),
         ({"trust_bundle": "/b.pem", "insecure_bootstrap": True}, "insecure_bootstrap"),
         ({"no_such_setting": 1}, "no_such_setting"),
+        ({"server_addresses": ("h:1",), "metrics_address": "9988"}, "metrics_address"),
     ],
 )
 def test_bad_settings_raise_config_error_naming_them(
