@@ -260,7 +260,8 @@ class CacheManager:
             for name, bundle in bundles.federated.items()
             if name in wanted or f"spiffe://{name}" in wanted
         }
-        return WorkloadUpdate(identities, bundles.bundle, federated)
+        unsigned = len(self._matching_entries(selectors)) - len(identities)
+        return WorkloadUpdate(identities, bundles.bundle, federated, unsigned)
 
     def cached_svid(self, entry_id: str) -> X509Svid | None:
         """The cached X509-SVID of ``entry_id`` (for tests and diagnostics)."""

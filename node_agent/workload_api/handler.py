@@ -160,6 +160,16 @@ _JWT_REFUSAL_STATUS = {
 _NO_MATCH = "no registration entry matches the caller's selectors"
 
 
+def _why_none(update: WorkloadUpdate) -> str:
+    """Why a workload has no identity: no entry matches, or none has an SVID yet."""
+    if update.unsigned:
+        return (
+            f"{update.unsigned} matching entr{'y has' if update.unsigned == 1 else 'ies have'} "
+            "no X509-SVID yet (not signed by the server, or refused)"
+        )
+    return _NO_MATCH
+
+
 class WorkloadApiServicer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
     """Serves the Workload API from a :class:`Manager`, attesting callers with an attestor.
 
@@ -243,7 +253,7 @@ class WorkloadApiServicer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
             while True:
                 update = await subscription.next()
                 if not update.identities:
-                    await _refuse(context, caller, "no identity issued", _NO_MATCH)
+                    await _refuse(context, caller, "no identity issued", _why_none(update))
                 response = _x509_svid_response(update)
                 if response == previous:
                     continue
@@ -404,7 +414,7 @@ class WorkloadApiServicer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
             while True:
                 update = await subscription.next()
                 if not update.identities:
-                    await _refuse(context, caller, "no identity issued", _NO_MATCH)
+                    await _refuse(context, caller, "no identity issued", _why_none(update))
                 yield update.bundle, update.federated_bundles
         finally:
             subscription.close()

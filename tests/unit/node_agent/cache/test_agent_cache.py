@@ -7,6 +7,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import grpc
 import pytest
 from agent_fake_server import (
     AGENT_ID,
@@ -215,6 +216,24 @@ def test_entries_under_node_aliases_and_their_descendants_are_served() -> None:
             update = await sub.next()
             assert [i.entry_id for i in update.identities] == [under_alias, under_node, deep]
             sub.close()
+        await server.stop()
+
+    run(scenario)
+
+
+def test_update_counts_matching_entries_without_an_svid() -> None:
+    """While the server fails to sign, a workload's update has no identity and says how many
+    matching entries lack an SVID."""
+
+    async def scenario() -> None:
+        server, client = await _started()
+        server.fail_batch = grpc.StatusCode.UNAVAILABLE
+        server.create_entry("spiffe://example.org/a", ["unix:uid:1000"])
+        server.create_entry("spiffe://example.org/b", ["unix:uid:1000", "unix:gid:1000"])
+        server.create_entry("spiffe://example.org/c", ["unix:uid:4"])
+        async with RunningAgent(server, client) as agent:
+            update = agent.cache.update_for(UID)
+            assert update.identities == () and update.unsigned == 2
         await server.stop()
 
     run(scenario)

@@ -100,6 +100,8 @@ class FakeManager:
         self.changed = asyncio.Condition()
         self.subscriptions: set[FakeSubscription] = set()
         self.jwt_requests: list[tuple[str, tuple[str, ...]]] = []
+        self.unsigned = 0
+        """Matching entries the fake reports as having no SVID yet."""
         self.jwt_error: Exception | None = None
         """Raised by fetch_jwt_svid when set (what the server client's errors become)."""
 
@@ -128,6 +130,7 @@ class FakeManager:
             identities=self.matching_identities(selectors),
             bundle=self.ca.bundle(),
             federated_bundles=self.federated_bundles(),
+            unsigned=self.unsigned,
         )
 
     # -- the Manager protocol --

@@ -282,6 +282,31 @@ def test_rate_limited_jwt_svid_call_is_logged_with_the_caller(
     assert MY_UID in record.__dict__["selectors"]
 
 
+@pytest.mark.parametrize(
+    ("unsigned", "reason"),
+    [
+        (0, "no registration entry matches the caller's selectors"),
+        (2, "2 matching entries have no X509-SVID yet (not signed by the server, or refused)"),
+    ],
+)
+def test_refused_x509_call_is_logged_with_why_nothing_was_served(
+    api: Api, caplog: pytest.LogCaptureFixture, unsigned: int, reason: str
+) -> None:
+    """A caller with no identity is logged at info with its selectors and why: no entry
+    matches, or matching entries have no SVID yet."""
+    api.manager.unsigned = unsigned
+    caplog.set_level("INFO", logger="node_agent.workload_api.handler")
+    channel, stub = _stub(api)
+    with channel:
+        assert (
+            _code_of_stream(stub.FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=HEADER))
+            == grpc.StatusCode.PERMISSION_DENIED
+        )
+    (record,) = [r for r in caplog.records if r.getMessage() == "workload call refused"]
+    assert record.levelname == "INFO" and record.__dict__["reason"] == reason
+    assert record.__dict__["method"] == "FetchX509SVID" and MY_UID in record.__dict__["selectors"]
+
+
 def test_one_jwt_svid_per_identity(api: Api) -> None:
     """Without spiffe_id, FetchJWTSVID returns a JWT-SVID for each identity, with hints."""
     api.manager.add([MY_UID], "spiffe://example.org/a", hint="ha")
