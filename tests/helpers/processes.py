@@ -56,6 +56,7 @@ __all__ = [
     "credo_server_command",
     "free_port",
     "join_token",
+    "one_line_error",
     "run_cli",
     "short_temp_dir",
     "start_agent",
@@ -96,6 +97,14 @@ def run_cli(
     return subprocess.run(
         cmd, input=stdin, capture_output=True, text=True, timeout=timeout, check=check
     )
+
+
+def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
+    """The one ``Error: ...`` stderr line of a CLI run that failed as it should (exit 1)."""
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    return lines[0]
 
 
 def _flag_args(flags: dict[str, Any]) -> list[str]:

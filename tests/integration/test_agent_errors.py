@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -22,7 +21,7 @@ from tests.helpers.processes import (
     ServerProcess,
     create_entry,
     credo_agent_command,
-    short_temp_dir,
+    one_line_error,
     start_agent,
     start_server,
     wait_for,
@@ -40,13 +39,6 @@ NOBODY = 65534
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     with start_server(tmp_path_factory.mktemp("errors")) as running:
         yield running
-
-
-@pytest.fixture
-def root() -> Iterator[Path]:
-    path = short_temp_dir()
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 # `credo-agent <args>` as uid/gid 65534: imported as root (the interpreter lives where
@@ -70,13 +62,6 @@ def _agent_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Comp
     )
 
 
-def _one_line_error(result: subprocess.CompletedProcess[str]) -> str:
-    assert result.returncode == 1, (result.stdout, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
-    return lines[0]
-
-
 def test_jwt_with_an_empty_audience_keeps_the_servers_invalid_argument(
     server: ServerProcess, root: Path
 ) -> None:
@@ -86,7 +71,7 @@ def test_jwt_with_an_empty_audience_keeps_the_servers_invalid_argument(
         spiffe_id = f"spiffe://{TD}/errors/jwt"
         create_entry(server, agent.spiffe_id, spiffe_id)
         wait_for(lambda: spiffe_id in agent.fetch_ids(), 20, "the workload's SVID")
-        line = _one_line_error(
+        line = one_line_error(
             _agent_cli("api", "fetch", "jwt", "--audience", "", "--socket", agent.endpoint)
         )
         assert "INVALID_ARGUMENT" in line
@@ -100,7 +85,7 @@ def test_stopped_agent_is_reported_as_not_running(server: ServerProcess, root: P
     """After the agent stopped, `api fetch x509` asks whether credo-agent is running."""
     agent: AgentProcess = start_agent(server, root)
     agent.stop()
-    line = _one_line_error(_agent_cli("api", "fetch", "x509", "--socket", agent.endpoint))
+    line = one_line_error(_agent_cli("api", "fetch", "x509", "--socket", agent.endpoint))
     assert line.endswith("is credo-agent running?")
 
 
@@ -124,7 +109,7 @@ def test_healthcheck_by_a_user_who_cannot_open_the_admin_socket_says_permission_
             timeout=60,
             cwd="/",
         )
-        line = _one_line_error(result)
+        line = one_line_error(result)
         assert line == (
             f"Error: agent is unhealthy: permission denied opening the agent's admin socket "
             f"{agent.admin_socket}: run the healthcheck as the agent's user or root"

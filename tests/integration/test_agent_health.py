@@ -17,20 +17,12 @@ from tests.helpers.processes import (
     ServerProcess,
     credo_agent_command,
     free_port,
-    short_temp_dir,
     start_agent,
     start_server,
     wait_for,
 )
 
 pytest.importorskip("spiffe")
-
-
-@pytest.fixture
-def root() -> Iterator[Path]:
-    path = short_temp_dir()
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

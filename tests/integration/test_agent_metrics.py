@@ -4,9 +4,7 @@
 from __future__ import annotations
 
 import re
-import shutil
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,7 +13,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from node_agent import telemetry
 from tests.helpers.processes import (
     create_entry,
-    short_temp_dir,
     start_agent,
     start_server,
     wait_for,
@@ -24,13 +21,6 @@ from tests.helpers.processes import (
 pytest.importorskip("spiffe")
 
 TD = "example.org"
-
-
-@pytest.fixture
-def root() -> Iterator[Path]:
-    path = short_temp_dir()
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def _scrape(address: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -4,7 +4,6 @@ datastore where a test needs what an older server could have stored."""
 
 from __future__ import annotations
 
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +14,7 @@ import pytest
 from credo.selector import Selector
 from server.datastore.models import RegistrationEntry
 from server.datastore.sql import SqlDataStore
-from tests.helpers.processes import ServerProcess, start_server
+from tests.helpers.processes import ServerProcess, one_line_error, start_server
 
 TD = "example.org"
 PARENT = f"spiffe://{TD}/credo/agent/join_token/edges"
@@ -25,14 +24,6 @@ PARENT = f"spiffe://{TD}/credo/agent/join_token/edges"
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     with start_server(tmp_path_factory.mktemp("edges")) as running:
         yield running
-
-
-def _error(result: subprocess.CompletedProcess[str]) -> str:
-    """The one ``Error: ...`` line of a command that failed with exit code 1."""
-    assert result.returncode == 1, (result.stdout, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
-    return lines[0]
 
 
 def _create(server: ServerProcess, spiffe_id: str, *extra: str) -> Any:
@@ -56,7 +47,9 @@ def test_expires_at_beyond_year_9999_is_refused_and_nothing_is_created(
 ) -> None:
     """`--expires-at 99999999999999` is refused in one line naming the bound; no entry appears."""
     before = server.cli_json("entry", "count")["count"]
-    line = _error(_create(server, f"spiffe://{TD}/edges/far", "--expires-at", "99999999999999"))
+    line = one_line_error(
+        _create(server, f"spiffe://{TD}/edges/far", "--expires-at", "99999999999999")
+    )
     assert "expires_at" in line and "9999-12-31T23:59:59Z" in line
     assert server.cli_json("entry", "count")["count"] == before
 
@@ -64,7 +57,9 @@ def test_expires_at_beyond_year_9999_is_refused_and_nothing_is_created(
 def test_expires_at_in_the_past_is_refused(server: ServerProcess) -> None:
     """An expiry in the past is refused (it would be pruned at once), saying so."""
     before = server.cli_json("entry", "count")["count"]
-    line = _error(_create(server, f"spiffe://{TD}/edges/past", "--expires-at", "1000000000"))
+    line = one_line_error(
+        _create(server, f"spiffe://{TD}/edges/past", "--expires-at", "1000000000")
+    )
     assert "2001-09-09T01:46:40Z is in the past" in line
     assert server.cli_json("entry", "count")["count"] == before
     future = _create(server, f"spiffe://{TD}/edges/future", "--expires-at", "2100-01-01T00:00:00Z")
@@ -97,7 +92,7 @@ def test_admin_and_downstream_are_refused_as_not_supported(
     server: ServerProcess, flag: str
 ) -> None:
     """`entry create --admin` / `--downstream` is refused, saying the flag is not supported."""
-    line = _error(_create(server, f"spiffe://{TD}/edges/{flag}", f"--{flag}"))
+    line = one_line_error(_create(server, f"spiffe://{TD}/edges/{flag}", f"--{flag}"))
     assert f"{flag}: is not supported" in line
     assert server.cli_json("entry", "show", "--spiffe-id", f"spiffe://{TD}/edges/{flag}") == {
         "entries": []
@@ -121,7 +116,7 @@ def test_entry_stored_with_admin_still_shows_and_can_be_cleared(server: ServerPr
     assert shown["admin"] is True and shown["downstream"] is True
     text = server.cli("entry", "show", "--id", entry_id, output="text").stdout
     assert "Admin" in text and "Downstream" in text
-    line = _error(server.cli("entry", "update", "--id", entry_id, "--hint", "h"))
+    line = one_line_error(server.cli("entry", "update", "--id", entry_id, "--hint", "h"))
     assert "--no-admin" in line
     (cleared,) = server.cli_json(
         "entry", "update", "--id", entry_id, "--hint", "h", "--no-admin", "--no-downstream"
@@ -131,7 +126,7 @@ def test_entry_stored_with_admin_still_shows_and_can_be_cleared(server: ServerPr
 
 def test_join_token_ttl_is_capped_at_24h_by_default(server: ServerProcess) -> None:
     """`token generate --ttl 3650d` is refused with the cap and its setting; 24h is accepted."""
-    line = _error(server.cli("token", "generate", "--ttl", "3650d"))
+    line = one_line_error(server.cli("token", "generate", "--ttl", "3650d"))
     assert (
         "3650d is longer than this server allows for join tokens (1d, join_token_max_ttl)" in line
     )
@@ -142,7 +137,7 @@ def test_join_token_ttl_is_capped_at_24h_by_default(server: ServerProcess) -> No
 def test_join_token_ttl_cap_is_configurable(tmp_path: Path) -> None:
     """With `--join-token-max-ttl 1h`, a 2h token is refused and a 1h one is not."""
     with start_server(tmp_path, join_token_max_ttl="1h") as capped:
-        line = _error(capped.cli("token", "generate", "--ttl", "2h"))
+        line = one_line_error(capped.cli("token", "generate", "--ttl", "2h"))
         assert "longer than this server allows" in line and "1h" in line
         assert capped.cli("token", "generate", "--ttl", "1h").returncode == 0
         plain = capped.cli_json("token", "generate")

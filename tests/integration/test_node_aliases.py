@@ -4,7 +4,6 @@ run`, entries made with the server CLI, SVIDs fetched with py-spiffe."""
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +14,6 @@ from server.datastore.sql import SqlDataStore
 from tests.helpers.processes import (
     ServerProcess,
     create_entry,
-    short_temp_dir,
     start_agent,
     start_server,
     wait_for,
@@ -25,13 +23,6 @@ pytest.importorskip("spiffe")
 
 TD = "example.org"
 ME = f"unix:uid:{os.getuid()}"
-
-
-@pytest.fixture
-def root() -> Iterator[Path]:
-    path = short_temp_dir()
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ real `credo-agent run` processes, and `credo-agent api validate jwt` as a subpro
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +16,6 @@ from tests.helpers.processes import (
     create_entry,
     credo_agent_command,
     join_token,
-    short_temp_dir,
     start_server,
     wait_for,
     write_server_bundle,
@@ -32,13 +30,6 @@ TD = "example.org"
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     with start_server(tmp_path_factory.mktemp("secrets")) as running:
         yield running
-
-
-@pytest.fixture
-def root() -> Iterator[Path]:
-    path = short_temp_dir()
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def _cmdline(agent: AgentProcess) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -24,7 +23,6 @@ from tests.helpers.processes import (
     ServerProcess,
     create_entry,
     credo_agent_command,
-    short_temp_dir,
     start_agent,
     start_server,
     wait_for,
@@ -96,13 +94,6 @@ def _unit_cgroups(hierarchy: str) -> Iterator[Units]:
         if made_slice:
             with contextlib.suppress(OSError):  # another test's cgroup may be in it now
                 system_slice.rmdir()
-
-
-@pytest.fixture
-def root() -> Iterator[Path]:
-    path = short_temp_dir()
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
