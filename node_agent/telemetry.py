@@ -13,6 +13,9 @@ server's are, from a registry of the agent's own:
 ``credo_agent_sync_connected``              1 while the entry sync stream is up
 ``credo_agent_sync_last_event_id``          the last change-feed event id synced
 ==========================================  =========================================
+
+The agent's own health check (``credo-agent healthcheck``) is a real ``FetchJWTSVID``
+call through the public socket, so it counts among the calls.
 """
 
 from __future__ import annotations
