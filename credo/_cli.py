@@ -11,13 +11,16 @@ around ``super().invoke``.
 from __future__ import annotations
 
 import errno
+import os
+import sys
+from pathlib import Path
 from typing import Any
 
 import click
 
 from credo.errors import CredoError
 
-__all__ = ["CliError", "CliGroup", "describe_os_error"]
+__all__ = ["CliError", "CliGroup", "describe_os_error", "read_secret"]
 
 
 class CliError(click.ClickException):
@@ -36,6 +39,35 @@ def describe_os_error(exc: OSError) -> str:
     if exc.filename is not None:
         return f"{reason}: {exc.filename}"
     return reason
+
+
+def read_secret(value: str | None, path: str | None, *, flag: str, env: str) -> str | None:
+    """A secret from ``--<flag> VALUE``, ``--<flag>-file PATH`` or ``$<env>``, in that order.
+
+    ``-`` as the value or the path reads it from stdin. Secrets read from a file, stdin or
+    the environment lose surrounding whitespace (the newline ``echo`` adds). None when none
+    of them is given; :class:`CliError` when both flags are, or the source is empty.
+    """
+    if value is not None and path is not None:
+        raise CliError(f"give --{flag} or --{flag}-file, not both")
+    text: str
+    if value == "-" or path == "-":
+        text, source = sys.stdin.read(), "stdin"
+    elif path is not None:
+        try:
+            text, source = Path(path).read_text(), path
+        except OSError as exc:
+            raise CliError(f"--{flag}-file: cannot read {path}: {exc.strerror or exc}") from None
+    elif value is not None:
+        return value
+    else:
+        text, source = os.environ.get(env, ""), f"${env}"
+        if not text:
+            return None
+    secret = text.strip()
+    if not secret:
+        raise CliError(f"--{flag}: {source} is empty")
+    return secret
 
 
 class CliGroup(click.Group):

@@ -12,8 +12,12 @@ Order (nothing else constructs these):
    ``Manager``), seeded with the stored trust bundle;
 5. :class:`~node_agent.sync.syncer.EntrySyncer` — the entry stream, feeding the cache;
 6. the workload attestors the config names (:mod:`node_agent.workload.catalog`, combined)
-   and :class:`~node_agent.workload_api.server.WorkloadApiServer` on the public socket;
-7. :class:`~node_agent.workload_api.admin.AdminServer` — gRPC health on the admin socket.
+   and :class:`~node_agent.workload_api.server.WorkloadApiServer` on the public socket, its
+   internal socket in a :class:`~credo._rundir.RuntimeDir` under the data dir (removed on
+   exit; one left by a crash is removed at the next start);
+7. :class:`~node_agent.workload_api.admin.AdminServer` — gRPC health on the admin socket
+   (live: a real Workload API call through the public socket; ready: also synced);
+8. :class:`~node_agent.telemetry.AgentMetrics` on ``metrics_address``, when set.
 
 The agent-SVID renewal loop, the sync stream and the cache's signing loop run side by
 side under one :class:`asyncio.TaskGroup`. SIGTERM or SIGINT stops everything cleanly;
@@ -29,8 +33,11 @@ import os
 import resource
 import signal
 import sys
+import time
+from collections.abc import Callable
 
 from credo._logging import setup_logging
+from credo._rundir import RuntimeDir
 from credo.bundle import Bundle
 from credo.errors import CredoError
 from node_agent.attestation.catalog import build_node_attestor
@@ -42,6 +49,7 @@ from node_agent.errors import AgentRemoved
 from node_agent.server_client import BackoffPolicy, ServerClient, ServerClientConfig
 from node_agent.sync.entries import TrustBundles
 from node_agent.sync.syncer import EntrySyncer
+from node_agent.telemetry import AgentMetrics
 from node_agent.workload.catalog import build_workload_attestor
 from node_agent.workload_api.admin import AdminServer
 from node_agent.workload_api.server import WorkloadApiServer, WorkloadApiServerConfig
@@ -83,7 +91,19 @@ async def serve(
         store,
     )
     workload_api: WorkloadApiServer | None = None
-    admin = AdminServer(config.admin_socket)
+    runtime: RuntimeDir | None = None
+    syncer: EntrySyncer | None = None
+
+    def not_ready() -> str | None:
+        if syncer is None or not syncer.synced.is_set():
+            return "the first entry sync from the server has not completed"
+        if session.svid.expires_at.timestamp() <= time.time():
+            return f"the agent SVID expired at {session.svid.expires_at.isoformat()}"
+        return None
+
+    admin = AdminServer(config.admin_socket, config.socket_path, not_ready)
+    metrics = AgentMetrics()
+    stop_metrics: Callable[[], None] | None = None
     try:
         await session.start()
         cache = CacheManager(
@@ -96,10 +116,20 @@ async def serve(
         )
         cache.update_bundles(TrustBundles(Bundle(trust_domain, session.authorities)))
         syncer = EntrySyncer(client, cache, session)
+        runtime = RuntimeDir.create(config.data_dir, setting="data_dir")
         workload_api = WorkloadApiServer(
-            WorkloadApiServerConfig(socket_path=str(config.socket_path)),
+            WorkloadApiServerConfig(
+                socket_path=str(config.socket_path), private_dir=str(runtime.path)
+            ),
             cache,
             build_workload_attestor(config.workload_attestor),
+            metrics=metrics,
+        )
+        metrics.set_gauge_sources(
+            svids_cached=lambda: cache.size,
+            entries=lambda: len(cache.served),
+            sync_connected=lambda: 1.0 if cache.connected else 0.0,
+            sync_last_event_id=lambda: syncer.state.last_event_id if syncer else 0,
         )
         async with asyncio.TaskGroup() as group:
             tasks = [
@@ -109,6 +139,10 @@ async def serve(
             ]
             await workload_api.start()
             await admin.start()
+            if config.metrics_address:
+                _, stop_metrics = await asyncio.to_thread(
+                    metrics.serve_http, config.metrics_address
+                )
             log.info(
                 "agent running",
                 extra={
@@ -140,6 +174,10 @@ async def serve(
         if workload_api is not None:
             with contextlib.suppress(Exception):
                 await workload_api.stop(1.0)
+        if stop_metrics is not None:
+            await asyncio.to_thread(stop_metrics)
+        if runtime is not None:
+            runtime.close()
         await client.close()
 
 

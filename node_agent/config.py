@@ -101,6 +101,8 @@ class AgentConfig:
     sync_backoff_max: float = 30.0
     # How long a new subscription waits for SVIDs of matching entries to be signed.
     svid_wait_timeout: float = 5.0
+    # host:port of the Prometheus endpoint (port 0: any free one); "" disables it.
+    metrics_address: str = ""
     # [agent.node_attestor.<name>]: exactly one.
     node_attestor: PluginConfig = field(default_factory=_default_node_attestor)
     # [agent.workload_attestor.<name>]: one or more, their selectors combined.
@@ -144,6 +146,12 @@ class AgentConfig:
                 "sync_backoff_min/sync_backoff_max: expected 0 < min <= max, got "
                 f"{self.sync_backoff_min} and {self.sync_backoff_max}"
             )
+        if self.metrics_address:
+            host, sep, port = self.metrics_address.rpartition(":")
+            if not sep or not port.isdigit() or int(port) > 65535:
+                raise ConfigError(
+                    f"metrics_address: expected host:port, got {self.metrics_address!r}"
+                )
         if self.svid_wait_timeout < 0:
             raise ConfigError(f"svid_wait_timeout: must be >= 0, got {self.svid_wait_timeout}")
         if self.join_token is not None:

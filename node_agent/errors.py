@@ -5,6 +5,7 @@
     CredoError
     ├── ServerClientError                  a call to the server failed; worth retrying later
     │   ├── ServerUnreachable              no server answered, or the one that did is not it
+    │   │   └── ServerNotTrusted           its certificate does not chain to the trusted CAs
     │   ├── ServerRefused                  the server answered with an error (code, reason)
     │   └── BadServerResponse              the server's answer is unusable (a malformed SVID)
     └── AgentRemoved                       the server banned or evicted this agent: fatal
@@ -30,6 +31,7 @@ __all__ = [
     "AgentRemoved",
     "BadServerResponse",
     "ServerClientError",
+    "ServerNotTrusted",
     "ServerRefused",
     "ServerUnreachable",
 ]
@@ -41,6 +43,11 @@ class ServerClientError(CredoError):
 
 class ServerUnreachable(ServerClientError):
     """No server answered, or the one that did failed identity verification."""
+
+
+class ServerNotTrusted(ServerUnreachable):
+    """The server's certificate does not chain to the X.509 authorities the agent trusts
+    (a bootstrap bundle older than the server's current CA, or not this trust domain's)."""
 
 
 class ServerRefused(ServerClientError):

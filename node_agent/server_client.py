@@ -66,6 +66,7 @@ from node_agent.errors import (
     AgentRemoved,
     BadServerResponse,
     ServerClientError,
+    ServerNotTrusted,
     ServerRefused,
     ServerUnreachable,
 )
@@ -181,8 +182,13 @@ def verify_server_identity(
     context.set_alpn_protocols(["h2"])
     try:
         der = _handshake(address, context, timeout)
+    except ssl.SSLCertVerificationError as exc:
+        raise ServerNotTrusted(
+            f"server {address} presented a certificate that does not chain to the trusted "
+            f"CAs ({exc.verify_message})"
+        ) from None
     except (OSError, ssl.SSLError) as exc:
-        raise ServerUnreachable(f"cannot verify server {address}: {exc}") from None
+        raise ServerUnreachable(f"cannot reach server {address}: {_why(exc, timeout)}") from None
     cert = x509.load_der_x509_certificate(der)
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
@@ -205,8 +211,21 @@ def fetch_server_certificate(address: str, timeout: float = 5.0) -> x509.Certifi
     try:
         der = _handshake(address, context, timeout)
     except (OSError, ssl.SSLError) as exc:
-        raise ServerUnreachable(f"cannot reach server {address}: {exc}") from None
+        raise ServerUnreachable(f"cannot reach server {address}: {_why(exc, timeout)}") from None
     return x509.load_der_x509_certificate(der)
+
+
+def _why(exc: OSError | ssl.SSLError, timeout: float) -> str:
+    """A connection failure in words (``connection refused``, not ``[Errno 111] ...``)."""
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused (nothing listens on that port)"
+    if isinstance(exc, TimeoutError):
+        return f"no answer within {timeout:g}s"
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve the host name ({exc.strerror})"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS handshake failed ({exc.reason or exc})"
+    return str(exc.strerror or exc).lower()
 
 
 # --- what the typed methods return ---------------------------------------------------

@@ -13,7 +13,9 @@ Endpoints:
 * agent endpoint on ``bind_address``: TLS with the server's own SVID
   ``spiffe://<td>/credo/server`` (re-signed at half-life and whenever the CA or the
   bundle changes; new connections get the new one), client certificates optional (see
-  :mod:`server.api.tls`), gRPC health;
+  :mod:`server.api.tls`), gRPC health; the TLS front end relays to gRPC over sockets in a
+  :class:`~credo._rundir.RuntimeDir` under the data dir (removed on exit, and at the next
+  start after a crash);
 * admin endpoint on the Unix socket ``admin_socket`` (directory 0700, socket 0600),
   gRPC health;
 * Prometheus metrics on ``metrics_address`` when set.
@@ -25,9 +27,7 @@ import asyncio
 import contextlib
 import logging
 import os
-import shutil
 import signal
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,6 +39,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from credo._files import write_atomically
 from credo._logging import setup_logging
 from credo._proto.credo.server.v1 import admin_pb2_grpc, agent_pb2_grpc
+from credo._rundir import RuntimeDir
 from credo.errors import CredoError
 from credo.spiffe_id import TrustDomain
 from server.agents.attestation import NodeAttestation
@@ -118,7 +119,7 @@ class _Server:
     identity: ServerIdentity
     metrics: Metrics
     stopping: asyncio.Event
-    relay_dir: Path
+    runtime: RuntimeDir
     agent_grpc: grpc.aio.Server
     admin_grpc: grpc.aio.Server
     frontend: TlsFrontend
@@ -147,7 +148,7 @@ class _Server:
             await asyncio.to_thread(self.stop_metrics)
         with contextlib.suppress(OSError):
             os.unlink(self.config.admin_socket)
-        shutil.rmtree(self.relay_dir, ignore_errors=True)
+        self.runtime.close()
         self.datastore.close()
         log.info("server stopped")
 
@@ -158,7 +159,7 @@ async def _build(config: ServerConfig, stop: asyncio.Event) -> _Server:
 
     # 1. datastore
     datastore: DataStore = await asyncio.to_thread(SqlDataStore.open, config.datastore_url)
-    relay_dir: Path | None = None
+    runtime: RuntimeDir | None = None
     try:
         # 2. key manager, 3. authority manager + CA
         metrics = Metrics()
@@ -229,6 +230,7 @@ async def _build(config: ServerConfig, stop: asyncio.Event) -> _Server:
             x509_svid_ttl=config.x509_svid_ttl,
             jwt_svid_ttl=config.jwt_svid_ttl,
             join_token_ttl=config.join_token_ttl,
+            join_token_max_ttl=config.join_token_max_ttl,
         )
 
         # 7. servers
@@ -237,7 +239,9 @@ async def _build(config: ServerConfig, stop: asyncio.Event) -> _Server:
             manager, bundles, key_type="ec-p256", dns_names=server_dns_names(bind_host)
         )
         await asyncio.to_thread(identity.refresh)
-        relay_dir = Path(tempfile.mkdtemp(prefix="credo-relay-"))
+        # The TLS front end's relay sockets: private, under the data dir, gone on exit.
+        runtime = RuntimeDir.create(data_dir, setting="data_dir")
+        relay_dir = runtime.path
         agent_health = health.aio.HealthServicer()
         agent_grpc = grpc.aio.server(options=_AGENT_GRPC_OPTIONS)
         agent_pb2_grpc.add_AgentServicer_to_server(agent_api, agent_grpc)
@@ -287,7 +291,7 @@ async def _build(config: ServerConfig, stop: asyncio.Event) -> _Server:
             identity=identity,
             metrics=metrics,
             stopping=stopping,
-            relay_dir=relay_dir,
+            runtime=runtime,
             agent_grpc=agent_grpc,
             admin_grpc=admin_grpc,
             frontend=frontend,
@@ -296,8 +300,8 @@ async def _build(config: ServerConfig, stop: asyncio.Event) -> _Server:
         )
     except BaseException:
         datastore.close()
-        if relay_dir is not None:
-            shutil.rmtree(relay_dir, ignore_errors=True)
+        if runtime is not None:
+            runtime.close()
         raise
 
 

@@ -41,7 +41,14 @@ __all__ = [
 ]
 
 KEY_TYPES = ("ec-p256", "ec-p384", "rsa-2048")
-_DURATIONS = ("ca_ttl", "x509_svid_ttl", "jwt_svid_ttl", "agent_svid_ttl", "join_token_ttl")
+_DURATIONS = (
+    "ca_ttl",
+    "x509_svid_ttl",
+    "jwt_svid_ttl",
+    "agent_svid_ttl",
+    "join_token_ttl",
+    "join_token_max_ttl",
+)
 
 FILE_ONLY_SETTINGS: Final = frozenset({"node_attestor"})
 """Settings made of nested plugin tables: config file only, no flag."""
@@ -75,6 +82,9 @@ class ServerConfig:
     upstream_ca_cert: Path | None = None
     upstream_ca_key: Path | None = None
     join_token_ttl: int = duration_field(600)
+    # Longest lifetime `token generate --ttl` may ask for: a join token admits a node until
+    # it is used, so it should not outlive the provisioning it is made for.
+    join_token_max_ttl: int = duration_field(24 * 3600)
     log_level: str = "info"
     log_format: str = "text"
     # "" disables the Prometheus endpoint.
@@ -113,6 +123,11 @@ class ServerConfig:
         if self.x509_svid_ttl > self.ca_ttl:
             raise ConfigError(
                 f"x509_svid_ttl ({self.x509_svid_ttl}s) must not exceed ca_ttl ({self.ca_ttl}s)"
+            )
+        if self.join_token_ttl > self.join_token_max_ttl:
+            raise ConfigError(
+                f"join_token_ttl ({self.join_token_ttl}s) must not exceed join_token_max_ttl "
+                f"({self.join_token_max_ttl}s)"
             )
         for name, allowed in (
             ("ca_key_type", KEY_TYPES),

@@ -6,11 +6,12 @@ Everything is registered on a dedicated :class:`prometheus_client.CollectorRegis
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from typing import Final
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from credo._metrics import serve_metrics
 
 __all__ = [
     "AGENTS",
@@ -28,8 +29,6 @@ __all__ = [
     "SVIDS_SIGNED_TOTAL",
     "Metrics",
 ]
-
-log = logging.getLogger(__name__)
 
 SVIDS_SIGNED_TOTAL: Final = "credo_svids_signed_total"
 SIGNING_SECONDS: Final = "credo_signing_seconds"
@@ -103,16 +102,4 @@ class Metrics:
 
     def serve_http(self, address: str) -> tuple[str, Callable[[], None]]:
         """Serve ``/metrics`` on ``host:port``; return the bound address and a stop function."""
-        host, _, port = address.rpartition(":")
-        server, thread = start_http_server(
-            int(port), addr=host or "0.0.0.0", registry=self.registry
-        )
-        bound = f"{host or '0.0.0.0'}:{server.server_port}"
-        log.info("serving metrics", extra={"address": bound})
-
-        def stop() -> None:
-            server.shutdown()
-            server.server_close()
-            thread.join(timeout=5)
-
-        return bound, stop
+        return serve_metrics(self.registry, address)

@@ -1,9 +1,10 @@
 """The ``join_token`` node attestor: a single-use token from ``credo-server token generate``.
 
 Configured as ``[agent.node_attestor.join_token]`` (no settings of its own, as in SPIRE);
-the token itself is the agent's ``join_token`` setting, best given once as
-``--join-token``: it works only once, and afterwards the agent resumes with its stored
-SVID. The agent ID becomes ``spiffe://<td>/credo/agent/join_token/<token>``.
+the token itself is the agent's ``join_token`` setting, best given once with
+``--join-token-file FILE``, ``--join-token -`` (stdin) or ``$CREDO_JOIN_TOKEN`` (a token
+in the arguments is visible in ``ps``): it works only once, and afterwards the agent
+resumes with its stored SVID. The agent ID becomes ``spiffe://<td>/credo/agent/join_token/<token>``.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ class JoinTokenAttestor:
         """The token's bytes; :class:`NoAttestationData` when no token was given."""
         if not self._token:
             raise NoAttestationData(
-                "no --join-token",
-                "generate a token with 'credo-server token generate' and pass it with --join-token",
+                "no join token",
+                "generate one with 'credo-server token generate' and give it with "
+                "--join-token-file FILE, --join-token - (stdin) or $CREDO_JOIN_TOKEN",
             )
         return self._token.encode()

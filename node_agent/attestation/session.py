@@ -42,7 +42,13 @@ from node_agent.attestation.errors import (
     NoAttestationData,
 )
 from node_agent.attestation.store import SvidStore
-from node_agent.errors import BadServerResponse, ServerClientError, ServerRefused, ServerUnreachable
+from node_agent.errors import (
+    BadServerResponse,
+    ServerClientError,
+    ServerNotTrusted,
+    ServerRefused,
+    ServerUnreachable,
+)
 from node_agent.server_client import ServerClient
 
 __all__ = ["AgentSession", "SessionConfig"]
@@ -205,15 +211,27 @@ class AgentSession:
         ``roots`` (the current bundle when attesting again) default to the bootstrap trust.
         """
         payload = await self.attestor.payload()
+        bootstrap = roots is None
         if roots is None:
             roots = await self._bootstrap_roots()
         deadline = time.monotonic() + self.config.attest_retry_timeout
         backoff = self.client.backoff()
+        failures = 0
         while True:
             key = generate_private_key()
             try:
                 result = await self.client.attest(self.attestor.type, payload, key, roots)
                 break
+            except ServerNotTrusted as exc:
+                if bootstrap and self.config.trust_bundle is not None:
+                    bundle = self.config.trust_bundle
+                    raise NoAgentCredentials(
+                        f"the bootstrap trust bundle {bundle} does not contain the server's "
+                        f"current CA ({exc}); the server's CA may have rotated since it was "
+                        f"copied: refresh it with 'credo-server bundle show --format pem > "
+                        f"{bundle}'"
+                    ) from None
+                last_error = str(exc)
             except ServerUnreachable as exc:
                 last_error = str(exc)
             except ServerRefused as exc:
@@ -225,12 +243,22 @@ class AgentSession:
             except BadServerResponse as exc:
                 raise AttestationRejected(str(exc)) from None
             delay = backoff.next()
-            log.warning(
-                "node attestation attempt failed",
-                extra={"error": last_error, "retry_in": round(delay, 2)},
-            )
+            failures += 1
             if time.monotonic() + delay > deadline:
-                raise ServerUnreachable(f"node attestation failed: {last_error}")
+                raise ServerUnreachable(
+                    f"node attestation failed: no server answered for "
+                    f"{self.config.attest_retry_timeout:g}s ({last_error})"
+                )
+            # One clear line saying what is tried and for how long; the rest at debug.
+            log.log(
+                logging.WARNING if failures == 1 else logging.DEBUG,
+                "cannot attest to the server yet; retrying",
+                extra={
+                    "servers": ",".join(self.client.config.server_addresses),
+                    "error": last_error,
+                    "retrying_for_s": round(max(0.0, deadline - time.monotonic())),
+                },
+            )
             await asyncio.sleep(delay)
         svid = result.svid
         await asyncio.to_thread(self.store.save_svid, svid)

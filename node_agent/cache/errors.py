@@ -4,7 +4,9 @@
 
     CredoError
     └── CacheError
-        └── JwtSvidUnavailable           the server could not be asked for a JWT-SVID
+        ├── JwtSvidUnavailable           the server could not be asked for a JWT-SVID
+        │   └── JwtSvidRateLimited       the server said: not now (rate limited)
+        └── JwtSvidRefused               the server refused the request (code, reason)
 
 The Workload API handler maps these to gRPC status codes; nothing here does.
 """
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 from credo.errors import CredoError
 
-__all__ = ["CacheError", "JwtSvidUnavailable"]
+__all__ = ["CacheError", "JwtSvidRateLimited", "JwtSvidRefused", "JwtSvidUnavailable"]
 
 
 class CacheError(CredoError):
@@ -21,4 +23,21 @@ class CacheError(CredoError):
 
 
 class JwtSvidUnavailable(CacheError):
-    """No JWT-SVID could be obtained from the server (unreachable or refused)."""
+    """No JWT-SVID could be obtained from the server now (unreachable, or rate limited)."""
+
+
+class JwtSvidRateLimited(JwtSvidUnavailable):
+    """The server rate-limited the JWT-SVID request; the same request may succeed later."""
+
+
+class JwtSvidRefused(CacheError):
+    """The server refused to sign a JWT-SVID for this request.
+
+    ``code`` is the server's status name (``"INVALID_ARGUMENT"``), ``reason`` its words.
+    """
+
+    def __init__(self, spiffe_id: str, code: str, reason: str) -> None:
+        self.spiffe_id = spiffe_id
+        self.code = code
+        self.reason = reason
+        super().__init__(f"the server refused a JWT-SVID for {spiffe_id}: {reason}")

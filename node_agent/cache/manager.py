@@ -13,8 +13,10 @@ keeps an X509-SVID for each entry it should hold. Its parts:
 
 What it decides:
 
-* **Which entries.** Entries the agent serves are those whose parent is the agent or one
-  of its node aliases (node-alias entries themselves are not served). SVIDs are kept for
+* **Which entries.** The agent serves every entry the server sent (the server sends only
+  what it authorized for this agent: under the agent, under its node aliases, and their
+  descendants), except those naming agents rather than workloads (node-alias entries,
+  and entries with only ``spiffe_id:`` selectors). SVIDs are kept for
   every entry used by an open subscription (always), for every entry already cached, and
   for further entries in (created_at, id) order while the cache has room
   (``max_size``, SPIRE's ``svid_cache_max_size``). Beyond that the least recently used
@@ -44,12 +46,12 @@ from credo.selector import Selector
 from credo.spiffe_id import SpiffeId, TrustDomain
 from credo.x509svid import X509Svid
 from node_agent._wait import wait_event
-from node_agent.cache.errors import JwtSvidUnavailable
+from node_agent.cache.errors import JwtSvidRateLimited, JwtSvidRefused, JwtSvidUnavailable
 from node_agent.cache.jwt import JwtSvidCache
 from node_agent.cache.signer import sign_batch
 from node_agent.cache.subscriptions import BundleSubscription, Subscription, Subscriptions
 from node_agent.cache.svids import SvidCache
-from node_agent.errors import ServerClientError
+from node_agent.errors import ServerClientError, ServerRefused
 from node_agent.server_client import MAX_BATCH, Backoff, IssuedJwtSvid, X509SvidResult
 from node_agent.sync.entries import RegistrationEntry, TrustBundles
 from node_agent.workload_api.manager import Identity, WorkloadUpdate
@@ -57,6 +59,9 @@ from node_agent.workload_api.manager import Identity, WorkloadUpdate
 __all__ = ["MAX_BATCH", "CacheClient", "CacheConfig", "CacheManager"]
 
 log = logging.getLogger(__name__)
+
+# Selectors of this type name an agent (node-alias entries); workload attestors never make them.
+_NODE_SELECTOR_TYPE = "spiffe_id"
 
 
 class CacheClient(Protocol):
@@ -157,19 +162,19 @@ class CacheManager:
         self._subs.notify()
 
     def _compute_served(self) -> list[RegistrationEntry]:
-        """Entries this agent serves to workloads, oldest first."""
-        try:
-            agent_id = str(self._client.agent_id)
-        except RuntimeError:
-            agent_id = ""
-        parents = {agent_id}
-        for entry in self._entries.values():
-            if entry.node_alias or (entry.parent_id == agent_id and not entry.selectors):
-                parents.add(str(entry.spiffe_id))
+        """Entries this agent serves to workloads, oldest first.
+
+        Every entry the server sent is authorized for this agent: those under the agent, under
+        a join-token alias, under a ``--node`` alias whose selectors match the node (the alias
+        entry itself is not sent), and every descendant of those. All of them are served,
+        except entries that name agents rather than workloads: node aliases, and entries
+        whose selectors are only ``spiffe_id:`` (the join-token alias,
+        ``spiffe_id:<agent id>``), which no workload attestor produces.
+        """
         served = [
             e
             for e in self._entries.values()
-            if not e.node_alias and e.selectors and e.parent_id in parents
+            if not e.node_alias and any(s.type != _NODE_SELECTOR_TYPE for s in e.selectors)
         ]
         served.sort(key=lambda e: e.sort_key)
         return served
@@ -209,6 +214,12 @@ class CacheManager:
     async def _new_jwt_svid(self, identity: Identity, audience: tuple[str, ...]) -> IssuedJwtSvid:
         try:
             return await self._client.new_jwt_svid(identity.entry_id, audience)
+        except ServerRefused as exc:
+            if exc.retryable:
+                raise JwtSvidRateLimited(
+                    f"the server rate-limited JWT-SVIDs for {identity.spiffe_id}: {exc.message}"
+                ) from None
+            raise JwtSvidRefused(str(identity.spiffe_id), exc.code, exc.message) from None
         except ServerClientError as exc:
             raise JwtSvidUnavailable(
                 f"cannot get a JWT-SVID for {identity.spiffe_id}: {exc}"
@@ -249,7 +260,8 @@ class CacheManager:
             for name, bundle in bundles.federated.items()
             if name in wanted or f"spiffe://{name}" in wanted
         }
-        return WorkloadUpdate(identities, bundles.bundle, federated)
+        unsigned = len(self._matching_entries(selectors)) - len(identities)
+        return WorkloadUpdate(identities, bundles.bundle, federated, unsigned)
 
     def cached_svid(self, entry_id: str) -> X509Svid | None:
         """The cached X509-SVID of ``entry_id`` (for tests and diagnostics)."""

@@ -5,7 +5,7 @@
     credo-agent api fetch x509 [--write DIR]
     credo-agent api fetch jwt --audience A [--audience B] [--spiffe-id ID]
     credo-agent api fetch jwt-bundle
-    credo-agent api validate jwt --audience A --svid TOKEN
+    credo-agent api validate jwt --audience A (--svid-file FILE | --svid - | $CREDO_JWT_SVID)
     credo-agent api watch
 
 Errors print one line on stderr and exit 1.
@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -25,14 +26,16 @@ from typing import Any, TypeVar
 
 import click
 
+from credo._cli import CliError, read_secret
 from credo._files import write_atomically
 from credo.bundle import BundleSet
 from credo.errors import CredoError, WorkloadApiError
-from credo.workload_client import ENDPOINT_ENV, WorkloadApiClient, X509Context
+from credo.workload_client import ENDPOINT_ENV, WorkloadApiClient, X509Context, grpc_target
 
 __all__ = ["api"]
 
 DEFAULT_SOCKET = "unix:///tmp/credo-agent/public/api.sock"
+SVID_ENV = "CREDO_JWT_SVID"
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -78,6 +81,29 @@ class _Fail(click.ClickException):
         click.echo(f"Error: {self.message}", err=True)
 
 
+def _unreachable(socket_path: str) -> str | None:
+    """Why the Workload API socket cannot be opened, or None when it can."""
+    target = grpc_target(socket_path)
+    if not target.startswith("unix:"):
+        return None  # tcp: gRPC's own words say it
+    path = target.removeprefix("unix:")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(2.0)
+        probe.connect(path)
+    except FileNotFoundError:
+        return f"no Workload API socket at {path}: is credo-agent running?"
+    except ConnectionRefusedError:
+        return f"nothing listens on the Workload API socket {path}: is credo-agent running?"
+    except PermissionError:
+        return f"permission denied opening the Workload API socket {path}"
+    except OSError as err:
+        return f"cannot open the Workload API socket {path}: {err.strerror or err}"
+    finally:
+        probe.close()
+    return None
+
+
 @contextlib.contextmanager
 def _client(socket_path: str, timeout: float | None) -> Iterator[WorkloadApiClient]:
     try:
@@ -85,9 +111,11 @@ def _client(socket_path: str, timeout: float | None) -> Iterator[WorkloadApiClie
             yield client
     except WorkloadApiError as err:
         if err.code == "UNAVAILABLE":
-            raise _Fail(
-                f"cannot reach the Workload API at {socket_path}: is credo-agent running?"
-            ) from None
+            why = _unreachable(socket_path)
+            if why is None:
+                # The agent answered: say what it said, not that it is not running.
+                raise _Fail(f"the Workload API at {socket_path}: {err.message}") from None
+            raise _Fail(why) from None
         if err.code == "PERMISSION_DENIED":
             raise _Fail(
                 f"no identity for this process ({err.message}): is there a registration "
@@ -249,9 +277,37 @@ def validate() -> None:
 @validate.command("jwt")
 @_common
 @click.option("--audience", "-a", required=True, help="The audience the token must name.")
-@click.option("--svid", required=True, help="The JWT-SVID to validate.")
-def validate_jwt(socket_path: str, output: str, timeout: float, audience: str, svid: str) -> None:
-    """Have the Workload API validate a JWT-SVID."""
+@click.option(
+    "--svid",
+    default=None,
+    metavar="TOKEN",
+    help="The JWT-SVID to validate; '-' reads it from stdin. A token on the command line is "
+    f"visible to every local user in `ps`: prefer --svid-file, '-' or ${SVID_ENV}.",
+)
+@click.option(
+    "--svid-file",
+    default=None,
+    metavar="FILE",
+    help=f"Read the JWT-SVID from FILE ('-': stdin). Without either flag, ${SVID_ENV} is used.",
+)
+def validate_jwt(
+    socket_path: str,
+    output: str,
+    timeout: float,
+    audience: str,
+    svid: str | None,
+    svid_file: str | None,
+) -> None:
+    """Have the Workload API validate a JWT-SVID (from --svid-file, stdin or $CREDO_JWT_SVID)."""
+    try:
+        token = read_secret(svid, svid_file, flag="svid", env=SVID_ENV)
+    except CliError as err:
+        raise _Fail(err.message) from None
+    if token is None:
+        raise _Fail(
+            f"no JWT-SVID given: pass --svid-file FILE, --svid - (stdin) or set ${SVID_ENV}"
+        )
+    svid = token
     with _client(socket_path, timeout) as client:
         parsed = client.validate_jwt_svid(svid, audience)
     if output == "json":

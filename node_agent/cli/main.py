@@ -2,8 +2,9 @@
 
 ::
 
-    credo-agent run [--config FILE] [--server-address HOST:PORT ...] [--join-token T] ...
-    credo-agent healthcheck [--admin-socket PATH]
+    credo-agent run [--config FILE] [--server-address HOST:PORT ...]
+                    [--join-token-file FILE | --join-token -] ...   (or $CREDO_JOIN_TOKEN)
+    credo-agent healthcheck [--admin-socket PATH] [--ready]
     credo-agent api ...            (node_agent.cli.api)
 
 Every failure is one ``Error: ...`` line on stderr and exit code 1, never a traceback.
@@ -18,13 +19,14 @@ from typing import Any
 
 import click
 
-from credo._cli import CliGroup
+from credo._cli import CliGroup, read_secret
 from node_agent.config import LOG_FORMATS, LOG_LEVELS, AgentConfig, load_config
 from node_agent.workload_api.admin import check_health
 
 __all__ = ["cli", "main"]
 
 _DEFAULT_ADMIN_SOCKET = str(AgentConfig.admin_socket)
+JOIN_TOKEN_ENV = "CREDO_JOIN_TOKEN"
 
 # Every scalar AgentConfig setting as (flag, setting, click type, help); defaults live in
 # AgentConfig. Plugin tables ([agent.node_attestor.*], [agent.workload_attestor.*]) are
@@ -37,7 +39,6 @@ SETTING_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
         str,
         "PEM bootstrap bundle to verify the server (credo-server bundle show --format pem).",
     ),
-    ("--join-token", "join_token", str, "Join token for the first node attestation."),
     (
         "--socket",
         "socket_path",
@@ -84,6 +85,12 @@ SETTING_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
         "Backoff of sync reconnects and every retry to the server: cap, s [default: 30].",
     ),
     (
+        "--metrics-address",
+        "metrics_address",
+        str,
+        "Prometheus endpoint host:port (port 0: any free one) [default: disabled].",
+    ),
+    (
         "--svid-wait-timeout",
         "svid_wait_timeout",
         float,
@@ -124,12 +131,37 @@ def _setting_options(f: Callable[..., Any]) -> Callable[..., Any]:
     default=None,
     help="Trust the server certificate unverified for the first attestation (not production).",
 )
+@click.option(
+    "--join-token",
+    "join_token",
+    default=None,
+    metavar="TOKEN",
+    help="Join token for the first node attestation; '-' reads it from stdin. A token on "
+    f"the command line is visible to every local user in `ps`: prefer --join-token-file or "
+    f"${JOIN_TOKEN_ENV}.",
+)
+@click.option(
+    "--join-token-file",
+    default=None,
+    metavar="FILE",
+    help=f"Read the join token from FILE ('-': stdin). Without either flag, ${JOIN_TOKEN_ENV} "
+    "is used if set.",
+)
 @_setting_options
-def run(config_file: str | None, server_addresses: tuple[str, ...], **flags: Any) -> None:
+def run(
+    config_file: str | None,
+    server_addresses: tuple[str, ...],
+    join_token: str | None,
+    join_token_file: str | None,
+    **flags: Any,
+) -> None:
     """Run the agent: attest, sync entries, and serve the Workload API until SIGTERM."""
     overrides = {name: value for name, value in flags.items() if value is not None}
     if server_addresses:
         overrides["server_addresses"] = server_addresses
+    token = read_secret(join_token, join_token_file, flag="join-token", env=JOIN_TOKEN_ENV)
+    if token is not None:
+        overrides["join_token"] = token
     config = load_config(Path(config_file) if config_file else None, overrides)
     from node_agent.app import run as run_agent
 
@@ -145,10 +177,23 @@ def run(config_file: str | None, server_addresses: tuple[str, ...], **flags: Any
     help="The agent's admin socket.",
 )
 @click.option("--timeout", type=float, default=5.0, show_default=True, help="Seconds to wait.")
-def healthcheck(admin_socket: str, timeout: float) -> None:
-    """Check that the agent is up and serving; exit 1 if not."""
-    check_health(admin_socket, timeout)
-    click.echo("agent is healthy")
+@click.option(
+    "--ready",
+    is_flag=True,
+    help="Check readiness instead of liveness: also that the first entry sync has completed "
+    "and the agent SVID is valid.",
+)
+def healthcheck(admin_socket: str, timeout: float, ready: bool) -> None:
+    """Check that the agent is live (default) or ready (--ready); exit 1 with why if not.
+
+    Live: the agent answers on its admin socket, and its Workload API answers a real call
+    the agent makes through its own public socket (relay, internal socket, attestation).
+    Ready: live, the first entry sync from the server has completed, and the agent SVID
+    has not expired. An agent cut off from its server stays ready while it serves its
+    cache. Run it as the agent's user (or root): the admin socket is private to it.
+    """
+    check_health(admin_socket, timeout, ready=ready)
+    click.echo("agent is ready" if ready else "agent is healthy")
 
 
 def _mount_api() -> None:

@@ -1,11 +1,12 @@
 """The workload attestor plugins the agent knows, by name: ``[agent.workload_attestor.<name>]``.
 
 Every configured attestor runs for each Workload API caller and their selectors are
-combined (:class:`~node_agent.workload.attestor.CompositeAttestor`). To add one (``k8s``,
-``systemd``): write ``node_agent/workload/<name>.py`` with a frozen dataclass for its TOML
-table (``validate()`` raising :class:`~credo.errors.ConfigError` that names the field) and
-a class implementing :class:`~node_agent.workload.attestor.WorkloadAttestor`, then add one
-line to :data:`WORKLOAD_ATTESTORS`. :func:`build_workload_attestor` (called only by
+combined (:class:`~node_agent.workload.attestor.CompositeAttestor`): ``unix``
+(:mod:`~node_agent.workload.unix`) and ``systemd`` (:mod:`~node_agent.workload.systemd`).
+To add one (``k8s``): write ``node_agent/workload/<name>.py`` with a frozen dataclass for
+its TOML table (``validate()`` raising :class:`~credo.errors.ConfigError` that names the
+field) and a class implementing :class:`~node_agent.workload.attestor.WorkloadAttestor`,
+then add one line to :data:`WORKLOAD_ATTESTORS`. :func:`build_workload_attestor` (called only by
 ``node_agent/app.py``) constructs them.
 """
 
@@ -17,6 +18,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from node_agent.workload.attestor import CompositeAttestor, WorkloadAttestor
+from node_agent.workload.systemd import SystemdAttestor, SystemdAttestorConfig
 from node_agent.workload.unix import UnixAttestor, UnixAttestorConfig
 
 if TYPE_CHECKING:
@@ -41,6 +43,7 @@ class WorkloadAttestorPlugin:
 WORKLOAD_ATTESTORS: Mapping[str, WorkloadAttestorPlugin] = MappingProxyType(
     {
         "unix": WorkloadAttestorPlugin(UnixAttestorConfig, UnixAttestor),
+        "systemd": WorkloadAttestorPlugin(SystemdAttestorConfig, SystemdAttestor),
     }
 )
 

@@ -32,12 +32,13 @@ from credo.errors import CredoError, InvalidSpiffeId
 from credo.jwtsvid import JwtSvid
 from credo.selector import Selector
 from credo.spiffe_id import SpiffeId, TrustDomain
+from node_agent.cache.errors import JwtSvidRateLimited, JwtSvidRefused
 from node_agent.workload.attestor import WorkloadAttestor
 from node_agent.workload.errors import AttestationFailed, PeerChanged, PeerUnknown
 from node_agent.workload.peer import PeerProcess
 from node_agent.workload_api.manager import Identity, Manager, WorkloadUpdate
 
-__all__ = ["SECURITY_HEADER", "PeerLookup", "WorkloadApiServicer"]
+__all__ = ["SECURITY_HEADER", "PeerLookup", "WorkloadApiMetrics", "WorkloadApiServicer"]
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,14 @@ def _x509_svid_response(update: WorkloadUpdate) -> workload_pb2.X509SVIDResponse
     )
 
 
+class WorkloadApiMetrics(Protocol):
+    """Where the handler counts calls and refusals (:class:`node_agent.telemetry.AgentMetrics`)."""
+
+    def call(self, method: str) -> None: ...
+
+    def refused(self, method: str, code: str) -> None: ...
+
+
 @dataclass(frozen=True)
 class _Caller:
     """An attested caller of one Workload API call."""
@@ -114,10 +123,17 @@ class _Caller:
     pid: int
     uid: int
     selectors: frozenset[Selector]
+    metrics: WorkloadApiMetrics | None = None
 
 
-async def _refuse(context: _Context, caller: _Caller, message: str, reason: str) -> NoReturn:
-    """Answer PERMISSION_DENIED and log who was refused, what they had and why."""
+async def _refuse(
+    context: _Context,
+    caller: _Caller,
+    message: str,
+    reason: str,
+    code: grpc.StatusCode = grpc.StatusCode.PERMISSION_DENIED,
+) -> NoReturn:
+    """Answer ``code`` (PERMISSION_DENIED) and log who was refused, what they had and why."""
     log.info(
         "workload call refused",
         extra={
@@ -128,10 +144,30 @@ async def _refuse(context: _Context, caller: _Caller, message: str, reason: str)
             "reason": reason,
         },
     )
-    await _abort(context, grpc.StatusCode.PERMISSION_DENIED, message)
+    if caller.metrics is not None:
+        caller.metrics.refused(caller.method, code.name)
+    await _abort(context, code, message)
 
+
+# How a server's refusal of a JWT-SVID reaches the workload: its status where the workload
+# can act on it (a bad request, an identity it may not have), else UNAVAILABLE.
+_JWT_REFUSAL_STATUS = {
+    "INVALID_ARGUMENT": grpc.StatusCode.INVALID_ARGUMENT,
+    "PERMISSION_DENIED": grpc.StatusCode.PERMISSION_DENIED,
+    "NOT_FOUND": grpc.StatusCode.PERMISSION_DENIED,
+}
 
 _NO_MATCH = "no registration entry matches the caller's selectors"
+
+
+def _why_none(update: WorkloadUpdate) -> str:
+    """Why a workload has no identity: no entry matches, or none has an SVID yet."""
+    if update.unsigned:
+        return (
+            f"{update.unsigned} matching entr{'y has' if update.unsigned == 1 else 'ies have'} "
+            "no X509-SVID yet (not signed by the server, or refused)"
+        )
+    return _NO_MATCH
 
 
 class WorkloadApiServicer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
@@ -149,16 +185,20 @@ class WorkloadApiServicer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
         peers: PeerLookup,
         *,
         allow_unauthenticated_verifiers: bool = False,
+        metrics: WorkloadApiMetrics | None = None,
     ) -> None:
         self._manager = manager
         self._attestor = attestor
         self._peers = peers
         self._allow_unauthenticated_verifiers = allow_unauthenticated_verifiers
+        self._metrics = metrics
 
     # -- shared steps -----------------------------------------------------------------
 
     async def _caller(self, context: _Context, method: str) -> _Caller:
         """Check the security header, attest the caller, and return it with its selectors."""
+        if self._metrics is not None:
+            self._metrics.call(method)
         metadata = context.invocation_metadata() or ()
         if not any(k == SECURITY_HEADER and v == "true" for k, v in metadata):
             await _abort(
@@ -198,7 +238,7 @@ class WorkloadApiServicer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
                 "seconds": round(time.monotonic() - started, 6),
             },
         )
-        return _Caller(method, peer.pid, peer.credentials.uid, frozenset(selectors))
+        return _Caller(method, peer.pid, peer.credentials.uid, frozenset(selectors), self._metrics)
 
     # -- X.509 ------------------------------------------------------------------------
 
@@ -213,7 +253,7 @@ class WorkloadApiServicer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
             while True:
                 update = await subscription.next()
                 if not update.identities:
-                    await _refuse(context, caller, "no identity issued", _NO_MATCH)
+                    await _refuse(context, caller, "no identity issued", _why_none(update))
                 response = _x509_svid_response(update)
                 if response == previous:
                     continue
@@ -269,6 +309,26 @@ class WorkloadApiServicer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
         for identity in chosen:
             try:
                 token = await self._manager.fetch_jwt_svid(identity, audience)
+            except JwtSvidRateLimited as err:
+                await _refuse(
+                    context,
+                    caller,
+                    f"JWT-SVID requests are rate limited; retry later: {err}",
+                    "rate limited by the server",
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                )
+            except JwtSvidRefused as err:
+                status = _JWT_REFUSAL_STATUS.get(err.code, grpc.StatusCode.UNAVAILABLE)
+                log.info(
+                    "JWT-SVID refused by the server",
+                    extra={
+                        "spiffe_id": err.spiffe_id,
+                        "pid": caller.pid,
+                        "code": err.code,
+                        "reason": err.reason,
+                    },
+                )
+                await _abort(context, status, str(err))
             except CredoError as err:
                 log.error(
                     "cannot mint JWT-SVID",
@@ -354,7 +414,7 @@ class WorkloadApiServicer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
             while True:
                 update = await subscription.next()
                 if not update.identities:
-                    await _refuse(context, caller, "no identity issued", _NO_MATCH)
+                    await _refuse(context, caller, "no identity issued", _why_none(update))
                 yield update.bundle, update.federated_bundles
         finally:
             subscription.close()

@@ -47,6 +47,8 @@ class WorkloadUpdate:
     """The agent's own trust domain's bundle."""
     federated_bundles: Mapping[str, Bundle] = field(default_factory=dict)
     """Trust domain name -> bundle, only those the identities' entries federate with."""
+    unsigned: int = 0
+    """Matching entries with no X509-SVID yet (not signed, or the server refused it)."""
 
 
 class Subscription(Protocol):

@@ -19,7 +19,7 @@ from grpc import aio
 from credo._proto import workload_pb2_grpc
 from node_agent.workload.attestor import WorkloadAttestor
 from node_agent.workload.tracker import PeerTrackingProxy
-from node_agent.workload_api.handler import WorkloadApiServicer
+from node_agent.workload_api.handler import WorkloadApiMetrics, WorkloadApiServicer
 from node_agent.workload_api.manager import Manager
 
 __all__ = [
@@ -85,11 +85,17 @@ class WorkloadApiServer:
     """Serves the SPIFFE Workload API on a Unix socket; ``start()`` then ``stop()``."""
 
     def __init__(
-        self, config: WorkloadApiServerConfig, manager: Manager, attestor: WorkloadAttestor
+        self,
+        config: WorkloadApiServerConfig,
+        manager: Manager,
+        attestor: WorkloadAttestor,
+        *,
+        metrics: WorkloadApiMetrics | None = None,
     ) -> None:
         self.config = config
         self._manager = manager
         self._attestor = attestor
+        self._metrics = metrics
         self._proxy: PeerTrackingProxy | None = None
         self._server: aio.Server | None = None
 
@@ -107,6 +113,7 @@ class WorkloadApiServer:
                 self._attestor,
                 proxy,
                 allow_unauthenticated_verifiers=self.config.allow_unauthenticated_verifiers,
+                metrics=self._metrics,
             ),
             server,
         )

@@ -22,6 +22,7 @@ import grpc
 from credo._proto.credo.server.v1 import admin_pb2, admin_pb2_grpc, types_pb2
 from credo._reserved import RESERVED_PATH_PREFIX, is_reserved_path
 from credo.bundle import Bundle, X509Bundle
+from credo.durations import format_duration
 from credo.errors import BundleError, InvalidSpiffeId
 from credo.spiffe_id import SpiffeId, TrustDomain
 from server.api.common import BundleSource
@@ -77,6 +78,7 @@ class AdminApiConfig:
     x509_svid_ttl: int = 3600
     jwt_svid_ttl: int = 300
     join_token_ttl: int = 600
+    join_token_max_ttl: int = 86400
 
 
 async def _call(fn: Callable[..., _T], *args: object) -> _T:
@@ -327,6 +329,13 @@ class AgentsService(admin_pb2_grpc.AgentsServicer):
                 "ttl", f"must not be negative, got {request.ttl} (0 means the default)"
             )
         ttl = request.ttl or self._config.join_token_ttl
+        if ttl > self._config.join_token_max_ttl:
+            raise InvalidField(
+                "ttl",
+                f"{format_duration(ttl)} is longer than this server allows for join tokens "
+                f"({format_duration(self._config.join_token_max_ttl)}, join_token_max_ttl): "
+                "a join token admits a node until it is used, so make it shortly before use",
+            )
         alias = ""
         if request.spiffe_id:
             spiffe_id = validate_spiffe_id(request.spiffe_id, self._td, "spiffe_id")

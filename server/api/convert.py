@@ -7,7 +7,9 @@ the field path, e.g. ``entries[1].spiffe_id: invalid SPIFFE ID 'x': scheme is mi
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
 
 import jwt
 from cryptography import x509
@@ -31,6 +33,7 @@ from credo.spiffe_id import SpiffeId, TrustDomain
 from server.datastore.models import AttestedNode, Authority, JoinToken, RegistrationEntry
 
 __all__ = [
+    "MAX_EXPIRES_AT",
     "InvalidField",
     "bundle_to_proto",
     "entry_from_proto",
@@ -49,6 +52,13 @@ _DNS_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 _ENTRY_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _MAX_HINT = 1024
 _MAX_TTL = 10 * 365 * 24 * 3600
+MAX_EXPIRES_AT = 253_402_300_799
+"""9999-12-31T23:59:59Z: the latest ``expires_at`` an entry may be given."""
+# Entry flags SPIRE honours and Credo refuses (entries stored with them still load and show).
+_UNSUPPORTED_FLAGS = {
+    "admin": "Credo has no admin API that workloads may call with their SVID",
+    "downstream": "Credo does not sign CA certificates for nested (downstream) servers",
+}
 
 
 class InvalidField(ValueError):
@@ -164,8 +174,14 @@ def entry_from_proto(
         federates_with.append(td.name)
     if len(pb.hint) > _MAX_HINT:
         raise InvalidField(f"{field}.hint", f"is longer than {_MAX_HINT} characters")
-    if pb.expires_at < 0:
-        raise InvalidField(f"{field}.expires_at", "must not be negative (0 means never)")
+    _check_expires_at(pb.expires_at, f"{field}.expires_at")
+    for flag, missing in _UNSUPPORTED_FLAGS.items():
+        if getattr(pb, flag):
+            raise InvalidField(
+                f"{field}.{flag}",
+                f"is not supported: {missing}; leave it unset (on an entry stored with it, "
+                f"entry update --no-{flag} clears it)",
+            )
     return RegistrationEntry(
         id=pb.id,
         spiffe_id=str(spiffe_id),
@@ -181,6 +197,25 @@ def entry_from_proto(
         expires_at=pb.expires_at,
         federates_with=tuple(federates_with),
     )
+
+
+def _check_expires_at(value: int, field: str) -> None:
+    """An entry's expiry: 0 (never), or a time in the future no later than year 9999."""
+    if value < 0:
+        raise InvalidField(field, "must not be negative (0 means never)")
+    if value > MAX_EXPIRES_AT:
+        raise InvalidField(
+            field,
+            f"{value} is after 9999-12-31T23:59:59Z ({MAX_EXPIRES_AT}), the latest expiry "
+            "an entry may have; expected unix seconds or RFC 3339 (0 means never)",
+        )
+    if 0 < value <= time.time():
+        raise InvalidField(
+            field,
+            f"{datetime.fromtimestamp(value, UTC):%Y-%m-%dT%H:%M:%SZ} is in the past: an "
+            "expired entry is never served and is pruned at once; give a later time, 0 "
+            "(never), or delete the entry",
+        )
 
 
 _CSR_CURVES = frozenset({"secp256r1", "secp384r1", "secp521r1"})

@@ -289,9 +289,17 @@ def _entry_options(f: F) -> F:
         click.option("--x509-svid-ttl", type=DURATION, help="X.509-SVID lifetime, e.g. 1h."),
         click.option("--jwt-svid-ttl", type=DURATION, help="JWT-SVID lifetime, e.g. 5m."),
         click.option("--dns", "dns_names", multiple=True, help="DNS name SAN (repeatable)."),
-        click.option("--admin/--no-admin", default=None, help="Workloads may call the admin API."),
         click.option(
-            "--downstream/--no-downstream", default=None, help="Workloads get a downstream CA."
+            "--admin/--no-admin",
+            default=None,
+            help="Not supported (the server refuses --admin); --no-admin clears the flag "
+            "from an entry stored with it.",
+        ),
+        click.option(
+            "--downstream/--no-downstream",
+            default=None,
+            help="Not supported (the server refuses --downstream); --no-downstream clears "
+            "the flag from an entry stored with it.",
         ),
         click.option(
             "--node/--no-node",

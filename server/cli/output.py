@@ -94,10 +94,17 @@ def emit(output: str, data: Any, text: str) -> None:
 
 
 def format_time(seconds: int) -> str:
-    """Unix seconds as RFC 3339 UTC; 0 is ``never``."""
+    """Unix seconds as RFC 3339 UTC; 0 is ``never``; beyond what a date can say, the number.
+
+    Any stored value prints: a row written before the server bounded ``expires_at`` must
+    not stop ``entry show`` from listing every other entry.
+    """
     if not seconds:
         return "never"
-    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    try:
+        return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except (OverflowError, OSError, ValueError):
+        return f"{seconds} (unix seconds, out of range)"
 
 
 def format_ttl(seconds: int) -> str:

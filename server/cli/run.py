@@ -38,6 +38,11 @@ SETTING_FLAGS: tuple[tuple[str, Any, str], ...] = (
     ("--upstream-ca-cert", str, "Upstream CA certificate (PEM); the CA becomes its intermediate."),
     ("--upstream-ca-key", str, "Upstream CA private key (PEM)."),
     ("--join-token-ttl", str, "Default join token lifetime [default: 600s]."),
+    (
+        "--join-token-max-ttl",
+        str,
+        "Longest join token lifetime `token generate --ttl` may ask for [default: 24h].",
+    ),
     ("--log-level", click.Choice(LOG_LEVELS), "Log level [default: info]."),
     ("--log-format", click.Choice(LOG_FORMATS), "Log format [default: text]."),
     ("--metrics-address", str, "Prometheus endpoint host:port [default: disabled]."),

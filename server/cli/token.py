@@ -20,19 +20,23 @@ def token() -> None:
 @token.command()
 @admin_options
 @click.option(
-    "--ttl", type=DURATION, default=600, show_default=True, help="Token lifetime, e.g. 10m."
+    "--ttl",
+    type=DURATION,
+    default=None,
+    help="Token lifetime, e.g. 10m [default: the server's join_token_ttl, 600s]; at most the "
+    "server's join_token_max_ttl (24h unless configured).",
 )
 @click.option(
     "--spiffe-id",
     type=SPIFFE_ID,
     help="Also create a node-alias entry with this ID for the agent that uses the token.",
 )
-def generate(socket_path: str, output: str, ttl: int, spiffe_id: str | None) -> None:
+def generate(socket_path: str, output: str, ttl: int | None, spiffe_id: str | None) -> None:
     """Generate a join token."""
     with AdminClient(socket_path) as client:
         reply = client.call(
             client.agents.CreateJoinToken,
-            admin_pb2.CreateJoinTokenRequest(ttl=ttl, spiffe_id=spiffe_id or ""),
+            admin_pb2.CreateJoinTokenRequest(ttl=ttl or 0, spiffe_id=spiffe_id or ""),
             noun="join token",
         )
     data: dict[str, object] = {"token": reply.token, "expires_at": int(reply.expires_at)}

@@ -69,6 +69,7 @@ __all__ = [
     "credo_server_command",
     "free_port",
     "join_token",
+    "one_line_error",
     "run_cli",
     "short_temp_dir",
     "start_agent",
@@ -131,6 +132,14 @@ def run_cli(
     return subprocess.run(
         cmd, input=stdin, capture_output=True, text=True, timeout=timeout, check=check
     )
+
+
+def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
+    """The one ``Error: ...`` stderr line of a CLI run that failed as it should (exit 1)."""
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    return lines[0]
 
 
 def _flag_args(flags: dict[str, Any]) -> list[str]:
@@ -225,9 +234,10 @@ class ManagedProcess:
         self.die_with_parent = die_with_parent
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def _spawn(self, command: Sequence[str]) -> None:
+    def _spawn(self, command: Sequence[str], *, stdin: bytes | None = None) -> None:
         """Start ``command`` with its stdout and stderr appended to the log (after a line
-        naming the command, with secret flag values masked)."""
+        naming the command, with secret flag values masked); ``stdin`` is written to its
+        standard input, which is then closed."""
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         shown = [
             "***" if i and command[i - 1] in _SECRET_FLAGS else arg for i, arg in enumerate(command)
@@ -239,10 +249,14 @@ class ManagedProcess:
                 list(command),
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
+                stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE,
                 env=env,
                 preexec_fn=_die_with_parent if self.die_with_parent else None,
             )
+        if stdin is not None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.write(stdin)
+            self.proc.stdin.close()
         _RUNNING[self] = None
 
     @property
@@ -543,9 +557,17 @@ class AgentProcess(ManagedProcess):
         return agent_id(self.joined_token, self.trust_domain)
 
     def start(
-        self, *, token: str | None = None, wait: bool = True, timeout: float = AGENT_START_TIMEOUT
+        self,
+        *,
+        token: str | None = None,
+        wait: bool = True,
+        timeout: float = AGENT_START_TIMEOUT,
+        stdin: bytes | None = None,
     ) -> AgentProcess:
-        """Start ``credo-agent run``; with ``wait``, until it serves (see the module doc)."""
+        """Start ``credo-agent run``; with ``wait``, until it serves (see the module doc).
+
+        ``stdin``: written to the agent's standard input, which is then closed.
+        """
         cmd = [
             *credo_agent_command(),
             "run",
@@ -570,7 +592,7 @@ class AgentProcess(ManagedProcess):
             if self.joined_token is None:
                 self.joined_token = token
         started = time.perf_counter()
-        self._spawn(cmd)
+        self._spawn(cmd, stdin=stdin)
         if wait:
             wait_for(self._serving, timeout, "the agent to become healthy", interval=0.02)
             self.start_seconds = time.perf_counter() - started

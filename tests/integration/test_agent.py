@@ -168,7 +168,7 @@ def test_agent_without_token_or_stored_svid_fails_clearly(
     agent = AgentProcess(short_root, server.address, bundle, None).start(wait=False)
     assert agent.proc is not None
     assert agent.proc.wait(20) == 1
-    assert "no stored agent SVID and no --join-token" in agent.logs
+    assert "no stored agent SVID and no join token" in agent.logs
     assert "Traceback" not in agent.logs
 
 

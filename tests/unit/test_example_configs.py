@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from node_agent.config import load_config as load_agent_config
+from node_agent.workload.systemd import SystemdAttestorConfig
 from node_agent.workload.unix import UnixAttestorConfig
 from server.attestation.join_token import JoinTokenConfig
 from server.config import load_config as load_server_config
@@ -38,11 +39,12 @@ def test_agent_example_loads_with_its_values() -> None:
 
 
 def test_agent_example_names_its_attestors_in_plugin_tables() -> None:
-    """docs/examples/agent.toml configures join_token and unix in their own tables, with no
-    deprecated key left in it."""
+    """docs/examples/agent.toml configures join_token, unix and systemd in their own tables,
+    with no deprecated key left in it."""
     config = load_agent_config(EXAMPLES / "agent.toml", {})
     assert config.node_attestor.name == "join_token"
     assert [(p.name, p.config) for p in config.workload_attestor] == [
-        ("unix", UnixAttestorConfig(discover_workload_path=True, workload_size_limit=64 << 20))
+        ("unix", UnixAttestorConfig(discover_workload_path=True, workload_size_limit=64 << 20)),
+        ("systemd", SystemdAttestorConfig()),
     ]
     assert config.deprecations == ()

@@ -609,6 +609,8 @@ def test_daemonset_gives_the_attestors_what_they_need(chart: Any) -> None:
             "--admin-socket",
             "/run/credo-agent/private/admin.sock",
         ], probe
+    assert agent["readinessProbe"]["exec"]["command"][-1] == "--ready"
+    assert "--ready" not in agent["livenessProbe"]["exec"]["command"]
     assert agent["resources"]["requests"] == {"cpu": "50m", "memory": "128Mi"}
     rules = one(objects, "ClusterRole", "credo-agent-identity")["rules"]
     assert rules == [

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import stat
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
-from agent_fake_server import FakeAgentServer, make_client
+from agent_fake_server import FakeAgentServer, make_authority, make_client
 from cryptography.hazmat.primitives import serialization
 
 from credo._renewal import RENEWAL_JITTER
@@ -47,8 +48,7 @@ def _session(
     store = SvidStore(tmp_path / "data")
     config = SessionConfig(
         trust_domain=TD,
-        attest_retry_timeout=0.3,
-        **settings,  # type: ignore[arg-type]
+        **{"attest_retry_timeout": 0.3, **settings},  # type: ignore[arg-type]
     )
     client = make_client(address, forget_agent_svid=store.delete)
     return AgentSession(config, client, JoinTokenAttestor(JoinTokenConfig(), join_token), store)
@@ -104,7 +104,7 @@ def test_no_stored_svid_and_no_token_is_a_clear_error(tmp_path: Path) -> None:
 
     async def scenario() -> None:
         session = _session("127.0.0.1:1", tmp_path)
-        with pytest.raises(NoAgentCredentials, match="no stored agent SVID and no --join-token"):
+        with pytest.raises(NoAgentCredentials, match="no stored agent SVID and no join token"):
             await session.start()
 
     run(scenario)
@@ -298,6 +298,71 @@ def test_attestor_that_may_attest_again_renews_by_attesting(tmp_path: Path) -> N
         stored = store.load()
         assert stored is not None and stored.svid.leaf == session.svid.leaf
         await session.client.close()
+        await server.stop()
+
+    run(scenario)
+
+
+def test_a_port_nobody_listens_on_is_one_warning_then_a_clear_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Attesting to a closed port logs one warning naming the servers, the reason and how
+    long it keeps trying (retries at debug), then fails saying no server answered."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{probe.getsockname()[1]}"  # bound, never listening
+        session = _session(
+            address,
+            tmp_path,
+            join_token="tok-closed",
+            trust_bundle=_bundle_file(FakeAgentServer(), tmp_path),
+            attest_retry_timeout=1.0,
+        )
+        caplog.set_level("DEBUG", logger="node_agent.attestation.session")
+
+        async def scenario() -> None:
+            with pytest.raises(ServerUnreachable) as info:
+                await session.start()
+            assert str(info.value) == (
+                f"node attestation failed: no server answered for 1s (cannot reach server "
+                f"{address}: connection refused (nothing listens on that port))"
+            )
+
+        run(scenario)
+    tries = [
+        r for r in caplog.records if r.getMessage() == "cannot attest to the server yet; retrying"
+    ]
+    assert len(tries) >= 2
+    assert [r.levelname for r in tries] == ["WARNING"] + ["DEBUG"] * (len(tries) - 1)
+    first = tries[0].__dict__
+    assert first["servers"] == address and "connection refused" in first["error"]
+    assert 0 <= first["retrying_for_s"] <= 1
+    assert "Errno" not in caplog.text
+
+
+def test_a_bootstrap_bundle_without_the_servers_current_ca_says_how_to_refresh_it(
+    tmp_path: Path,
+) -> None:
+    """A bootstrap bundle holding only a CA the server no longer uses fails at once, saying
+    the bundle lacks the server's current CA and how to refresh it."""
+
+    async def scenario() -> None:
+        server = FakeAgentServer()
+        server.join_tokens.add("tok-stale")
+        address = await server.start(tls=True)
+        stale = tmp_path / "stale.pem"
+        stale.write_bytes(make_authority().cert.public_bytes(serialization.Encoding.PEM))
+        session = _session(address, tmp_path, trust_bundle=stale, join_token="tok-stale")
+        started = time.monotonic()
+        with pytest.raises(NoAgentCredentials) as info:
+            await session.start()
+        assert time.monotonic() - started < 0.3  # not retried: the retry window is 0.3 s
+        message = str(info.value)
+        assert message.startswith(
+            f"the bootstrap trust bundle {stale} does not contain the server's current CA"
+        )
+        assert f"'credo-server bundle show --format pem > {stale}'" in message
+        assert server.attest_calls == 0
         await server.stop()
 
     run(scenario)

@@ -7,8 +7,10 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import grpc
 import pytest
 from agent_fake_server import (
+    AGENT_ID,
     FakeAgentServer,
     RunningAgent,
     attested_client,
@@ -172,15 +174,66 @@ def test_identities_are_ordered_oldest_entry_first_and_subset_matched() -> None:
         newer = server.create_entry("spiffe://example.org/newer", ["unix:uid:1000"], created_at=20)
         older = server.create_entry("spiffe://example.org/older", ["unix:gid:1000"], created_at=10)
         server.create_entry("spiffe://example.org/other", ["unix:uid:1000", "unix:user:bob"])
-        server.create_entry(
-            "spiffe://example.org/not-mine", ["unix:uid:1000"], parent_id="spiffe://example.org/x"
-        )
         async with RunningAgent(server, client) as agent:
             sub = agent.cache.subscribe(UID)
             update = await sub.next()
             assert [i.entry_id for i in update.identities] == [older, newer]
             assert agent.cache.matching_identities(UID)[0].entry_id == older
             sub.close()
+        await server.stop()
+
+    run(scenario)
+
+
+def test_entries_under_node_aliases_and_their_descendants_are_served() -> None:
+    """Entries under a join-token alias, under a node alias, and two levels deep are served;
+    the alias entry (selector spiffe_id:<agent>) is not."""
+
+    async def scenario() -> None:
+        server, client = await _started()
+        web = "spiffe://example.org/nodes/web"
+        alias = server.create_entry(web, [f"spiffe_id:{AGENT_ID}"], created_at=1)
+        under_alias = server.create_entry(
+            "spiffe://example.org/web/app", ["unix:uid:1000"], parent_id=web, created_at=2
+        )
+        under_node = server.create_entry(
+            "spiffe://example.org/group/app",
+            ["unix:uid:1000"],
+            parent_id="spiffe://example.org/nodes/group",
+            created_at=3,
+        )
+        deep = server.create_entry(
+            "spiffe://example.org/web/app/tool",
+            ["unix:gid:1000"],
+            parent_id="spiffe://example.org/web/app",
+            created_at=4,
+        )
+        async with RunningAgent(server, client) as agent:
+            served = {e.id for e in agent.cache.served}
+            assert served == {under_alias, under_node, deep}
+            assert alias not in served
+            sub = agent.cache.subscribe(UID)
+            update = await sub.next()
+            assert [i.entry_id for i in update.identities] == [under_alias, under_node, deep]
+            sub.close()
+        await server.stop()
+
+    run(scenario)
+
+
+def test_update_counts_matching_entries_without_an_svid() -> None:
+    """While the server fails to sign, a workload's update has no identity and says how many
+    matching entries lack an SVID."""
+
+    async def scenario() -> None:
+        server, client = await _started()
+        server.fail_batch = grpc.StatusCode.UNAVAILABLE
+        server.create_entry("spiffe://example.org/a", ["unix:uid:1000"])
+        server.create_entry("spiffe://example.org/b", ["unix:uid:1000", "unix:gid:1000"])
+        server.create_entry("spiffe://example.org/c", ["unix:uid:4"])
+        async with RunningAgent(server, client) as agent:
+            update = agent.cache.update_for(UID)
+            assert update.identities == () and update.unsigned == 2
         await server.stop()
 
     run(scenario)

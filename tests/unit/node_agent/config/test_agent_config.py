@@ -61,6 +61,7 @@ def test_top_level_toml_and_single_address(tmp_path: Path) -> None:
         ({"sync_backoff_min": 5, "sync_backoff_max": 1}, "sync_backoff_min"),
         ({"trust_bundle": "/b.pem", "insecure_bootstrap": True}, "insecure_bootstrap"),
         ({"no_such_setting": 1}, "no_such_setting"),
+        ({"server_addresses": ("h:1",), "metrics_address": "9988"}, "metrics_address"),
     ],
 )
 def test_bad_settings_raise_config_error_naming_them(
@@ -106,4 +107,8 @@ def test_every_scalar_setting_has_a_flag_and_plugin_tables_have_none() -> None:
     flags = {p.name for p in run.params} - {"config_file"}
     settings = {f.name for f in dataclasses.fields(AgentConfig)}
     plugin_tables = {"node_attestor", "workload_attestor"}
-    assert flags == (settings - plugin_tables - {"deprecations"}) | {"workload_size_limit"}
+    # --join-token-file is another way to give the join_token setting (kept out of `ps`).
+    assert flags == (settings - plugin_tables - {"deprecations"}) | {
+        "workload_size_limit",
+        "join_token_file",
+    }

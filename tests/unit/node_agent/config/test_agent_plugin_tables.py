@@ -11,6 +11,7 @@ import pytest
 from credo.errors import ConfigError
 from node_agent.attestation.join_token import JoinTokenConfig
 from node_agent.config import AgentConfig, PluginConfig, load_config
+from node_agent.workload.systemd import SystemdAttestorConfig
 from node_agent.workload.unix import DEFAULT_WORKLOAD_SIZE_LIMIT, UnixAttestorConfig
 
 SERVER = {"server_addresses": ("127.0.0.1:8081",)}
@@ -97,11 +98,24 @@ def test_join_token_table_is_valid_empty(tmp_path: Path) -> None:
         ),
         (
             "[agent.workload_attestor.docker]\n",
-            "agent.workload_attestor.docker: unknown plugin 'docker'; known plugins: unix",
+            "agent.workload_attestor.docker: unknown plugin 'docker'; known plugins: systemd, unix",
         ),
         (
             "[agent.workload_attestor]\n",
             "agent.workload_attestor: at least one workload attestor table is required",
+        ),
+        (
+            "[agent.workload_attestor.systemd]\nunit_path = []\n",
+            "agent.workload_attestor.systemd.unit_path: unknown setting; expected one of: "
+            "proc_root, unit_paths",
+        ),
+        (
+            "[agent.workload_attestor.systemd]\nunit_paths = [3]\n",
+            "agent.workload_attestor.systemd.unit_paths: expected a list of strings, got [3]",
+        ),
+        (
+            '[agent.workload_attestor.systemd]\nunit_paths = ["units"]\n',
+            "agent.workload_attestor.systemd.unit_paths: must be absolute paths, got 'units'",
         ),
     ],
     ids=[
@@ -114,6 +128,9 @@ def test_join_token_table_is_valid_empty(tmp_path: Path) -> None:
         "unix-bad-value",
         "unix-unknown-plugin",
         "unix-no-plugin",
+        "systemd-unknown-key",
+        "systemd-bad-type",
+        "systemd-bad-value",
     ],
 )
 def test_bad_plugin_tables_name_the_key(tmp_path: Path, text: str, message: str) -> None:
@@ -160,6 +177,27 @@ def test_unix_table_parses_into_its_dataclass(tmp_path: Path) -> None:
     assert config.workload_attestor == (
         PluginConfig("unix", UnixAttestorConfig(False, 1024, "/host/proc")),
     )
+
+
+def test_systemd_table_parses_into_its_dataclass(tmp_path: Path) -> None:
+    """[agent.workload_attestor.systemd] settings reach SystemdAttestorConfig; with no
+    settings it searches systemd's unit directories."""
+    config = _load(
+        tmp_path,
+        "[agent.workload_attestor.unix]\n"
+        "[agent.workload_attestor.systemd]\n"
+        'proc_root = "/host/proc"\n'
+        'unit_paths = ["/host/etc/systemd/system", "/host/usr/lib/systemd/system"]\n',
+    )
+    assert config.workload_attestor[1] == PluginConfig(
+        "systemd",
+        SystemdAttestorConfig(
+            "/host/proc", ("/host/etc/systemd/system", "/host/usr/lib/systemd/system")
+        ),
+    )
+    plain = _load(tmp_path, "[agent.workload_attestor.systemd]\n")
+    assert plain.workload_attestor == (PluginConfig("systemd", SystemdAttestorConfig()),)
+    assert "/etc/systemd/system" in SystemdAttestorConfig().unit_paths
 
 
 def test_several_workload_attestors_in_config_order(tmp_path: Path) -> None:

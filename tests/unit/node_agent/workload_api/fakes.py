@@ -100,6 +100,10 @@ class FakeManager:
         self.changed = asyncio.Condition()
         self.subscriptions: set[FakeSubscription] = set()
         self.jwt_requests: list[tuple[str, tuple[str, ...]]] = []
+        self.unsigned = 0
+        """Matching entries the fake reports as having no SVID yet."""
+        self.jwt_error: Exception | None = None
+        """Raised by fetch_jwt_svid when set (what the server client's errors become)."""
 
     def add(self, selectors: Iterable[str], spiffe_id: str, hint: str = "") -> Identity:
         """Register an entry and issue its SVID."""
@@ -126,6 +130,7 @@ class FakeManager:
             identities=self.matching_identities(selectors),
             bundle=self.ca.bundle(),
             federated_bundles=self.federated_bundles(),
+            unsigned=self.unsigned,
         )
 
     # -- the Manager protocol --
@@ -145,6 +150,8 @@ class FakeManager:
 
     async def fetch_jwt_svid(self, identity: Identity, audience: tuple[str, ...]) -> str:
         self.jwt_requests.append((str(identity.spiffe_id), audience))
+        if self.jwt_error is not None:
+            raise self.jwt_error
         return self.ca.sign_jwt(identity.spiffe_id, audience)
 
     def bundle_set(self) -> BundleSet:

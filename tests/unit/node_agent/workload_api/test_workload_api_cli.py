@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import stat
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from click.testing import CliRunner
 from workload_api_fakes import MY_UID, Api
 
 from credo.x509svid import X509Svid
+from node_agent.cache.errors import JwtSvidUnavailable
 from node_agent.cli.api import api as api_cli
 
 
@@ -73,13 +75,39 @@ def test_no_identity_is_one_line_error(api: Api) -> None:
 
 
 def test_agent_not_running_is_one_line_error(tmp_path: Path) -> None:
-    """With nothing listening on the socket, the CLI says so in one line and exits 1."""
-    missing = f"unix://{tmp_path}/missing.sock"
-    result = CliRunner().invoke(api_cli, ["fetch", "x509", "--socket", missing, "--timeout", "5"])
+    """With no socket, or a socket nobody listens on, the CLI asks whether the agent runs."""
+    missing = tmp_path / "missing.sock"
+    result = CliRunner().invoke(
+        api_cli, ["fetch", "x509", "--socket", f"unix://{missing}", "--timeout", "5"]
+    )
     assert result.exit_code == 1
     assert result.stderr.strip() == (
-        f"Error: cannot reach the Workload API at {missing}: is credo-agent running?"
+        f"Error: no Workload API socket at {missing}: is credo-agent running?"
     )
+    stale = tmp_path / "stale.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as left_behind:
+        left_behind.bind(str(stale))
+    result = CliRunner().invoke(
+        api_cli, ["fetch", "jwt", "--audience", "a", "--socket", f"unix://{stale}"]
+    )
+    assert result.exit_code == 1
+    assert result.stderr.strip() == (
+        f"Error: nothing listens on the Workload API socket {stale}: is credo-agent running?"
+    )
+
+
+def test_agent_unavailable_answer_is_not_called_not_running(api: Api) -> None:
+    """When the agent answers UNAVAILABLE (its server is unreachable), the CLI prints the
+    agent's reason, not "is credo-agent running?"."""
+    api.manager.add([MY_UID], "spiffe://example.org/workload")
+    api.manager.jwt_error = JwtSvidUnavailable("server 10.0.0.1:8081: UNAVAILABLE: down")
+    result = CliRunner().invoke(
+        api_cli, ["fetch", "jwt", "--audience", "db", "--socket", api.endpoint]
+    )
+    assert result.exit_code == 1
+    line = result.stderr.strip()
+    assert "server 10.0.0.1:8081: UNAVAILABLE: down" in line and "\n" not in line
+    assert "is credo-agent running" not in line
 
 
 def test_watch_prints_updates_until_interrupted(api: Api) -> None:

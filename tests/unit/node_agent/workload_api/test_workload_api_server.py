@@ -19,6 +19,7 @@ from workload_api_fakes import MY_UID, Api
 from credo._proto import workload_pb2, workload_pb2_grpc
 from credo.bundle import Bundle
 from credo.keys import generate_private_key
+from node_agent.cache.errors import JwtSvidRateLimited, JwtSvidRefused, JwtSvidUnavailable
 
 HEADER = (("workload.spiffe.io", "true"),)
 
@@ -221,6 +222,89 @@ def test_jwt_svid_for_foreign_spiffe_id_is_permission_denied(api: Api) -> None:
         pytest.raises(spiffe.workloadapi.errors.FetchJwtSvidError),
     ):
         client.fetch_jwt_svid({"db"}, PySpiffeId("spiffe://example.org/theirs"))
+
+
+@pytest.mark.parametrize(
+    ("error", "code", "words"),
+    [
+        (
+            JwtSvidRefused("spiffe://example.org/w", "INVALID_ARGUMENT", "audience: empty"),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "audience: empty",
+        ),
+        (
+            JwtSvidRefused("spiffe://example.org/w", "NOT_FOUND", "entry not authorized"),
+            grpc.StatusCode.PERMISSION_DENIED,
+            "entry not authorized",
+        ),
+        (
+            JwtSvidRateLimited("the server rate-limited JWT-SVIDs"),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "rate limited",
+        ),
+        (
+            JwtSvidUnavailable("server 127.0.0.1:1 unreachable"),
+            grpc.StatusCode.UNAVAILABLE,
+            "unreachable",
+        ),
+    ],
+)
+def test_server_refusal_of_a_jwt_svid_keeps_its_status_and_reason(
+    api: Api, error: Exception, code: grpc.StatusCode, words: str
+) -> None:
+    """A JWT-SVID the server refused reaches the workload with the server's status (bad
+    request, not authorized, rate limited) and reason; only an unreachable server is
+    UNAVAILABLE."""
+    api.manager.add([MY_UID], "spiffe://example.org/w")
+    api.manager.jwt_error = error
+    channel, stub = _stub(api)
+    with channel, pytest.raises(grpc.RpcError) as info:
+        stub.FetchJWTSVID(workload_pb2.JWTSVIDRequest(audience=["db"]), metadata=HEADER)
+    assert info.value.code() == code
+    assert words in (info.value.details() or "")
+
+
+def test_rate_limited_jwt_svid_call_is_logged_with_the_caller(
+    api: Api, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A JWT-SVID call refused because the server rate-limits is logged at info with the
+    caller's pid, uid and selectors and the reason."""
+    api.manager.add([MY_UID], "spiffe://example.org/w")
+    api.manager.jwt_error = JwtSvidRateLimited("the server rate-limited JWT-SVIDs")
+    caplog.set_level("INFO", logger="node_agent.workload_api.handler")
+    channel, stub = _stub(api)
+    with channel, pytest.raises(grpc.RpcError):
+        stub.FetchJWTSVID(workload_pb2.JWTSVIDRequest(audience=["db"]), metadata=HEADER)
+    (record,) = [r for r in caplog.records if r.getMessage() == "workload call refused"]
+    assert record.levelname == "INFO"
+    assert record.__dict__["reason"] == "rate limited by the server"
+    assert record.__dict__["pid"] == os.getpid() and record.__dict__["uid"] == os.getuid()
+    assert MY_UID in record.__dict__["selectors"]
+
+
+@pytest.mark.parametrize(
+    ("unsigned", "reason"),
+    [
+        (0, "no registration entry matches the caller's selectors"),
+        (2, "2 matching entries have no X509-SVID yet (not signed by the server, or refused)"),
+    ],
+)
+def test_refused_x509_call_is_logged_with_why_nothing_was_served(
+    api: Api, caplog: pytest.LogCaptureFixture, unsigned: int, reason: str
+) -> None:
+    """A caller with no identity is logged at info with its selectors and why: no entry
+    matches, or matching entries have no SVID yet."""
+    api.manager.unsigned = unsigned
+    caplog.set_level("INFO", logger="node_agent.workload_api.handler")
+    channel, stub = _stub(api)
+    with channel:
+        assert (
+            _code_of_stream(stub.FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=HEADER))
+            == grpc.StatusCode.PERMISSION_DENIED
+        )
+    (record,) = [r for r in caplog.records if r.getMessage() == "workload call refused"]
+    assert record.levelname == "INFO" and record.__dict__["reason"] == reason
+    assert record.__dict__["method"] == "FetchX509SVID" and MY_UID in record.__dict__["selectors"]
 
 
 def test_one_jwt_svid_per_identity(api: Api) -> None:

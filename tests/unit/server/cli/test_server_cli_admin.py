@@ -160,7 +160,9 @@ class Agents(admin_pb2_grpc.AgentsServicer):  # type: ignore[misc]
     def CreateJoinToken(self, request: Any, context: Any) -> Any:
         self.fake.requests.append(request)
         return types_pb2.JoinToken(
-            token="t0k3n", expires_at=1_700_000_000 + request.ttl, spiffe_id=request.spiffe_id
+            token="t0k3n",
+            expires_at=1_700_000_000 + (request.ttl or 600),  # 0: the server's default
+            spiffe_id=request.spiffe_id,
         )
 
 
@@ -407,7 +409,8 @@ def test_delete_and_count(socket: str) -> None:
 
 
 def test_token_generate(socket: str, fake: FakeAdmin) -> None:
-    """`token generate` sends ttl and spiffe id; JSON has token and expires_at."""
+    """`token generate` sends ttl and spiffe id (no --ttl: 0, the server's default); JSON has
+    token and expires_at."""
     out = run_json(
         socket, "token", "generate", "--ttl", "2m", "--spiffe-id", "spiffe://example.org/n"
     )
@@ -418,7 +421,10 @@ def test_token_generate(socket: str, fake: FakeAdmin) -> None:
     }
     text = run(socket, "token", "generate").stdout
     assert text.splitlines()[0] == "Token: t0k3n"
-    assert "Expires at: 2023-11-14T22:23:20Z" in text  # default ttl 600
+    assert "Expires at: 2023-11-14T22:23:20Z" in text  # the server's default ttl 600
+    assert [r.ttl for r in fake.requests if isinstance(r, admin_pb2.CreateJoinTokenRequest)][
+        -1
+    ] == 0
 
 
 def test_agent_show_ban_and_unknown(socket: str, fake: FakeAdmin) -> None:

@@ -108,8 +108,10 @@ def test_entry_lifecycle(socket: str) -> None:
         "--match", "exact",
     )["entries"]  # fmt: skip
     assert exact == []
-    (updated,) = run_json(socket, "entry", "update", "--id", entry["id"], "--admin")["entries"]
-    assert updated["admin"] is True and updated["hint"] == "lc"
+    (updated,) = run_json(socket, "entry", "update", "--id", entry["id"], "--dns", "lc.example")[
+        "entries"
+    ]
+    assert updated["dns_names"] == ["lc.example"] and updated["hint"] == "lc"
     before = run_json(socket, "entry", "count")["count"]
     run_json(socket, "entry", "delete", "--id", entry["id"])
     assert run_json(socket, "entry", "count")["count"] == before - 1

@@ -88,6 +88,7 @@ def test_no_config_file_means_defaults_and_flags(started: list[ServerConfig]) ->
         (["--trust-domain", "Not_Valid!"], "trust_domain"),
         (["--ca-ttl", "forever"], "ca_ttl: invalid duration 'forever'"),
         (["--x509-svid-ttl", "48h"], "must not exceed ca_ttl"),
+        (["--join-token-ttl", "2h", "--join-token-max-ttl", "1h"], "join_token_max_ttl"),
         (["--bind-address", "nohostport"], "bind_address"),
         (["--upstream-ca-cert", "ca.pem"], "given together"),
         (["--config", "/nonexistent/credo.toml"], "cannot read config file"),
