@@ -1,11 +1,12 @@
 """The signing server, wired: every component is built here from the config, in order.
 
 datastore -> key manager -> authority manager + CA (+ signing workers) -> entry cache ->
-node attestors (those the config names, from :mod:`server.attestation.catalog`) -> agent
-flows (:mod:`server.agents`, :mod:`server.issuance`) -> APIs -> server identity
-(:mod:`server.identity`) and endpoints; then the background loops (CA rotation, entry
-change feed, server SVID refresh, housekeeping) run under one :class:`asyncio.TaskGroup`
-until ``stop``. Nothing else constructs these components. Where things live on disk is
+node attestors (those the config names, from :mod:`server.attestation.catalog`) -> bundle
+publishers (:mod:`server.bundle_publisher.catalog`) -> agent flows (:mod:`server.agents`,
+:mod:`server.issuance`) -> APIs -> server identity (:mod:`server.identity`) and
+endpoints; then the background loops (CA rotation, entry change feed, server SVID refresh,
+housekeeping, bundle publishing) run under one :class:`asyncio.TaskGroup` until ``stop``.
+Nothing else constructs these components. Where things live on disk is
 :mod:`server.paths`.
 
 Endpoints:
@@ -58,6 +59,8 @@ from server.api.common import BundleSource
 from server.api.tls import PeerRegistry, TlsFrontend
 from server.attestation.catalog import PluginContext, build_node_attestors
 from server.authorization import EntryCache
+from server.bundle_publisher.catalog import PublisherContext, build_bundle_publishers
+from server.bundle_publisher.runner import BundlePublishing
 from server.ca.ca import CertificateAuthority
 from server.ca.keymanager import DiskKeyManager
 from server.ca.manager import AuthorityManager, AuthorityManagerConfig
@@ -123,6 +126,7 @@ class _Server:
     agent_grpc: grpc.aio.Server
     admin_grpc: grpc.aio.Server
     frontend: TlsFrontend
+    publishing: BundlePublishing
     health: list[health.aio.HealthServicer] = field(default_factory=list)
     stop_metrics: Callable[[], None] | None = None
     signing_pool: SigningPool | None = None
@@ -190,6 +194,15 @@ async def _build(config: ServerConfig, stop: asyncio.Event) -> _Server:
         # 5. node attestors: exactly the plugins the config names
         attestors = build_node_attestors(config.node_attestor, PluginContext(td, datastore))
 
+        # 5b. bundle publishers: keep copies of the bundle where agents find it
+        bundles = BundleSource(datastore, td)
+        publishing = BundlePublishing(
+            build_bundle_publishers(config.bundle_publisher, PublisherContext(td)),
+            bundles.own_bundle,
+            cache,
+            td.name,
+        )
+
         # 6. agent flows (authentication, attestation, authorization, sync, issuance), APIs
         stopping = asyncio.Event()
         authn = AgentAuthenticator(
@@ -214,7 +227,6 @@ async def _build(config: ServerConfig, stop: asyncio.Event) -> _Server:
             pool=signing_pool,
             metrics=metrics,
         )
-        bundles = BundleSource(datastore, td)
         peers = PeerRegistry()
         agent_api = AgentService(
             attestation=attestation,
@@ -295,6 +307,7 @@ async def _build(config: ServerConfig, stop: asyncio.Event) -> _Server:
             agent_grpc=agent_grpc,
             admin_grpc=admin_grpc,
             frontend=frontend,
+            publishing=publishing,
             health=[agent_health, admin_health],
             signing_pool=signing_pool,
         )
@@ -358,6 +371,7 @@ async def serve(
             tasks.create_task(server.cache.run(stop), name="entry-cache")
             tasks.create_task(server.identity.run(stop), name="server-identity")
             tasks.create_task(run_housekeeping(server.datastore, stop), name="housekeeping")
+            tasks.create_task(server.publishing.run(stop), name="bundle-publishing")
             if server.signing_pool is not None:
                 server.signing_pool.start_background()
             info = await _start_endpoints(server)

@@ -8,9 +8,16 @@ Plugin tables are set in the file only (:data:`FILE_ONLY_SETTINGS`)::
 
     [server.node_attestor.join_token]     # one table per node attestor (see
                                           # server.attestation.catalog)
+    [server.node_attestor.k8s_psat.clusters.prod]
+    service_account_allow_list = ["credo:credo-agent"]
+
+    [server.bundle_publisher.k8s_configmap]   # bundle publishers (see
+    namespace = "credo"                       # server.bundle_publisher.catalog)
+    name = "credo-bundle"
 
 Without any ``[server.node_attestor.*]`` table, ``join_token`` is enabled, as it was
-before plugin tables existed.
+before plugin tables existed; without ``[server.bundle_publisher.*]`` tables no publisher
+runs.
 
 Reading the file and converting each value is :mod:`credo._config`'s job (shared with the
 agent); this module declares the settings and checks how they fit together.
@@ -29,6 +36,7 @@ from credo._logging import LOG_FORMATS, LOG_LEVELS
 from credo.errors import ConfigError
 from credo.spiffe_id import TrustDomain
 from server.attestation.catalog import DEFAULT_NODE_ATTESTORS, WHERE, parse_node_attestors
+from server.bundle_publisher.catalog import parse_bundle_publishers
 
 __all__ = [
     "FILE_ONLY_SETTINGS",
@@ -50,7 +58,7 @@ _DURATIONS = (
     "join_token_max_ttl",
 )
 
-FILE_ONLY_SETTINGS: Final = frozenset({"node_attestor"})
+FILE_ONLY_SETTINGS: Final = frozenset({"node_attestor", "bundle_publisher"})
 """Settings made of nested plugin tables: config file only, no flag."""
 
 
@@ -98,6 +106,8 @@ class ServerConfig:
     signing_workers: int = field(default_factory=_default_signing_workers)
     # [server.node_attestor.<name>] tables: plugin name -> its config dataclass.
     node_attestor: Mapping[str, Any] = field(default_factory=_default_node_attestors)
+    # [server.bundle_publisher.<name>] tables: plugin name -> its config dataclass.
+    bundle_publisher: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def datastore_url(self) -> str:
@@ -180,12 +190,22 @@ def _node_attestors(value: Any, key: str) -> dict[str, Any]:
     return parse_node_attestors(value)
 
 
+def _bundle_publishers(value: Any, key: str) -> dict[str, Any]:
+    return parse_bundle_publishers(value)
+
+
 def load_config(path: Path | None, overrides: Mapping[str, Any]) -> ServerConfig:
     """Defaults, then the TOML file at ``path`` (if any), then ``overrides`` (flags set)."""
     values = _server_table(path) if path is not None else {}
     for key, value in overrides.items():
         if key in FILE_ONLY_SETTINGS:
-            raise ConfigError(f"{key}: is set in the config file only ([{WHERE}.<name>] tables)")
+            raise ConfigError(
+                f"{key}: is set in the config file only ([server.{key}.<name>] tables)"
+            )
         if value is not None:
             values[key] = value
-    return from_table(ServerConfig, values, convert={"node_attestor": _node_attestors}).validate()
+    return from_table(
+        ServerConfig,
+        values,
+        convert={"node_attestor": _node_attestors, "bundle_publisher": _bundle_publishers},
+    ).validate()

@@ -1,8 +1,10 @@
 """The node attestor plugins the agent knows, by name: ``[agent.node_attestor.<name>]``.
 
-To add one (``k8s_psat``, say): write ``node_agent/attestation/k8s_psat.py`` with a frozen
-dataclass for its TOML table (``validate()`` raising :class:`~credo.errors.ConfigError`
-that names the field) and a class implementing
+Plugins: ``join_token`` (:mod:`node_agent.attestation.join_token`) and ``k8s_psat``
+(:mod:`node_agent.attestation.k8s_psat`). To add one: write
+``node_agent/attestation/<name>.py`` with a frozen dataclass for its TOML table
+(``validate()`` raising :class:`~credo.errors.ConfigError` that names the field) and a
+class implementing
 :class:`~node_agent.attestation.attestor.NodeAttestor`, then add one line to
 :data:`NODE_ATTESTORS`. The config loader parses the table with the dataclass
 (:func:`credo._config.plugin_tables`) and :func:`build_node_attestor` (called only by
@@ -18,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from node_agent.attestation.attestor import NodeAttestor
 from node_agent.attestation.join_token import JoinTokenAttestor, JoinTokenConfig
+from node_agent.attestation.k8s_psat import K8S_PSAT, K8sPsatAttestor, K8sPsatConfig
 
 if TYPE_CHECKING:
     from node_agent.config import AgentConfig
@@ -39,6 +42,7 @@ NODE_ATTESTORS: Mapping[str, NodeAttestorPlugin] = MappingProxyType(
         "join_token": NodeAttestorPlugin(
             JoinTokenConfig, lambda config, agent: JoinTokenAttestor(config, agent.join_token)
         ),
+        K8S_PSAT: NodeAttestorPlugin(K8sPsatConfig, lambda config, agent: K8sPsatAttestor(config)),
     }
 )
 

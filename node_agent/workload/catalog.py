@@ -18,6 +18,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from node_agent.workload.attestor import CompositeAttestor, WorkloadAttestor
+from node_agent.workload.k8s import K8sAttestor, K8sAttestorConfig
 from node_agent.workload.systemd import SystemdAttestor, SystemdAttestorConfig
 from node_agent.workload.unix import UnixAttestor, UnixAttestorConfig
 
@@ -43,6 +44,7 @@ class WorkloadAttestorPlugin:
 WORKLOAD_ATTESTORS: Mapping[str, WorkloadAttestorPlugin] = MappingProxyType(
     {
         "unix": WorkloadAttestorPlugin(UnixAttestorConfig, UnixAttestor),
+        "k8s": WorkloadAttestorPlugin(K8sAttestorConfig, K8sAttestor),
         "systemd": WorkloadAttestorPlugin(SystemdAttestorConfig, SystemdAttestor),
     }
 )

@@ -3,10 +3,14 @@
 ::
 
     CredoError
-    └── WorkloadError                      identifying the caller failed
-        ├── PeerUnknown                    the kernel gave no usable credentials (pid 0, ...)
-        ├── PeerChanged                    the pid no longer names the process that connected
-        └── AttestationFailed              an attestor could not read the process's facts
+    ├── WorkloadError                      identifying the caller failed
+    │   ├── PeerUnknown                    the kernel gave no usable credentials (pid 0, ...)
+    │   ├── PeerChanged                    the pid no longer names the process that connected
+    │   ├── AttestationFailed              an attestor could not read the process's facts
+    │   └── AttestationRefused             the facts contradict each other, or the source of
+    │                                      truth does not know the process: refuse the caller
+    └── CgroupError (also ValueError)      a /proc/<pid>/cgroup file that does not place the
+                                           process in one pod and container
 
 The Workload API handler maps these to gRPC status codes; nothing else here does.
 """
@@ -15,7 +19,14 @@ from __future__ import annotations
 
 from credo.errors import CredoError
 
-__all__ = ["AttestationFailed", "PeerChanged", "PeerUnknown", "WorkloadError"]
+__all__ = [
+    "AttestationFailed",
+    "AttestationRefused",
+    "CgroupError",
+    "PeerChanged",
+    "PeerUnknown",
+    "WorkloadError",
+]
 
 
 class WorkloadError(CredoError):
@@ -46,3 +57,20 @@ class AttestationFailed(WorkloadError):
     """A workload attestor could not gather the process's selectors."""
 
     _subject = "workload attestation failed"
+
+
+class AttestationRefused(WorkloadError):
+    """The caller may not be identified: its facts contradict each other (two pods in one
+    cgroup file) or the source of truth does not know it (its pod is not on the kubelet's
+    list). The Workload API answers PermissionDenied with the reason."""
+
+    _subject = "workload attestation refused"
+
+
+class CgroupError(CredoError, ValueError):
+    """A cgroup file that cannot be read as one process's place (malformed, or naming two
+    different pods or containers); ``reason`` says which."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)

@@ -34,7 +34,12 @@ from credo.selector import Selector
 from credo.spiffe_id import SpiffeId, TrustDomain
 from node_agent.cache.errors import JwtSvidRateLimited, JwtSvidRefused
 from node_agent.workload.attestor import WorkloadAttestor
-from node_agent.workload.errors import AttestationFailed, PeerChanged, PeerUnknown
+from node_agent.workload.errors import (
+    AttestationFailed,
+    AttestationRefused,
+    PeerChanged,
+    PeerUnknown,
+)
 from node_agent.workload.peer import PeerProcess
 from node_agent.workload_api.manager import Identity, Manager, WorkloadUpdate
 
@@ -218,11 +223,17 @@ class WorkloadApiServicer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
                 extra={"method": method, "pid": peer.pid, "reason": err.reason},
             )
             await _abort(context, grpc.StatusCode.PERMISSION_DENIED, str(err))
-        except AttestationFailed as err:
+        except (AttestationFailed, AttestationRefused) as err:
             try:
                 peer.ensure_same_process()
             except PeerChanged as changed:
                 await _abort(context, grpc.StatusCode.PERMISSION_DENIED, str(changed))
+            if isinstance(err, AttestationRefused):
+                log.warning(
+                    "workload attestation refused",
+                    extra={"method": method, "pid": peer.pid, "reason": err.reason},
+                )
+                await _abort(context, grpc.StatusCode.PERMISSION_DENIED, str(err))
             log.error(
                 "workload attestation failed",
                 extra={"method": method, "pid": peer.pid, "reason": err.reason},

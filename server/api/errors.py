@@ -12,6 +12,7 @@ other ``AgentRefused`` (banned,         PERMISSION_DENIED    its ``reason``
 evicted, not current, not authorized,
 not an agent, may not re-attest)
 ``UnknownNodeAttestor``                 INVALID_ARGUMENT     ``attestation_refused``
+``AttestationUnavailable``              UNAVAILABLE          ``attestation_refused``
 other ``AttestationError``              PERMISSION_DENIED    ``attestation_refused``
 ``ServerStopping``                      UNAVAILABLE
 datastore ``NotFound``                  NOT_FOUND
@@ -44,7 +45,11 @@ from server.agents.errors import (
     ServerStopping,
     UntrustedAuthority,
 )
-from server.attestation.errors import AttestationError, UnknownNodeAttestor
+from server.attestation.errors import (
+    AttestationError,
+    AttestationUnavailable,
+    UnknownNodeAttestor,
+)
 from server.ca.errors import AuthorityNotFound, CaError
 from server.datastore.errors import AlreadyExists, DataStoreError, NotFound
 
@@ -86,6 +91,7 @@ _STATUSES = (
     (RateLimited, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (AgentRefused, grpc.StatusCode.PERMISSION_DENIED),
     (UnknownNodeAttestor, grpc.StatusCode.INVALID_ARGUMENT),
+    (AttestationUnavailable, grpc.StatusCode.UNAVAILABLE),
     (AttestationError, grpc.StatusCode.PERMISSION_DENIED),
     (ServerStopping, grpc.StatusCode.UNAVAILABLE),
     ((NotFound, AuthorityNotFound), grpc.StatusCode.NOT_FOUND),

@@ -38,6 +38,7 @@ from credo._config import plugin_tables
 from credo.errors import ConfigError
 from credo.spiffe_id import TrustDomain
 from server.attestation.join_token import JOIN_TOKEN, JoinTokenAttestor, JoinTokenConfig
+from server.attestation.k8s_psat import K8S_PSAT, K8sPsatAttestor, K8sPsatConfig
 from server.attestation.protocol import NodeAttestor
 
 if TYPE_CHECKING:
@@ -84,6 +85,7 @@ class CatalogEntry:
 CATALOG: Final[Mapping[str, CatalogEntry]] = MappingProxyType(
     {
         JOIN_TOKEN: CatalogEntry(JoinTokenAttestor, JoinTokenConfig),
+        K8S_PSAT: CatalogEntry(K8sPsatAttestor, K8sPsatConfig),
     }
 )
 

@@ -5,9 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from node_agent.config import load_config as load_agent_config
+from node_agent.workload.k8s import K8sAttestorConfig
 from node_agent.workload.systemd import SystemdAttestorConfig
 from node_agent.workload.unix import UnixAttestorConfig
 from server.attestation.join_token import JoinTokenConfig
+from server.attestation.k8s_psat import K8sPsatCluster
+from server.bundle_publisher.k8s_configmap import K8sConfigMapConfig
 from server.config import load_config as load_server_config
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "docs" / "examples"
@@ -48,3 +51,32 @@ def test_agent_example_names_its_attestors_in_plugin_tables() -> None:
         ("systemd", SystemdAttestorConfig()),
     ]
     assert config.deprecations == ()
+
+
+def test_kubernetes_server_example_loads_its_plugin_tables() -> None:
+    """docs/examples/server-kubernetes.toml enables join_token and k8s_psat for cluster prod,
+    and the bundle ConfigMap publisher, as documented in it."""
+    config = load_server_config(EXAMPLES / "server-kubernetes.toml", {})
+    assert set(config.node_attestor) == {"join_token", "k8s_psat"}
+    assert config.node_attestor["k8s_psat"].clusters == {
+        "prod": K8sPsatCluster(
+            service_account_allow_list=("credo:credo-agent",),
+            audience=("credo-server",),
+            kube_config_file=None,
+            allowed_node_label_keys=("topology.kubernetes.io/zone",),
+        )
+    }
+    assert dict(config.bundle_publisher) == {
+        "k8s_configmap": K8sConfigMapConfig(namespace="credo", name="credo-bundle")
+    }
+
+
+def test_kubernetes_agent_example_loads_its_plugin_tables() -> None:
+    """docs/examples/agent-kubernetes.toml attests with k8s_psat and combines unix and k8s,
+    with SPIRE's defaults spelled out."""
+    config = load_agent_config(EXAMPLES / "agent-kubernetes.toml", {})
+    assert (config.node_attestor.name, config.node_attestor.config.cluster) == ("k8s_psat", "prod")
+    assert [(p.name, p.config) for p in config.workload_attestor] == [
+        ("unix", UnixAttestorConfig()),
+        ("k8s", K8sAttestorConfig()),
+    ]

@@ -4,10 +4,11 @@ Helm itself does the rendering and linting: helm-python-sdk binds Helm's Go SDK 
 so no helm binary and no cluster are needed. kubernetes-validate checks every rendered object
 against the Kubernetes OpenAPI schemas.
 
-The chart configures plugin tables (``[server.node_attestor.k8s_psat.clusters.<name>]``,
-``[agent.workload_attestor.k8s]``...) that the config loaders learn with the plugin catalogs
-and the Kubernetes plugins; until then the tests load the scalar settings with the real
-loaders and check the plugin tables as TOML data.
+The rendered server.toml and agent.toml are loaded with the real config loaders, plugin
+tables included (``[server.node_attestor.k8s_psat.clusters.<name>]``,
+``[server.bundle_publisher.k8s_configmap]``, ``[agent.node_attestor.k8s_psat]``,
+``[agent.workload_attestor.k8s]``...), so a setting the chart writes and Credo does not know
+fails here.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import itertools
 import json
 import re
 import shutil
-import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,15 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from node_agent.attestation.k8s_psat import K8sPsatConfig
+from node_agent.config import PluginConfig
 from node_agent.config import load_config as load_agent_config
+from node_agent.workload.k8s import K8sAttestorConfig
+from node_agent.workload.unix import UnixAttestorConfig
+from server.attestation.join_token import JoinTokenConfig
+from server.attestation.k8s_psat import K8sPsatCluster
+from server.attestation.k8s_psat import K8sPsatConfig as ServerK8sPsatConfig
+from server.bundle_publisher.k8s_configmap import K8sConfigMapConfig
 from server.config import load_config as load_server_config
 
 REPO = Path(__file__).resolve().parents[3]
@@ -73,34 +81,22 @@ def one(objects: Manifests, kind: str, name: str | None = None) -> dict[str, Any
     return found[0]
 
 
-def server_toml(objects: Manifests) -> dict[str, Any]:
-    """The [server] table of the rendered server.toml."""
-    text = one(objects, "ConfigMap", "credo-server")["data"]["server.toml"]
-    table: dict[str, Any] = tomllib.loads(text)["server"]
-    return table
-
-
-def agent_toml(objects: Manifests) -> dict[str, Any]:
-    """The [agent] table of the rendered agent.toml."""
-    text = one(objects, "ConfigMap", "credo-agent")["data"]["agent.toml"]
-    table: dict[str, Any] = tomllib.loads(text)["agent"]
-    return table
-
-
-def scalars(table: dict[str, Any], tmp_path: Path, name: str) -> Path:
-    """The table's scalar settings (no plugin tables) as a TOML file for today's loaders."""
-    lines = [f"[{name}]"] + [
-        f"{key} = {json.dumps(value)}"
-        for key, value in table.items()
-        if not isinstance(value, dict)
-    ]
-    path = tmp_path / f"{name}.toml"
-    path.write_text("\n".join(lines) + "\n")
+def config_file(objects: Manifests, tmp_path: Path, component: str) -> Path:
+    """The rendered ``<component>.toml`` of ConfigMap credo-<component>, written to a file."""
+    text = one(objects, "ConfigMap", f"credo-{component}")["data"][f"{component}.toml"]
+    path = tmp_path / f"{component}.toml"
+    path.write_text(text)
     return path
 
 
 def load_server(objects: Manifests, tmp_path: Path, flags: dict[str, Any] | None = None) -> Any:
-    return load_server_config(scalars(server_toml(objects), tmp_path, "server"), flags or {})
+    """The rendered server.toml, loaded by credo-server's own loader (plugin tables too)."""
+    return load_server_config(config_file(objects, tmp_path, "server"), flags or {})
+
+
+def load_agent(objects: Manifests, tmp_path: Path) -> Any:
+    """The rendered agent.toml, loaded by credo-agent's own loader (plugin tables too)."""
+    return load_agent_config(config_file(objects, tmp_path, "agent"), {})
 
 
 def pod_spec(workload: dict[str, Any]) -> dict[str, Any]:
@@ -149,6 +145,22 @@ def test_every_ci_scenario_is_present() -> None:
         "postgres-ha-values.yaml",
         "upstream-ca-values.yaml",
     ]
+
+
+@pytest.mark.parametrize("values_file", CI_VALUES, ids=lambda p: p.name)
+def test_every_scenario_renders_configs_credo_loads(
+    chart: Any, values_file: Path, tmp_path: Path
+) -> None:
+    """server.toml and agent.toml of every scenario load with credo-server's and
+    credo-agent's own loaders, every plugin table included."""
+    objects = render(chart, yaml.safe_load(values_file.read_text()))
+    server = load_server(objects, tmp_path)
+    assert "k8s_configmap" in server.bundle_publisher
+    if "credo-agent" in {c["metadata"]["name"] for c in objects["ConfigMap"]}:
+        agent = load_agent(objects, tmp_path)
+        assert agent.node_attestor.name == "k8s_psat"
+        assert [p.name for p in agent.workload_attestor] == ["unix", "k8s"]
+        assert agent.node_attestor.config.cluster in server.node_attestor["k8s_psat"].clusters
 
 
 @pytest.mark.parametrize("values_file", CI_VALUES, ids=lambda p: p.name)
@@ -234,21 +246,24 @@ def test_default_server_toml_loads_with_chart_defaults(chart: Any, tmp_path: Pat
     assert claim["spec"]["resources"]["requests"]["storage"] == "1Gi"
 
 
-def test_k8s_psat_config_names_this_cluster(chart: Any) -> None:
-    """server.toml configures k8s_psat for clusterName, admitting the chart's agent account."""
+def test_k8s_psat_config_names_this_cluster(chart: Any, tmp_path: Path) -> None:
+    """server.toml configures k8s_psat for clusterName, admitting the chart's agent account,
+    with the in-cluster API config; credo-server loads it as such."""
     objects = render(chart, ci_values("default"))
-    attestors = server_toml(objects)["node_attestor"]
-    assert attestors["join_token"] == {}
-    assert attestors["k8s_psat"] == {
-        "clusters": {
-            "example-cluster": {
-                "service_account_allow_list": ["identity:credo-agent"],
-                "audience": ["credo-server"],
-                "kube_config_file": "",
-                "allowed_node_label_keys": [],
-                "allowed_pod_label_keys": [],
+    config = load_server(objects, tmp_path)
+    assert dict(config.node_attestor) == {
+        "join_token": JoinTokenConfig(),
+        "k8s_psat": ServerK8sPsatConfig(
+            clusters={
+                "example-cluster": K8sPsatCluster(
+                    service_account_allow_list=("identity:credo-agent",),
+                    audience=("credo-server",),
+                    kube_config_file=None,
+                    allowed_node_label_keys=(),
+                    allowed_pod_label_keys=(),
+                )
             }
-        }
+        ),
     }
     # The allowed account is the one the agents run as.
     agent_sa = pod_spec(one(objects, "DaemonSet"))["serviceAccountName"]
@@ -256,27 +271,33 @@ def test_k8s_psat_config_names_this_cluster(chart: Any) -> None:
     assert one(objects, "ServiceAccount", agent_sa)["metadata"]["namespace"] == NAMESPACE
 
 
-def test_custom_scenario_reaches_the_k8s_psat_config(chart: Any) -> None:
-    """Cluster name, audiences, extra accounts and label keys of the values reach server.toml."""
+def test_custom_scenario_reaches_the_k8s_psat_config(chart: Any, tmp_path: Path) -> None:
+    """Cluster name, audiences, extra accounts and label keys of the values reach the
+    k8s_psat config credo-server loads."""
     objects = render(chart, ci_values("custom-trust-domain"))
-    server = server_toml(objects)
-    assert server["trust_domain"] == "prod.example.com"
-    assert server["node_attestor"]["k8s_psat"]["clusters"] == {
-        "prod-eu-1": {
-            "service_account_allow_list": ["identity:credo-agent", "infra:credo-agent-canary"],
-            "audience": ["credo.prod.example.com", "credo-server"],
-            "kube_config_file": "",
-            "allowed_node_label_keys": ["topology.kubernetes.io/zone"],
-            "allowed_pod_label_keys": ["app.kubernetes.io/version"],
-        }
+    config = load_server(objects, tmp_path)
+    assert config.trust_domain == "prod.example.com"
+    assert dict(config.node_attestor["k8s_psat"].clusters) == {
+        "prod-eu-1": K8sPsatCluster(
+            service_account_allow_list=("identity:credo-agent", "infra:credo-agent-canary"),
+            audience=("credo.prod.example.com", "credo-server"),
+            kube_config_file=None,
+            allowed_node_label_keys=("topology.kubernetes.io/zone",),
+            allowed_pod_label_keys=("app.kubernetes.io/version",),
+        )
     }
 
 
-def test_bundle_publisher_writes_the_configmap_agents_mount(chart: Any) -> None:
-    """The server publishes to the chart's bundle ConfigMap, may patch it, and agents mount it."""
+def test_bundle_publisher_writes_the_configmap_agents_mount(chart: Any, tmp_path: Path) -> None:
+    """The server publishes to the chart's bundle ConfigMap under the key agents read, may
+    patch it, and agents mount it."""
     objects = render(chart)
-    publisher = server_toml(objects)["bundle_publisher"]["k8s_configmap"]
-    assert publisher == {"namespace": NAMESPACE, "name": "credo-bundle"}
+    publishers = load_server(objects, tmp_path).bundle_publisher
+    assert dict(publishers) == {
+        "k8s_configmap": K8sConfigMapConfig(
+            namespace=NAMESPACE, name="credo-bundle", key="bundle.pem", kube_config_file=None
+        )
+    }
     bundle = one(objects, "ConfigMap", "credo-bundle")
     assert "data" not in bundle  # the server fills it; Helm never overwrites the bundle
     rules = one(objects, "Role", "credo-server-bundle")["rules"]
@@ -293,10 +314,10 @@ def test_bundle_publisher_writes_the_configmap_agents_mount(chart: Any) -> None:
     ]
     daemonset = one(objects, "DaemonSet")
     assert volumes(daemonset)["bundle"]["configMap"] == {"name": "credo-bundle"}
-    trust_bundle = agent_toml(objects)["trust_bundle"]
-    assert trust_bundle == "/etc/credo/bundle/bundle.pem"
+    agent = load_agent(objects, tmp_path)
+    assert str(agent.trust_bundle) == "/etc/credo/bundle/bundle.pem"
     assert mounts(container(daemonset, "agent"))["/etc/credo/bundle"]["name"] == "bundle"
-    assert "insecure_bootstrap" not in agent_toml(objects)
+    assert agent.insecure_bootstrap is False
 
 
 def test_server_may_review_tokens_and_read_pods_and_nodes(chart: Any) -> None:
@@ -372,13 +393,12 @@ def test_upstream_ca_scenario_mounts_the_secret_read_only(chart: Any, tmp_path: 
     assert {i["key"] for i in secret["items"]} == {"tls.crt", "tls.key"}
 
 
-def test_server_only_scenario_renders_no_agent(chart: Any) -> None:
+def test_server_only_scenario_renders_no_agent(chart: Any, tmp_path: Path) -> None:
     """With agent, k8s_psat, node alias and test off, only the server and its bundle remain."""
     objects = render(chart, ci_values("upstream-ca"))
     assert "DaemonSet" not in objects and "Pod" not in objects
     assert "ClusterRole" not in objects  # no TokenReview, no kubelet access
-    server = server_toml(objects)
-    assert server["node_attestor"] == {"join_token": {}}
+    assert dict(load_server(objects, tmp_path).node_attestor) == {"join_token": JoinTokenConfig()}
     assert "lifecycle" not in server_container(objects)
     assert set(one(objects, "ConfigMap", "credo-server")["data"]) == {"server.toml"}
 
@@ -401,10 +421,8 @@ def test_metrics_scenario_exposes_the_metrics_port(chart: Any, tmp_path: Path) -
     statefulset = one(objects, "StatefulSet")
     assert "volumeClaimTemplates" not in statefulset["spec"]
     assert volumes(statefulset)["data"] == {"name": "data", "emptyDir": {}}
-    assert (agent_toml(objects)["log_level"], agent_toml(objects)["log_format"]) == (
-        "debug",
-        "text",
-    )
+    agent = load_agent(objects, tmp_path)
+    assert (agent.log_level, agent.log_format) == ("debug", "text")
 
 
 def test_postgres_ha_scenario_passes_the_url_from_the_secret(chart: Any, tmp_path: Path) -> None:
@@ -530,35 +548,37 @@ def test_agent_toml_attests_with_k8s_psat_and_both_workload_attestors(
 ) -> None:
     """agent.toml names k8s_psat for the cluster, unix and k8s attestors, and the server Service."""
     objects = render(chart)
-    agent = agent_toml(objects)
-    config = load_agent_config(scalars(agent, tmp_path, "agent"), {})
+    config = load_agent(objects, tmp_path)
     assert config.server_addresses == ("credo-server.identity.svc:8081",)
     assert config.trust_domain == "example.org"
     assert str(config.socket_path) == "/run/credo/agent-sockets/api.sock"
     assert str(config.admin_socket) == "/run/credo-agent/private/admin.sock"
     assert str(config.data_dir) == "/var/lib/credo-agent/agent"
     assert config.insecure_bootstrap is False and config.join_token is None
-    assert agent["node_attestor"] == {
-        "k8s_psat": {
-            "cluster": "example-cluster",
-            "token_path": "/var/run/secrets/tokens/credo-agent",
-        }
-    }
-    assert agent["workload_attestor"] == {
-        "unix": {"workload_size_limit": 64 * 1024 * 1024},
-        "k8s": {
-            "kubelet_secure_port": 10250,
-            "node_name_env": "MY_NODE_NAME",
-            "token_path": "/var/run/secrets/kubernetes.io/serviceaccount/token",
-            "kubelet_ca_path": "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt",
-            "skip_kubelet_verification": False,
-        },
-    }
+    assert config.node_attestor == PluginConfig(
+        "k8s_psat",
+        K8sPsatConfig("example-cluster", Path("/var/run/secrets/tokens/credo-agent")),
+    )
+    assert config.workload_attestor == (
+        PluginConfig("unix", UnixAttestorConfig(workload_size_limit=64 * 1024 * 1024)),
+        PluginConfig(
+            "k8s",
+            K8sAttestorConfig(
+                kubelet_secure_port=10250,
+                node_name_env="MY_NODE_NAME",
+                token_path=Path("/var/run/secrets/kubernetes.io/serviceaccount/token"),
+                kubelet_ca_path=Path("/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"),
+                skip_kubelet_verification=False,
+            ),
+        ),
+    )
     service = one(objects, "Service", "credo-server")
     assert service["spec"]["ports"][0]["port"] == 8081
 
 
-def test_daemonset_mounts_the_socket_directory_and_the_projected_token(chart: Any) -> None:
+def test_daemonset_mounts_the_socket_directory_and_the_projected_token(
+    chart: Any, tmp_path: Path
+) -> None:
     """The agent mounts the socket's host directory and a token with the server's audience."""
     objects = render(chart)
     daemonset = one(objects, "DaemonSet")
@@ -582,11 +602,11 @@ def test_daemonset_mounts_the_socket_directory_and_the_projected_token(chart: An
         "readOnly": True,
     }
     # The token file lands where agent.toml's k8s_psat token_path points.
-    token_path = agent_toml(objects)["node_attestor"]["k8s_psat"]["token_path"]
-    assert token_path == f"{token_mount['mountPath']}/{source['serviceAccountToken']['path']}"
+    token_path = load_agent(objects, tmp_path).node_attestor.config.token_path
+    assert str(token_path) == f"{token_mount['mountPath']}/{source['serviceAccountToken']['path']}"
     # The audience is one the server accepts.
-    cluster = server_toml(objects)["node_attestor"]["k8s_psat"]["clusters"]["example-cluster"]
-    assert source["serviceAccountToken"]["audience"] in cluster["audience"]
+    clusters = load_server(objects, tmp_path).node_attestor["k8s_psat"].clusters
+    assert source["serviceAccountToken"]["audience"] in clusters["example-cluster"].audience
 
 
 def test_daemonset_gives_the_attestors_what_they_need(chart: Any) -> None:
@@ -644,16 +664,18 @@ def test_agent_runs_as_its_own_user_without_capabilities(chart: Any) -> None:
     assert init["wait-for-bundle"]["securityContext"]["capabilities"] == {"drop": ["ALL"]}
 
 
-def test_custom_socket_path_reaches_agent_daemonset_and_test(chart: Any) -> None:
+def test_custom_socket_path_reaches_agent_daemonset_and_test(chart: Any, tmp_path: Path) -> None:
     """agent.socketPath sets the agent's socket, the host directory, and the test's endpoint."""
     objects = render(chart, ci_values("custom-trust-domain"))
-    assert agent_toml(objects)["socket_path"] == "/run/identity/sockets/workload.sock"
+    agent = load_agent(objects, tmp_path)
+    assert str(agent.socket_path) == "/run/identity/sockets/workload.sock"
     daemonset = one(objects, "DaemonSet")
     assert volumes(daemonset)["sockets"]["hostPath"]["path"] == "/run/identity/sockets"
     assert "/run/identity/sockets" in mounts(container(daemonset, "agent"))
     audience = volumes(daemonset)["agent-token"]["projected"]["sources"][0]
     assert audience["serviceAccountToken"]["audience"] == "credo.prod.example.com"
-    assert agent_toml(objects)["workload_attestor"]["k8s"]["skip_kubelet_verification"] is True
+    (k8s,) = (p.config for p in agent.workload_attestor if p.name == "k8s")
+    assert k8s.skip_kubelet_verification is True
     test_pod = one(objects, "Pod")
     assert volumes(test_pod)["spiffe-workload-api"]["hostPath"]["path"] == "/run/identity/sockets"
     env = {e["name"]: e["value"] for e in test_pod["spec"]["containers"][0]["env"]}

@@ -10,6 +10,7 @@ import pytest
 
 from credo.errors import ConfigError
 from node_agent.attestation.join_token import JoinTokenConfig
+from node_agent.attestation.k8s_psat import K8sPsatConfig
 from node_agent.config import AgentConfig, PluginConfig, load_config
 from node_agent.workload.systemd import SystemdAttestorConfig
 from node_agent.workload.unix import DEFAULT_WORKLOAD_SIZE_LIMIT, UnixAttestorConfig
@@ -26,13 +27,6 @@ def _file(tmp_path: Path, text: str) -> Path:
 
 def _load(tmp_path: Path, text: str, **overrides: object) -> AgentConfig:
     return load_config(_file(tmp_path, text), overrides)
-
-
-@dataclass(frozen=True)
-class _PsatConfig:
-    """A second node attestor, to check the exactly-one rule."""
-
-    cluster: str = ""
 
 
 @dataclass(frozen=True)
@@ -77,7 +71,7 @@ def test_join_token_table_is_valid_empty(tmp_path: Path) -> None:
         ),
         (
             "[agent.node_attestor.tpm]\n",
-            "agent.node_attestor.tpm: unknown plugin 'tpm'; known plugins: join_token",
+            "agent.node_attestor.tpm: unknown plugin 'tpm'; known plugins: join_token, k8s_psat",
         ),
         (
             "[agent.node_attestor]\n",
@@ -98,7 +92,8 @@ def test_join_token_table_is_valid_empty(tmp_path: Path) -> None:
         ),
         (
             "[agent.workload_attestor.docker]\n",
-            "agent.workload_attestor.docker: unknown plugin 'docker'; known plugins: systemd, unix",
+            "agent.workload_attestor.docker: unknown plugin 'docker'; "
+            "known plugins: k8s, systemd, unix",
         ),
         (
             "[agent.workload_attestor]\n",
@@ -147,19 +142,67 @@ def test_exactly_one_node_attestor(tmp_path: Path) -> None:
         tmp_path,
         '[agent.node_attestor.join_token]\n[agent.node_attestor.k8s_psat]\ncluster = "prod"\n',
     )
-    catalog = {"join_token": JoinTokenConfig, "k8s_psat": _PsatConfig}
     with pytest.raises(ConfigError, match="exactly one node attestor table is required, got "):
-        load_config(path, {}, node_attestors=catalog)
+        load_config(path, {})
 
 
 def test_join_token_flag_needs_the_join_token_attestor(tmp_path: Path) -> None:
     """--join-token with another node attestor configured is refused, saying which."""
     path = _file(tmp_path, '[agent.node_attestor.k8s_psat]\ncluster = "prod"\n')
-    catalog = {"join_token": JoinTokenConfig, "k8s_psat": _PsatConfig}
-    config = load_config(path, {}, node_attestors=catalog)
-    assert config.node_attestor == PluginConfig("k8s_psat", _PsatConfig("prod"))
+    config = load_config(path, {})
+    assert config.node_attestor == PluginConfig("k8s_psat", K8sPsatConfig("prod"))
     with pytest.raises(ConfigError, match=r"join_token: .*\[agent\.node_attestor\.k8s_psat\]"):
-        load_config(path, {"join_token": "tok"}, node_attestors=catalog)
+        load_config(path, {"join_token": "tok"})
+
+
+# --- [agent.node_attestor.k8s_psat] ------------------------------------------------------
+
+
+def test_k8s_psat_table_names_the_cluster_and_the_token(tmp_path: Path) -> None:
+    """[agent.node_attestor.k8s_psat] needs the cluster; the token is the projected one at
+    /var/run/secrets/tokens/credo-agent unless token_path says otherwise."""
+    config = _load(tmp_path, '[agent.node_attestor.k8s_psat]\ncluster = "prod-eu-1"\n')
+    assert config.node_attestor == PluginConfig(
+        "k8s_psat",
+        K8sPsatConfig("prod-eu-1", Path("/var/run/secrets/tokens/credo-agent")),
+    )
+    moved = _load(
+        tmp_path,
+        '[agent.node_attestor.k8s_psat]\ncluster = "c"\ntoken_path = "/run/token"\n',
+    )
+    assert moved.node_attestor.config.token_path == Path("/run/token")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "[agent.node_attestor.k8s_psat]\n",
+            "agent.node_attestor.k8s_psat.cluster: is required: the name of this cluster in "
+            "the server's [server.node_attestor.k8s_psat.clusters.<name>] table",
+        ),
+        (
+            '[agent.node_attestor.k8s_psat]\ncluster = "prod/eu"\n',
+            "agent.node_attestor.k8s_psat.cluster: 'prod/eu' cannot be part of a SPIFFE ID; "
+            "use letters, digits, '.', '-' and '_'",
+        ),
+        (
+            '[agent.node_attestor.k8s_psat]\ncluster = "c"\naudience = "x"\n',
+            "agent.node_attestor.k8s_psat.audience: unknown setting; expected one of: cluster, "
+            "token_path",
+        ),
+        (
+            '[agent.node_attestor.k8s_psat]\ncluster = "c"\ntoken_path = ""\n',
+            "agent.node_attestor.k8s_psat.token_path: expected a path, got ''",
+        ),
+    ],
+    ids=["no-cluster", "bad-cluster", "unknown-key", "empty-token-path"],
+)
+def test_bad_k8s_psat_tables_name_the_key(tmp_path: Path, text: str, message: str) -> None:
+    """A bad [agent.node_attestor.k8s_psat] table is refused with the full key."""
+    with pytest.raises(ConfigError) as info:
+        _load(tmp_path, text)
+    assert str(info.value) == message
 
 
 # --- [agent.workload_attestor.unix] ------------------------------------------------------

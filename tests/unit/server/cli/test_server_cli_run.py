@@ -41,10 +41,11 @@ def started(monkeypatch: pytest.MonkeyPatch) -> list[ServerConfig]:
 
 def test_every_scalar_setting_has_a_flag() -> None:
     """Each scalar ServerConfig setting can be given as a flag of the same name; the nested
-    plugin tables ([server.node_attestor.<name>]) are set in the config file only."""
+    plugin tables ([server.node_attestor.<name>], [server.bundle_publisher.<name>]) are set
+    in the config file only."""
     flags = {flag.removeprefix("--").replace("-", "_") for flag, _, _ in SETTING_FLAGS}
     settings = {f.name for f in dataclasses.fields(ServerConfig)}
-    assert {"node_attestor"} == FILE_ONLY_SETTINGS
+    assert {"node_attestor", "bundle_publisher"} == FILE_ONLY_SETTINGS
     assert flags == settings - FILE_ONLY_SETTINGS
 
 
