@@ -22,6 +22,7 @@ from server.cli.jwt import jwt
 from server.cli.localauthority import localauthority
 from server.cli.run import run
 from server.cli.token import token
+from server.cli.wit import wit
 from server.cli.x509 import x509
 
 __all__ = ["cli", "main"]
@@ -43,7 +44,7 @@ def cli() -> None:
     """Credo signing server: issues SPIFFE identities to node agents and their workloads."""
 
 
-for command in (run, healthcheck, entry, token, agent, bundle, x509, jwt, localauthority):
+for command in (run, healthcheck, entry, token, agent, bundle, x509, jwt, wit, localauthority):
     cli.add_command(command)
 
 

@@ -104,7 +104,7 @@ Listener = Callable[[list[Event]], None]
 _CHUNK = 1000  # ids per IN (...) list; well under SQLite's and PostgreSQL's parameter limits
 _PG_EVENT_LOCK = 0x637265646F02  # pg_advisory_xact_lock key serialising event writers
 _PG_BUNDLE_LOCK = 0x637265646F03  # pg_advisory_xact_lock key serialising update_bundle
-_AUTHORITY_KINDS = frozenset({"x509", "jwt"})
+_AUTHORITY_KINDS = frozenset({"x509", "jwt", "wit"})
 _AUTHORITY_STATUSES = frozenset({"prepared", "active", "old"})
 
 
