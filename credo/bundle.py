@@ -377,11 +377,12 @@ class WitBundle:
         return cls(td, keys)
 
     def marshal(self) -> bytes:
-        """The keys as an RFC 7517 JWKS document, each with ``use: wit-svid``."""
-        entries = [
-            {**public_key_to_jwk(key), "use": _USE_WIT, "kid": kid}
-            for kid, key in self.keys.items()
-        ]
+        """The keys as a plain RFC 7517 JWKS document (``FetchWITBundles``).
+
+        No ``use`` member, as in JWT bundles: JOSE libraries accept only ``sig``/``enc``
+        there, and the bundle's purpose already says what the keys are for.
+        """
+        entries = [{**public_key_to_jwk(key), "kid": kid} for kid, key in self.keys.items()]
         return json.dumps({"keys": entries}).encode()
 
 
