@@ -251,6 +251,7 @@ def test_second_workload_verifies_wit_and_proof_over_http(
 # --- renewal, authority rotation, CLI ------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_wit_stream_pushes_renewed_wit_before_expiry(deployment: Deployment) -> None:
     """The FetchWITSVID stream pushes a new WIT (new key, new jti) at about half its
     lifetime, while the first one is still valid."""
