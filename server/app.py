@@ -182,7 +182,7 @@ async def _build(config: ServerConfig, stop: asyncio.Event) -> _Server:
         # 2. key manager, 3. authority manager + CA
         metrics = Metrics()
         key_manager = DiskKeyManager(private_dir(data_dir / "keys"))
-        ca = CertificateAuthority(td, on_sign=metrics.on_sign)
+        ca = CertificateAuthority(td, on_sign=metrics.on_sign, jwt_issuer=config.jwt_issuer)
         server_id = load_server_id(data_dir)
         log.info("server id", extra={"server_id": server_id})
         manager = AuthorityManager(
