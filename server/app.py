@@ -77,6 +77,7 @@ from server.http import FileCertificate, HttpFrontend, IssuedCertificate, build_
 from server.http.tls import CertificateSource
 from server.identity import ServerIdentity, server_dns_names
 from server.issuance import Issuer
+from server.oidc import oidc_routes
 from server.paths import load_server_id, prepare_admin_socket, private_dir
 from server.telemetry import Metrics
 
@@ -305,7 +306,7 @@ async def _build(config: ServerConfig, stop: asyncio.Event) -> _Server:
         # 8. the HTTP front end and its endpoints
         http, http_identity = _build_http(config, data_dir, manager, bundles, metrics)
         if http is not None:
-            http.add_routes(_http_routes())
+            http.add_routes(_http_routes(config, bundles))
 
         metrics.set_gauge_sources(
             entries=lambda: len(cache.index),
@@ -381,9 +382,12 @@ def _http_dns_names(configured: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(names)
 
 
-def _http_routes() -> list[web.AbstractRouteDef]:
+def _http_routes(config: ServerConfig, bundles: BundleSource) -> list[web.AbstractRouteDef]:
     """Every HTTP endpoint, from the packages that own them."""
-    return []
+    routes: list[web.AbstractRouteDef] = []
+    # OIDC discovery + JWKS for JWT-SVIDs (server/oidc.py)
+    routes += oidc_routes(bundles.own_bundle, config.jwt_issuer)
+    return routes
 
 
 async def _start_endpoints(server: _Server) -> RunningServer:
