@@ -55,6 +55,7 @@ from server.api.admin import (
     AgentsService,
     BundlesService,
     EntriesService,
+    FederationService,
     LocalAuthorityService,
     SvidsService,
 )
@@ -72,6 +73,8 @@ from server.ca.pool import SigningPool
 from server.config import ServerConfig
 from server.datastore.protocol import DataStore
 from server.datastore.sql import SqlDataStore
+from server.federation.endpoint import bundle_endpoint_routes
+from server.federation.refresher import BundleRefresher
 from server.housekeeping import run_housekeeping
 from server.http import FileCertificate, HttpFrontend, IssuedCertificate, build_http_context
 from server.http.tls import CertificateSource
@@ -136,6 +139,7 @@ class _Server:
     admin_grpc: grpc.aio.Server
     frontend: TlsFrontend
     publishing: BundlePublishing
+    federation: BundleRefresher
     health: list[health.aio.HealthServicer] = field(default_factory=list)
     stop_metrics: Callable[[], None] | None = None
     signing_pool: SigningPool | None = None
@@ -287,6 +291,9 @@ async def _build(config: ServerConfig, stop: asyncio.Event) -> _Server:
             BundlesService(admin_config, datastore, bundles), admin_grpc
         )
         admin_pb2_grpc.add_SvidsServicer_to_server(SvidsService(admin_config, ca), admin_grpc)
+        admin_pb2_grpc.add_FederationServicer_to_server(
+            FederationService(admin_config, datastore), admin_grpc
+        )
         admin_pb2_grpc.add_LocalAuthorityServicer_to_server(
             LocalAuthorityService(manager), admin_grpc
         )
@@ -328,6 +335,7 @@ async def _build(config: ServerConfig, stop: asyncio.Event) -> _Server:
             admin_grpc=admin_grpc,
             frontend=frontend,
             publishing=publishing,
+            federation=BundleRefresher(datastore, td),
             health=[agent_health, admin_health],
             signing_pool=signing_pool,
             http=http,
@@ -387,6 +395,8 @@ def _http_routes(config: ServerConfig, bundles: BundleSource) -> list[web.Abstra
     routes: list[web.AbstractRouteDef] = []
     # OIDC discovery + JWKS for JWT-SVIDs (server/oidc.py)
     routes += oidc_routes(bundles.own_bundle, config.jwt_issuer)
+    # the SPIFFE bundle endpoint for federated trust domains (server/federation/endpoint.py)
+    routes += bundle_endpoint_routes(bundles.own_bundle)
     return routes
 
 
@@ -452,6 +462,7 @@ async def serve(
                 tasks.create_task(server.http_identity.run(stop), name="http-certificate")
             tasks.create_task(run_housekeeping(server.datastore, stop), name="housekeeping")
             tasks.create_task(server.publishing.run(stop), name="bundle-publishing")
+            tasks.create_task(server.federation.run(stop), name="federation")
             if server.signing_pool is not None:
                 server.signing_pool.start_background()
             info = await _start_endpoints(server)
