@@ -92,11 +92,17 @@ class BundleRefresher:
                 except DataStoreError as err:
                     log.error("reading federation relationships failed", extra={"error": str(err)})
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), _RELOAD_INTERVAL)
+                    await asyncio.wait_for(stop.wait(), self._next_wait())
         finally:
             for state in self._states.values():
                 if state.task is not None:
                     state.task.cancel()
+
+    def _next_wait(self) -> float:
+        """Until the next reload of the relationships, or sooner when a refresh is due."""
+        now = self._clock()
+        due = [s.due - now for s in self._states.values() if s.task is None]
+        return max(0.05, min([_RELOAD_INTERVAL, *due]))
 
     async def _tick(self) -> None:
         current = {
