@@ -335,7 +335,7 @@ async def _build(config: ServerConfig, stop: asyncio.Event) -> _Server:
             admin_grpc=admin_grpc,
             frontend=frontend,
             publishing=publishing,
-            federation=BundleRefresher(datastore, td),
+            federation=BundleRefresher(datastore, td, on_refresh=metrics.on_federation_refresh),
             health=[agent_health, admin_health],
             signing_pool=signing_pool,
             http=http,
