@@ -15,6 +15,7 @@ Versions:
 2. ``authorities.owner``: the server id of the server holding the private key (servers
    sharing one database each keep their own CA). Rows from version 1 get ``""``: the
    first server that finds their key file adopts them.
+3. ``federation_relationships``: federated trust domains and their bundle endpoints.
 """
 
 from __future__ import annotations
@@ -220,6 +221,19 @@ _authorities_v1 = Table(
     Index("ix_authorities_kind_created_at", "kind", "created_at"),
 )
 
+federation_relationships = Table(
+    "federation_relationships",
+    metadata,
+    Column("trust_domain", _Str, primary_key=True),
+    Column("bundle_endpoint_url", _Str, nullable=False),
+    Column("bundle_endpoint_profile", String(16), nullable=False),
+    Column("endpoint_spiffe_id", _Str, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Column("last_refresh_at", BigInteger, nullable=False),
+    Column("last_error", _Str, nullable=False),
+)
+"""Version 3 (created by step 3, not step 1)."""
+
 events = Table(
     "events",
     metadata,
@@ -235,7 +249,7 @@ events = Table(
 
 def _step_1_initial(conn: Connection) -> None:
     """Create every table of version 1."""
-    frozen = {schema_version, authorities}
+    frozen = {schema_version, authorities, federation_relationships}
     metadata.create_all(conn, tables=[t for t in metadata.sorted_tables if t not in frozen])
     _authorities_v1.create(conn)
 
@@ -248,7 +262,16 @@ def _step_2_authority_owner(conn: Connection) -> None:
     )
 
 
-MIGRATIONS: tuple[Callable[[Connection], None], ...] = (_step_1_initial, _step_2_authority_owner)
+def _step_3_federation_relationships(conn: Connection) -> None:
+    """Create ``federation_relationships``."""
+    federation_relationships.create(conn)
+
+
+MIGRATIONS: tuple[Callable[[Connection], None], ...] = (
+    _step_1_initial,
+    _step_2_authority_owner,
+    _step_3_federation_relationships,
+)
 """Ordered steps; step ``n`` (1-based) takes the schema from version ``n - 1`` to ``n``."""
 
 SCHEMA_VERSION = len(MIGRATIONS)
