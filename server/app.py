@@ -243,6 +243,7 @@ async def _build(config: ServerConfig, stop: asyncio.Event) -> _Server:
             jwt_svid_ttl=config.jwt_svid_ttl,
             join_token_ttl=config.join_token_ttl,
             join_token_max_ttl=config.join_token_max_ttl,
+            require_entry_owner=config.require_entry_owner,
         )
 
         # 7. servers

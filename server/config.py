@@ -104,6 +104,8 @@ class ServerConfig:
     rotation_check_interval: float = 5.0
     # Processes that check CSRs and sign large X509-SVID batches; 0 signs in-process.
     signing_workers: int = field(default_factory=_default_signing_workers)
+    # Refuse registration entries without an owner (the accountable person or team).
+    require_entry_owner: bool = False
     # [server.node_attestor.<name>] tables: plugin name -> its config dataclass.
     node_attestor: Mapping[str, Any] = field(default_factory=_default_node_attestors)
     # [server.bundle_publisher.<name>] tables: plugin name -> its config dataclass.

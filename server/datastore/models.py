@@ -52,7 +52,9 @@ class RegistrationEntry:
     ``id`` is assigned (uuid4) on create when empty. ``revision_number`` and
     ``created_at`` are owned by the datastore: it sets them on create and update and
     ignores what the caller passes. ``x509_svid_ttl``/``jwt_svid_ttl`` of 0 mean the
-    server default; ``expires_at`` of 0 means the entry never expires.
+    server default; ``expires_at`` of 0 means the entry never expires. ``owner`` is the
+    accountable person or team (``alice@example.com``), ``purpose`` free text; ``""`` is
+    unset.
     """
 
     spiffe_id: str
@@ -70,6 +72,8 @@ class RegistrationEntry:
     federates_with: tuple[str, ...] = ()
     revision_number: int = 0
     created_at: int = 0
+    owner: str = ""
+    purpose: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "selectors", _sorted_selectors(self.selectors))
@@ -197,6 +201,7 @@ class ListRegistrationEntriesRequest:
     by_selectors: BySelectors | None = None
     by_hint: str | None = None
     by_downstream: bool | None = None
+    by_owner: str | None = None
     page_size: int = 0
     page_token: str = ""
 

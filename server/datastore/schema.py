@@ -15,6 +15,8 @@ Versions:
 2. ``authorities.owner``: the server id of the server holding the private key (servers
    sharing one database each keep their own CA). Rows from version 1 get ``""``: the
    first server that finds their key file adopts them.
+3. ``registration_entries.owner`` and ``.purpose`` (``""`` for existing rows), indexed by
+   owner.
 """
 
 from __future__ import annotations
@@ -83,12 +85,16 @@ entries = Table(
     # sha256 over the sorted selectors alone, and their number: EXACT and SUBSET filters.
     Column("selectors_key", String(64), nullable=False),
     Column("selector_count", Integer, nullable=False),
+    # Version 3: the accountable person or team, and what the identity is for.
+    Column("owner", _Str, nullable=False, server_default=""),
+    Column("purpose", _Str, nullable=False, server_default=""),
     Index("ux_registration_entries_unique_key", "unique_key", unique=True),
     Index("ix_registration_entries_spiffe_id", "spiffe_id"),
     Index("ix_registration_entries_parent_id", "parent_id"),
     Index("ix_registration_entries_selectors_key", "selectors_key"),
     Index("ix_registration_entries_hint", "hint"),
     Index("ix_registration_entries_expires_at", "expires_at"),
+    Index("ix_registration_entries_owner", "owner"),
     sqlite_with_rowid=False,
 )
 
@@ -233,11 +239,55 @@ events = Table(
 )
 
 
+_entries_v1 = Table(
+    "registration_entries",
+    _v1_metadata,
+    Column("entry_id", _Key, primary_key=True),
+    Column("spiffe_id", _Str, nullable=False),
+    Column("parent_id", _Str, nullable=False),
+    Column("x509_svid_ttl", Integer, nullable=False),
+    Column("jwt_svid_ttl", Integer, nullable=False),
+    Column("admin", Boolean, nullable=False),
+    Column("downstream", Boolean, nullable=False),
+    Column("node_alias", Boolean, nullable=False),
+    Column("hint", _Str, nullable=False),
+    Column("expires_at", BigInteger, nullable=False),
+    Column("revision_number", BigInteger, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Column("unique_key", String(64), nullable=False),
+    Column("selectors_key", String(64), nullable=False),
+    Column("selector_count", Integer, nullable=False),
+    Index("ux_registration_entries_unique_key", "unique_key", unique=True),
+    Index("ix_registration_entries_spiffe_id", "spiffe_id"),
+    Index("ix_registration_entries_parent_id", "parent_id"),
+    Index("ix_registration_entries_selectors_key", "selectors_key"),
+    Index("ix_registration_entries_hint", "hint"),
+    Index("ix_registration_entries_expires_at", "expires_at"),
+    sqlite_with_rowid=False,
+)
+
+_V1_TABLES = (
+    "registration_entries",
+    "entry_selectors",
+    "entry_dns_names",
+    "entry_federates_with",
+    "attested_nodes",
+    "node_selectors",
+    "join_tokens",
+    "bundles",
+    "events",
+)
+
+
 def _step_1_initial(conn: Connection) -> None:
-    """Create every table of version 1."""
-    frozen = {schema_version, authorities}
-    metadata.create_all(conn, tables=[t for t in metadata.sorted_tables if t not in frozen])
+    """Create every table of version 1, each in its version-1 shape."""
+    _entries_v1.create(conn)
     _authorities_v1.create(conn)
+    later = {"registration_entries", "authorities", "schema_version"}
+    metadata.create_all(
+        conn,
+        tables=[t for t in metadata.sorted_tables if t.name in _V1_TABLES and t.name not in later],
+    )
 
 
 def _step_2_authority_owner(conn: Connection) -> None:
@@ -248,7 +298,24 @@ def _step_2_authority_owner(conn: Connection) -> None:
     )
 
 
-MIGRATIONS: tuple[Callable[[Connection], None], ...] = (_step_1_initial, _step_2_authority_owner)
+def _step_3_entry_owner(conn: Connection) -> None:
+    """Add ``registration_entries.owner`` and ``.purpose`` (``""`` for existing rows)."""
+    collate = ' COLLATE "C"' if conn.dialect.name == "postgresql" else ""
+    for column in ("owner", "purpose"):
+        conn.execute(
+            text(
+                f"ALTER TABLE registration_entries ADD COLUMN {column} TEXT{collate} "
+                "NOT NULL DEFAULT ''"
+            )
+        )
+    conn.execute(text("CREATE INDEX ix_registration_entries_owner ON registration_entries (owner)"))
+
+
+MIGRATIONS: tuple[Callable[[Connection], None], ...] = (
+    _step_1_initial,
+    _step_2_authority_owner,
+    _step_3_entry_owner,
+)
 """Ordered steps; step ``n`` (1-based) takes the schema from version ``n - 1`` to ``n``."""
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -1017,6 +1017,8 @@ class SqlDataStore:
             conds.append(entries.c.hint == request.by_hint)
         if request.by_downstream is not None:
             conds.append(entries.c.downstream == request.by_downstream)
+        if request.by_owner is not None:
+            conds.append(entries.c.owner == request.by_owner)
         by = request.by_selectors
         if by is None:
             return conds
@@ -1080,6 +1082,8 @@ class SqlDataStore:
             c.expires_at,
             c.revision_number,
             c.created_at,
+            c.owner,
+            c.purpose,
         ).order_by(c.entry_id)
         ids = select(c.entry_id).order_by(c.entry_id)
         if conds:
@@ -1132,6 +1136,8 @@ class SqlDataStore:
             put(e, "federates_with", feds.get(r[0], none))
             put(e, "revision_number", r[10])
             put(e, "created_at", r[11])
+            put(e, "owner", r[12])
+            put(e, "purpose", r[13])
             built.append(e)
         return built
 
@@ -1395,6 +1401,8 @@ def _entry_values(entry: RegistrationEntry, key: str, *, include_id: bool) -> di
         "node_alias": entry.node_alias,
         "hint": entry.hint,
         "expires_at": entry.expires_at,
+        "owner": entry.owner,
+        "purpose": entry.purpose,
         "unique_key": key,
         "selectors_key": _selectors_key(entry.selectors),
         "selector_count": len(entry.selectors),

@@ -58,9 +58,10 @@ def _columns(db_url: str, table: str) -> set[str]:
         engine.dispose()
 
 
-def test_schema_version_is_two() -> None:
+def test_authority_owner_is_step_two() -> None:
     """The owner column is migration step 2."""
-    assert SCHEMA_VERSION == 2
+    assert SCHEMA_VERSION >= 2
+    assert schema_mod.MIGRATIONS[1] is schema_mod._step_2_authority_owner
 
 
 def test_migrating_a_v1_database_keeps_data_and_adds_owner(db_url: str, clock: FakeClock) -> None:

@@ -177,11 +177,13 @@ class ListEntriesRequest(_message.Message):
         BY_SELECTORS_FIELD_NUMBER: _builtins.int
         SELECTOR_MATCH_FIELD_NUMBER: _builtins.int
         BY_HINT_FIELD_NUMBER: _builtins.int
+        BY_OWNER_FIELD_NUMBER: _builtins.int
         by_spiffe_id: _builtins.str
         by_parent_id: _builtins.str
         selector_match: _builtins.str
         """"exact" (default), "subset", "superset" or "any"."""
         by_hint: _builtins.str
+        by_owner: _builtins.str
         @_builtins.property
         def by_selectors(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Selector]: ...
         def __init__(
@@ -192,10 +194,11 @@ class ListEntriesRequest(_message.Message):
             by_selectors: _abc.Iterable[_types_pb2.Selector] | None = ...,
             selector_match: _builtins.str = ...,
             by_hint: _builtins.str = ...,
+            by_owner: _builtins.str = ...,
         ) -> None: ...
         _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
         def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-        _ClearFieldArgType: _TypeAlias = _typing.Literal["by_hint", b"by_hint", "by_parent_id", b"by_parent_id", "by_selectors", b"by_selectors", "by_spiffe_id", b"by_spiffe_id", "selector_match", b"selector_match"]  # noqa: Y015
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["by_hint", b"by_hint", "by_owner", b"by_owner", "by_parent_id", b"by_parent_id", "by_selectors", b"by_selectors", "by_spiffe_id", b"by_spiffe_id", "selector_match", b"selector_match"]  # noqa: Y015
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
