@@ -19,7 +19,10 @@ Endpoints:
   start after a crash);
 * admin endpoint on the Unix socket ``admin_socket`` (directory 0700, socket 0600),
   gRPC health;
-* Prometheus metrics on ``metrics_address`` when set.
+* Prometheus metrics on ``metrics_address`` when set;
+* the HTTP front end (:mod:`server.http`) on ``[server.http] bind_address`` when set: every
+  HTTP endpoint, added by :func:`_http_routes`; TLS with a certificate the server issues
+  itself for ``[server.http] dns_names`` (a second :class:`ServerIdentity`) or from files.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from credo._files import write_atomically
@@ -69,6 +73,8 @@ from server.config import ServerConfig
 from server.datastore.protocol import DataStore
 from server.datastore.sql import SqlDataStore
 from server.housekeeping import run_housekeeping
+from server.http import FileCertificate, HttpFrontend, IssuedCertificate, build_http_context
+from server.http.tls import CertificateSource
 from server.identity import ServerIdentity, server_dns_names
 from server.issuance import Issuer
 from server.paths import load_server_id, prepare_admin_socket, private_dir
@@ -104,6 +110,8 @@ class RunningServer:
     admin_socket: Path
     trust_domain: TrustDomain
     metrics_address: str = ""
+    # "https://host:port" of the HTTP front end; "" when it is off.
+    http_url: str = ""
 
 
 def _split_host_port(address: str) -> tuple[str, int]:
@@ -130,6 +138,8 @@ class _Server:
     health: list[health.aio.HealthServicer] = field(default_factory=list)
     stop_metrics: Callable[[], None] | None = None
     signing_pool: SigningPool | None = None
+    http: HttpFrontend | None = None
+    http_identity: ServerIdentity | None = None
     closed: bool = False
 
     async def aclose(self) -> None:
@@ -138,6 +148,8 @@ class _Server:
         self.closed = True
         self.stopping.set()
         self.frontend.stop_accepting()
+        if self.http is not None:
+            self.http.stop_accepting()
         for servicer in self.health:
             with contextlib.suppress(Exception):
                 await servicer.enter_graceful_shutdown()
@@ -146,6 +158,8 @@ class _Server:
             self.admin_grpc.stop(SHUTDOWN_GRACE),
         )
         await self.frontend.close()
+        if self.http is not None:
+            await self.http.close()
         if self.signing_pool is not None:
             await asyncio.to_thread(self.signing_pool.close)
         if self.stop_metrics is not None:
@@ -289,6 +303,11 @@ async def _build(config: ServerConfig, stop: asyncio.Event) -> _Server:
             context_provider=identity.context,
             peers=peers,
         )
+        # 8. the HTTP front end and its endpoints
+        http, http_identity = _build_http(config, data_dir, manager, bundles, metrics)
+        if http is not None:
+            http.add_routes(_http_routes())
+
         metrics.set_gauge_sources(
             entries=lambda: len(cache.index),
             agents=datastore.count_attested_nodes,
@@ -311,12 +330,61 @@ async def _build(config: ServerConfig, stop: asyncio.Event) -> _Server:
             publishing=publishing,
             health=[agent_health, admin_health],
             signing_pool=signing_pool,
+            http=http,
+            http_identity=http_identity,
         )
     except BaseException:
         datastore.close()
         if runtime is not None:
             runtime.close()
         raise
+
+
+def _build_http(
+    config: ServerConfig,
+    data_dir: Path,
+    manager: AuthorityManager,
+    bundles: BundleSource,
+    metrics: Metrics,
+) -> tuple[HttpFrontend | None, ServerIdentity | None]:
+    """The HTTP front end (None when ``[server.http] bind_address`` is unset) and, when it
+    presents a certificate the server issues itself, the identity that keeps it fresh."""
+    http_config = config.http
+    if not http_config.enabled:
+        return None, None
+    identity: ServerIdentity | None = None
+    certificate: CertificateSource | None = None
+    if http_config.insecure_http:
+        certificate = None
+    elif http_config.tls_cert_file is not None and http_config.tls_key_file is not None:
+        certificate = FileCertificate(http_config.tls_cert_file, http_config.tls_key_file)
+    else:
+        identity = ServerIdentity(
+            manager,
+            bundles,
+            key_type="ec-p256",
+            dns_names=_http_dns_names(http_config.dns_names),
+            context_factory=build_http_context,
+            name="http certificate",
+        )
+        identity.refresh()
+        certificate = IssuedCertificate(identity.context)
+    frontend = HttpFrontend(
+        http_config, certificate=certificate, metrics=metrics, data_dir=data_dir
+    )
+    return frontend, identity
+
+
+def _http_dns_names(configured: tuple[str, ...]) -> tuple[str, ...]:
+    names = list(configured)
+    if "localhost" not in names:
+        names.append("localhost")
+    return tuple(names)
+
+
+def _http_routes() -> list[web.AbstractRouteDef]:
+    """Every HTTP endpoint, from the packages that own them."""
+    return []
 
 
 async def _start_endpoints(server: _Server) -> RunningServer:
@@ -326,6 +394,11 @@ async def _start_endpoints(server: _Server) -> RunningServer:
     os.chmod(config.admin_socket, 0o600)
     await server.frontend.start()
     host, port = server.frontend.address
+    # The HTTP front end is up before server.addr appears, so "started" means both.
+    http_url = ""
+    if server.http is not None:
+        await server.http.start()
+        http_url = server.http.url
     data_dir = Path(config.data_dir)
     write_atomically(data_dir / "server.addr", f"{host}:{port}\n".encode(), 0o644)
     for servicer in server.health:
@@ -349,6 +422,7 @@ async def _start_endpoints(server: _Server) -> RunningServer:
         admin_socket=Path(config.admin_socket),
         trust_domain=TrustDomain.parse(config.trust_domain),
         metrics_address=metrics_address,
+        http_url=http_url,
     )
 
 
@@ -371,6 +445,8 @@ async def serve(
             tasks.create_task(server.manager.run(stop), name="authority-manager")
             tasks.create_task(server.cache.run(stop), name="entry-cache")
             tasks.create_task(server.identity.run(stop), name="server-identity")
+            if server.http_identity is not None:
+                tasks.create_task(server.http_identity.run(stop), name="http-certificate")
             tasks.create_task(run_housekeeping(server.datastore, stop), name="housekeeping")
             tasks.create_task(server.publishing.run(stop), name="bundle-publishing")
             if server.signing_pool is not None:

@@ -4,7 +4,12 @@ Every scalar setting has the same name in the TOML file (``[server]`` table or t
 and as a flag (``--x509-svid-ttl`` for ``x509_svid_ttl``). Durations are seconds or
 ``90s`` / ``10m`` / ``1h`` / ``1d``.
 
-Plugin tables are set in the file only (:data:`FILE_ONLY_SETTINGS`)::
+Tables are set in the file only (:data:`FILE_ONLY_SETTINGS`), except the settings in
+:data:`TABLE_FLAGS` (``--http-bind-address`` sets ``[server.http] bind_address``)::
+
+    [server.http]                         # the HTTP front end (see server.http.config)
+    bind_address = "0.0.0.0:8443"
+    dns_names = ["credo.example.com"]
 
     [server.node_attestor.join_token]     # one table per node attestor (see
                                           # server.attestation.catalog)
@@ -37,12 +42,14 @@ from credo.errors import ConfigError
 from credo.spiffe_id import TrustDomain
 from server.attestation.catalog import DEFAULT_NODE_ATTESTORS, WHERE, parse_node_attestors
 from server.bundle_publisher.catalog import parse_bundle_publishers
+from server.http.config import HttpConfig
 
 __all__ = [
     "FILE_ONLY_SETTINGS",
     "KEY_TYPES",
     "LOG_FORMATS",
     "LOG_LEVELS",
+    "TABLE_FLAGS",
     "ConfigError",
     "ServerConfig",
     "load_config",
@@ -58,8 +65,11 @@ _DURATIONS = (
     "join_token_max_ttl",
 )
 
-FILE_ONLY_SETTINGS: Final = frozenset({"node_attestor", "bundle_publisher"})
-"""Settings made of nested plugin tables: config file only, no flag."""
+FILE_ONLY_SETTINGS: Final = frozenset({"node_attestor", "bundle_publisher", "http"})
+"""Settings made of nested tables: config file only (but see :data:`TABLE_FLAGS`)."""
+
+TABLE_FLAGS: Final = {"http_bind_address": ("http", "bind_address")}
+"""Flags that set one key of a table: flag name -> (table, key)."""
 
 
 def _default_signing_workers() -> int:
@@ -110,6 +120,8 @@ class ServerConfig:
     node_attestor: Mapping[str, Any] = field(default_factory=_default_node_attestors)
     # [server.bundle_publisher.<name>] tables: plugin name -> its config dataclass.
     bundle_publisher: Mapping[str, Any] = field(default_factory=dict)
+    # [server.http]: the HTTP front end (off unless bind_address is set).
+    http: HttpConfig = field(default_factory=HttpConfig)
 
     @property
     def datastore_url(self) -> str:
@@ -196,10 +208,24 @@ def _bundle_publishers(value: Any, key: str) -> dict[str, Any]:
     return parse_bundle_publishers(value)
 
 
+def _http(value: Any, key: str) -> HttpConfig:
+    if isinstance(value, HttpConfig):
+        return value
+    return from_table(HttpConfig, value, "server.http")
+
+
 def load_config(path: Path | None, overrides: Mapping[str, Any]) -> ServerConfig:
     """Defaults, then the TOML file at ``path`` (if any), then ``overrides`` (flags set)."""
     values = _server_table(path) if path is not None else {}
     for key, value in overrides.items():
+        if key in TABLE_FLAGS:
+            if value is not None:
+                table_name, table_key = TABLE_FLAGS[key]
+                table = values.get(table_name) or {}
+                if not isinstance(table, Mapping):
+                    raise ConfigError(f"server.{table_name}: expected a table, got {table!r}")
+                values[table_name] = {**table, table_key: value}
+            continue
         if key in FILE_ONLY_SETTINGS:
             raise ConfigError(
                 f"{key}: is set in the config file only ([server.{key}.<name>] tables)"
@@ -209,5 +235,9 @@ def load_config(path: Path | None, overrides: Mapping[str, Any]) -> ServerConfig
     return from_table(
         ServerConfig,
         values,
-        convert={"node_attestor": _node_attestors, "bundle_publisher": _bundle_publishers},
+        convert={
+            "node_attestor": _node_attestors,
+            "bundle_publisher": _bundle_publishers,
+            "http": _http,
+        },
     ).validate()

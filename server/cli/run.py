@@ -27,6 +27,12 @@ SETTING_FLAGS: tuple[tuple[str, Any, str], ...] = (
         str,
         "Agent endpoint host:port; port 0 picks a free port [default: 0.0.0.0:8081].",
     ),
+    (
+        "--http-bind-address",
+        str,
+        "HTTP front end host:port ([server.http] bind_address); port 0 picks a free port, "
+        "written to <data-dir>/http.addr [default: no HTTP front end].",
+    ),
     ("--admin-socket", str, "Admin API Unix socket [default: /tmp/credo-server/private/api.sock]."),
     ("--datastore", str, "Datastore URL [default: SQLite in the data dir]."),
     ("--ca-ttl", str, "CA certificate lifetime [default: 24h]."),
