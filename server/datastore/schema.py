@@ -17,6 +17,7 @@ Versions:
    first server that finds their key file adopts them.
 3. ``registration_entries.owner`` and ``.purpose`` (``""`` for existing rows), indexed by
    owner.
+4. ``delegation_policies`` and ``budget_usage`` (token exchange, :mod:`server.delegation`).
 """
 
 from __future__ import annotations
@@ -279,6 +280,42 @@ _V1_TABLES = (
 )
 
 
+delegation_policies = Table(
+    "delegation_policies",
+    metadata,
+    Column("policy_id", _Key, primary_key=True),
+    # A SPIFFE ID, or a prefix ending in "/*".
+    Column("agent_id", _Str, nullable=False),
+    Column("subject_issuer", _Str, nullable=False),
+    # JSON: {"scopes": [...], "audiences": [...], "subject_claims": [[k, v]...],
+    #        "budgets": [{"scope", "limit", "period"}]}
+    Column("body", Text, nullable=False),
+    Column("max_ttl", Integer, nullable=False),
+    Column("max_depth", Integer, nullable=False),
+    Column("revision_number", BigInteger, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Index("ix_delegation_policies_agent_id", "agent_id"),
+)
+
+budget_usage = Table(
+    "budget_usage",
+    metadata,
+    Column(
+        "policy_id",
+        _Key,
+        ForeignKey("delegation_policies.policy_id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column("agent_id", _Str, nullable=False),
+    Column("scope", _Str, nullable=False),
+    Column("window_start", BigInteger, nullable=False),
+    Column("used", Integer, nullable=False),
+    Column("refused", Integer, nullable=False),
+    PrimaryKeyConstraint("policy_id", "agent_id", "scope", "window_start"),
+    Index("ix_budget_usage_window_start", "window_start"),
+)
+
+
 def _step_1_initial(conn: Connection) -> None:
     """Create every table of version 1, each in its version-1 shape."""
     _entries_v1.create(conn)
@@ -311,10 +348,17 @@ def _step_3_entry_owner(conn: Connection) -> None:
     conn.execute(text("CREATE INDEX ix_registration_entries_owner ON registration_entries (owner)"))
 
 
+def _step_4_delegation(conn: Connection) -> None:
+    """Create ``delegation_policies`` and ``budget_usage``."""
+    delegation_policies.create(conn)
+    budget_usage.create(conn)
+
+
 MIGRATIONS: tuple[Callable[[Connection], None], ...] = (
     _step_1_initial,
     _step_2_authority_owner,
     _step_3_entry_owner,
+    _step_4_delegation,
 )
 """Ordered steps; step ``n`` (1-based) takes the schema from version ``n - 1`` to ``n``."""
 
