@@ -60,6 +60,7 @@ from server.api.admin import (
 )
 from server.api.agent import AgentService
 from server.api.common import BundleSource
+from server.api.delegation import DelegationService
 from server.api.tls import PeerRegistry, TlsFrontend
 from server.attestation.catalog import PluginContext, build_node_attestors
 from server.authorization import EntryCache
@@ -289,6 +290,9 @@ async def _build(config: ServerConfig, stop: asyncio.Event) -> _Server:
         admin_pb2_grpc.add_SvidsServicer_to_server(SvidsService(admin_config, ca), admin_grpc)
         admin_pb2_grpc.add_LocalAuthorityServicer_to_server(
             LocalAuthorityService(manager), admin_grpc
+        )
+        admin_pb2_grpc.add_DelegationServicer_to_server(
+            DelegationService(td, datastore, config.delegation.issuers), admin_grpc
         )
         health_pb2_grpc.add_HealthServicer_to_server(admin_health, admin_grpc)
         admin_socket = Path(config.admin_socket).absolute()
