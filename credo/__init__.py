@@ -7,8 +7,10 @@ submodules; ``credo.__all__`` is the supported surface.
 from __future__ import annotations
 
 from credo import errors
+from credo.access_token import AccessToken, verify_access_token
 from credo.bundle import Bundle, BundleSet, JwtBundle, X509Bundle
 from credo.errors import (
+    AccessTokenError,
     BundleError,
     CredoError,
     InvalidJwtSvid,
@@ -42,6 +44,8 @@ from credo.x509svid import (
 )
 
 __all__ = [
+    "AccessToken",
+    "AccessTokenError",
     "Bundle",
     "BundleError",
     "BundleSet",
@@ -74,6 +78,7 @@ __all__ = [
     "private_key_to_pkcs8_pem",
     "sign_jwt_svid",
     "sign_x509_svid",
+    "verify_access_token",
     "verify_x509_svid",
     "x509_svid_template",
 ]

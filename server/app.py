@@ -46,7 +46,7 @@ from credo._logging import setup_logging
 from credo._proto.credo.server.v1 import admin_pb2_grpc, agent_pb2_grpc
 from credo._rundir import RuntimeDir
 from credo.errors import CredoError
-from credo.spiffe_id import TrustDomain
+from credo.spiffe_id import SpiffeId, TrustDomain
 from server.agents.attestation import NodeAttestation
 from server.agents.authn import AgentAuthenticator
 from server.agents.sync import AuthorizedEntries, SyncView
@@ -71,8 +71,12 @@ from server.ca.keymanager import DiskKeyManager
 from server.ca.manager import AuthorityManager, AuthorityManagerConfig
 from server.ca.pool import SigningPool
 from server.config import ServerConfig
+from server.datastore.models import ListRegistrationEntriesRequest
 from server.datastore.protocol import DataStore
 from server.datastore.sql import SqlDataStore
+from server.delegation.exchange import TokenExchange
+from server.delegation.routes import DelegationEndpoints, delegation_routes
+from server.delegation.subjects import SubjectIssuers
 from server.housekeeping import run_housekeeping
 from server.http import FileCertificate, HttpFrontend, IssuedCertificate, build_http_context
 from server.http.tls import CertificateSource
@@ -310,7 +314,9 @@ async def _build(config: ServerConfig, stop: asyncio.Event) -> _Server:
         # 8. the HTTP front end and its endpoints
         http, http_identity = _build_http(config, data_dir, manager, bundles, metrics)
         if http is not None:
-            http.add_routes(_http_routes())
+            http.add_routes(
+                _http_routes(_delegation_endpoints(config, td, datastore, ca, bundles, http))
+            )
 
         metrics.set_gauge_sources(
             entries=lambda: len(cache.index),
@@ -386,9 +392,45 @@ def _http_dns_names(configured: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(names)
 
 
-def _http_routes() -> list[web.AbstractRouteDef]:
+def _http_routes(delegation: DelegationEndpoints) -> list[web.AbstractRouteDef]:
     """Every HTTP endpoint, from the packages that own them."""
-    return []
+    return [*delegation_routes(delegation)]
+
+
+def _delegation_endpoints(
+    config: ServerConfig,
+    td: TrustDomain,
+    datastore: DataStore,
+    ca: CertificateAuthority,
+    bundles: BundleSource,
+    http: HttpFrontend,
+) -> DelegationEndpoints:
+    """The token exchange and its endpoints; ``iss`` is configured or the front end's URL."""
+    configured = config.delegation.issuer
+    names = config.http.dns_names
+
+    def issuer() -> str:
+        if configured:
+            return configured
+        port = http.address[1]
+        return f"{http.scheme}://{names[0] if names else 'localhost'}:{port}"
+
+    def owner_of(agent: SpiffeId) -> str:
+        found = datastore.list_registration_entries(
+            ListRegistrationEntriesRequest(by_spiffe_id=str(agent))
+        ).entries
+        return next((e.owner for e in found if e.owner), "")
+
+    exchange = TokenExchange(
+        trust_domain=td,
+        datastore=datastore,
+        subjects=SubjectIssuers.from_config(config.delegation.issuers),
+        issuer=issuer,
+        jwt_key=lambda: ca.jwt_key,
+        bundle=bundles.own_bundle,
+        owner_of=owner_of,
+    )
+    return DelegationEndpoints(exchange, config.delegation.introspection_allowed)
 
 
 async def _start_endpoints(server: _Server) -> RunningServer:
