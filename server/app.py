@@ -82,6 +82,7 @@ from server.http import FileCertificate, HttpFrontend, IssuedCertificate, build_
 from server.http.tls import CertificateSource
 from server.identity import ServerIdentity, server_dns_names
 from server.issuance import Issuer
+from server.oidc import oidc_routes
 from server.paths import load_server_id, prepare_admin_socket, private_dir
 from server.telemetry import Metrics
 
@@ -187,7 +188,7 @@ async def _build(config: ServerConfig, stop: asyncio.Event) -> _Server:
         # 2. key manager, 3. authority manager + CA
         metrics = Metrics()
         key_manager = DiskKeyManager(private_dir(data_dir / "keys"))
-        ca = CertificateAuthority(td, on_sign=metrics.on_sign)
+        ca = CertificateAuthority(td, on_sign=metrics.on_sign, jwt_issuer=config.jwt_issuer)
         server_id = load_server_id(data_dir)
         log.info("server id", extra={"server_id": server_id})
         manager = AuthorityManager(
@@ -315,7 +316,9 @@ async def _build(config: ServerConfig, stop: asyncio.Event) -> _Server:
         http, http_identity = _build_http(config, data_dir, manager, bundles, metrics)
         if http is not None:
             http.add_routes(
-                _http_routes(_delegation_endpoints(config, td, datastore, ca, bundles, http))
+                _http_routes(
+                    config, bundles, _delegation_endpoints(config, td, datastore, ca, bundles, http)
+                )
             )
 
         metrics.set_gauge_sources(
@@ -392,9 +395,16 @@ def _http_dns_names(configured: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(names)
 
 
-def _http_routes(delegation: DelegationEndpoints) -> list[web.AbstractRouteDef]:
+def _http_routes(
+    config: ServerConfig, bundles: BundleSource, delegation: DelegationEndpoints
+) -> list[web.AbstractRouteDef]:
     """Every HTTP endpoint, from the packages that own them."""
-    return [*delegation_routes(delegation)]
+    routes: list[web.AbstractRouteDef] = []
+    # OIDC discovery + JWKS for JWT-SVIDs (server/oidc.py)
+    routes += oidc_routes(bundles.own_bundle, config.jwt_issuer)
+    # token exchange, introspection, OAuth metadata (server/delegation/routes.py)
+    routes += delegation_routes(delegation)
+    return routes
 
 
 def _delegation_endpoints(
@@ -405,8 +415,9 @@ def _delegation_endpoints(
     bundles: BundleSource,
     http: HttpFrontend,
 ) -> DelegationEndpoints:
-    """The token exchange and its endpoints; ``iss`` is configured or the front end's URL."""
-    configured = config.delegation.issuer
+    """The token exchange and its endpoints; ``iss`` is ``[server.delegation] issuer``, else
+    ``jwt_issuer``, else the front end's URL."""
+    configured = config.delegation.issuer or config.jwt_issuer
     names = config.http.dns_names
 
     def issuer() -> str:

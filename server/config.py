@@ -35,6 +35,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Final
+from urllib.parse import urlsplit
 
 from credo._config import duration_field, from_table, read_toml
 from credo._logging import LOG_FORMATS, LOG_LEVELS
@@ -98,6 +99,9 @@ class ServerConfig:
     agent_svid_ttl: int = duration_field(0)
     ca_key_type: str = "ec-p256"
     jwt_key_type: str = "ec-p256"
+    # The ``iss`` of every JWT-SVID and the OIDC discovery issuer (SPIRE's jwt_issuer); ""
+    # signs tokens without ``iss``. An https URL, e.g. "https://oidc.example.org".
+    jwt_issuer: str = ""
     upstream_ca_cert: Path | None = None
     upstream_ca_key: Path | None = None
     join_token_ttl: int = duration_field(600)
@@ -171,6 +175,8 @@ class ServerConfig:
         host, sep, port = self.bind_address.rpartition(":")
         if not sep or not port.isdigit() or not host:
             raise ConfigError(f"bind_address: expected host:port, got {self.bind_address!r}")
+        if self.jwt_issuer:
+            _check_issuer(self.jwt_issuer)
         if self.attestation_rate_limit <= 0 or self.signing_rate_limit <= 0:
             raise ConfigError("rate limits must be positive")
         if not 0 <= self.signing_workers <= 64:
@@ -180,6 +186,20 @@ class ServerConfig:
         if not self.node_attestor:
             raise ConfigError(f"{WHERE}: no node attestor configured")
         return self
+
+
+def _check_issuer(issuer: str) -> None:
+    """An OIDC issuer: an https URL with a host and no query or fragment (OpenID Connect
+    Discovery 1.0, 2; relying parties build ``<issuer>/.well-known/openid-configuration``)."""
+    parts = urlsplit(issuer)
+    if parts.scheme != "https" or not parts.hostname:
+        raise ConfigError(
+            f"jwt_issuer: expected an https URL like https://oidc.example.org, got {issuer!r}"
+        )
+    if parts.query or parts.fragment or issuer.endswith("/") or parts.username is not None:
+        raise ConfigError(
+            f"jwt_issuer: {issuer!r} must have no query, fragment, user info or trailing '/'"
+        )
 
 
 _SETTINGS = frozenset(f.name for f in fields(ServerConfig))

@@ -41,6 +41,12 @@ SETTING_FLAGS: tuple[tuple[str, Any, str], ...] = (
     ("--agent-svid-ttl", str, "Agent SVID lifetime [default: the X.509-SVID TTL]."),
     ("--ca-key-type", click.Choice(KEY_TYPES), "CA key type [default: ec-p256]."),
     ("--jwt-key-type", click.Choice(KEY_TYPES), "JWT signing key type [default: ec-p256]."),
+    (
+        "--jwt-issuer",
+        str,
+        "The 'iss' of every JWT-SVID and the OIDC discovery issuer, an https URL "
+        "[default: none, tokens carry no 'iss'].",
+    ),
     ("--upstream-ca-cert", str, "Upstream CA certificate (PEM); the CA becomes its intermediate."),
     ("--upstream-ca-key", str, "Upstream CA private key (PEM)."),
     ("--join-token-ttl", str, "Default join token lifetime [default: 600s]."),

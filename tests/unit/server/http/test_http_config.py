@@ -75,3 +75,26 @@ def test_bad_http_settings_are_refused(tmp_path: Path, table: str, message: str)
     with pytest.raises(ConfigError) as caught:
         load_config(write(tmp_path, f"[server.http]\n{table}\n"), {})
     assert str(caught.value).startswith(message)
+
+
+@pytest.mark.parametrize(
+    "issuer",
+    [
+        "http://oidc.example.org",
+        "oidc.example.org",
+        "https://",
+        "https://oidc.example.org/",
+        "https://oidc.example.org?x=1",
+        "https://user@oidc.example.org",
+    ],
+)
+def test_jwt_issuer_must_be_an_https_url(issuer: str) -> None:
+    """jwt_issuer is what OIDC relying parties fetch discovery from: an https URL, nothing
+    else, so a typo is caught at start rather than by AWS refusing every token."""
+    with pytest.raises(ConfigError, match="jwt_issuer"):
+        load_config(None, {"jwt_issuer": issuer})
+
+
+def test_jwt_issuer_accepts_an_https_url_with_a_path() -> None:
+    """An issuer may have a path (https://example.org/tenant-a), as OIDC allows."""
+    assert load_config(None, {"jwt_issuer": "https://x.org/t/a"}).jwt_issuer == "https://x.org/t/a"
