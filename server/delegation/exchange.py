@@ -439,9 +439,11 @@ class TokenExchange:
         return frozenset(scopes)
 
     def _policies(self, client: SpiffeId, subject: _Subject) -> list[DelegationPolicy]:
-        candidates = self.datastore.list_delegation_policies(
-            by_agent_ids=agent_patterns_for(client)
-        )
+        patterns = agent_patterns_for(client)
+        candidates = self.datastore.list_delegation_policies(by_agent_ids=patterns)
+        # The most specific first: the agent's own ID, then ever shorter prefixes.
+        rank = {pattern: i for i, pattern in enumerate(patterns)}
+        candidates.sort(key=lambda p: (rank[p.agent_id], p.id))
         # A chain link only carries the person's ``sub``: claims other than sub cannot match.
         fitting = [
             p
