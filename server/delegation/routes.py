@@ -20,6 +20,7 @@ from typing import Any
 
 import jwt
 from aiohttp import web
+from cryptography import x509
 
 from credo.bundle import public_key_to_jwk
 from credo.keys import jwt_algorithm_for
@@ -49,6 +50,13 @@ def _http_error(err: OAuthError) -> HttpError:
     return HttpError(err.status, err.description, error=err.error, headers=_NO_STORE)
 
 
+def peer_chain(request: web.Request) -> list[x509.Certificate] | None:
+    """The client certificate the TLS handshake verified (mutual TLS), or None."""
+    tls = request.transport.get_extra_info("ssl_object") if request.transport else None
+    der = tls.getpeercert(binary_form=True) if tls is not None else None
+    return [x509.load_der_x509_certificate(der)] if der else None
+
+
 async def _form_fields(request: web.Request) -> list[tuple[str, str]]:
     if request.content_type != _FORM:
         raise _http_error(InvalidRequest(f"the request body must be {_FORM}"))
@@ -74,14 +82,18 @@ class DelegationEndpoints:
     async def token(self, request: web.Request) -> web.StreamResponse:
         fields = await _form_fields(request)
         try:
-            result = await asyncio.to_thread(self.exchange.exchange, fields)
+            result = await asyncio.to_thread(
+                self.exchange.exchange, fields, peer_chain=peer_chain(request)
+            )
         except OAuthError as err:
             raise _http_error(err) from None
         return json_response(result.response, headers=_NO_STORE)
 
-    def _introspect(self, fields: list[tuple[str, str]]) -> dict[str, Any]:
+    def _introspect(
+        self, fields: list[tuple[str, str]], chain: list[x509.Certificate] | None
+    ) -> dict[str, Any]:
         form = self.exchange.parse_form(fields)
-        caller = self.exchange.authenticate(form, None)
+        caller = self.exchange.authenticate(form, chain)
         if str(caller) not in self.introspection_allowed:
             raise InvalidClient(
                 f"{caller} may not introspect tokens; add it to "
@@ -132,7 +144,7 @@ class DelegationEndpoints:
     async def introspect(self, request: web.Request) -> web.StreamResponse:
         fields = await _form_fields(request)
         try:
-            body = await asyncio.to_thread(self._introspect, fields)
+            body = await asyncio.to_thread(self._introspect, fields, peer_chain(request))
         except OAuthError as err:
             raise _http_error(err) from None
         return json_response(body, headers=_NO_STORE)
@@ -155,9 +167,9 @@ class DelegationEndpoints:
             "jwks_uri": base + JWKS_PATH,
             "grant_types_supported": [GRANT_TYPE],
             "response_types_supported": [],
-            "token_endpoint_auth_methods_supported": ["spiffe_jwt"],
+            "token_endpoint_auth_methods_supported": ["spiffe_jwt", "tls_client_auth"],
             "client_assertion_types_supported": [JWT_SPIFFE_ASSERTION],
-            "introspection_endpoint_auth_methods_supported": ["spiffe_jwt"],
+            "introspection_endpoint_auth_methods_supported": ["spiffe_jwt", "tls_client_auth"],
             "token_endpoint_auth_signing_alg_values_supported": ["ES256", "ES384", "RS256"],
             "subject_token_types_supported": list(SUBJECT_TOKEN_TYPES),
             "issued_token_types_supported": [ACCESS_TOKEN_TYPE],

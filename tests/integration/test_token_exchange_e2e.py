@@ -187,6 +187,29 @@ def test_chain_verify_access_token_and_introspection_agree(d: Deployment) -> Non
     assert refused.status_code == 401 and refused.json()["error"] == "invalid_client"
 
 
+def test_mutual_tls_with_an_x509_svid_authenticates_the_agent(d: Deployment) -> None:
+    """No client_assertion: the X509-SVID presented in the TLS handshake names the agent."""
+    minted = d.server.cli_json("x509", "mint", "--spiffe-id", CODER)
+    cert, key = d.ca_file.parent / "coder.pem", d.ca_file.parent / "coder.key"
+    cert.write_text(minted["x509_svid"])
+    key.write_text(minted["private_key"])
+    key.chmod(0o600)
+    form = {
+        "grant_type": GRANT,
+        "subject_token": d.person_token(),
+        "subject_token_type": ID_TOKEN,
+        "audience": GIT,
+        "scope": "repo:read",
+    }
+    response = d.post("/oauth2/token", form, cert=(str(cert), str(key)))
+    assert response.status_code == 200, response.text
+    claims = jwt.decode(response.json()["access_token"], options={"verify_signature": False})
+    assert claims["act"] == {"sub": CODER} and claims["client_id"] == CODER
+    # Without the certificate (and without an assertion) the agent is unknown.
+    anonymous = d.post("/oauth2/token", form)
+    assert anonymous.status_code == 401 and anonymous.json()["error"] == "invalid_client"
+
+
 def _form(d: Deployment, agent: str = CODER, **fields: str) -> dict[str, str]:
     form = {
         "grant_type": GRANT,
