@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import ssl
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -208,6 +210,42 @@ def test_mutual_tls_with_an_x509_svid_authenticates_the_agent(d: Deployment) -> 
     # Without the certificate (and without an assertion) the agent is unknown.
     anonymous = d.post("/oauth2/token", form)
     assert anonymous.status_code == 401 and anonymous.json()["error"] == "invalid_client"
+
+
+def test_the_example_resource_server_accepts_and_refuses(d: Deployment) -> None:
+    """docs/examples/resource_server.py: 200 naming the person and the chain; 403 without
+    repo:read; 401 for a token that is not Credo's."""
+    example = Path(__file__).parents[2] / "docs" / "examples" / "resource_server.py"
+    proc = subprocess.Popen(
+        [sys.executable, str(example), "--issuer", d.issuer, "--audience", GIT,
+         "--ca-file", str(d.ca_file), "--port", "0"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        port = proc.stdout.readline().strip().rpartition(":")[2]
+        url = f"http://127.0.0.1:{port}/repo"
+
+        def call(token: str) -> requests.Response:
+            return requests.get(url, headers={"Authorization": f"Bearer {token}"}, timeout=10)
+
+        good = _exchange_with_authlib(d, CODER, d.person_token(), scope="repo:read")
+        answer = call(good["access_token"])
+        assert answer.status_code == 200, answer.text
+        assert answer.json() == {
+            "for": "alice",
+            "actors": [CODER],
+            "scopes": ["repo:read"],
+            "owner": "alice@example.com",
+        }
+        narrow = _exchange_with_authlib(d, CODER, d.person_token(), scope="pr:comment")
+        forbidden = call(narrow["access_token"])
+        assert forbidden.status_code == 403
+        assert "insufficient_scope" in forbidden.headers["WWW-Authenticate"]
+        assert call(d.person_token()).status_code == 401
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 def _form(d: Deployment, agent: str = CODER, **fields: str) -> dict[str, str]:
