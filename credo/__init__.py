@@ -20,6 +20,7 @@ from credo.errors import (
     InvalidTrustDomain,
     InvalidX509Svid,
     JwtSvidError,
+    TokenExchangeRefused,
     WorkloadApiError,
     X509SvidError,
 )
@@ -34,6 +35,7 @@ from credo.keys import (
 )
 from credo.selector import Selector
 from credo.spiffe_id import SpiffeId, TrustDomain
+from credo.token_exchange import TokenExchangeClient
 from credo.workload_client import WorkloadApiClient, X509Context
 from credo.x509svid import (
     X509Svid,
@@ -62,6 +64,8 @@ __all__ = [
     "KeyType",
     "Selector",
     "SpiffeId",
+    "TokenExchangeClient",
+    "TokenExchangeRefused",
     "TrustDomain",
     "WorkloadApiClient",
     "WorkloadApiError",

@@ -291,3 +291,22 @@ __all__ += [
     "InvalidAccessToken",
     "UntrustedAccessToken",
 ]
+
+
+# --- token exchange client (credo.token_exchange) -----------------------------------------
+#
+#   CredoError
+#   └── TokenExchangeRefused                          the token endpoint refused the exchange
+
+
+class TokenExchangeRefused(CredoError):
+    """The token endpoint refused the exchange: ``error`` (RFC 6749 code), ``description``."""
+
+    def __init__(self, status: int, error: str, description: str) -> None:
+        self.status = status
+        self.error = error
+        self.description = description
+        super().__init__(f"token exchange refused ({error}): {description}")
+
+
+__all__ += ["TokenExchangeRefused"]
