@@ -45,6 +45,7 @@ from credo._files import write_atomically
 from credo._logging import setup_logging
 from credo._proto.credo.server.v1 import admin_pb2_grpc, agent_pb2_grpc
 from credo._rundir import RuntimeDir
+from credo.bundle import Bundle
 from credo.errors import CredoError
 from credo.spiffe_id import SpiffeId, TrustDomain
 from server.agents.attestation import NodeAttestation
@@ -74,7 +75,7 @@ from server.config import ServerConfig
 from server.datastore.models import ListRegistrationEntriesRequest
 from server.datastore.protocol import DataStore
 from server.datastore.sql import SqlDataStore
-from server.delegation.exchange import TokenExchange
+from server.delegation.exchange import Recent, TokenExchange
 from server.delegation.routes import DelegationEndpoints, delegation_routes
 from server.delegation.subjects import SubjectIssuers
 from server.housekeeping import run_housekeeping
@@ -432,14 +433,17 @@ def _delegation_endpoints(
         ).entries
         return next((e.owner for e in found if e.owner), "")
 
+    # The bundle and owners are re-read at most every second: an exchange then costs one
+    # policy lookup (plus a budget update when the policy has budgets).
+    recent_bundle: Recent[None, Bundle] = Recent(lambda _: bundles.own_bundle(), 1.0)
     exchange = TokenExchange(
         trust_domain=td,
         datastore=datastore,
         subjects=SubjectIssuers.from_config(config.delegation.issuers),
         issuer=issuer,
         jwt_key=lambda: ca.jwt_key,
-        bundle=bundles.own_bundle,
-        owner_of=owner_of,
+        bundle=lambda: recent_bundle(None),
+        owner_of=Recent(owner_of, 1.0),
     )
     return DelegationEndpoints(exchange, config.delegation.introspection_allowed)
 

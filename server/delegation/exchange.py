@@ -28,11 +28,12 @@ from __future__ import annotations
 
 import logging
 import secrets
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Any, Final, Generic, TypeVar
 
 import jwt
 from cryptography import x509
@@ -73,11 +74,14 @@ __all__ = [
     "JWT_TOKEN_TYPE",
     "TOKEN_PATH",
     "ExchangeResult",
+    "Recent",
     "TokenExchange",
     "actor_chain",
 ]
 
 log = logging.getLogger(__name__)
+_K = TypeVar("_K")
+_V = TypeVar("_V")
 
 GRANT_TYPE: Final = "urn:ietf:params:oauth:grant-type:token-exchange"
 JWT_SPIFFE_ASSERTION: Final = "urn:ietf:params:oauth:client-assertion-type:jwt-spiffe"
@@ -108,6 +112,30 @@ _FIELDS: Final = frozenset(
 )
 _MAX_FIELD = 16 * 1024
 _LEEWAY = 30
+
+
+class Recent(Generic[_K, _V]):
+    """``fn(key)`` remembered for ``seconds`` (a bundle, an entry's owner): fewer queries per
+    exchange, at the price of seeing a change up to ``seconds`` late."""
+
+    def __init__(self, fn: Callable[[_K], _V], seconds: float) -> None:
+        self._fn = fn
+        self._seconds = seconds
+        self._lock = threading.Lock()
+        self._values: dict[_K, tuple[float, _V]] = {}
+
+    def __call__(self, key: _K) -> _V:
+        now = time.monotonic()
+        with self._lock:
+            hit = self._values.get(key)
+        if hit is not None and now - hit[0] < self._seconds:
+            return hit[1]
+        value = self._fn(key)
+        with self._lock:
+            if len(self._values) > 10_000:
+                self._values.clear()
+            self._values[key] = (now, value)
+        return value
 
 
 def _now_s(clock: Callable[[], float]) -> int:
