@@ -56,6 +56,7 @@ from server.api.admin import (
     AgentsService,
     BundlesService,
     EntriesService,
+    FederationService,
     LocalAuthorityService,
     SvidsService,
 )
@@ -78,6 +79,8 @@ from server.datastore.sql import SqlDataStore
 from server.delegation.exchange import Recent, TokenExchange
 from server.delegation.routes import DelegationEndpoints, delegation_routes
 from server.delegation.subjects import SubjectIssuers
+from server.federation.endpoint import bundle_endpoint_routes
+from server.federation.refresher import BundleRefresher
 from server.housekeeping import run_housekeeping
 from server.http import FileCertificate, HttpFrontend, IssuedCertificate, build_http_context
 from server.http.tls import CertificateSource
@@ -142,6 +145,7 @@ class _Server:
     admin_grpc: grpc.aio.Server
     frontend: TlsFrontend
     publishing: BundlePublishing
+    federation: BundleRefresher
     health: list[health.aio.HealthServicer] = field(default_factory=list)
     stop_metrics: Callable[[], None] | None = None
     signing_pool: SigningPool | None = None
@@ -294,6 +298,9 @@ async def _build(config: ServerConfig, stop: asyncio.Event) -> _Server:
             BundlesService(admin_config, datastore, bundles), admin_grpc
         )
         admin_pb2_grpc.add_SvidsServicer_to_server(SvidsService(admin_config, ca), admin_grpc)
+        admin_pb2_grpc.add_FederationServicer_to_server(
+            FederationService(admin_config, datastore), admin_grpc
+        )
         admin_pb2_grpc.add_LocalAuthorityServicer_to_server(
             LocalAuthorityService(manager), admin_grpc
         )
@@ -342,6 +349,7 @@ async def _build(config: ServerConfig, stop: asyncio.Event) -> _Server:
             admin_grpc=admin_grpc,
             frontend=frontend,
             publishing=publishing,
+            federation=BundleRefresher(datastore, td),
             health=[agent_health, admin_health],
             signing_pool=signing_pool,
             http=http,
@@ -405,6 +413,8 @@ def _http_routes(
     routes += oidc_routes(bundles.own_bundle, config.jwt_issuer)
     # token exchange, introspection, OAuth metadata (server/delegation/routes.py)
     routes += delegation_routes(delegation)
+    # the SPIFFE bundle endpoint for federated trust domains (server/federation/endpoint.py)
+    routes += bundle_endpoint_routes(bundles.own_bundle)
     return routes
 
 
@@ -510,6 +520,7 @@ async def serve(
                 tasks.create_task(server.http_identity.run(stop), name="http-certificate")
             tasks.create_task(run_housekeeping(server.datastore, stop), name="housekeeping")
             tasks.create_task(server.publishing.run(stop), name="bundle-publishing")
+            tasks.create_task(server.federation.run(stop), name="federation")
             if server.signing_pool is not None:
                 server.signing_pool.start_background()
             info = await _start_endpoints(server)

@@ -102,6 +102,9 @@ class ServerConfig:
     # The ``iss`` of every JWT-SVID and the OIDC discovery issuer (SPIRE's jwt_issuer); ""
     # signs tokens without ``iss``. An https URL, e.g. "https://oidc.example.org".
     jwt_issuer: str = ""
+    # The bundle's spiffe_refresh_hint: how often federated servers (and agents fetching
+    # trust_bundle_url) re-fetch it. 0: a tenth of ca_ttl, at most 5 minutes.
+    bundle_refresh_hint: int = duration_field(0)
     upstream_ca_cert: Path | None = None
     upstream_ca_key: Path | None = None
     join_token_ttl: int = duration_field(600)

@@ -88,6 +88,7 @@ class AdminClient:
         self.svids = admin_pb2_grpc.SvidsStub(self._channel)
         self.authorities = admin_pb2_grpc.LocalAuthorityStub(self._channel)
         self.delegation = admin_pb2_grpc.DelegationStub(self._channel)
+        self.federation = admin_pb2_grpc.FederationStub(self._channel)
 
     @property
     def channel(self) -> grpc.Channel:

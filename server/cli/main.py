@@ -18,6 +18,7 @@ from server.cli.client import describe_rpc_error
 from server.cli.delegation import delegation
 from server.cli.entry import entry
 from server.cli.errors import CliError
+from server.cli.federation import federation
 from server.cli.healthcheck import healthcheck
 from server.cli.jwt import jwt
 from server.cli.localauthority import localauthority
@@ -51,6 +52,7 @@ for command in (
     token,
     agent,
     bundle,
+    federation,
     x509,
     jwt,
     localauthority,

@@ -47,6 +47,12 @@ SETTING_FLAGS: tuple[tuple[str, Any, str], ...] = (
         "The 'iss' of every JWT-SVID and the OIDC discovery issuer, an https URL "
         "[default: none, tokens carry no 'iss'].",
     ),
+    (
+        "--bundle-refresh-hint",
+        str,
+        "The bundle's spiffe_refresh_hint, how often federated servers re-fetch it "
+        "[default: a tenth of the CA TTL, at most 5m].",
+    ),
     ("--upstream-ca-cert", str, "Upstream CA certificate (PEM); the CA becomes its intermediate."),
     ("--upstream-ca-key", str, "Upstream CA private key (PEM)."),
     ("--join-token-ttl", str, "Default join token lifetime [default: 600s]."),

@@ -15,9 +15,10 @@ Versions:
 2. ``authorities.owner``: the server id of the server holding the private key (servers
    sharing one database each keep their own CA). Rows from version 1 get ``""``: the
    first server that finds their key file adopts them.
-3. ``registration_entries.owner`` and ``.purpose`` (``""`` for existing rows), indexed by
+3. ``federation_relationships``: federated trust domains and their bundle endpoints.
+4. ``registration_entries.owner`` and ``.purpose`` (``""`` for existing rows), indexed by
    owner.
-4. ``delegation_policies`` and ``budget_usage`` (token exchange, :mod:`server.delegation`).
+5. ``delegation_policies`` and ``budget_usage`` (token exchange, :mod:`server.delegation`).
 """
 
 from __future__ import annotations
@@ -227,6 +228,19 @@ _authorities_v1 = Table(
     Index("ix_authorities_kind_created_at", "kind", "created_at"),
 )
 
+federation_relationships = Table(
+    "federation_relationships",
+    metadata,
+    Column("trust_domain", _Str, primary_key=True),
+    Column("bundle_endpoint_url", _Str, nullable=False),
+    Column("bundle_endpoint_profile", String(16), nullable=False),
+    Column("endpoint_spiffe_id", _Str, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Column("last_refresh_at", BigInteger, nullable=False),
+    Column("last_error", _Str, nullable=False),
+)
+"""Version 3 (created by step 3, not step 1)."""
+
 events = Table(
     "events",
     metadata,
@@ -335,7 +349,12 @@ def _step_2_authority_owner(conn: Connection) -> None:
     )
 
 
-def _step_3_entry_owner(conn: Connection) -> None:
+def _step_3_federation_relationships(conn: Connection) -> None:
+    """Create ``federation_relationships``."""
+    federation_relationships.create(conn)
+
+
+def _step_4_entry_owner(conn: Connection) -> None:
     """Add ``registration_entries.owner`` and ``.purpose`` (``""`` for existing rows)."""
     collate = ' COLLATE "C"' if conn.dialect.name == "postgresql" else ""
     for column in ("owner", "purpose"):
@@ -348,7 +367,7 @@ def _step_3_entry_owner(conn: Connection) -> None:
     conn.execute(text("CREATE INDEX ix_registration_entries_owner ON registration_entries (owner)"))
 
 
-def _step_4_delegation(conn: Connection) -> None:
+def _step_5_delegation(conn: Connection) -> None:
     """Create ``delegation_policies`` and ``budget_usage``."""
     delegation_policies.create(conn)
     budget_usage.create(conn)
@@ -357,8 +376,9 @@ def _step_4_delegation(conn: Connection) -> None:
 MIGRATIONS: tuple[Callable[[Connection], None], ...] = (
     _step_1_initial,
     _step_2_authority_owner,
-    _step_3_entry_owner,
-    _step_4_delegation,
+    _step_3_federation_relationships,
+    _step_4_entry_owner,
+    _step_5_delegation,
 )
 """Ordered steps; step ``n`` (1-based) takes the schema from version ``n - 1`` to ``n``."""
 

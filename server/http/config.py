@@ -11,7 +11,8 @@
     insecure_http = false           # plain HTTP, only behind a TLS-terminating proxy
     max_request_bytes = 65536       # larger request bodies get 413
     request_timeout = "10s"         # a request not answered in time gets 503
-    idle_timeout = "60s"            # keep-alive connections idle this long are closed
+    idle_timeout = "60s"            # connections idle this long are closed, including a
+                                    # client that never finishes its request headers
 
 By default the front end presents a certificate the server issues from its own CA: an
 X509-SVID for ``spiffe://<td>/credo/server`` with ``dns_names`` (plus ``localhost``) as DNS

@@ -17,7 +17,9 @@ route definitions before the front end starts (``server/app.py`` does the wiring
 What every request gets, whoever wrote the handler:
 
 * a body limit (``max_request_bytes``; larger bodies get 413) and a deadline
-  (``request_timeout``; a request not answered by then gets 503);
+  (``request_timeout``; a request not answered by then gets 503); a connection that sends
+  no complete request for ``idle_timeout`` (slow headers included) is closed, and a TLS
+  handshake must finish within 10 s;
 * errors in one JSON shape (:mod:`server.http.errors`), including aiohttp's own 404/405/413;
   an unexpected exception is logged with its traceback and answered with a bare 500;
 * one access log line (``http request`` with ``method``, ``path``, ``route``, ``status``,

@@ -1,4 +1,4 @@
-"""Delegation policies (schema version 4): CRUD, revisions, and budgets counted exactly."""
+"""Delegation policies (schema version 5): CRUD, revisions, and budgets counted exactly."""
 
 from __future__ import annotations
 

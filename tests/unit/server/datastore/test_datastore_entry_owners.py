@@ -1,4 +1,4 @@
-"""Entry owners and purposes (schema version 3): stored, filtered, and added to old databases."""
+"""Entry owners and purposes (schema version 4): stored, filtered, and added to old databases."""
 
 from __future__ import annotations
 
@@ -45,15 +45,15 @@ def test_owner_and_purpose_round_trip_and_filter(store: SqlDataStore) -> None:
     ).entries
 
 
-def test_migrating_a_v2_database_gives_entries_no_owner(db_url: str, clock: FakeClock) -> None:
-    """Entries written before version 3 load with owner and purpose ``""``."""
+def test_migrating_a_v3_database_gives_entries_no_owner(db_url: str, clock: FakeClock) -> None:
+    """Entries written before version 4 load with owner and purpose ``""``."""
     engine = create_engine(str(_normalize_url(db_url).render_as_string(hide_password=False)))
     try:
         with engine.begin() as conn:
             schema_mod.schema_version.create(conn)
-            schema_mod.MIGRATIONS[0](conn)
-            schema_mod.MIGRATIONS[1](conn)
-            conn.execute(text("INSERT INTO schema_version (version) VALUES (2)"))
+            for step in schema_mod.MIGRATIONS[:3]:  # up to the step before entry owners
+                step(conn)
+            conn.execute(text("INSERT INTO schema_version (version) VALUES (3)"))
             conn.execute(
                 text(
                     "INSERT INTO registration_entries (entry_id, spiffe_id, parent_id,"

@@ -269,3 +269,21 @@ def test_routes_cannot_be_added_after_start(tmp_path: Path) -> None:
                 frontend.add_routes([web.get("/late", hello)])
 
     run(body)
+
+
+def test_a_client_that_never_finishes_its_headers_is_disconnected(tmp_path: Path) -> None:
+    """A slow client (headers trickling in, slowloris) is closed after idle_timeout."""
+
+    async def body() -> None:
+        async with running(tmp_path, None, insecure_http=True, idle_timeout=1) as frontend:
+            host, port = frontend.address
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(b"GET /hello HTTP/1.1\r\nHost: x\r\n")
+            await writer.drain()
+            started = asyncio.get_running_loop().time()
+            data = await asyncio.wait_for(reader.read(), 10)
+            assert data == b""  # closed without an answer
+            assert asyncio.get_running_loop().time() - started < 5
+            writer.close()
+
+    run(body)
