@@ -106,6 +106,10 @@ def main() -> None:
         )
         server = ws.start_server(config=config, http_bind_address="127.0.0.1:0")
         server.cli_json(
+            "entry", "create", "--spiffe-id", AGENT, "--parent-id",
+            "spiffe://example.org/host", "--selector", "unix:uid:1",
+        )  # fmt: skip
+        server.cli_json(
             "delegation", "create", "--agent-id", AGENT, "--subject-issuer", "corp",
             "--scope", "repo:read", "--audience", GIT,
         )  # fmt: skip

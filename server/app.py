@@ -437,10 +437,17 @@ def _delegation_endpoints(
         port = http.address[1]
         return f"{http.scheme}://{names[0] if names else 'localhost'}:{port}"
 
-    def owner_of(agent: SpiffeId) -> str:
-        found = datastore.list_registration_entries(
-            ListRegistrationEntriesRequest(by_spiffe_id=str(agent))
-        ).entries
+    def owner_of(agent: SpiffeId) -> str | None:
+        now = time.time()
+        found = [
+            e
+            for e in datastore.list_registration_entries(
+                ListRegistrationEntriesRequest(by_spiffe_id=str(agent))
+            ).entries
+            if not e.expires_at or e.expires_at > now
+        ]
+        if not found:
+            return None
         return next((e.owner for e in found if e.owner), "")
 
     # The bundle and owners are re-read at most every second: an exchange then costs one

@@ -204,7 +204,10 @@ class TokenExchange:
 
     ``issuer`` returns the ``iss`` of Credo's tokens (its HTTP front end's URL unless
     configured); ``jwt_key`` the active JWT signing key; ``bundle`` the trust domain's
-    bundle; ``owner_of`` the owner of an agent's registration entry (``""`` if none).
+    bundle; ``owner_of`` the owner of an agent's registration entries (``""`` if they name
+    none), or None when the agent has no registration entry at all: an identity whose
+    entries were deleted (the kill switch) may not act for anyone, even while its SVID is
+    still valid.
     """
 
     trust_domain: TrustDomain
@@ -213,7 +216,7 @@ class TokenExchange:
     issuer: Callable[[], str]
     jwt_key: Callable[[], JwtKey | None]
     bundle: Callable[[], Bundle]
-    owner_of: Callable[[SpiffeId], str]
+    owner_of: Callable[[SpiffeId], str | None]
     clock: Callable[[], float] = time.time
 
     @property
@@ -525,6 +528,12 @@ class TokenExchange:
         return requested
 
     def _grant(self, form: Mapping[str, str], client: SpiffeId) -> ExchangeResult:
+        owner = self.owner_of(client)
+        if owner is None:
+            raise InvalidClient(
+                f"{client} has no registration entry: its identity was revoked (entry "
+                "deleted) or never registered"
+            )
         subject = self._subject(form)
         now = _now_s(self.clock)
         may_act = subject.claims.get("may_act") if not subject.chained else None
@@ -562,7 +571,6 @@ class TokenExchange:
         if lifetime <= 0:
             raise InvalidGrant("subject_token has expired")
         self._spend(policy, client, granted, now)
-        owner = self.owner_of(client)
         claims: dict[str, Any] = {
             "iss": self.issuer(),
             "sub": subject.sub,

@@ -17,7 +17,7 @@ import pytest
 import requests
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from tests.helpers.processes import start_server, wait_for
+from tests.helpers.processes import create_entry, start_server, wait_for
 
 psycopg = pytest.importorskip("psycopg")
 
@@ -69,6 +69,7 @@ def test_two_servers_racing_for_a_budget_grant_exactly_the_limit(
         start_server(tmp_path, data_dir=tmp_path / "a", **flags) as a,
         start_server(tmp_path, data_dir=tmp_path / "b", **flags) as b,
     ):
+        create_entry(a, f"spiffe://{TD}/host", AGENT)
         a.cli_json(
             "delegation", "create", "--agent-id", AGENT, "--subject-issuer", "corp",
             "--scope", "repo:read", "--audience", GIT, "--budget", "*=10/1h",

@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 
 import credo
 from credo.errors import InsufficientScope
-from tests.helpers.processes import ServerProcess, create_entry, start_server
+from tests.helpers.processes import ServerProcess, create_entry, start_server, wait_for
 
 TD = "example.org"
 IDP = "https://login.example.com"
@@ -246,6 +246,25 @@ def test_the_example_resource_server_accepts_and_refuses(d: Deployment) -> None:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_deleting_the_agents_entry_stops_its_exchanges(d: Deployment) -> None:
+    """The kill switch: with its entry deleted, a still-valid SVID exchanges nothing."""
+    temp = f"spiffe://{TD}/agents/temp"
+    entry_id = create_entry(d.server, f"spiffe://{TD}/host", temp, "unix:uid:4343")
+    d.server.cli_json(
+        "delegation", "create", "--agent-id", temp, "--subject-issuer", "corp",
+        "--scope", "repo:read", "--audience", GIT,
+    )  # fmt: skip
+    assert d.post("/oauth2/token", _form(d, temp)).status_code == 200
+    d.server.cli_json("entry", "delete", "--id", entry_id)
+    form = _form(d, temp)  # a fresh JWT-SVID, minted after the entry is gone
+
+    def refused() -> bool:
+        response = d.post("/oauth2/token", form)
+        return response.status_code == 401 and "no registration entry" in response.text
+
+    wait_for(refused, 10, "the exchange to be refused")
 
 
 def _form(d: Deployment, agent: str = CODER, **fields: str) -> dict[str, str]:

@@ -140,7 +140,7 @@ def world(tmp_path: Path) -> Iterator[World]:
         {"corp": SubjectIssuerConfig(issuer=IDP, jwks_file=jwks, audience=("credo",))},
         clock=clock,
     )
-    owners = {str(A): "alice@example.com", str(B): "team-review"}
+    owners = {str(A): "alice@example.com", str(B): "team-review", str(C): ""}
     exchange = TokenExchange(
         trust_domain=TD,
         datastore=store,
@@ -148,7 +148,7 @@ def world(tmp_path: Path) -> Iterator[World]:
         issuer=lambda: ISSUER,
         jwt_key=lambda: key,
         bundle=lambda: bundle,
-        owner_of=lambda agent: owners.get(str(agent), ""),
+        owner_of=lambda agent: owners.get(str(agent)),
         clock=clock,
     )
     try:
@@ -310,6 +310,14 @@ def test_expired_client_svid_and_foreign_actor_token_are_refused(world: World) -
         A, world.person_token(), actor_token=world.svid(A), actor_token_type=JWT_TOKEN_TYPE
     )
     assert world.verify(ok["access_token"])["act"] == {"sub": str(A)}
+
+
+def test_an_agent_without_registration_entry_is_refused(world: World) -> None:
+    """A valid JWT-SVID of an identity whose entry is gone (revoked) is invalid_client."""
+    ghost = SpiffeId.parse("spiffe://example.org/agents/ghost")
+    world.policy(str(ghost))
+    err = world.refused(ghost, world.person_token())
+    assert err.error == "invalid_client" and "no registration entry" in err.description
 
 
 def test_budget_refuses_when_used_up_and_names_it(world: World) -> None:
