@@ -248,6 +248,42 @@ def test_the_example_resource_server_accepts_and_refuses(d: Deployment) -> None:
         proc.wait(10)
 
 
+def test_three_hop_chain_over_https_and_one_hop_too_many(d: Deployment) -> None:
+    """person -> coder -> reviewer -> linter: the last token carries the whole chain and the
+    common scope; a fourth agent (its policy allows depth 3) is refused."""
+    linter, fourth = f"spiffe://{TD}/agents/linter", f"spiffe://{TD}/agents/fourth"
+    for i, agent in enumerate((linter, fourth)):
+        create_entry(d.server, f"spiffe://{TD}/host", agent, f"unix:uid:{5000 + i}")
+        d.server.cli_json(
+            "delegation", "create", "--agent-id", agent, "--subject-issuer", "corp",
+            "--scope", "repo:read", "--scope", "pr:comment", "--audience", GIT,
+            "--max-depth", "3",
+        )  # fmt: skip
+    first = d.post("/oauth2/token", _form(d, CODER, scope="repo:read pr:comment")).json()
+    hops = [first]
+    for agent in (REVIEWER, linter):
+        answer = d.post(
+            "/oauth2/token",
+            _form(
+                d, agent, subject_token=hops[-1]["access_token"], subject_token_type=ACCESS_TOKEN
+            ),
+        )
+        assert answer.status_code == 200, answer.text
+        hops.append(answer.json())
+    checked = credo.verify_access_token(
+        hops[-1]["access_token"], issuer=d.issuer, audience=GIT, ssl_context=d.trust
+    )
+    assert checked.actors == (linter, REVIEWER, CODER)
+    assert checked.scopes == {"repo:read"}  # the reviewer's policy has only repo:read
+    too_deep = d.post(
+        "/oauth2/token",
+        _form(d, fourth, subject_token=hops[-1]["access_token"], subject_token_type=ACCESS_TOKEN),
+    )
+    assert too_deep.status_code == 400
+    assert too_deep.json()["error"] == "unauthorized_client"
+    assert "at most 3" in too_deep.json()["error_description"]
+
+
 def test_deleting_the_agents_entry_stops_its_exchanges(d: Deployment) -> None:
     """The kill switch: with its entry deleted, a still-valid SVID exchanges nothing."""
     temp = f"spiffe://{TD}/agents/temp"
