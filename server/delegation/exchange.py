@@ -249,6 +249,12 @@ class TokenExchange:
     def _jwt_svid(self, token: str, what: str) -> SpiffeId:
         audiences = [self.token_endpoint, self.issuer()]
         try:
+            typ = jwt.get_unverified_header(token).get("typ")
+        except jwt.PyJWTError:
+            raise InvalidClient(f"{what} is not a JWT") from None
+        if typ == AT_JWT:
+            raise InvalidClient(f"{what} is an access token, not a JWT-SVID")
+        try:
             svid = JwtSvid.parse_and_validate(
                 token,
                 BundleSet([self.bundle()]),
@@ -372,6 +378,13 @@ class TokenExchange:
             return self._own_token(token, claims)
         issuer = self.subjects.for_iss(iss)
         verified: VerifiedSubject = issuer.verify(token)
+        if verified.sub.startswith("spiffe://"):
+            # Credo signs access tokens and JWT-SVIDs with the same keys; a person named like
+            # a workload would make the token readable as a JWT-SVID by validators that do
+            # not check typ.
+            raise InvalidGrant(
+                "subject_token 'sub' is a SPIFFE ID; a person's token must name a person"
+            )
         return _Subject(
             sub=verified.sub,
             issuer_iss=issuer.config.issuer,

@@ -259,6 +259,7 @@ REFUSALS: list[tuple[str, dict[str, Any], dict[str, str], str]] = [
     ("audience-outside-policy", {}, {"audience": "https://other.example"}, "invalid_target"),
     ("may-act-someone-else", {"may_act": {"sub": str(B)}}, {}, "invalid_grant"),
     ("no-audience", {}, {"audience": "<omit>"}, "invalid_request"),
+    ("person-named-like-a-workload", {"sub": "spiffe://example.org/admin"}, {}, "invalid_grant"),
     ("no-subject-type", {}, {"subject_token_type": "<omit>"}, "invalid_request"),
     ("wrong-grant", {}, {"grant_type": "password"}, "unsupported_grant_type"),
     (
@@ -310,6 +311,14 @@ def test_expired_client_svid_and_foreign_actor_token_are_refused(world: World) -
         A, world.person_token(), actor_token=world.svid(A), actor_token_type=JWT_TOKEN_TYPE
     )
     assert world.verify(ok["access_token"])["act"] == {"sub": str(A)}
+
+
+def test_an_access_token_is_no_client_assertion(world: World) -> None:
+    """A delegated token (typ at+jwt) presented as client_assertion is invalid_client."""
+    world.policy(str(A))
+    token = world.run(A, world.person_token())["access_token"]
+    err = world.refused(A, world.person_token(), client_assertion=token)
+    assert err.error == "invalid_client" and "access token" in err.description
 
 
 def test_an_agent_without_registration_entry_is_refused(world: World) -> None:
