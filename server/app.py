@@ -4,8 +4,9 @@ datastore -> key manager -> authority manager + CA (+ signing workers) -> entry 
 node attestors (those the config names, from :mod:`server.attestation.catalog`) -> bundle
 publishers (:mod:`server.bundle_publisher.catalog`) -> agent flows (:mod:`server.agents`,
 :mod:`server.issuance`) -> APIs -> server identity (:mod:`server.identity`) and
-endpoints; then the background loops (CA rotation, entry change feed, server SVID refresh,
-housekeeping, bundle publishing) run under one :class:`asyncio.TaskGroup` until ``stop``.
+endpoints (and the HTTP front end, :mod:`server.http`); then the background loops (CA
+rotation, entry change feed, server SVID refresh, the HTTP certificate, housekeeping, bundle
+publishing, federated bundle refresh) run under one :class:`asyncio.TaskGroup` until ``stop``.
 Nothing else constructs these components. Where things live on disk is
 :mod:`server.paths`.
 
@@ -349,7 +350,7 @@ async def _build(config: ServerConfig, stop: asyncio.Event) -> _Server:
             admin_grpc=admin_grpc,
             frontend=frontend,
             publishing=publishing,
-            federation=BundleRefresher(datastore, td),
+            federation=BundleRefresher(datastore, td, on_refresh=metrics.on_federation_refresh),
             health=[agent_health, admin_health],
             signing_pool=signing_pool,
             http=http,

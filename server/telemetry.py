@@ -17,6 +17,7 @@ __all__ = [
     "AGENTS",
     "CA_EXPIRY_SECONDS",
     "ENTRIES",
+    "FEDERATION_REFRESHES_TOTAL",
     "HTTP_REQUESTS_TOTAL",
     "HTTP_REQUEST_SECONDS",
     "KIND_AGENT",
@@ -27,6 +28,7 @@ __all__ = [
     "LABEL_METHOD",
     "LABEL_RESULT",
     "LABEL_ROUTE",
+    "LABEL_TRUST_DOMAIN",
     "NODE_ATTESTATIONS_TOTAL",
     "RESULT_FAILURE",
     "RESULT_SUCCESS",
@@ -41,6 +43,7 @@ ENTRIES: Final = "credo_entries"
 AGENTS: Final = "credo_agents"
 NODE_ATTESTATIONS_TOTAL: Final = "credo_node_attestations_total"
 CA_EXPIRY_SECONDS: Final = "credo_ca_expiry_seconds"
+FEDERATION_REFRESHES_TOTAL: Final = "credo_federation_bundle_refreshes_total"
 HTTP_REQUESTS_TOTAL: Final = "credo_http_requests_total"
 HTTP_REQUEST_SECONDS: Final = "credo_http_request_seconds"
 
@@ -50,6 +53,8 @@ LABEL_RESULT: Final = "result"
 LABEL_ROUTE: Final = "route"
 LABEL_METHOD: Final = "method"
 LABEL_CODE: Final = "code"
+# Federation: the federated trust domain (one per relationship, so bounded by the admin).
+LABEL_TRUST_DOMAIN: Final = "trust_domain"
 
 KIND_X509: Final = "x509"
 KIND_JWT: Final = "jwt"
@@ -93,6 +98,12 @@ class Metrics:
             CA_EXPIRY_SECONDS, "Seconds until the active X.509 CA expires", registry=self.registry
         )
 
+        self.federation_refreshes = Counter(
+            FEDERATION_REFRESHES_TOTAL,
+            "Federated bundle fetches, by trust domain and result",
+            [LABEL_TRUST_DOMAIN, LABEL_RESULT],
+            registry=self.registry,
+        )
         self.http_requests = Counter(
             HTTP_REQUESTS_TOTAL,
             "HTTP requests answered, by route, method and status code",
@@ -106,6 +117,12 @@ class Metrics:
             registry=self.registry,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0),
         )
+
+    def on_federation_refresh(self, trust_domain: str, ok: bool) -> None:
+        """The federation refresher's hook: one bundle fetch and whether it worked."""
+        self.federation_refreshes.labels(
+            trust_domain, RESULT_SUCCESS if ok else RESULT_FAILURE
+        ).inc()
 
     def on_http_request(self, route: str, method: str, status: int, seconds: float) -> None:
         """The HTTP front end's hook: count the request and record how long it took."""

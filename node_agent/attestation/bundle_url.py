@@ -32,14 +32,23 @@ BUNDLE_FORMATS: Final = ("pem", "spiffe")
 MAX_BYTES: Final = 1024 * 1024
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Redirects are not followed: one could lead to plain http or another host."""
+
+    def redirect_request(self, *args: object, **kwargs: object) -> None:
+        return None
+
+
 def fetch_bootstrap_bundle(
     url: str, fmt: str, trust_domain: TrustDomain, *, timeout: float = 10.0
 ) -> tuple[x509.Certificate, ...]:
     """The X.509 authorities served at ``url``; blocking (run it in a thread)."""
     request = urllib.request.Request(url, headers={"Accept": "application/json, */*"})
-    context = ssl.create_default_context()
+    opener = urllib.request.build_opener(
+        _NoRedirect(), urllib.request.HTTPSHandler(context=ssl.create_default_context())
+    )
     try:
-        with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
+        with opener.open(request, timeout=timeout) as response:
             data = response.read(MAX_BYTES + 1)
     except urllib.error.HTTPError as err:
         raise NoAgentCredentials(f"trust_bundle_url {url} answered HTTP {err.code}") from None

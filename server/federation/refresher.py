@@ -77,12 +77,15 @@ class BundleRefresher:
         *,
         fetcher: Fetcher = fetch_bundle,
         clock: Callable[[], float] = time.monotonic,
+        on_refresh: Callable[[str, bool], None] | None = None,
     ) -> None:
         self._ds = datastore
         self._td = trust_domain
         self._fetch = fetcher
         self._clock = clock
         self._states: dict[str, _State] = {}
+        # Called with (trust domain, fetched and stored?) after every fetch (metrics).
+        self._on_refresh = on_refresh
 
     async def run(self, stop: asyncio.Event) -> None:
         try:
@@ -192,6 +195,8 @@ class BundleRefresher:
                 )
         finally:
             state.task = None
+        if self._on_refresh is not None:
+            self._on_refresh(rel.trust_domain, not error)
         await asyncio.to_thread(self._record, rel, error)
 
     def _record(self, rel: FederationRelationship, error: str) -> None:

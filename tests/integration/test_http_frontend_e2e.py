@@ -10,6 +10,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import pytest
 from cryptography import x509
 
 from tests.helpers.processes import credo_server_command, short_temp_dir, start_server
@@ -79,11 +80,12 @@ def test_insecure_http_serves_plain_http(tmp_path: Path) -> None:
     config.write_text('[server.http]\nbind_address = "127.0.0.1:0"\ninsecure_http = true\n')
     with start_server(tmp_path, config=config) as server:
         url = server.http_url.replace("https://", "http://")
-        try:
+        with pytest.raises(urllib.error.HTTPError) as missing:
             urllib.request.urlopen(f"{url}/nothing", timeout=10)
-        except urllib.error.HTTPError as err:
-            assert err.code == 404
-            assert json.loads(err.read())["error"] == "not_found"
+        assert missing.value.code == 404
+        assert json.loads(missing.value.read())["error"] == "not_found"
+        with urllib.request.urlopen(f"{url}/bundle", timeout=10) as response:
+            assert "keys" in json.loads(response.read())
 
 
 def test_unreadable_certificate_files_are_one_line_errors(tmp_path: Path) -> None:

@@ -9,10 +9,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import generate_latest
+
 from credo import Bundle, TrustDomain, generate_private_key
 from server.datastore import FederationRelationship, SqlDataStore
 from server.federation.errors import BundleFetchFailed
 from server.federation.refresher import BundleRefresher, refresh_interval
+from server.telemetry import Metrics
 
 TD = TrustDomain.parse("partner.test")
 REL = FederationRelationship("partner.test", "https://p.test/bundle", "https_web")
@@ -47,7 +50,9 @@ def run_ticks(refresher: BundleRefresher, clock: Clock, steps: list[float]) -> N
 
 
 def make(
-    tmp_path: Path, script: list[Callable[[], Bundle]]
+    tmp_path: Path,
+    script: list[Callable[[], Bundle]],
+    on_refresh: Callable[[str, bool], None] | None = None,
 ) -> tuple[SqlDataStore, BundleRefresher, Clock, list[Any]]:
     store = SqlDataStore.open(f"sqlite:///{tmp_path / 'ds.sqlite3'}")
     calls: list[Any] = []
@@ -59,7 +64,9 @@ def make(
     clock = Clock()
     return (
         store,
-        BundleRefresher(store, TrustDomain.parse("me.test"), fetcher=fetcher, clock=clock),
+        BundleRefresher(
+            store, TrustDomain.parse("me.test"), fetcher=fetcher, clock=clock, on_refresh=on_refresh
+        ),
         clock,
         calls,
     )
@@ -95,7 +102,10 @@ def test_a_failure_keeps_the_last_good_bundle_and_backs_off(tmp_path: Path) -> N
     def fail() -> Bundle:
         raise BundleFetchFailed("https://p.test/bundle: not a SPIFFE bundle: garbage")
 
-    store, refresher, clock, calls = make(tmp_path, [lambda: good, fail, fail, fail, lambda: good])
+    metrics = Metrics()
+    store, refresher, clock, calls = make(
+        tmp_path, [lambda: good, fail, fail, fail, lambda: good], metrics.on_federation_refresh
+    )
     store.create_federation_relationship(REL)
     run_ticks(refresher, clock, [0])
     stored = store.fetch_bundle("partner.test")
@@ -113,6 +123,15 @@ def test_a_failure_keeps_the_last_good_bundle_and_backs_off(tmp_path: Path) -> N
     assert len(calls) == 5
     assert store.fetch_bundle("partner.test") == stored
     assert store.fetch_federation_relationship("partner.test").last_error == ""  # type: ignore[union-attr]
+    exposed = generate_latest(metrics.registry).decode()
+    assert (
+        'credo_federation_bundle_refreshes_total{result="failure",trust_domain="partner.test"} 3.0'
+        in exposed
+    )
+    assert (
+        'credo_federation_bundle_refreshes_total{result="success",trust_domain="partner.test"} 2.0'
+        in exposed
+    )
 
 
 def test_a_deleted_relationship_is_not_refreshed(tmp_path: Path) -> None:
