@@ -279,3 +279,79 @@ __all__ += [
     "WitSvidError",
     "WitSvidExpired",
 ]
+
+
+# --- delegated access tokens (credo.access_token) -----------------------------------------
+#
+#   CredoError
+#   ├── AccessTokenError (also ValueError)            an access token was refused
+#   │   ├── InvalidAccessToken                        malformed, wrong typ/iss, bad claims
+#   │   ├── AccessTokenExpired                        exp is in the past (or nbf/iat future)
+#   │   ├── AccessTokenAudienceMismatch               aud is not the expected audience
+#   │   ├── InsufficientScope                         a required scope is not granted
+#   │   └── UntrustedAccessToken                      unknown key or bad signature
+#   └── AccessTokenKeysUnavailable                    the issuer's keys could not be fetched
+
+
+class AccessTokenError(_ReasonError):
+    """A delegated access token (RFC 9068 JWT from Credo's token endpoint) was refused."""
+
+    _subject = "access token refused"
+
+
+class InvalidAccessToken(AccessTokenError):
+    """Not a JWT access token of the expected issuer, or its claims are malformed."""
+
+
+class AccessTokenExpired(AccessTokenError):
+    """``exp`` is in the past, or ``nbf``/``iat`` in the future."""
+
+
+class AccessTokenAudienceMismatch(AccessTokenError):
+    """``aud`` does not name the resource server."""
+
+
+class InsufficientScope(AccessTokenError):
+    """The token does not grant every required scope; ``missing`` lists them."""
+
+    def __init__(self, missing: list[str]) -> None:
+        self.missing = missing
+        super().__init__(f"scope {' '.join(missing)} is not granted")
+
+
+class UntrustedAccessToken(AccessTokenError):
+    """Signed by a key the issuer does not publish, or the signature does not verify."""
+
+
+class AccessTokenKeysUnavailable(CredoError):
+    """The issuer's metadata or JWKS could not be fetched; the token was not checked."""
+
+
+__all__ += [
+    "AccessTokenAudienceMismatch",
+    "AccessTokenError",
+    "AccessTokenExpired",
+    "AccessTokenKeysUnavailable",
+    "InsufficientScope",
+    "InvalidAccessToken",
+    "UntrustedAccessToken",
+]
+
+
+# --- token exchange client (credo.token_exchange) -----------------------------------------
+#
+#   CredoError
+#   └── TokenExchangeRefused                          the token endpoint refused the exchange
+
+
+class TokenExchangeRefused(CredoError):
+    """The token endpoint refused the exchange: ``error`` (RFC 6749 code), ``description``."""
+
+    def __init__(self, status: int, error: str, description: str) -> None:
+        self.status = status
+        self.error = error
+        self.description = description
+        super().__init__(f"token exchange refused ({error}): {description}")
+
+
+__all__ += ["TokenExchangeRefused"]

@@ -46,8 +46,9 @@ from credo._files import write_atomically
 from credo._logging import setup_logging
 from credo._proto.credo.server.v1 import admin_pb2_grpc, agent_pb2_grpc
 from credo._rundir import RuntimeDir
+from credo.bundle import Bundle
 from credo.errors import CredoError
-from credo.spiffe_id import TrustDomain
+from credo.spiffe_id import SpiffeId, TrustDomain
 from server.agents.attestation import NodeAttestation
 from server.agents.authn import AgentAuthenticator
 from server.agents.sync import AuthorizedEntries, SyncView
@@ -62,6 +63,7 @@ from server.api.admin import (
 )
 from server.api.agent import AgentService
 from server.api.common import BundleSource
+from server.api.delegation import DelegationService
 from server.api.tls import PeerRegistry, TlsFrontend
 from server.attestation.catalog import PluginContext, build_node_attestors
 from server.authorization import EntryCache
@@ -72,8 +74,12 @@ from server.ca.keymanager import DiskKeyManager
 from server.ca.manager import AuthorityManager, AuthorityManagerConfig
 from server.ca.pool import SigningPool
 from server.config import ServerConfig
+from server.datastore.models import ListRegistrationEntriesRequest
 from server.datastore.protocol import DataStore
 from server.datastore.sql import SqlDataStore
+from server.delegation.exchange import Recent, TokenExchange
+from server.delegation.routes import DelegationEndpoints, delegation_routes
+from server.delegation.subjects import SubjectIssuers
 from server.federation.endpoint import bundle_endpoint_routes
 from server.federation.refresher import BundleRefresher
 from server.housekeeping import run_housekeeping
@@ -265,6 +271,7 @@ async def _build(config: ServerConfig, stop: asyncio.Event) -> _Server:
             wit_svid_ttl=config.wit_svid_ttl,
             join_token_ttl=config.join_token_ttl,
             join_token_max_ttl=config.join_token_max_ttl,
+            require_entry_owner=config.require_entry_owner,
         )
 
         # 7. servers
@@ -300,6 +307,9 @@ async def _build(config: ServerConfig, stop: asyncio.Event) -> _Server:
         admin_pb2_grpc.add_LocalAuthorityServicer_to_server(
             LocalAuthorityService(manager), admin_grpc
         )
+        admin_pb2_grpc.add_DelegationServicer_to_server(
+            DelegationService(td, datastore, config.delegation.issuers), admin_grpc
+        )
         health_pb2_grpc.add_HealthServicer_to_server(admin_health, admin_grpc)
         admin_socket = Path(config.admin_socket).absolute()
         prepare_admin_socket(admin_socket)
@@ -316,7 +326,11 @@ async def _build(config: ServerConfig, stop: asyncio.Event) -> _Server:
         # 8. the HTTP front end and its endpoints
         http, http_identity = _build_http(config, data_dir, manager, bundles, metrics)
         if http is not None:
-            http.add_routes(_http_routes(config, bundles))
+            http.add_routes(
+                _http_routes(
+                    config, bundles, _delegation_endpoints(config, td, datastore, ca, bundles, http)
+                )
+            )
 
         metrics.set_gauge_sources(
             entries=lambda: len(cache.index),
@@ -393,14 +407,65 @@ def _http_dns_names(configured: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(names)
 
 
-def _http_routes(config: ServerConfig, bundles: BundleSource) -> list[web.AbstractRouteDef]:
+def _http_routes(
+    config: ServerConfig, bundles: BundleSource, delegation: DelegationEndpoints
+) -> list[web.AbstractRouteDef]:
     """Every HTTP endpoint, from the packages that own them."""
     routes: list[web.AbstractRouteDef] = []
     # OIDC discovery + JWKS for JWT-SVIDs (server/oidc.py)
     routes += oidc_routes(bundles.own_bundle, config.jwt_issuer)
+    # token exchange, introspection, OAuth metadata (server/delegation/routes.py)
+    routes += delegation_routes(delegation)
     # the SPIFFE bundle endpoint for federated trust domains (server/federation/endpoint.py)
     routes += bundle_endpoint_routes(bundles.own_bundle)
     return routes
+
+
+def _delegation_endpoints(
+    config: ServerConfig,
+    td: TrustDomain,
+    datastore: DataStore,
+    ca: CertificateAuthority,
+    bundles: BundleSource,
+    http: HttpFrontend,
+) -> DelegationEndpoints:
+    """The token exchange and its endpoints; ``iss`` is ``[server.delegation] issuer``, else
+    ``jwt_issuer``, else the front end's URL."""
+    configured = config.delegation.issuer or config.jwt_issuer
+    names = config.http.dns_names
+
+    def issuer() -> str:
+        if configured:
+            return configured
+        port = http.address[1]
+        return f"{http.scheme}://{names[0] if names else 'localhost'}:{port}"
+
+    def owner_of(agent: SpiffeId) -> str | None:
+        now = time.time()
+        found = [
+            e
+            for e in datastore.list_registration_entries(
+                ListRegistrationEntriesRequest(by_spiffe_id=str(agent))
+            ).entries
+            if not e.expires_at or e.expires_at > now
+        ]
+        if not found:
+            return None
+        return next((e.owner for e in found if e.owner), "")
+
+    # The bundle and owners are re-read at most every second: an exchange then costs one
+    # policy lookup (plus a budget update when the policy has budgets).
+    recent_bundle: Recent[None, Bundle] = Recent(lambda _: bundles.own_bundle(), 1.0)
+    exchange = TokenExchange(
+        trust_domain=td,
+        datastore=datastore,
+        subjects=SubjectIssuers.from_config(config.delegation.issuers),
+        issuer=issuer,
+        jwt_key=lambda: ca.jwt_key,
+        bundle=lambda: recent_bundle(None),
+        owner_of=Recent(owner_of, 1.0),
+    )
+    return DelegationEndpoints(exchange, config.delegation.introspection_allowed)
 
 
 async def _start_endpoints(server: _Server) -> RunningServer:

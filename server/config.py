@@ -43,6 +43,7 @@ from credo.errors import ConfigError
 from credo.spiffe_id import TrustDomain
 from server.attestation.catalog import DEFAULT_NODE_ATTESTORS, WHERE, parse_node_attestors
 from server.bundle_publisher.catalog import parse_bundle_publishers
+from server.delegation.config import DelegationConfig
 from server.http.config import HttpConfig
 
 __all__ = [
@@ -67,7 +68,7 @@ _DURATIONS = (
     "join_token_max_ttl",
 )
 
-FILE_ONLY_SETTINGS: Final = frozenset({"node_attestor", "bundle_publisher", "http"})
+FILE_ONLY_SETTINGS: Final = frozenset({"node_attestor", "bundle_publisher", "http", "delegation"})
 """Settings made of nested tables: config file only (but see :data:`TABLE_FLAGS`)."""
 
 TABLE_FLAGS: Final = {"http_bind_address": ("http", "bind_address")}
@@ -124,12 +125,16 @@ class ServerConfig:
     rotation_check_interval: float = 5.0
     # Processes that check CSRs and sign large X509-SVID batches; 0 signs in-process.
     signing_workers: int = field(default_factory=_default_signing_workers)
+    # Refuse registration entries without an owner (the accountable person or team).
+    require_entry_owner: bool = False
     # [server.node_attestor.<name>] tables: plugin name -> its config dataclass.
     node_attestor: Mapping[str, Any] = field(default_factory=_default_node_attestors)
     # [server.bundle_publisher.<name>] tables: plugin name -> its config dataclass.
     bundle_publisher: Mapping[str, Any] = field(default_factory=dict)
     # [server.http]: the HTTP front end (off unless bind_address is set).
     http: HttpConfig = field(default_factory=HttpConfig)
+    # [server.delegation]: token exchange and its trusted subject issuers.
+    delegation: DelegationConfig = field(default_factory=DelegationConfig)
 
     @property
     def datastore_url(self) -> str:
@@ -238,6 +243,12 @@ def _http(value: Any, key: str) -> HttpConfig:
     return from_table(HttpConfig, value, "server.http")
 
 
+def _delegation(value: Any, key: str) -> DelegationConfig:
+    if isinstance(value, DelegationConfig):
+        return value
+    return from_table(DelegationConfig, value, "server.delegation")
+
+
 def load_config(path: Path | None, overrides: Mapping[str, Any]) -> ServerConfig:
     """Defaults, then the TOML file at ``path`` (if any), then ``overrides`` (flags set)."""
     values = _server_table(path) if path is not None else {}
@@ -263,5 +274,6 @@ def load_config(path: Path | None, overrides: Mapping[str, Any]) -> ServerConfig
             "node_attestor": _node_attestors,
             "bundle_publisher": _bundle_publishers,
             "http": _http,
+            "delegation": _delegation,
         },
     ).validate()

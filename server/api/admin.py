@@ -55,6 +55,7 @@ from server.datastore.models import (
     ListAttestedNodesRequest,
     ListRegistrationEntriesRequest,
     MatchBehavior,
+    RegistrationEntry,
 )
 from server.datastore.protocol import DataStore
 from server.federation.errors import InvalidRelationship
@@ -87,6 +88,8 @@ class AdminApiConfig:
     wit_svid_ttl: int = 3600
     join_token_ttl: int = 600
     join_token_max_ttl: int = 86400
+    # Refuse entries without an owner (``[server] require_entry_owner``).
+    require_entry_owner: bool = False
 
 
 async def _call(fn: Callable[..., _T], *args: object) -> _T:
@@ -116,19 +119,33 @@ class EntriesService(admin_pb2_grpc.EntriesServicer):
     def __init__(self, config: AdminApiConfig, datastore: DataStore) -> None:
         self._td = config.trust_domain
         self._ds = datastore
+        self._require_owner = config.require_entry_owner
 
     def _check_batch(self, items: Sequence[object], field: str) -> None:
         if len(items) > MAX_BATCH:
             raise InvalidField(field, f"too many items: {len(items)} > {MAX_BATCH}")
+
+    def _entries_from_proto(
+        self, items: Sequence[types_pb2.RegistrationEntry], *, require_id: bool = False
+    ) -> list[RegistrationEntry]:
+        records = []
+        for i, pb in enumerate(items):
+            record = entry_from_proto(pb, self._td, f"entries[{i}]", require_id=require_id)
+            if self._require_owner and not record.owner:
+                raise InvalidField(
+                    f"entries[{i}].owner",
+                    "is required: this server sets require_entry_owner; name the accountable "
+                    "person or team (--owner alice@example.com)",
+                )
+            records.append(record)
+        return records
 
     @handle_errors
     async def BatchCreateEntry(
         self, request: admin_pb2.BatchCreateEntryRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.BatchCreateEntryResponse:
         self._check_batch(request.entries, "entries")
-        records = [
-            entry_from_proto(pb, self._td, f"entries[{i}]") for i, pb in enumerate(request.entries)
-        ]
+        records = self._entries_from_proto(request.entries)
         if not records:
             return admin_pb2.BatchCreateEntryResponse()
         try:
@@ -142,6 +159,7 @@ class EntriesService(admin_pb2_grpc.EntriesServicer):
                     "entry_id": entry.id,
                     "spiffe_id": entry.spiffe_id,
                     "parent_id": entry.parent_id,
+                    "owner": entry.owner,
                 },
             )
         if len(created) > 100:
@@ -153,10 +171,7 @@ class EntriesService(admin_pb2_grpc.EntriesServicer):
         self, request: admin_pb2.BatchUpdateEntryRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.BatchUpdateEntryResponse:
         self._check_batch(request.entries, "entries")
-        records = [
-            entry_from_proto(pb, self._td, f"entries[{i}]", require_id=True)
-            for i, pb in enumerate(request.entries)
-        ]
+        records = self._entries_from_proto(request.entries, require_id=True)
         seen: set[str] = set()
         for i, record in enumerate(records):
             if record.id in seen:
@@ -238,6 +253,7 @@ class EntriesService(admin_pb2_grpc.EntriesServicer):
             by_parent_id=f.by_parent_id or None,
             by_selectors=by_selectors,
             by_hint=f.by_hint or None,
+            by_owner=f.by_owner or None,
             page_size=request.page_size,
             page_token=request.page_token,
         )

@@ -60,6 +60,8 @@ _JSON_FIELDS = (
     "federates_with",
     "revision_number",
     "created_at",
+    "owner",
+    "purpose",
 )
 _READ_ONLY = frozenset({"created_at"})
 # Flag-only parameters (the rest map to entry fields of the same name).
@@ -76,6 +78,8 @@ _FLAG_FIELDS = {
     "hint": "hint",
     "expires_at": "expires_at",
     "federates_with": "federates_with",
+    "owner": "owner",
+    "purpose": "purpose",
 }
 _FLAG_NAMES = {"selectors": "--selector", "dns_names": "--dns", "entry_id": "--id"}
 
@@ -161,7 +165,7 @@ def entry_from_json(doc: Any, index: int) -> tuple[types_pb2.RegistrationEntry, 
                     parsed = str(SpiffeId.parse(text)) if text else ""
                 except CredoError as exc:
                     raise _Bad(f"{name}: {exc}") from None
-            elif name in ("id", "hint"):
+            elif name in ("id", "hint", "owner", "purpose"):
                 parsed = _json_string(value, name)
             elif name == "selectors":
                 items = _json_list(value, name)
@@ -317,6 +321,10 @@ def _entry_options(f: F) -> F:
             help="Trust domain whose bundle workloads get (repeatable).",
         ),
         click.option(
+            "--owner", help="Accountable person or team, e.g. alice@example.com; '' clears it."
+        ),
+        click.option("--purpose", help="What the identity is for (free text)."),
+        click.option(
             "--data",
             metavar="FILE",
             help='JSON batch {"entries": [...]} with snake_case fields; - for stdin.',
@@ -444,6 +452,7 @@ def delete(socket_path: str, output: str, entry_ids: tuple[str, ...]) -> None:
     help="How --selector filters match an entry's selectors.",
 )
 @click.option("--hint", help="Only entries with this hint.")
+@click.option("--owner", help="Only entries owned by this person or team.")
 def show(
     socket_path: str,
     output: str,
@@ -453,6 +462,7 @@ def show(
     selectors: tuple[Selector, ...],
     match: str,
     hint: str | None,
+    owner: str | None,
 ) -> None:
     """Show registration entries, all of them or those matching the filters."""
     with AdminClient(socket_path) as client:
@@ -469,6 +479,7 @@ def show(
                 by_selectors=[types_pb2.Selector(type=s.type, value=s.value) for s in selectors],
                 selector_match=match if selectors else "",
                 by_hint=hint or "",
+                by_owner=owner or "",
             )
             found = []
             token = ""

@@ -15,6 +15,7 @@ from credo._cli import CliGroup
 from server.cli.agent import agent
 from server.cli.bundle import bundle
 from server.cli.client import describe_rpc_error
+from server.cli.delegation import delegation
 from server.cli.entry import entry
 from server.cli.errors import CliError
 from server.cli.federation import federation
@@ -57,6 +58,7 @@ for command in (
     jwt,
     wit,
     localauthority,
+    delegation,
 ):
     cli.add_command(command)
 

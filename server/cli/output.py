@@ -146,6 +146,10 @@ def render_entry(entry: types_pb2.RegistrationEntry) -> str:
         rows.append(("Downstream", "true"))
     if entry.hint:
         rows.append(("Hint", entry.hint))
+    if entry.owner:
+        rows.append(("Owner", entry.owner))
+    if entry.purpose:
+        rows.append(("Purpose", entry.purpose))
     if entry.created_at:
         rows.append(("Created at", format_time(entry.created_at)))
     return blocks(rows)

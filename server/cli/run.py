@@ -82,6 +82,11 @@ SETTING_FLAGS: tuple[tuple[str, Any, str], ...] = (
         "Processes that check CSRs and sign large X.509-SVID batches; 0 signs in-process "
         "[default: min(2, CPUs)].",
     ),
+    (
+        "--require-entry-owner",
+        bool,
+        "Refuse registration entries without --owner [default: off].",
+    ),
 )
 
 
@@ -100,7 +105,11 @@ def config_from_flags(config_file: str | None, flags: dict[str, Any]) -> Any:
 
 def _setting_options(f: Callable[..., Any]) -> Callable[..., Any]:
     for flag, kind, help_text in reversed(SETTING_FLAGS):
-        f = click.option(flag, _setting_name(flag), type=kind, default=None, help=help_text)(f)
+        if kind is bool:  # an on/off switch: --x / --no-x
+            decl = f"{flag}/--no-{flag.removeprefix('--')}"
+            f = click.option(decl, _setting_name(flag), default=None, help=help_text)(f)
+        else:
+            f = click.option(flag, _setting_name(flag), type=kind, default=None, help=help_text)(f)
     return f
 
 

@@ -21,7 +21,10 @@ __all__ = [
     "Authority",
     "AuthorityKind",
     "AuthorityStatus",
+    "Budget",
+    "BudgetUse",
     "BySelectors",
+    "DelegationPolicy",
     "Event",
     "EventKind",
     "FederationRelationship",
@@ -53,7 +56,9 @@ class RegistrationEntry:
     ``id`` is assigned (uuid4) on create when empty. ``revision_number`` and
     ``created_at`` are owned by the datastore: it sets them on create and update and
     ignores what the caller passes. ``x509_svid_ttl``/``jwt_svid_ttl`` of 0 mean the
-    server default; ``expires_at`` of 0 means the entry never expires.
+    server default; ``expires_at`` of 0 means the entry never expires. ``owner`` is the
+    accountable person or team (``alice@example.com``), ``purpose`` free text; ``""`` is
+    unset.
     """
 
     spiffe_id: str
@@ -71,6 +76,8 @@ class RegistrationEntry:
     federates_with: tuple[str, ...] = ()
     revision_number: int = 0
     created_at: int = 0
+    owner: str = ""
+    purpose: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "selectors", _sorted_selectors(self.selectors))
@@ -217,6 +224,7 @@ class ListRegistrationEntriesRequest:
     by_selectors: BySelectors | None = None
     by_hint: str | None = None
     by_downstream: bool | None = None
+    by_owner: str | None = None
     page_size: int = 0
     page_token: str = ""
 
@@ -249,3 +257,60 @@ class ListAttestedNodesResponse:
 
     nodes: list[AttestedNode] = field(default_factory=list)
     next_page_token: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """At most ``limit`` tokens granting ``scope`` (``*``: any token) per ``period`` seconds.
+
+    Counted per policy and agent identity, in fixed windows aligned to the unix epoch.
+    """
+
+    scope: str
+    limit: int
+    period: int
+
+
+@dataclass(frozen=True, slots=True)
+class DelegationPolicy:
+    """Which agents may act for which people, with which scopes and audiences, how long.
+
+    ``agent_id`` is a SPIFFE ID, or a path prefix ending in ``/*`` (every ID below it).
+    ``subject_issuer`` names a ``[server.delegation.issuers.<name>]`` table;
+    ``subject_claims`` are ``(claim, value)`` pairs the person's token must all carry (a
+    list claim carries a value it contains). ``max_ttl`` is seconds; ``max_depth`` the
+    longest actor chain. ``id``, ``revision_number`` and ``created_at`` are owned by the
+    datastore, as for entries.
+    """
+
+    agent_id: str
+    subject_issuer: str
+    scopes: tuple[str, ...]
+    audiences: tuple[str, ...]
+    subject_claims: tuple[tuple[str, str], ...] = ()
+    max_ttl: int = 300
+    max_depth: int = 1
+    budgets: tuple[Budget, ...] = ()
+    id: str = ""
+    revision_number: int = 0
+    created_at: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "scopes", tuple(sorted(set(self.scopes))))
+        object.__setattr__(self, "audiences", tuple(sorted(set(self.audiences))))
+        object.__setattr__(self, "subject_claims", tuple(sorted(set(self.subject_claims))))
+        object.__setattr__(
+            self, "budgets", tuple(sorted(set(self.budgets), key=lambda b: (b.scope, b.period)))
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetUse:
+    """One budget's counters in its current window, for one agent identity."""
+
+    policy_id: str
+    agent_id: str
+    scope: str
+    window_start: int
+    used: int
+    refused: int

@@ -16,6 +16,9 @@ Versions:
    sharing one database each keep their own CA). Rows from version 1 get ``""``: the
    first server that finds their key file adopts them.
 3. ``federation_relationships``: federated trust domains and their bundle endpoints.
+4. ``registration_entries.owner`` and ``.purpose`` (``""`` for existing rows), indexed by
+   owner.
+5. ``delegation_policies`` and ``budget_usage`` (token exchange, :mod:`server.delegation`).
 """
 
 from __future__ import annotations
@@ -84,12 +87,16 @@ entries = Table(
     # sha256 over the sorted selectors alone, and their number: EXACT and SUBSET filters.
     Column("selectors_key", String(64), nullable=False),
     Column("selector_count", Integer, nullable=False),
+    # Version 3: the accountable person or team, and what the identity is for.
+    Column("owner", _Str, nullable=False, server_default=""),
+    Column("purpose", _Str, nullable=False, server_default=""),
     Index("ux_registration_entries_unique_key", "unique_key", unique=True),
     Index("ix_registration_entries_spiffe_id", "spiffe_id"),
     Index("ix_registration_entries_parent_id", "parent_id"),
     Index("ix_registration_entries_selectors_key", "selectors_key"),
     Index("ix_registration_entries_hint", "hint"),
     Index("ix_registration_entries_expires_at", "expires_at"),
+    Index("ix_registration_entries_owner", "owner"),
     sqlite_with_rowid=False,
 )
 
@@ -247,11 +254,91 @@ events = Table(
 )
 
 
+_entries_v1 = Table(
+    "registration_entries",
+    _v1_metadata,
+    Column("entry_id", _Key, primary_key=True),
+    Column("spiffe_id", _Str, nullable=False),
+    Column("parent_id", _Str, nullable=False),
+    Column("x509_svid_ttl", Integer, nullable=False),
+    Column("jwt_svid_ttl", Integer, nullable=False),
+    Column("admin", Boolean, nullable=False),
+    Column("downstream", Boolean, nullable=False),
+    Column("node_alias", Boolean, nullable=False),
+    Column("hint", _Str, nullable=False),
+    Column("expires_at", BigInteger, nullable=False),
+    Column("revision_number", BigInteger, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Column("unique_key", String(64), nullable=False),
+    Column("selectors_key", String(64), nullable=False),
+    Column("selector_count", Integer, nullable=False),
+    Index("ux_registration_entries_unique_key", "unique_key", unique=True),
+    Index("ix_registration_entries_spiffe_id", "spiffe_id"),
+    Index("ix_registration_entries_parent_id", "parent_id"),
+    Index("ix_registration_entries_selectors_key", "selectors_key"),
+    Index("ix_registration_entries_hint", "hint"),
+    Index("ix_registration_entries_expires_at", "expires_at"),
+    sqlite_with_rowid=False,
+)
+
+_V1_TABLES = (
+    "registration_entries",
+    "entry_selectors",
+    "entry_dns_names",
+    "entry_federates_with",
+    "attested_nodes",
+    "node_selectors",
+    "join_tokens",
+    "bundles",
+    "events",
+)
+
+
+delegation_policies = Table(
+    "delegation_policies",
+    metadata,
+    Column("policy_id", _Key, primary_key=True),
+    # A SPIFFE ID, or a prefix ending in "/*".
+    Column("agent_id", _Str, nullable=False),
+    Column("subject_issuer", _Str, nullable=False),
+    # JSON: {"scopes": [...], "audiences": [...], "subject_claims": [[k, v]...],
+    #        "budgets": [{"scope", "limit", "period"}]}
+    Column("body", Text, nullable=False),
+    Column("max_ttl", Integer, nullable=False),
+    Column("max_depth", Integer, nullable=False),
+    Column("revision_number", BigInteger, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Index("ix_delegation_policies_agent_id", "agent_id"),
+)
+
+budget_usage = Table(
+    "budget_usage",
+    metadata,
+    Column(
+        "policy_id",
+        _Key,
+        ForeignKey("delegation_policies.policy_id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column("agent_id", _Str, nullable=False),
+    Column("scope", _Str, nullable=False),
+    Column("window_start", BigInteger, nullable=False),
+    Column("used", Integer, nullable=False),
+    Column("refused", Integer, nullable=False),
+    PrimaryKeyConstraint("policy_id", "agent_id", "scope", "window_start"),
+    Index("ix_budget_usage_window_start", "window_start"),
+)
+
+
 def _step_1_initial(conn: Connection) -> None:
-    """Create every table of version 1."""
-    frozen = {schema_version, authorities, federation_relationships}
-    metadata.create_all(conn, tables=[t for t in metadata.sorted_tables if t not in frozen])
+    """Create every table of version 1, each in its version-1 shape."""
+    _entries_v1.create(conn)
     _authorities_v1.create(conn)
+    later = {"registration_entries", "authorities", "schema_version"}
+    metadata.create_all(
+        conn,
+        tables=[t for t in metadata.sorted_tables if t.name in _V1_TABLES and t.name not in later],
+    )
 
 
 def _step_2_authority_owner(conn: Connection) -> None:
@@ -267,10 +354,31 @@ def _step_3_federation_relationships(conn: Connection) -> None:
     federation_relationships.create(conn)
 
 
+def _step_4_entry_owner(conn: Connection) -> None:
+    """Add ``registration_entries.owner`` and ``.purpose`` (``""`` for existing rows)."""
+    collate = ' COLLATE "C"' if conn.dialect.name == "postgresql" else ""
+    for column in ("owner", "purpose"):
+        conn.execute(
+            text(
+                f"ALTER TABLE registration_entries ADD COLUMN {column} TEXT{collate} "
+                "NOT NULL DEFAULT ''"
+            )
+        )
+    conn.execute(text("CREATE INDEX ix_registration_entries_owner ON registration_entries (owner)"))
+
+
+def _step_5_delegation(conn: Connection) -> None:
+    """Create ``delegation_policies`` and ``budget_usage``."""
+    delegation_policies.create(conn)
+    budget_usage.create(conn)
+
+
 MIGRATIONS: tuple[Callable[[Connection], None], ...] = (
     _step_1_initial,
     _step_2_authority_owner,
     _step_3_federation_relationships,
+    _step_4_entry_owner,
+    _step_5_delegation,
 )
 """Ordered steps; step ``n`` (1-based) takes the schema from version ``n - 1`` to ``n``."""
 

@@ -70,6 +70,9 @@ from server.datastore.errors import (
 from server.datastore.models import (
     AttestedNode,
     Authority,
+    Budget,
+    BudgetUse,
+    DelegationPolicy,
     Event,
     EventKind,
     FederationRelationship,
@@ -84,7 +87,9 @@ from server.datastore.models import (
 from server.datastore.protocol import BundleBuilder, DataStore
 from server.datastore.schema import (
     authorities,
+    budget_usage,
     bundles,
+    delegation_policies,
     entries,
     entry_dns_names,
     entry_federates_with,
@@ -978,6 +983,167 @@ class SqlDataStore:
                 ).rowcount
             )
 
+    # ------------------------------------------------------------------ delegation policies
+
+    def create_delegation_policy(self, policy: DelegationPolicy) -> DelegationPolicy:
+        """Store a new policy (assigning an id when empty); :class:`AlreadyExists` if taken."""
+        _validate_policy(policy)
+        with self._transaction(write=True) as tx:
+            stored = replace(
+                policy, id=policy.id or str(uuid.uuid4()), revision_number=0, created_at=tx.now
+            )
+            try:
+                tx.conn.execute(insert(delegation_policies).values(**_policy_values(stored)))
+            except IntegrityError as exc:
+                raise AlreadyExists(f"delegation policy {stored.id!r} already exists") from exc
+        return stored
+
+    def fetch_delegation_policy(self, policy_id: str) -> DelegationPolicy | None:
+        """Return the policy with ``policy_id``, or ``None``."""
+        with self._transaction(write=False) as tx:
+            found = _load_policies(tx.conn, delegation_policies.c.policy_id == policy_id)
+        return found[0] if found else None
+
+    def list_delegation_policies(
+        self, *, by_agent_ids: Sequence[str] | None = None
+    ) -> list[DelegationPolicy]:
+        """Every policy ordered by id, or those whose ``agent_id`` is one of ``by_agent_ids``."""
+        cond = None
+        if by_agent_ids is not None:
+            cond = delegation_policies.c.agent_id.in_(list(by_agent_ids))
+        with self._transaction(write=False) as tx:
+            return _load_policies(tx.conn, cond)
+
+    def update_delegation_policy(self, policy: DelegationPolicy) -> DelegationPolicy:
+        """Replace every field of the policy with ``policy.id``; bump its revision number."""
+        _validate_policy(policy)
+        values = _policy_values(policy)
+        for owned in ("policy_id", "revision_number", "created_at"):
+            del values[owned]
+        with self._transaction(write=True) as tx:
+            row = tx.conn.execute(
+                update(delegation_policies)
+                .where(delegation_policies.c.policy_id == policy.id)
+                .values(revision_number=delegation_policies.c.revision_number + 1, **values)
+                .returning(delegation_policies.c.revision_number, delegation_policies.c.created_at)
+            ).first()
+            if row is None:
+                raise NotFound(f"delegation policy {policy.id!r} not found")
+        return replace(policy, revision_number=row[0], created_at=row[1])
+
+    def delete_delegation_policy(self, policy_id: str) -> DelegationPolicy:
+        """Delete the policy (and its budget counters); :class:`NotFound` if absent."""
+        with self._transaction(write=True) as tx:
+            found = _load_policies(tx.conn, delegation_policies.c.policy_id == policy_id)
+            if not found:
+                raise NotFound(f"delegation policy {policy_id!r} not found")
+            tx.conn.execute(delete(budget_usage).where(budget_usage.c.policy_id == policy_id))
+            tx.conn.execute(
+                delete(delegation_policies).where(delegation_policies.c.policy_id == policy_id)
+            )
+        return found[0]
+
+    def consume_budgets(
+        self, policy_id: str, agent_id: str, budgets: Sequence[Budget], now: int
+    ) -> Budget | None:
+        """Take one unit of each budget in its current window: all of them, or none.
+
+        Returns ``None`` when every budget had a unit left (all are now used), or the first
+        exhausted budget (nothing consumed; its ``refused`` counter goes up). Safe against
+        concurrent callers on every backend: each unit is taken by one conditional upsert,
+        so two servers racing for the last unit cannot both win.
+        """
+        if not budgets:
+            return None
+        exhausted: Budget | None = None
+        try:
+            with self._transaction(write=True) as tx:
+                for budget in budgets:
+                    window = now - now % budget.period
+                    if not self._take_unit(tx.conn, policy_id, agent_id, budget, window):
+                        exhausted = budget
+                        raise _RollBack
+        except _RollBack:
+            pass
+        if exhausted is None:
+            return None
+        window = now - now % exhausted.period
+        with self._transaction(write=True) as tx:
+            self._count_refusal(tx.conn, policy_id, agent_id, exhausted.scope, window)
+        return exhausted
+
+    def _upsert(self) -> Any:
+        return (pg_dialect if self._is_pg else sqlite_dialect).insert(budget_usage)
+
+    def _take_unit(
+        self, conn: Connection, policy_id: str, agent_id: str, budget: Budget, window: int
+    ) -> bool:
+        stmt = self._upsert().values(
+            policy_id=policy_id,
+            agent_id=agent_id,
+            scope=budget.scope,
+            window_start=window,
+            used=1,
+            refused=0,
+        )
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["policy_id", "agent_id", "scope", "window_start"],
+            set_={"used": budget_usage.c.used + 1},
+            where=budget_usage.c.used < budget.limit,
+        ).returning(budget_usage.c.used)
+        row = conn.execute(stmt).first()
+        return row is not None and int(row[0]) <= budget.limit
+
+    def _count_refusal(
+        self, conn: Connection, policy_id: str, agent_id: str, scope: str, window: int
+    ) -> None:
+        stmt = self._upsert().values(
+            policy_id=policy_id,
+            agent_id=agent_id,
+            scope=scope,
+            window_start=window,
+            used=0,
+            refused=1,
+        )
+        conn.execute(
+            stmt.on_conflict_do_update(
+                index_elements=["policy_id", "agent_id", "scope", "window_start"],
+                set_={"refused": budget_usage.c.refused + 1},
+            )
+        )
+
+    def list_budget_use(self, policy_id: str, now: int) -> list[BudgetUse]:
+        """The counters of the policy's budgets in their current windows, every agent."""
+        policy = self.fetch_delegation_policy(policy_id)
+        if policy is None:
+            raise NotFound(f"delegation policy {policy_id!r} not found")
+        c = budget_usage.c
+        out: list[BudgetUse] = []
+        with self._transaction(write=False) as tx:
+            for budget in policy.budgets:
+                window = now - now % budget.period
+                rows = tx.conn.execute(
+                    select(c.agent_id, c.used, c.refused)
+                    .where(
+                        c.policy_id == policy_id, c.scope == budget.scope, c.window_start == window
+                    )
+                    .order_by(c.agent_id)
+                ).all()
+                out.extend(
+                    BudgetUse(policy_id, r[0], budget.scope, window, int(r[1]), int(r[2]))
+                    for r in rows
+                )
+        return out
+
+    def prune_budget_use(self, window_before: int) -> int:
+        """Delete counters of windows that started before ``window_before``."""
+        with self._transaction(write=True) as tx:
+            return int(
+                tx.conn.execute(
+                    delete(budget_usage).where(budget_usage.c.window_start < window_before)
+                ).rowcount
+            )
+
     # ------------------------------------------------------------------ internals
 
     @contextmanager
@@ -1112,6 +1278,8 @@ class SqlDataStore:
             conds.append(entries.c.hint == request.by_hint)
         if request.by_downstream is not None:
             conds.append(entries.c.downstream == request.by_downstream)
+        if request.by_owner is not None:
+            conds.append(entries.c.owner == request.by_owner)
         by = request.by_selectors
         if by is None:
             return conds
@@ -1175,6 +1343,8 @@ class SqlDataStore:
             c.expires_at,
             c.revision_number,
             c.created_at,
+            c.owner,
+            c.purpose,
         ).order_by(c.entry_id)
         ids = select(c.entry_id).order_by(c.entry_id)
         if conds:
@@ -1227,6 +1397,8 @@ class SqlDataStore:
             put(e, "federates_with", feds.get(r[0], none))
             put(e, "revision_number", r[10])
             put(e, "created_at", r[11])
+            put(e, "owner", r[12])
+            put(e, "purpose", r[13])
             built.append(e)
         return built
 
@@ -1469,6 +1641,80 @@ def _validate_entry(entry: RegistrationEntry) -> None:
         raise InvalidRequest("registration entry expires_at must be 0 (never) or positive")
 
 
+class _RollBack(Exception):
+    """Raised inside a transaction to undo it without an error reaching the caller."""
+
+
+def _validate_policy(policy: DelegationPolicy) -> None:
+    _require(policy.agent_id, "delegation policy agent ID")
+    _require(policy.subject_issuer, "delegation policy subject issuer")
+    if not policy.scopes:
+        raise InvalidRequest("delegation policy needs at least one scope")
+    if not policy.audiences:
+        raise InvalidRequest("delegation policy needs at least one audience")
+    if policy.max_ttl <= 0 or policy.max_depth <= 0:
+        raise InvalidRequest("delegation policy max_ttl and max_depth must be positive")
+    for budget in policy.budgets:
+        if budget.limit < 0 or budget.period <= 0:
+            raise InvalidRequest(f"budget {budget.scope!r}: limit >= 0 and period > 0 expected")
+
+
+def _policy_values(policy: DelegationPolicy) -> dict[str, Any]:
+    body = {
+        "scopes": list(policy.scopes),
+        "audiences": list(policy.audiences),
+        "subject_claims": [list(pair) for pair in policy.subject_claims],
+        "budgets": [
+            {"scope": b.scope, "limit": b.limit, "period": b.period} for b in policy.budgets
+        ],
+    }
+    return {
+        "policy_id": policy.id,
+        "agent_id": policy.agent_id,
+        "subject_issuer": policy.subject_issuer,
+        "body": json.dumps(body, sort_keys=True),
+        "max_ttl": policy.max_ttl,
+        "max_depth": policy.max_depth,
+        "revision_number": policy.revision_number,
+        "created_at": policy.created_at,
+    }
+
+
+def _load_policies(conn: Connection, cond: ColumnElement[bool] | None) -> list[DelegationPolicy]:
+    c = delegation_policies.c
+    stmt = select(
+        c.policy_id,
+        c.agent_id,
+        c.subject_issuer,
+        c.body,
+        c.max_ttl,
+        c.max_depth,
+        c.revision_number,
+        c.created_at,
+    ).order_by(c.policy_id)
+    if cond is not None:
+        stmt = stmt.where(cond)
+    out = []
+    for row in conn.execute(stmt):
+        body = json.loads(row[3])
+        out.append(
+            DelegationPolicy(
+                id=row[0],
+                agent_id=row[1],
+                subject_issuer=row[2],
+                scopes=tuple(body["scopes"]),
+                audiences=tuple(body["audiences"]),
+                subject_claims=tuple((k, v) for k, v in body["subject_claims"]),
+                budgets=tuple(Budget(b["scope"], b["limit"], b["period"]) for b in body["budgets"]),
+                max_ttl=int(row[4]),
+                max_depth=int(row[5]),
+                revision_number=int(row[6]),
+                created_at=int(row[7]),
+            )
+        )
+    return out
+
+
 def _validate_authority(authority: Authority) -> None:
     _require(authority.authority_id, "authority id")
     if authority.kind not in _AUTHORITY_KINDS:
@@ -1490,6 +1736,8 @@ def _entry_values(entry: RegistrationEntry, key: str, *, include_id: bool) -> di
         "node_alias": entry.node_alias,
         "hint": entry.hint,
         "expires_at": entry.expires_at,
+        "owner": entry.owner,
+        "purpose": entry.purpose,
         "unique_key": key,
         "selectors_key": _selectors_key(entry.selectors),
         "selector_count": len(entry.selectors),

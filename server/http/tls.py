@@ -57,8 +57,10 @@ def build_http_context(
 ) -> ssl.SSLContext:
     """A server context presenting ``cert_chain_pem`` (leaf first) with ``key_pem``.
 
-    ``roots_pem`` is unused (no client certificates); the parameter keeps the signature of
-    :func:`server.api.tls.build_server_context`, so :class:`ServerIdentity` builds either.
+    With ``roots_pem`` (the trust bundle, as :class:`ServerIdentity` passes it) the context
+    asks for a client certificate without requiring one, and verifies one that is sent
+    against those roots: a workload may authenticate to the token endpoint with its
+    X509-SVID (mutual TLS, RFC 8705 style). Callers without a certificate are unaffected.
     ``load_cert_chain`` reads files only: the key passes through a 0600 file in a private
     temp directory, removed at once.
     """
@@ -69,6 +71,9 @@ def build_http_context(
         with os.fdopen(fd, "wb") as f:
             f.write(cert_chain_pem + b"\n" + key_pem)
         ctx.load_cert_chain(path)
+    if roots_pem:
+        ctx.verify_mode = ssl.CERT_OPTIONAL
+        ctx.load_verify_locations(cadata=roots_pem.decode())
     return ctx
 
 

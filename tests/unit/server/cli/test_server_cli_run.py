@@ -45,7 +45,7 @@ def test_every_scalar_setting_has_a_flag() -> None:
     in the config file only."""
     flags = {flag.removeprefix("--").replace("-", "_") for flag, _, _ in SETTING_FLAGS}
     settings = {f.name for f in dataclasses.fields(ServerConfig)}
-    assert {"node_attestor", "bundle_publisher", "http"} == FILE_ONLY_SETTINGS
+    assert {"node_attestor", "bundle_publisher", "http", "delegation"} == FILE_ONLY_SETTINGS
     assert flags == (settings - FILE_ONLY_SETTINGS) | set(TABLE_FLAGS)
 
 

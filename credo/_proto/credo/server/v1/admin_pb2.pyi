@@ -177,11 +177,13 @@ class ListEntriesRequest(_message.Message):
         BY_SELECTORS_FIELD_NUMBER: _builtins.int
         SELECTOR_MATCH_FIELD_NUMBER: _builtins.int
         BY_HINT_FIELD_NUMBER: _builtins.int
+        BY_OWNER_FIELD_NUMBER: _builtins.int
         by_spiffe_id: _builtins.str
         by_parent_id: _builtins.str
         selector_match: _builtins.str
         """"exact" (default), "subset", "superset" or "any"."""
         by_hint: _builtins.str
+        by_owner: _builtins.str
         @_builtins.property
         def by_selectors(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Selector]: ...
         def __init__(
@@ -192,10 +194,11 @@ class ListEntriesRequest(_message.Message):
             by_selectors: _abc.Iterable[_types_pb2.Selector] | None = ...,
             selector_match: _builtins.str = ...,
             by_hint: _builtins.str = ...,
+            by_owner: _builtins.str = ...,
         ) -> None: ...
         _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
         def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-        _ClearFieldArgType: _TypeAlias = _typing.Literal["by_hint", b"by_hint", "by_parent_id", b"by_parent_id", "by_selectors", b"by_selectors", "by_spiffe_id", b"by_spiffe_id", "selector_match", b"selector_match"]  # noqa: Y015
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["by_hint", b"by_hint", "by_owner", b"by_owner", "by_parent_id", b"by_parent_id", "by_selectors", b"by_selectors", "by_spiffe_id", b"by_spiffe_id", "selector_match", b"selector_match"]  # noqa: Y015
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -789,6 +792,229 @@ class AuthorityState(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AuthorityState: _TypeAlias = AuthorityState  # noqa: Y015
+
+@_typing.final
+class Budget(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCOPE_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    PERIOD_FIELD_NUMBER: _builtins.int
+    scope: _builtins.str
+    """A scope, or "*" for every token."""
+    limit: _builtins.int
+    period: _builtins.int
+    """Window length in seconds."""
+    def __init__(
+        self,
+        *,
+        scope: _builtins.str = ...,
+        limit: _builtins.int = ...,
+        period: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit", "period", b"period", "scope", b"scope"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Budget: _TypeAlias = Budget  # noqa: Y015
+
+@_typing.final
+class SubjectClaim(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    value: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        value: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubjectClaim: _TypeAlias = SubjectClaim  # noqa: Y015
+
+@_typing.final
+class DelegationPolicy(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    SUBJECT_ISSUER_FIELD_NUMBER: _builtins.int
+    SUBJECT_CLAIMS_FIELD_NUMBER: _builtins.int
+    SCOPES_FIELD_NUMBER: _builtins.int
+    AUDIENCES_FIELD_NUMBER: _builtins.int
+    MAX_TTL_FIELD_NUMBER: _builtins.int
+    MAX_DEPTH_FIELD_NUMBER: _builtins.int
+    BUDGETS_FIELD_NUMBER: _builtins.int
+    REVISION_NUMBER_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """Assigned by the server on create."""
+    agent_id: _builtins.str
+    """A SPIFFE ID, or a path prefix ending in "/*"."""
+    subject_issuer: _builtins.str
+    """The name of a [server.delegation.issuers.<name>] table."""
+    max_ttl: _builtins.int
+    """Seconds; 0 on create means the default (5m)."""
+    max_depth: _builtins.int
+    """0 on create means the default (1)."""
+    revision_number: _builtins.int
+    created_at: _builtins.int
+    @_builtins.property
+    def subject_claims(self) -> _containers.RepeatedCompositeFieldContainer[Global___SubjectClaim]: ...
+    @_builtins.property
+    def scopes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def audiences(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def budgets(self) -> _containers.RepeatedCompositeFieldContainer[Global___Budget]: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        agent_id: _builtins.str = ...,
+        subject_issuer: _builtins.str = ...,
+        subject_claims: _abc.Iterable[Global___SubjectClaim] | None = ...,
+        scopes: _abc.Iterable[_builtins.str] | None = ...,
+        audiences: _abc.Iterable[_builtins.str] | None = ...,
+        max_ttl: _builtins.int = ...,
+        max_depth: _builtins.int = ...,
+        budgets: _abc.Iterable[Global___Budget] | None = ...,
+        revision_number: _builtins.int = ...,
+        created_at: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "audiences", b"audiences", "budgets", b"budgets", "created_at", b"created_at", "id", b"id", "max_depth", b"max_depth", "max_ttl", b"max_ttl", "revision_number", b"revision_number", "scopes", b"scopes", "subject_claims", b"subject_claims", "subject_issuer", b"subject_issuer"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DelegationPolicy: _TypeAlias = DelegationPolicy  # noqa: Y015
+
+@_typing.final
+class GetPolicyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetPolicyRequest: _TypeAlias = GetPolicyRequest  # noqa: Y015
+
+@_typing.final
+class ListPoliciesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BY_AGENT_ID_FIELD_NUMBER: _builtins.int
+    by_agent_id: _builtins.str
+    """Only policies for this agent ID pattern (exactly as stored)."""
+    def __init__(
+        self,
+        *,
+        by_agent_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["by_agent_id", b"by_agent_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPoliciesRequest: _TypeAlias = ListPoliciesRequest  # noqa: Y015
+
+@_typing.final
+class ListPoliciesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POLICIES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def policies(self) -> _containers.RepeatedCompositeFieldContainer[Global___DelegationPolicy]: ...
+    def __init__(
+        self,
+        *,
+        policies: _abc.Iterable[Global___DelegationPolicy] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["policies", b"policies"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPoliciesResponse: _TypeAlias = ListPoliciesResponse  # noqa: Y015
+
+@_typing.final
+class BudgetUse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    USED_FIELD_NUMBER: _builtins.int
+    REFUSED_FIELD_NUMBER: _builtins.int
+    WINDOW_START_FIELD_NUMBER: _builtins.int
+    RESETS_AT_FIELD_NUMBER: _builtins.int
+    agent_id: _builtins.str
+    scope: _builtins.str
+    limit: _builtins.int
+    used: _builtins.int
+    refused: _builtins.int
+    window_start: _builtins.int
+    resets_at: _builtins.int
+    def __init__(
+        self,
+        *,
+        agent_id: _builtins.str = ...,
+        scope: _builtins.str = ...,
+        limit: _builtins.int = ...,
+        used: _builtins.int = ...,
+        refused: _builtins.int = ...,
+        window_start: _builtins.int = ...,
+        resets_at: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "limit", b"limit", "refused", b"refused", "resets_at", b"resets_at", "scope", b"scope", "used", b"used", "window_start", b"window_start"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BudgetUse: _TypeAlias = BudgetUse  # noqa: Y015
+
+@_typing.final
+class GetBudgetUseResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BUDGETS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def budgets(self) -> _containers.RepeatedCompositeFieldContainer[Global___BudgetUse]: ...
+    def __init__(
+        self,
+        *,
+        budgets: _abc.Iterable[Global___BudgetUse] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budgets", b"budgets"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetBudgetUseResponse: _TypeAlias = GetBudgetUseResponse  # noqa: Y015
 
 @_typing.final
 class FederationRelationship(_message.Message):

@@ -1205,6 +1205,296 @@ class LocalAuthority:
             _registered_method=True)
 
 
+class DelegationStub:
+    """Delegation policies: which agents may act for which people (token exchange).
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.CreatePolicy = channel.unary_unary(
+                '/credo.server.v1.Delegation/CreatePolicy',
+                request_serializer=credo_dot_server_dot_v1_dot_admin__pb2.DelegationPolicy.SerializeToString,
+                response_deserializer=credo_dot_server_dot_v1_dot_admin__pb2.DelegationPolicy.FromString,
+                _registered_method=True)
+        self.GetPolicy = channel.unary_unary(
+                '/credo.server.v1.Delegation/GetPolicy',
+                request_serializer=credo_dot_server_dot_v1_dot_admin__pb2.GetPolicyRequest.SerializeToString,
+                response_deserializer=credo_dot_server_dot_v1_dot_admin__pb2.DelegationPolicy.FromString,
+                _registered_method=True)
+        self.ListPolicies = channel.unary_unary(
+                '/credo.server.v1.Delegation/ListPolicies',
+                request_serializer=credo_dot_server_dot_v1_dot_admin__pb2.ListPoliciesRequest.SerializeToString,
+                response_deserializer=credo_dot_server_dot_v1_dot_admin__pb2.ListPoliciesResponse.FromString,
+                _registered_method=True)
+        self.UpdatePolicy = channel.unary_unary(
+                '/credo.server.v1.Delegation/UpdatePolicy',
+                request_serializer=credo_dot_server_dot_v1_dot_admin__pb2.DelegationPolicy.SerializeToString,
+                response_deserializer=credo_dot_server_dot_v1_dot_admin__pb2.DelegationPolicy.FromString,
+                _registered_method=True)
+        self.DeletePolicy = channel.unary_unary(
+                '/credo.server.v1.Delegation/DeletePolicy',
+                request_serializer=credo_dot_server_dot_v1_dot_admin__pb2.GetPolicyRequest.SerializeToString,
+                response_deserializer=credo_dot_server_dot_v1_dot_admin__pb2.DelegationPolicy.FromString,
+                _registered_method=True)
+        self.GetBudgetUse = channel.unary_unary(
+                '/credo.server.v1.Delegation/GetBudgetUse',
+                request_serializer=credo_dot_server_dot_v1_dot_admin__pb2.GetPolicyRequest.SerializeToString,
+                response_deserializer=credo_dot_server_dot_v1_dot_admin__pb2.GetBudgetUseResponse.FromString,
+                _registered_method=True)
+
+
+class DelegationServicer:
+    """Delegation policies: which agents may act for which people (token exchange).
+    """
+
+    def CreatePolicy(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetPolicy(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListPolicies(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdatePolicy(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeletePolicy(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetBudgetUse(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_DelegationServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'CreatePolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreatePolicy,
+                    request_deserializer=credo_dot_server_dot_v1_dot_admin__pb2.DelegationPolicy.FromString,
+                    response_serializer=credo_dot_server_dot_v1_dot_admin__pb2.DelegationPolicy.SerializeToString,
+            ),
+            'GetPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPolicy,
+                    request_deserializer=credo_dot_server_dot_v1_dot_admin__pb2.GetPolicyRequest.FromString,
+                    response_serializer=credo_dot_server_dot_v1_dot_admin__pb2.DelegationPolicy.SerializeToString,
+            ),
+            'ListPolicies': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPolicies,
+                    request_deserializer=credo_dot_server_dot_v1_dot_admin__pb2.ListPoliciesRequest.FromString,
+                    response_serializer=credo_dot_server_dot_v1_dot_admin__pb2.ListPoliciesResponse.SerializeToString,
+            ),
+            'UpdatePolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdatePolicy,
+                    request_deserializer=credo_dot_server_dot_v1_dot_admin__pb2.DelegationPolicy.FromString,
+                    response_serializer=credo_dot_server_dot_v1_dot_admin__pb2.DelegationPolicy.SerializeToString,
+            ),
+            'DeletePolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeletePolicy,
+                    request_deserializer=credo_dot_server_dot_v1_dot_admin__pb2.GetPolicyRequest.FromString,
+                    response_serializer=credo_dot_server_dot_v1_dot_admin__pb2.DelegationPolicy.SerializeToString,
+            ),
+            'GetBudgetUse': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetBudgetUse,
+                    request_deserializer=credo_dot_server_dot_v1_dot_admin__pb2.GetPolicyRequest.FromString,
+                    response_serializer=credo_dot_server_dot_v1_dot_admin__pb2.GetBudgetUseResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'credo.server.v1.Delegation', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('credo.server.v1.Delegation', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Delegation:
+    """Delegation policies: which agents may act for which people (token exchange).
+    """
+
+    @staticmethod
+    def CreatePolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/credo.server.v1.Delegation/CreatePolicy',
+            credo_dot_server_dot_v1_dot_admin__pb2.DelegationPolicy.SerializeToString,
+            credo_dot_server_dot_v1_dot_admin__pb2.DelegationPolicy.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/credo.server.v1.Delegation/GetPolicy',
+            credo_dot_server_dot_v1_dot_admin__pb2.GetPolicyRequest.SerializeToString,
+            credo_dot_server_dot_v1_dot_admin__pb2.DelegationPolicy.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPolicies(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/credo.server.v1.Delegation/ListPolicies',
+            credo_dot_server_dot_v1_dot_admin__pb2.ListPoliciesRequest.SerializeToString,
+            credo_dot_server_dot_v1_dot_admin__pb2.ListPoliciesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdatePolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/credo.server.v1.Delegation/UpdatePolicy',
+            credo_dot_server_dot_v1_dot_admin__pb2.DelegationPolicy.SerializeToString,
+            credo_dot_server_dot_v1_dot_admin__pb2.DelegationPolicy.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeletePolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/credo.server.v1.Delegation/DeletePolicy',
+            credo_dot_server_dot_v1_dot_admin__pb2.GetPolicyRequest.SerializeToString,
+            credo_dot_server_dot_v1_dot_admin__pb2.DelegationPolicy.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetBudgetUse(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/credo.server.v1.Delegation/GetBudgetUse',
+            credo_dot_server_dot_v1_dot_admin__pb2.GetPolicyRequest.SerializeToString,
+            credo_dot_server_dot_v1_dot_admin__pb2.GetBudgetUseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
 class FederationStub:
     """SPIFFE federation relationships (credo-server federation ...), as SPIRE manages them.
     """

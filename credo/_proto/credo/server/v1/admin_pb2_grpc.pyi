@@ -316,6 +316,79 @@ class LocalAuthorityServicer(metaclass=_abc_1.ABCMeta):
 
 def add_LocalAuthorityServicer_to_server(servicer: LocalAuthorityServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
+class DelegationStub:
+    """Delegation policies: which agents may act for which people (token exchange)."""
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> DelegationAsyncStub: ...
+    CreatePolicy: _grpc.UnaryUnaryMultiCallable[_admin_pb2.DelegationPolicy, _admin_pb2.DelegationPolicy]
+    GetPolicy: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetPolicyRequest, _admin_pb2.DelegationPolicy]
+    ListPolicies: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListPoliciesRequest, _admin_pb2.ListPoliciesResponse]
+    UpdatePolicy: _grpc.UnaryUnaryMultiCallable[_admin_pb2.DelegationPolicy, _admin_pb2.DelegationPolicy]
+    DeletePolicy: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetPolicyRequest, _admin_pb2.DelegationPolicy]
+    GetBudgetUse: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetPolicyRequest, _admin_pb2.GetBudgetUseResponse]
+
+@_typing.type_check_only
+class DelegationAsyncStub(DelegationStub):
+    """Delegation policies: which agents may act for which people (token exchange)."""
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    CreatePolicy: _aio.UnaryUnaryMultiCallable[_admin_pb2.DelegationPolicy, _admin_pb2.DelegationPolicy]  # type: ignore[assignment]
+    GetPolicy: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetPolicyRequest, _admin_pb2.DelegationPolicy]  # type: ignore[assignment]
+    ListPolicies: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListPoliciesRequest, _admin_pb2.ListPoliciesResponse]  # type: ignore[assignment]
+    UpdatePolicy: _aio.UnaryUnaryMultiCallable[_admin_pb2.DelegationPolicy, _admin_pb2.DelegationPolicy]  # type: ignore[assignment]
+    DeletePolicy: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetPolicyRequest, _admin_pb2.DelegationPolicy]  # type: ignore[assignment]
+    GetBudgetUse: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetPolicyRequest, _admin_pb2.GetBudgetUseResponse]  # type: ignore[assignment]
+
+class DelegationServicer(metaclass=_abc_1.ABCMeta):
+    """Delegation policies: which agents may act for which people (token exchange)."""
+
+    @_abc_1.abstractmethod
+    def CreatePolicy(
+        self,
+        request: _admin_pb2.DelegationPolicy,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.DelegationPolicy, _abc.Awaitable[_admin_pb2.DelegationPolicy]]: ...
+
+    @_abc_1.abstractmethod
+    def GetPolicy(
+        self,
+        request: _admin_pb2.GetPolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.DelegationPolicy, _abc.Awaitable[_admin_pb2.DelegationPolicy]]: ...
+
+    @_abc_1.abstractmethod
+    def ListPolicies(
+        self,
+        request: _admin_pb2.ListPoliciesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListPoliciesResponse, _abc.Awaitable[_admin_pb2.ListPoliciesResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def UpdatePolicy(
+        self,
+        request: _admin_pb2.DelegationPolicy,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.DelegationPolicy, _abc.Awaitable[_admin_pb2.DelegationPolicy]]: ...
+
+    @_abc_1.abstractmethod
+    def DeletePolicy(
+        self,
+        request: _admin_pb2.GetPolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.DelegationPolicy, _abc.Awaitable[_admin_pb2.DelegationPolicy]]: ...
+
+    @_abc_1.abstractmethod
+    def GetBudgetUse(
+        self,
+        request: _admin_pb2.GetPolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.GetBudgetUseResponse, _abc.Awaitable[_admin_pb2.GetBudgetUseResponse]]: ...
+
+def add_DelegationServicer_to_server(servicer: DelegationServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
 class FederationStub:
     """SPIFFE federation relationships (credo-server federation ...), as SPIRE manages them."""
 
