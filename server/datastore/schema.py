@@ -15,6 +15,10 @@ Versions:
 2. ``authorities.owner``: the server id of the server holding the private key (servers
    sharing one database each keep their own CA). Rows from version 1 get ``""``: the
    first server that finds their key file adopts them.
+3. revocation: ``issued_x509_svids`` (every X.509-SVID the server signed: serial, issuing
+   authority, entry, SPIFFE ID, agent, expiry, and when and why it was revoked),
+   ``revoked_entries`` (the kill switch: entries that may not be issued for) and ``crls``
+   (the current CRL of each X.509 authority).
 """
 
 from __future__ import annotations
@@ -204,6 +208,52 @@ authorities = Table(
     Index("ix_authorities_kind_created_at", "kind", "created_at"),
 )
 
+# Version 3: revocation. ``agent_id`` is the agent that obtained the SVID (for an agent
+# SVID, the agent itself; ``""`` for one minted by an admin); ``entry_id`` is ``""`` for
+# SVIDs not issued for an entry (agent SVIDs, admin mints). ``revoked_at`` 0: not revoked.
+issued_x509_svids = Table(
+    "issued_x509_svids",
+    metadata,
+    Column("serial", _Key, primary_key=True),
+    Column("authority_id", _Str, nullable=False),
+    Column("entry_id", _Str, nullable=False),
+    Column("spiffe_id", _Str, nullable=False),
+    Column("agent_id", _Str, nullable=False),
+    Column("expires_at", BigInteger, nullable=False),
+    Column("issued_at", BigInteger, nullable=False),
+    Column("revoked_at", BigInteger, nullable=False),
+    Column("reason", _Str, nullable=False),
+    Index("ix_issued_x509_svids_entry_id", "entry_id"),
+    Index("ix_issued_x509_svids_agent_id", "agent_id"),
+    Index("ix_issued_x509_svids_authority_revoked", "authority_id", "revoked_at"),
+    Index("ix_issued_x509_svids_expires_at", "expires_at"),
+)
+
+revoked_entries = Table(
+    "revoked_entries",
+    metadata,
+    Column(
+        "entry_id",
+        _Key,
+        ForeignKey("registration_entries.entry_id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    Column("revoked_at", BigInteger, nullable=False),
+    Column("reason", _Str, nullable=False),
+)
+
+crls = Table(
+    "crls",
+    metadata,
+    Column("authority_id", _Str, primary_key=True),
+    Column("number", BigInteger, nullable=False),
+    Column("data", LargeBinary, nullable=False),
+    Column("next_update", BigInteger, nullable=False),
+    Column("updated_at", BigInteger, nullable=False),
+)
+
+_V3_TABLES = (issued_x509_svids, revoked_entries, crls)
+
 # ``authorities`` as version 1 created it (step 1 must keep creating exactly this).
 _v1_metadata = MetaData()
 _authorities_v1 = Table(
@@ -235,7 +285,7 @@ events = Table(
 
 def _step_1_initial(conn: Connection) -> None:
     """Create every table of version 1."""
-    frozen = {schema_version, authorities}
+    frozen = {schema_version, authorities, *_V3_TABLES}
     metadata.create_all(conn, tables=[t for t in metadata.sorted_tables if t not in frozen])
     _authorities_v1.create(conn)
 
@@ -248,7 +298,16 @@ def _step_2_authority_owner(conn: Connection) -> None:
     )
 
 
-MIGRATIONS: tuple[Callable[[Connection], None], ...] = (_step_1_initial, _step_2_authority_owner)
+def _step_3_revocation(conn: Connection) -> None:
+    """Add the revocation tables: issued X.509-SVIDs, revoked entries, CRLs."""
+    metadata.create_all(conn, tables=list(_V3_TABLES))
+
+
+MIGRATIONS: tuple[Callable[[Connection], None], ...] = (
+    _step_1_initial,
+    _step_2_authority_owner,
+    _step_3_revocation,
+)
 """Ordered steps; step ``n`` (1-based) takes the schema from version ``n - 1`` to ``n``."""
 
 SCHEMA_VERSION = len(MIGRATIONS)
