@@ -64,7 +64,7 @@ def test_schema_version_is_three() -> None:
 
 
 def test_migrating_a_v1_database_keeps_data_and_adds_owner(db_url: str, clock: FakeClock) -> None:
-    """A version-1 database opens at the current version with its rows kept and owner "" on old rows."""
+    """A version-1 database opens at the current version, rows kept, owner "" on old rows."""
     _make_v1_database(db_url)
     assert "owner" not in _columns(db_url, "authorities")
     with SqlDataStore.open(db_url, clock=clock) as store:
