@@ -226,6 +226,7 @@ async def _build(config: ServerConfig, stop: asyncio.Event) -> _Server:
             jwt_svid_ttl=config.jwt_svid_ttl,
             pool=signing_pool,
             metrics=metrics,
+            issued=datastore,
         )
         peers = PeerRegistry()
         agent_api = AgentService(
@@ -271,7 +272,9 @@ async def _build(config: ServerConfig, stop: asyncio.Event) -> _Server:
         admin_pb2_grpc.add_BundlesServicer_to_server(
             BundlesService(admin_config, datastore, bundles), admin_grpc
         )
-        admin_pb2_grpc.add_SvidsServicer_to_server(SvidsService(admin_config, ca), admin_grpc)
+        admin_pb2_grpc.add_SvidsServicer_to_server(
+            SvidsService(admin_config, ca, datastore), admin_grpc
+        )
         admin_pb2_grpc.add_LocalAuthorityServicer_to_server(
             LocalAuthorityService(manager), admin_grpc
         )

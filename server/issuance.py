@@ -17,6 +17,8 @@ agent is authorized for, and returns one result per request, in order:
   with the mean time per SVID across the workers.
 
 Authorization always happens here, in the main process, before anything is signed.
+Every signed X509-SVID is recorded in the datastore (:mod:`server.revocation`) before it
+is handed out; an entry revoked while its batch was being signed fails its items.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from cryptography.hazmat.primitives import serialization
 
@@ -35,7 +38,8 @@ from server.api.convert import parse_csr
 from server.ca.ca import CertificateAuthority
 from server.ca.errors import CaError, PoolUnavailable
 from server.ca.pool import ERROR_INVALID, SigningPool, SignItem
-from server.datastore.models import RegistrationEntry
+from server.datastore.models import IssuedX509Svid, RegistrationEntry
+from server.revocation import issued_record
 from server.telemetry import KIND_X509, Metrics
 
 __all__ = ["IssueFailed", "Issuer", "X509Result", "X509SvidIssued", "X509SvidRequest"]
@@ -76,6 +80,14 @@ class IssueFailed:
 
 
 X509Result = X509SvidIssued | IssueFailed
+
+
+class IssuedSvidStore(Protocol):
+    """Where signed X509-SVIDs are recorded (the datastore)."""
+
+    def create_issued_x509_svids(self, svids: Sequence[IssuedX509Svid]) -> frozenset[str]: ...
+
+
 _Work = list[tuple[int, RegistrationEntry, X509SvidRequest]]
 
 
@@ -90,8 +102,10 @@ class Issuer:
         jwt_svid_ttl: int = 300,
         pool: SigningPool | None = None,
         metrics: Metrics | None = None,
+        issued: IssuedSvidStore | None = None,
     ) -> None:
         self._ca = ca
+        self._issued = issued
         self._x509_ttl = x509_svid_ttl
         self._jwt_ttl = jwt_svid_ttl
         self._pool = pool
@@ -101,8 +115,10 @@ class Issuer:
         self,
         requests: Sequence[X509SvidRequest],
         authorized: Mapping[str, RegistrationEntry],
+        agent_id: str = "",
     ) -> list[X509Result]:
-        """One result per request, in order (see the module doc)."""
+        """One result per request, in order (see the module doc); ``agent_id`` is the
+        agent the SVIDs are for (recorded with them)."""
         now = time.time()
         results: list[X509Result | None] = [None] * len(requests)
         work: _Work = []
@@ -114,7 +130,29 @@ class Issuer:
                 work.append((i, entry, request))
         for i, result in await self._sign_work(work):
             results[i] = result
-        return [r for r in results if r is not None]
+        done = [r for r in results if r is not None]
+        if self._issued is not None:
+            done = await self._record(done, agent_id)
+        return done
+
+    async def _record(self, results: list[X509Result], agent_id: str) -> list[X509Result]:
+        """Record the signed SVIDs; those of entries revoked meanwhile fail instead."""
+        signed = [r for r in results if isinstance(r, X509SvidIssued)]
+        if not signed or self._issued is None:
+            return results
+        records = [
+            issued_record(r.cert_chain[0], r.spiffe_id, entry_id=r.entry_id, agent_id=agent_id)
+            for r in signed
+        ]
+        revoked = await asyncio.to_thread(self._issued.create_issued_x509_svids, records)
+        if not revoked:
+            return results
+        return [
+            IssueFailed(r.entry_id, EntryNotAuthorized(r.entry_id))
+            if isinstance(r, X509SvidIssued) and r.entry_id in revoked
+            else r
+            for r in results
+        ]
 
     async def _sign_work(self, work: _Work) -> list[tuple[int, X509Result]]:
         """Sign the authorized items: in the worker pool when the batch is large enough."""
