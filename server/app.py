@@ -1,12 +1,13 @@
 """The signing server, wired: every component is built here from the config, in order.
 
 datastore -> key manager -> authority manager + CA (+ signing workers) -> entry cache ->
+CRL signer ->
 node attestors (those the config names, from :mod:`server.attestation.catalog`) -> bundle
 publishers (:mod:`server.bundle_publisher.catalog`) -> agent flows (:mod:`server.agents`,
 :mod:`server.issuance`) -> APIs -> server identity (:mod:`server.identity`) and
 endpoints; then the background loops (CA rotation, entry change feed, server SVID refresh,
-housekeeping, bundle publishing) run under one :class:`asyncio.TaskGroup` until ``stop``.
-Nothing else constructs these components. Where things live on disk is
+housekeeping, bundle publishing, CRL signing) run under one :class:`asyncio.TaskGroup`
+until ``stop``. Nothing else constructs these components. Where things live on disk is
 :mod:`server.paths`.
 
 Endpoints:
@@ -58,10 +59,11 @@ from server.api.agent import AgentService
 from server.api.common import BundleSource
 from server.api.tls import PeerRegistry, TlsFrontend
 from server.attestation.catalog import PluginContext, build_node_attestors
-from server.authorization import EntryCache
+from server.authorization import EntryCache, Subscription
 from server.bundle_publisher.catalog import PublisherContext, build_bundle_publishers
 from server.bundle_publisher.runner import BundlePublishing
 from server.ca.ca import CertificateAuthority
+from server.ca.crl import CrlSigner
 from server.ca.keymanager import DiskKeyManager
 from server.ca.manager import AuthorityManager, AuthorityManagerConfig
 from server.ca.pool import SigningPool
@@ -127,6 +129,8 @@ class _Server:
     admin_grpc: grpc.aio.Server
     frontend: TlsFrontend
     publishing: BundlePublishing
+    crl_signer: CrlSigner
+    crl_events: Subscription
     health: list[health.aio.HealthServicer] = field(default_factory=list)
     stop_metrics: Callable[[], None] | None = None
     signing_pool: SigningPool | None = None
@@ -190,6 +194,13 @@ async def _build(config: ServerConfig, stop: asyncio.Event) -> _Server:
         # 4. entry cache (authorization)
         cache = EntryCache(datastore)
         await asyncio.to_thread(cache.load)
+
+        # 4b. CRLs of this server's X.509 authorities, re-signed on every revocation
+        crl_signer = CrlSigner(
+            datastore, key_manager, server_id, next_update=config.crl_next_update
+        )
+        await asyncio.to_thread(crl_signer.sign_due)
+        crl_events = cache.subscribe()
 
         # 5. node attestors: exactly the plugins the config names
         attestors = build_node_attestors(config.node_attestor, PluginContext(td, datastore))
@@ -311,6 +322,8 @@ async def _build(config: ServerConfig, stop: asyncio.Event) -> _Server:
             admin_grpc=admin_grpc,
             frontend=frontend,
             publishing=publishing,
+            crl_signer=crl_signer,
+            crl_events=crl_events,
             health=[agent_health, admin_health],
             signing_pool=signing_pool,
         )
@@ -375,6 +388,9 @@ async def serve(
             tasks.create_task(server.identity.run(stop), name="server-identity")
             tasks.create_task(run_housekeeping(server.datastore, stop), name="housekeeping")
             tasks.create_task(server.publishing.run(stop), name="bundle-publishing")
+            tasks.create_task(
+                server.crl_signer.run(stop, server.crl_events.wait), name="crl-signer"
+            )
             if server.signing_pool is not None:
                 server.signing_pool.start_background()
             info = await _start_endpoints(server)

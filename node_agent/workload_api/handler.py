@@ -108,7 +108,9 @@ def _x509_svid_response(update: WorkloadUpdate) -> workload_pb2.X509SVIDResponse
         for identity in update.identities
     ]
     return workload_pb2.X509SVIDResponse(
-        svids=svids, federated_bundles=_federated_x509(update.federated_bundles)
+        svids=svids,
+        crl=list(update.crls),
+        federated_bundles=_federated_x509(update.federated_bundles),
     )
 
 
@@ -284,7 +286,9 @@ class WorkloadApiServicer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
         caller = await self._caller(context, "FetchX509Bundles")
         previous: workload_pb2.X509BundlesResponse | None = None
         async for own, federated in self._bundles(caller, context):
-            response = workload_pb2.X509BundlesResponse(bundles=_x509_bundles(own, federated))
+            response = workload_pb2.X509BundlesResponse(
+                crl=list(self._manager.crls()), bundles=_x509_bundles(own, federated)
+            )
             if response != previous:
                 previous = response
                 yield response

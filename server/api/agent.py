@@ -196,6 +196,9 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             entries=[entry_to_proto(e) for e in message.entries],
             deleted_entry_ids=message.deleted_entry_ids,
         )
+        if message.crls:
+            response.crl_set.SetInParent()
+            response.crl_set.crls.extend(await asyncio.to_thread(self._bundles.crls))
         if message.bundles is not None:
             response.bundle.CopyFrom(await asyncio.to_thread(self._bundles.own))
             response.federated_bundles.extend(

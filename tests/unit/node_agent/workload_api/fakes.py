@@ -104,6 +104,8 @@ class FakeManager:
         """Matching entries the fake reports as having no SVID yet."""
         self.jwt_error: Exception | None = None
         """Raised by fetch_jwt_svid when set (what the server client's errors become)."""
+        self.crl_ders: tuple[bytes, ...] = ()
+        """The CRLs the fake serves (DER)."""
 
     def add(self, selectors: Iterable[str], spiffe_id: str, hint: str = "") -> Identity:
         """Register an entry and issue its SVID."""
@@ -131,6 +133,7 @@ class FakeManager:
             bundle=self.ca.bundle(),
             federated_bundles=self.federated_bundles(),
             unsigned=self.unsigned,
+            crls=self.crl_ders,
         )
 
     # -- the Manager protocol --
@@ -156,6 +159,9 @@ class FakeManager:
 
     def bundle_set(self) -> BundleSet:
         return BundleSet([self.ca.bundle(), *self.federated_bundles().values()])
+
+    def crls(self) -> tuple[bytes, ...]:
+        return self.crl_ders
 
 
 class LoopThread:
