@@ -1,0 +1,299 @@
+"""Revocation end to end: a real `credo-server run`, a real `credo-agent run`, a workload's
+open FetchX509SVID stream (raw gRPC), the `credo-server x509|entry|agent` CLI, and
+independent CRL checks with pyca/cryptography and `openssl verify -crl_check`.
+
+One server and one agent (module scope) with two entries for this process's uid; the
+tests run in file order: a serial is revoked (the SVID is replaced), then an entry (its
+SVID leaves the stream for good), then the agent is banned.
+"""
+
+from __future__ import annotations
+
+import queue
+import shutil
+import subprocess
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from credo._proto import workload_pb2, workload_pb2_grpc
+from credo.bundle import load_certificates
+from tests.helpers.processes import (
+    AgentProcess,
+    ServerProcess,
+    create_entry,
+    one_line_error,
+    short_temp_dir,
+    start_agent,
+    start_server,
+    wait_for,
+)
+
+TD = "example.org"
+ALPHA = f"spiffe://{TD}/revoke/alpha"
+BETA = f"spiffe://{TD}/revoke/beta"
+HEADER = (("workload.spiffe.io", "true"),)
+WAIT = 30.0
+
+pytestmark = pytest.mark.slow
+
+
+class Stream:
+    """A workload's FetchX509SVID stream, read by a thread into a queue."""
+
+    def __init__(self, agent: AgentProcess) -> None:
+        self._channel = grpc.insecure_channel(f"unix:{agent.socket}")
+        stub = workload_pb2_grpc.SpiffeWorkloadAPIStub(self._channel)  # type: ignore[no-untyped-call]
+        self._call = stub.FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=HEADER)
+        self.messages: queue.Queue[Any] = queue.Queue()
+        self.latest: Any = None
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        try:
+            for message in self._call:
+                self.messages.put(message)
+        except grpc.RpcError as err:
+            self.messages.put(err)
+
+    def until(self, predicate: Any, what: str) -> Any:
+        """The first message (from now on, the latest counted) that satisfies ``predicate``."""
+        if self.latest is not None and predicate(self.latest):
+            return self.latest
+        while True:
+            try:
+                message = self.messages.get(timeout=WAIT)
+            except queue.Empty:
+                raise AssertionError(f"no stream message with {what} in {WAIT}s") from None
+            if isinstance(message, grpc.RpcError):
+                raise AssertionError(f"the stream ended: {message}")
+            self.latest = message
+            if predicate(message):
+                return message
+
+    def close(self) -> None:
+        self._call.cancel()
+        self._channel.close()
+
+
+@dataclass
+class Deployment:
+    server: ServerProcess
+    agent: AgentProcess
+    stream: Stream
+    entry_ids: dict[str, str]
+    root: Path
+    revoked_serials: list[int] = field(default_factory=list)
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    root = short_temp_dir("credo-rev-")
+    try:
+        with start_server(tmp_path_factory.mktemp("revoke-server")) as server:
+            agent = start_agent(server, root)
+            with agent:
+                ids = {s: create_entry(server, agent.spiffe_id, s) for s in (ALPHA, BETA)}
+                wait_for(lambda: sorted(agent.fetch_ids()) == [ALPHA, BETA], 60, "both SVIDs")
+                stream = Stream(agent)
+                try:
+                    stream.until(lambda m: _ids(m) == {ALPHA, BETA}, "both SVIDs")
+                    yield Deployment(server, agent, stream, ids, root)
+                finally:
+                    stream.close()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _ids(message: Any) -> set[str]:
+    return {s.spiffe_id for s in message.svids}
+
+
+def _leaf(message: Any, spiffe_id: str) -> x509.Certificate:
+    (svid,) = [s for s in message.svids if s.spiffe_id == spiffe_id]
+    return load_certificates(svid.x509_svid)[0]
+
+
+def _ca(message: Any) -> x509.Certificate:
+    return load_certificates(message.svids[0].bundle)[-1]
+
+
+def _crls(message: Any) -> list[x509.CertificateRevocationList]:
+    return [x509.load_der_x509_crl(der) for der in message.crl]
+
+
+def _revokes(message: Any, serial: int) -> bool:
+    return any(c.get_revoked_certificate_by_serial_number(serial) for c in _crls(message))
+
+
+def _openssl_verify(tmp: Path, ca: x509.Certificate, crls: list[Any], leaf: Any) -> Any:
+    (tmp / "ca.pem").write_bytes(ca.public_bytes(Encoding.PEM))
+    (tmp / "crl.pem").write_bytes(b"".join(c.public_bytes(Encoding.PEM) for c in crls))
+    (tmp / "leaf.pem").write_bytes(leaf.public_bytes(Encoding.PEM))
+    return subprocess.run(
+        [
+            "openssl",
+            "verify",
+            "-crl_check",
+            "-CAfile",
+            str(tmp / "ca.pem"),
+            "-CRLfile",
+            str(tmp / "crl.pem"),
+            str(tmp / "leaf.pem"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def test_workloads_get_a_signed_crl_from_the_start(deployment: Deployment) -> None:
+    """The stream carries the authority's CRL (signed by the CA in the bundle, revoking
+    nothing yet, with a CRL number and a short nextUpdate)."""
+    message = deployment.stream.latest
+    ca = _ca(message)
+    (crl,) = _crls(message)
+    assert crl.is_signature_valid(ca.public_key())  # type: ignore[arg-type]
+    assert crl.issuer == ca.subject
+    assert len(crl) == 0
+    assert crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number >= 1
+    assert crl.next_update_utc is not None
+    assert (crl.next_update_utc - crl.last_update_utc).total_seconds() <= 700
+
+
+def test_revoking_a_serial_replaces_the_svid_and_lists_it_in_the_crl(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    """`x509 revoke --serial` puts the serial in the CRL the workload receives, the agent
+    replaces the SVID (the entry is not revoked), openssl and cryptography reject the old
+    certificate with that CRL and accept the new one; revoking again changes nothing."""
+    stream, server = deployment.stream, deployment.server
+    old = _leaf(stream.latest, ALPHA)
+    serial = format(old.serial_number, "x")
+    out = server.cli_json("x509", "revoke", "--serial", serial, "--reason", "key leaked")
+    assert [s["serial"] for s in out["revoked"]] == [serial]
+    assert out["revoked"][0]["spiffe_id"] == ALPHA
+
+    message = stream.until(
+        lambda m: (
+            _revokes(m, old.serial_number)
+            and ALPHA in _ids(m)
+            and _leaf(m, ALPHA).serial_number != old.serial_number
+        ),
+        "the serial in the CRL and a new ALPHA SVID",
+    )
+    deployment.revoked_serials.append(old.serial_number)
+    new = _leaf(message, ALPHA)
+    assert _ids(message) == {ALPHA, BETA}
+    ca, crls = _ca(message), _crls(message)
+    assert all(c.is_signature_valid(ca.public_key()) for c in crls)  # type: ignore[arg-type]
+    assert not any(c.get_revoked_certificate_by_serial_number(new.serial_number) for c in crls)
+
+    refused = _openssl_verify(tmp_path, ca, crls, old)
+    assert refused.returncode != 0
+    assert "revoked" in (refused.stdout + refused.stderr)
+    accepted = _openssl_verify(tmp_path, ca, crls, new)
+    assert accepted.returncode == 0, accepted.stdout + accepted.stderr
+
+    again = server.cli("x509", "revoke", "--serial", serial.upper(), output=None)
+    assert again.returncode == 0, again.stderr
+    assert "already revoked" in again.stdout
+
+
+def test_revoking_an_entry_drops_its_svid_for_good(deployment: Deployment) -> None:
+    """`entry revoke` removes the entry's SVID from the open stream, lists its serial in
+    the delivered CRL, and the agent never gets an SVID for it again."""
+    stream, server = deployment.stream, deployment.server
+    old = _leaf(stream.latest, BETA)
+    out = server.cli_json("entry", "revoke", "--id", deployment.entry_ids[BETA], "--reason", "x")
+    assert out["entry_newly_revoked"] is True
+    assert [s["serial"] for s in out["revoked"]] == [format(old.serial_number, "x")]
+
+    message = stream.until(
+        lambda m: _ids(m) == {ALPHA} and _revokes(m, old.serial_number),
+        "BETA gone and its serial in the CRL",
+    )
+    deployment.revoked_serials.append(old.serial_number)
+    assert _revokes(message, deployment.revoked_serials[0])
+    assert deployment.agent.fetch_ids() == [ALPHA]
+
+    again = server.cli_json("entry", "revoke", "--id", deployment.entry_ids[BETA])
+    assert again["revoked"] == [] and again["entry_newly_revoked"] is False
+    # The server keeps refusing the entry: a fresh workload call still sees only ALPHA, and
+    # the server's own CRL list agrees with what the workload received.
+    assert deployment.agent.fetch_ids() == [ALPHA]
+    listed = server.cli_json("x509", "crl")["crls"]
+    serials = {
+        r.serial_number for item in listed for r in x509.load_pem_x509_crl(item["crl"].encode())
+    }
+    assert set(deployment.revoked_serials) <= serials
+
+
+def test_revocation_refuses_bad_input_and_changes_nothing(deployment: Deployment) -> None:
+    """Unknown or malformed serials and unknown entries: one-line errors, nothing revoked."""
+    server = deployment.server
+    before = server.cli_json("x509", "crl")["crls"]
+    assert "no X.509-SVID with serial abcdef was issued" in one_line_error(
+        server.cli("x509", "revoke", "--serial", "ABCDEF", output=None)
+    )
+    assert "not a hex serial number" in one_line_error(
+        server.cli("x509", "revoke", "--serial", "xyz", output=None)
+    )
+    assert "not found" in one_line_error(
+        server.cli("entry", "revoke", "--id", "no-such-entry", output=None)
+    )
+    assert "reason" in one_line_error(
+        server.cli(
+            "entry", "revoke", "--id", deployment.entry_ids[ALPHA], "--reason", "a\nb", output=None
+        )
+    )
+    assert deployment.agent.fetch_ids() == [ALPHA]
+    assert server.cli_json("x509", "crl")["crls"] == before
+
+
+def test_crls_survive_a_server_restart(deployment: Deployment) -> None:
+    """After a restart the stored CRL still lists the revoked serials and agents get it
+    again on their new sync stream."""
+    deployment.server.restart()
+    listed = deployment.server.cli_json("x509", "crl")["crls"]
+    serials = {
+        r.serial_number for item in listed for r in x509.load_pem_x509_crl(item["crl"].encode())
+    }
+    assert set(deployment.revoked_serials) <= serials
+    stream = Stream(deployment.agent)
+    try:
+        message = stream.until(lambda m: _ids(m) == {ALPHA}, "ALPHA after the restart")
+        assert all(_revokes(message, s) for s in deployment.revoked_serials)
+    finally:
+        stream.close()
+
+
+def test_banning_the_agent_revokes_what_it_obtained(deployment: Deployment) -> None:
+    """`agent ban` revokes every unexpired SVID the agent obtained: the workload's current
+    SVID and the agent's own SVID appear in the CRL."""
+    server, agent = deployment.server, deployment.agent
+    current = _leaf(deployment.stream.latest, ALPHA)
+    node = server.cli_json("agent", "show", "--spiffe-id", agent.spiffe_id)
+    server.cli_json("agent", "ban", "--spiffe-id", agent.spiffe_id, "--reason", "stolen")
+
+    def revoked_serials() -> set[int]:
+        listed = server.cli_json("x509", "crl")["crls"]
+        return {
+            r.serial_number for item in listed for r in x509.load_pem_x509_crl(item["crl"].encode())
+        }
+
+    agent_serial = int(node["cert_serial"], 16)
+    wait_for(
+        lambda: {current.serial_number, agent_serial} <= revoked_serials(),
+        WAIT,
+        "the workload's and the agent's SVIDs in the CRL",
+    )
+    assert server.cli_json("agent", "show", "--spiffe-id", agent.spiffe_id)["banned"] is True
