@@ -132,6 +132,10 @@ def _leaf_der(chain: bytes) -> bytes:
     return chain[: 2 + n + int.from_bytes(chain[2 : 2 + n], "big")]
 
 
+def _serial(der: bytes) -> int:
+    return int(x509.load_der_x509_certificate(der).serial_number)
+
+
 def _open_stream(target: str, spiffe_id: str, timeout: float = 30.0) -> StreamWatcher:
     """A watcher whose stream carries ``spiffe_id`` (retried while we have no identity yet)."""
     deadline = time.monotonic() + timeout
