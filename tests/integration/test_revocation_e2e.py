@@ -9,7 +9,9 @@ SVID leaves the stream for good), then the agent is banned.
 
 from __future__ import annotations
 
+import os
 import queue
+import secrets
 import shutil
 import subprocess
 import threading
@@ -124,6 +126,18 @@ def _leaf(message: Any, spiffe_id: str) -> x509.Certificate:
 
 def _ca(message: Any) -> x509.Certificate:
     return load_certificates(message.svids[0].bundle)[-1]
+
+
+def _issuing_ca(message: Any, leaf: x509.Certificate) -> x509.Certificate:
+    """The bundle's CA whose SubjectKeyIdentifier is the leaf's AuthorityKeyIdentifier."""
+    aki = leaf.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+    (ca,) = [
+        c
+        for c in load_certificates(message.svids[0].bundle)
+        if c.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
+        == aki.key_identifier
+    ]
+    return ca
 
 
 def _crls(message: Any) -> list[x509.CertificateRevocationList]:
@@ -297,3 +311,66 @@ def test_banning_the_agent_revokes_what_it_obtained(deployment: Deployment) -> N
         "the workload's and the agent's SVIDs in the CRL",
     )
     assert server.cli_json("agent", "show", "--spiffe-id", agent.spiffe_id)["banned"] is True
+
+
+# --- two servers on one PostgreSQL database ---------------------------------------------
+
+ADMIN_URL = os.environ.get("CREDO_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+@pytest.fixture
+def database_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for one test; dropped afterwards."""
+    psycopg = pytest.importorskip("psycopg")
+    try:
+        conn = psycopg.connect(ADMIN_URL, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as exc:
+        pytest.skip(f"PostgreSQL is not reachable at {ADMIN_URL}: {exc}".splitlines()[0])
+    name = f"credo_rev_{secrets.token_hex(6)}"
+    with conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"{ADMIN_URL.rsplit('/', 1)[0]}/{name}"
+    finally:
+        with psycopg.connect(ADMIN_URL, autocommit=True, connect_timeout=5) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.mark.postgres
+def test_revocation_through_one_server_reaches_agents_of_the_other(
+    tmp_path: Path, database_url: str
+) -> None:
+    """Two servers on one PostgreSQL database: an entry revoked through server B leaves the
+    stream of a workload whose agent is connected to server A, and A (which holds the
+    issuing CA's key) re-signs its CRL with the serial, which the workload receives."""
+    root = short_temp_dir("credo-rev2-")
+    try:
+        a = start_server(tmp_path, data_dir=tmp_path / "a", datastore=database_url)
+        with a, start_server(tmp_path, data_dir=tmp_path / "b", datastore=database_url) as b:
+            agent = start_agent(a, root)
+            with agent:
+                entry_id = create_entry(a, agent.spiffe_id, ALPHA)
+                keep = create_entry(a, agent.spiffe_id, BETA)
+                assert keep
+                wait_for(lambda: sorted(agent.fetch_ids()) == [ALPHA, BETA], 60, "both SVIDs")
+                stream = Stream(agent)
+                try:
+                    message = stream.until(lambda m: _ids(m) == {ALPHA, BETA}, "both SVIDs")
+                    old = _leaf(message, ALPHA)
+                    b.cli_json("entry", "revoke", "--id", entry_id, "--reason", "via b")
+                    message = stream.until(
+                        lambda m: _ids(m) == {BETA} and _revokes(m, old.serial_number),
+                        "ALPHA gone and its serial in A's CRL",
+                    )
+                    # The CRL listing the serial is signed by the CA that issued the SVID.
+                    issuer = _issuing_ca(message, old)
+                    (listing,) = [
+                        c
+                        for c in _crls(message)
+                        if c.get_revoked_certificate_by_serial_number(old.serial_number)
+                    ]
+                    assert listing.is_signature_valid(issuer.public_key())  # type: ignore[arg-type]
+                finally:
+                    stream.close()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
