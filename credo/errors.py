@@ -27,6 +27,7 @@ can act on it without parsing the message.
     │   ├── UnsupportedJwtAlgorithm                   alg not RS/ES/PS 256/384/512
     │   ├── JwtSvidExpired                            exp is in the past
     │   ├── JwtAudienceMismatch                       none of the expected audiences present
+    │   ├── JwtIssuerMismatch                         iss missing or not the expected issuer
     │   └── UntrustedJwtSvid                          no bundle for the trust domain / bad signature
     │       └── UnknownJwtKey                         kid not in the trust domain's bundle
     ├── InvalidWorkloadApiEndpoint (also ValueError)  not a Workload API socket address
@@ -47,6 +48,7 @@ __all__ = [
     "InvalidTrustDomain",
     "InvalidX509Svid",
     "JwtAudienceMismatch",
+    "JwtIssuerMismatch",
     "JwtSvidError",
     "JwtSvidExpired",
     "LeafIsCa",
@@ -178,6 +180,10 @@ class JwtSvidExpired(JwtSvidError):
 
 class JwtAudienceMismatch(JwtSvidError):
     """None of the expected audiences is in the ``aud`` claim."""
+
+
+class JwtIssuerMismatch(JwtSvidError):
+    """The caller asked for an issuer and the ``iss`` claim is missing or another one."""
 
 
 class UntrustedJwtSvid(JwtSvidError):

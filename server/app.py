@@ -20,7 +20,10 @@ Endpoints:
   start after a crash);
 * admin endpoint on the Unix socket ``admin_socket`` (directory 0700, socket 0600),
   gRPC health;
-* Prometheus metrics on ``metrics_address`` when set.
+* Prometheus metrics on ``metrics_address`` when set;
+* the HTTP front end (:mod:`server.http`) on ``[server.http] bind_address`` when set: every
+  HTTP endpoint, added by :func:`_http_routes`; TLS with a certificate the server issues
+  itself for ``[server.http] dns_names`` (a second :class:`ServerIdentity`) or from files.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from credo._files import write_atomically
@@ -52,6 +56,7 @@ from server.api.admin import (
     AgentsService,
     BundlesService,
     EntriesService,
+    FederationService,
     LocalAuthorityService,
     SvidsService,
 )
@@ -70,9 +75,14 @@ from server.ca.pool import SigningPool
 from server.config import ServerConfig
 from server.datastore.protocol import DataStore
 from server.datastore.sql import SqlDataStore
+from server.federation.endpoint import bundle_endpoint_routes
+from server.federation.refresher import BundleRefresher
 from server.housekeeping import run_housekeeping
+from server.http import FileCertificate, HttpFrontend, IssuedCertificate, build_http_context
+from server.http.tls import CertificateSource
 from server.identity import ServerIdentity, server_dns_names
 from server.issuance import Issuer
+from server.oidc import oidc_routes
 from server.paths import load_server_id, prepare_admin_socket, private_dir
 from server.telemetry import Metrics
 
@@ -106,6 +116,8 @@ class RunningServer:
     admin_socket: Path
     trust_domain: TrustDomain
     metrics_address: str = ""
+    # "https://host:port" of the HTTP front end; "" when it is off.
+    http_url: str = ""
 
 
 def _split_host_port(address: str) -> tuple[str, int]:
@@ -131,9 +143,12 @@ class _Server:
     publishing: BundlePublishing
     crl_signer: CrlSigner
     crl_events: Subscription
+    federation: BundleRefresher
     health: list[health.aio.HealthServicer] = field(default_factory=list)
     stop_metrics: Callable[[], None] | None = None
     signing_pool: SigningPool | None = None
+    http: HttpFrontend | None = None
+    http_identity: ServerIdentity | None = None
     closed: bool = False
 
     async def aclose(self) -> None:
@@ -142,6 +157,8 @@ class _Server:
         self.closed = True
         self.stopping.set()
         self.frontend.stop_accepting()
+        if self.http is not None:
+            self.http.stop_accepting()
         for servicer in self.health:
             with contextlib.suppress(Exception):
                 await servicer.enter_graceful_shutdown()
@@ -150,6 +167,8 @@ class _Server:
             self.admin_grpc.stop(SHUTDOWN_GRACE),
         )
         await self.frontend.close()
+        if self.http is not None:
+            await self.http.close()
         if self.signing_pool is not None:
             await asyncio.to_thread(self.signing_pool.close)
         if self.stop_metrics is not None:
@@ -172,7 +191,7 @@ async def _build(config: ServerConfig, stop: asyncio.Event) -> _Server:
         # 2. key manager, 3. authority manager + CA
         metrics = Metrics()
         key_manager = DiskKeyManager(private_dir(data_dir / "keys"))
-        ca = CertificateAuthority(td, on_sign=metrics.on_sign)
+        ca = CertificateAuthority(td, on_sign=metrics.on_sign, jwt_issuer=config.jwt_issuer)
         server_id = load_server_id(data_dir)
         log.info("server id", extra={"server_id": server_id})
         manager = AuthorityManager(
@@ -286,6 +305,9 @@ async def _build(config: ServerConfig, stop: asyncio.Event) -> _Server:
         admin_pb2_grpc.add_SvidsServicer_to_server(
             SvidsService(admin_config, ca, datastore), admin_grpc
         )
+        admin_pb2_grpc.add_FederationServicer_to_server(
+            FederationService(admin_config, datastore), admin_grpc
+        )
         admin_pb2_grpc.add_LocalAuthorityServicer_to_server(
             LocalAuthorityService(manager), admin_grpc
         )
@@ -302,6 +324,11 @@ async def _build(config: ServerConfig, stop: asyncio.Event) -> _Server:
             context_provider=identity.context,
             peers=peers,
         )
+        # 8. the HTTP front end and its endpoints
+        http, http_identity = _build_http(config, data_dir, manager, bundles, metrics)
+        if http is not None:
+            http.add_routes(_http_routes(config, bundles))
+
         metrics.set_gauge_sources(
             entries=lambda: len(cache.index),
             agents=datastore.count_attested_nodes,
@@ -324,14 +351,69 @@ async def _build(config: ServerConfig, stop: asyncio.Event) -> _Server:
             publishing=publishing,
             crl_signer=crl_signer,
             crl_events=crl_events,
+            federation=BundleRefresher(datastore, td),
             health=[agent_health, admin_health],
             signing_pool=signing_pool,
+            http=http,
+            http_identity=http_identity,
         )
     except BaseException:
         datastore.close()
         if runtime is not None:
             runtime.close()
         raise
+
+
+def _build_http(
+    config: ServerConfig,
+    data_dir: Path,
+    manager: AuthorityManager,
+    bundles: BundleSource,
+    metrics: Metrics,
+) -> tuple[HttpFrontend | None, ServerIdentity | None]:
+    """The HTTP front end (None when ``[server.http] bind_address`` is unset) and, when it
+    presents a certificate the server issues itself, the identity that keeps it fresh."""
+    http_config = config.http
+    if not http_config.enabled:
+        return None, None
+    identity: ServerIdentity | None = None
+    certificate: CertificateSource | None = None
+    if http_config.insecure_http:
+        certificate = None
+    elif http_config.tls_cert_file is not None and http_config.tls_key_file is not None:
+        certificate = FileCertificate(http_config.tls_cert_file, http_config.tls_key_file)
+    else:
+        identity = ServerIdentity(
+            manager,
+            bundles,
+            key_type="ec-p256",
+            dns_names=_http_dns_names(http_config.dns_names),
+            context_factory=build_http_context,
+            name="http certificate",
+        )
+        identity.refresh()
+        certificate = IssuedCertificate(identity.context)
+    frontend = HttpFrontend(
+        http_config, certificate=certificate, metrics=metrics, data_dir=data_dir
+    )
+    return frontend, identity
+
+
+def _http_dns_names(configured: tuple[str, ...]) -> tuple[str, ...]:
+    names = list(configured)
+    if "localhost" not in names:
+        names.append("localhost")
+    return tuple(names)
+
+
+def _http_routes(config: ServerConfig, bundles: BundleSource) -> list[web.AbstractRouteDef]:
+    """Every HTTP endpoint, from the packages that own them."""
+    routes: list[web.AbstractRouteDef] = []
+    # OIDC discovery + JWKS for JWT-SVIDs (server/oidc.py)
+    routes += oidc_routes(bundles.own_bundle, config.jwt_issuer)
+    # the SPIFFE bundle endpoint for federated trust domains (server/federation/endpoint.py)
+    routes += bundle_endpoint_routes(bundles.own_bundle)
+    return routes
 
 
 async def _start_endpoints(server: _Server) -> RunningServer:
@@ -341,6 +423,11 @@ async def _start_endpoints(server: _Server) -> RunningServer:
     os.chmod(config.admin_socket, 0o600)
     await server.frontend.start()
     host, port = server.frontend.address
+    # The HTTP front end is up before server.addr appears, so "started" means both.
+    http_url = ""
+    if server.http is not None:
+        await server.http.start()
+        http_url = server.http.url
     data_dir = Path(config.data_dir)
     write_atomically(data_dir / "server.addr", f"{host}:{port}\n".encode(), 0o644)
     for servicer in server.health:
@@ -364,6 +451,7 @@ async def _start_endpoints(server: _Server) -> RunningServer:
         admin_socket=Path(config.admin_socket),
         trust_domain=TrustDomain.parse(config.trust_domain),
         metrics_address=metrics_address,
+        http_url=http_url,
     )
 
 
@@ -386,11 +474,14 @@ async def serve(
             tasks.create_task(server.manager.run(stop), name="authority-manager")
             tasks.create_task(server.cache.run(stop), name="entry-cache")
             tasks.create_task(server.identity.run(stop), name="server-identity")
+            if server.http_identity is not None:
+                tasks.create_task(server.http_identity.run(stop), name="http-certificate")
             tasks.create_task(run_housekeeping(server.datastore, stop), name="housekeeping")
             tasks.create_task(server.publishing.run(stop), name="bundle-publishing")
             tasks.create_task(
                 server.crl_signer.run(stop, server.crl_events.wait), name="crl-signer"
             )
+            tasks.create_task(server.federation.run(stop), name="federation")
             if server.signing_pool is not None:
                 server.signing_pool.start_background()
             info = await _start_endpoints(server)

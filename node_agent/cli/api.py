@@ -290,6 +290,12 @@ def validate() -> None:
     metavar="FILE",
     help=f"Read the JWT-SVID from FILE ('-': stdin). Without either flag, ${SVID_ENV} is used.",
 )
+@click.option(
+    "--issuer",
+    default=None,
+    metavar="URL",
+    help="Also require the token's 'iss' to be exactly URL (tokens without 'iss' then fail).",
+)
 def validate_jwt(
     socket_path: str,
     output: str,
@@ -297,6 +303,7 @@ def validate_jwt(
     audience: str,
     svid: str | None,
     svid_file: str | None,
+    issuer: str | None,
 ) -> None:
     """Have the Workload API validate a JWT-SVID (from --svid-file, stdin or $CREDO_JWT_SVID)."""
     try:
@@ -309,7 +316,7 @@ def validate_jwt(
         )
     svid = token
     with _client(socket_path, timeout) as client:
-        parsed = client.validate_jwt_svid(svid, audience)
+        parsed = client.validate_jwt_svid(svid, audience, issuer=issuer or None)
     if output == "json":
         click.echo(json.dumps({"spiffe_id": str(parsed.spiffe_id), "claims": dict(parsed.claims)}))
         return

@@ -14,7 +14,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Final, TypeVar, cast
 
 import grpc
@@ -48,12 +48,15 @@ from server.datastore.errors import DataStoreError, NotFound
 from server.datastore.models import (
     AuthorityKind,
     BySelectors,
+    FederationRelationship,
     JoinToken,
     ListAttestedNodesRequest,
     ListRegistrationEntriesRequest,
     MatchBehavior,
 )
 from server.datastore.protocol import DataStore
+from server.federation.errors import InvalidRelationship
+from server.federation.relationships import PROFILE_HTTPS_SPIFFE, check_relationship
 from server.revocation import MAX_REASON, RevocationResult, Revoker, issued_record
 
 __all__ = [
@@ -61,6 +64,7 @@ __all__ = [
     "AgentsService",
     "BundlesService",
     "EntriesService",
+    "FederationService",
     "LocalAuthorityService",
     "SvidsService",
 ]
@@ -494,6 +498,180 @@ class BundlesService(admin_pb2_grpc.BundlesServicer):
         await _call(self._ds.delete_bundle, td.name)
         log.info("deleted federated bundle", extra={"trust_domain": td.name})
         return admin_pb2.DeleteFederatedBundleResponse()
+
+
+def _first_bundle(td: TrustDomain, data: bytes, fmt: str) -> Bundle:
+    """The ``trust_domain_bundle`` of a relationship request, parsed."""
+    try:
+        if fmt in ("", "spiffe"):
+            return Bundle.parse(td, data)
+        if fmt == "pem":
+            return Bundle(td, X509Bundle.parse_pem(td, data).authorities)
+    except BundleError as err:
+        raise InvalidField("trust_domain_bundle", str(err)) from None
+    raise InvalidField("trust_domain_bundle_format", f"{fmt!r} is not one of spiffe, pem")
+
+
+class FederationService(admin_pb2_grpc.FederationServicer):
+    """Federation relationships (``credo-server federation ...``); the refresh loop is
+    :class:`server.federation.refresher.BundleRefresher`."""
+
+    def __init__(self, config: AdminApiConfig, datastore: DataStore) -> None:
+        self._td = config.trust_domain
+        self._ds = datastore
+
+    def _relationship(self, pb: admin_pb2.FederationRelationship) -> FederationRelationship:
+        try:
+            return check_relationship(
+                FederationRelationship(
+                    trust_domain=pb.trust_domain,
+                    bundle_endpoint_url=pb.bundle_endpoint_url,
+                    bundle_endpoint_profile=pb.bundle_endpoint_profile,
+                    endpoint_spiffe_id=pb.endpoint_spiffe_id,
+                ),
+                self._td,
+            )
+        except InvalidRelationship as err:
+            raise InvalidField(err.field, err.reason) from None
+
+    def _to_proto(self, rel: FederationRelationship) -> admin_pb2.FederationRelationship:
+        data = self._ds.fetch_bundle(rel.trust_domain)
+        sequence = -1
+        if data is not None:
+            try:
+                sequence = Bundle.parse(rel.trust_domain, data).sequence_number
+            except BundleError:
+                sequence = -1
+        return admin_pb2.FederationRelationship(
+            trust_domain=rel.trust_domain,
+            bundle_endpoint_url=rel.bundle_endpoint_url,
+            bundle_endpoint_profile=rel.bundle_endpoint_profile,
+            endpoint_spiffe_id=rel.endpoint_spiffe_id,
+            last_refresh_at=rel.last_refresh_at,
+            last_error=rel.last_error,
+            created_at=rel.created_at,
+            bundle_sequence=sequence,
+        )
+
+    def _trust_domain(self, text: str) -> TrustDomain:
+        if not text:
+            raise InvalidField("trust_domain", "is required, e.g. partner.example")
+        try:
+            return TrustDomain.parse(text)
+        except InvalidSpiffeId as err:
+            raise InvalidField("trust_domain", str(err)) from None
+
+    def _check_first_bundle(
+        self, rel: FederationRelationship, request: admin_pb2.FederationRelationship
+    ) -> Bundle | None:
+        """The first bundle to store with ``rel``; required where https_spiffe needs it."""
+        td = TrustDomain.parse(rel.trust_domain)
+        first = (
+            _first_bundle(td, request.trust_domain_bundle, request.trust_domain_bundle_format)
+            if request.trust_domain_bundle
+            else None
+        )
+        if first is not None and not first.x509_authorities and not first.jwt_authorities:
+            raise InvalidField("trust_domain_bundle", "has no X.509 or JWT authorities")
+        if (
+            rel.bundle_endpoint_profile == PROFILE_HTTPS_SPIFFE
+            and first is None
+            and SpiffeId.parse(rel.endpoint_spiffe_id).trust_domain == td
+            and self._ds.fetch_bundle(td.name) is None
+        ):
+            raise InvalidField(
+                "trust_domain_bundle",
+                f"an https_spiffe endpoint of {td.name} is verified with {td.name}'s bundle, "
+                "and none is stored yet: give the first one (--trust-domain-bundle FILE)",
+            )
+        return first
+
+    def _create(self, rel: FederationRelationship, first: Bundle | None) -> FederationRelationship:
+        created = self._ds.create_federation_relationship(rel)
+        if first is not None:
+            self._ds.set_bundle(rel.trust_domain, first.marshal())
+        return created
+
+    @handle_errors
+    async def CreateFederationRelationship(
+        self, request: admin_pb2.FederationRelationship, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.FederationRelationship:
+        rel = self._relationship(request)
+        first = await _call(self._check_first_bundle, rel, request)
+        created = await _call(self._create, rel, first)
+        log.info(
+            "created federation relationship",
+            extra={
+                "trust_domain": rel.trust_domain,
+                "bundle_endpoint_url": rel.bundle_endpoint_url,
+                "profile": rel.bundle_endpoint_profile,
+            },
+        )
+        return await _call(self._to_proto, created)
+
+    @handle_errors
+    async def GetFederationRelationship(
+        self,
+        request: admin_pb2.GetFederationRelationshipRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> admin_pb2.FederationRelationship:
+        td = self._trust_domain(request.trust_domain)
+        rel = await _call(self._ds.fetch_federation_relationship, td.name)
+        if rel is None:
+            raise NotFound(f"no federation relationship with trust domain {td.name!r}")
+        return await _call(self._to_proto, rel)
+
+    @handle_errors
+    async def ListFederationRelationships(
+        self,
+        request: admin_pb2.ListFederationRelationshipsRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> admin_pb2.ListFederationRelationshipsResponse:
+        rels = await _call(self._ds.list_federation_relationships)
+        return admin_pb2.ListFederationRelationshipsResponse(
+            relationships=[await _call(self._to_proto, r) for r in rels]
+        )
+
+    def _update(
+        self, rel: FederationRelationship, request: admin_pb2.FederationRelationship
+    ) -> FederationRelationship:
+        current = self._ds.fetch_federation_relationship(rel.trust_domain)
+        if current is None:
+            raise NotFound(f"no federation relationship with trust domain {rel.trust_domain!r}")
+        first = self._check_first_bundle(rel, request)
+        updated = self._ds.update_federation_relationship(
+            replace(rel, last_refresh_at=0, last_error="")
+        )
+        if first is not None:
+            self._ds.set_bundle(rel.trust_domain, first.marshal())
+        return updated
+
+    @handle_errors
+    async def UpdateFederationRelationship(
+        self, request: admin_pb2.FederationRelationship, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.FederationRelationship:
+        rel = self._relationship(request)
+        updated = await _call(self._update, rel, request)
+        log.info("updated federation relationship", extra={"trust_domain": rel.trust_domain})
+        return await _call(self._to_proto, updated)
+
+    @handle_errors
+    async def DeleteFederationRelationship(
+        self,
+        request: admin_pb2.GetFederationRelationshipRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> admin_pb2.FederationRelationship:
+        td = self._trust_domain(request.trust_domain)
+        gone = await _call(self._ds.delete_federation_relationship, td.name)
+        log.info("deleted federation relationship", extra={"trust_domain": td.name})
+        return admin_pb2.FederationRelationship(
+            trust_domain=gone.trust_domain,
+            bundle_endpoint_url=gone.bundle_endpoint_url,
+            bundle_endpoint_profile=gone.bundle_endpoint_profile,
+            endpoint_spiffe_id=gone.endpoint_spiffe_id,
+            created_at=gone.created_at,
+            bundle_sequence=-1,
+        )
 
 
 class SvidsService(admin_pb2_grpc.SvidsServicer):

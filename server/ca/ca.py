@@ -162,8 +162,11 @@ class CertificateAuthority:
         *,
         clock: Clock = utc_now,
         on_sign: SignHook | None = None,
+        jwt_issuer: str = "",
     ) -> None:
         self.trust_domain = trust_domain
+        # The ``iss`` of every JWT-SVID ("" signs tokens without one).
+        self.jwt_issuer = jwt_issuer
         self._clock = clock
         self._lock = threading.Lock()
         self._x509: X509CA | None = None
@@ -336,6 +339,7 @@ class CertificateAuthority:
             key_id=key.kid,
             expires_at=expires_at,
             now=now,
+            issuer=self.jwt_issuer or None,
         )
         self._notify(SIGN_JWT, started)
         log.debug(

@@ -87,6 +87,7 @@ class AdminClient:
         self.bundles = admin_pb2_grpc.BundlesStub(self._channel)
         self.svids = admin_pb2_grpc.SvidsStub(self._channel)
         self.authorities = admin_pb2_grpc.LocalAuthorityStub(self._channel)
+        self.federation = admin_pb2_grpc.FederationStub(self._channel)
 
     @property
     def channel(self) -> grpc.Channel:

@@ -17,6 +17,7 @@ from server.cli.bundle import bundle
 from server.cli.client import describe_rpc_error
 from server.cli.entry import entry
 from server.cli.errors import CliError
+from server.cli.federation import federation
 from server.cli.healthcheck import healthcheck
 from server.cli.jwt import jwt
 from server.cli.localauthority import localauthority
@@ -43,7 +44,18 @@ def cli() -> None:
     """Credo signing server: issues SPIFFE identities to node agents and their workloads."""
 
 
-for command in (run, healthcheck, entry, token, agent, bundle, x509, jwt, localauthority):
+for command in (
+    run,
+    healthcheck,
+    entry,
+    token,
+    agent,
+    bundle,
+    federation,
+    x509,
+    jwt,
+    localauthority,
+):
     cli.add_command(command)
 
 

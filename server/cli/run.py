@@ -27,6 +27,12 @@ SETTING_FLAGS: tuple[tuple[str, Any, str], ...] = (
         str,
         "Agent endpoint host:port; port 0 picks a free port [default: 0.0.0.0:8081].",
     ),
+    (
+        "--http-bind-address",
+        str,
+        "HTTP front end host:port ([server.http] bind_address); port 0 picks a free port, "
+        "written to <data-dir>/http.addr [default: no HTTP front end].",
+    ),
     ("--admin-socket", str, "Admin API Unix socket [default: /tmp/credo-server/private/api.sock]."),
     ("--datastore", str, "Datastore URL [default: SQLite in the data dir]."),
     ("--ca-ttl", str, "CA certificate lifetime [default: 24h]."),
@@ -35,6 +41,18 @@ SETTING_FLAGS: tuple[tuple[str, Any, str], ...] = (
     ("--agent-svid-ttl", str, "Agent SVID lifetime [default: the X.509-SVID TTL]."),
     ("--ca-key-type", click.Choice(KEY_TYPES), "CA key type [default: ec-p256]."),
     ("--jwt-key-type", click.Choice(KEY_TYPES), "JWT signing key type [default: ec-p256]."),
+    (
+        "--jwt-issuer",
+        str,
+        "The 'iss' of every JWT-SVID and the OIDC discovery issuer, an https URL "
+        "[default: none, tokens carry no 'iss'].",
+    ),
+    (
+        "--bundle-refresh-hint",
+        str,
+        "The bundle's spiffe_refresh_hint, how often federated servers re-fetch it "
+        "[default: a tenth of the CA TTL, at most 5m].",
+    ),
     ("--upstream-ca-cert", str, "Upstream CA certificate (PEM); the CA becomes its intermediate."),
     ("--upstream-ca-key", str, "Upstream CA private key (PEM)."),
     ("--join-token-ttl", str, "Default join token lifetime [default: 600s]."),

@@ -25,6 +25,7 @@ __all__ = [
     "Crl",
     "Event",
     "EventKind",
+    "FederationRelationship",
     "IssuedX509Svid",
     "JoinToken",
     "ListAttestedNodesRequest",
@@ -115,6 +116,25 @@ class JoinToken:
     token: str
     expires_at: int
     spiffe_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class FederationRelationship:
+    """A federated trust domain and where its bundle is fetched (SPIFFE Federation).
+
+    ``bundle_endpoint_profile`` is ``https_spiffe`` (the endpoint presents an X509-SVID for
+    ``endpoint_spiffe_id``, verified with the trust domain's last bundle) or ``https_web``
+    (a web PKI certificate for the URL's host). ``last_refresh_at`` / ``last_error``
+    record the last fetch (0 / "" before the first); ``created_at`` of 0 becomes now.
+    """
+
+    trust_domain: str
+    bundle_endpoint_url: str
+    bundle_endpoint_profile: str
+    endpoint_spiffe_id: str = ""
+    created_at: int = 0
+    last_refresh_at: int = 0
+    last_error: str = ""
 
 
 @dataclass(frozen=True, slots=True)

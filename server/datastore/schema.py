@@ -15,7 +15,8 @@ Versions:
 2. ``authorities.owner``: the server id of the server holding the private key (servers
    sharing one database each keep their own CA). Rows from version 1 get ``""``: the
    first server that finds their key file adopts them.
-3. revocation: ``issued_x509_svids`` (every X.509-SVID the server signed: serial, issuing
+3. ``federation_relationships``: federated trust domains and their bundle endpoints.
+4. revocation: ``issued_x509_svids`` (every X.509-SVID the server signed: serial, issuing
    authority, entry, SPIFFE ID, agent, expiry, and when and why it was revoked),
    ``revoked_entries`` (the kill switch: entries that may not be issued for) and ``crls``
    (the current CRL of each X.509 authority).
@@ -208,7 +209,7 @@ authorities = Table(
     Index("ix_authorities_kind_created_at", "kind", "created_at"),
 )
 
-# Version 3: revocation. ``agent_id`` is the agent that obtained the SVID (for an agent
+# Version 4: revocation. ``agent_id`` is the agent that obtained the SVID (for an agent
 # SVID, the agent itself; ``""`` for one minted by an admin); ``entry_id`` is ``""`` for
 # SVIDs not issued for an entry (agent SVIDs, admin mints). ``revoked_at`` 0: not revoked.
 issued_x509_svids = Table(
@@ -252,7 +253,7 @@ crls = Table(
     Column("updated_at", BigInteger, nullable=False),
 )
 
-_V3_TABLES = (issued_x509_svids, revoked_entries, crls)
+_V4_TABLES = (issued_x509_svids, revoked_entries, crls)
 
 # ``authorities`` as version 1 created it (step 1 must keep creating exactly this).
 _v1_metadata = MetaData()
@@ -270,6 +271,19 @@ _authorities_v1 = Table(
     Index("ix_authorities_kind_created_at", "kind", "created_at"),
 )
 
+federation_relationships = Table(
+    "federation_relationships",
+    metadata,
+    Column("trust_domain", _Str, primary_key=True),
+    Column("bundle_endpoint_url", _Str, nullable=False),
+    Column("bundle_endpoint_profile", String(16), nullable=False),
+    Column("endpoint_spiffe_id", _Str, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Column("last_refresh_at", BigInteger, nullable=False),
+    Column("last_error", _Str, nullable=False),
+)
+"""Version 3 (created by step 3, not step 1)."""
+
 events = Table(
     "events",
     metadata,
@@ -285,7 +299,7 @@ events = Table(
 
 def _step_1_initial(conn: Connection) -> None:
     """Create every table of version 1."""
-    frozen = {schema_version, authorities, *_V3_TABLES}
+    frozen = {schema_version, authorities, federation_relationships, *_V4_TABLES}
     metadata.create_all(conn, tables=[t for t in metadata.sorted_tables if t not in frozen])
     _authorities_v1.create(conn)
 
@@ -298,15 +312,21 @@ def _step_2_authority_owner(conn: Connection) -> None:
     )
 
 
-def _step_3_revocation(conn: Connection) -> None:
+def _step_3_federation_relationships(conn: Connection) -> None:
+    """Create ``federation_relationships``."""
+    federation_relationships.create(conn)
+
+
+def _step_4_revocation(conn: Connection) -> None:
     """Add the revocation tables: issued X.509-SVIDs, revoked entries, CRLs."""
-    metadata.create_all(conn, tables=list(_V3_TABLES))
+    metadata.create_all(conn, tables=list(_V4_TABLES))
 
 
 MIGRATIONS: tuple[Callable[[Connection], None], ...] = (
     _step_1_initial,
     _step_2_authority_owner,
-    _step_3_revocation,
+    _step_3_federation_relationships,
+    _step_4_revocation,
 )
 """Ordered steps; step ``n`` (1-based) takes the schema from version ``n - 1`` to ``n``."""
 

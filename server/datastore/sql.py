@@ -74,6 +74,7 @@ from server.datastore.models import (
     Crl,
     Event,
     EventKind,
+    FederationRelationship,
     IssuedX509Svid,
     JoinToken,
     ListAttestedNodesRequest,
@@ -94,6 +95,7 @@ from server.datastore.schema import (
     entry_federates_with,
     entry_selectors,
     events,
+    federation_relationships,
     issued_x509_svids,
     join_tokens,
     node_selectors,
@@ -784,6 +786,99 @@ class SqlDataStore:
             if gone == 0:
                 raise NotFound(f"bundle for trust domain {trust_domain!r} not found")
             self._emit(tx, [(EventKind.BUNDLE_DELETED, trust_domain)])
+
+    # ------------------------------------------------------- federation relationships
+
+    _FED_COLUMNS = (
+        "trust_domain",
+        "bundle_endpoint_url",
+        "bundle_endpoint_profile",
+        "endpoint_spiffe_id",
+        "created_at",
+        "last_refresh_at",
+        "last_error",
+    )
+
+    @staticmethod
+    def _relationship(row: Any) -> FederationRelationship:
+        return FederationRelationship(*row)
+
+    def create_federation_relationship(
+        self, relationship: FederationRelationship
+    ) -> FederationRelationship:
+        """Store a relationship; :class:`AlreadyExists` if its trust domain has one."""
+        _require(relationship.trust_domain, "trust domain")
+        try:
+            with self._transaction(write=True) as tx:
+                stored = replace(relationship, created_at=relationship.created_at or tx.now)
+                tx.conn.execute(
+                    insert(federation_relationships).values(
+                        {c: getattr(stored, c) for c in self._FED_COLUMNS}
+                    )
+                )
+        except IntegrityError as exc:
+            raise AlreadyExists(
+                f"a federation relationship with {relationship.trust_domain!r} already exists"
+            ) from exc
+        return stored
+
+    def fetch_federation_relationship(self, trust_domain: str) -> FederationRelationship | None:
+        """The relationship with ``trust_domain``, or ``None``."""
+        t = federation_relationships
+        with self._transaction(write=False) as tx:
+            row = tx.conn.execute(
+                select(*(t.c[c] for c in self._FED_COLUMNS)).where(t.c.trust_domain == trust_domain)
+            ).first()
+        return self._relationship(row) if row else None
+
+    def list_federation_relationships(self) -> list[FederationRelationship]:
+        """Every relationship, by trust domain."""
+        t = federation_relationships
+        with self._transaction(write=False) as tx:
+            rows = tx.conn.execute(
+                select(*(t.c[c] for c in self._FED_COLUMNS)).order_by(t.c.trust_domain)
+            ).all()
+        return [self._relationship(r) for r in rows]
+
+    def update_federation_relationship(
+        self, relationship: FederationRelationship
+    ) -> FederationRelationship:
+        """Replace the stored relationship of the same trust domain (``created_at`` kept);
+        :class:`NotFound` if there is none."""
+        t = federation_relationships
+        values = {c: getattr(relationship, c) for c in self._FED_COLUMNS if c != "created_at"}
+        with self._transaction(write=True) as tx:
+            gone = tx.conn.execute(
+                update(t).where(t.c.trust_domain == relationship.trust_domain).values(values)
+            ).rowcount
+            if gone == 0:
+                raise NotFound(
+                    f"no federation relationship with trust domain {relationship.trust_domain!r}"
+                )
+            row = tx.conn.execute(
+                select(*(t.c[c] for c in self._FED_COLUMNS)).where(
+                    t.c.trust_domain == relationship.trust_domain
+                )
+            ).first()
+        return self._relationship(row)
+
+    def delete_federation_relationship(self, trust_domain: str) -> FederationRelationship:
+        """Delete the relationship and the trust domain's federated bundle (nothing then
+        trusts it any more); :class:`NotFound` if there is no relationship."""
+        t = federation_relationships
+        with self._transaction(write=True) as tx:
+            row = tx.conn.execute(
+                select(*(t.c[c] for c in self._FED_COLUMNS)).where(t.c.trust_domain == trust_domain)
+            ).first()
+            if row is None:
+                raise NotFound(f"no federation relationship with trust domain {trust_domain!r}")
+            tx.conn.execute(delete(t).where(t.c.trust_domain == trust_domain))
+            gone = tx.conn.execute(
+                delete(bundles).where(bundles.c.trust_domain == trust_domain)
+            ).rowcount
+            if gone:
+                self._emit(tx, [(EventKind.BUNDLE_DELETED, trust_domain)])
+        return self._relationship(row)
 
     # ------------------------------------------------------------------ authorities
 

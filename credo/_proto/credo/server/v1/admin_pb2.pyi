@@ -887,3 +887,111 @@ class AuthorityState(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AuthorityState: _TypeAlias = AuthorityState  # noqa: Y015
+
+@_typing.final
+class FederationRelationship(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRUST_DOMAIN_FIELD_NUMBER: _builtins.int
+    BUNDLE_ENDPOINT_URL_FIELD_NUMBER: _builtins.int
+    BUNDLE_ENDPOINT_PROFILE_FIELD_NUMBER: _builtins.int
+    ENDPOINT_SPIFFE_ID_FIELD_NUMBER: _builtins.int
+    TRUST_DOMAIN_BUNDLE_FIELD_NUMBER: _builtins.int
+    TRUST_DOMAIN_BUNDLE_FORMAT_FIELD_NUMBER: _builtins.int
+    LAST_REFRESH_AT_FIELD_NUMBER: _builtins.int
+    LAST_ERROR_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    BUNDLE_SEQUENCE_FIELD_NUMBER: _builtins.int
+    trust_domain: _builtins.str
+    bundle_endpoint_url: _builtins.str
+    bundle_endpoint_profile: _builtins.str
+    """"https_spiffe" or "https_web"."""
+    endpoint_spiffe_id: _builtins.str
+    """https_spiffe: the SPIFFE ID the endpoint's X509-SVID must carry."""
+    trust_domain_bundle: _builtins.bytes
+    """Create/update only: the trust domain's first bundle (needed to verify an https_spiffe
+    endpoint of that trust domain before its first fetch), in trust_domain_bundle_format.
+    """
+    trust_domain_bundle_format: _builtins.str
+    """"spiffe" (SPIFFE bundle JWKS, the default) or "pem"."""
+    last_refresh_at: _builtins.int
+    """Shown: the last fetch (unix seconds; 0 before the first) and its error ("" if it worked)."""
+    last_error: _builtins.str
+    created_at: _builtins.int
+    bundle_sequence: _builtins.int
+    """Shown: the stored bundle's spiffe_sequence (-1: no bundle stored yet)."""
+    def __init__(
+        self,
+        *,
+        trust_domain: _builtins.str = ...,
+        bundle_endpoint_url: _builtins.str = ...,
+        bundle_endpoint_profile: _builtins.str = ...,
+        endpoint_spiffe_id: _builtins.str = ...,
+        trust_domain_bundle: _builtins.bytes = ...,
+        trust_domain_bundle_format: _builtins.str = ...,
+        last_refresh_at: _builtins.int = ...,
+        last_error: _builtins.str = ...,
+        created_at: _builtins.int = ...,
+        bundle_sequence: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bundle_endpoint_profile", b"bundle_endpoint_profile", "bundle_endpoint_url", b"bundle_endpoint_url", "bundle_sequence", b"bundle_sequence", "created_at", b"created_at", "endpoint_spiffe_id", b"endpoint_spiffe_id", "last_error", b"last_error", "last_refresh_at", b"last_refresh_at", "trust_domain", b"trust_domain", "trust_domain_bundle", b"trust_domain_bundle", "trust_domain_bundle_format", b"trust_domain_bundle_format"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FederationRelationship: _TypeAlias = FederationRelationship  # noqa: Y015
+
+@_typing.final
+class GetFederationRelationshipRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRUST_DOMAIN_FIELD_NUMBER: _builtins.int
+    trust_domain: _builtins.str
+    def __init__(
+        self,
+        *,
+        trust_domain: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["trust_domain", b"trust_domain"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetFederationRelationshipRequest: _TypeAlias = GetFederationRelationshipRequest  # noqa: Y015
+
+@_typing.final
+class ListFederationRelationshipsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListFederationRelationshipsRequest: _TypeAlias = ListFederationRelationshipsRequest  # noqa: Y015
+
+@_typing.final
+class ListFederationRelationshipsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RELATIONSHIPS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def relationships(self) -> _containers.RepeatedCompositeFieldContainer[Global___FederationRelationship]: ...
+    def __init__(
+        self,
+        *,
+        relationships: _abc.Iterable[Global___FederationRelationship] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["relationships", b"relationships"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListFederationRelationshipsResponse: _TypeAlias = ListFederationRelationshipsResponse  # noqa: Y015

@@ -1293,3 +1293,250 @@ class LocalAuthority:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class FederationStub:
+    """SPIFFE federation relationships (credo-server federation ...), as SPIRE manages them.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.CreateFederationRelationship = channel.unary_unary(
+                '/credo.server.v1.Federation/CreateFederationRelationship',
+                request_serializer=credo_dot_server_dot_v1_dot_admin__pb2.FederationRelationship.SerializeToString,
+                response_deserializer=credo_dot_server_dot_v1_dot_admin__pb2.FederationRelationship.FromString,
+                _registered_method=True)
+        self.GetFederationRelationship = channel.unary_unary(
+                '/credo.server.v1.Federation/GetFederationRelationship',
+                request_serializer=credo_dot_server_dot_v1_dot_admin__pb2.GetFederationRelationshipRequest.SerializeToString,
+                response_deserializer=credo_dot_server_dot_v1_dot_admin__pb2.FederationRelationship.FromString,
+                _registered_method=True)
+        self.ListFederationRelationships = channel.unary_unary(
+                '/credo.server.v1.Federation/ListFederationRelationships',
+                request_serializer=credo_dot_server_dot_v1_dot_admin__pb2.ListFederationRelationshipsRequest.SerializeToString,
+                response_deserializer=credo_dot_server_dot_v1_dot_admin__pb2.ListFederationRelationshipsResponse.FromString,
+                _registered_method=True)
+        self.UpdateFederationRelationship = channel.unary_unary(
+                '/credo.server.v1.Federation/UpdateFederationRelationship',
+                request_serializer=credo_dot_server_dot_v1_dot_admin__pb2.FederationRelationship.SerializeToString,
+                response_deserializer=credo_dot_server_dot_v1_dot_admin__pb2.FederationRelationship.FromString,
+                _registered_method=True)
+        self.DeleteFederationRelationship = channel.unary_unary(
+                '/credo.server.v1.Federation/DeleteFederationRelationship',
+                request_serializer=credo_dot_server_dot_v1_dot_admin__pb2.GetFederationRelationshipRequest.SerializeToString,
+                response_deserializer=credo_dot_server_dot_v1_dot_admin__pb2.FederationRelationship.FromString,
+                _registered_method=True)
+
+
+class FederationServicer:
+    """SPIFFE federation relationships (credo-server federation ...), as SPIRE manages them.
+    """
+
+    def CreateFederationRelationship(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetFederationRelationship(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListFederationRelationships(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateFederationRelationship(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteFederationRelationship(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_FederationServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'CreateFederationRelationship': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateFederationRelationship,
+                    request_deserializer=credo_dot_server_dot_v1_dot_admin__pb2.FederationRelationship.FromString,
+                    response_serializer=credo_dot_server_dot_v1_dot_admin__pb2.FederationRelationship.SerializeToString,
+            ),
+            'GetFederationRelationship': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetFederationRelationship,
+                    request_deserializer=credo_dot_server_dot_v1_dot_admin__pb2.GetFederationRelationshipRequest.FromString,
+                    response_serializer=credo_dot_server_dot_v1_dot_admin__pb2.FederationRelationship.SerializeToString,
+            ),
+            'ListFederationRelationships': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListFederationRelationships,
+                    request_deserializer=credo_dot_server_dot_v1_dot_admin__pb2.ListFederationRelationshipsRequest.FromString,
+                    response_serializer=credo_dot_server_dot_v1_dot_admin__pb2.ListFederationRelationshipsResponse.SerializeToString,
+            ),
+            'UpdateFederationRelationship': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateFederationRelationship,
+                    request_deserializer=credo_dot_server_dot_v1_dot_admin__pb2.FederationRelationship.FromString,
+                    response_serializer=credo_dot_server_dot_v1_dot_admin__pb2.FederationRelationship.SerializeToString,
+            ),
+            'DeleteFederationRelationship': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteFederationRelationship,
+                    request_deserializer=credo_dot_server_dot_v1_dot_admin__pb2.GetFederationRelationshipRequest.FromString,
+                    response_serializer=credo_dot_server_dot_v1_dot_admin__pb2.FederationRelationship.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'credo.server.v1.Federation', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('credo.server.v1.Federation', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Federation:
+    """SPIFFE federation relationships (credo-server federation ...), as SPIRE manages them.
+    """
+
+    @staticmethod
+    def CreateFederationRelationship(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/credo.server.v1.Federation/CreateFederationRelationship',
+            credo_dot_server_dot_v1_dot_admin__pb2.FederationRelationship.SerializeToString,
+            credo_dot_server_dot_v1_dot_admin__pb2.FederationRelationship.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetFederationRelationship(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/credo.server.v1.Federation/GetFederationRelationship',
+            credo_dot_server_dot_v1_dot_admin__pb2.GetFederationRelationshipRequest.SerializeToString,
+            credo_dot_server_dot_v1_dot_admin__pb2.FederationRelationship.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListFederationRelationships(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/credo.server.v1.Federation/ListFederationRelationships',
+            credo_dot_server_dot_v1_dot_admin__pb2.ListFederationRelationshipsRequest.SerializeToString,
+            credo_dot_server_dot_v1_dot_admin__pb2.ListFederationRelationshipsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateFederationRelationship(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/credo.server.v1.Federation/UpdateFederationRelationship',
+            credo_dot_server_dot_v1_dot_admin__pb2.FederationRelationship.SerializeToString,
+            credo_dot_server_dot_v1_dot_admin__pb2.FederationRelationship.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteFederationRelationship(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/credo.server.v1.Federation/DeleteFederationRelationship',
+            credo_dot_server_dot_v1_dot_admin__pb2.GetFederationRelationshipRequest.SerializeToString,
+            credo_dot_server_dot_v1_dot_admin__pb2.FederationRelationship.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -348,3 +348,67 @@ class LocalAuthorityServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_admin_pb2.AuthorityInfo, _abc.Awaitable[_admin_pb2.AuthorityInfo]]: ...
 
 def add_LocalAuthorityServicer_to_server(servicer: LocalAuthorityServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class FederationStub:
+    """SPIFFE federation relationships (credo-server federation ...), as SPIRE manages them."""
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> FederationAsyncStub: ...
+    CreateFederationRelationship: _grpc.UnaryUnaryMultiCallable[_admin_pb2.FederationRelationship, _admin_pb2.FederationRelationship]
+    GetFederationRelationship: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetFederationRelationshipRequest, _admin_pb2.FederationRelationship]
+    ListFederationRelationships: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListFederationRelationshipsRequest, _admin_pb2.ListFederationRelationshipsResponse]
+    UpdateFederationRelationship: _grpc.UnaryUnaryMultiCallable[_admin_pb2.FederationRelationship, _admin_pb2.FederationRelationship]
+    DeleteFederationRelationship: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetFederationRelationshipRequest, _admin_pb2.FederationRelationship]
+
+@_typing.type_check_only
+class FederationAsyncStub(FederationStub):
+    """SPIFFE federation relationships (credo-server federation ...), as SPIRE manages them."""
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    CreateFederationRelationship: _aio.UnaryUnaryMultiCallable[_admin_pb2.FederationRelationship, _admin_pb2.FederationRelationship]  # type: ignore[assignment]
+    GetFederationRelationship: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetFederationRelationshipRequest, _admin_pb2.FederationRelationship]  # type: ignore[assignment]
+    ListFederationRelationships: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListFederationRelationshipsRequest, _admin_pb2.ListFederationRelationshipsResponse]  # type: ignore[assignment]
+    UpdateFederationRelationship: _aio.UnaryUnaryMultiCallable[_admin_pb2.FederationRelationship, _admin_pb2.FederationRelationship]  # type: ignore[assignment]
+    DeleteFederationRelationship: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetFederationRelationshipRequest, _admin_pb2.FederationRelationship]  # type: ignore[assignment]
+
+class FederationServicer(metaclass=_abc_1.ABCMeta):
+    """SPIFFE federation relationships (credo-server federation ...), as SPIRE manages them."""
+
+    @_abc_1.abstractmethod
+    def CreateFederationRelationship(
+        self,
+        request: _admin_pb2.FederationRelationship,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.FederationRelationship, _abc.Awaitable[_admin_pb2.FederationRelationship]]: ...
+
+    @_abc_1.abstractmethod
+    def GetFederationRelationship(
+        self,
+        request: _admin_pb2.GetFederationRelationshipRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.FederationRelationship, _abc.Awaitable[_admin_pb2.FederationRelationship]]: ...
+
+    @_abc_1.abstractmethod
+    def ListFederationRelationships(
+        self,
+        request: _admin_pb2.ListFederationRelationshipsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListFederationRelationshipsResponse, _abc.Awaitable[_admin_pb2.ListFederationRelationshipsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def UpdateFederationRelationship(
+        self,
+        request: _admin_pb2.FederationRelationship,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.FederationRelationship, _abc.Awaitable[_admin_pb2.FederationRelationship]]: ...
+
+    @_abc_1.abstractmethod
+    def DeleteFederationRelationship(
+        self,
+        request: _admin_pb2.GetFederationRelationshipRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.FederationRelationship, _abc.Awaitable[_admin_pb2.FederationRelationship]]: ...
+
+def add_FederationServicer_to_server(servicer: FederationServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
