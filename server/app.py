@@ -68,7 +68,7 @@ from server.authorization import EntryCache, Subscription
 from server.bundle_publisher.catalog import PublisherContext, build_bundle_publishers
 from server.bundle_publisher.runner import BundlePublishing
 from server.ca.ca import CertificateAuthority
-from server.ca.crl import CrlSigner
+from server.ca.crl import CrlSigner, crl_routes
 from server.ca.keymanager import DiskKeyManager
 from server.ca.manager import AuthorityManager, AuthorityManagerConfig
 from server.ca.pool import SigningPool
@@ -327,7 +327,7 @@ async def _build(config: ServerConfig, stop: asyncio.Event) -> _Server:
         # 8. the HTTP front end and its endpoints
         http, http_identity = _build_http(config, data_dir, manager, bundles, metrics)
         if http is not None:
-            http.add_routes(_http_routes(config, bundles))
+            http.add_routes(_http_routes(config, bundles, datastore))
 
         metrics.set_gauge_sources(
             entries=lambda: len(cache.index),
@@ -406,13 +406,17 @@ def _http_dns_names(configured: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(names)
 
 
-def _http_routes(config: ServerConfig, bundles: BundleSource) -> list[web.AbstractRouteDef]:
+def _http_routes(
+    config: ServerConfig, bundles: BundleSource, datastore: DataStore
+) -> list[web.AbstractRouteDef]:
     """Every HTTP endpoint, from the packages that own them."""
     routes: list[web.AbstractRouteDef] = []
     # OIDC discovery + JWKS for JWT-SVIDs (server/oidc.py)
     routes += oidc_routes(bundles.own_bundle, config.jwt_issuer)
     # the SPIFFE bundle endpoint for federated trust domains (server/federation/endpoint.py)
     routes += bundle_endpoint_routes(bundles.own_bundle)
+    # the X.509 authorities' CRLs (server/ca/crl.py)
+    routes += crl_routes(datastore)
     return routes
 
 

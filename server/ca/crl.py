@@ -12,7 +12,9 @@ start, again whenever SVIDs of one of them are revoked (the datastore's
 ``x509_svids_revoked`` event, from this server or another one sharing the database), when
 the set of authorities changes, and when a CRL has used up half of its ``nextUpdate``.
 Each new CRL is stored (``set_crl``); its ``crl_updated`` event makes every server push
-the CRLs on its agents' sync streams.
+the CRLs on its agents' sync streams. The HTTP front end serves each stored CRL (any
+server's) as ``GET /crl/<authority-id>.crl`` (DER, ``application/pkix-crl``;
+:func:`crl_routes`).
 """
 
 from __future__ import annotations
@@ -20,11 +22,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Final, Protocol
 
+from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
@@ -34,8 +38,9 @@ from credo.x509svid import signature_hash_for
 from server.ca.pool import x509_ca_key_id
 from server.datastore.models import Authority, Crl, Event, EventKind
 from server.datastore.protocol import DataStore
+from server.http.errors import HttpError
 
-__all__ = ["BACKDATE", "CrlSigner", "KeySource", "build_crl"]
+__all__ = ["BACKDATE", "CRL_PATH", "CrlSigner", "KeySource", "build_crl", "crl_routes"]
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +48,9 @@ BACKDATE: Final = 10
 """Seconds ``thisUpdate`` is set in the past (as SVIDs' NotBefore), for clock skew."""
 
 _DER = serialization.Encoding.DER
+CRL_PATH: Final = "/crl/{authority_id}.crl"
+"""Where the HTTP front end serves each authority's CRL."""
+_AUTHORITY_ID = re.compile(r"^[0-9a-f]{1,128}$")
 _REFRESH_EVENTS = frozenset({EventKind.BUNDLE_UPDATED, EventKind.BUNDLE_DELETED})
 
 
@@ -194,3 +202,27 @@ class CrlSigner:
             await asyncio.to_thread(self.sign_due, revoked)
         except CredoError as err:
             log.error("signing CRLs failed", extra={"error": str(err)})
+
+
+def crl_routes(datastore: DataStore, clock: Callable[[], float] = time.time) -> list[web.RouteDef]:
+    """``GET /crl/<authority-id>.crl``: the authority's current CRL, DER (404 if none).
+
+    Cached by clients at most until the CRL's nextUpdate, and never more than a minute, so
+    that a revocation is seen soon by verifiers that poll.
+    """
+
+    async def serve(request: web.Request) -> web.StreamResponse:
+        authority_id = request.match_info["authority_id"]
+        if not _AUTHORITY_ID.match(authority_id):
+            raise HttpError(404, f"no CRL for authority {authority_id!r}")
+        crl = await asyncio.to_thread(datastore.fetch_crl, authority_id)
+        if crl is None:
+            raise HttpError(404, f"no CRL for authority {authority_id!r}")
+        max_age = int(max(0, min(60, crl.next_update - clock())))
+        return web.Response(
+            body=crl.data,
+            content_type="application/pkix-crl",
+            headers={"Cache-Control": f"max-age={max_age}"},
+        )
+
+    return [web.get(CRL_PATH, serve, allow_head=True)]

@@ -9,12 +9,16 @@ SVID leaves the stream for good), then the agent is banned.
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import secrets
 import shutil
+import ssl
 import subprocess
 import threading
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,7 +104,9 @@ class Deployment:
 def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     root = short_temp_dir("credo-rev-")
     try:
-        with start_server(tmp_path_factory.mktemp("revoke-server")) as server:
+        with start_server(
+            tmp_path_factory.mktemp("revoke-server"), http_bind_address="127.0.0.1:0"
+        ) as server:
             agent = start_agent(server, root)
             with agent:
                 ids = {s: create_entry(server, agent.spiffe_id, s) for s in (ALPHA, BETA)}
@@ -249,6 +255,31 @@ def test_revoking_an_entry_drops_its_svid_for_good(deployment: Deployment) -> No
         r.serial_number for item in listed for r in x509.load_pem_x509_crl(item["crl"].encode())
     }
     assert set(deployment.revoked_serials) <= serials
+
+
+def test_crls_are_served_over_http(deployment: Deployment) -> None:
+    """`GET /crl/<authority-id>.crl` on the HTTP front end answers the same DER CRL the
+    workload received; an unknown authority is a 404 in the JSON error shape."""
+    server = deployment.server
+    trust = ssl.create_default_context(cadata=server.bundle_pem())
+    message = deployment.stream.latest
+    issuer = _issuing_ca(message, _leaf(message, ALPHA))
+    authority_id = issuer.extensions.get_extension_for_class(
+        x509.SubjectKeyIdentifier
+    ).value.digest.hex()
+    with urllib.request.urlopen(
+        f"{server.http_url}/crl/{authority_id}.crl", context=trust, timeout=10
+    ) as response:
+        assert response.headers["Content-Type"] == "application/pkix-crl"
+        body = response.read()
+    assert body in list(message.crl)
+    crl = x509.load_der_x509_crl(body)
+    assert crl.is_signature_valid(issuer.public_key())  # type: ignore[arg-type]
+    assert all(crl.get_revoked_certificate_by_serial_number(s) for s in deployment.revoked_serials)
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(f"{server.http_url}/crl/00ff.crl", context=trust, timeout=10)
+    assert info.value.code == 404
+    assert json.loads(info.value.read())["error"] == "not_found"
 
 
 def test_revocation_refuses_bad_input_and_changes_nothing(deployment: Deployment) -> None:
