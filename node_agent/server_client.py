@@ -364,6 +364,11 @@ def _sync_message(message: Any) -> SyncMessage:
         event_id=message.event_id,
         full=message.full,
         crls=_crls(message.crl_set) if message.HasField("crl_set") else None,
+        revoked_jtis=(
+            frozenset(j.jti for j in message.revoked_jwt_set.jwts)
+            if message.HasField("revoked_jwt_set")
+            else None
+        ),
         entries=_entries(message.entries),
         deleted_entry_ids=tuple(message.deleted_entry_ids),
         bundle=bundle,

@@ -38,6 +38,7 @@ async def run_housekeeping(
             entries = await asyncio.to_thread(ds.prune_registration_entries, now)
             events = await asyncio.to_thread(ds.prune_events, now - EVENT_RETENTION)
             svids = await asyncio.to_thread(ds.prune_issued_x509_svids, now)
+            svids += await asyncio.to_thread(ds.prune_issued_jwt_svids, now)
             crls = await asyncio.to_thread(ds.prune_crls)
         except CredoError as err:
             log.error("housekeeping failed", extra={"error": str(err)})
@@ -49,7 +50,7 @@ async def run_housekeeping(
                     "join_tokens": tokens,
                     "entries": entries,
                     "events": events,
-                    "issued_x509_svids": svids,
+                    "issued_svids": svids,
                     "crls": crls,
                 },
             )

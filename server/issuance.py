@@ -38,8 +38,8 @@ from server.api.convert import parse_csr
 from server.ca.ca import CertificateAuthority
 from server.ca.errors import CaError, PoolUnavailable
 from server.ca.pool import ERROR_INVALID, SigningPool, SignItem
-from server.datastore.models import IssuedX509Svid, RegistrationEntry
-from server.revocation import issued_record
+from server.datastore.models import IssuedJwtSvid, IssuedX509Svid, RegistrationEntry
+from server.revocation import issued_record, jwt_record
 from server.telemetry import KIND_X509, Metrics
 
 __all__ = ["IssueFailed", "Issuer", "X509Result", "X509SvidIssued", "X509SvidRequest"]
@@ -86,6 +86,8 @@ class IssuedSvidStore(Protocol):
     """Where signed X509-SVIDs are recorded (the datastore)."""
 
     def create_issued_x509_svids(self, svids: Sequence[IssuedX509Svid]) -> frozenset[str]: ...
+
+    def create_issued_jwt_svid(self, svid: IssuedJwtSvid) -> bool: ...
 
 
 _Work = list[tuple[int, RegistrationEntry, X509SvidRequest]]
@@ -235,9 +237,17 @@ class Issuer:
             )
         return out
 
-    async def jwt_svid(self, entry: RegistrationEntry, audience: Sequence[str]) -> str:
-        """A JWT-SVID for ``entry`` and ``audience``, with the entry's TTL (or the default)."""
+    async def jwt_svid(
+        self, entry: RegistrationEntry, audience: Sequence[str], agent_id: str = ""
+    ) -> str:
+        """A JWT-SVID for ``entry`` and ``audience``, with the entry's TTL (or the default);
+        recorded (by ``jti``) before it is returned, refused if the entry was revoked."""
         ttl = entry.jwt_svid_ttl or self._jwt_ttl
-        return await asyncio.to_thread(
+        token = await asyncio.to_thread(
             self._ca.sign_jwt_svid, SpiffeId.parse(entry.spiffe_id), list(audience), ttl
         )
+        if self._issued is not None:
+            record = jwt_record(token, entry.spiffe_id, entry_id=entry.id, agent_id=agent_id)
+            if not await asyncio.to_thread(self._issued.create_issued_jwt_svid, record):
+                raise EntryNotAuthorized(entry.id)
+        return token

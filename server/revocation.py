@@ -8,7 +8,11 @@ authority, entry, SPIFFE ID, agent, expiry) so that any of them can be revoked:
   (it leaves every agent's sync stream, so agents drop its SVID) and every unexpired
   SVID issued for it is revoked;
 * a banned agent (``credo-server agent ban``): every unexpired SVID the agent obtained,
-  its own agent SVIDs included.
+  its own agent SVIDs included;
+* one JWT-SVID by ``jti`` (``credo-server jwt revoke --jti J``); entry revocation and bans
+  revoke the entry's / agent's unexpired JWT-SVIDs too (every JWT-SVID is recorded,
+  :func:`jwt_record`). Agents receive the revoked ``jti``s on their sync stream and their
+  ``ValidateJWTSVID`` refuses them.
 
 :class:`Revoker` is what the admin API calls; every call is idempotent (revoking again
 revokes nothing more and still succeeds). Revoked serials reach verifiers through each
@@ -22,6 +26,9 @@ committed: it logs the decision, and is where an audit trail records it.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,10 +36,17 @@ from typing import Final
 
 from cryptography import x509
 
-from server.datastore.models import AttestedNode, IssuedX509Svid, Revocation
+from server.datastore.models import AttestedNode, IssuedJwtSvid, IssuedX509Svid, Revocation
 from server.datastore.protocol import DataStore
 
-__all__ = ["MAX_REASON", "RevocationResult", "Revoker", "authority_id_of", "issued_record"]
+__all__ = [
+    "MAX_REASON",
+    "RevocationResult",
+    "Revoker",
+    "authority_id_of",
+    "issued_record",
+    "jwt_record",
+]
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +78,26 @@ def issued_record(
     )
 
 
+def jwt_record(
+    token: str, spiffe_id: str, *, entry_id: str = "", agent_id: str = ""
+) -> IssuedJwtSvid:
+    """What the datastore keeps of a JWT-SVID the server just signed (its ``jti``, ``exp``).
+
+    Raises ValueError when the token has no ``jti`` (Credo always sets one).
+    """
+    try:
+        payload = token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    except (IndexError, binascii.Error, ValueError) as err:
+        raise ValueError(f"not a JWT: {err}") from None
+    jti, exp = claims.get("jti"), claims.get("exp")
+    if not isinstance(jti, str) or not jti or not isinstance(exp, int | float):
+        raise ValueError("JWT-SVID without jti or exp")
+    return IssuedJwtSvid(
+        jti=jti, spiffe_id=spiffe_id, expires_at=int(exp), entry_id=entry_id, agent_id=agent_id
+    )
+
+
 @dataclass(frozen=True)
 class RevocationResult:
     """What a revocation call did: the SVIDs revoked by it (none when repeated)."""
@@ -71,6 +105,7 @@ class RevocationResult:
     target: str
     revoked: tuple[IssuedX509Svid, ...]
     entry_newly_revoked: bool = False
+    revoked_jwts: tuple[IssuedJwtSvid, ...] = ()
 
 
 class Revoker:
@@ -89,6 +124,11 @@ class Revoker:
         done = await asyncio.to_thread(self._ds.revoke_registration_entry, entry_id, reason)
         return self._record("entry", entry_id, reason, done)
 
+    async def revoke_jti(self, jti: str, reason: str) -> RevocationResult:
+        """Revoke one JWT-SVID (``NotFound`` if the server never issued that ``jti``)."""
+        done = await asyncio.to_thread(self._ds.revoke_jwt_svid, jti, reason)
+        return self._record("jwt_svid", jti, reason, done)
+
     async def ban_agent(self, agent_id: str, reason: str) -> tuple[AttestedNode, RevocationResult]:
         """Ban the agent and revoke what it obtained (``NotFound`` if it is not attested)."""
         node, done = await asyncio.to_thread(self._ds.ban_attested_node, agent_id, reason)
@@ -104,7 +144,8 @@ class Revoker:
                 "target": target,
                 "reason": reason,
                 "revoked_serials": list(serials),
+                "revoked_jtis": [j.jti for j in done.revoked_jwts],
                 "entry_newly_revoked": done.entry_newly_revoked,
             },
         )
-        return RevocationResult(target, done.revoked, done.entry_newly_revoked)
+        return RevocationResult(target, done.revoked, done.entry_newly_revoked, done.revoked_jwts)

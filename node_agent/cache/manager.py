@@ -152,6 +152,7 @@ class CacheManager:
         kids = bundles.bundle.jwt_authorities
         if kids:
             self.jwt_svids.drop_untrusted(kids, bundles.tainted_jwt)
+        self.jwt_svids.drop_revoked(bundles.revoked_jtis)
         self._subs.notify_bundles()
         self._changed()
 
@@ -270,6 +271,10 @@ class CacheManager:
     def crls(self) -> tuple[bytes, ...]:
         """The trust domain's CRLs (DER), as the server last sent them."""
         return self.trust_bundles().crls.der
+
+    def revoked_jtis(self) -> frozenset[str]:
+        """``jti`` of every revoked, unexpired JWT-SVID, as the server last sent them."""
+        return self.trust_bundles().revoked_jtis
 
     def cached_svid(self, entry_id: str) -> X509Svid | None:
         """The cached X509-SVID of ``entry_id`` (for tests and diagnostics)."""

@@ -73,6 +73,8 @@ class TrustBundles:
     """Key IDs of the own bundle's JWT authorities marked tainted."""
     crls: Crls = Crls()
     """The trust domain's CRLs, as the server last sent them."""
+    revoked_jtis: frozenset[str] = frozenset()
+    """``jti`` of every revoked, unexpired JWT-SVID of the trust domain."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "federated", MappingProxyType(dict(self.federated)))
@@ -98,6 +100,8 @@ class SyncMessage:
     tainted_jwt: frozenset[str] = frozenset()
     federated_bundles: tuple[Bundle, ...] = ()
     crls: Crls | None = None
+    revoked_jtis: frozenset[str] | None = None
+    """None: unchanged; otherwise every revoked, unexpired JWT-SVID's ``jti``."""
 
 
 class SyncState:
@@ -107,6 +111,7 @@ class SyncState:
         self.entries: dict[str, RegistrationEntry] = {}
         self.bundles: TrustBundles | None = None
         self.crls = Crls()
+        self.revoked_jtis: frozenset[str] = frozenset()
         self.last_event_id = 0
         self.complete = False
         """False while the messages of a split full set are still arriving."""
@@ -144,10 +149,13 @@ class SyncState:
         crls_changed = message.crls is not None and message.crls != self.crls
         if message.crls is not None:
             self.crls = message.crls
+        if message.revoked_jtis is not None and message.revoked_jtis != self.revoked_jtis:
+            self.revoked_jtis = message.revoked_jtis
+            crls_changed = True
         current = self.bundles
         if message.bundle is None and not message.federated_bundles:
             if crls_changed and current is not None:
-                self.bundles = replace(current, crls=self.crls)
+                self.bundles = replace(current, crls=self.crls, revoked_jtis=self.revoked_jtis)
                 return True
             return False
         if message.bundle is not None:
@@ -162,7 +170,7 @@ class SyncState:
             federated.update(current.federated)
         for bundle in message.federated_bundles:
             federated[str(bundle.trust_domain)] = bundle
-        fresh = TrustBundles(own, tainted, federated, tainted_jwt, self.crls)
+        fresh = TrustBundles(own, tainted, federated, tainted_jwt, self.crls, self.revoked_jtis)
         if (
             not crls_changed
             and current is not None

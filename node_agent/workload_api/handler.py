@@ -391,6 +391,9 @@ class WorkloadApiServicer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
         except CredoError as err:
             log.info("JWT-SVID failed validation", extra={"reason": str(err)})
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        if svid.jwt_id is not None and svid.jwt_id in self._manager.revoked_jtis():
+            log.info("JWT-SVID failed validation", extra={"reason": "revoked"})
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "the JWT-SVID has been revoked")
         claims = struct_pb2.Struct()
         claims.update(_json_ready(dict(svid.claims)))
         return workload_pb2.ValidateJWTSVIDResponse(spiffe_id=str(svid.spiffe_id), claims=claims)

@@ -100,6 +100,10 @@ class Manager(Protocol):
         """The trust domain's CRLs (DER)."""
         ...
 
+    def revoked_jtis(self) -> frozenset[str]:
+        """``jti`` of every revoked JWT-SVID of the trust domain."""
+        ...
+
     def bundle_set(self) -> BundleSet:
         """The own and all federated bundles, for validating JWT-SVIDs."""
         ...

@@ -17,7 +17,8 @@ selectors change, or the first entry (or node alias) it relied on expires. See
 * then, whenever the change feed moves, what changed for this agent: created or updated
   entries, ``deleted_entry_ids`` for entries deleted, revoked or no longer authorized, the
   bundles when a bundle changed or the set of federated trust domains did, and the CRLs
-  (all of them) when one changed; the first message always carries the CRLs;
+  (all of them) when one changed, and the revoked JWT-SVIDs' ``jti``s when one was
+  revoked; the first message always carries the CRLs and the revoked ``jti``s;
 * the stream ends (an :class:`~server.agents.errors.AgentRefused`) when the agent SVID it
   was opened with expires, its authority is revoked, or the agent is evicted or banned;
   and (:class:`~server.agents.errors.ServerStopping`) when the server shuts down.
@@ -140,6 +141,8 @@ class SyncMessage:
     bundles: frozenset[str] | None
     crls: bool = False
     """True: the message carries every X.509 authority's current CRL."""
+    revoked_jwts: bool = False
+    """True: the message carries every revoked, unexpired JWT-SVID's ``jti``."""
 
 
 def _full_messages(
@@ -157,6 +160,7 @@ def _full_messages(
                 deleted_entry_ids=[],
                 bundles=federated if n == 0 else None,
                 crls=n == 0,
+                revoked_jwts=n == 0,
             )
         )
     return messages
@@ -200,6 +204,7 @@ class SyncView:
                     deleted_entry_ids=sorted(i for i in candidates if i not in authorized),
                     bundles=federated,
                     crls=True,
+                    revoked_jwts=True,
                 )
             else:
                 for message in _full_messages(list(authorized.values()), event_id, federated):
@@ -241,10 +246,11 @@ class SyncView:
                 names = federated_names(authorized.values())
                 bundle_changed = any(e.kind in _BUNDLE_EVENTS for e in events)
                 crls_changed = any(e.kind is EventKind.CRL_UPDATED for e in events)
+                jwts_changed = any(e.kind is EventKind.JWT_SVIDS_REVOKED for e in events)
                 bundles: frozenset[str] | None = None
                 if bundle_changed or names != federated:
                     bundles = federated = names
-                elif not changed and not deleted and not crls_changed:
+                elif not changed and not deleted and not crls_changed and not jwts_changed:
                     continue
                 sent = {i: e.revision_number for i, e in authorized.items()}
                 yield SyncMessage(
@@ -254,6 +260,7 @@ class SyncView:
                     deleted_entry_ids=deleted,
                     bundles=bundles,
                     crls=crls_changed,
+                    revoked_jwts=jwts_changed,
                 )
         finally:
             self._cache.unsubscribe(sub)

@@ -57,7 +57,7 @@ from server.datastore.models import (
 from server.datastore.protocol import DataStore
 from server.federation.errors import InvalidRelationship
 from server.federation.relationships import PROFILE_HTTPS_SPIFFE, check_relationship
-from server.revocation import MAX_REASON, RevocationResult, Revoker, issued_record
+from server.revocation import MAX_REASON, RevocationResult, Revoker, issued_record, jwt_record
 
 __all__ = [
     "AdminApiConfig",
@@ -140,6 +140,16 @@ def _revocation_response(result: RevocationResult) -> admin_pb2.RevocationRespon
             for s in result.revoked
         ],
         entry_newly_revoked=result.entry_newly_revoked,
+        revoked_jwts=[
+            admin_pb2.RevokedJwtSvid(
+                jti=j.jti,
+                spiffe_id=j.spiffe_id,
+                entry_id=j.entry_id,
+                expires_at=j.expires_at,
+                agent_id=j.agent_id,
+            )
+            for j in result.revoked_jwts
+        ],
     )
 
 
@@ -740,6 +750,8 @@ class SvidsService(admin_pb2_grpc.SvidsServicer):
         ttl = self._ttl(request.ttl, self._config.jwt_svid_ttl)
         now = int(time.time())
         token = await _call(self._ca.sign_jwt_svid, spiffe_id, list(request.audience), ttl)
+        if self._ds is not None:
+            await _call(self._ds.create_issued_jwt_svid, jwt_record(token, str(spiffe_id)))
         log.info("minted jwt-svid", extra={"spiffe_id": str(spiffe_id)})
         return admin_pb2.MintJWTSVIDResponse(
             svid=types_pb2.JwtSvid(
@@ -760,6 +772,26 @@ class SvidsService(admin_pb2_grpc.SvidsServicer):
         except NotFound:
             raise ApiError(
                 grpc.StatusCode.NOT_FOUND, f"no X.509-SVID with serial {serial} was issued"
+            ) from None
+        return _revocation_response(result)
+
+    @handle_errors
+    async def RevokeJWTSVID(
+        self, request: admin_pb2.RevokeJWTSVIDRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.RevocationResponse:
+        jti = request.jti.strip()
+        if not jti:
+            raise InvalidField("jti", "is required")
+        if len(jti) > 64 or not all(ch.isalnum() or ch in "-_" for ch in jti):
+            raise InvalidField("jti", f"{request.jti!r} is not a JWT ID Credo issues")
+        reason = _reason(request.reason)
+        self._store()
+        assert self._revoker is not None
+        try:
+            result = await self._revoker.revoke_jti(jti, reason)
+        except NotFound:
+            raise ApiError(
+                grpc.StatusCode.NOT_FOUND, f"no JWT-SVID with jti {jti} was issued"
             ) from None
         return _revocation_response(result)
 

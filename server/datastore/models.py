@@ -26,6 +26,7 @@ __all__ = [
     "Event",
     "EventKind",
     "FederationRelationship",
+    "IssuedJwtSvid",
     "IssuedX509Svid",
     "JoinToken",
     "ListAttestedNodesRequest",
@@ -180,12 +181,27 @@ class IssuedX509Svid:
 
 
 @dataclass(frozen=True, slots=True)
+class IssuedJwtSvid:
+    """A JWT-SVID the server signed, by its ``jti``, kept until it expires (revocable)."""
+
+    jti: str
+    spiffe_id: str
+    expires_at: int
+    entry_id: str = ""
+    agent_id: str = ""
+    issued_at: int = 0
+    revoked_at: int = 0
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Revocation:
     """What one revocation call changed: the SVIDs it revoked now (already revoked ones
     are not repeated), and for an entry whether the entry itself was newly revoked."""
 
     revoked: tuple[IssuedX509Svid, ...] = ()
     entry_newly_revoked: bool = False
+    revoked_jwts: tuple[IssuedJwtSvid, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,7 +219,8 @@ class EventKind(enum.StrEnum):
     """What changed; ``Event.subject`` names the entry id, node SPIFFE ID or trust domain.
 
     ``x509_svids_revoked`` names the issuing authority (its CRL must be re-signed);
-    ``crl_updated`` the authority whose CRL was stored; ``entry_revoked`` the entry.
+    ``crl_updated`` the authority whose CRL was stored; ``entry_revoked`` the entry;
+    ``jwt_svids_revoked`` has the subject ``""`` (the revocation list changed).
     """
 
     ENTRY_CREATED = "entry_created"
@@ -217,6 +234,7 @@ class EventKind(enum.StrEnum):
     ENTRY_REVOKED = "entry_revoked"
     X509_SVIDS_REVOKED = "x509_svids_revoked"
     CRL_UPDATED = "crl_updated"
+    JWT_SVIDS_REVOKED = "jwt_svids_revoked"
 
 
 @dataclass(frozen=True, slots=True)

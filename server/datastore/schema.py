@@ -19,7 +19,8 @@ Versions:
 4. revocation: ``issued_x509_svids`` (every X.509-SVID the server signed: serial, issuing
    authority, entry, SPIFFE ID, agent, expiry, and when and why it was revoked),
    ``revoked_entries`` (the kill switch: entries that may not be issued for) and ``crls``
-   (the current CRL of each X.509 authority).
+   (the current CRL of each X.509 authority), ``issued_jwt_svids`` (every JWT-SVID by
+   ``jti``, with its revocation).
 """
 
 from __future__ import annotations
@@ -253,7 +254,24 @@ crls = Table(
     Column("updated_at", BigInteger, nullable=False),
 )
 
-_V4_TABLES = (issued_x509_svids, revoked_entries, crls)
+# Every JWT-SVID the server signed, by ``jti``, until it expires (same columns' meaning).
+issued_jwt_svids = Table(
+    "issued_jwt_svids",
+    metadata,
+    Column("jti", _Key, primary_key=True),
+    Column("entry_id", _Str, nullable=False),
+    Column("spiffe_id", _Str, nullable=False),
+    Column("agent_id", _Str, nullable=False),
+    Column("expires_at", BigInteger, nullable=False),
+    Column("issued_at", BigInteger, nullable=False),
+    Column("revoked_at", BigInteger, nullable=False),
+    Column("reason", _Str, nullable=False),
+    Index("ix_issued_jwt_svids_entry_id", "entry_id"),
+    Index("ix_issued_jwt_svids_agent_id", "agent_id"),
+    Index("ix_issued_jwt_svids_revoked_expires", "revoked_at", "expires_at"),
+)
+
+_V4_TABLES = (issued_x509_svids, revoked_entries, crls, issued_jwt_svids)
 
 # ``authorities`` as version 1 created it (step 1 must keep creating exactly this).
 _v1_metadata = MetaData()

@@ -75,6 +75,7 @@ from server.datastore.models import (
     Event,
     EventKind,
     FederationRelationship,
+    IssuedJwtSvid,
     IssuedX509Svid,
     JoinToken,
     ListAttestedNodesRequest,
@@ -96,6 +97,7 @@ from server.datastore.schema import (
     entry_selectors,
     events,
     federation_relationships,
+    issued_jwt_svids,
     issued_x509_svids,
     join_tokens,
     node_selectors,
@@ -1062,7 +1064,13 @@ class SqlDataStore:
             revoked = self._revoke_issued(
                 tx, and_(c.entry_id == entry_id, c.expires_at > tx.now), reason
             )
-        return Revocation(tuple(revoked), entry_newly_revoked=already is None)
+            j = issued_jwt_svids.c
+            jwts = self._revoke_jwts(
+                tx, and_(j.entry_id == entry_id, j.expires_at > tx.now), reason
+            )
+        return Revocation(
+            tuple(revoked), entry_newly_revoked=already is None, revoked_jwts=tuple(jwts)
+        )
 
     def list_revoked_entry_ids(self) -> set[str]:
         """Ids of every revoked registration entry."""
@@ -1098,8 +1106,12 @@ class SqlDataStore:
             revoked = self._revoke_issued(
                 tx, and_(c.agent_id == spiffe_id, c.expires_at > tx.now), reason
             )
+            j = issued_jwt_svids.c
+            jwts = self._revoke_jwts(
+                tx, and_(j.agent_id == spiffe_id, j.expires_at > tx.now), reason
+            )
             node = self._load_nodes(tx.conn, [nodes.c.spiffe_id == spiffe_id])[0]
-        return node, Revocation(tuple(revoked))
+        return node, Revocation(tuple(revoked), revoked_jwts=tuple(jwts))
 
     def _revoke_issued(
         self, tx: _Tx, cond: ColumnElement[bool], reason: str
@@ -1149,6 +1161,112 @@ class SqlDataStore:
                 reason=r[8],
             )
             for r in conn.execute(stmt.order_by(c.serial))
+        ]
+
+    # ------------------------------------------------------------------ issued JWT-SVIDs
+
+    def create_issued_jwt_svid(self, svid: IssuedJwtSvid) -> bool:
+        """Record a signed JWT-SVID; False (not recorded) when its entry is revoked.
+
+        The caller must not hand out a token for which this returns False.
+        """
+        with self._transaction(write=True) as tx:
+            if svid.entry_id:
+                stmt = select(entries.c.entry_id).where(entries.c.entry_id == svid.entry_id)
+                if self._is_pg:
+                    stmt = stmt.with_for_update(read=True)
+                tx.conn.execute(stmt)
+                revoked = tx.conn.execute(
+                    select(revoked_entries.c.entry_id).where(
+                        revoked_entries.c.entry_id == svid.entry_id
+                    )
+                ).first()
+                if revoked is not None:
+                    return False
+            stored = replace(svid, issued_at=svid.issued_at or tx.now)
+            tx.conn.execute(
+                insert(issued_jwt_svids).values(
+                    jti=stored.jti,
+                    entry_id=stored.entry_id,
+                    spiffe_id=stored.spiffe_id,
+                    agent_id=stored.agent_id,
+                    expires_at=stored.expires_at,
+                    issued_at=stored.issued_at,
+                    revoked_at=stored.revoked_at,
+                    reason=stored.reason,
+                )
+            )
+        return True
+
+    def fetch_issued_jwt_svid(self, jti: str) -> IssuedJwtSvid | None:
+        """The recorded JWT-SVID with this ``jti``, or None."""
+        with self._transaction(write=False) as tx:
+            found = self._load_jwts(tx.conn, issued_jwt_svids.c.jti == jti)
+        return found[0] if found else None
+
+    def list_revoked_jwt_svids(self, expires_after: int) -> list[IssuedJwtSvid]:
+        """Revoked JWT-SVIDs that expire after ``expires_after`` (the revocation list)."""
+        j = issued_jwt_svids.c
+        with self._transaction(write=False) as tx:
+            return self._load_jwts(tx.conn, and_(j.revoked_at != 0, j.expires_at > expires_after))
+
+    def revoke_jwt_svid(self, jti: str, reason: str) -> Revocation:
+        """Revoke one recorded JWT-SVID; :class:`NotFound` if the jti was never recorded.
+
+        Idempotent: an already revoked one keeps its first time and reason.
+        """
+        with self._transaction(write=True) as tx:
+            if not self._load_jwts(tx.conn, issued_jwt_svids.c.jti == jti):
+                raise NotFound(f"no JWT-SVID with jti {jti!r} was issued")
+            jwts = self._revoke_jwts(tx, issued_jwt_svids.c.jti == jti, reason)
+        return Revocation(revoked_jwts=tuple(jwts))
+
+    def prune_issued_jwt_svids(self, expires_before: int) -> int:
+        """Forget JWT-SVIDs that expired before ``expires_before``."""
+        with self._transaction(write=True) as tx:
+            return int(
+                tx.conn.execute(
+                    delete(issued_jwt_svids).where(issued_jwt_svids.c.expires_at < expires_before)
+                ).rowcount
+            )
+
+    def _revoke_jwts(self, tx: _Tx, cond: ColumnElement[bool], reason: str) -> list[IssuedJwtSvid]:
+        """Mark the matching unrevoked JWT-SVIDs revoked; one event when any were."""
+        pending = and_(cond, issued_jwt_svids.c.revoked_at == 0)
+        targets = self._load_jwts(tx.conn, pending)
+        if not targets:
+            return []
+        tx.conn.execute(
+            update(issued_jwt_svids).where(pending).values(revoked_at=tx.now, reason=reason)
+        )
+        self._emit(tx, [(EventKind.JWT_SVIDS_REVOKED, "")])
+        return [replace(t, revoked_at=tx.now, reason=reason) for t in targets]
+
+    @staticmethod
+    def _load_jwts(conn: Connection, cond: ColumnElement[bool]) -> list[IssuedJwtSvid]:
+        j = issued_jwt_svids.c
+        stmt = select(
+            j.jti,
+            j.spiffe_id,
+            j.expires_at,
+            j.entry_id,
+            j.agent_id,
+            j.issued_at,
+            j.revoked_at,
+            j.reason,
+        ).where(cond)
+        return [
+            IssuedJwtSvid(
+                jti=r[0],
+                spiffe_id=r[1],
+                expires_at=int(r[2]),
+                entry_id=r[3],
+                agent_id=r[4],
+                issued_at=int(r[5]),
+                revoked_at=int(r[6]),
+                reason=r[7],
+            )
+            for r in conn.execute(stmt.order_by(j.jti))
         ]
 
     # ------------------------------------------------------------------ CRLs

@@ -9,6 +9,7 @@ SVID leaves the stream for good), then the agent is banned.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import queue
@@ -134,6 +135,43 @@ def _ca(message: Any) -> x509.Certificate:
     return load_certificates(message.svids[0].bundle)[-1]
 
 
+def _stub(agent: AgentProcess) -> tuple[grpc.Channel, Any]:
+    channel = grpc.insecure_channel(f"unix:{agent.socket}")
+    return channel, workload_pb2_grpc.SpiffeWorkloadAPIStub(channel)  # type: ignore[no-untyped-call]
+
+
+def _fetch_jwt(agent: AgentProcess, spiffe_id: str) -> str:
+    channel, stub = _stub(agent)
+    with channel:
+        reply = stub.FetchJWTSVID(
+            workload_pb2.JWTSVIDRequest(audience=["db"], spiffe_id=spiffe_id),
+            metadata=HEADER,
+            timeout=WAIT,
+        )
+    return str(reply.svids[0].svid)
+
+
+def _validate(agent: AgentProcess, token: str) -> grpc.StatusCode:
+    """OK, or the status ValidateJWTSVID refused the token with."""
+    channel, stub = _stub(agent)
+    with channel:
+        try:
+            stub.ValidateJWTSVID(
+                workload_pb2.ValidateJWTSVIDRequest(audience="db", svid=token),
+                metadata=HEADER,
+                timeout=WAIT,
+            )
+        except grpc.RpcError as err:
+            assert "revoked" in str(err.details()), err.details()
+            return err.code()  # type: ignore[no-any-return]
+    return grpc.StatusCode.OK
+
+
+def _jti(token: str) -> str:
+    body = token.split(".")[1]
+    return str(json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))["jti"])
+
+
 def _issuing_ca(message: Any, leaf: x509.Certificate) -> x509.Certificate:
     """The bundle's CA whose SubjectKeyIdentifier is the leaf's AuthorityKeyIdentifier."""
     aki = leaf.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
@@ -228,14 +266,41 @@ def test_revoking_a_serial_replaces_the_svid_and_lists_it_in_the_crl(
     assert "already revoked" in again.stdout
 
 
+def test_revoking_a_jti_makes_validation_refuse_it(deployment: Deployment) -> None:
+    """`jwt revoke --jti` makes the agent's ValidateJWTSVID refuse the token, and the agent
+    hands out a new JWT-SVID (another jti) instead of its cached one."""
+    agent, server = deployment.agent, deployment.server
+    token = _fetch_jwt(agent, ALPHA)
+    assert _validate(agent, token) == grpc.StatusCode.OK
+    jti = _jti(token)
+    out = server.cli_json("jwt", "revoke", "--jti", jti, "--reason", "leaked")
+    assert [j["jti"] for j in out["revoked_jwts"]] == [jti]
+    wait_for(
+        lambda: _validate(agent, token) == grpc.StatusCode.INVALID_ARGUMENT,
+        WAIT,
+        "ValidateJWTSVID to refuse the revoked token",
+    )
+    fresh = _fetch_jwt(agent, ALPHA)
+    assert _jti(fresh) != jti
+    assert _validate(agent, fresh) == grpc.StatusCode.OK
+    again = server.cli_json("jwt", "revoke", "--jti", jti)
+    assert again["revoked_jwts"] == []
+    assert "no JWT-SVID with jti" in one_line_error(
+        server.cli("jwt", "revoke", "--jti", "unknown-jti", output=None)
+    )
+
+
 def test_revoking_an_entry_drops_its_svid_for_good(deployment: Deployment) -> None:
     """`entry revoke` removes the entry's SVID from the open stream, lists its serial in
-    the delivered CRL, and the agent never gets an SVID for it again."""
+    the delivered CRL, makes ValidateJWTSVID refuse the entry's JWT-SVIDs, and the agent
+    never gets an SVID for it again."""
     stream, server = deployment.stream, deployment.server
     old = _leaf(stream.latest, BETA)
+    beta_jwt = _fetch_jwt(deployment.agent, BETA)
     out = server.cli_json("entry", "revoke", "--id", deployment.entry_ids[BETA], "--reason", "x")
     assert out["entry_newly_revoked"] is True
     assert [s["serial"] for s in out["revoked"]] == [format(old.serial_number, "x")]
+    assert [j["jti"] for j in out["revoked_jwts"]] == [_jti(beta_jwt)]
 
     message = stream.until(
         lambda m: _ids(m) == {ALPHA} and _revokes(m, old.serial_number),
@@ -244,6 +309,11 @@ def test_revoking_an_entry_drops_its_svid_for_good(deployment: Deployment) -> No
     deployment.revoked_serials.append(old.serial_number)
     assert _revokes(message, deployment.revoked_serials[0])
     assert deployment.agent.fetch_ids() == [ALPHA]
+    wait_for(
+        lambda: _validate(deployment.agent, beta_jwt) == grpc.StatusCode.INVALID_ARGUMENT,
+        WAIT,
+        "ValidateJWTSVID to refuse the revoked entry's token",
+    )
 
     again = server.cli_json("entry", "revoke", "--id", deployment.entry_ids[BETA])
     assert again["revoked"] == [] and again["entry_newly_revoked"] is False

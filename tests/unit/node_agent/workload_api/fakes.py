@@ -163,6 +163,9 @@ class FakeManager:
     def crls(self) -> tuple[bytes, ...]:
         return self.crl_ders
 
+    def revoked_jtis(self) -> frozenset[str]:
+        return frozenset()
+
 
 class LoopThread:
     """An asyncio event loop in a background thread, for servers that sync clients call."""

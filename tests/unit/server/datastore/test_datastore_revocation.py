@@ -10,6 +10,7 @@ from server.datastore import (
     AttestedNode,
     Crl,
     EventKind,
+    IssuedJwtSvid,
     IssuedX509Svid,
     NotFound,
     RegistrationEntry,
@@ -160,3 +161,31 @@ def test_crls_are_stored_replaced_and_pruned(store: SqlDataStore) -> None:
     assert _kinds(store, before) == [(EventKind.CRL_UPDATED.value, "ca1")] * 2
     assert store.prune_crls() == 1  # no authority "ca1" in the journal
     assert store.list_crls() == []
+
+
+def test_jwt_svids_are_revoked_by_jti_entry_and_ban(store: SqlDataStore, clock: FakeClock) -> None:
+    """JWT-SVIDs are revoked by jti (idempotent, unknown jti refused), with their entry (and
+    not recorded for a revoked entry), and with their agent; the list holds unexpired ones."""
+    entry = _entry(store)
+    store.create_attested_node(AttestedNode(AGENT, "join_token"))
+
+    def jwt(jti: str, entry_id: str = "", expires_at: int = clock.now + 300) -> IssuedJwtSvid:
+        return IssuedJwtSvid(jti, f"{TD}/web", expires_at, entry_id=entry_id, agent_id=AGENT)
+
+    for record in (jwt("j1"), jwt("j2", entry.id), jwt("j3", entry.id, clock.now - 1)):
+        assert store.create_issued_jwt_svid(record)
+    before = store.fetch_latest_event_id()
+    assert [j.jti for j in store.revoke_jwt_svid("j1", "leaked").revoked_jwts] == ["j1"]
+    assert store.revoke_jwt_svid("j1", "again").revoked_jwts == ()
+    assert _kinds(store, before) == [(EventKind.JWT_SVIDS_REVOKED.value, "")]
+    with pytest.raises(NotFound, match="jti"):
+        store.revoke_jwt_svid("nope", "x")
+    result = store.revoke_registration_entry(entry.id, "x")
+    assert [j.jti for j in result.revoked_jwts] == ["j2"]  # j3 has expired
+    assert not store.create_issued_jwt_svid(jwt("j4", entry.id))
+    assert store.fetch_issued_jwt_svid("j4") is None
+    assert store.create_issued_jwt_svid(jwt("j5"))
+    _, banned = store.ban_attested_node(AGENT, "x")
+    assert [j.jti for j in banned.revoked_jwts] == ["j5"]
+    assert [j.jti for j in store.list_revoked_jwt_svids(clock.now)] == ["j1", "j2", "j5"]
+    assert store.prune_issued_jwt_svids(clock.now) == 1

@@ -84,6 +84,39 @@ class RevokedX509Svid(_message.Message):
 Global___RevokedX509Svid: _TypeAlias = RevokedX509Svid  # noqa: Y015
 
 @_typing.final
+class RevokedJwtSvid(_message.Message):
+    """A JWT-SVID that a revocation call revoked."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JTI_FIELD_NUMBER: _builtins.int
+    SPIFFE_ID_FIELD_NUMBER: _builtins.int
+    ENTRY_ID_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    jti: _builtins.str
+    spiffe_id: _builtins.str
+    entry_id: _builtins.str
+    expires_at: _builtins.int
+    agent_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        jti: _builtins.str = ...,
+        spiffe_id: _builtins.str = ...,
+        entry_id: _builtins.str = ...,
+        expires_at: _builtins.int = ...,
+        agent_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "entry_id", b"entry_id", "expires_at", b"expires_at", "jti", b"jti", "spiffe_id", b"spiffe_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokedJwtSvid: _TypeAlias = RevokedJwtSvid  # noqa: Y015
+
+@_typing.final
 class RevocationResponse(_message.Message):
     """What a revocation call did: the SVIDs it revoked now (empty when repeated)."""
 
@@ -91,19 +124,23 @@ class RevocationResponse(_message.Message):
 
     REVOKED_FIELD_NUMBER: _builtins.int
     ENTRY_NEWLY_REVOKED_FIELD_NUMBER: _builtins.int
+    REVOKED_JWTS_FIELD_NUMBER: _builtins.int
     entry_newly_revoked: _builtins.bool
     """RevokeEntry: true when this call revoked the entry (false: it already was)."""
     @_builtins.property
     def revoked(self) -> _containers.RepeatedCompositeFieldContainer[Global___RevokedX509Svid]: ...
+    @_builtins.property
+    def revoked_jwts(self) -> _containers.RepeatedCompositeFieldContainer[Global___RevokedJwtSvid]: ...
     def __init__(
         self,
         *,
         revoked: _abc.Iterable[Global___RevokedX509Svid] | None = ...,
         entry_newly_revoked: _builtins.bool = ...,
+        revoked_jwts: _abc.Iterable[Global___RevokedJwtSvid] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["entry_newly_revoked", b"entry_newly_revoked", "revoked", b"revoked"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entry_newly_revoked", b"entry_newly_revoked", "revoked", b"revoked", "revoked_jwts", b"revoked_jwts"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -652,6 +689,28 @@ class DeleteFederatedBundleResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeleteFederatedBundleResponse: _TypeAlias = DeleteFederatedBundleResponse  # noqa: Y015
+
+@_typing.final
+class RevokeJWTSVIDRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JTI_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    jti: _builtins.str
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        jti: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["jti", b"jti", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeJWTSVIDRequest: _TypeAlias = RevokeJWTSVIDRequest  # noqa: Y015
 
 @_typing.final
 class RevokeX509SVIDRequest(_message.Message):

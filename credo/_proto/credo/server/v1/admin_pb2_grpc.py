@@ -877,6 +877,11 @@ class SvidsStub:
                 request_serializer=credo_dot_server_dot_v1_dot_admin__pb2.ListCRLsRequest.SerializeToString,
                 response_deserializer=credo_dot_server_dot_v1_dot_admin__pb2.ListCRLsResponse.FromString,
                 _registered_method=True)
+        self.RevokeJWTSVID = channel.unary_unary(
+                '/credo.server.v1.Svids/RevokeJWTSVID',
+                request_serializer=credo_dot_server_dot_v1_dot_admin__pb2.RevokeJWTSVIDRequest.SerializeToString,
+                response_deserializer=credo_dot_server_dot_v1_dot_admin__pb2.RevocationResponse.FromString,
+                _registered_method=True)
 
 
 class SvidsServicer:
@@ -908,6 +913,13 @@ class SvidsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RevokeJWTSVID(self, request, context):
+        """Revoke one JWT-SVID the server issued, by its jti. Idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SvidsServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -930,6 +942,11 @@ def add_SvidsServicer_to_server(servicer, server):
                     servicer.ListCRLs,
                     request_deserializer=credo_dot_server_dot_v1_dot_admin__pb2.ListCRLsRequest.FromString,
                     response_serializer=credo_dot_server_dot_v1_dot_admin__pb2.ListCRLsResponse.SerializeToString,
+            ),
+            'RevokeJWTSVID': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeJWTSVID,
+                    request_deserializer=credo_dot_server_dot_v1_dot_admin__pb2.RevokeJWTSVIDRequest.FromString,
+                    response_serializer=credo_dot_server_dot_v1_dot_admin__pb2.RevocationResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1040,6 +1057,33 @@ class Svids:
             '/credo.server.v1.Svids/ListCRLs',
             credo_dot_server_dot_v1_dot_admin__pb2.ListCRLsRequest.SerializeToString,
             credo_dot_server_dot_v1_dot_admin__pb2.ListCRLsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeJWTSVID(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/credo.server.v1.Svids/RevokeJWTSVID',
+            credo_dot_server_dot_v1_dot_admin__pb2.RevokeJWTSVIDRequest.SerializeToString,
+            credo_dot_server_dot_v1_dot_admin__pb2.RevocationResponse.FromString,
             options,
             channel_credentials,
             insecure,

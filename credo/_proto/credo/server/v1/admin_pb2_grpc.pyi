@@ -247,6 +247,8 @@ class SvidsStub:
     """Revoke one X.509-SVID the server issued. Idempotent."""
     ListCRLs: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListCRLsRequest, _admin_pb2.ListCRLsResponse]
     """The current CRL of every X.509 authority."""
+    RevokeJWTSVID: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RevokeJWTSVIDRequest, _admin_pb2.RevocationResponse]
+    """Revoke one JWT-SVID the server issued, by its jti. Idempotent."""
 
 @_typing.type_check_only
 class SvidsAsyncStub(SvidsStub):
@@ -257,6 +259,8 @@ class SvidsAsyncStub(SvidsStub):
     """Revoke one X.509-SVID the server issued. Idempotent."""
     ListCRLs: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListCRLsRequest, _admin_pb2.ListCRLsResponse]  # type: ignore[assignment]
     """The current CRL of every X.509 authority."""
+    RevokeJWTSVID: _aio.UnaryUnaryMultiCallable[_admin_pb2.RevokeJWTSVIDRequest, _admin_pb2.RevocationResponse]  # type: ignore[assignment]
+    """Revoke one JWT-SVID the server issued, by its jti. Idempotent."""
 
 class SvidsServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -288,6 +292,14 @@ class SvidsServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.ListCRLsResponse, _abc.Awaitable[_admin_pb2.ListCRLsResponse]]:
         """The current CRL of every X.509 authority."""
+
+    @_abc_1.abstractmethod
+    def RevokeJWTSVID(
+        self,
+        request: _admin_pb2.RevokeJWTSVIDRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.RevocationResponse, _abc.Awaitable[_admin_pb2.RevocationResponse]]:
+        """Revoke one JWT-SVID the server issued, by its jti. Idempotent."""
 
 def add_SvidsServicer_to_server(servicer: SvidsServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 

@@ -165,6 +165,7 @@ class SyncEntriesResponse(_message.Message):
     BUNDLE_FIELD_NUMBER: _builtins.int
     FEDERATED_BUNDLES_FIELD_NUMBER: _builtins.int
     CRL_SET_FIELD_NUMBER: _builtins.int
+    REVOKED_JWT_SET_FIELD_NUMBER: _builtins.int
     event_id: _builtins.int
     """The event id this message brings the agent up to."""
     full: _builtins.bool
@@ -188,6 +189,12 @@ class SyncEntriesResponse(_message.Message):
         X.509 authority of the trust domain, replacing what the agent holds.
         """
 
+    @_builtins.property
+    def revoked_jwt_set(self) -> Global___RevokedJwtSet:
+        """Set on full messages and whenever a JWT-SVID was revoked: every revoked,
+        unexpired JWT-SVID of the trust domain, replacing what the agent holds.
+        """
+
     def __init__(
         self,
         *,
@@ -198,14 +205,58 @@ class SyncEntriesResponse(_message.Message):
         bundle: _types_pb2.Bundle | None = ...,
         federated_bundles: _abc.Iterable[_types_pb2.Bundle] | None = ...,
         crl_set: Global___CrlSet | None = ...,
+        revoked_jwt_set: Global___RevokedJwtSet | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["bundle", b"bundle", "crl_set", b"crl_set"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["bundle", b"bundle", "crl_set", b"crl_set", "revoked_jwt_set", b"revoked_jwt_set"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bundle", b"bundle", "crl_set", b"crl_set", "deleted_entry_ids", b"deleted_entry_ids", "entries", b"entries", "event_id", b"event_id", "federated_bundles", b"federated_bundles", "full", b"full"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bundle", b"bundle", "crl_set", b"crl_set", "deleted_entry_ids", b"deleted_entry_ids", "entries", b"entries", "event_id", b"event_id", "federated_bundles", b"federated_bundles", "full", b"full", "revoked_jwt_set", b"revoked_jwt_set"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SyncEntriesResponse: _TypeAlias = SyncEntriesResponse  # noqa: Y015
+
+@_typing.final
+class RevokedJwt(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JTI_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    jti: _builtins.str
+    expires_at: _builtins.int
+    """Unix seconds; the agent may forget the jti after it."""
+    def __init__(
+        self,
+        *,
+        jti: _builtins.str = ...,
+        expires_at: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "jti", b"jti"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokedJwt: _TypeAlias = RevokedJwt  # noqa: Y015
+
+@_typing.final
+class RevokedJwtSet(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JWTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def jwts(self) -> _containers.RepeatedCompositeFieldContainer[Global___RevokedJwt]: ...
+    def __init__(
+        self,
+        *,
+        jwts: _abc.Iterable[Global___RevokedJwt] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["jwts", b"jwts"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokedJwtSet: _TypeAlias = RevokedJwtSet  # noqa: Y015
 
 @_typing.final
 class CrlSet(_message.Message):
