@@ -142,11 +142,16 @@ class Issuer:
         signed = [r for r in results if isinstance(r, X509SvidIssued)]
         if not signed or self._issued is None:
             return results
-        records = [
-            issued_record(r.cert_chain[0], r.spiffe_id, entry_id=r.entry_id, agent_id=agent_id)
-            for r in signed
-        ]
-        revoked = await asyncio.to_thread(self._issued.create_issued_x509_svids, records)
+        store = self._issued
+
+        def record() -> frozenset[str]:  # parsing 500 leaves: off the event loop too
+            records = [
+                issued_record(r.cert_chain[0], r.spiffe_id, entry_id=r.entry_id, agent_id=agent_id)
+                for r in signed
+            ]
+            return store.create_issued_x509_svids(records)
+
+        revoked = await asyncio.to_thread(record)
         if not revoked:
             return results
         return [
