@@ -84,6 +84,7 @@ from server.identity import ServerIdentity, server_dns_names
 from server.issuance import Issuer
 from server.oidc import oidc_routes
 from server.paths import load_server_id, prepare_admin_socket, private_dir
+from server.revocation import jwt_revocation_routes
 from server.telemetry import Metrics
 
 __all__ = ["RunningServer", "run", "serve"]
@@ -327,7 +328,7 @@ async def _build(config: ServerConfig, stop: asyncio.Event) -> _Server:
         # 8. the HTTP front end and its endpoints
         http, http_identity = _build_http(config, data_dir, manager, bundles, metrics)
         if http is not None:
-            http.add_routes(_http_routes(config, bundles, datastore))
+            http.add_routes(_http_routes(config, bundles, datastore, ca))
 
         metrics.set_gauge_sources(
             entries=lambda: len(cache.index),
@@ -407,7 +408,10 @@ def _http_dns_names(configured: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def _http_routes(
-    config: ServerConfig, bundles: BundleSource, datastore: DataStore
+    config: ServerConfig,
+    bundles: BundleSource,
+    datastore: DataStore,
+    ca: CertificateAuthority,
 ) -> list[web.AbstractRouteDef]:
     """Every HTTP endpoint, from the packages that own them."""
     routes: list[web.AbstractRouteDef] = []
@@ -417,6 +421,8 @@ def _http_routes(
     routes += bundle_endpoint_routes(bundles.own_bundle)
     # the X.509 authorities' CRLs (server/ca/crl.py)
     routes += crl_routes(datastore)
+    # the signed JWT revocation list (server/revocation.py)
+    routes += jwt_revocation_routes(datastore, ca)
     return routes
 
 

@@ -30,14 +30,20 @@ import base64
 import binascii
 import json
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
+from aiohttp import web
 from cryptography import x509
 
+from credo.revocation import REVOCATION_LIST_PATH
 from server.datastore.models import AttestedNode, IssuedJwtSvid, IssuedX509Svid, Revocation
 from server.datastore.protocol import DataStore
+
+if TYPE_CHECKING:
+    from server.ca.ca import CertificateAuthority
 
 __all__ = [
     "MAX_REASON",
@@ -46,6 +52,7 @@ __all__ = [
     "authority_id_of",
     "issued_record",
     "jwt_record",
+    "jwt_revocation_routes",
 ]
 
 log = logging.getLogger(__name__)
@@ -149,3 +156,25 @@ class Revoker:
             },
         )
         return RevocationResult(target, done.revoked, done.entry_newly_revoked, done.revoked_jwts)
+
+
+LIST_TTL: Final = 60
+"""Seconds a signed JWT revocation list is valid for (verifiers poll well within it)."""
+
+
+def jwt_revocation_routes(
+    datastore: DataStore, ca: CertificateAuthority, clock: Callable[[], float] = time.time
+) -> list[web.RouteDef]:
+    """``GET /jwt-revocations``: every revoked, unexpired ``jti``, signed (``application/jwt``)."""
+
+    async def serve(request: web.Request) -> web.StreamResponse:
+        def sign() -> str:
+            revoked = datastore.list_revoked_jwt_svids(int(clock()))
+            return ca.sign_jwt_revocation_list([(j.jti, j.expires_at) for j in revoked], LIST_TTL)
+
+        token = await asyncio.to_thread(sign)
+        return web.Response(
+            text=token, content_type="application/jwt", headers={"Cache-Control": "no-store"}
+        )
+
+    return [web.get(REVOCATION_LIST_PATH, serve, allow_head=True)]

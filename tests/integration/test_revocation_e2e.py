@@ -30,8 +30,11 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from credo import Bundle, JwtSvid
 from credo._proto import workload_pb2, workload_pb2_grpc
 from credo.bundle import load_certificates
+from credo.errors import JwtSvidRevoked
+from credo.revocation import JwtRevocationList
 from tests.helpers.processes import (
     AgentProcess,
     ServerProcess,
@@ -283,6 +286,17 @@ def test_revoking_a_jti_makes_validation_refuse_it(deployment: Deployment) -> No
     fresh = _fetch_jwt(agent, ALPHA)
     assert _jti(fresh) != jti
     assert _validate(agent, fresh) == grpc.StatusCode.OK
+
+    # A resource server without a round trip per token: the signed list from the HTTP
+    # front end, verified with the trust domain's JWT bundle, as a revocation source.
+    shown = server.cli("bundle", "show", "--format", "spiffe", output=None).stdout
+    bundle = Bundle.parse(TD, shown).jwt_bundle()
+    trust = ssl.create_default_context(cadata=server.bundle_pem())
+    revoked = JwtRevocationList.fetch(f"{server.http_url}/jwt-revocations", bundle, context=trust)
+    assert jti in revoked
+    with pytest.raises(JwtSvidRevoked):
+        JwtSvid.parse_and_validate(token, bundle, ["db"], revoked=revoked)
+    assert JwtSvid.parse_and_validate(fresh, bundle, ["db"], revoked=revoked).jwt_id == _jti(fresh)
     again = server.cli_json("jwt", "revoke", "--jti", jti)
     assert again["revoked_jwts"] == []
     assert "no JWT-SVID with jti" in one_line_error(
