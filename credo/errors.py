@@ -28,6 +28,7 @@ can act on it without parsing the message.
     │   ├── JwtSvidExpired                            exp is in the past
     │   ├── JwtAudienceMismatch                       none of the expected audiences present
     │   ├── JwtIssuerMismatch                         iss missing or not the expected issuer
+    │   ├── JwtSvidRevoked                            its jti is in the revocation list given
     │   └── UntrustedJwtSvid                          no bundle for the trust domain / bad signature
     │       └── UnknownJwtKey                         kid not in the trust domain's bundle
     ├── InvalidWorkloadApiEndpoint (also ValueError)  not a Workload API socket address
@@ -51,6 +52,7 @@ __all__ = [
     "JwtIssuerMismatch",
     "JwtSvidError",
     "JwtSvidExpired",
+    "JwtSvidRevoked",
     "LeafIsCa",
     "MultipleUriSans",
     "NoUriSan",
@@ -184,6 +186,10 @@ class JwtAudienceMismatch(JwtSvidError):
 
 class JwtIssuerMismatch(JwtSvidError):
     """The caller asked for an issuer and the ``iss`` claim is missing or another one."""
+
+
+class JwtSvidRevoked(JwtSvidError):
+    """The token's ``jti`` is in the revocation list the caller gave."""
 
 
 class UntrustedJwtSvid(JwtSvidError):

@@ -19,7 +19,7 @@ import json
 import math
 import re
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Container, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
@@ -36,6 +36,7 @@ from credo.errors import (
     JwtAudienceMismatch,
     JwtIssuerMismatch,
     JwtSvidExpired,
+    JwtSvidRevoked,
     UnknownJwtKey,
     UnsupportedJwtAlgorithm,
     UntrustedJwtSvid,
@@ -375,12 +376,16 @@ class JwtSvid:
         now: datetime | None = None,
         leeway: timedelta = DEFAULT_LEEWAY,
         issuer: str | None = None,
+        revoked: Container[str] | None = None,
     ) -> JwtSvid:
         """Parse ``token``, verify its signature with the bundle of its trust domain, and check it.
 
         ``audience`` lists the audiences this validator accepts; the token must name at
         least one. Tokens with and without ``iss`` are accepted unless ``issuer`` is given:
         then ``iss`` must be exactly ``issuer`` (:class:`credo.errors.JwtIssuerMismatch`).
+        ``revoked`` is a revocation source: any container of revoked ``jti`` values, e.g. a
+        :class:`credo.revocation.JwtRevocationList` the server signed
+        (:class:`credo.errors.JwtSvidRevoked`).
         Raises a :class:`credo.JwtSvidError` subclass naming the broken rule.
         """
         expected = _expected_audience(audience)
@@ -406,6 +411,10 @@ class JwtSvid:
         _verify_signature(parsed, key)
         _check_time_and_audience(parsed, expected, _now(now), leeway)
         _check_issuer(parsed, issuer)
+        if revoked is not None:
+            jti = parsed.claims.get("jti")
+            if isinstance(jti, str) and jti in revoked:
+                raise JwtSvidRevoked(f"jti {jti[:64]!r} has been revoked")
         return cls._from(token, parsed)
 
     @classmethod

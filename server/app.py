@@ -1,13 +1,14 @@
 """The signing server, wired: every component is built here from the config, in order.
 
 datastore -> key manager -> authority manager + CA (+ signing workers) -> entry cache ->
+CRL signer ->
 node attestors (those the config names, from :mod:`server.attestation.catalog`) -> bundle
 publishers (:mod:`server.bundle_publisher.catalog`) -> agent flows (:mod:`server.agents`,
 :mod:`server.issuance`) -> APIs -> server identity (:mod:`server.identity`) and
 endpoints (and the HTTP front end, :mod:`server.http`); then the background loops (CA
 rotation, entry change feed, server SVID refresh, the HTTP certificate, housekeeping, bundle
-publishing, federated bundle refresh) run under one :class:`asyncio.TaskGroup` until ``stop``.
-Nothing else constructs these components. Where things live on disk is
+publishing, federated bundle refresh, CRL signing) run under one :class:`asyncio.TaskGroup`
+until ``stop``. Nothing else constructs these components. Where things live on disk is
 :mod:`server.paths`.
 
 Endpoints:
@@ -66,10 +67,11 @@ from server.api.common import BundleSource
 from server.api.delegation import DelegationService
 from server.api.tls import PeerRegistry, TlsFrontend
 from server.attestation.catalog import PluginContext, build_node_attestors
-from server.authorization import EntryCache
+from server.authorization import EntryCache, Subscription
 from server.bundle_publisher.catalog import PublisherContext, build_bundle_publishers
 from server.bundle_publisher.runner import BundlePublishing
 from server.ca.ca import CertificateAuthority
+from server.ca.crl import CrlSigner, crl_routes
 from server.ca.keymanager import DiskKeyManager
 from server.ca.manager import AuthorityManager, AuthorityManagerConfig
 from server.ca.pool import SigningPool
@@ -89,6 +91,7 @@ from server.identity import ServerIdentity, server_dns_names
 from server.issuance import Issuer
 from server.oidc import oidc_routes
 from server.paths import load_server_id, prepare_admin_socket, private_dir
+from server.revocation import jwt_revocation_routes
 from server.telemetry import Metrics
 
 __all__ = ["RunningServer", "run", "serve"]
@@ -146,6 +149,8 @@ class _Server:
     admin_grpc: grpc.aio.Server
     frontend: TlsFrontend
     publishing: BundlePublishing
+    crl_signer: CrlSigner
+    crl_events: Subscription
     federation: BundleRefresher
     health: list[health.aio.HealthServicer] = field(default_factory=list)
     stop_metrics: Callable[[], None] | None = None
@@ -217,6 +222,13 @@ async def _build(config: ServerConfig, stop: asyncio.Event) -> _Server:
         cache = EntryCache(datastore)
         await asyncio.to_thread(cache.load)
 
+        # 4b. CRLs of this server's X.509 authorities, re-signed on every revocation
+        crl_signer = CrlSigner(
+            datastore, key_manager, server_id, next_update=config.crl_next_update
+        )
+        await asyncio.to_thread(crl_signer.sign_due)
+        crl_events = cache.subscribe()
+
         # 5. node attestors: exactly the plugins the config names
         attestors = build_node_attestors(config.node_attestor, PluginContext(td, datastore))
 
@@ -253,6 +265,7 @@ async def _build(config: ServerConfig, stop: asyncio.Event) -> _Server:
             wit_svid_ttl=config.wit_svid_ttl,
             pool=signing_pool,
             metrics=metrics,
+            issued=datastore,
         )
         peers = PeerRegistry()
         agent_api = AgentService(
@@ -300,7 +313,9 @@ async def _build(config: ServerConfig, stop: asyncio.Event) -> _Server:
         admin_pb2_grpc.add_BundlesServicer_to_server(
             BundlesService(admin_config, datastore, bundles), admin_grpc
         )
-        admin_pb2_grpc.add_SvidsServicer_to_server(SvidsService(admin_config, ca), admin_grpc)
+        admin_pb2_grpc.add_SvidsServicer_to_server(
+            SvidsService(admin_config, ca, datastore), admin_grpc
+        )
         admin_pb2_grpc.add_FederationServicer_to_server(
             FederationService(admin_config, datastore), admin_grpc
         )
@@ -328,7 +343,11 @@ async def _build(config: ServerConfig, stop: asyncio.Event) -> _Server:
         if http is not None:
             http.add_routes(
                 _http_routes(
-                    config, bundles, _delegation_endpoints(config, td, datastore, ca, bundles, http)
+                    config,
+                    bundles,
+                    datastore,
+                    ca,
+                    _delegation_endpoints(config, td, datastore, ca, bundles, http),
                 )
             )
 
@@ -353,6 +372,8 @@ async def _build(config: ServerConfig, stop: asyncio.Event) -> _Server:
             frontend=frontend,
             publishing=publishing,
             federation=BundleRefresher(datastore, td, on_refresh=metrics.on_federation_refresh),
+            crl_signer=crl_signer,
+            crl_events=crl_events,
             health=[agent_health, admin_health],
             signing_pool=signing_pool,
             http=http,
@@ -408,7 +429,11 @@ def _http_dns_names(configured: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def _http_routes(
-    config: ServerConfig, bundles: BundleSource, delegation: DelegationEndpoints
+    config: ServerConfig,
+    bundles: BundleSource,
+    datastore: DataStore,
+    ca: CertificateAuthority,
+    delegation: DelegationEndpoints,
 ) -> list[web.AbstractRouteDef]:
     """Every HTTP endpoint, from the packages that own them."""
     routes: list[web.AbstractRouteDef] = []
@@ -418,6 +443,10 @@ def _http_routes(
     routes += delegation_routes(delegation)
     # the SPIFFE bundle endpoint for federated trust domains (server/federation/endpoint.py)
     routes += bundle_endpoint_routes(bundles.own_bundle)
+    # the X.509 authorities' CRLs (server/ca/crl.py)
+    routes += crl_routes(datastore)
+    # the signed JWT revocation list (server/revocation.py)
+    routes += jwt_revocation_routes(datastore, ca)
     return routes
 
 
@@ -530,6 +559,9 @@ async def serve(
                 tasks.create_task(server.http_identity.run(stop), name="http-certificate")
             tasks.create_task(run_housekeeping(server.datastore, stop), name="housekeeping")
             tasks.create_task(server.publishing.run(stop), name="bundle-publishing")
+            tasks.create_task(
+                server.crl_signer.run(stop, server.crl_events.wait), name="crl-signer"
+            )
             tasks.create_task(server.federation.run(stop), name="federation")
             if server.signing_pool is not None:
                 server.signing_pool.start_background()

@@ -66,6 +66,7 @@ _DURATIONS = (
     "agent_svid_ttl",
     "join_token_ttl",
     "join_token_max_ttl",
+    "crl_next_update",
 )
 
 FILE_ONLY_SETTINGS: Final = frozenset({"node_attestor", "bundle_publisher", "http", "delegation"})
@@ -114,6 +115,9 @@ class ServerConfig:
     # Longest lifetime `token generate --ttl` may ask for: a join token admits a node until
     # it is used, so it should not outlive the provisioning it is made for.
     join_token_max_ttl: int = duration_field(24 * 3600)
+    # How far ahead each X.509 authority's CRL says its next update comes (RFC 5280
+    # nextUpdate); CRLs are re-signed at half of it, and on every revocation.
+    crl_next_update: int = duration_field(600)
     log_level: str = "info"
     log_format: str = "text"
     # "" disables the Prometheus endpoint.

@@ -21,6 +21,8 @@ item authorization and key checks, one WIT-SVID per item with the server's ``wit
 (signed in-process: one ECDSA signature per item, no certificate to build).
 
 Authorization always happens here, in the main process, before anything is signed.
+Every signed X509-SVID is recorded in the datastore (:mod:`server.revocation`) before it
+is handed out; an entry revoked while its batch was being signed fails its items.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from dataclasses import field as dc_field
+from typing import Protocol
 
 from cryptography.hazmat.primitives import serialization
 
@@ -41,7 +44,8 @@ from server.api.convert import parse_csr, parse_public_key
 from server.ca.ca import CertificateAuthority
 from server.ca.errors import CaError, PoolUnavailable
 from server.ca.pool import ERROR_INVALID, SigningPool, SignItem
-from server.datastore.models import RegistrationEntry
+from server.datastore.models import IssuedJwtSvid, IssuedX509Svid, RegistrationEntry
+from server.revocation import issued_record, jwt_record
 from server.telemetry import KIND_X509, Metrics
 
 __all__ = [
@@ -112,6 +116,16 @@ class WitSvidIssued:
 
 X509Result = X509SvidIssued | IssueFailed
 WitResult = WitSvidIssued | IssueFailed
+
+
+class IssuedSvidStore(Protocol):
+    """Where signed X509-SVIDs are recorded (the datastore)."""
+
+    def create_issued_x509_svids(self, svids: Sequence[IssuedX509Svid]) -> frozenset[str]: ...
+
+    def create_issued_jwt_svid(self, svid: IssuedJwtSvid) -> bool: ...
+
+
 _Work = list[tuple[int, RegistrationEntry, X509SvidRequest]]
 
 
@@ -127,8 +141,10 @@ class Issuer:
         wit_svid_ttl: int = 3600,
         pool: SigningPool | None = None,
         metrics: Metrics | None = None,
+        issued: IssuedSvidStore | None = None,
     ) -> None:
         self._ca = ca
+        self._issued = issued
         self._x509_ttl = x509_svid_ttl
         self._jwt_ttl = jwt_svid_ttl
         self._wit_ttl = wit_svid_ttl
@@ -139,8 +155,10 @@ class Issuer:
         self,
         requests: Sequence[X509SvidRequest],
         authorized: Mapping[str, RegistrationEntry],
+        agent_id: str = "",
     ) -> list[X509Result]:
-        """One result per request, in order (see the module doc)."""
+        """One result per request, in order (see the module doc); ``agent_id`` is the
+        agent the SVIDs are for (recorded with them)."""
         now = time.time()
         results: list[X509Result | None] = [None] * len(requests)
         work: _Work = []
@@ -152,7 +170,34 @@ class Issuer:
                 work.append((i, entry, request))
         for i, result in await self._sign_work(work):
             results[i] = result
-        return [r for r in results if r is not None]
+        done = [r for r in results if r is not None]
+        if self._issued is not None:
+            done = await self._record(done, agent_id)
+        return done
+
+    async def _record(self, results: list[X509Result], agent_id: str) -> list[X509Result]:
+        """Record the signed SVIDs; those of entries revoked meanwhile fail instead."""
+        signed = [r for r in results if isinstance(r, X509SvidIssued)]
+        if not signed or self._issued is None:
+            return results
+        store = self._issued
+
+        def record() -> frozenset[str]:  # parsing 500 leaves: off the event loop too
+            records = [
+                issued_record(r.cert_chain[0], r.spiffe_id, entry_id=r.entry_id, agent_id=agent_id)
+                for r in signed
+            ]
+            return store.create_issued_x509_svids(records)
+
+        revoked = await asyncio.to_thread(record)
+        if not revoked:
+            return results
+        return [
+            IssueFailed(r.entry_id, EntryNotAuthorized(r.entry_id))
+            if isinstance(r, X509SvidIssued) and r.entry_id in revoked
+            else r
+            for r in results
+        ]
 
     async def _sign_work(self, work: _Work) -> list[tuple[int, X509Result]]:
         """Sign the authorized items: in the worker pool when the batch is large enough."""
@@ -235,12 +280,20 @@ class Issuer:
             )
         return out
 
-    async def jwt_svid(self, entry: RegistrationEntry, audience: Sequence[str]) -> str:
-        """A JWT-SVID for ``entry`` and ``audience``, with the entry's TTL (or the default)."""
+    async def jwt_svid(
+        self, entry: RegistrationEntry, audience: Sequence[str], agent_id: str = ""
+    ) -> str:
+        """A JWT-SVID for ``entry`` and ``audience``, with the entry's TTL (or the default);
+        recorded (by ``jti``) before it is returned, refused if the entry was revoked."""
         ttl = entry.jwt_svid_ttl or self._jwt_ttl
-        return await asyncio.to_thread(
+        token = await asyncio.to_thread(
             self._ca.sign_jwt_svid, SpiffeId.parse(entry.spiffe_id), list(audience), ttl
         )
+        if self._issued is not None:
+            record = jwt_record(token, entry.spiffe_id, entry_id=entry.id, agent_id=agent_id)
+            if not await asyncio.to_thread(self._issued.create_issued_jwt_svid, record):
+                raise EntryNotAuthorized(entry.id)
+        return token
 
     async def wit_svids(
         self,

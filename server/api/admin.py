@@ -31,6 +31,7 @@ from server.api.common import BundleSource
 from server.api.convert import (
     InvalidField,
     bundle_to_proto,
+    crl_to_proto,
     entry_from_proto,
     entry_to_proto,
     join_token_to_proto,
@@ -60,6 +61,7 @@ from server.datastore.models import (
 from server.datastore.protocol import DataStore
 from server.federation.errors import InvalidRelationship
 from server.federation.relationships import PROFILE_HTTPS_SPIFFE, check_relationship
+from server.revocation import MAX_REASON, RevocationResult, Revoker, issued_record, jwt_record
 
 __all__ = [
     "AdminApiConfig",
@@ -108,6 +110,56 @@ def _batch_error(err: DataStoreError, field: str, member: str = "") -> ApiError:
     return ApiError(code, message)
 
 
+def _reason(text: str) -> str:
+    """A revocation reason: free text, one line, at most :data:`MAX_REASON` characters."""
+    if len(text) > MAX_REASON:
+        raise InvalidField("reason", f"is {len(text)} characters long; at most {MAX_REASON}")
+    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in text):
+        raise InvalidField("reason", "must be one line of printable text")
+    return text
+
+
+def _serial(text: str) -> str:
+    """An X.509 serial number as the server records it: lowercase hex, no leading zeros.
+
+    Accepts ``0x``, colons between bytes and upper-case digits (as ``openssl x509
+    -serial`` prints it).
+    """
+    cleaned = text.strip().lower().removeprefix("0x").replace(":", "")
+    if not cleaned:
+        raise InvalidField("serial", "is required; expected a hex serial number")
+    if len(cleaned) > 42 or any(ch not in "0123456789abcdef" for ch in cleaned):
+        raise InvalidField("serial", f"{text!r} is not a hex serial number of at most 20 bytes")
+    return format(int(cleaned, 16), "x")
+
+
+def _revocation_response(result: RevocationResult) -> admin_pb2.RevocationResponse:
+    return admin_pb2.RevocationResponse(
+        revoked=[
+            admin_pb2.RevokedX509Svid(
+                serial=s.serial,
+                spiffe_id=s.spiffe_id,
+                entry_id=s.entry_id,
+                authority_id=s.authority_id,
+                expires_at=s.expires_at,
+                agent_id=s.agent_id,
+            )
+            for s in result.revoked
+        ],
+        entry_newly_revoked=result.entry_newly_revoked,
+        revoked_jwts=[
+            admin_pb2.RevokedJwtSvid(
+                jti=j.jti,
+                spiffe_id=j.spiffe_id,
+                entry_id=j.entry_id,
+                expires_at=j.expires_at,
+                agent_id=j.agent_id,
+            )
+            for j in result.revoked_jwts
+        ],
+    )
+
+
 def _token_fingerprint(token: str) -> str:
     """A short, non-reversible label for a join token, fit for logs."""
     return hashlib.sha256(token.encode()).hexdigest()[:12]
@@ -116,10 +168,13 @@ def _token_fingerprint(token: str) -> str:
 class EntriesService(admin_pb2_grpc.EntriesServicer):
     """Registration entries: batch create/update/delete, get, list, count."""
 
-    def __init__(self, config: AdminApiConfig, datastore: DataStore) -> None:
+    def __init__(
+        self, config: AdminApiConfig, datastore: DataStore, revoker: Revoker | None = None
+    ) -> None:
         self._td = config.trust_domain
         self._ds = datastore
         self._require_owner = config.require_entry_owner
+        self._revoker = revoker or Revoker(datastore)
 
     def _check_batch(self, items: Sequence[object], field: str) -> None:
         if len(items) > MAX_BATCH:
@@ -264,6 +319,21 @@ class EntriesService(admin_pb2_grpc.EntriesServicer):
         )
 
     @handle_errors
+    async def RevokeEntry(
+        self, request: admin_pb2.RevokeEntryRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.RevocationResponse:
+        if not request.id:
+            raise InvalidField("id", "is required")
+        reason = _reason(request.reason)
+        try:
+            result = await self._revoker.revoke_entry(request.id, reason)
+        except NotFound:
+            raise ApiError(
+                grpc.StatusCode.NOT_FOUND, f"registration entry {request.id!r} not found"
+            ) from None
+        return _revocation_response(result)
+
+    @handle_errors
     async def CountEntries(
         self, request: admin_pb2.CountEntriesRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.CountEntriesResponse:
@@ -275,10 +345,13 @@ class EntriesService(admin_pb2_grpc.EntriesServicer):
 class AgentsService(admin_pb2_grpc.AgentsServicer):
     """Attested agents (list, show, count, ban, evict) and join tokens."""
 
-    def __init__(self, config: AdminApiConfig, datastore: DataStore) -> None:
+    def __init__(
+        self, config: AdminApiConfig, datastore: DataStore, revoker: Revoker | None = None
+    ) -> None:
         self._config = config
         self._td = config.trust_domain
         self._ds = datastore
+        self._revoker = revoker or Revoker(datastore)
 
     def _agent_id(self, text: str) -> str:
         return str(validate_spiffe_id(text, self._td, "spiffe_id"))
@@ -328,11 +401,14 @@ class AgentsService(admin_pb2_grpc.AgentsServicer):
         self, request: admin_pb2.BanAgentRequest, context: grpc.aio.ServicerContext
     ) -> types_pb2.AttestedNode:
         agent_id = self._agent_id(request.spiffe_id)
-        node = await _call(self._ds.fetch_attested_node, agent_id)
-        if node is None:
-            raise ApiError(grpc.StatusCode.NOT_FOUND, f"agent {agent_id!r} not found")
-        banned = await _call(self._ds.update_attested_node, replace(node, banned=True))
-        log.warning("banned agent", extra={"agent_id": agent_id})
+        reason = _reason(request.reason)
+        try:
+            banned, result = await self._revoker.ban_agent(agent_id, reason)
+        except NotFound:
+            raise ApiError(grpc.StatusCode.NOT_FOUND, f"agent {agent_id!r} not found") from None
+        log.warning(
+            "banned agent", extra={"agent_id": agent_id, "revoked_svids": len(result.revoked)}
+        )
         return node_to_proto(banned)
 
     @handle_errors
@@ -631,9 +707,22 @@ class FederationService(admin_pb2_grpc.FederationServicer):
 class SvidsService(admin_pb2_grpc.SvidsServicer):
     """Mint SVIDs directly (``credo-server x509 mint`` / ``jwt mint``)."""
 
-    def __init__(self, config: AdminApiConfig, ca: CertificateAuthority) -> None:
+    def __init__(
+        self,
+        config: AdminApiConfig,
+        ca: CertificateAuthority,
+        datastore: DataStore | None = None,
+        revoker: Revoker | None = None,
+    ) -> None:
         self._config = config
         self._ca = ca
+        self._ds = datastore
+        self._revoker = revoker or (Revoker(datastore) if datastore is not None else None)
+
+    def _store(self) -> DataStore:
+        if self._ds is None:
+            raise ApiError(grpc.StatusCode.UNIMPLEMENTED, "this server keeps no SVID records")
+        return self._ds
 
     def _spiffe_id(self, text: str) -> SpiffeId:
         spiffe_id = validate_spiffe_id(text, self._config.trust_domain, "spiffe_id")
@@ -661,7 +750,14 @@ class SvidsService(admin_pb2_grpc.SvidsServicer):
         dns = [validate_dns_name(n, f"dns_names[{i}]") for i, n in enumerate(request.dns_names)]
         public_key = parse_csr(request.csr, "csr")
         chain = await _call(self._ca.sign_x509_svid, spiffe_id, public_key, ttl, dns)
-        log.info("minted x509-svid", extra={"spiffe_id": str(spiffe_id)})
+        if self._ds is not None:
+            await _call(
+                self._ds.create_issued_x509_svids, [issued_record(chain[0], str(spiffe_id))]
+            )
+        log.info(
+            "minted x509-svid",
+            extra={"spiffe_id": str(spiffe_id), "serial": format(chain[0].serial_number, "x")},
+        )
         return admin_pb2.MintX509SVIDResponse(svid=x509_svid_to_proto(chain))
 
     @handle_errors
@@ -674,6 +770,8 @@ class SvidsService(admin_pb2_grpc.SvidsServicer):
         ttl = self._ttl(request.ttl, self._config.jwt_svid_ttl)
         now = int(time.time())
         token = await _call(self._ca.sign_jwt_svid, spiffe_id, list(request.audience), ttl)
+        if self._ds is not None:
+            await _call(self._ds.create_issued_jwt_svid, jwt_record(token, str(spiffe_id)))
         log.info("minted jwt-svid", extra={"spiffe_id": str(spiffe_id)})
         return admin_pb2.MintJWTSVIDResponse(
             svid=types_pb2.JwtSvid(
@@ -703,6 +801,49 @@ class SvidsService(admin_pb2_grpc.SvidsServicer):
             ),
             private_key=private_jwk,
         )
+
+    @handle_errors
+    async def RevokeX509SVID(
+        self, request: admin_pb2.RevokeX509SVIDRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.RevocationResponse:
+        serial = _serial(request.serial)
+        reason = _reason(request.reason)
+        self._store()
+        assert self._revoker is not None
+        try:
+            result = await self._revoker.revoke_serial(serial, reason)
+        except NotFound:
+            raise ApiError(
+                grpc.StatusCode.NOT_FOUND, f"no X.509-SVID with serial {serial} was issued"
+            ) from None
+        return _revocation_response(result)
+
+    @handle_errors
+    async def RevokeJWTSVID(
+        self, request: admin_pb2.RevokeJWTSVIDRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.RevocationResponse:
+        jti = request.jti.strip()
+        if not jti:
+            raise InvalidField("jti", "is required")
+        if len(jti) > 64 or not all(ch.isalnum() or ch in "-_" for ch in jti):
+            raise InvalidField("jti", f"{request.jti!r} is not a JWT ID Credo issues")
+        reason = _reason(request.reason)
+        self._store()
+        assert self._revoker is not None
+        try:
+            result = await self._revoker.revoke_jti(jti, reason)
+        except NotFound:
+            raise ApiError(
+                grpc.StatusCode.NOT_FOUND, f"no JWT-SVID with jti {jti} was issued"
+            ) from None
+        return _revocation_response(result)
+
+    @handle_errors
+    async def ListCRLs(
+        self, request: admin_pb2.ListCRLsRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.ListCRLsResponse:
+        found = await _call(self._store().list_crls)
+        return admin_pb2.ListCRLsResponse(crls=[crl_to_proto(c) for c in found])
 
 
 def _authority_info(info: AuthorityInfo) -> admin_pb2.AuthorityInfo:

@@ -30,12 +30,13 @@ from credo.errors import InvalidSelector, InvalidSpiffeId
 from credo.keys import PublicKey
 from credo.selector import Selector
 from credo.spiffe_id import SpiffeId, TrustDomain
-from server.datastore.models import AttestedNode, Authority, JoinToken, RegistrationEntry
+from server.datastore.models import AttestedNode, Authority, Crl, JoinToken, RegistrationEntry
 
 __all__ = [
     "MAX_EXPIRES_AT",
     "InvalidField",
     "bundle_to_proto",
+    "crl_to_proto",
     "entry_from_proto",
     "entry_to_proto",
     "join_token_to_proto",
@@ -407,6 +408,13 @@ def bundle_to_proto(bundle: Bundle, authorities: Iterable[Authority] = ()) -> ty
         wit_authorities=wit_authorities,
         refresh_hint=bundle.refresh_hint or 0,
         sequence_number=bundle.sequence_number,
+    )
+
+
+def crl_to_proto(crl: Crl) -> types_pb2.Crl:
+    """A stored CRL as a message."""
+    return types_pb2.Crl(
+        authority_id=crl.authority_id, der=crl.data, number=crl.number, next_update=crl.next_update
     )
 
 

@@ -23,7 +23,7 @@ from credo.selector import Selector
 from credo.spiffe_id import SpiffeId, TrustDomain
 from server.cli.client import AdminClient
 from server.cli.errors import CliError
-from server.cli.output import emit, message_to_dict, render_entries
+from server.cli.output import emit, message_to_dict, render_entries, render_revocation
 from server.cli.params import (
     DURATION,
     INT32_MAX,
@@ -434,6 +434,23 @@ def delete(socket_path: str, output: str, entry_ids: tuple[str, ...]) -> None:
         {"entries": [message_to_dict(e) for e in reply.entries]},
         "\n".join(f"Deleted entry {i}" for i in deleted),
     )
+
+
+@entry.command()
+@admin_options
+@click.option("--id", "entry_id", required=True, help="ID of the entry to revoke.")
+@click.option("--reason", default="", help="Why (kept with the revocation).")
+def revoke(socket_path: str, output: str, entry_id: str, reason: str) -> None:
+    """The kill switch: never issue for the entry again and revoke every unexpired
+    X.509-SVID issued for it (they appear in the CRLs agents deliver to workloads).
+    Revoking a revoked entry changes nothing; delete the entry to retire it."""
+    with AdminClient(socket_path) as client:
+        reply = client.call(
+            client.entries.RevokeEntry,
+            admin_pb2.RevokeEntryRequest(id=entry_id, reason=reason),
+            noun="entry",
+        )
+    emit(output, message_to_dict(reply), render_revocation(reply, f"Entry {entry_id}"))
 
 
 @entry.command()

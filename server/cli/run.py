@@ -62,6 +62,12 @@ SETTING_FLAGS: tuple[tuple[str, Any, str], ...] = (
         str,
         "Longest join token lifetime `token generate --ttl` may ask for [default: 24h].",
     ),
+    (
+        "--crl-next-update",
+        str,
+        "How far ahead CRLs set nextUpdate; re-signed at half of it and on every revocation "
+        "[default: 10m].",
+    ),
     ("--log-level", click.Choice(LOG_LEVELS), "Log level [default: info]."),
     ("--log-format", click.Choice(LOG_FORMATS), "Log format [default: text]."),
     ("--metrics-address", str, "Prometheus endpoint host:port [default: disabled]."),

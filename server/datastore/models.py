@@ -24,10 +24,13 @@ __all__ = [
     "Budget",
     "BudgetUse",
     "BySelectors",
+    "Crl",
     "DelegationPolicy",
     "Event",
     "EventKind",
     "FederationRelationship",
+    "IssuedJwtSvid",
+    "IssuedX509Svid",
     "JoinToken",
     "ListAttestedNodesRequest",
     "ListAttestedNodesResponse",
@@ -35,6 +38,7 @@ __all__ = [
     "ListRegistrationEntriesResponse",
     "MatchBehavior",
     "RegistrationEntry",
+    "Revocation",
 ]
 
 AuthorityKind = Literal["x509", "jwt", "wit"]
@@ -161,8 +165,70 @@ class Authority:
     owner: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class IssuedX509Svid:
+    """An X.509-SVID the server signed, kept until it expires so that it can be revoked.
+
+    ``serial`` is the certificate's serial number in lowercase hex (as logged);
+    ``authority_id`` the issuing X.509 authority (its SubjectKeyIdentifier in hex);
+    ``entry_id`` the registration entry it was issued for (``""``: an agent SVID or an
+    admin mint); ``agent_id`` the agent that obtained it (an agent SVID's own agent;
+    ``""`` for an admin mint). ``revoked_at`` of 0 means not revoked.
+    """
+
+    serial: str
+    authority_id: str
+    spiffe_id: str
+    expires_at: int
+    entry_id: str = ""
+    agent_id: str = ""
+    issued_at: int = 0
+    revoked_at: int = 0
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedJwtSvid:
+    """A JWT-SVID the server signed, by its ``jti``, kept until it expires (revocable)."""
+
+    jti: str
+    spiffe_id: str
+    expires_at: int
+    entry_id: str = ""
+    agent_id: str = ""
+    issued_at: int = 0
+    revoked_at: int = 0
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Revocation:
+    """What one revocation call changed: the SVIDs it revoked now (already revoked ones
+    are not repeated), and for an entry whether the entry itself was newly revoked."""
+
+    revoked: tuple[IssuedX509Svid, ...] = ()
+    entry_newly_revoked: bool = False
+    revoked_jwts: tuple[IssuedJwtSvid, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Crl:
+    """The current certificate revocation list (DER) of one X.509 authority."""
+
+    authority_id: str
+    number: int
+    data: bytes
+    next_update: int
+    updated_at: int = 0
+
+
 class EventKind(enum.StrEnum):
-    """What changed; ``Event.subject`` names the entry id, node SPIFFE ID or trust domain."""
+    """What changed; ``Event.subject`` names the entry id, node SPIFFE ID or trust domain.
+
+    ``x509_svids_revoked`` names the issuing authority (its CRL must be re-signed);
+    ``crl_updated`` the authority whose CRL was stored; ``entry_revoked`` the entry;
+    ``jwt_svids_revoked`` has the subject ``""`` (the revocation list changed).
+    """
 
     ENTRY_CREATED = "entry_created"
     ENTRY_UPDATED = "entry_updated"
@@ -172,6 +238,10 @@ class EventKind(enum.StrEnum):
     NODE_DELETED = "node_deleted"
     BUNDLE_UPDATED = "bundle_updated"
     BUNDLE_DELETED = "bundle_deleted"
+    ENTRY_REVOKED = "entry_revoked"
+    X509_SVIDS_REVOKED = "x509_svids_revoked"
+    CRL_UPDATED = "crl_updated"
+    JWT_SVIDS_REVOKED = "jwt_svids_revoked"
 
 
 @dataclass(frozen=True, slots=True)

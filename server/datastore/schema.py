@@ -19,6 +19,11 @@ Versions:
 4. ``registration_entries.owner`` and ``.purpose`` (``""`` for existing rows), indexed by
    owner.
 5. ``delegation_policies`` and ``budget_usage`` (token exchange, :mod:`server.delegation`).
+6. revocation: ``issued_x509_svids`` (every X.509-SVID the server signed: serial, issuing
+   authority, entry, SPIFFE ID, agent, expiry, and when and why it was revoked),
+   ``revoked_entries`` (the kill switch: entries that may not be issued for) and ``crls``
+   (the current CRL of each X.509 authority), ``issued_jwt_svids`` (every JWT-SVID by
+   ``jti``, with its revocation).
 """
 
 from __future__ import annotations
@@ -212,6 +217,69 @@ authorities = Table(
     Index("ix_authorities_kind_created_at", "kind", "created_at"),
 )
 
+# Version 4: revocation. ``agent_id`` is the agent that obtained the SVID (for an agent
+# SVID, the agent itself; ``""`` for one minted by an admin); ``entry_id`` is ``""`` for
+# SVIDs not issued for an entry (agent SVIDs, admin mints). ``revoked_at`` 0: not revoked.
+issued_x509_svids = Table(
+    "issued_x509_svids",
+    metadata,
+    Column("serial", _Key, primary_key=True),
+    Column("authority_id", _Str, nullable=False),
+    Column("entry_id", _Str, nullable=False),
+    Column("spiffe_id", _Str, nullable=False),
+    Column("agent_id", _Str, nullable=False),
+    Column("expires_at", BigInteger, nullable=False),
+    Column("issued_at", BigInteger, nullable=False),
+    Column("revoked_at", BigInteger, nullable=False),
+    Column("reason", _Str, nullable=False),
+    Index("ix_issued_x509_svids_entry_id", "entry_id"),
+    Index("ix_issued_x509_svids_agent_id", "agent_id"),
+    Index("ix_issued_x509_svids_authority_revoked", "authority_id", "revoked_at"),
+    Index("ix_issued_x509_svids_expires_at", "expires_at"),
+)
+
+revoked_entries = Table(
+    "revoked_entries",
+    metadata,
+    Column(
+        "entry_id",
+        _Key,
+        ForeignKey("registration_entries.entry_id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    Column("revoked_at", BigInteger, nullable=False),
+    Column("reason", _Str, nullable=False),
+)
+
+crls = Table(
+    "crls",
+    metadata,
+    Column("authority_id", _Str, primary_key=True),
+    Column("number", BigInteger, nullable=False),
+    Column("data", LargeBinary, nullable=False),
+    Column("next_update", BigInteger, nullable=False),
+    Column("updated_at", BigInteger, nullable=False),
+)
+
+# Every JWT-SVID the server signed, by ``jti``, until it expires (same columns' meaning).
+issued_jwt_svids = Table(
+    "issued_jwt_svids",
+    metadata,
+    Column("jti", _Key, primary_key=True),
+    Column("entry_id", _Str, nullable=False),
+    Column("spiffe_id", _Str, nullable=False),
+    Column("agent_id", _Str, nullable=False),
+    Column("expires_at", BigInteger, nullable=False),
+    Column("issued_at", BigInteger, nullable=False),
+    Column("revoked_at", BigInteger, nullable=False),
+    Column("reason", _Str, nullable=False),
+    Index("ix_issued_jwt_svids_entry_id", "entry_id"),
+    Index("ix_issued_jwt_svids_agent_id", "agent_id"),
+    Index("ix_issued_jwt_svids_revoked_expires", "revoked_at", "expires_at"),
+)
+
+_REVOCATION_TABLES = (issued_x509_svids, revoked_entries, crls, issued_jwt_svids)
+
 # ``authorities`` as version 1 created it (step 1 must keep creating exactly this).
 _v1_metadata = MetaData()
 _authorities_v1 = Table(
@@ -373,12 +441,18 @@ def _step_5_delegation(conn: Connection) -> None:
     budget_usage.create(conn)
 
 
+def _step_6_revocation(conn: Connection) -> None:
+    """Add the revocation tables: issued X.509-SVIDs, revoked entries, CRLs."""
+    metadata.create_all(conn, tables=list(_REVOCATION_TABLES))
+
+
 MIGRATIONS: tuple[Callable[[Connection], None], ...] = (
     _step_1_initial,
     _step_2_authority_owner,
     _step_3_federation_relationships,
     _step_4_entry_owner,
     _step_5_delegation,
+    _step_6_revocation,
 )
 """Ordered steps; step ``n`` (1-based) takes the schema from version ``n - 1`` to ``n``."""
 

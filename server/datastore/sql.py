@@ -51,6 +51,7 @@ from sqlalchemy import (
     or_,
     select,
     text,
+    true,
     update,
 )
 from sqlalchemy.dialects import postgresql as pg_dialect
@@ -72,10 +73,13 @@ from server.datastore.models import (
     Authority,
     Budget,
     BudgetUse,
+    Crl,
     DelegationPolicy,
     Event,
     EventKind,
     FederationRelationship,
+    IssuedJwtSvid,
+    IssuedX509Svid,
     JoinToken,
     ListAttestedNodesRequest,
     ListAttestedNodesResponse,
@@ -83,12 +87,14 @@ from server.datastore.models import (
     ListRegistrationEntriesResponse,
     MatchBehavior,
     RegistrationEntry,
+    Revocation,
 )
 from server.datastore.protocol import BundleBuilder, DataStore
 from server.datastore.schema import (
     authorities,
     budget_usage,
     bundles,
+    crls,
     delegation_policies,
     entries,
     entry_dns_names,
@@ -96,9 +102,12 @@ from server.datastore.schema import (
     entry_selectors,
     events,
     federation_relationships,
+    issued_jwt_svids,
+    issued_x509_svids,
     join_tokens,
     node_selectors,
     nodes,
+    revoked_entries,
 )
 
 __all__ = ["Listener", "SqlDataStore"]
@@ -940,6 +949,385 @@ class SqlDataStore:
             tx.conn.execute(delete(authorities).where(authorities.c.authority_id == authority_id))
         return found[0]
 
+    # ------------------------------------------------------------------ issued X.509-SVIDs
+
+    def create_issued_x509_svids(self, svids: Sequence[IssuedX509Svid]) -> frozenset[str]:
+        """Record signed SVIDs, except those of revoked entries: return those entries' ids.
+
+        The caller must not hand out an SVID whose entry id comes back: its entry was
+        revoked after it was authorized. The entries' rows are share-locked first, so a
+        concurrent :meth:`revoke_registration_entry` either sees these rows (and revokes
+        them) or is seen here.
+        """
+        if not svids:
+            return frozenset()
+        entry_ids = sorted({s.entry_id for s in svids if s.entry_id})
+        with self._transaction(write=True) as tx:
+            revoked: set[str] = set()
+            for chunk in _chunks(entry_ids):
+                if self._is_pg:
+                    tx.conn.execute(
+                        select(entries.c.entry_id)
+                        .where(entries.c.entry_id.in_(chunk))
+                        .order_by(entries.c.entry_id)
+                        .with_for_update(read=True)
+                    )
+                revoked.update(
+                    tx.conn.execute(
+                        select(revoked_entries.c.entry_id).where(
+                            revoked_entries.c.entry_id.in_(chunk)
+                        )
+                    ).scalars()
+                )
+            rows = [
+                _issued_values(replace(s, issued_at=s.issued_at or tx.now))
+                for s in svids
+                if s.entry_id not in revoked
+            ]
+            for chunk in _chunks(rows):
+                tx.conn.execute(insert(issued_x509_svids), list(chunk))
+        return frozenset(revoked)
+
+    def fetch_issued_x509_svid(self, serial: str) -> IssuedX509Svid | None:
+        """The recorded SVID with this serial (lowercase hex), or None."""
+        with self._transaction(write=False) as tx:
+            found = self._load_issued(tx.conn, issued_x509_svids.c.serial == serial)
+        return found[0] if found else None
+
+    def list_issued_x509_svids(
+        self,
+        *,
+        entry_id: str | None = None,
+        agent_id: str | None = None,
+        authority_id: str | None = None,
+        revoked: bool | None = None,
+        expires_after: int | None = None,
+    ) -> list[IssuedX509Svid]:
+        """Recorded SVIDs matching every given filter, ordered by serial."""
+        c = issued_x509_svids.c
+        conds: list[ColumnElement[bool]] = []
+        if entry_id is not None:
+            conds.append(c.entry_id == entry_id)
+        if agent_id is not None:
+            conds.append(c.agent_id == agent_id)
+        if authority_id is not None:
+            conds.append(c.authority_id == authority_id)
+        if revoked is not None:
+            conds.append(c.revoked_at != 0 if revoked else c.revoked_at == 0)
+        if expires_after is not None:
+            conds.append(c.expires_at > expires_after)
+        with self._transaction(write=False) as tx:
+            return self._load_issued(tx.conn, and_(true(), *conds))
+
+    def prune_issued_x509_svids(self, expires_before: int) -> int:
+        """Forget SVIDs that expired before ``expires_before`` (nothing verifies them)."""
+        with self._transaction(write=True) as tx:
+            return int(
+                tx.conn.execute(
+                    delete(issued_x509_svids).where(issued_x509_svids.c.expires_at < expires_before)
+                ).rowcount
+            )
+
+    # ------------------------------------------------------------------ revocation
+
+    def revoke_x509_svid(self, serial: str, reason: str) -> Revocation:
+        """Revoke one recorded SVID; :class:`NotFound` if the serial was never recorded.
+
+        Idempotent: an SVID already revoked keeps its first time and reason, and the
+        result then lists nothing.
+        """
+        with self._transaction(write=True) as tx:
+            found = self._load_issued(tx.conn, issued_x509_svids.c.serial == serial)
+            if not found:
+                raise NotFound(f"no X.509-SVID with serial {serial!r} was issued")
+            revoked = self._revoke_issued(tx, issued_x509_svids.c.serial == serial, reason)
+        return Revocation(tuple(revoked))
+
+    def revoke_registration_entry(self, entry_id: str, reason: str) -> Revocation:
+        """The kill switch: no SVID may be issued for the entry any more, and every
+        unexpired SVID issued for it is revoked. :class:`NotFound` if the entry is absent.
+
+        Idempotent: revoking a revoked entry changes nothing and lists nothing.
+        """
+        with self._transaction(write=True) as tx:
+            stmt = select(entries.c.entry_id).where(entries.c.entry_id == entry_id)
+            if self._is_pg:
+                stmt = stmt.with_for_update()
+            if tx.conn.execute(stmt).first() is None:
+                raise NotFound(f"registration entry {entry_id!r} not found")
+            already = tx.conn.execute(
+                select(revoked_entries.c.entry_id).where(revoked_entries.c.entry_id == entry_id)
+            ).first()
+            if already is None:
+                tx.conn.execute(
+                    insert(revoked_entries).values(
+                        entry_id=entry_id, revoked_at=tx.now, reason=reason
+                    )
+                )
+                self._emit(tx, [(EventKind.ENTRY_REVOKED, entry_id)])
+            c = issued_x509_svids.c
+            revoked = self._revoke_issued(
+                tx, and_(c.entry_id == entry_id, c.expires_at > tx.now), reason
+            )
+            j = issued_jwt_svids.c
+            jwts = self._revoke_jwts(
+                tx, and_(j.entry_id == entry_id, j.expires_at > tx.now), reason
+            )
+        return Revocation(
+            tuple(revoked), entry_newly_revoked=already is None, revoked_jwts=tuple(jwts)
+        )
+
+    def list_revoked_entry_ids(self) -> set[str]:
+        """Ids of every revoked registration entry."""
+        with self._transaction(write=False) as tx:
+            return set(tx.conn.execute(select(revoked_entries.c.entry_id)).scalars())
+
+    def fetch_entry_revocation(self, entry_id: str) -> tuple[int, str] | None:
+        """(revoked at, reason) of a revoked entry, or None when it is not revoked."""
+        with self._transaction(write=False) as tx:
+            row = tx.conn.execute(
+                select(revoked_entries.c.revoked_at, revoked_entries.c.reason).where(
+                    revoked_entries.c.entry_id == entry_id
+                )
+            ).first()
+        return None if row is None else (int(row[0]), str(row[1]))
+
+    def ban_attested_node(self, spiffe_id: str, reason: str) -> tuple[AttestedNode, Revocation]:
+        """Ban the node and revoke every unexpired SVID it obtained (its own included).
+
+        :class:`NotFound` if the node is absent. Idempotent.
+        """
+        with self._transaction(write=True) as tx:
+            found = tx.conn.execute(
+                update(nodes)
+                .where(nodes.c.spiffe_id == spiffe_id)
+                .values(banned=True, updated_at=tx.now)
+                .returning(nodes.c.spiffe_id)
+            ).first()
+            if found is None:
+                raise NotFound(f"attested node {spiffe_id!r} not found")
+            self._emit(tx, [(EventKind.NODE_UPDATED, spiffe_id)])
+            c = issued_x509_svids.c
+            revoked = self._revoke_issued(
+                tx, and_(c.agent_id == spiffe_id, c.expires_at > tx.now), reason
+            )
+            j = issued_jwt_svids.c
+            jwts = self._revoke_jwts(
+                tx, and_(j.agent_id == spiffe_id, j.expires_at > tx.now), reason
+            )
+            node = self._load_nodes(tx.conn, [nodes.c.spiffe_id == spiffe_id])[0]
+        return node, Revocation(tuple(revoked), revoked_jwts=tuple(jwts))
+
+    def _revoke_issued(
+        self, tx: _Tx, cond: ColumnElement[bool], reason: str
+    ) -> list[IssuedX509Svid]:
+        """Mark the matching unrevoked SVIDs revoked; one event per issuing authority."""
+        c = issued_x509_svids.c
+        pending = and_(cond, c.revoked_at == 0)
+        targets = self._load_issued(tx.conn, pending)
+        if not targets:
+            return []
+        tx.conn.execute(
+            update(issued_x509_svids).where(pending).values(revoked_at=tx.now, reason=reason)
+        )
+        self._emit(
+            tx,
+            [
+                (EventKind.X509_SVIDS_REVOKED, authority_id)
+                for authority_id in sorted({t.authority_id for t in targets})
+            ],
+        )
+        return [replace(t, revoked_at=tx.now, reason=reason) for t in targets]
+
+    @staticmethod
+    def _load_issued(conn: Connection, cond: ColumnElement[bool]) -> list[IssuedX509Svid]:
+        c = issued_x509_svids.c
+        stmt = select(
+            c.serial,
+            c.authority_id,
+            c.spiffe_id,
+            c.expires_at,
+            c.entry_id,
+            c.agent_id,
+            c.issued_at,
+            c.revoked_at,
+            c.reason,
+        ).where(cond)
+        return [
+            IssuedX509Svid(
+                serial=r[0],
+                authority_id=r[1],
+                spiffe_id=r[2],
+                expires_at=int(r[3]),
+                entry_id=r[4],
+                agent_id=r[5],
+                issued_at=int(r[6]),
+                revoked_at=int(r[7]),
+                reason=r[8],
+            )
+            for r in conn.execute(stmt.order_by(c.serial))
+        ]
+
+    # ------------------------------------------------------------------ issued JWT-SVIDs
+
+    def create_issued_jwt_svid(self, svid: IssuedJwtSvid) -> bool:
+        """Record a signed JWT-SVID; False (not recorded) when its entry is revoked.
+
+        The caller must not hand out a token for which this returns False.
+        """
+        with self._transaction(write=True) as tx:
+            if svid.entry_id:
+                stmt = select(entries.c.entry_id).where(entries.c.entry_id == svid.entry_id)
+                if self._is_pg:
+                    stmt = stmt.with_for_update(read=True)
+                tx.conn.execute(stmt)
+                revoked = tx.conn.execute(
+                    select(revoked_entries.c.entry_id).where(
+                        revoked_entries.c.entry_id == svid.entry_id
+                    )
+                ).first()
+                if revoked is not None:
+                    return False
+            stored = replace(svid, issued_at=svid.issued_at or tx.now)
+            tx.conn.execute(
+                insert(issued_jwt_svids).values(
+                    jti=stored.jti,
+                    entry_id=stored.entry_id,
+                    spiffe_id=stored.spiffe_id,
+                    agent_id=stored.agent_id,
+                    expires_at=stored.expires_at,
+                    issued_at=stored.issued_at,
+                    revoked_at=stored.revoked_at,
+                    reason=stored.reason,
+                )
+            )
+        return True
+
+    def fetch_issued_jwt_svid(self, jti: str) -> IssuedJwtSvid | None:
+        """The recorded JWT-SVID with this ``jti``, or None."""
+        with self._transaction(write=False) as tx:
+            found = self._load_jwts(tx.conn, issued_jwt_svids.c.jti == jti)
+        return found[0] if found else None
+
+    def list_revoked_jwt_svids(self, expires_after: int) -> list[IssuedJwtSvid]:
+        """Revoked JWT-SVIDs that expire after ``expires_after`` (the revocation list)."""
+        j = issued_jwt_svids.c
+        with self._transaction(write=False) as tx:
+            return self._load_jwts(tx.conn, and_(j.revoked_at != 0, j.expires_at > expires_after))
+
+    def revoke_jwt_svid(self, jti: str, reason: str) -> Revocation:
+        """Revoke one recorded JWT-SVID; :class:`NotFound` if the jti was never recorded.
+
+        Idempotent: an already revoked one keeps its first time and reason.
+        """
+        with self._transaction(write=True) as tx:
+            if not self._load_jwts(tx.conn, issued_jwt_svids.c.jti == jti):
+                raise NotFound(f"no JWT-SVID with jti {jti!r} was issued")
+            jwts = self._revoke_jwts(tx, issued_jwt_svids.c.jti == jti, reason)
+        return Revocation(revoked_jwts=tuple(jwts))
+
+    def prune_issued_jwt_svids(self, expires_before: int) -> int:
+        """Forget JWT-SVIDs that expired before ``expires_before``."""
+        with self._transaction(write=True) as tx:
+            return int(
+                tx.conn.execute(
+                    delete(issued_jwt_svids).where(issued_jwt_svids.c.expires_at < expires_before)
+                ).rowcount
+            )
+
+    def _revoke_jwts(self, tx: _Tx, cond: ColumnElement[bool], reason: str) -> list[IssuedJwtSvid]:
+        """Mark the matching unrevoked JWT-SVIDs revoked; one event when any were."""
+        pending = and_(cond, issued_jwt_svids.c.revoked_at == 0)
+        targets = self._load_jwts(tx.conn, pending)
+        if not targets:
+            return []
+        tx.conn.execute(
+            update(issued_jwt_svids).where(pending).values(revoked_at=tx.now, reason=reason)
+        )
+        self._emit(tx, [(EventKind.JWT_SVIDS_REVOKED, "")])
+        return [replace(t, revoked_at=tx.now, reason=reason) for t in targets]
+
+    @staticmethod
+    def _load_jwts(conn: Connection, cond: ColumnElement[bool]) -> list[IssuedJwtSvid]:
+        j = issued_jwt_svids.c
+        stmt = select(
+            j.jti,
+            j.spiffe_id,
+            j.expires_at,
+            j.entry_id,
+            j.agent_id,
+            j.issued_at,
+            j.revoked_at,
+            j.reason,
+        ).where(cond)
+        return [
+            IssuedJwtSvid(
+                jti=r[0],
+                spiffe_id=r[1],
+                expires_at=int(r[2]),
+                entry_id=r[3],
+                agent_id=r[4],
+                issued_at=int(r[5]),
+                revoked_at=int(r[6]),
+                reason=r[7],
+            )
+            for r in conn.execute(stmt.order_by(j.jti))
+        ]
+
+    # ------------------------------------------------------------------ CRLs
+
+    def set_crl(self, crl: Crl) -> Crl:
+        """Store the authority's current CRL (replacing the previous one)."""
+        with self._transaction(write=True) as tx:
+            tx.conn.execute(delete(crls).where(crls.c.authority_id == crl.authority_id))
+            stored = replace(crl, updated_at=tx.now)
+            tx.conn.execute(
+                insert(crls).values(
+                    authority_id=stored.authority_id,
+                    number=stored.number,
+                    data=stored.data,
+                    next_update=stored.next_update,
+                    updated_at=stored.updated_at,
+                )
+            )
+            self._emit(tx, [(EventKind.CRL_UPDATED, crl.authority_id)])
+        return stored
+
+    def fetch_crl(self, authority_id: str) -> Crl | None:
+        """The authority's current CRL, or None."""
+        found = [c for c in self._load_crls(crls.c.authority_id == authority_id)]
+        return found[0] if found else None
+
+    def list_crls(self) -> list[Crl]:
+        """Every stored CRL, ordered by authority id."""
+        return self._load_crls(None)
+
+    def prune_crls(self) -> int:
+        """Delete the CRLs of authorities no longer in the journal."""
+        with self._transaction(write=True) as tx:
+            known = select(authorities.c.authority_id).scalar_subquery()
+            gone = list(
+                tx.conn.execute(
+                    select(crls.c.authority_id).where(crls.c.authority_id.not_in(known))
+                ).scalars()
+            )
+            if not gone:
+                return 0
+            tx.conn.execute(delete(crls).where(crls.c.authority_id.in_(gone)))
+            self._emit(tx, [(EventKind.CRL_UPDATED, a) for a in gone])
+        return len(gone)
+
+    def _load_crls(self, cond: ColumnElement[bool] | None) -> list[Crl]:
+        c = crls.c
+        stmt = select(c.authority_id, c.number, c.data, c.next_update, c.updated_at)
+        if cond is not None:
+            stmt = stmt.where(cond)
+        with self._transaction(write=False) as tx:
+            return [
+                Crl(r[0], int(r[1]), bytes(r[2]), int(r[3]), int(r[4]))
+                for r in tx.conn.execute(stmt.order_by(c.authority_id))
+            ]
+
     # ------------------------------------------------------------------ events
 
     def list_events(self, after_id: int, limit: int = 1000) -> list[Event]:
@@ -1760,6 +2148,20 @@ def _node_values(node: AttestedNode) -> dict[str, Any]:
         "banned": node.banned,
         "created_at": node.created_at,
         "updated_at": node.updated_at,
+    }
+
+
+def _issued_values(svid: IssuedX509Svid) -> dict[str, Any]:
+    return {
+        "serial": svid.serial,
+        "authority_id": svid.authority_id,
+        "entry_id": svid.entry_id,
+        "spiffe_id": svid.spiffe_id,
+        "agent_id": svid.agent_id,
+        "expires_at": svid.expires_at,
+        "issued_at": svid.issued_at,
+        "revoked_at": svid.revoked_at,
+        "reason": svid.reason,
     }
 
 

@@ -22,6 +22,131 @@ else:
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
+class RevokeEntryRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    reason: _builtins.str
+    """Why (kept with the revocation; at most 512 characters)."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeEntryRequest: _TypeAlias = RevokeEntryRequest  # noqa: Y015
+
+@_typing.final
+class RevokedX509Svid(_message.Message):
+    """An X.509-SVID that a revocation call revoked."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERIAL_FIELD_NUMBER: _builtins.int
+    SPIFFE_ID_FIELD_NUMBER: _builtins.int
+    ENTRY_ID_FIELD_NUMBER: _builtins.int
+    AUTHORITY_ID_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    serial: _builtins.str
+    """Lowercase hex."""
+    spiffe_id: _builtins.str
+    entry_id: _builtins.str
+    """"" for an agent SVID or an admin mint."""
+    authority_id: _builtins.str
+    expires_at: _builtins.int
+    agent_id: _builtins.str
+    """The agent that obtained it ("" for an admin mint)."""
+    def __init__(
+        self,
+        *,
+        serial: _builtins.str = ...,
+        spiffe_id: _builtins.str = ...,
+        entry_id: _builtins.str = ...,
+        authority_id: _builtins.str = ...,
+        expires_at: _builtins.int = ...,
+        agent_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "authority_id", b"authority_id", "entry_id", b"entry_id", "expires_at", b"expires_at", "serial", b"serial", "spiffe_id", b"spiffe_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokedX509Svid: _TypeAlias = RevokedX509Svid  # noqa: Y015
+
+@_typing.final
+class RevokedJwtSvid(_message.Message):
+    """A JWT-SVID that a revocation call revoked."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JTI_FIELD_NUMBER: _builtins.int
+    SPIFFE_ID_FIELD_NUMBER: _builtins.int
+    ENTRY_ID_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    jti: _builtins.str
+    spiffe_id: _builtins.str
+    entry_id: _builtins.str
+    expires_at: _builtins.int
+    agent_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        jti: _builtins.str = ...,
+        spiffe_id: _builtins.str = ...,
+        entry_id: _builtins.str = ...,
+        expires_at: _builtins.int = ...,
+        agent_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "entry_id", b"entry_id", "expires_at", b"expires_at", "jti", b"jti", "spiffe_id", b"spiffe_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokedJwtSvid: _TypeAlias = RevokedJwtSvid  # noqa: Y015
+
+@_typing.final
+class RevocationResponse(_message.Message):
+    """What a revocation call did: the SVIDs it revoked now (empty when repeated)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REVOKED_FIELD_NUMBER: _builtins.int
+    ENTRY_NEWLY_REVOKED_FIELD_NUMBER: _builtins.int
+    REVOKED_JWTS_FIELD_NUMBER: _builtins.int
+    entry_newly_revoked: _builtins.bool
+    """RevokeEntry: true when this call revoked the entry (false: it already was)."""
+    @_builtins.property
+    def revoked(self) -> _containers.RepeatedCompositeFieldContainer[Global___RevokedX509Svid]: ...
+    @_builtins.property
+    def revoked_jwts(self) -> _containers.RepeatedCompositeFieldContainer[Global___RevokedJwtSvid]: ...
+    def __init__(
+        self,
+        *,
+        revoked: _abc.Iterable[Global___RevokedX509Svid] | None = ...,
+        entry_newly_revoked: _builtins.bool = ...,
+        revoked_jwts: _abc.Iterable[Global___RevokedJwtSvid] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entry_newly_revoked", b"entry_newly_revoked", "revoked", b"revoked", "revoked_jwts", b"revoked_jwts"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevocationResponse: _TypeAlias = RevocationResponse  # noqa: Y015
+
+@_typing.final
 class BatchCreateEntryRequest(_message.Message):
     """Batch calls are all-or-nothing: on the first invalid item nothing changes
     and the call fails with a status naming the item and the field.
@@ -391,15 +516,19 @@ class BanAgentRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SPIFFE_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
     spiffe_id: _builtins.str
+    reason: _builtins.str
+    """Why (kept with the revocation of what the agent obtained)."""
     def __init__(
         self,
         *,
         spiffe_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["spiffe_id", b"spiffe_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "spiffe_id", b"spiffe_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -563,6 +692,86 @@ class DeleteFederatedBundleResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeleteFederatedBundleResponse: _TypeAlias = DeleteFederatedBundleResponse  # noqa: Y015
+
+@_typing.final
+class RevokeJWTSVIDRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JTI_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    jti: _builtins.str
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        jti: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["jti", b"jti", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeJWTSVIDRequest: _TypeAlias = RevokeJWTSVIDRequest  # noqa: Y015
+
+@_typing.final
+class RevokeX509SVIDRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERIAL_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    serial: _builtins.str
+    """Lowercase hex (as `credo-server` and the logs show it)."""
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        serial: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "serial", b"serial"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeX509SVIDRequest: _TypeAlias = RevokeX509SVIDRequest  # noqa: Y015
+
+@_typing.final
+class ListCRLsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCRLsRequest: _TypeAlias = ListCRLsRequest  # noqa: Y015
+
+@_typing.final
+class ListCRLsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CRLS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def crls(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Crl]: ...
+    def __init__(
+        self,
+        *,
+        crls: _abc.Iterable[_types_pb2.Crl] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["crls", b"crls"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCRLsResponse: _TypeAlias = ListCRLsResponse  # noqa: Y015
 
 @_typing.final
 class MintX509SVIDRequest(_message.Message):

@@ -65,6 +65,11 @@ class EntriesStub:
                 request_serializer=credo_dot_server_dot_v1_dot_admin__pb2.CountEntriesRequest.SerializeToString,
                 response_deserializer=credo_dot_server_dot_v1_dot_admin__pb2.CountEntriesResponse.FromString,
                 _registered_method=True)
+        self.RevokeEntry = channel.unary_unary(
+                '/credo.server.v1.Entries/RevokeEntry',
+                request_serializer=credo_dot_server_dot_v1_dot_admin__pb2.RevokeEntryRequest.SerializeToString,
+                response_deserializer=credo_dot_server_dot_v1_dot_admin__pb2.RevocationResponse.FromString,
+                _registered_method=True)
 
 
 class EntriesServicer:
@@ -106,6 +111,14 @@ class EntriesServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RevokeEntry(self, request, context):
+        """The kill switch: the entry is never issued for again and every unexpired
+        X.509-SVID issued for it is revoked. Idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EntriesServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -138,6 +151,11 @@ def add_EntriesServicer_to_server(servicer, server):
                     servicer.CountEntries,
                     request_deserializer=credo_dot_server_dot_v1_dot_admin__pb2.CountEntriesRequest.FromString,
                     response_serializer=credo_dot_server_dot_v1_dot_admin__pb2.CountEntriesResponse.SerializeToString,
+            ),
+            'RevokeEntry': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeEntry,
+                    request_deserializer=credo_dot_server_dot_v1_dot_admin__pb2.RevokeEntryRequest.FromString,
+                    response_serializer=credo_dot_server_dot_v1_dot_admin__pb2.RevocationResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -302,6 +320,33 @@ class Entries:
             '/credo.server.v1.Entries/CountEntries',
             credo_dot_server_dot_v1_dot_admin__pb2.CountEntriesRequest.SerializeToString,
             credo_dot_server_dot_v1_dot_admin__pb2.CountEntriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeEntry(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/credo.server.v1.Entries/RevokeEntry',
+            credo_dot_server_dot_v1_dot_admin__pb2.RevokeEntryRequest.SerializeToString,
+            credo_dot_server_dot_v1_dot_admin__pb2.RevocationResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -827,6 +872,21 @@ class SvidsStub:
                 request_serializer=credo_dot_server_dot_v1_dot_admin__pb2.MintWITSVIDRequest.SerializeToString,
                 response_deserializer=credo_dot_server_dot_v1_dot_admin__pb2.MintWITSVIDResponse.FromString,
                 _registered_method=True)
+        self.RevokeX509SVID = channel.unary_unary(
+                '/credo.server.v1.Svids/RevokeX509SVID',
+                request_serializer=credo_dot_server_dot_v1_dot_admin__pb2.RevokeX509SVIDRequest.SerializeToString,
+                response_deserializer=credo_dot_server_dot_v1_dot_admin__pb2.RevocationResponse.FromString,
+                _registered_method=True)
+        self.ListCRLs = channel.unary_unary(
+                '/credo.server.v1.Svids/ListCRLs',
+                request_serializer=credo_dot_server_dot_v1_dot_admin__pb2.ListCRLsRequest.SerializeToString,
+                response_deserializer=credo_dot_server_dot_v1_dot_admin__pb2.ListCRLsResponse.FromString,
+                _registered_method=True)
+        self.RevokeJWTSVID = channel.unary_unary(
+                '/credo.server.v1.Svids/RevokeJWTSVID',
+                request_serializer=credo_dot_server_dot_v1_dot_admin__pb2.RevokeJWTSVIDRequest.SerializeToString,
+                response_deserializer=credo_dot_server_dot_v1_dot_admin__pb2.RevocationResponse.FromString,
+                _registered_method=True)
 
 
 class SvidsServicer:
@@ -850,6 +910,27 @@ class SvidsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RevokeX509SVID(self, request, context):
+        """Revoke one X.509-SVID the server issued. Idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListCRLs(self, request, context):
+        """The current CRL of every X.509 authority.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeJWTSVID(self, request, context):
+        """Revoke one JWT-SVID the server issued, by its jti. Idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SvidsServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -867,6 +948,21 @@ def add_SvidsServicer_to_server(servicer, server):
                     servicer.MintWITSVID,
                     request_deserializer=credo_dot_server_dot_v1_dot_admin__pb2.MintWITSVIDRequest.FromString,
                     response_serializer=credo_dot_server_dot_v1_dot_admin__pb2.MintWITSVIDResponse.SerializeToString,
+            ),
+            'RevokeX509SVID': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeX509SVID,
+                    request_deserializer=credo_dot_server_dot_v1_dot_admin__pb2.RevokeX509SVIDRequest.FromString,
+                    response_serializer=credo_dot_server_dot_v1_dot_admin__pb2.RevocationResponse.SerializeToString,
+            ),
+            'ListCRLs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCRLs,
+                    request_deserializer=credo_dot_server_dot_v1_dot_admin__pb2.ListCRLsRequest.FromString,
+                    response_serializer=credo_dot_server_dot_v1_dot_admin__pb2.ListCRLsResponse.SerializeToString,
+            ),
+            'RevokeJWTSVID': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeJWTSVID,
+                    request_deserializer=credo_dot_server_dot_v1_dot_admin__pb2.RevokeJWTSVIDRequest.FromString,
+                    response_serializer=credo_dot_server_dot_v1_dot_admin__pb2.RevocationResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -950,6 +1046,87 @@ class Svids:
             '/credo.server.v1.Svids/MintWITSVID',
             credo_dot_server_dot_v1_dot_admin__pb2.MintWITSVIDRequest.SerializeToString,
             credo_dot_server_dot_v1_dot_admin__pb2.MintWITSVIDResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeX509SVID(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/credo.server.v1.Svids/RevokeX509SVID',
+            credo_dot_server_dot_v1_dot_admin__pb2.RevokeX509SVIDRequest.SerializeToString,
+            credo_dot_server_dot_v1_dot_admin__pb2.RevocationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCRLs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/credo.server.v1.Svids/ListCRLs',
+            credo_dot_server_dot_v1_dot_admin__pb2.ListCRLsRequest.SerializeToString,
+            credo_dot_server_dot_v1_dot_admin__pb2.ListCRLsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeJWTSVID(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/credo.server.v1.Svids/RevokeJWTSVID',
+            credo_dot_server_dot_v1_dot_admin__pb2.RevokeJWTSVIDRequest.SerializeToString,
+            credo_dot_server_dot_v1_dot_admin__pb2.RevocationResponse.FromString,
             options,
             channel_credentials,
             insecure,

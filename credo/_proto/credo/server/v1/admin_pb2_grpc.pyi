@@ -40,6 +40,10 @@ class EntriesStub:
     GetEntry: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetEntryRequest, _types_pb2.RegistrationEntry]
     ListEntries: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListEntriesRequest, _admin_pb2.ListEntriesResponse]
     CountEntries: _grpc.UnaryUnaryMultiCallable[_admin_pb2.CountEntriesRequest, _admin_pb2.CountEntriesResponse]
+    RevokeEntry: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RevokeEntryRequest, _admin_pb2.RevocationResponse]
+    """The kill switch: the entry is never issued for again and every unexpired
+    X.509-SVID issued for it is revoked. Idempotent.
+    """
 
 @_typing.type_check_only
 class EntriesAsyncStub(EntriesStub):
@@ -50,6 +54,10 @@ class EntriesAsyncStub(EntriesStub):
     GetEntry: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetEntryRequest, _types_pb2.RegistrationEntry]  # type: ignore[assignment]
     ListEntries: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListEntriesRequest, _admin_pb2.ListEntriesResponse]  # type: ignore[assignment]
     CountEntries: _aio.UnaryUnaryMultiCallable[_admin_pb2.CountEntriesRequest, _admin_pb2.CountEntriesResponse]  # type: ignore[assignment]
+    RevokeEntry: _aio.UnaryUnaryMultiCallable[_admin_pb2.RevokeEntryRequest, _admin_pb2.RevocationResponse]  # type: ignore[assignment]
+    """The kill switch: the entry is never issued for again and every unexpired
+    X.509-SVID issued for it is revoked. Idempotent.
+    """
 
 class EntriesServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -93,6 +101,16 @@ class EntriesServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.CountEntriesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.CountEntriesResponse, _abc.Awaitable[_admin_pb2.CountEntriesResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RevokeEntry(
+        self,
+        request: _admin_pb2.RevokeEntryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.RevocationResponse, _abc.Awaitable[_admin_pb2.RevocationResponse]]:
+        """The kill switch: the entry is never issued for again and every unexpired
+        X.509-SVID issued for it is revoked. Idempotent.
+        """
 
 def add_EntriesServicer_to_server(servicer: EntriesServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
@@ -226,6 +244,12 @@ class SvidsStub:
     MintX509SVID: _grpc.UnaryUnaryMultiCallable[_admin_pb2.MintX509SVIDRequest, _admin_pb2.MintX509SVIDResponse]
     MintJWTSVID: _grpc.UnaryUnaryMultiCallable[_admin_pb2.MintJWTSVIDRequest, _admin_pb2.MintJWTSVIDResponse]
     MintWITSVID: _grpc.UnaryUnaryMultiCallable[_admin_pb2.MintWITSVIDRequest, _admin_pb2.MintWITSVIDResponse]
+    RevokeX509SVID: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RevokeX509SVIDRequest, _admin_pb2.RevocationResponse]
+    """Revoke one X.509-SVID the server issued. Idempotent."""
+    ListCRLs: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListCRLsRequest, _admin_pb2.ListCRLsResponse]
+    """The current CRL of every X.509 authority."""
+    RevokeJWTSVID: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RevokeJWTSVIDRequest, _admin_pb2.RevocationResponse]
+    """Revoke one JWT-SVID the server issued, by its jti. Idempotent."""
 
 @_typing.type_check_only
 class SvidsAsyncStub(SvidsStub):
@@ -233,6 +257,12 @@ class SvidsAsyncStub(SvidsStub):
     MintX509SVID: _aio.UnaryUnaryMultiCallable[_admin_pb2.MintX509SVIDRequest, _admin_pb2.MintX509SVIDResponse]  # type: ignore[assignment]
     MintJWTSVID: _aio.UnaryUnaryMultiCallable[_admin_pb2.MintJWTSVIDRequest, _admin_pb2.MintJWTSVIDResponse]  # type: ignore[assignment]
     MintWITSVID: _aio.UnaryUnaryMultiCallable[_admin_pb2.MintWITSVIDRequest, _admin_pb2.MintWITSVIDResponse]  # type: ignore[assignment]
+    RevokeX509SVID: _aio.UnaryUnaryMultiCallable[_admin_pb2.RevokeX509SVIDRequest, _admin_pb2.RevocationResponse]  # type: ignore[assignment]
+    """Revoke one X.509-SVID the server issued. Idempotent."""
+    ListCRLs: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListCRLsRequest, _admin_pb2.ListCRLsResponse]  # type: ignore[assignment]
+    """The current CRL of every X.509 authority."""
+    RevokeJWTSVID: _aio.UnaryUnaryMultiCallable[_admin_pb2.RevokeJWTSVIDRequest, _admin_pb2.RevocationResponse]  # type: ignore[assignment]
+    """Revoke one JWT-SVID the server issued, by its jti. Idempotent."""
 
 class SvidsServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -255,6 +285,30 @@ class SvidsServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.MintWITSVIDRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.MintWITSVIDResponse, _abc.Awaitable[_admin_pb2.MintWITSVIDResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RevokeX509SVID(
+        self,
+        request: _admin_pb2.RevokeX509SVIDRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.RevocationResponse, _abc.Awaitable[_admin_pb2.RevocationResponse]]:
+        """Revoke one X.509-SVID the server issued. Idempotent."""
+
+    @_abc_1.abstractmethod
+    def ListCRLs(
+        self,
+        request: _admin_pb2.ListCRLsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListCRLsResponse, _abc.Awaitable[_admin_pb2.ListCRLsResponse]]:
+        """The current CRL of every X.509 authority."""
+
+    @_abc_1.abstractmethod
+    def RevokeJWTSVID(
+        self,
+        request: _admin_pb2.RevokeJWTSVIDRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.RevocationResponse, _abc.Awaitable[_admin_pb2.RevocationResponse]]:
+        """Revoke one JWT-SVID the server issued, by its jti. Idempotent."""
 
 def add_SvidsServicer_to_server(servicer: SvidsServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 

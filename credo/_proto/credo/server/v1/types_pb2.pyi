@@ -399,3 +399,37 @@ class Status(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Status: _TypeAlias = Status  # noqa: Y015
+
+@_typing.final
+class Crl(_message.Message):
+    """The current certificate revocation list of one X.509 authority (RFC 5280)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AUTHORITY_ID_FIELD_NUMBER: _builtins.int
+    DER_FIELD_NUMBER: _builtins.int
+    NUMBER_FIELD_NUMBER: _builtins.int
+    NEXT_UPDATE_FIELD_NUMBER: _builtins.int
+    authority_id: _builtins.str
+    """The authority's id (its SubjectKeyIdentifier in lowercase hex)."""
+    der: _builtins.bytes
+    """The CRL, DER."""
+    number: _builtins.int
+    """The CRL number (grows on every re-signing)."""
+    next_update: _builtins.int
+    """Unix seconds of the CRL's nextUpdate."""
+    def __init__(
+        self,
+        *,
+        authority_id: _builtins.str = ...,
+        der: _builtins.bytes = ...,
+        number: _builtins.int = ...,
+        next_update: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["authority_id", b"authority_id", "der", b"der", "next_update", b"next_update", "number", b"number"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Crl: _TypeAlias = Crl  # noqa: Y015
