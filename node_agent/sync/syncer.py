@@ -183,7 +183,8 @@ class EntrySyncer:
         moved = asyncio.ensure_future(changed.wait())
         try:
             while True:
-                timeout = None
+                # Until the server announces its heartbeat interval, look again each second.
+                timeout = 1.0
                 if self._interval > 0:
                     timeout = max(0.0, self._last_message + 3 * self._interval - time.monotonic())
                 await asyncio.wait(
