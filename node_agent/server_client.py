@@ -404,6 +404,21 @@ def _refusal(err: grpc.aio.AioRpcError) -> Refusal | None:
     return None
 
 
+def _closed_under(address: str, what: str) -> BaseException:
+    """What to raise for a CancelledError out of a gRPC call to ``address``.
+
+    gRPC cancels the calls of a channel that closes (a retired channel after its grace)
+    and says so with CancelledError. Unless the calling task is itself being cancelled,
+    that is not a cancellation of the caller, and must not end its loop silently: it is
+    :class:`ServerUnreachable` (not a fault of the server: no failover). Otherwise the
+    CancelledError goes on.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        return asyncio.CancelledError()
+    return ServerUnreachable(f"server {address}: {what} was cancelled (its channel was closed)")
+
+
 # --- the client ------------------------------------------------------------------------
 
 
@@ -594,7 +609,10 @@ class ServerClient:
 
         async def attempt(address: str) -> Any:
             stub = await self._stub(address)
-            return await getattr(stub, method)(request, timeout=timeout)
+            try:
+                return await getattr(stub, method)(request, timeout=timeout)
+            except asyncio.CancelledError:
+                raise _closed_under(address, method) from None
 
         return await self._around(attempt)
 
@@ -735,14 +753,6 @@ class ServerClient:
                 self.failover(str(error))
             raise error from None
         except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                raise  # the caller is being cancelled
-            # gRPC cancels the calls of a channel that closes (a retired channel after its
-            # grace) and says so with CancelledError: not a cancellation of the caller, and
-            # not a fault of the server (no failover).
-            raise ServerUnreachable(
-                f"server {address}: the sync stream was cancelled (its channel was closed)"
-            ) from None
+            raise _closed_under(address, "the sync stream") from None
         finally:
             call.cancel()

@@ -36,3 +36,7 @@ def test_every_change_reaches_the_workload_through_renewals_restarts_and_rotatio
     )
     for name, text in (("server", server_log), ("agent", agent_log)):
         assert "Task was destroyed" not in text, f"{name} leaked a pending task:\n{text[-4000:]}"
+        assert "too many pings" not in text.lower() and "too_many_pings" not in text.lower()
+    # Every stream start and end is in the logs, on both sides.
+    assert "agent sync started" in server_log and "agent sync ended" in server_log
+    assert "entry sync stream open" in agent_log
