@@ -268,6 +268,8 @@ class SyncView:
             },
         )
         sent = {i: e.revision_number for i, e in authorized.items()}
+        # The cache version and event id ``sent`` was computed at (they move together).
+        seen_version, seen_event_id = self._cache.version, event_id
         cert = caller.certificate
         expires = cert.not_valid_after_utc.timestamp()
         last_sent = time.monotonic()
@@ -294,30 +296,34 @@ class SyncView:
                 if fresh.banned:
                     raise AgentBanned()
                 node = fresh
-            # Computed on every round, heartbeats included: a change whose wake-up was
-            # lost still goes out, at the latest with the next heartbeat.
-            authorized = self._cache.index.authorized(agent_id, node.selectors)
-            changed = [e for i, e in authorized.items() if sent.get(i) != e.revision_number]
-            deleted = sorted(i for i in sent if i not in authorized)
-            names = federated_names(authorized.values())
-            bundle_changed = any(e.kind in _BUNDLE_EVENTS for e in events)
-            bundles: frozenset[str] | None = None
-            if bundle_changed or names != federated:
-                bundles = federated = names
-            if changed or deleted or bundles is not None:
-                sent = {i: e.revision_number for i, e in authorized.items()}
-                last_sent = time.monotonic()
-                yield SyncMessage(
-                    event_id=self._cache.event_id,
-                    full=False,
-                    entries=changed,
-                    deleted_entry_ids=deleted,
-                    bundles=bundles,
-                )
+            if events or self._cache.version != seen_version:
+                # Also on a heartbeat round when the cache moved: a change whose wake-up
+                # was lost still goes out, at the latest with the next heartbeat.
+                authorized = self._cache.index.authorized(agent_id, node.selectors)
+                seen_version, seen_event_id = self._cache.version, self._cache.event_id
+                changed = [e for i, e in authorized.items() if sent.get(i) != e.revision_number]
+                deleted = sorted(i for i in sent if i not in authorized)
+                names = federated_names(authorized.values())
+                bundle_changed = any(e.kind in _BUNDLE_EVENTS for e in events)
+                bundles: frozenset[str] | None = None
+                if bundle_changed or names != federated:
+                    bundles = federated = names
+                if changed or deleted or bundles is not None:
+                    sent = {i: e.revision_number for i, e in authorized.items()}
+                    last_sent = time.monotonic()
+                    yield SyncMessage(
+                        event_id=seen_event_id,
+                        full=False,
+                        entries=changed,
+                        deleted_entry_ids=deleted,
+                        bundles=bundles,
+                    )
             if heartbeat > 0 and time.monotonic() - last_sent >= heartbeat:
                 last_sent = time.monotonic()
+                # The event id ``sent`` is current for, not the cache's latest: the cache
+                # may have moved while the last message was sent (its changes go next).
                 yield SyncMessage(
-                    event_id=self._cache.event_id,
+                    event_id=seen_event_id,
                     full=False,
                     entries=[],
                     deleted_entry_ids=[],
