@@ -17,7 +17,10 @@ fifth.
 * ``missed`` — changes not on the workload's stream within 15 s (target 0);
 * ``max_delay_s`` / ``p50_delay_s`` — time from the admin call to the stream, of those
   that arrived;
-* ``restarts``, ``ca_activations`` — what happened around them;
+* ``restarts``, ``ca_activations`` — what happened around them; ``max_server_down_s``
+  the longest restart (stop to serving again): an agent SVID of 20 s is renewed at
+  half-life, so a server down for more than about 10 s at that moment lets it expire
+  (a join-token agent cannot attest again), whatever the sync does;
 * ``leaked_tasks`` — "Task was destroyed but it is pending!" lines in the logs (target 0).
 
 With ``--json`` the last line is one JSON object: ``{"name": "soak", "metrics": {...}}``.
@@ -55,6 +58,7 @@ def run(changes: int, gap: float) -> tuple[dict[str, float], list[str]]:
         "max_delay_s": round(result.max_delay_s, 3),
         "p50_delay_s": round(percentile(result.delays, 50), 3) if result.delays else 0.0,
         "restarts": result.restarts,
+        "max_server_down_s": round(result.max_down_s, 2),
         "ca_activations": result.activations,
         "leaked_tasks": logs.count("Task was destroyed but it is pending"),
         "gap_s": gap,

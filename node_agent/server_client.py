@@ -42,6 +42,7 @@ import logging
 import random
 import socket
 import ssl
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -93,8 +94,8 @@ MAX_BATCH = 500
 """Most CSRs the server accepts in one ``BatchNewX509SVID`` call."""
 
 _CHANNEL_RETIRE_GRACE = 10.0
-# A retry delay is at most this fraction of the agent SVID's lifetime (see backoff()).
-_RETRY_SHARE_OF_SVID = 6.0
+# A retry delay is at most the agent SVID's time left over this (see backoff()).
+_RETRY_SHARE_OF_SVID = 3.0
 _UNREACHABLE = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
 )
@@ -484,18 +485,21 @@ class ServerClient:
     def backoff(self) -> Backoff:
         """A fresh :class:`Backoff` under the agent's one policy, for one retry loop.
 
-        Its delays never exceed a sixth of the agent SVID's lifetime either: with a short
-        agent SVID TTL a retry loop that waited out the policy's cap (30 s by default)
-        could outlast the SVID, and a server back after a restart would wait for the agent.
+        Its delays never exceed a third of the time the agent SVID has left either: with a
+        short agent SVID TTL a retry loop that waited out the policy's cap (30 s by
+        default) could outlast the SVID, and an agent whose server came back after a
+        restart would still be waiting when its SVID expired. Once the SVID has expired
+        the policy's cap applies again.
         """
         return Backoff(self.config.backoff, limit=self._retry_limit)
 
     def _retry_limit(self) -> float:
         if self._svid is None:
             return self.config.backoff.cap
-        leaf = self._svid.leaf
-        lifetime = (leaf.not_valid_after_utc - leaf.not_valid_before_utc).total_seconds()
-        return max(0.0, lifetime / _RETRY_SHARE_OF_SVID)
+        left = self._svid.leaf.not_valid_after_utc.timestamp() - time.time()
+        if left <= 0:
+            return self.config.backoff.cap
+        return left / _RETRY_SHARE_OF_SVID
 
     def set_credentials(self, svid: X509Svid, authorities: tuple[x509.Certificate, ...]) -> None:
         """Call with ``svid`` and trust ``authorities`` from now on; rebuild the channels.

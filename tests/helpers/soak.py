@@ -105,6 +105,8 @@ class SoakResult:
     missed: list[str] = field(default_factory=list)
     delays: list[float] = field(default_factory=list)
     restarts: int = 0
+    down_seconds: list[float] = field(default_factory=list)
+    """Per restart, from stopping the server until the new one served."""
     activations: int = 0
     server: ServerProcess | None = None
     agent: AgentProcess | None = None
@@ -112,6 +114,10 @@ class SoakResult:
     @property
     def max_delay_s(self) -> float:
         return max(self.delays, default=0.0)
+
+    @property
+    def max_down_s(self) -> float:
+        return max(self.down_seconds, default=0.0)
 
 
 def run_soak(
@@ -180,13 +186,18 @@ def run_soak(
                 result.missed.append(what)
                 progress(f"{what}: MISSED (not on the workload's stream within {deadline:g}s)")
             if n % 3 == 0:
+                stopped = time.monotonic()
                 if result.restarts % 2 == 0:
                     server.stop()
                 else:
                     server.kill()
                 result.restarts += 1
                 server.start()
-                progress(f"server restarted ({'SIGTERM' if result.restarts % 2 else 'SIGKILL'})")
+                result.down_seconds.append(time.monotonic() - stopped)
+                progress(
+                    f"server restarted ({'SIGTERM' if result.restarts % 2 else 'SIGKILL'}; "
+                    f"down {result.down_seconds[-1]:.1f}s)"
+                )
             if n % 5 == 0:
                 authority = server.cli_json("localauthority", "x509", "prepare")["authority_id"]
                 server.cli_json("localauthority", "x509", "activate", "--authority-id", authority)
