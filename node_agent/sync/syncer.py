@@ -134,6 +134,7 @@ class EntrySyncer:
             changed = self.client.credentials_changed()
             opened = time.monotonic()
             wait = True
+            level = logging.WARNING
             try:
                 await self._stream_once(backoff, changed)
                 error = "stream ended by the server"
@@ -141,6 +142,8 @@ class EntrySyncer:
             except _Reopen as exc:
                 error = str(exc)
                 wait = exc.backoff
+                if not exc.backoff:
+                    level = logging.INFO  # routine: new credentials, or a resync (logged)
                 if exc.full:
                     self.state.last_event_id = 0
             except ServerUnreachable as exc:
@@ -160,8 +163,11 @@ class EntrySyncer:
                 error = f"{type(exc).__name__}: {exc}"
             self.listener.set_connected(False)
             delay = backoff.next() if wait else 0.0
-            log.warning(
-                "entry sync stream lost; reconnecting",
+            log.log(
+                level,
+                "entry sync stream lost; reconnecting"
+                if level == logging.WARNING
+                else "entry sync stream reopening",
                 extra={
                     "server": address,
                     "error": error,

@@ -7,10 +7,13 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from credo._protocol import entries_digest
 from server.agents.errors import ServerStopping
 from server.agents.sync import SyncView
 from server.authorization import Subscription
+from server.config import ConfigError, ServerConfig
 from tests.helpers.server import InProcessServer
 from tests.unit.server.api.test_sync import create, delete, entry, sync
 
@@ -106,3 +109,8 @@ def test_waiting_for_events_times_out_and_stops() -> None:
         assert asyncio.all_tasks() <= before
 
     asyncio.run(scenario())
+
+
+def test_heartbeat_interval_is_validated(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="sync_heartbeat_interval"):
+        ServerConfig(data_dir=tmp_path, sync_heartbeat_interval=-1).validate()
