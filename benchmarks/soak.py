@@ -10,8 +10,9 @@ process is the workload, with one ``FetchX509SVID`` stream open. ``--changes`` (
 changes ``--gap`` (12) seconds apart, so that agent SVID renewals and sync reconnects
 happen between changes: an entry created (every third change: the oldest deleted),
 timed until the workload's stream shows it. The server is restarted after every third
-change (SIGTERM and SIGKILL in turn) and its X.509 CA prepared and activated after every
-fifth.
+change (SIGTERM and SIGKILL in turn) and its X.509 CA prepared after every fifth, then
+activated once the new CA is in the workload's trust bundle (timed and counted as one
+more change).
 
 * ``changes`` — changes made;
 * ``missed`` — changes not on the workload's stream within 15 s (target 0);

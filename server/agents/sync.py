@@ -219,6 +219,9 @@ class SyncView:
         except asyncio.CancelledError:
             reason = "cancelled (the agent went away)"
             raise
+        except Exception as exc:
+            reason = f"failed: {type(exc).__name__}: {exc}"
+            raise
         finally:
             self._cache.unsubscribe(sub)
             log.info(

@@ -11,7 +11,10 @@ agent's socket (:class:`WorkloadStream`). Then, ``changes`` times, ``gap`` secon
   oldest entry still present instead), and wait until the workload's stream shows it;
   a change not shown within ``deadline`` seconds is *missed* (the scenario goes on);
 * after every third change the server is restarted, alternately stopped with SIGTERM
-  and killed with SIGKILL; after every fifth its X.509 CA is prepared and activated.
+  and killed with SIGKILL; after every fifth its X.509 CA is prepared, and activated
+  once the new CA is in the workload's trust bundle (that is one more change, missed if
+  it does not arrive in time: an agent that never saw the prepared CA cannot verify the
+  server after the activation).
 
 Before the fix of issue 8 the agent's sync task died silently at a channel replacement
 (agent SVID renewal, bundle change) and changes stopped reaching workloads.
@@ -28,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from credo._proto import workload_pb2, workload_pb2_grpc
 from tests.helpers.processes import (
@@ -54,6 +59,8 @@ class WorkloadStream:
         self._cond = threading.Condition()
         self._closed = False
         self.ids: frozenset[str] = frozenset()
+        self.bundle = b""
+        """The trust bundle of the latest message (DER certificates, concatenated)."""
         self.messages = 0
         self.reopened = 0
         self._call: Any = None
@@ -70,6 +77,7 @@ class WorkloadStream:
                     for response in call:
                         with self._cond:
                             self.ids = frozenset(s.spiffe_id for s in response.svids)
+                            self.bundle = response.svids[0].bundle if response.svids else b""
                             self.messages += 1
                             self._cond.notify_all()
                 except grpc.RpcError:
@@ -79,11 +87,11 @@ class WorkloadStream:
                 self.reopened += 1
                 time.sleep(0.2)  # no identity yet (PermissionDenied) or the agent restarting
 
-    def wait_for(self, predicate: Callable[[frozenset[str]], bool], timeout: float) -> bool:
-        """Whether ``predicate(ids)`` becomes true within ``timeout`` seconds."""
+    def wait_for(self, predicate: Callable[[WorkloadStream], bool], timeout: float) -> bool:
+        """Whether ``predicate(self)`` becomes true within ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
         with self._cond:
-            while not predicate(self.ids):
+            while not predicate(self):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
@@ -95,6 +103,10 @@ class WorkloadStream:
         if self._call is not None:
             self._call.cancel()
         self._thread.join(5)
+
+
+def _bundle_ders(pem: str) -> list[bytes]:
+    return [c.public_bytes(Encoding.DER) for c in x509.load_pem_x509_certificates(pem.encode())]
 
 
 @dataclass
@@ -163,7 +175,7 @@ def run_soak(
         base = f"spiffe://{TRUST_DOMAIN}/soak/base"
         create_entry(server, parent, base, selector)
         stream = WorkloadStream(agent.endpoint)
-        if not stream.wait_for(lambda ids: base in ids, 60):
+        if not stream.wait_for(lambda s: base in s.ids, 60):
             raise AssertionError(f"the workload never got its first SVID; agent log:\n{agent.logs}")
         present: list[tuple[str, str]] = []  # (entry id, SPIFFE ID), oldest first
         for n in range(1, changes + 1):
@@ -172,12 +184,12 @@ def run_soak(
                 entry_id, spiffe_id = present.pop(0)
                 server.cli_json("entry", "delete", "--id", entry_id)
                 what = f"change {n}: delete {spiffe_id}"
-                arrived = stream.wait_for(lambda ids, s=spiffe_id: s not in ids, deadline)
+                arrived = stream.wait_for(lambda s, i=spiffe_id: i not in s.ids, deadline)
             else:
                 spiffe_id = f"spiffe://{TRUST_DOMAIN}/soak/change-{n}"
                 present.append((create_entry(server, parent, spiffe_id, selector), spiffe_id))
                 what = f"change {n}: create {spiffe_id}"
-                arrived = stream.wait_for(lambda ids, s=spiffe_id: s in ids, deadline)
+                arrived = stream.wait_for(lambda s, i=spiffe_id: i in s.ids, deadline)
             result.changes += 1
             if arrived:
                 result.delays.append(time.monotonic() - started)
@@ -199,10 +211,25 @@ def run_soak(
                     f"down {result.down_seconds[-1]:.1f}s)"
                 )
             if n % 5 == 0:
+                # As an operator would (and as the server does by itself at half-life):
+                # prepare, let the new CA reach the agents, then activate. The new CA
+                # reaching the workload's bundle is a change like any other.
+                started = time.monotonic()
                 authority = server.cli_json("localauthority", "x509", "prepare")["authority_id"]
+                authorities = _bundle_ders(server.bundle_pem())
+                what = f"after change {n}: prepared X.509 CA {authority[:12]}... in the bundle"
+                if stream.wait_for(
+                    lambda s, a=authorities: all(d in s.bundle for d in a), deadline
+                ):
+                    result.delays.append(time.monotonic() - started)
+                    progress(f"{what}: arrived in {result.delays[-1]:.2f}s")
+                else:
+                    result.missed.append(what)
+                    progress(f"{what}: MISSED (not in the workload's bundle within {deadline:g}s)")
+                result.changes += 1
                 server.cli_json("localauthority", "x509", "activate", "--authority-id", authority)
                 result.activations += 1
-                progress("X.509 CA prepared and activated")
+                progress("X.509 CA activated")
             if n < changes:
                 # The point of the scenario: time passes (agent SVID renewals, reconnects).
                 time.sleep(max(0.0, gap - (time.monotonic() - started)))
