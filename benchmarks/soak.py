@@ -44,6 +44,7 @@ TARGETS = [("missed", "<=", 0), ("leaked_tasks", "<=", 0)]
 
 def run(changes: int, gap: float) -> tuple[dict[str, float], list[str]]:
     root = Path(tempfile.mkdtemp(prefix="credo-soak-", dir="/tmp"))
+    keep = False
     try:
         # Not die_with_parent: that needs a preexec_fn, so a plain fork of this process,
         # whose gRPC threads (the workload stream) are busy while the server is restarted;
@@ -51,8 +52,12 @@ def run(changes: int, gap: float) -> tuple[dict[str, float], list[str]]:
         result = run_soak(root, changes=changes, gap=gap, progress=log)
         assert result.server is not None and result.agent is not None
         logs = result.server.logs + result.agent.logs
+        keep = bool(result.missed)
     finally:
-        shutil.rmtree(root, ignore_errors=True)
+        if keep:
+            log(f"changes were missed: the logs stay in {root} (server.log, agent/agent.log)")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
     metrics: dict[str, float] = {
         "changes": result.changes,
         "missed": len(result.missed),
