@@ -46,6 +46,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from credo._files import write_atomically
 from credo._logging import setup_logging
 from credo._proto.credo.server.v1 import admin_pb2_grpc, agent_pb2_grpc
+from credo._protocol import AGENT_SERVER_KEEPALIVE
 from credo._rundir import RuntimeDir
 from credo.bundle import Bundle
 from credo.errors import CredoError
@@ -113,6 +114,7 @@ _AGENT_GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", _MAX_AGENT_REQUEST),
     ("grpc.max_send_message_length", _MAX_MESSAGE),
     ("grpc.so_reuseport", 0),
+    *AGENT_SERVER_KEEPALIVE,
 ]
 
 
@@ -272,7 +274,13 @@ async def _build(config: ServerConfig, stop: asyncio.Event) -> _Server:
             attestation=attestation,
             authn=authn,
             authorized=AuthorizedEntries(cache),
-            sync=SyncView(cache, datastore, authn, stopping),
+            sync=SyncView(
+                cache,
+                datastore,
+                authn,
+                stopping,
+                heartbeat_interval=config.sync_heartbeat_interval,
+            ),
             issuer=issuer,
             bundles=bundles,
             peers=peers,
