@@ -1,0 +1,153 @@
+"""Attacks by a hostile local user against a root-run agent and server (issue 9).
+
+Each test runs a real ``credo-server run`` and ``credo-agent run`` as root and the attacker as
+the unprivileged user ``nobody`` (``runuser``), with the system Python of the same version
+(the test's own interpreter may live where nobody may read) and this checkout on its path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers.processes import (
+    AgentProcess,
+    ServerProcess,
+    create_entry,
+    short_temp_dir,
+    start_agent,
+    start_server,
+    wait_for,
+)
+
+TD = "example.org"
+NOBODY = 65534
+SLEEP = os.path.realpath("/usr/bin/sleep")
+ATTACKER_PYTHON = f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}"
+HERE = Path(__file__).parent
+REPO = HERE.parent.parent
+SLEEP_ID = f"spiffe://{TD}/hostile/sleep"
+PYTHON_ID = f"spiffe://{TD}/hostile/python"
+
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run the agent and runuser"),
+    pytest.mark.skipif(shutil.which("runuser") is None, reason="needs runuser"),
+    pytest.mark.skipif(not os.access(ATTACKER_PYTHON, os.X_OK), reason=f"needs {ATTACKER_PYTHON}"),
+]
+
+
+def as_nobody(*argv: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` as uid/gid ``nobody`` with this checkout importable."""
+    path = os.pathsep.join([sysconfig.get_paths()["purelib"], str(REPO)])
+    return subprocess.run(
+        ["runuser", "-u", "nobody", "--", "env", f"PYTHONPATH={path}", *argv],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def attacker_json(result: subprocess.CompletedProcess[str]) -> dict[str, Any]:
+    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    assert lines, f"attacker printed nothing (exit {result.returncode}): {result.stderr}"
+    out: dict[str, Any] = json.loads(lines[-1])
+    return out
+
+
+_FETCH = """
+import json, sys, grpc
+from credo._proto import workload_pb2, workload_pb2_grpc
+with grpc.insecure_channel("unix:" + sys.argv[1]) as channel:
+    stream = workload_pb2_grpc.SpiffeWorkloadAPIStub(channel).FetchX509SVID(
+        workload_pb2.X509SVIDRequest(), metadata=(("workload.spiffe.io", "true"),), timeout=20)
+    try:
+        print(json.dumps({"ids": [s.spiffe_id for s in next(stream).svids]}))
+    except grpc.RpcError as err:
+        print(json.dumps({"code": err.code().name, "details": err.details()}))
+"""
+
+
+@dataclass
+class Deployment:
+    server: ServerProcess
+    agent: AgentProcess
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    root = short_temp_dir("credo-hostile-", mode=0o755)
+    try:
+        with (
+            start_server(tmp_path_factory.mktemp("hostile-server")) as server,
+            start_agent(server, root) as agent,
+        ):
+            uid = f"unix:uid:{NOBODY}"
+            create_entry(server, agent.spiffe_id, SLEEP_ID, uid, f"unix:path:{SLEEP}")
+            python = os.path.realpath(ATTACKER_PYTHON)
+            create_entry(server, agent.spiffe_id, PYTHON_ID, uid, f"unix:path:{python}")
+            wait_for(
+                lambda: (
+                    attacker_json(as_nobody(ATTACKER_PYTHON, "-c", _FETCH, str(agent.socket))).get(
+                        "ids"
+                    )
+                    == [PYTHON_ID]
+                ),
+                60,
+                "nobody's python to receive its identity",
+            )
+            yield Deployment(server, agent)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+# --- 1. the exec race, made reliable by a connection flood ---------------------------------
+
+
+@pytest.mark.parametrize("flood", [100, 0])
+def test_exec_race_does_not_get_the_exec_target_identity(
+    deployment: Deployment, flood: int
+) -> None:
+    """nobody queues ``flood`` connects, connects, forks a child that keeps the socket and
+    execs /usr/bin/sleep: the child speaking over the inherited connection is refused, never
+    served the /usr/bin/sleep identity (before the fix: every time with the flood). The
+    flood stays under the per-uid connection burst, so the attempt reaches attestation."""
+    results = []
+    for _ in range(3):
+        result = as_nobody(
+            ATTACKER_PYTHON,
+            str(HERE / "hostile" / "exec_race.py"),
+            str(deployment.agent.socket),
+            str(flood),
+            SLEEP,
+        )
+        results.append(attacker_json(result))
+    assert all(r.get("code") == "PERMISSION_DENIED" for r in results), results
+    # The agent still serves the honest caller afterwards.
+    honest = attacker_json(as_nobody(ATTACKER_PYTHON, "-c", _FETCH, str(deployment.agent.socket)))
+    assert honest == {"ids": [PYTHON_ID]}
+
+
+def test_connection_flood_beyond_the_burst_is_shed(deployment: Deployment) -> None:
+    """A flood of 300 connects (more than one uid's burst) gets the attacker's real
+    connection shed, not served, and the agent logs one summary line, not one per refusal."""
+    before = deployment.agent.logs.count("workload connections refused")
+    result = as_nobody(
+        ATTACKER_PYTHON,
+        str(HERE / "hostile" / "exec_race.py"),
+        str(deployment.agent.socket),
+        "300",
+        SLEEP,
+    )
+    assert attacker_json(result).get("ids") is None
+    refusals = deployment.agent.logs.count("workload connections refused") - before
+    assert 1 <= refusals <= 2
