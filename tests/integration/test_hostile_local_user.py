@@ -7,6 +7,7 @@ the unprivileged user ``nobody`` (``runuser``), with the system Python of the sa
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -38,6 +39,7 @@ HERE = Path(__file__).parent
 REPO = HERE.parent.parent
 SLEEP_ID = f"spiffe://{TD}/hostile/sleep"
 PYTHON_ID = f"spiffe://{TD}/hostile/python"
+SLEEP_SHA_ID = f"spiffe://{TD}/hostile/sleep-sha256"
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run the agent and runuser"),
@@ -93,6 +95,8 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
         ):
             uid = f"unix:uid:{NOBODY}"
             create_entry(server, agent.spiffe_id, SLEEP_ID, uid, f"unix:path:{SLEEP}")
+            digest = hashlib.sha256(Path(SLEEP).read_bytes()).hexdigest()
+            create_entry(server, agent.spiffe_id, SLEEP_SHA_ID, uid, f"unix:sha256:{digest}")
             python = os.path.realpath(ATTACKER_PYTHON)
             create_entry(server, agent.spiffe_id, PYTHON_ID, uid, f"unix:path:{python}")
             wait_for(
@@ -151,3 +155,21 @@ def test_connection_flood_beyond_the_burst_is_shed(deployment: Deployment) -> No
     assert attacker_json(result).get("ids") is None
     refusals = deployment.agent.logs.count("workload connections refused") - before
     assert 1 <= refusals <= 2
+
+
+# --- 2. unix:path spoofed from a user namespace --------------------------------------------
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare")
+def test_bind_mount_in_a_user_namespace_does_not_spoof_path_or_sha256(
+    deployment: Deployment,
+) -> None:
+    """nobody bind-mounts Python over /usr/bin/sleep in a mount namespace of their own and
+    runs it: /proc/<pid>/exe reads /usr/bin/sleep there, but the agent serves neither the
+    unix:path nor the unix:sha256 identity of /usr/bin/sleep (before the fix: the path one)."""
+    script = (
+        f'mount --bind {os.path.realpath(ATTACKER_PYTHON)} {SLEEP} && exec {SLEEP} -c "$0" "$1"'
+    )
+    result = as_nobody("unshare", "-Urm", "sh", "-c", script, _FETCH, str(deployment.agent.socket))
+    got = attacker_json(result)
+    assert got.get("code") == "PERMISSION_DENIED", got
