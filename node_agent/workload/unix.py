@@ -19,11 +19,10 @@ as the path *in the caller's mount namespace*; ``unix:path`` is therefore emitte
 the caller shares the agent's mount namespace and the file at that path, as the agent
 sees it, is the one the caller runs (same device and inode) — otherwise a user could
 bind-mount any file over a trusted path in a namespace of their own. If the agent may
-not read the link (no
-``CAP_SYS_PTRACE`` for another user's process) they are left out: missing selectors only
-ever match fewer entries. Digests are cached by the file's (device, inode, size, mtime,
-ctime), and files larger than ``workload_size_limit`` are not hashed (0 = no limit,
-negative = never hash), like SPIRE's ``workload_size_limit``.
+not read the link (no ``CAP_SYS_PTRACE`` for another user's process) they are left
+out: missing selectors only ever match fewer entries. Digests are cached by the file's
+(device, inode, size, mtime, ctime), and files larger than ``workload_size_limit`` are
+not hashed (0 = no limit, negative = never hash), like SPIRE's ``workload_size_limit``.
 """
 
 from __future__ import annotations

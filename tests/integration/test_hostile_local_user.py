@@ -25,6 +25,9 @@ from tests.helpers.processes import (
     AgentProcess,
     ServerProcess,
     create_entry,
+    credo_agent_command,
+    credo_server_command,
+    one_line_error,
     short_temp_dir,
     start_agent,
     start_server,
@@ -173,3 +176,138 @@ def test_bind_mount_in_a_user_namespace_does_not_spoof_path_or_sha256(
     result = as_nobody("unshare", "-Urm", "sh", "-c", script, _FETCH, str(deployment.agent.socket))
     got = attacker_json(result)
     assert got.get("code") == "PERMISSION_DENIED", got
+
+
+# --- 4. and 5. directories another user created ---------------------------------------------
+
+
+@pytest.fixture
+def eve_dir() -> Iterator[Path]:
+    """``/tmp/credo-eve-<n>``, created by nobody (mode 0777) before root uses it."""
+    path = Path(f"/tmp/credo-eve-{os.getpid()}-{os.urandom(3).hex()}")
+    made = as_nobody("sh", "-c", f"mkdir -m 777 {path}")
+    assert made.returncode == 0, made.stderr
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _server_run(tmp_path: Path, **flags: str) -> subprocess.CompletedProcess[str]:
+    args = {"data-dir": str(tmp_path / "server"), "bind-address": "127.0.0.1:0", **flags}
+    argv = [*credo_server_command(), "run"]
+    for name, value in args.items():
+        argv += [f"--{name}", value]
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"credo-server run {flags} started; it must refuse")
+
+
+def _run_failure(result: subprocess.CompletedProcess[str]) -> str:
+    """The reason ``credo-server run`` logged for failing to start (its last stderr line)."""
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert lines and "server failed" in lines[-1], result.stderr
+    return lines[-1]
+
+
+def test_server_refuses_an_admin_socket_under_another_users_directory(
+    tmp_path: Path, eve_dir: Path
+) -> None:
+    """nobody made the admin socket's parent (or a symlink to one of theirs): root's
+    credo-server run refuses with one line naming the directory and its owner, rather than
+    creating private/ inside it for nobody to rename and replace."""
+    result = _server_run(tmp_path, **{"admin-socket": f"{eve_dir}/private/api.sock"})
+    message = _run_failure(result)
+    assert str(eve_dir) in message and "nobody" in message, message
+    assert not (eve_dir / "private").exists()
+
+    link = Path(f"{eve_dir}-link")
+    made = as_nobody("ln", "-s", str(eve_dir), str(link))
+    assert made.returncode == 0, made.stderr
+    try:
+        result = _server_run(tmp_path, **{"admin-socket": f"{link}/private/api.sock"})
+        assert "nobody" in _run_failure(result)
+    finally:
+        link.unlink()
+
+
+_BIND = """
+import socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.bind(sys.argv[1])
+"""
+
+
+def test_cli_refuses_an_admin_socket_in_another_users_directory(eve_dir: Path) -> None:
+    """nobody put a socket where root's CLI looks for the server: credo-server bundle show
+    refuses before it connects, naming the directory's owner."""
+    made = as_nobody("mkdir", "-m", "700", str(eve_dir / "private"))
+    assert made.returncode == 0, made.stderr
+    bound = as_nobody(ATTACKER_PYTHON, "-c", _BIND, str(eve_dir / "private" / "api.sock"))
+    assert bound.returncode == 0, bound.stderr
+    result = subprocess.run(
+        [
+            *credo_server_command(),
+            "bundle",
+            "show",
+            "--socket",
+            f"{eve_dir}/private/api.sock",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode != 0
+    message = one_line_error(result)
+    assert "nobody" in message and str(eve_dir) in message, message
+
+
+def test_server_refuses_a_data_directory_another_user_owns(tmp_path: Path, eve_dir: Path) -> None:
+    """root pointed --data-dir at a 0777 directory nobody made: refused (before: chmod'ed
+    0700 and used, still nobody's, who could swap the SQLite file)."""
+    admin = short_temp_dir("credo-adm-")
+    try:
+        result = _server_run(
+            tmp_path, **{"data-dir": str(eve_dir), "admin-socket": f"{admin}/s/api.sock"}
+        )
+    finally:
+        shutil.rmtree(admin, ignore_errors=True)
+    message = _run_failure(result)
+    assert "data directory" in message and "nobody" in message, message
+    assert not (eve_dir / "datastore.sqlite3").exists()
+
+
+def test_agent_refuses_a_data_directory_another_user_owns(
+    deployment: Deployment, eve_dir: Path
+) -> None:
+    """credo-agent run with a --data-dir nobody made fails at once with one line."""
+    root = short_temp_dir("credo-ag-")
+    try:
+        result = subprocess.run(
+            [
+                *credo_agent_command(),
+                "run",
+                "--server-address",
+                deployment.server.address,
+                "--trust-domain",
+                TD,
+                "--trust-bundle",
+                str(deployment.agent.bundle),
+                "--join-token",
+                "unused",
+                "--socket",
+                f"{root}/public/api.sock",
+                "--admin-socket",
+                f"{root}/private/admin.sock",
+                "--data-dir",
+                str(eve_dir),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("Error: data directory") and "nobody" in last, result.stderr
