@@ -311,3 +311,76 @@ def test_agent_refuses_a_data_directory_another_user_owns(
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("Error: data directory") and "nobody" in last, result.stderr
+
+
+# --- 6. selector values that can never match ------------------------------------------------
+
+BAD_SELECTORS = [
+    "unix:uid:-1",
+    "unix:uid:abc",
+    "unix:uid:99999999999",
+    "unix:uid:ü1",
+    "unix:uid:1 2",
+    "unix:path:rel/path",
+    "unix:sha256:zz",
+    "unix:path:/usr/bin/a\nb",
+    "unix:nosuchkey:1",
+    "k8s:pod-image-count:two",
+    "k8s_psat:agent_pod_label:nolabelvalue",
+]
+
+
+def _entry_count(server: ServerProcess) -> int:
+    return len(server.cli_json("entry", "show").get("entries", []))
+
+
+def test_entry_create_refuses_selectors_no_attestor_produces(deployment: Deployment) -> None:
+    """For each bad selector the CLI says which and why in one line; the admin API itself
+    (which the CLI does not guard) answers INVALID_ARGUMENT naming the field; nothing is
+    stored."""
+    import grpc
+
+    from credo._proto.credo.server.v1 import admin_pb2, admin_pb2_grpc, types_pb2
+
+    server = deployment.server
+    before = _entry_count(server)
+    for selector in BAD_SELECTORS:
+        args = ["entry", "create", "--parent-id", deployment.agent.spiffe_id]
+        args += ["--spiffe-id", f"spiffe://{TD}/hostile/bad", "--selector", selector]
+        message = one_line_error(server.cli(*args))
+        assert "invalid selector" in message, (selector, message)
+
+        kind, _, value = selector.partition(":")
+        entry = types_pb2.RegistrationEntry(
+            spiffe_id=f"spiffe://{TD}/hostile/bad",
+            parent_id=deployment.agent.spiffe_id,
+            selectors=[
+                types_pb2.Selector(type="unix", value=f"uid:{NOBODY}"),
+                types_pb2.Selector(type=kind, value=value),
+            ],
+        )
+        with server.admin_channel() as channel:
+            stub = admin_pb2_grpc.EntriesStub(channel)
+            with pytest.raises(grpc.RpcError) as err:
+                stub.BatchCreateEntry(
+                    admin_pb2.BatchCreateEntryRequest(entries=[entry]), timeout=20
+                )
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, selector
+        assert "selectors[1]" in (err.value.details() or ""), selector
+    assert _entry_count(server) == before
+
+
+def test_entry_update_refuses_a_bad_selector_and_keeps_unknown_types_opaque(
+    deployment: Deployment,
+) -> None:
+    """Updating an entry to a bad selector fails and leaves it as it was; selectors of types
+    Credo does not know (a plugin's) are stored as given."""
+    server = deployment.server
+    entry_id = create_entry(
+        server, deployment.agent.spiffe_id, f"spiffe://{TD}/hostile/opaque", "docker:label:a b"
+    )
+    result = server.cli("entry", "update", "--id", entry_id, "--selector", "unix:gid:x")
+    assert "unix:gid" in one_line_error(result)
+    shown = server.cli_json("entry", "show", "--id", entry_id)["entries"][0]
+    assert [f"{s['type']}:{s['value']}" for s in shown["selectors"]] == ["docker:label:a b"]
+    server.cli("entry", "delete", "--id", entry_id)
