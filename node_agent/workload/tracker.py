@@ -168,6 +168,17 @@ class _Relay:
             self.proxy.release(self.peer.credentials.uid)
 
 
+ACCEPT_NICE = -10
+"""Nice value of the accept thread where the agent may raise it (root): a user churning
+connections from many processes must not out-run the agent's accepting them."""
+
+
+def _raise_priority() -> None:
+    # Not permitted (not root): the thread keeps the process's priority.
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), ACCEPT_NICE)
+
+
 class _Bucket:
     """A token bucket: ``rate`` tokens a second, at most ``burst`` saved up."""
 
@@ -317,6 +328,7 @@ class PeerTrackingProxy:
 
     def _accept_loop(self, listener: socket.socket) -> None:
         """Accept, shed or pin, hand over to the event loop; nothing else runs here."""
+        _raise_priority()
         while self._accepting:
             try:
                 conn, _ = listener.accept()

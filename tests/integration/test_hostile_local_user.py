@@ -384,3 +384,72 @@ def test_entry_update_refuses_a_bad_selector_and_keeps_unknown_types_opaque(
     shown = server.cli_json("entry", "show", "--id", entry_id)["entries"][0]
     assert [f"{s['type']}:{s['value']}" for s in shown["selectors"]] == ["docker:label:a b"]
     server.cli("entry", "delete", "--id", entry_id)
+
+
+# --- 3. one user churning connections must not lock everyone out ----------------------------
+
+_CHURN = """
+import socket, sys
+path = sys.argv[1]
+print("churning", flush=True)
+while True:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(path)
+    except OSError:
+        pass
+    s.close()
+"""
+
+
+def _root_fetch(agent: AgentProcess) -> str:
+    """One FetchX509SVID on a fresh connection as this (root) process: the first SPIFFE ID,
+    or the status code name."""
+    import grpc
+
+    from credo._proto import workload_pb2, workload_pb2_grpc
+
+    with grpc.insecure_channel(f"unix:{agent.socket}") as channel:
+        stream = workload_pb2_grpc.SpiffeWorkloadAPIStub(channel).FetchX509SVID(
+            workload_pb2.X509SVIDRequest(), metadata=(("workload.spiffe.io", "true"),), timeout=20
+        )
+        try:
+            return str(next(stream).svids[0].spiffe_id)
+        except grpc.RpcError as err:
+            return str(err.code().name)
+        finally:
+            stream.cancel()
+
+
+def test_connection_churn_by_one_user_neither_locks_others_out_nor_floods_the_log(
+    deployment: Deployment,
+) -> None:
+    """While nobody loops connect(); close() as fast as it can, root's fetches are served
+    (before: 9 of 10 failed) and the agent logs a few summary lines, not one per refusal
+    (before: tens of thousands of lines)."""
+    agent = deployment.agent
+    root_id = f"spiffe://{TD}/hostile/root"
+    create_entry(deployment.server, agent.spiffe_id, root_id)  # unix:uid:0
+    wait_for(lambda: _root_fetch(agent) == root_id, 60, "root's identity")
+    before = agent.logs.count("workload connections refused")
+    path = os.pathsep.join([sysconfig.get_paths()["purelib"], str(REPO)])
+    churner = subprocess.Popen(
+        ["runuser", "-u", "nobody", "--", "env", f"PYTHONPATH={path}",
+         ATTACKER_PYTHON, "-c", _CHURN, str(agent.socket)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        assert churner.stdout is not None and churner.stdout.readline() == "churning\n"
+        wait_for(
+            lambda: agent.logs.count("workload connections refused") > before,
+            30,
+            "the agent to shed the churner's connections",
+        )
+        results = [_root_fetch(agent) for _ in range(10)]
+    finally:
+        churner.kill()
+        churner.wait()
+    assert results.count(root_id) >= 9, results
+    lines = agent.logs.count("workload connections refused") - before
+    assert lines <= 5, f"{lines} refusal lines in the log"
