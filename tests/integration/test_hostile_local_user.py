@@ -453,3 +453,36 @@ def test_connection_churn_by_one_user_neither_locks_others_out_nor_floods_the_lo
     assert results.count(root_id) >= 9, results
     lines = agent.logs.count("workload connections refused") - before
     assert lines <= 5, f"{lines} refusal lines in the log"
+
+
+def test_agent_refuses_a_socket_in_another_users_directory_and_leaves_nothing_behind(
+    deployment: Deployment, eve_dir: Path
+) -> None:
+    """--socket in a directory nobody made: the agent fails at start with one line naming
+    the owner, and its private directories under <data-dir>/run are gone."""
+    root = short_temp_dir("credo-ag-")
+    data = root / "data"
+    try:
+        result = subprocess.run(
+            [
+                *credo_agent_command(), "run",
+                "--server-address", deployment.server.address,
+                "--trust-domain", TD,
+                "--trust-bundle", str(deployment.agent.bundle),
+                "--join-token", deployment.server.cli_json("token", "generate")["token"],
+                "--socket", f"{eve_dir}/api.sock",
+                "--admin-socket", f"{root}/private/admin.sock",
+                "--data-dir", str(data),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )  # fmt: skip
+        assert result.returncode != 0
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith("Error: socket directory") and "nobody" in last, result.stderr
+        run_dir = data / "run"
+        left = sorted(p.name for p in run_dir.iterdir()) if run_dir.exists() else []
+        assert [name for name in left if not name.startswith(".")] == [], left
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
