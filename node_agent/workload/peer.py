@@ -336,6 +336,19 @@ class PeerProcess:
             log.debug("cannot name the client socket; holder check skipped", extra={"pid": pid})
             self._sole_holder = True
             return
+        try:
+            os.listdir(f"/proc/{pid}/fd")
+        except PermissionError:
+            # Without CAP_SYS_PTRACE over the caller (an agent not running as root, or a
+            # container without it) its descriptors cannot be seen: refusing would refuse
+            # every such caller, so the check is skipped (docs/security.md).
+            log.debug(
+                "cannot read the caller's descriptors; holder check skipped", extra={"pid": pid}
+            )
+            self._sole_holder = True
+            return
+        except FileNotFoundError:
+            raise PeerChanged("process exited", pid=pid) from None
         holders = socket_holders(client)
         if pid not in holders:
             raise PeerChanged(
