@@ -73,6 +73,7 @@ async def serve(
     stop = stop or asyncio.Event()
     trust_domain = config.trust_domain_obj
     store = SvidStore(config.data_dir)
+    store.prepare()
     client = ServerClient(
         ServerClientConfig(
             server_addresses=config.server_addresses,

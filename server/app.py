@@ -45,6 +45,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from credo._files import write_atomically
 from credo._logging import setup_logging
+from credo._paths import check_private_file
 from credo._proto.credo.server.v1 import admin_pb2_grpc, agent_pb2_grpc
 from credo._protocol import AGENT_SERVER_KEEPALIVE
 from credo._rundir import RuntimeDir
@@ -193,6 +194,8 @@ class _Server:
 async def _build(config: ServerConfig, stop: asyncio.Event) -> _Server:
     td = TrustDomain.parse(config.trust_domain)
     data_dir = private_dir(Path(config.data_dir))
+    if config.datastore_url.startswith("sqlite:///"):
+        check_private_file(config.datastore_url.removeprefix("sqlite:///"), "datastore file")
 
     # 1. datastore
     datastore: DataStore = await asyncio.to_thread(SqlDataStore.open, config.datastore_url)
@@ -200,7 +203,7 @@ async def _build(config: ServerConfig, stop: asyncio.Event) -> _Server:
     try:
         # 2. key manager, 3. authority manager + CA
         metrics = Metrics()
-        key_manager = DiskKeyManager(private_dir(data_dir / "keys"))
+        key_manager = DiskKeyManager(private_dir(data_dir / "keys", "key directory"))
         ca = CertificateAuthority(td, on_sign=metrics.on_sign, jwt_issuer=config.jwt_issuer)
         server_id = load_server_id(data_dir)
         log.info("server id", extra={"server_id": server_id})

@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from credo._paths import check_path_chain
 from credo._proto.credo.server.v1 import admin_pb2_grpc
 from server.cli.errors import CliError
 
@@ -81,6 +82,8 @@ class AdminClient:
     def __init__(self, socket_path: str, *, timeout: float = DEFAULT_TIMEOUT) -> None:
         self.socket_path = socket_path
         self.timeout = timeout
+        # Someone who owns a directory on the way could have put their own socket there.
+        check_path_chain(os.path.dirname(os.path.abspath(socket_path)), "admin socket directory")
         self._channel = grpc.insecure_channel(channel_target(socket_path))
         self.entries = admin_pb2_grpc.EntriesStub(self._channel)
         self.agents = admin_pb2_grpc.AgentsStub(self._channel)
