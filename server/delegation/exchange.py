@@ -207,7 +207,8 @@ class TokenExchange:
     bundle; ``owner_of`` the owner of an agent's registration entries (``""`` if they name
     none), or None when the agent has no registration entry at all: an identity whose
     entries were deleted (the kill switch) may not act for anyone, even while its SVID is
-    still valid.
+    still valid. ``policies_for`` returns the delegation policies whose ``agent_id`` matches
+    an agent (its own ID or a prefix of it); by default one datastore query per exchange.
     """
 
     trust_domain: TrustDomain
@@ -218,6 +219,7 @@ class TokenExchange:
     bundle: Callable[[], Bundle]
     owner_of: Callable[[SpiffeId], str | None]
     clock: Callable[[], float] = time.time
+    policies_for: Callable[[SpiffeId], Sequence[DelegationPolicy]] | None = None
 
     @property
     def token_endpoint(self) -> str:
@@ -484,10 +486,13 @@ class TokenExchange:
 
     def _policies(self, client: SpiffeId, subject: _Subject) -> list[DelegationPolicy]:
         patterns = agent_patterns_for(client)
-        candidates = self.datastore.list_delegation_policies(by_agent_ids=patterns)
+        if self.policies_for is not None:
+            found: Sequence[DelegationPolicy] = self.policies_for(client)
+        else:
+            found = self.datastore.list_delegation_policies(by_agent_ids=patterns)
         # The most specific first: the agent's own ID, then ever shorter prefixes.
         rank = {pattern: i for i, pattern in enumerate(patterns)}
-        candidates.sort(key=lambda p: (rank[p.agent_id], p.id))
+        candidates = sorted(found, key=lambda p: (rank[p.agent_id], p.id))
         # A chain link only carries the person's ``sub``: claims other than sub cannot match.
         fitting = [
             p
