@@ -31,7 +31,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final, Generic, TypeVar
 
@@ -220,6 +220,10 @@ class TokenExchange:
     owner_of: Callable[[SpiffeId], str | None]
     clock: Callable[[], float] = time.time
     policies_for: Callable[[SpiffeId], Sequence[DelegationPolicy]] | None = None
+    _verified: dict[tuple[x509.Certificate, ...], tuple[Bundle, float, SpiffeId]] = field(
+        default_factory=dict, init=False, repr=False
+    )
+    _verified_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     @property
     def token_endpoint(self) -> str:
@@ -272,6 +276,30 @@ class TokenExchange:
             ) from None
         return self._check_agent(svid.spiffe_id, what)
 
+    def _verify_peer(self, chain: Sequence[x509.Certificate]) -> SpiffeId:
+        """``verify_x509_svid`` against the bundle, its signature checks remembered for up
+        to a second per certificate chain and bundle (a keep-alive client sends the same
+        certificate with every request); the validity times are checked on every call."""
+        bundle = self.bundle()
+        now = datetime.fromtimestamp(self.clock(), UTC)
+        key = tuple(chain)
+        mono = time.monotonic()
+        with self._verified_lock:
+            hit = self._verified.get(key)
+        if (
+            hit is not None
+            and hit[0] is bundle
+            and mono - hit[1] < 1.0
+            and all(c.not_valid_before_utc <= now <= c.not_valid_after_utc for c in chain)
+        ):
+            return hit[2]
+        spiffe_id = verify_x509_svid(chain, BundleSet([bundle]), now=now)
+        with self._verified_lock:
+            if len(self._verified) > 10_000:
+                self._verified.clear()
+            self._verified[key] = (bundle, mono, spiffe_id)
+        return spiffe_id
+
     def authenticate(
         self, form: Mapping[str, str], peer_chain: Sequence[x509.Certificate] | None
     ) -> SpiffeId:
@@ -289,11 +317,7 @@ class TokenExchange:
             client = self._jwt_svid(assertion, "client_assertion")
         elif peer_chain:
             try:
-                spiffe_id = verify_x509_svid(
-                    peer_chain,
-                    BundleSet([self.bundle()]),
-                    now=datetime.fromtimestamp(self.clock(), UTC),
-                )
+                spiffe_id = self._verify_peer(peer_chain)
             except X509SvidError as exc:
                 raise InvalidClient(
                     f"the client certificate is not a valid X509-SVID: {exc}"
