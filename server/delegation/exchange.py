@@ -31,7 +31,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final, Generic, TypeVar
 
@@ -218,6 +218,13 @@ class TokenExchange:
     bundle: Callable[[], Bundle]
     owner_of: Callable[[SpiffeId], str | None]
     clock: Callable[[], float] = time.time
+    revoked_credential: Callable[[str, str], bool] = field(default=lambda kind, ident: False)
+    """``(kind, id)`` -> whether a credential is revoked: kind ``"jti"`` (a JWT-SVID),
+    ``"serial"`` (an X509-SVID, lowercase hex; for both, true too when the entry it was
+    issued for is revoked) or ``"token"`` (a delegated access token, by ``jti``)."""
+    record_token: Callable[[Mapping[str, Any]], None] = field(default=lambda claims: None)
+    """Records an issued token's claims (jti, client, subject, chain, expiry; never the
+    token) before it is handed out, so that it can be revoked."""
 
     @property
     def token_endpoint(self) -> str:
@@ -268,7 +275,12 @@ class TokenExchange:
                 f"{what} is not a JWT-SVID of {self.trust_domain} for audience "
                 f"{self.token_endpoint}: {exc}"
             ) from None
+        self._check_not_revoked("jti", str(svid.claims.get("jti", "")), what + " (a JWT-SVID)")
         return self._check_agent(svid.spiffe_id, what)
+
+    def _check_not_revoked(self, kind: str, ident: str, what: str) -> None:
+        if ident and self.revoked_credential(kind, ident):
+            raise InvalidClient(f"{what} has been revoked")
 
     def authenticate(
         self, form: Mapping[str, str], peer_chain: Sequence[x509.Certificate] | None
@@ -296,6 +308,9 @@ class TokenExchange:
                 raise InvalidClient(
                     f"the client certificate is not a valid X509-SVID: {exc}"
                 ) from None
+            self._check_not_revoked(
+                "serial", format(peer_chain[0].serial_number, "x"), "the client certificate"
+            )
             client = self._check_agent(spiffe_id, "the client certificate")
         else:
             raise InvalidClient(
@@ -337,6 +352,8 @@ class TokenExchange:
         except jwt.PyJWTError as exc:
             raise InvalidGrant(f"subject_token was refused: {exc}") from None
         check_times(verified, self.clock(), _LEEWAY, "subject_token (the previous link's token)")
+        if self.revoked_credential("token", str(verified.get("jti", ""))):
+            raise InvalidGrant("subject_token (the previous link's token) has been revoked")
         actors = actor_chain(verified.get("act"))
         if not actors:
             raise InvalidGrant("subject_token has no actor chain (act)")
@@ -440,6 +457,7 @@ class TokenExchange:
                     f"requested_token_type must be {ACCESS_TOKEN_TYPE} (the default)"
                 )
             result = self._grant(form, client)
+            self.record_token(result.claims)  # revocation: recorded before it is handed out
         except OAuthError as err:
             log.info(
                 "refused token exchange",
@@ -545,7 +563,7 @@ class TokenExchange:
         if owner is None:
             raise InvalidClient(
                 f"{client} has no registration entry: its identity was revoked (entry "
-                "deleted) or never registered"
+                "revoked or deleted) or never registered"
             )
         subject = self._subject(form)
         now = _now_s(self.clock)
