@@ -8,13 +8,20 @@ with ``invalid_client``.
 from __future__ import annotations
 
 import jwt
+import requests
 from cryptography import x509
 
+from credo.bundle import Bundle, JwtBundle
+from credo.revocation import JwtRevocationList
 from tests.helpers.processes import create_entry, wait_for
 from tests.integration.test_token_exchange_e2e import (
+    ACCESS_TOKEN,
     GIT,
     GRANT,
     ID_TOKEN,
+    JWT_SPIFFE,
+    RESOURCE,
+    REVIEWER,
     TD,
     Deployment,
     _form,
@@ -89,3 +96,90 @@ def test_svid_of_a_revoked_entry_is_invalid_client(deployment: Deployment) -> No
         return response.status_code == 401 and response.json()["error"] == "invalid_client"
 
     wait_for(refused, 10, "the revoked entry's exchange to be refused")
+
+
+def _jwt_bundle(d: Deployment) -> JwtBundle:
+    shown = d.server.cli("bundle", "show", "--format", "spiffe", output=None).stdout
+    return Bundle.parse(TD, shown).jwt_bundle()
+
+
+def _revocation_list(d: Deployment) -> JwtRevocationList:
+    return JwtRevocationList.fetch(f"{d.issuer}/jwt-revocations", _jwt_bundle(d), context=d.trust)
+
+
+def _exchange(d: Deployment, agent: str, subject: str | None = None, **extra: str) -> str:
+    fields = _form(d, agent, **extra)
+    if subject is not None:
+        fields.update(subject_token=subject, subject_token_type=ACCESS_TOKEN)
+    response = d.post("/oauth2/token", fields)
+    assert response.status_code == 200, response.text
+    return str(response.json()["access_token"])
+
+
+def _caller(d: Deployment, agent: str) -> dict[str, str]:
+    return {"client_assertion_type": JWT_SPIFFE, "client_assertion": d.svid(agent)}
+
+
+def _active(d: Deployment, token: str) -> bool:
+    seen = d.post("/oauth2/introspect", {**_caller(d, RESOURCE), "token": token})
+    assert seen.status_code == 200, seen.text
+    return bool(seen.json()["active"])
+
+
+def test_rfc7009_revocation_endpoint(deployment: Deployment) -> None:
+    """The agent a token was issued to revokes it: introspection, the signed revocation list
+    and the token endpoint (as a chain link) then refuse it; strangers may not revoke it."""
+    d = deployment
+    token = _exchange(d, CODER, scope="repo:read")
+    assert _active(d, token)
+    meta = requests.get(
+        f"{d.issuer}/.well-known/oauth-authorization-server", verify=str(d.ca_file), timeout=10
+    ).json()
+    assert meta["revocation_endpoint"] == f"{d.issuer}/oauth2/revoke"
+    stranger = d.post("/oauth2/revoke", {**_caller(d, REVIEWER), "token": token})
+    assert stranger.status_code == 400, stranger.text
+    assert stranger.json()["error"] == "unauthorized_client"
+    assert _active(d, token)
+    anonymous = d.post("/oauth2/revoke", {"token": token})
+    assert anonymous.status_code == 401 and anonymous.json()["error"] == "invalid_client"
+    done = d.post(
+        "/oauth2/revoke", {**_caller(d, CODER), "token": token, "token_type_hint": "access_token"}
+    )
+    assert done.status_code == 200, done.text
+    assert not _active(d, token)
+    # Again, and for tokens that are not ours: 200 per RFC 7009 2.2.
+    assert d.post("/oauth2/revoke", {**_caller(d, CODER), "token": token}).status_code == 200
+    assert d.post("/oauth2/revoke", {**_caller(d, CODER), "token": "x.y.z"}).status_code == 200
+    assert _jti(token) in _revocation_list(d)
+    chained = d.post(
+        "/oauth2/token",
+        {**_form(d, REVIEWER), "subject_token": token, "subject_token_type": ACCESS_TOKEN},
+    )
+    assert chained.status_code == 400, chained.text
+    assert chained.json()["error"] == "invalid_grant"
+    assert "revoked" in chained.json()["error_description"]
+
+
+def test_entry_revoke_revokes_delegated_tokens_and_cascade_the_chain(
+    deployment: Deployment,
+) -> None:
+    """``entry revoke`` revokes the tokens issued to the entry's identity; ``--cascade`` also
+    those delegated onward (whose actor chain contains it); other tokens stay active."""
+    d = deployment
+    agent, entry_id = _new_agent(d, "delegator", "4646")
+    d.server.cli_json(
+        "delegation", "create", "--agent-id", agent, "--subject-issuer", "corp",
+        "--scope", "repo:read", "--audience", GIT, "--max-depth", "2",
+    )  # fmt: skip
+    first = _exchange(d, agent, scope="repo:read")
+    onward = _exchange(d, REVIEWER, first)
+    unrelated = _exchange(d, CODER, scope="repo:read")
+    out = d.server.cli_json("entry", "revoke", "--id", entry_id, "--reason", "gone rogue")
+    assert [t["jti"] for t in out["revoked_tokens"]] == [_jti(first)]
+    assert out["revoked_tokens"][0]["subject"] == "alice"
+    assert not _active(d, first)
+    assert _active(d, onward) and _active(d, unrelated)
+    cascaded = d.server.cli_json("entry", "revoke", "--id", entry_id, "--cascade")
+    assert [t["jti"] for t in cascaded["revoked_tokens"]] == [_jti(onward)]
+    assert not _active(d, onward)
+    assert _active(d, unrelated)
