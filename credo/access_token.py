@@ -27,7 +27,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Mapping
+from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +37,7 @@ from credo.errors import (
     AccessTokenAudienceMismatch,
     AccessTokenExpired,
     AccessTokenKeysUnavailable,
+    AccessTokenRevoked,
     InsufficientScope,
     InvalidAccessToken,
     UntrustedAccessToken,
@@ -148,8 +149,15 @@ def verify_access_token(
     ssl_context: ssl.SSLContext | None = None,
     leeway: float = 30.0,
     now: float | None = None,
+    revoked: Container[str] | None = None,
 ) -> AccessToken:
     """Verify ``token`` (signature, ``typ``, ``iss``, ``aud``, times, scopes) and return it.
+
+    ``revoked``, when given, is the revocation source: any container of revoked ``jti``
+    values, such as a :class:`credo.JwtRevocationList` or a
+    :class:`credo.revocation.PolledRevocationList` (the server's signed list at
+    ``/jwt-revocations``, re-fetched when older than its interval, not per request); a
+    token whose ``jti`` is in it raises :class:`~credo.errors.AccessTokenRevoked`.
 
     ``ssl_context`` is used for discovery (for a server presenting a certificate from its
     own CA, a context trusting the SPIFFE bundle). Raises a specific
@@ -217,6 +225,12 @@ def verify_access_token(
     client_id = claims.get("client_id")
     if client_id != actors[0]:
         raise InvalidAccessToken("client_id is not the newest actor")
+    jti = claims.get("jti")
+    if revoked is not None:
+        if not isinstance(jti, str) or not jti:
+            raise InvalidAccessToken("jti is missing: revocation cannot be checked")
+        if jti in revoked:
+            raise AccessTokenRevoked(f"jti {jti[:64]} has been revoked")
     return AccessToken(
         subject=sub,
         actors=actors,

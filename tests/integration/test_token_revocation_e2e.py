@@ -8,11 +8,14 @@ with ``invalid_client``.
 from __future__ import annotations
 
 import jwt
+import pytest
 import requests
 from cryptography import x509
 
+import credo
 from credo.bundle import Bundle, JwtBundle
-from credo.revocation import JwtRevocationList
+from credo.errors import AccessTokenRevoked
+from credo.revocation import JwtRevocationList, PolledRevocationList
 from tests.helpers.processes import create_entry, wait_for
 from tests.integration.test_token_exchange_e2e import (
     ACCESS_TOKEN,
@@ -183,3 +186,35 @@ def test_entry_revoke_revokes_delegated_tokens_and_cascade_the_chain(
     assert [t["jti"] for t in cascaded["revoked_tokens"]] == [_jti(onward)]
     assert not _active(d, onward)
     assert _active(d, unrelated)
+
+
+def test_verify_access_token_refuses_a_revoked_token_from_the_polled_list(
+    deployment: Deployment,
+) -> None:
+    """A resource server with the server's signed list as revocation source: accepted before
+    the revocation, AccessTokenRevoked once the list is re-fetched; the list is not fetched
+    per request."""
+    d = deployment
+    token = _exchange(d, CODER, scope="repo:read")
+    clock = [1000.0]
+    source = PolledRevocationList(
+        f"{d.issuer}/jwt-revocations",
+        _jwt_bundle(d),
+        interval=30.0,
+        context=d.trust,
+        clock=lambda: clock[0],
+    )
+
+    def verify() -> credo.AccessToken:
+        return credo.verify_access_token(
+            token, issuer=d.issuer, audience=GIT, ssl_context=d.trust, revoked=source
+        )
+
+    assert verify().jti == _jti(token)
+    first = source.current()
+    assert d.post("/oauth2/revoke", {**_caller(d, CODER), "token": token}).status_code == 200
+    assert verify().subject == "alice"  # within the interval: the same list, no fetch
+    assert source.current() is first
+    clock[0] += 31
+    with pytest.raises(AccessTokenRevoked):
+        verify()
