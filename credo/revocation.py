@@ -19,9 +19,11 @@ older than its interval (never per request), and passes it to
 
 from __future__ import annotations
 
+import json
 import ssl
 import threading
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +37,7 @@ from credo.jwtsvid import JwtSvid
 __all__ = [
     "REVOCATION_LIST_AUDIENCE",
     "REVOCATION_LIST_PATH",
+    "IntrospectionRevocation",
     "JwtRevocationList",
     "PolledRevocationList",
 ]
@@ -141,3 +144,47 @@ class PolledRevocationList:
 
     def __contains__(self, jti: object) -> bool:
         return jti in self.current()
+
+
+class IntrospectionRevocation:
+    """A revocation source that asks the server: RFC 7662 introspection per token.
+
+    ``client_assertion`` returns a JWT-SVID of a SPIFFE ID listed in the server's
+    ``introspection_allowed`` (audience: the token endpoint), e.g. fetched from the
+    Workload API. A token the server answers ``active: false`` for is revoked (the caller
+    has already checked its signature and times). One round trip per check: prefer
+    :class:`PolledRevocationList` where that matters. A failed request raises ``OSError``.
+    """
+
+    def __init__(
+        self,
+        introspection_endpoint: str,
+        client_assertion: Callable[[], str],
+        *,
+        context: ssl.SSLContext | None = None,
+        timeout: float = 5.0,
+    ) -> None:
+        self._endpoint = introspection_endpoint
+        self._assertion = client_assertion
+        self._context = context
+        self._timeout = timeout
+
+    def is_revoked(self, token: str, jti: str) -> bool:
+        """True when the server no longer considers ``token`` active."""
+        body = urllib.parse.urlencode(
+            {
+                "token": token,
+                "client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-spiffe",
+                "client_assertion": self._assertion(),
+            }
+        ).encode()
+        request = urllib.request.Request(
+            self._endpoint,
+            data=body,
+            headers={"Content-Type": "application/x-www-form-urlencoded"},
+        )
+        with urllib.request.urlopen(request, context=self._context, timeout=self._timeout) as r:
+            answer = json.loads(r.read(_MAX_BYTES + 1))
+        if not isinstance(answer, dict):
+            raise OSError("introspection answered something other than a JSON object")
+        return answer.get("active") is not True or answer.get("jti", jti) != jti

@@ -15,7 +15,7 @@ from cryptography import x509
 import credo
 from credo.bundle import Bundle, JwtBundle
 from credo.errors import AccessTokenRevoked
-from credo.revocation import JwtRevocationList, PolledRevocationList
+from credo.revocation import IntrospectionRevocation, JwtRevocationList, PolledRevocationList
 from tests.helpers.processes import create_entry, wait_for
 from tests.integration.test_token_exchange_e2e import (
     ACCESS_TOKEN,
@@ -216,5 +216,27 @@ def test_verify_access_token_refuses_a_revoked_token_from_the_polled_list(
     assert verify().subject == "alice"  # within the interval: the same list, no fetch
     assert source.current() is first
     clock[0] += 31
+    with pytest.raises(AccessTokenRevoked):
+        verify()
+
+
+def test_verify_access_token_with_introspection_as_revocation_source(
+    deployment: Deployment,
+) -> None:
+    """The resource server asks the server (RFC 7662) instead: refused once revoked."""
+    d = deployment
+    token = _exchange(d, CODER, scope="repo:read")
+    source = IntrospectionRevocation(
+        f"{d.issuer}/oauth2/introspect", lambda: d.svid(RESOURCE), context=d.trust
+    )
+
+    def verify() -> credo.AccessToken:
+        return credo.verify_access_token(
+            token, issuer=d.issuer, audience=GIT, ssl_context=d.trust, revoked=source
+        )
+
+    assert verify().subject == "alice"
+    out = d.post("/oauth2/revoke", {**_caller(d, CODER), "token": token})
+    assert out.status_code == 200, out.text
     with pytest.raises(AccessTokenRevoked):
         verify()
