@@ -1308,9 +1308,27 @@ class SqlDataStore:
 
     # ------------------------------------------------------------------ delegated tokens
 
-    def create_delegated_token(self, token: DelegatedToken) -> None:
-        """Record an access token the token endpoint is about to hand out."""
+    def create_delegated_token(self, token: DelegatedToken) -> bool:
+        """Record an access token the token endpoint is about to hand out; False (not
+        recorded) when its client has no unrevoked registration entry (revoked meanwhile).
+
+        The caller must not hand out a token for which this returns False.
+        """
         with self._transaction(write=True) as tx:
+            stmt = select(entries.c.entry_id).where(entries.c.spiffe_id == token.client_id)
+            if self._is_pg:
+                stmt = stmt.with_for_update(read=True)
+            ids = set(tx.conn.execute(stmt).scalars())
+            if ids:
+                ids -= set(
+                    tx.conn.execute(
+                        select(revoked_entries.c.entry_id).where(
+                            revoked_entries.c.entry_id.in_(ids)
+                        )
+                    ).scalars()
+                )
+            if not ids:
+                return False
             tx.conn.execute(
                 insert(delegated_tokens).values(
                     jti=token.jti,
@@ -1323,6 +1341,7 @@ class SqlDataStore:
                     reason=token.reason,
                 )
             )
+        return True
 
     def fetch_delegated_token(self, jti: str) -> DelegatedToken | None:
         """The recorded access token with this ``jti``, or None."""

@@ -222,9 +222,10 @@ class TokenExchange:
     """``(kind, id)`` -> whether a credential is revoked: kind ``"jti"`` (a JWT-SVID),
     ``"serial"`` (an X509-SVID, lowercase hex; for both, true too when the entry it was
     issued for is revoked) or ``"token"`` (a delegated access token, by ``jti``)."""
-    record_token: Callable[[Mapping[str, Any]], None] = field(default=lambda claims: None)
+    record_token: Callable[[Mapping[str, Any]], bool] = field(default=lambda claims: True)
     """Records an issued token's claims (jti, client, subject, chain, expiry; never the
-    token) before it is handed out, so that it can be revoked."""
+    token) before it is handed out, so that it can be revoked; False when the client's
+    entries were revoked meanwhile (the token is then not handed out)."""
 
     @property
     def token_endpoint(self) -> str:
@@ -457,7 +458,8 @@ class TokenExchange:
                     f"requested_token_type must be {ACCESS_TOKEN_TYPE} (the default)"
                 )
             result = self._grant(form, client)
-            self.record_token(result.claims)  # revocation: recorded before it is handed out
+            if not self.record_token(result.claims):  # revocation: recorded before handed out
+                raise InvalidClient(f"{client}'s registration entries were revoked")
         except OAuthError as err:
             log.info(
                 "refused token exchange",
