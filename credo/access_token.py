@@ -27,9 +27,9 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Mapping
+from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import jwt
 
@@ -37,12 +37,13 @@ from credo.errors import (
     AccessTokenAudienceMismatch,
     AccessTokenExpired,
     AccessTokenKeysUnavailable,
+    AccessTokenRevoked,
     InsufficientScope,
     InvalidAccessToken,
     UntrustedAccessToken,
 )
 
-__all__ = ["AccessToken", "verify_access_token"]
+__all__ = ["AccessToken", "RevocationCheck", "verify_access_token"]
 
 _CACHE_SECONDS = 300.0
 _REFETCH_SECONDS = 30.0
@@ -139,6 +140,13 @@ def _actors(act: Any) -> tuple[str, ...]:
     return tuple(out)
 
 
+@runtime_checkable
+class RevocationCheck(Protocol):
+    """A revocation source that looks at the whole token (introspection)."""
+
+    def is_revoked(self, token: str, jti: str) -> bool: ...
+
+
 def verify_access_token(
     token: str,
     *,
@@ -148,8 +156,16 @@ def verify_access_token(
     ssl_context: ssl.SSLContext | None = None,
     leeway: float = 30.0,
     now: float | None = None,
+    revoked: Container[str] | RevocationCheck | None = None,
 ) -> AccessToken:
     """Verify ``token`` (signature, ``typ``, ``iss``, ``aud``, times, scopes) and return it.
+
+    ``revoked``, when given, is the revocation source: any container of revoked ``jti``
+    values, such as a :class:`credo.JwtRevocationList` or a
+    :class:`credo.revocation.PolledRevocationList` (the server's signed list at
+    ``/jwt-revocations``, re-fetched when older than its interval, not per request), or a
+    :class:`RevocationCheck` such as :class:`credo.revocation.IntrospectionRevocation`
+    (asks per token); a revoked token raises :class:`~credo.errors.AccessTokenRevoked`.
 
     ``ssl_context`` is used for discovery (for a server presenting a certificate from its
     own CA, a context trusting the SPIFFE bundle). Raises a specific
@@ -217,6 +233,17 @@ def verify_access_token(
     client_id = claims.get("client_id")
     if client_id != actors[0]:
         raise InvalidAccessToken("client_id is not the newest actor")
+    jti = claims.get("jti")
+    if revoked is not None:
+        if not isinstance(jti, str) or not jti:
+            raise InvalidAccessToken("jti is missing: revocation cannot be checked")
+        is_revoked = (
+            revoked.is_revoked(token, jti)
+            if isinstance(revoked, RevocationCheck)
+            else jti in revoked
+        )
+        if is_revoked:
+            raise AccessTokenRevoked(f"jti {jti[:64]} has been revoked")
     return AccessToken(
         subject=sub,
         actors=actors,

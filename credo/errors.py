@@ -313,6 +313,10 @@ class AccessTokenExpired(AccessTokenError):
     """``exp`` is in the past, or ``nbf``/``iat`` in the future."""
 
 
+class AccessTokenRevoked(AccessTokenError):
+    """The token's ``jti`` is in the revocation source (signed list or introspection)."""
+
+
 class AccessTokenAudienceMismatch(AccessTokenError):
     """``aud`` does not name the resource server."""
 
@@ -338,6 +342,7 @@ __all__ += [
     "AccessTokenError",
     "AccessTokenExpired",
     "AccessTokenKeysUnavailable",
+    "AccessTokenRevoked",
     "InsufficientScope",
     "InvalidAccessToken",
     "UntrustedAccessToken",

@@ -78,10 +78,16 @@ from server.ca.keymanager import DiskKeyManager
 from server.ca.manager import AuthorityManager, AuthorityManagerConfig
 from server.ca.pool import SigningPool
 from server.config import ServerConfig
-from server.datastore.models import DelegationPolicy, ListRegistrationEntriesRequest
+from server.datastore.models import (
+    DelegatedToken,
+    DelegationPolicy,
+    IssuedJwtSvid,
+    IssuedX509Svid,
+    ListRegistrationEntriesRequest,
+)
 from server.datastore.protocol import DataStore
 from server.datastore.sql import SqlDataStore
-from server.delegation.exchange import Recent, TokenExchange
+from server.delegation.exchange import Recent, TokenExchange, actor_chain
 from server.delegation.policy import agent_patterns_for
 from server.delegation.routes import DelegationEndpoints, delegation_routes
 from server.delegation.subjects import SubjectIssuers
@@ -488,11 +494,29 @@ def _delegation_endpoints(
             for e in datastore.list_registration_entries(
                 ListRegistrationEntriesRequest(by_spiffe_id=str(agent))
             ).entries
-            if not e.expires_at or e.expires_at > now
+            if (not e.expires_at or e.expires_at > now)
+            and datastore.fetch_entry_revocation(e.id) is None
         ]
         if not found:
             return None
         return next((e.owner for e in found if e.owner), "")
+
+    def revoked_credential(kind: str, ident: str) -> bool:
+        if kind == "token":
+            token = datastore.fetch_delegated_token(ident)
+            return token is not None and token.revoked_at != 0
+        issued: IssuedJwtSvid | IssuedX509Svid | None = (
+            datastore.fetch_issued_jwt_svid(ident)
+            if kind == "jti"
+            else datastore.fetch_issued_x509_svid(ident)
+        )
+        if issued is None:
+            return False
+        if issued.revoked_at:
+            return True
+        return (
+            bool(issued.entry_id) and datastore.fetch_entry_revocation(issued.entry_id) is not None
+        )
 
     # The bundle, owners and each agent's delegation policies are re-read at most every
     # second: an exchange then costs no query (but a budget update when the policy has
@@ -511,6 +535,17 @@ def _delegation_endpoints(
         bundle=lambda: recent_bundle(None),
         owner_of=Recent(owner_of, 1.0),
         policies_for=Recent(policies_for, 1.0),
+        revoked_credential=revoked_credential,
+        record_token=lambda claims: datastore.create_delegated_token(
+            DelegatedToken(
+                jti=str(claims["jti"]),
+                client_id=str(claims["client_id"]),
+                subject=str(claims["sub"]),
+                actors=tuple(actor_chain(claims["act"])),
+                expires_at=int(claims["exp"]),
+                issued_at=int(claims["iat"]),
+            )
+        ),
     )
     return DelegationEndpoints(exchange, config.delegation.introspection_allowed)
 

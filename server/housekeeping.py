@@ -39,6 +39,7 @@ async def run_housekeeping(
             events = await asyncio.to_thread(ds.prune_events, now - EVENT_RETENTION)
             svids = await asyncio.to_thread(ds.prune_issued_x509_svids, now)
             svids += await asyncio.to_thread(ds.prune_issued_jwt_svids, now)
+            svids += await asyncio.to_thread(ds.prune_delegated_tokens, now)
             crls = await asyncio.to_thread(ds.prune_crls)
         except CredoError as err:
             log.error("housekeeping failed", extra={"error": str(err)})

@@ -9,6 +9,10 @@ authority, entry, SPIFFE ID, agent, expiry) so that any of them can be revoked:
   SVID issued for it is revoked;
 * a banned agent (``credo-server agent ban``): every unexpired SVID the agent obtained,
   its own agent SVIDs included;
+* delegated access tokens (token exchange, recorded in ``delegated_tokens``): an entry's
+  revocation revokes those issued to its SPIFFE ID (``cascade``: and every token whose
+  actor chain contains it); RFC 7009 ``POST /oauth2/revoke`` revokes one. Revoked ones
+  are in the JWT revocation list with the revoked JWT-SVIDs;
 * one JWT-SVID by ``jti`` (``credo-server jwt revoke --jti J``); entry revocation and bans
   revoke the entry's / agent's unexpired JWT-SVIDs too (every JWT-SVID is recorded,
   :func:`jwt_record`). Agents receive the revoked ``jti``s on their sync stream and their
@@ -39,7 +43,13 @@ from aiohttp import web
 from cryptography import x509
 
 from credo.revocation import REVOCATION_LIST_PATH
-from server.datastore.models import AttestedNode, IssuedJwtSvid, IssuedX509Svid, Revocation
+from server.datastore.models import (
+    AttestedNode,
+    DelegatedToken,
+    IssuedJwtSvid,
+    IssuedX509Svid,
+    Revocation,
+)
 from server.datastore.protocol import DataStore
 
 if TYPE_CHECKING:
@@ -113,6 +123,7 @@ class RevocationResult:
     revoked: tuple[IssuedX509Svid, ...]
     entry_newly_revoked: bool = False
     revoked_jwts: tuple[IssuedJwtSvid, ...] = ()
+    revoked_tokens: tuple[DelegatedToken, ...] = ()
 
 
 class Revoker:
@@ -126,9 +137,14 @@ class Revoker:
         done = await asyncio.to_thread(self._ds.revoke_x509_svid, serial, reason)
         return self._record("x509_svid", serial, reason, done)
 
-    async def revoke_entry(self, entry_id: str, reason: str) -> RevocationResult:
-        """The kill switch for an entry (``NotFound`` if there is no such entry)."""
-        done = await asyncio.to_thread(self._ds.revoke_registration_entry, entry_id, reason)
+    async def revoke_entry(
+        self, entry_id: str, reason: str, *, cascade: bool = False
+    ) -> RevocationResult:
+        """The kill switch for an entry (``NotFound`` if there is no such entry); with
+        ``cascade`` also every delegated token whose actor chain contains its identity."""
+        done = await asyncio.to_thread(
+            self._ds.revoke_registration_entry, entry_id, reason, cascade=cascade
+        )
         return self._record("entry", entry_id, reason, done)
 
     async def revoke_jti(self, jti: str, reason: str) -> RevocationResult:
@@ -152,10 +168,13 @@ class Revoker:
                 "reason": reason,
                 "revoked_serials": list(serials),
                 "revoked_jtis": [j.jti for j in done.revoked_jwts],
+                "revoked_token_jtis": [t.jti for t in done.revoked_tokens],
                 "entry_newly_revoked": done.entry_newly_revoked,
             },
         )
-        return RevocationResult(target, done.revoked, done.entry_newly_revoked, done.revoked_jwts)
+        return RevocationResult(
+            target, done.revoked, done.entry_newly_revoked, done.revoked_jwts, done.revoked_tokens
+        )
 
 
 LIST_TTL: Final = 60

@@ -157,6 +157,12 @@ def _revocation_response(result: RevocationResult) -> admin_pb2.RevocationRespon
             )
             for j in result.revoked_jwts
         ],
+        revoked_tokens=[
+            admin_pb2.RevokedDelegatedToken(
+                jti=t.jti, client_id=t.client_id, subject=t.subject, expires_at=t.expires_at
+            )
+            for t in result.revoked_tokens
+        ],
     )
 
 
@@ -326,7 +332,7 @@ class EntriesService(admin_pb2_grpc.EntriesServicer):
             raise InvalidField("id", "is required")
         reason = _reason(request.reason)
         try:
-            result = await self._revoker.revoke_entry(request.id, reason)
+            result = await self._revoker.revoke_entry(request.id, reason, cascade=request.cascade)
         except NotFound:
             raise ApiError(
                 grpc.StatusCode.NOT_FOUND, f"registration entry {request.id!r} not found"

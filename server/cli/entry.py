@@ -445,14 +445,20 @@ def delete(socket_path: str, output: str, entry_ids: tuple[str, ...]) -> None:
 @admin_options
 @click.option("--id", "entry_id", required=True, help="ID of the entry to revoke.")
 @click.option("--reason", default="", help="Why (kept with the revocation).")
-def revoke(socket_path: str, output: str, entry_id: str, reason: str) -> None:
+@click.option(
+    "--cascade",
+    is_flag=True,
+    help="Also revoke every delegated token whose actor chain contains the entry's identity.",
+)
+def revoke(socket_path: str, output: str, entry_id: str, reason: str, cascade: bool) -> None:
     """The kill switch: never issue for the entry again and revoke every unexpired
-    X.509-SVID issued for it (they appear in the CRLs agents deliver to workloads).
-    Revoking a revoked entry changes nothing; delete the entry to retire it."""
+    X.509-SVID, JWT-SVID and delegated token issued for it (they appear in the CRLs and
+    the JWT revocation list agents deliver). Revoking a revoked entry changes nothing;
+    delete the entry to retire it."""
     with AdminClient(socket_path) as client:
         reply = client.call(
             client.entries.RevokeEntry,
-            admin_pb2.RevokeEntryRequest(id=entry_id, reason=reason),
+            admin_pb2.RevokeEntryRequest(id=entry_id, reason=reason, cascade=cascade),
             noun="entry",
         )
     emit(output, message_to_dict(reply), render_revocation(reply, f"Entry {entry_id}"))

@@ -254,4 +254,9 @@ def render_revocation(reply: admin_pb2.RevocationResponse, what: str) -> str:
         lines.append(
             f"  serial {svid.serial}  {svid.spiffe_id}  expires {format_time(svid.expires_at)}"
         )
+    for token in reply.revoked_tokens:
+        lines.append(
+            f"  delegated token {token.jti}  {token.client_id} for {token.subject}  "
+            f"expires {format_time(token.expires_at)}"
+        )
     return "\n".join(lines)

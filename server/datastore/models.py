@@ -25,6 +25,7 @@ __all__ = [
     "BudgetUse",
     "BySelectors",
     "Crl",
+    "DelegatedToken",
     "DelegationPolicy",
     "Event",
     "EventKind",
@@ -202,6 +203,23 @@ class IssuedJwtSvid:
 
 
 @dataclass(frozen=True, slots=True)
+class DelegatedToken:
+    """An access token the token endpoint issued (never the token itself), until it expires.
+
+    ``client_id`` is the agent it was issued to, ``subject`` the person, ``actors`` the
+    whole actor chain, newest (the client) first."""
+
+    jti: str
+    client_id: str
+    subject: str
+    actors: tuple[str, ...]
+    expires_at: int
+    issued_at: int = 0
+    revoked_at: int = 0
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Revocation:
     """What one revocation call changed: the SVIDs it revoked now (already revoked ones
     are not repeated), and for an entry whether the entry itself was newly revoked."""
@@ -209,6 +227,7 @@ class Revocation:
     revoked: tuple[IssuedX509Svid, ...] = ()
     entry_newly_revoked: bool = False
     revoked_jwts: tuple[IssuedJwtSvid, ...] = ()
+    revoked_tokens: tuple[DelegatedToken, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

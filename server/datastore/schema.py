@@ -280,6 +280,25 @@ issued_jwt_svids = Table(
 
 _REVOCATION_TABLES = (issued_x509_svids, revoked_entries, crls, issued_jwt_svids)
 
+# Every delegated access token the token endpoint issued, by ``jti``, until it expires:
+# who it was issued to (``client_id``, the agent's SPIFFE ID), for whom (``subject``), the
+# whole actor chain (``actors``: SPIFFE IDs newest first, each followed by one space, so
+# "contains X" is ``LIKE '%X %'``). Never the token itself.
+delegated_tokens = Table(
+    "delegated_tokens",
+    metadata,
+    Column("jti", _Key, primary_key=True),
+    Column("client_id", _Str, nullable=False),
+    Column("subject", _Str, nullable=False),
+    Column("actors", _Str, nullable=False),
+    Column("expires_at", BigInteger, nullable=False),
+    Column("issued_at", BigInteger, nullable=False),
+    Column("revoked_at", BigInteger, nullable=False),
+    Column("reason", _Str, nullable=False),
+    Index("ix_delegated_tokens_client_id", "client_id"),
+    Index("ix_delegated_tokens_revoked_expires", "revoked_at", "expires_at"),
+)
+
 # ``authorities`` as version 1 created it (step 1 must keep creating exactly this).
 _v1_metadata = MetaData()
 _authorities_v1 = Table(
@@ -446,6 +465,11 @@ def _step_6_revocation(conn: Connection) -> None:
     metadata.create_all(conn, tables=list(_REVOCATION_TABLES))
 
 
+def _step_7_delegated_tokens(conn: Connection) -> None:
+    """Add ``delegated_tokens``: issued access tokens, revocable by jti, entry and chain."""
+    delegated_tokens.create(conn)
+
+
 MIGRATIONS: tuple[Callable[[Connection], None], ...] = (
     _step_1_initial,
     _step_2_authority_owner,
@@ -453,6 +477,7 @@ MIGRATIONS: tuple[Callable[[Connection], None], ...] = (
     _step_4_entry_owner,
     _step_5_delegation,
     _step_6_revocation,
+    _step_7_delegated_tokens,
 )
 """Ordered steps; step ``n`` (1-based) takes the schema from version ``n - 1`` to ``n``."""
 

@@ -74,6 +74,7 @@ from server.datastore.models import (
     Budget,
     BudgetUse,
     Crl,
+    DelegatedToken,
     DelegationPolicy,
     Event,
     EventKind,
@@ -95,6 +96,7 @@ from server.datastore.schema import (
     budget_usage,
     bundles,
     crls,
+    delegated_tokens,
     delegation_policies,
     entries,
     entry_dns_names,
@@ -1043,18 +1045,24 @@ class SqlDataStore:
             revoked = self._revoke_issued(tx, issued_x509_svids.c.serial == serial, reason)
         return Revocation(tuple(revoked))
 
-    def revoke_registration_entry(self, entry_id: str, reason: str) -> Revocation:
+    def revoke_registration_entry(
+        self, entry_id: str, reason: str, *, cascade: bool = False
+    ) -> Revocation:
         """The kill switch: no SVID may be issued for the entry any more, and every
         unexpired SVID issued for it is revoked. :class:`NotFound` if the entry is absent.
 
         Idempotent: revoking a revoked entry changes nothing and lists nothing.
         """
         with self._transaction(write=True) as tx:
-            stmt = select(entries.c.entry_id).where(entries.c.entry_id == entry_id)
+            stmt = select(entries.c.entry_id, entries.c.spiffe_id).where(
+                entries.c.entry_id == entry_id
+            )
             if self._is_pg:
                 stmt = stmt.with_for_update()
-            if tx.conn.execute(stmt).first() is None:
+            row = tx.conn.execute(stmt).first()
+            if row is None:
                 raise NotFound(f"registration entry {entry_id!r} not found")
+            spiffe_id = str(row[1])
             already = tx.conn.execute(
                 select(revoked_entries.c.entry_id).where(revoked_entries.c.entry_id == entry_id)
             ).first()
@@ -1073,8 +1081,16 @@ class SqlDataStore:
             jwts = self._revoke_jwts(
                 tx, and_(j.entry_id == entry_id, j.expires_at > tx.now), reason
             )
+            d = delegated_tokens.c
+            mine = d.client_id == spiffe_id
+            if cascade:
+                mine = or_(mine, d.actors.contains(spiffe_id + " ", autoescape=True))
+            tokens = self._revoke_tokens(tx, and_(mine, d.expires_at > tx.now), reason)
         return Revocation(
-            tuple(revoked), entry_newly_revoked=already is None, revoked_jwts=tuple(jwts)
+            tuple(revoked),
+            entry_newly_revoked=already is None,
+            revoked_jwts=tuple(jwts),
+            revoked_tokens=tuple(tokens),
         )
 
     def list_revoked_entry_ids(self) -> set[str]:
@@ -1210,10 +1226,26 @@ class SqlDataStore:
         return found[0] if found else None
 
     def list_revoked_jwt_svids(self, expires_after: int) -> list[IssuedJwtSvid]:
-        """Revoked JWT-SVIDs that expire after ``expires_after`` (the revocation list)."""
+        """Revoked JWTs that expire after ``expires_after`` (the revocation list): JWT-SVIDs
+        and delegated access tokens (as records with the client as ``spiffe_id``)."""
         j = issued_jwt_svids.c
+        d = delegated_tokens.c
         with self._transaction(write=False) as tx:
-            return self._load_jwts(tx.conn, and_(j.revoked_at != 0, j.expires_at > expires_after))
+            svids = self._load_jwts(tx.conn, and_(j.revoked_at != 0, j.expires_at > expires_after))
+            tokens = self._load_tokens(
+                tx.conn, and_(d.revoked_at != 0, d.expires_at > expires_after)
+            )
+        return svids + [
+            IssuedJwtSvid(
+                jti=t.jti,
+                spiffe_id=t.client_id,
+                expires_at=t.expires_at,
+                issued_at=t.issued_at,
+                revoked_at=t.revoked_at,
+                reason=t.reason,
+            )
+            for t in tokens
+        ]
 
     def revoke_jwt_svid(self, jti: str, reason: str) -> Revocation:
         """Revoke one recorded JWT-SVID; :class:`NotFound` if the jti was never recorded.
@@ -1272,6 +1304,122 @@ class SqlDataStore:
                 reason=r[7],
             )
             for r in conn.execute(stmt.order_by(j.jti))
+        ]
+
+    # ------------------------------------------------------------------ delegated tokens
+
+    def create_delegated_token(self, token: DelegatedToken) -> bool:
+        """Record an access token the token endpoint is about to hand out; False (not
+        recorded) when its client has no unrevoked registration entry (revoked meanwhile).
+
+        The caller must not hand out a token for which this returns False.
+        """
+        with self._transaction(write=True) as tx:
+            stmt = select(entries.c.entry_id).where(entries.c.spiffe_id == token.client_id)
+            if self._is_pg:
+                stmt = stmt.with_for_update(read=True)
+            ids = set(tx.conn.execute(stmt).scalars())
+            if ids:
+                ids -= set(
+                    tx.conn.execute(
+                        select(revoked_entries.c.entry_id).where(
+                            revoked_entries.c.entry_id.in_(ids)
+                        )
+                    ).scalars()
+                )
+            if not ids:
+                return False
+            tx.conn.execute(
+                insert(delegated_tokens).values(
+                    jti=token.jti,
+                    client_id=token.client_id,
+                    subject=token.subject,
+                    actors="".join(a + " " for a in token.actors),
+                    expires_at=token.expires_at,
+                    issued_at=token.issued_at or tx.now,
+                    revoked_at=token.revoked_at,
+                    reason=token.reason,
+                )
+            )
+        return True
+
+    def fetch_delegated_token(self, jti: str) -> DelegatedToken | None:
+        """The recorded access token with this ``jti``, or None."""
+        with self._transaction(write=False) as tx:
+            found = self._load_tokens(tx.conn, delegated_tokens.c.jti == jti)
+        return found[0] if found else None
+
+    def revoke_delegated_token(self, jti: str, reason: str, *, cascade: bool = False) -> Revocation:
+        """Revoke one recorded access token (and, with ``cascade``, every unexpired token
+        whose actor chain contains its client); :class:`NotFound` if never recorded.
+
+        Idempotent: an already revoked one keeps its first time and reason.
+        """
+        d = delegated_tokens.c
+        with self._transaction(write=True) as tx:
+            found = self._load_tokens(tx.conn, d.jti == jti)
+            if not found:
+                raise NotFound(f"no delegated token with jti {jti!r} was issued")
+            tokens = self._revoke_tokens(tx, d.jti == jti, reason)
+            if cascade:
+                tokens += self._revoke_tokens(
+                    tx,
+                    and_(
+                        d.actors.contains(found[0].client_id + " ", autoescape=True),
+                        d.expires_at > tx.now,
+                    ),
+                    reason,
+                )
+        return Revocation(revoked_tokens=tuple(tokens))
+
+    def prune_delegated_tokens(self, expires_before: int) -> int:
+        """Forget access tokens that expired before ``expires_before``."""
+        with self._transaction(write=True) as tx:
+            return int(
+                tx.conn.execute(
+                    delete(delegated_tokens).where(delegated_tokens.c.expires_at < expires_before)
+                ).rowcount
+            )
+
+    def _revoke_tokens(
+        self, tx: _Tx, cond: ColumnElement[bool], reason: str
+    ) -> list[DelegatedToken]:
+        """Mark the matching unrevoked access tokens revoked; one event when any were."""
+        pending = and_(cond, delegated_tokens.c.revoked_at == 0)
+        targets = self._load_tokens(tx.conn, pending)
+        if not targets:
+            return []
+        tx.conn.execute(
+            update(delegated_tokens).where(pending).values(revoked_at=tx.now, reason=reason)
+        )
+        self._emit(tx, [(EventKind.JWT_SVIDS_REVOKED, "")])
+        return [replace(t, revoked_at=tx.now, reason=reason) for t in targets]
+
+    @staticmethod
+    def _load_tokens(conn: Connection, cond: ColumnElement[bool]) -> list[DelegatedToken]:
+        d = delegated_tokens.c
+        stmt = select(
+            d.jti,
+            d.client_id,
+            d.subject,
+            d.actors,
+            d.expires_at,
+            d.issued_at,
+            d.revoked_at,
+            d.reason,
+        ).where(cond)
+        return [
+            DelegatedToken(
+                jti=r[0],
+                client_id=r[1],
+                subject=r[2],
+                actors=tuple(str(r[3]).split()),
+                expires_at=int(r[4]),
+                issued_at=int(r[5]),
+                revoked_at=int(r[6]),
+                reason=r[7],
+            )
+            for r in conn.execute(stmt.order_by(d.jti))
         ]
 
     # ------------------------------------------------------------------ CRLs

@@ -224,6 +224,14 @@ class TokenExchange:
         default_factory=dict, init=False, repr=False
     )
     _verified_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    revoked_credential: Callable[[str, str], bool] = field(default=lambda kind, ident: False)
+    """``(kind, id)`` -> whether a credential is revoked: kind ``"jti"`` (a JWT-SVID),
+    ``"serial"`` (an X509-SVID, lowercase hex; for both, true too when the entry it was
+    issued for is revoked) or ``"token"`` (a delegated access token, by ``jti``)."""
+    record_token: Callable[[Mapping[str, Any]], bool] = field(default=lambda claims: True)
+    """Records an issued token's claims (jti, client, subject, chain, expiry; never the
+    token) before it is handed out, so that it can be revoked; False when the client's
+    entries were revoked meanwhile (the token is then not handed out)."""
 
     @property
     def token_endpoint(self) -> str:
@@ -274,6 +282,7 @@ class TokenExchange:
                 f"{what} is not a JWT-SVID of {self.trust_domain} for audience "
                 f"{self.token_endpoint}: {exc}"
             ) from None
+        self._check_not_revoked("jti", str(svid.claims.get("jti", "")), what + " (a JWT-SVID)")
         return self._check_agent(svid.spiffe_id, what)
 
     def _verify_peer(self, chain: Sequence[x509.Certificate]) -> SpiffeId:
@@ -300,6 +309,10 @@ class TokenExchange:
             self._verified[key] = (bundle, mono, spiffe_id)
         return spiffe_id
 
+    def _check_not_revoked(self, kind: str, ident: str, what: str) -> None:
+        if ident and self.revoked_credential(kind, ident):
+            raise InvalidClient(f"{what} has been revoked")
+
     def authenticate(
         self, form: Mapping[str, str], peer_chain: Sequence[x509.Certificate] | None
     ) -> SpiffeId:
@@ -322,6 +335,9 @@ class TokenExchange:
                 raise InvalidClient(
                     f"the client certificate is not a valid X509-SVID: {exc}"
                 ) from None
+            self._check_not_revoked(
+                "serial", format(peer_chain[0].serial_number, "x"), "the client certificate"
+            )
             client = self._check_agent(spiffe_id, "the client certificate")
         else:
             raise InvalidClient(
@@ -363,6 +379,8 @@ class TokenExchange:
         except jwt.PyJWTError as exc:
             raise InvalidGrant(f"subject_token was refused: {exc}") from None
         check_times(verified, self.clock(), _LEEWAY, "subject_token (the previous link's token)")
+        if self.revoked_credential("token", str(verified.get("jti", ""))):
+            raise InvalidGrant("subject_token (the previous link's token) has been revoked")
         actors = actor_chain(verified.get("act"))
         if not actors:
             raise InvalidGrant("subject_token has no actor chain (act)")
@@ -466,6 +484,8 @@ class TokenExchange:
                     f"requested_token_type must be {ACCESS_TOKEN_TYPE} (the default)"
                 )
             result = self._grant(form, client)
+            if not self.record_token(result.claims):  # revocation: recorded before handed out
+                raise InvalidClient(f"{client}'s registration entries were revoked")
         except OAuthError as err:
             log.info(
                 "refused token exchange",
@@ -574,7 +594,7 @@ class TokenExchange:
         if owner is None:
             raise InvalidClient(
                 f"{client} has no registration entry: its identity was revoked (entry "
-                "deleted) or never registered"
+                "revoked or deleted) or never registered"
             )
         subject = self._subject(form)
         now = _now_s(self.clock)

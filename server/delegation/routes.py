@@ -3,6 +3,7 @@
 ========================================  ==========================================
 ``POST /oauth2/token``                    RFC 8693 token exchange (form-encoded)
 ``POST /oauth2/introspect``               RFC 7662 introspection, for allowed SPIFFE IDs
+``POST /oauth2/revoke``                   RFC 7009 revocation of a delegated token
 ``GET /oauth2/jwks``                      the keys that sign access tokens (JWKS)
 ``GET /.well-known/oauth-authorization-server``  RFC 8414 metadata
 ========================================  ==========================================
@@ -24,7 +25,13 @@ from cryptography import x509
 
 from credo.bundle import public_key_to_jwk
 from credo.keys import jwt_algorithm_for
-from server.delegation.errors import InvalidClient, InvalidRequest, OAuthError
+from server.datastore.errors import NotFound
+from server.delegation.errors import (
+    InvalidClient,
+    InvalidRequest,
+    OAuthError,
+    UnauthorizedClient,
+)
 from server.delegation.exchange import (
     ACCESS_TOKEN_TYPE,
     AT_JWT,
@@ -33,13 +40,15 @@ from server.delegation.exchange import (
     SUBJECT_TOKEN_TYPES,
     TOKEN_PATH,
     TokenExchange,
+    actor_chain,
 )
 from server.delegation.subjects import check_times
 from server.http import HttpError, json_response
 
-__all__ = ["INTROSPECT_PATH", "JWKS_PATH", "METADATA_PATH", "delegation_routes"]
+__all__ = ["INTROSPECT_PATH", "JWKS_PATH", "METADATA_PATH", "REVOKE_PATH", "delegation_routes"]
 
 INTROSPECT_PATH = "/oauth2/introspect"
+REVOKE_PATH = "/oauth2/revoke"
 JWKS_PATH = "/oauth2/jwks"
 METADATA_PATH = "/.well-known/oauth-authorization-server"
 _FORM = "application/x-www-form-urlencoded"
@@ -105,8 +114,26 @@ class DelegationEndpoints:
         return self.introspect_token(token)
 
     def introspect_token(self, token: str) -> dict[str, Any]:
-        """RFC 7662: ``{"active": false}`` for anything not a live token of this server."""
+        """RFC 7662: ``{"active": false}`` for anything not a live, unrevoked token of this
+        server."""
         inactive: dict[str, Any] = {"active": False}
+        claims = self._verified_claims(token)
+        if claims is None:
+            return inactive
+        recorded = self.exchange.datastore.fetch_delegated_token(str(claims.get("jti", "")))
+        if recorded is not None and recorded.revoked_at:
+            return inactive
+        out = {"active": True, "token_type": "Bearer"}
+        for name in ("sub", "act", "scope", "exp", "iat", "client_id", "aud", "iss", "jti"):
+            if name in claims:
+                out[name] = claims[name]
+        if "credo_owner" in claims:
+            out["credo_owner"] = claims["credo_owner"]
+        return out
+
+    def _verified_claims(self, token: str) -> dict[str, Any] | None:
+        """The claims of a live access token signed by this server, else None."""
+        inactive = None
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
@@ -133,13 +160,42 @@ class DelegationEndpoints:
             check_times(claims, self.exchange.clock(), 0, "token")
         except (jwt.PyJWTError, OAuthError):
             return inactive
-        out = {"active": True, "token_type": "Bearer"}
-        for name in ("sub", "act", "scope", "exp", "iat", "client_id", "aud", "iss", "jti"):
-            if name in claims:
-                out[name] = claims[name]
-        if "credo_owner" in claims:
-            out["credo_owner"] = claims["credo_owner"]
-        return out
+        return dict(claims)
+
+    def _revoke(self, fields: list[tuple[str, str]], chain: list[x509.Certificate] | None) -> None:
+        """RFC 7009: the caller may revoke a token issued to it (``client_id``), one whose
+        chain it is in, or one issued for it (``aud``); unknown or dead tokens are no error."""
+        form = self.exchange.parse_form(fields)
+        caller = self.exchange.authenticate(form, chain)
+        token = form.get("token")
+        if not token:
+            raise InvalidRequest("token is required")
+        hint = form.get("token_type_hint")
+        if hint is not None and hint not in ("access_token", "refresh_token"):
+            raise InvalidRequest("token_type_hint must be access_token")
+        claims = self._verified_claims(token)
+        if claims is None or not isinstance(claims.get("jti"), str):
+            return  # RFC 7009 2.2: an invalid token is no error
+        aud = claims.get("aud")
+        audiences = aud if isinstance(aud, list) else [aud]
+        if str(caller) not in (*actor_chain(claims.get("act")), *audiences):
+            raise UnauthorizedClient(
+                f"{caller} may not revoke this token: it was not issued to or for {caller}"
+            )
+        try:
+            self.exchange.datastore.revoke_delegated_token(
+                str(claims["jti"]), f"revoked by {caller} (RFC 7009)"
+            )
+        except NotFound:
+            return
+
+    async def revoke(self, request: web.Request) -> web.StreamResponse:
+        fields = await _form_fields(request)
+        try:
+            await asyncio.to_thread(self._revoke, fields, peer_chain(request))
+        except OAuthError as err:
+            raise _http_error(err) from None
+        return web.Response(status=200, headers=_NO_STORE)
 
     async def introspect(self, request: web.Request) -> web.StreamResponse:
         fields = await _form_fields(request)
@@ -164,6 +220,8 @@ class DelegationEndpoints:
             "issuer": self.exchange.issuer(),
             "token_endpoint": base + TOKEN_PATH,
             "introspection_endpoint": base + INTROSPECT_PATH,
+            "revocation_endpoint": base + REVOKE_PATH,
+            "revocation_endpoint_auth_methods_supported": ["spiffe_jwt", "tls_client_auth"],
             "jwks_uri": base + JWKS_PATH,
             "grant_types_supported": [GRANT_TYPE],
             "response_types_supported": [],
@@ -184,6 +242,7 @@ def delegation_routes(endpoints: DelegationEndpoints) -> list[web.AbstractRouteD
     return [
         web.post(TOKEN_PATH, endpoints.token),
         web.post(INTROSPECT_PATH, endpoints.introspect),
+        web.post(REVOKE_PATH, endpoints.revoke),
         web.get(JWKS_PATH, endpoints.jwks),
         web.get(METADATA_PATH, endpoints.metadata),
     ]

@@ -27,18 +27,24 @@ class RevokeEntryRequest(_message.Message):
 
     ID_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    CASCADE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     reason: _builtins.str
     """Why (kept with the revocation; at most 512 characters)."""
+    cascade: _builtins.bool
+    """Also revoke every unexpired delegated token whose actor chain contains the
+    entry's SPIFFE ID (everything delegated onward from its tokens).
+    """
     def __init__(
         self,
         *,
         id: _builtins.str = ...,
         reason: _builtins.str = ...,
+        cascade: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cascade", b"cascade", "id", b"id", "reason", b"reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -117,6 +123,38 @@ class RevokedJwtSvid(_message.Message):
 Global___RevokedJwtSvid: _TypeAlias = RevokedJwtSvid  # noqa: Y015
 
 @_typing.final
+class RevokedDelegatedToken(_message.Message):
+    """A delegated access token (token exchange) that a revocation call revoked."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JTI_FIELD_NUMBER: _builtins.int
+    CLIENT_ID_FIELD_NUMBER: _builtins.int
+    SUBJECT_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    jti: _builtins.str
+    client_id: _builtins.str
+    """The agent it was issued to."""
+    subject: _builtins.str
+    """The person it acts for."""
+    expires_at: _builtins.int
+    def __init__(
+        self,
+        *,
+        jti: _builtins.str = ...,
+        client_id: _builtins.str = ...,
+        subject: _builtins.str = ...,
+        expires_at: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_id", b"client_id", "expires_at", b"expires_at", "jti", b"jti", "subject", b"subject"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokedDelegatedToken: _TypeAlias = RevokedDelegatedToken  # noqa: Y015
+
+@_typing.final
 class RevocationResponse(_message.Message):
     """What a revocation call did: the SVIDs it revoked now (empty when repeated)."""
 
@@ -125,22 +163,26 @@ class RevocationResponse(_message.Message):
     REVOKED_FIELD_NUMBER: _builtins.int
     ENTRY_NEWLY_REVOKED_FIELD_NUMBER: _builtins.int
     REVOKED_JWTS_FIELD_NUMBER: _builtins.int
+    REVOKED_TOKENS_FIELD_NUMBER: _builtins.int
     entry_newly_revoked: _builtins.bool
     """RevokeEntry: true when this call revoked the entry (false: it already was)."""
     @_builtins.property
     def revoked(self) -> _containers.RepeatedCompositeFieldContainer[Global___RevokedX509Svid]: ...
     @_builtins.property
     def revoked_jwts(self) -> _containers.RepeatedCompositeFieldContainer[Global___RevokedJwtSvid]: ...
+    @_builtins.property
+    def revoked_tokens(self) -> _containers.RepeatedCompositeFieldContainer[Global___RevokedDelegatedToken]: ...
     def __init__(
         self,
         *,
         revoked: _abc.Iterable[Global___RevokedX509Svid] | None = ...,
         entry_newly_revoked: _builtins.bool = ...,
         revoked_jwts: _abc.Iterable[Global___RevokedJwtSvid] | None = ...,
+        revoked_tokens: _abc.Iterable[Global___RevokedDelegatedToken] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["entry_newly_revoked", b"entry_newly_revoked", "revoked", b"revoked", "revoked_jwts", b"revoked_jwts"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entry_newly_revoked", b"entry_newly_revoked", "revoked", b"revoked", "revoked_jwts", b"revoked_jwts", "revoked_tokens", b"revoked_tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
