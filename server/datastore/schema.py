@@ -15,6 +15,9 @@ Versions:
 2. ``authorities.owner``: the server id of the server holding the private key (servers
    sharing one database each keep their own CA). Rows from version 1 get ``""``: the
    first server that finds their key file adopts them.
+3. ``audit_records``: the hash-chained audit trail (:mod:`server.audit`), one row per
+   record, ``seq`` 1, 2, 3, ... assigned under a lock when the writing transaction
+   commits.
 """
 
 from __future__ import annotations
@@ -233,9 +236,38 @@ events = Table(
 )
 
 
+audit_records = Table(
+    "audit_records",
+    metadata,
+    # Assigned by the datastore (head + 1 under the audit lock), never by the database.
+    Column("seq", BigInteger, primary_key=True, autoincrement=False),
+    Column("time_ms", BigInteger, nullable=False),
+    Column("actor_kind", String(16), nullable=False),
+    Column("actor", _Str, nullable=False),
+    Column("action", String(64), nullable=False),
+    Column("subject", _Str, nullable=False),
+    Column("target", _Str, nullable=False),
+    Column("owner", _Str, nullable=False),
+    Column("outcome", String(16), nullable=False),
+    Column("reason", _Str, nullable=False),
+    Column("request_id", String(64), nullable=False),
+    Column("details", _Str, nullable=False),
+    Column("prev_hash", String(64), nullable=False),
+    Column("hash", String(64), nullable=False),
+    Index("ix_audit_records_subject", "subject"),
+    Index("ix_audit_records_actor", "actor"),
+    Index("ix_audit_records_owner", "owner"),
+    Index("ix_audit_records_action", "action"),
+    Index("ix_audit_records_time_ms", "time_ms"),
+)
+
+# Tables that later steps create: step 1 must not.
+_CREATED_LATER = frozenset({"audit_records"})
+
+
 def _step_1_initial(conn: Connection) -> None:
     """Create every table of version 1."""
-    frozen = {schema_version, authorities}
+    frozen = {schema_version, authorities, *(metadata.tables[n] for n in _CREATED_LATER)}
     metadata.create_all(conn, tables=[t for t in metadata.sorted_tables if t not in frozen])
     _authorities_v1.create(conn)
 
@@ -248,7 +280,16 @@ def _step_2_authority_owner(conn: Connection) -> None:
     )
 
 
-MIGRATIONS: tuple[Callable[[Connection], None], ...] = (_step_1_initial, _step_2_authority_owner)
+def _step_3_audit_records(conn: Connection) -> None:
+    """Create ``audit_records`` (the hash-chained audit trail) and its indexes."""
+    audit_records.create(conn)
+
+
+MIGRATIONS: tuple[Callable[[Connection], None], ...] = (
+    _step_1_initial,
+    _step_2_authority_owner,
+    _step_3_audit_records,
+)
 """Ordered steps; step ``n`` (1-based) takes the schema from version ``n - 1`` to ``n``."""
 
 SCHEMA_VERSION = len(MIGRATIONS)
