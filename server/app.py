@@ -43,12 +43,15 @@ from credo._proto.credo.server.v1 import admin_pb2_grpc, agent_pb2_grpc
 from credo._rundir import RuntimeDir
 from credo.errors import CredoError
 from credo.spiffe_id import TrustDomain
+from server import audit
 from server.agents.attestation import NodeAttestation
 from server.agents.authn import AgentAuthenticator
 from server.agents.sync import AuthorizedEntries, SyncView
 from server.api.admin import (
+    AdminActorInterceptor,
     AdminApiConfig,
     AgentsService,
+    AuditService,
     BundlesService,
     EntriesService,
     LocalAuthorityService,
@@ -171,6 +174,7 @@ async def _build(config: ServerConfig, stop: asyncio.Event) -> _Server:
         ca = CertificateAuthority(td, on_sign=metrics.on_sign)
         server_id = load_server_id(data_dir)
         log.info("server id", extra={"server_id": server_id})
+        audit.set_server_actor(server_id)  # the actor of what the server does by itself
         manager = AuthorityManager(
             AuthorityManagerConfig.from_server_config(config, server_id),
             datastore,
@@ -226,6 +230,7 @@ async def _build(config: ServerConfig, stop: asyncio.Event) -> _Server:
             jwt_svid_ttl=config.jwt_svid_ttl,
             pool=signing_pool,
             metrics=metrics,
+            audit_writer=datastore,
         )
         peers = PeerRegistry()
         agent_api = AgentService(
@@ -261,7 +266,7 @@ async def _build(config: ServerConfig, stop: asyncio.Event) -> _Server:
         agent_grpc.add_insecure_port(f"unix:{relay_dir / 'agent.sock'}")
 
         admin_health = health.aio.HealthServicer()
-        admin_grpc = grpc.aio.server(options=_GRPC_OPTIONS)
+        admin_grpc = grpc.aio.server(options=_GRPC_OPTIONS, interceptors=[AdminActorInterceptor()])
         admin_pb2_grpc.add_EntriesServicer_to_server(
             EntriesService(admin_config, datastore), admin_grpc
         )
@@ -271,7 +276,10 @@ async def _build(config: ServerConfig, stop: asyncio.Event) -> _Server:
         admin_pb2_grpc.add_BundlesServicer_to_server(
             BundlesService(admin_config, datastore, bundles), admin_grpc
         )
-        admin_pb2_grpc.add_SvidsServicer_to_server(SvidsService(admin_config, ca), admin_grpc)
+        admin_pb2_grpc.add_SvidsServicer_to_server(
+            SvidsService(admin_config, ca, datastore), admin_grpc
+        )
+        admin_pb2_grpc.add_AuditServicer_to_server(AuditService(datastore), admin_grpc)
         admin_pb2_grpc.add_LocalAuthorityServicer_to_server(
             LocalAuthorityService(manager), admin_grpc
         )

@@ -17,19 +17,30 @@ agent is authorized for, and returns one result per request, in order:
   with the mean time per SVID across the workers.
 
 Authorization always happens here, in the main process, before anything is signed.
+
+Every signed SVID and every refused item is recorded in the audit trail (serial or
+``jti``, SPIFFE ID, entry, expiry; the actor is the calling agent) in one transaction
+per batch, before the SVIDs are returned: if the record cannot be written, the call
+fails and nothing signed leaves the server.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import json
 import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from credo.spiffe_id import SpiffeId
+from server import audit
 from server.agents.errors import EntryNotAuthorized
 from server.api.convert import parse_csr
 from server.ca.ca import CertificateAuthority
@@ -79,6 +90,52 @@ X509Result = X509SvidIssued | IssueFailed
 _Work = list[tuple[int, RegistrationEntry, X509SvidRequest]]
 
 
+class AuditWriter(Protocol):
+    """Where issuance records go (the datastore)."""
+
+    def append_audit_records(
+        self, pending: Sequence[audit.PendingRecord]
+    ) -> list[audit.AuditRecord]: ...
+
+
+def entry_owner(entry: RegistrationEntry) -> str:
+    """The entry's accountable person, once entries carry one (empty until then)."""
+    return str(getattr(entry, "owner", "") or "")
+
+
+def jwt_reference(token: str) -> tuple[str, dict[str, Any]]:
+    """What names a JWT in a record without holding it: its ``jti`` if it has one, else
+    the sha256 of the token (``token_sha256``); and the claims worth keeping."""
+    claims: dict[str, Any] = {}
+    try:
+        part = token.split(".")[1]
+        decoded = json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))
+        if isinstance(decoded, dict):
+            claims = decoded
+    except (IndexError, ValueError):
+        pass
+    kept: dict[str, Any] = {k: claims[k] for k in ("aud", "exp", "iat") if k in claims}
+    jti = claims.get("jti")
+    if isinstance(jti, str) and jti:
+        return jti, kept
+    kept["token_sha256"] = hashlib.sha256(token.encode()).hexdigest()
+    return "", kept
+
+
+def x509_issued_record(
+    entry_id: str, spiffe_id: str, leaf_der: bytes, expires_at: int, owner: str = ""
+) -> audit.PendingRecord:
+    """The audit record of one signed X509-SVID (serial as lower-case hex)."""
+    serial = format(x509.load_der_x509_certificate(leaf_der).serial_number, "x")
+    return audit.pending(
+        "x509_svid.issue",
+        subject=spiffe_id,
+        target=serial,
+        owner=owner,
+        details={"entry_id": entry_id, "expires_at": expires_at},
+    )
+
+
 class Issuer:
     """Signs workload SVIDs for authorized entries, in worker processes or in-process."""
 
@@ -90,8 +147,10 @@ class Issuer:
         jwt_svid_ttl: int = 300,
         pool: SigningPool | None = None,
         metrics: Metrics | None = None,
+        audit_writer: AuditWriter | None = None,
     ) -> None:
         self._ca = ca
+        self._audit = audit_writer
         self._x509_ttl = x509_svid_ttl
         self._jwt_ttl = jwt_svid_ttl
         self._pool = pool
@@ -114,7 +173,41 @@ class Issuer:
                 work.append((i, entry, request))
         for i, result in await self._sign_work(work):
             results[i] = result
-        return [r for r in results if r is not None]
+        done = [r for r in results if r is not None]
+        if self._audit is not None:
+            await asyncio.to_thread(self._record_x509, done, authorized)
+        return done
+
+    def _record_x509(
+        self, results: Sequence[X509Result], authorized: Mapping[str, RegistrationEntry]
+    ) -> None:
+        assert self._audit is not None
+        records: list[audit.PendingRecord] = []
+        for result in results:
+            entry = authorized.get(result.entry_id)
+            owner = entry_owner(entry) if entry is not None else ""
+            if isinstance(result, X509SvidIssued):
+                records.append(
+                    x509_issued_record(
+                        result.entry_id,
+                        result.spiffe_id,
+                        result.cert_chain[0],
+                        result.expires_at,
+                        owner,
+                    )
+                )
+            else:
+                records.append(
+                    audit.pending(
+                        "x509_svid.issue",
+                        subject=entry.spiffe_id if entry is not None else "",
+                        owner=owner,
+                        outcome=audit.REFUSED,
+                        reason=str(result.error),
+                        details={"entry_id": result.entry_id},
+                    )
+                )
+        self._audit.append_audit_records(records)
 
     async def _sign_work(self, work: _Work) -> list[tuple[int, X509Result]]:
         """Sign the authorized items: in the worker pool when the batch is large enough."""
@@ -200,6 +293,21 @@ class Issuer:
     async def jwt_svid(self, entry: RegistrationEntry, audience: Sequence[str]) -> str:
         """A JWT-SVID for ``entry`` and ``audience``, with the entry's TTL (or the default)."""
         ttl = entry.jwt_svid_ttl or self._jwt_ttl
-        return await asyncio.to_thread(
-            self._ca.sign_jwt_svid, SpiffeId.parse(entry.spiffe_id), list(audience), ttl
-        )
+        return await asyncio.to_thread(self._sign_jwt, entry, list(audience), ttl)
+
+    def _sign_jwt(self, entry: RegistrationEntry, audience: list[str], ttl: int) -> str:
+        token = self._ca.sign_jwt_svid(SpiffeId.parse(entry.spiffe_id), audience, ttl)
+        if self._audit is not None:
+            jti, details = jwt_reference(token)
+            self._audit.append_audit_records(
+                [
+                    audit.pending(
+                        "jwt_svid.issue",
+                        subject=entry.spiffe_id,
+                        target=jti,
+                        owner=entry_owner(entry),
+                        details={"entry_id": entry.id, **details},
+                    )
+                ]
+            )
+        return token

@@ -1,6 +1,10 @@
-"""The admin endpoint: ``Entries``, ``Agents``, ``Bundles``, ``Svids``, ``LocalAuthority``.
+"""The admin endpoint: ``Entries``, ``Agents``, ``Bundles``, ``Svids``, ``LocalAuthority``,
+``Audit``.
 
 Served on the local Unix socket only; trust comes from the socket's file permissions.
+:class:`AdminActorInterceptor` makes every call's audit records name the admin caller
+(``uid=U pid=P`` as the CLI declares them in metadata; the socket is open only to the
+server's user).
 Every request is validated here, at the edge, before anything changes: a batch with
 one bad item changes nothing, and the status names the item and the field
 (``entries[1].spiffe_id: ...``).
@@ -9,15 +13,16 @@ one bad item changes nothing, and the status names the item and the field
 from __future__ import annotations
 
 import asyncio
-import hashlib
+import inspect
 import logging
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import Final, TypeVar, cast
+from typing import Any, Final, TypeVar, cast
 
 import grpc
+from cryptography.hazmat.primitives import serialization
 
 from credo._proto.credo.server.v1 import admin_pb2, admin_pb2_grpc, types_pb2
 from credo._reserved import RESERVED_PATH_PREFIX, is_reserved_path
@@ -25,6 +30,7 @@ from credo.bundle import Bundle, X509Bundle
 from credo.durations import format_duration
 from credo.errors import BundleError, InvalidSpiffeId
 from credo.spiffe_id import SpiffeId, TrustDomain
+from server import audit
 from server.api.common import BundleSource
 from server.api.convert import (
     InvalidField,
@@ -41,6 +47,7 @@ from server.api.convert import (
     x509_svid_to_proto,
 )
 from server.api.errors import ApiError, handle_errors, status_for
+from server.audit.context import ADMIN_PID_KEY, ADMIN_UID_KEY
 from server.ca.ca import CertificateAuthority
 from server.ca.manager import AuthorityInfo, AuthorityManager
 from server.datastore.errors import DataStoreError, NotFound
@@ -49,14 +56,19 @@ from server.datastore.models import (
     BySelectors,
     JoinToken,
     ListAttestedNodesRequest,
+    ListAuditRecordsRequest,
     ListRegistrationEntriesRequest,
     MatchBehavior,
 )
 from server.datastore.protocol import DataStore
+from server.datastore.sql import token_fingerprint
+from server.issuance import jwt_reference, x509_issued_record
 
 __all__ = [
+    "AdminActorInterceptor",
     "AdminApiConfig",
     "AgentsService",
+    "AuditService",
     "BundlesService",
     "EntriesService",
     "LocalAuthorityService",
@@ -99,7 +111,47 @@ def _batch_error(err: DataStoreError, field: str, member: str = "") -> ApiError:
 
 def _token_fingerprint(token: str) -> str:
     """A short, non-reversible label for a join token, fit for logs."""
-    return hashlib.sha256(token.encode()).hexdigest()[:12]
+    return token_fingerprint(token)
+
+
+def _declared_number(metadata: Any, key: str) -> str:
+    for name, value in metadata or ():
+        if name == key and isinstance(value, str) and value.isdigit():
+            return value
+    return "?"
+
+
+def admin_actor(metadata: Any) -> audit.Actor:
+    """The admin caller, as the CLI declares itself in the call's metadata."""
+    uid = _declared_number(metadata, ADMIN_UID_KEY)
+    pid = _declared_number(metadata, ADMIN_PID_KEY)
+    return audit.Actor("admin", f"uid={uid} pid={pid}")
+
+
+class AdminActorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Run every unary admin call with its caller as the actor of its audit records."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        actor = admin_actor(handler_call_details.invocation_metadata)
+        inner = handler.unary_unary
+
+        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            with audit.acting_as(actor):
+                result = inner(request, context)
+                return await result if inspect.isawaitable(result) else result
+
+        return grpc.unary_unary_rpc_method_handler(
+            unary,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
 
 
 class EntriesService(admin_pb2_grpc.EntriesServicer):
@@ -433,9 +485,12 @@ class BundlesService(admin_pb2_grpc.BundlesServicer):
 class SvidsService(admin_pb2_grpc.SvidsServicer):
     """Mint SVIDs directly (``credo-server x509 mint`` / ``jwt mint``)."""
 
-    def __init__(self, config: AdminApiConfig, ca: CertificateAuthority) -> None:
+    def __init__(
+        self, config: AdminApiConfig, ca: CertificateAuthority, datastore: DataStore
+    ) -> None:
         self._config = config
         self._ca = ca
+        self._ds = datastore
 
     def _spiffe_id(self, text: str) -> SpiffeId:
         spiffe_id = validate_spiffe_id(text, self._config.trust_domain, "spiffe_id")
@@ -463,6 +518,14 @@ class SvidsService(admin_pb2_grpc.SvidsServicer):
         dns = [validate_dns_name(n, f"dns_names[{i}]") for i, n in enumerate(request.dns_names)]
         public_key = parse_csr(request.csr, "csr")
         chain = await _call(self._ca.sign_x509_svid, spiffe_id, public_key, ttl, dns)
+        leaf = chain[0]
+        record = x509_issued_record(
+            "",
+            str(spiffe_id),
+            leaf.public_bytes(serialization.Encoding.DER),
+            int(leaf.not_valid_after_utc.timestamp()),
+        )
+        await _call(self._ds.append_audit_records, [record])
         log.info("minted x509-svid", extra={"spiffe_id": str(spiffe_id)})
         return admin_pb2.MintX509SVIDResponse(svid=x509_svid_to_proto(chain))
 
@@ -476,6 +539,11 @@ class SvidsService(admin_pb2_grpc.SvidsServicer):
         ttl = self._ttl(request.ttl, self._config.jwt_svid_ttl)
         now = int(time.time())
         token = await _call(self._ca.sign_jwt_svid, spiffe_id, list(request.audience), ttl)
+        jti, details = jwt_reference(token)
+        record = audit.pending(
+            "jwt_svid.issue", subject=str(spiffe_id), target=jti, details=details
+        )
+        await _call(self._ds.append_audit_records, [record])
         log.info("minted jwt-svid", extra={"spiffe_id": str(spiffe_id)})
         return admin_pb2.MintJWTSVIDResponse(
             svid=types_pb2.JwtSvid(
@@ -548,3 +616,104 @@ class LocalAuthorityService(admin_pb2_grpc.LocalAuthorityServicer):
     ) -> admin_pb2.AuthorityInfo:
         kind, authority_id = self._kind(request), self._id(request)
         return _authority_info(await _call(self._manager.revoke, kind, authority_id))
+
+
+DEFAULT_AUDIT_PAGE: Final = 1000
+_VERIFY_PAGE: Final = 5000
+
+
+def audit_record_to_proto(rec: audit.AuditRecord) -> admin_pb2.AuditRecord:
+    return admin_pb2.AuditRecord(
+        seq=rec.seq,
+        time_ms=rec.time_ms,
+        actor_kind=rec.actor.kind,
+        actor=rec.actor.id,
+        action=rec.action,
+        subject=rec.subject,
+        target=rec.target,
+        owner=rec.owner,
+        outcome=rec.outcome,
+        reason=rec.reason,
+        request_id=rec.request_id,
+        details=rec.details,
+        prev_hash=rec.prev_hash,
+        hash=rec.hash,
+    )
+
+
+class AuditService(admin_pb2_grpc.AuditServicer):
+    """The audit trail: list records by identity, person, action and time; verify the chain."""
+
+    def __init__(self, datastore: DataStore, *, clock: Callable[[], float] = time.time) -> None:
+        self._ds = datastore
+        self._clock = clock
+
+    @handle_errors
+    async def ListAuditRecords(
+        self, request: admin_pb2.ListAuditRecordsRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.ListAuditRecordsResponse:
+        if request.page_size < 0 or request.page_size > MAX_PAGE_SIZE:
+            raise InvalidField("page_size", f"must be between 0 and {MAX_PAGE_SIZE}")
+        if request.since_ms < 0 or request.until_ms < 0:
+            raise InvalidField("since_ms", "times are unix milliseconds, not negative")
+        now_ms = int(self._clock() * 1000)
+        if request.since_ms > now_ms:
+            raise InvalidField(
+                "since_ms", "is in the future: no record can be that new (check the date)"
+            )
+        if request.until_ms and request.since_ms and request.until_ms <= request.since_ms:
+            raise InvalidField("until_ms", "must be later than since_ms")
+        if request.by_spiffe_id:
+            try:
+                SpiffeId.parse(request.by_spiffe_id)
+            except InvalidSpiffeId as err:
+                raise InvalidField("by_spiffe_id", str(err)) from None
+        size = request.page_size or DEFAULT_AUDIT_PAGE
+        query = ListAuditRecordsRequest(
+            by_spiffe_id=request.by_spiffe_id or None,
+            by_owner=request.by_owner or None,
+            by_action=request.by_action or None,
+            since_ms=request.since_ms or None,
+            until_ms=request.until_ms or None,
+            after_seq=request.after_seq,
+            limit=size + 1,
+        )
+        found = await _call(self._ds.list_audit_records, query)
+        more = len(found) > size
+        page = found[:size]
+        return admin_pb2.ListAuditRecordsResponse(
+            records=[audit_record_to_proto(r) for r in page],
+            next_after_seq=page[-1].seq if more else 0,
+        )
+
+    def _all_records(self) -> Iterator[audit.AuditRecord]:
+        after = 0
+        while True:
+            page = self._ds.list_audit_records(
+                ListAuditRecordsRequest(after_seq=after, limit=_VERIFY_PAGE)
+            )
+            yield from page
+            if len(page) < _VERIFY_PAGE:
+                return
+            after = page[-1].seq
+
+    def _verify(self) -> admin_pb2.VerifyAuditResponse:
+        try:
+            result = audit.verify_chain(self._all_records())
+        except audit.ChainBroken as broken:
+            log.error(
+                "audit chain broken",
+                extra={"seq": broken.seq, "problem": broken.problem},
+            )
+            return admin_pb2.VerifyAuditResponse(
+                ok=False, checked=broken.checked, first_bad_seq=broken.seq, problem=broken.problem
+            )
+        return admin_pb2.VerifyAuditResponse(
+            ok=True, checked=result.checked, last_seq=result.last_seq, head_hash=result.head_hash
+        )
+
+    @handle_errors
+    async def VerifyAudit(
+        self, request: admin_pb2.VerifyAuditRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.VerifyAuditResponse:
+        return await _call(self._verify)

@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Protocol
 
-from server.audit.context import CallContext, acting_as, current, set_server_actor
+from server.audit.context import CallContext, acting_as, current, identify, set_server_actor
 from server.audit.errors import AuditError, ChainBroken, InvalidAuditRecord
 from server.audit.records import (
     ALLOWED,
@@ -55,6 +55,7 @@ __all__ = [
     "chain_record",
     "check_no_secret",
     "current",
+    "identify",
     "pending",
     "record",
     "set_server_actor",

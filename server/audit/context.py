@@ -20,7 +20,21 @@ from dataclasses import dataclass
 
 from server.audit.records import Actor
 
-__all__ = ["CallContext", "acting_as", "current", "set_server_actor"]
+__all__ = [
+    "ADMIN_PID_KEY",
+    "ADMIN_UID_KEY",
+    "CallContext",
+    "acting_as",
+    "current",
+    "identify",
+    "set_server_actor",
+]
+
+
+ADMIN_UID_KEY = "credo-admin-uid"
+"""Metadata key: the uid of the process making an admin call (the CLI sets it)."""
+ADMIN_PID_KEY = "credo-admin-pid"
+"""Metadata key: the pid of the process making an admin call (the CLI sets it)."""
 
 
 @dataclass(frozen=True)
@@ -56,3 +70,14 @@ def acting_as(actor: Actor, *, request_id: str = "") -> Iterator[CallContext]:
         yield ctx
     finally:
         _current.reset(token)
+
+
+def identify(actor: Actor, *, request_id: str = "") -> CallContext:
+    """Make ``actor`` the actor for the rest of the current task, without a block.
+
+    For a gRPC handler, which runs in a task of its own per call: once it has
+    authenticated its caller it names them here, and the task's context ends with it.
+    """
+    ctx = CallContext(actor, request_id or current().request_id or str(uuid.uuid4()))
+    _current.set(ctx)
+    return ctx

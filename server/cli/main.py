@@ -13,6 +13,7 @@ import grpc
 
 from credo._cli import CliGroup
 from server.cli.agent import agent
+from server.cli.audit import audit
 from server.cli.bundle import bundle
 from server.cli.client import describe_rpc_error
 from server.cli.entry import entry
@@ -43,7 +44,18 @@ def cli() -> None:
     """Credo signing server: issues SPIFFE identities to node agents and their workloads."""
 
 
-for command in (run, healthcheck, entry, token, agent, bundle, x509, jwt, localauthority):
+for command in (
+    run,
+    healthcheck,
+    entry,
+    token,
+    agent,
+    bundle,
+    x509,
+    jwt,
+    localauthority,
+    audit,
+):
     cli.add_command(command)
 
 
