@@ -5,7 +5,8 @@ node attestors (those the config names, from :mod:`server.attestation.catalog`) 
 publishers (:mod:`server.bundle_publisher.catalog`) -> agent flows (:mod:`server.agents`,
 :mod:`server.issuance`) -> APIs -> server identity (:mod:`server.identity`) and
 endpoints; then the background loops (CA rotation, entry change feed, server SVID refresh,
-housekeeping, bundle publishing) run under one :class:`asyncio.TaskGroup` until ``stop``.
+housekeeping, bundle publishing, audit checkpoints) run under one
+:class:`asyncio.TaskGroup` until ``stop``.
 Nothing else constructs these components. Where things live on disk is
 :mod:`server.paths`.
 
@@ -61,6 +62,7 @@ from server.api.agent import AgentService
 from server.api.common import BundleSource
 from server.api.tls import PeerRegistry, TlsFrontend
 from server.attestation.catalog import PluginContext, build_node_attestors
+from server.audit.checkpoint import Checkpointer
 from server.authorization import EntryCache
 from server.bundle_publisher.catalog import PublisherContext, build_bundle_publishers
 from server.bundle_publisher.runner import BundlePublishing
@@ -123,6 +125,7 @@ class _Server:
     manager: AuthorityManager
     cache: EntryCache
     identity: ServerIdentity
+    checkpointer: Checkpointer
     metrics: Metrics
     stopping: asyncio.Event
     runtime: RuntimeDir
@@ -256,6 +259,7 @@ async def _build(config: ServerConfig, stop: asyncio.Event) -> _Server:
             manager, bundles, key_type="ec-p256", dns_names=server_dns_names(bind_host)
         )
         await asyncio.to_thread(identity.refresh)
+        checkpointer = Checkpointer(datastore, identity, config.audit_checkpoint_interval)
         # The TLS front end's relay sockets: private, under the data dir, gone on exit.
         runtime = RuntimeDir.create(data_dir, setting="data_dir")
         relay_dir = runtime.path
@@ -279,7 +283,9 @@ async def _build(config: ServerConfig, stop: asyncio.Event) -> _Server:
         admin_pb2_grpc.add_SvidsServicer_to_server(
             SvidsService(admin_config, ca, datastore), admin_grpc
         )
-        admin_pb2_grpc.add_AuditServicer_to_server(AuditService(datastore), admin_grpc)
+        admin_pb2_grpc.add_AuditServicer_to_server(
+            AuditService(datastore, checkpointer), admin_grpc
+        )
         admin_pb2_grpc.add_LocalAuthorityServicer_to_server(
             LocalAuthorityService(manager), admin_grpc
         )
@@ -309,6 +315,7 @@ async def _build(config: ServerConfig, stop: asyncio.Event) -> _Server:
             manager=manager,
             cache=cache,
             identity=identity,
+            checkpointer=checkpointer,
             metrics=metrics,
             stopping=stopping,
             runtime=runtime,
@@ -378,6 +385,7 @@ async def serve(
             tasks.create_task(server.manager.run(stop), name="authority-manager")
             tasks.create_task(server.cache.run(stop), name="entry-cache")
             tasks.create_task(server.identity.run(stop), name="server-identity")
+            tasks.create_task(server.checkpointer.run(stop), name="audit-checkpoints")
             tasks.create_task(run_housekeeping(server.datastore, stop), name="housekeeping")
             tasks.create_task(server.publishing.run(stop), name="bundle-publishing")
             if server.signing_pool is not None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final, Literal
@@ -239,12 +239,20 @@ def chain_record(pending: PendingRecord, *, seq: int, time_ms: int, prev_hash: s
 
 @dataclass(frozen=True)
 class VerifyResult:
-    """A chain that verified: how many records, and the last one's seq and hash."""
+    """A chain that verified: how many records, the last one's seq and hash, how many
+    signed checkpoints it holds and the newest record one of them covers (0: none)."""
 
     checked: int
     first_seq: int
     last_seq: int
     head_hash: str
+    checkpoints: int = 0
+    signed_through: int = 0
+
+
+CheckpointCheck = Callable[["AuditRecord", Mapping[int, str]], int]
+"""Checks a checkpoint record against the hashes seen so far; returns the seq it covers."""
+CHECKPOINT: Final = "audit.checkpoint"
 
 
 def verify_chain(
@@ -252,17 +260,22 @@ def verify_chain(
     *,
     first_seq: int = 1,
     first_prev_hash: str = GENESIS,
+    on_checkpoint: CheckpointCheck | None = None,
 ) -> VerifyResult:
     """Recompute the chain; raise :class:`ChainBroken` naming the first bad record.
 
     ``records`` must come in stored order (by ``seq``). The chain must start at
     ``first_seq`` whose ``prev_hash`` is ``first_prev_hash`` (record 1 and
-    :data:`GENESIS` for a chain that was never pruned).
+    :data:`GENESIS` for a chain that was never pruned). ``on_checkpoint`` checks each
+    checkpoint record (:mod:`server.audit.checkpoint`).
     """
     expected_seq = first_seq
     prev = first_prev_hash
     checked = 0
     last_hash = first_prev_hash
+    seen: dict[int, str] = {}
+    checkpoints = 0
+    signed_through = 0
     for rec in records:
         if rec.seq != expected_seq:
             if rec.seq > expected_seq:
@@ -306,8 +319,18 @@ def verify_chain(
                 "before it was changed, removed or swapped)",
                 checked=checked,
             )
+        if on_checkpoint is not None and rec.action == CHECKPOINT:
+            try:
+                signed_through = max(signed_through, on_checkpoint(rec, seen))
+            except ChainBroken as broken:
+                raise ChainBroken(broken.seq, broken.problem, checked=checked) from None
+            checkpoints += 1
+        if on_checkpoint is not None:
+            seen[rec.seq] = rec.hash
         prev = rec.hash
         last_hash = rec.hash
         expected_seq += 1
         checked += 1
-    return VerifyResult(checked, first_seq, expected_seq - 1, last_hash)
+    return VerifyResult(
+        checked, first_seq, expected_seq - 1, last_hash, checkpoints, signed_through
+    )

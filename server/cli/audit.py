@@ -18,7 +18,8 @@ from typing import Any
 import click
 
 from credo._proto.credo.server.v1 import admin_pb2
-from server.audit import Actor, AuditRecord, ChainBroken, verify_chain
+from server.audit import Actor, AuditRecord, ChainBroken, VerifyResult, verify_chain
+from server.audit.checkpoint import checkpoint_verifier
 from server.audit.records import FORMAT
 from server.cli.client import DEFAULT_SOCKET, SOCKET_ENV, AdminClient
 from server.cli.errors import CliError
@@ -193,7 +194,13 @@ def _export_line(rec: AuditRecord) -> str:
 def export(socket_path: str, path: Path | None) -> None:
     """Write the whole trail as JSON Lines: a header line, then one record per line."""
     with AdminClient(socket_path) as client:
-        records = list(_fetch(client, admin_pb2.ListAuditRecordsRequest()))
+        # Sign the head first, so everything exported is covered by a checkpoint.
+        signed = client.call(client.audit.CheckpointAudit, admin_pb2.CheckpointAuditRequest())
+        records = [
+            r
+            for r in _fetch(client, admin_pb2.ListAuditRecordsRequest())
+            if r.seq <= signed.seq  # records written since come in the next export
+        ]
     header = {
         "kind": _EXPORT_KIND,
         "format": FORMAT,
@@ -246,7 +253,7 @@ def _from_export(number: int, line: str) -> AuditRecord:
         ) from None
 
 
-def _verify_file(path: Path) -> tuple[int, int, str]:
+def _verify_file(path: Path, roots: bytes | None) -> VerifyResult:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError:
@@ -264,7 +271,7 @@ def _verify_file(path: Path) -> tuple[int, int, str]:
     if header.get("format") != FORMAT:
         raise CliError(f"{path} is in format {header.get('format')!r}; expected {FORMAT!r}")
     records = [_from_export(i, line) for i, line in enumerate(lines[1:], start=2)]
-    result = verify_chain(records)
+    result = verify_chain(records, on_checkpoint=checkpoint_verifier(roots))
     if header.get("records") != len(records) or header.get("head_hash", "") != (
         result.head_hash if records else ""
     ):
@@ -275,7 +282,14 @@ def _verify_file(path: Path) -> tuple[int, int, str]:
             "(records removed from or added to the end)",
             checked=result.checked,
         )
-    return result.checked, result.last_seq, result.head_hash
+    if roots is not None and result.signed_through < result.last_seq - 1:
+        raise ChainBroken(
+            result.signed_through + 1,
+            "no signed checkpoint covers the records from here on (the export must end "
+            "with the checkpoint 'audit export' makes)",
+            checked=result.checked,
+        )
+    return result
 
 
 @audit.command()
@@ -286,27 +300,83 @@ def _verify_file(path: Path) -> tuple[int, int, str]:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Check this export (from 'audit export') here, without contacting the server.",
 )
-def verify(socket_path: str, output: str, path: Path | None) -> None:
+@click.option(
+    "--bundle",
+    "bundle_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="With --file: the trust domain's X.509 authorities (PEM, from 'bundle show'); "
+    "checkpoints must be signed by the trust domain's server.",
+)
+def verify(socket_path: str, output: str, path: Path | None, bundle_path: Path | None) -> None:
     """Recompute the hash chain; name the first bad record and exit 1 if it is broken."""
+    if bundle_path is not None and path is None:
+        raise CliError("--bundle checks an export: give --file too")
     if path is not None:
+        roots = None
+        if bundle_path is not None:
+            try:
+                roots = bundle_path.read_bytes()
+            except OSError as err:
+                raise CliError(f"cannot read {bundle_path}: {err.strerror}") from None
         try:
-            checked, last_seq, head = _verify_file(path)
+            result = _verify_file(path, roots)
         except ChainBroken as broken:
             _broken(output, broken.seq, broken.problem, broken.checked)
-        _intact(output, checked, last_seq, head, f"{path}: ")
+        _intact(
+            output,
+            result.checked,
+            result.last_seq,
+            result.head_hash,
+            f"{path}: ",
+            result.checkpoints,
+            result.signed_through,
+            signers_checked=roots is not None,
+        )
         return
     with AdminClient(socket_path) as client:
         reply = client.call(client.audit.VerifyAudit, admin_pb2.VerifyAuditRequest())
     if not reply.ok:
         _broken(output, int(reply.first_bad_seq), reply.problem, int(reply.checked))
-    _intact(output, int(reply.checked), int(reply.last_seq), reply.head_hash, "")
+    _intact(
+        output,
+        int(reply.checked),
+        int(reply.last_seq),
+        reply.head_hash,
+        "",
+        int(reply.checkpoints),
+        int(reply.signed_through),
+    )
 
 
-def _intact(output: str, checked: int, last_seq: int, head: str, where: str) -> None:
+def _intact(
+    output: str,
+    checked: int,
+    last_seq: int,
+    head: str,
+    where: str,
+    checkpoints: int,
+    signed_through: int,
+    *,
+    signers_checked: bool = False,
+) -> None:
+    signed = (
+        f"; {checkpoints} signed checkpoints, the newest covering #{signed_through}"
+        if checkpoints
+        else "; no signed checkpoint yet"
+    )
+    if checkpoints and not signers_checked and where:
+        signed += " (signatures checked; give --bundle to check who signed)"
     emit(
         output,
-        {"ok": True, "checked": checked, "last_seq": last_seq, "head_hash": head},
-        f"{where}audit chain intact: {checked} records, head #{last_seq} {head}",
+        {
+            "ok": True,
+            "checked": checked,
+            "last_seq": last_seq,
+            "head_hash": head,
+            "checkpoints": checkpoints,
+            "signed_through": signed_through,
+        },
+        f"{where}audit chain intact: {checked} records, head #{last_seq} {head}{signed}",
     )
 
 

@@ -281,11 +281,97 @@ def test_trace_tells_the_life_of_one_identity(
     assert f"Trace of {WORKLOAD}" in text and "entry.create  allowed  by admin" in text
 
 
+def _forger_chain() -> tuple[Any, list[bytes]]:
+    """A key and a self-signed certificate claiming to be the trust domain's server."""
+    from datetime import UTC, datetime, timedelta
+
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.x509.oid import NameOID
+
+    from credo.keys import generate_private_key
+
+    key = generate_private_key()
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "forger")])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(days=1))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.UniformResourceIdentifier(f"spiffe://{TD}/credo/server")]
+            ),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    return key, [cert.public_bytes(serialization.Encoding.DER)]
+
+
+def _rehash(
+    lines: list[str],
+    index: int,
+    change: Callable[[dict[str, Any]], None],
+    *,
+    resign: bool = False,
+) -> list[str]:
+    """A forger's export: change record ``lines[index]`` and recompute every hash after
+    it; with ``resign``, re-sign the checkpoints with the forger's own key."""
+    from server.audit import Actor, AuditRecord, chain_record
+    from server.audit.checkpoint import checkpoint_details, checkpoint_message, sign_message
+    from server.audit.records import PendingRecord
+
+    key, chain = _forger_chain()
+    hashes: dict[int, str] = {}
+    out = list(lines[:index])
+    for line in lines[1:index]:
+        hashes[json.loads(line)["seq"]] = json.loads(line)["hash"]
+    prev = json.loads(lines[index - 1])["hash"] if index > 1 else "0" * 64
+    for line in lines[index:]:
+        data = json.loads(line)
+        if len(out) == index:
+            change(data)
+        if resign and data["action"] == "audit.checkpoint":
+            covered = json.loads(data["details"])["seq"]
+            signature = sign_message(key, checkpoint_message(covered, hashes[covered]))
+            details = checkpoint_details(covered, hashes[covered], signature, chain)
+            data["details"] = json.dumps(details, sort_keys=True, separators=(",", ":"))
+        rec: AuditRecord = chain_record(
+            PendingRecord(
+                action=data["action"],
+                actor=Actor(data["actor_kind"], data["actor"]),
+                subject=data["subject"],
+                target=data["target"],
+                owner=data["owner"],
+                outcome=data["outcome"],
+                reason=data["reason"],
+                request_id=data["request_id"],
+                details=json.loads(data["details"]),
+            ),
+            seq=data["seq"],
+            time_ms=data["time_ms"],
+            prev_hash=prev,
+        )
+        data.update(prev_hash=prev, hash=rec.hash, details=rec.details)
+        hashes[data["seq"]] = rec.hash
+        prev = rec.hash
+        out.append(json.dumps(data, sort_keys=True, separators=(",", ":")))
+    header = json.loads(out[0])
+    header["head_hash"] = prev
+    out[0] = json.dumps(header, sort_keys=True, separators=(",", ":"))
+    return out
+
+
 def test_export_verifies_offline_and_fails_after_a_one_byte_change(
     tmp_path: Path,
 ) -> None:
-    """`audit export` then `audit verify --file` with the server gone; one changed byte
-    anywhere in a record, or a record cut off the end, fails with the record named."""
+    """`audit export` then `audit verify --file [--bundle]` with the server gone; one
+    changed byte anywhere in a record, a record cut off the end, or a rewrite with every
+    hash recomputed (caught by the signed checkpoint) fails with the record named."""
     with start_server(tmp_path) as server:
         for i in range(3):
             server.cli_json("token", "generate")
@@ -303,15 +389,42 @@ def test_export_verifies_offline_and_fails_after_a_one_byte_change(
         result = server.cli("audit", "export", "--file", str(export), output=None)
         assert result.returncode == 0, result.stderr
         assert export.stat().st_mode & 0o777 == 0o600
+        bundle = tmp_path / "bundle.pem"
+        bundle.write_text(server.bundle_pem())
     missing_socket = str(tmp_path / "nope.sock")
 
-    def verify_file(path: Path) -> Any:
-        return run_cli(missing_socket, "audit", "verify", "--file", str(path), output=None)
+    def verify_file(path: Path, *extra: str) -> Any:
+        return run_cli(missing_socket, "audit", "verify", "--file", str(path), *extra, output=None)
 
-    ok = verify_file(export)
+    ok = verify_file(export, "--bundle", str(bundle))
     assert ok.returncode == 0, ok.stderr
     assert "audit chain intact" in ok.stdout
+    assert "signed checkpoints, the newest covering" in ok.stdout
     lines = export.read_text().splitlines()
+    assert json.loads(lines[-1])["action"] == "audit.checkpoint"
+
+    def retarget(data: dict[str, Any]) -> None:
+        data["target"] = "forged"
+
+    # A rewrite with every hash recomputed: the first checkpoint after it disagrees...
+    first_checkpoint = next(
+        json.loads(line)["seq"]
+        for line in lines[4:]
+        if json.loads(line)["action"] == "audit.checkpoint"
+    )
+    forged = tmp_path / "forged.jsonl"
+    forged.write_text("\n".join(_rehash(lines, 3, retarget)) + "\n")
+    assert one_line_error(verify_file(forged)).startswith(
+        f"Error: audit chain broken at record {first_checkpoint}: checkpoint signed record"
+    )
+    # ... and checkpoints re-signed by the forger pass on their own, but not the bundle.
+    resigned = tmp_path / "resigned.jsonl"
+    resigned.write_text("\n".join(_rehash(lines, 3, retarget, resign=True)) + "\n")
+    assert verify_file(resigned).returncode == 0
+    assert one_line_error(verify_file(resigned, "--bundle", str(bundle))).startswith(
+        f"Error: audit chain broken at record {first_checkpoint}: checkpoint is not signed "
+        "by a server of this trust domain"
+    )
     record = json.loads(lines[4])
     for field, offset in (("target", 0), ("time_ms", 0), ("hash", 5), ("details", 2)):
         raw = lines[4]

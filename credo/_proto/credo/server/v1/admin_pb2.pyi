@@ -894,6 +894,8 @@ class VerifyAuditResponse(_message.Message):
     HEAD_HASH_FIELD_NUMBER: _builtins.int
     FIRST_BAD_SEQ_FIELD_NUMBER: _builtins.int
     PROBLEM_FIELD_NUMBER: _builtins.int
+    CHECKPOINTS_FIELD_NUMBER: _builtins.int
+    SIGNED_THROUGH_FIELD_NUMBER: _builtins.int
     ok: _builtins.bool
     checked: _builtins.int
     """Records that verified (all of them when ok)."""
@@ -903,6 +905,9 @@ class VerifyAuditResponse(_message.Message):
     first_bad_seq: _builtins.int
     """When not ok: the first bad record and what is wrong with it."""
     problem: _builtins.str
+    checkpoints: _builtins.int
+    """Signed checkpoints in the chain, and the newest record one of them covers."""
+    signed_through: _builtins.int
     def __init__(
         self,
         *,
@@ -912,11 +917,28 @@ class VerifyAuditResponse(_message.Message):
         head_hash: _builtins.str = ...,
         first_bad_seq: _builtins.int = ...,
         problem: _builtins.str = ...,
+        checkpoints: _builtins.int = ...,
+        signed_through: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checked", b"checked", "first_bad_seq", b"first_bad_seq", "head_hash", b"head_hash", "last_seq", b"last_seq", "ok", b"ok", "problem", b"problem"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checked", b"checked", "checkpoints", b"checkpoints", "first_bad_seq", b"first_bad_seq", "head_hash", b"head_hash", "last_seq", b"last_seq", "ok", b"ok", "problem", b"problem", "signed_through", b"signed_through"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___VerifyAuditResponse: _TypeAlias = VerifyAuditResponse  # noqa: Y015
+
+@_typing.final
+class CheckpointAuditRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckpointAuditRequest: _TypeAlias = CheckpointAuditRequest  # noqa: Y015

@@ -1183,6 +1183,11 @@ class AuditStub:
                 request_serializer=credo_dot_server_dot_v1_dot_admin__pb2.VerifyAuditRequest.SerializeToString,
                 response_deserializer=credo_dot_server_dot_v1_dot_admin__pb2.VerifyAuditResponse.FromString,
                 _registered_method=True)
+        self.CheckpointAudit = channel.unary_unary(
+                '/credo.server.v1.Audit/CheckpointAudit',
+                request_serializer=credo_dot_server_dot_v1_dot_admin__pb2.CheckpointAuditRequest.SerializeToString,
+                response_deserializer=credo_dot_server_dot_v1_dot_admin__pb2.AuditRecord.FromString,
+                _registered_method=True)
 
 
 class AuditServicer:
@@ -1204,6 +1209,13 @@ class AuditServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CheckpointAudit(self, request, context):
+        """Sign the current head into the chain now (what `audit export` does first).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AuditServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -1216,6 +1228,11 @@ def add_AuditServicer_to_server(servicer, server):
                     servicer.VerifyAudit,
                     request_deserializer=credo_dot_server_dot_v1_dot_admin__pb2.VerifyAuditRequest.FromString,
                     response_serializer=credo_dot_server_dot_v1_dot_admin__pb2.VerifyAuditResponse.SerializeToString,
+            ),
+            'CheckpointAudit': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckpointAudit,
+                    request_deserializer=credo_dot_server_dot_v1_dot_admin__pb2.CheckpointAuditRequest.FromString,
+                    response_serializer=credo_dot_server_dot_v1_dot_admin__pb2.AuditRecord.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1274,6 +1291,33 @@ class Audit:
             '/credo.server.v1.Audit/VerifyAudit',
             credo_dot_server_dot_v1_dot_admin__pb2.VerifyAuditRequest.SerializeToString,
             credo_dot_server_dot_v1_dot_admin__pb2.VerifyAuditResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckpointAudit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/credo.server.v1.Audit/CheckpointAudit',
+            credo_dot_server_dot_v1_dot_admin__pb2.CheckpointAuditRequest.SerializeToString,
+            credo_dot_server_dot_v1_dot_admin__pb2.AuditRecord.FromString,
             options,
             channel_credentials,
             insecure,

@@ -320,6 +320,8 @@ class AuditStub:
     """Records matching every filter, in seq order, one page at a time."""
     VerifyAudit: _grpc.UnaryUnaryMultiCallable[_admin_pb2.VerifyAuditRequest, _admin_pb2.VerifyAuditResponse]
     """Recompute the whole chain; a broken chain is an answer (ok = false), not an error."""
+    CheckpointAudit: _grpc.UnaryUnaryMultiCallable[_admin_pb2.CheckpointAuditRequest, _admin_pb2.AuditRecord]
+    """Sign the current head into the chain now (what `audit export` does first)."""
 
 @_typing.type_check_only
 class AuditAsyncStub(AuditStub):
@@ -332,6 +334,8 @@ class AuditAsyncStub(AuditStub):
     """Records matching every filter, in seq order, one page at a time."""
     VerifyAudit: _aio.UnaryUnaryMultiCallable[_admin_pb2.VerifyAuditRequest, _admin_pb2.VerifyAuditResponse]  # type: ignore[assignment]
     """Recompute the whole chain; a broken chain is an answer (ok = false), not an error."""
+    CheckpointAudit: _aio.UnaryUnaryMultiCallable[_admin_pb2.CheckpointAuditRequest, _admin_pb2.AuditRecord]  # type: ignore[assignment]
+    """Sign the current head into the chain now (what `audit export` does first)."""
 
 class AuditServicer(metaclass=_abc_1.ABCMeta):
     """The audit trail (docs/audit.md): one hash-chained, append-only record of every
@@ -353,5 +357,13 @@ class AuditServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.VerifyAuditResponse, _abc.Awaitable[_admin_pb2.VerifyAuditResponse]]:
         """Recompute the whole chain; a broken chain is an answer (ok = false), not an error."""
+
+    @_abc_1.abstractmethod
+    def CheckpointAudit(
+        self,
+        request: _admin_pb2.CheckpointAuditRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.AuditRecord, _abc.Awaitable[_admin_pb2.AuditRecord]]:
+        """Sign the current head into the chain now (what `audit export` does first)."""
 
 def add_AuditServicer_to_server(servicer: AuditServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
