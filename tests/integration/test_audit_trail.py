@@ -522,3 +522,35 @@ def test_two_servers_appending_concurrently_make_one_chain(tmp_path: Path, pg_ur
             b.close()
     finally:
         a.close()
+
+
+def test_authority_and_bundle_changes_are_recorded_by_the_admin(tmp_path: Path) -> None:
+    """prepare, activate, taint and revoke of the X.509 CA, and a federated bundle set and
+    deleted: each once, by the admin caller (rotation the server does itself is by the
+    server)."""
+    with start_server(tmp_path) as server:
+        startup = _records(server, "--action", "authority.")
+        assert startup and {r["actor_kind"] for r in startup} == {"server"}
+        old = server.cli_json("localauthority", "x509", "show")["active"]["authority_id"]
+        new = server.cli_json("localauthority", "x509", "prepare")["authority_id"]
+        server.cli_json("localauthority", "x509", "activate", "--authority-id", new)
+        server.cli_json("localauthority", "x509", "taint", "--authority-id", old)
+        server.cli_json("localauthority", "x509", "revoke", "--authority-id", old)
+        pem = tmp_path / "partner.pem"
+        pem.write_text(server.bundle_pem())
+        server.cli_json("bundle", "set", "--trust-domain", "partner.example", "--path", str(pem))
+        server.cli_json("bundle", "delete", "--trust-domain", "partner.example")
+        after = [r for r in _records(server) if r["actor_kind"] == "admin"]
+        got = [(r["action"], r["target"]) for r in after if r["action"] != "bundle.update"]
+        assert got == [
+            ("authority.prepare", new),
+            ("authority.deactivate", old),
+            ("authority.activate", new),
+            ("authority.taint", old),
+            ("authority.revoke", old),
+            ("bundle.set", "partner.example"),
+            ("bundle.delete", "partner.example"),
+        ]
+        republished = [r for r in after if r["action"] == "bundle.update"]
+        assert republished and {r["target"] for r in republished} == {TD}
+        assert _verify(server)[0] == 0
