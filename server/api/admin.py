@@ -709,7 +709,7 @@ class AuditService(admin_pb2_grpc.AuditServicer):
         try:
             # Signatures are checked with the certificate each checkpoint carries; who
             # signed is checked offline against a bundle (`audit verify --file --bundle`).
-            result = audit.verify_chain(
+            result = audit.verify_trail(
                 self._all_records(), on_checkpoint=checkpoint_verifier(None)
             )
         except audit.ChainBroken as broken:
@@ -743,3 +743,13 @@ class AuditService(admin_pb2_grpc.AuditServicer):
         if made is None:
             raise ApiError(grpc.StatusCode.FAILED_PRECONDITION, "the audit trail is empty")
         return audit_record_to_proto(made)
+
+    @handle_errors
+    async def PruneAudit(
+        self, request: admin_pb2.PruneAuditRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.PruneAuditResponse:
+        if request.before_seq < 2:
+            raise InvalidField("before_seq", "must be 2 or more (the first record to keep)")
+        pruned = await _call(self._ds.prune_audit_records, int(request.before_seq))
+        log.warning("pruned audit records", extra={"before_seq": request.before_seq})
+        return admin_pb2.PruneAuditResponse(pruned=pruned)

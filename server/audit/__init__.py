@@ -35,6 +35,7 @@ from server.audit.records import (
     chain_record,
     check_no_secret,
     verify_chain,
+    verify_trail,
 )
 
 __all__ = [
@@ -60,6 +61,7 @@ __all__ = [
     "record",
     "set_server_actor",
     "verify_chain",
+    "verify_trail",
 ]
 
 

@@ -44,6 +44,7 @@ __all__ = [
     "check_no_secret",
     "record_hash",
     "verify_chain",
+    "verify_trail",
 ]
 
 FORMAT: Final = "credo-audit-v1"
@@ -253,6 +254,7 @@ class VerifyResult:
 CheckpointCheck = Callable[["AuditRecord", Mapping[int, str]], int]
 """Checks a checkpoint record against the hashes seen so far; returns the seq it covers."""
 CHECKPOINT: Final = "audit.checkpoint"
+PRUNE: Final = "audit.prune"
 
 
 def verify_chain(
@@ -273,7 +275,7 @@ def verify_chain(
     prev = first_prev_hash
     checked = 0
     last_hash = first_prev_hash
-    seen: dict[int, str] = {}
+    seen: dict[int, str] = {first_seq - 1: first_prev_hash} if first_seq > 1 else {}
     checkpoints = 0
     signed_through = 0
     for rec in records:
@@ -334,3 +336,50 @@ def verify_chain(
     return VerifyResult(
         checked, first_seq, expected_seq - 1, last_hash, checkpoints, signed_through
     )
+
+
+def verify_trail(
+    records: Iterable[AuditRecord], *, on_checkpoint: CheckpointCheck | None = None
+) -> VerifyResult:
+    """:func:`verify_chain` for a stored trail, which may have been pruned.
+
+    A trail that starts after record 1 verifies only if an ``audit.prune`` record in it
+    names its first record and that record's ``prev_hash``: records cut off the start
+    without one are reported missing.
+    """
+    it = iter(records)
+    first = next(it, None)
+    if first is None:
+        return VerifyResult(0, 1, 0, GENESIS)
+    if first.seq == 1:
+        return verify_chain(_prepend(first, it), on_checkpoint=on_checkpoint)
+    anchors: list[tuple[int, str]] = []
+
+    def watch(rest: Iterable[AuditRecord]) -> Iterable[AuditRecord]:
+        for rec in rest:
+            if rec.action == PRUNE:
+                details = rec.details_dict()
+                anchors.append(
+                    (int(details.get("first_kept", 0)), str(details.get("first_kept_prev_hash")))
+                )
+            yield rec
+
+    result = verify_chain(
+        watch(_prepend(first, it)),
+        first_seq=first.seq,
+        first_prev_hash=first.prev_hash,
+        on_checkpoint=on_checkpoint,
+    )
+    if (first.seq, first.prev_hash) not in anchors:
+        missing = "record 1 is" if first.seq == 2 else f"records 1-{first.seq - 1} are"
+        raise ChainBroken(
+            1,
+            f"{missing} missing and no audit.prune record accounts for them (deleted?)",
+            checked=result.checked,
+        )
+    return result
+
+
+def _prepend(first: AuditRecord, rest: Iterable[AuditRecord]) -> Iterable[AuditRecord]:
+    yield first
+    yield from rest

@@ -1,9 +1,10 @@
-"""``credo-server audit show|trace|verify|export``: the hash-chained audit trail.
+"""``credo-server audit show|trace|verify|export|prune``: the hash-chained audit trail.
 
 ``show`` lists records by identity, person, action and time; ``trace`` tells the life
 of one identity in time order; ``verify`` has the server recompute the whole chain (or,
 with ``--file``, checks an export here, without a server); ``export`` writes JSON Lines
-that ``verify --file`` checks. A broken chain names the first bad record and exits 1.
+that ``verify --file`` checks; ``prune`` deletes old records, leaving the rest
+verifiable. A broken chain names the first bad record and exits 1.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 import click
 
 from credo._proto.credo.server.v1 import admin_pb2
-from server.audit import Actor, AuditRecord, ChainBroken, VerifyResult, verify_chain
+from server.audit import Actor, AuditRecord, ChainBroken, VerifyResult, verify_trail
 from server.audit.checkpoint import checkpoint_verifier
 from server.audit.records import FORMAT
 from server.cli.client import DEFAULT_SOCKET, SOCKET_ENV, AdminClient
@@ -271,7 +272,7 @@ def _verify_file(path: Path, roots: bytes | None) -> VerifyResult:
     if header.get("format") != FORMAT:
         raise CliError(f"{path} is in format {header.get('format')!r}; expected {FORMAT!r}")
     records = [_from_export(i, line) for i, line in enumerate(lines[1:], start=2)]
-    result = verify_chain(records, on_checkpoint=checkpoint_verifier(roots))
+    result = verify_trail(records, on_checkpoint=checkpoint_verifier(roots))
     if header.get("records") != len(records) or header.get("head_hash", "") != (
         result.head_hash if records else ""
     ):
@@ -389,3 +390,27 @@ def _broken(output: str, seq: int, problem: str, checked: int) -> None:
             )
         )
     raise CliError(f"audit chain broken at record {seq}: {problem}")
+
+
+@audit.command()
+@admin_options
+@click.option(
+    "--before-seq",
+    type=int,
+    required=True,
+    help="The first record to keep; every older one is deleted (export them first).",
+)
+def prune(socket_path: str, output: str, before_seq: int) -> None:
+    """Delete old records; an audit.prune record keeps the rest verifiable."""
+    if before_seq < 2:
+        raise CliError(
+            f"--before-seq must be 2 or more (the first record to keep), not {before_seq}"
+        )
+    with AdminClient(socket_path) as client:
+        reply = client.call(
+            client.audit.PruneAudit,
+            admin_pb2.PruneAuditRequest(before_seq=before_seq),
+            noun="audit record",
+        )
+    n = int(reply.pruned)
+    emit(output, {"pruned": n}, f"Pruned {n} audit {'record' if n == 1 else 'records'}")

@@ -1067,6 +1067,35 @@ class SqlDataStore:
         with self._transaction(write=False) as tx:
             return [_audit_record(row) for row in tx.conn.execute(stmt)]
 
+    def prune_audit_records(self, before_seq: int) -> int:
+        """Delete the records before ``before_seq``; the rest stays verifiable.
+
+        Writes an ``audit.prune`` record naming the first record kept and its
+        ``prev_hash`` (what :func:`server.audit.verify_trail` anchors the rest on).
+        Raises :class:`NotFound` if record ``before_seq`` does not exist.
+        """
+        if before_seq < 2:
+            raise InvalidRequest(f"prune before record 2 or later, not {before_seq}")
+        a = audit_records.c
+        with self._transaction(write=True) as tx:
+            if self._is_pg:  # no append may interleave with the cut
+                tx.conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_AUDIT_LOCK})
+            kept = tx.conn.execute(select(a.prev_hash).where(a.seq == before_seq)).scalar()
+            if kept is None:
+                raise NotFound(f"audit record {before_seq} not found")
+            gone = int(tx.conn.execute(delete(audit_records).where(a.seq < before_seq)).rowcount)
+            audit.record(
+                tx,
+                "audit.prune",
+                target=str(before_seq - 1),
+                details={
+                    "first_kept": before_seq,
+                    "first_kept_prev_hash": kept,
+                    "pruned": gone,
+                },
+            )
+        return gone
+
     def fetch_audit_head(self) -> AuditRecord | None:
         """The newest record (the chain head), or ``None`` when there is none."""
         with self._transaction(write=False) as tx:

@@ -182,3 +182,30 @@ def test_concurrent_writers_on_two_stores_make_one_chain(db_url: str, clock) -> 
     finally:
         a.close()
         b.close()
+
+
+def test_pruning_keeps_the_rest_verifiable_and_a_silent_cut_is_caught(
+    store: SqlDataStore, db_url: str
+) -> None:
+    """After prune_audit_records the trail verifies from its first kept record; deleting
+    the oldest records directly, without a prune record, is reported."""
+    from server.audit import verify_trail
+
+    for path in ("/a", "/b", "/c", "/d", "/e"):
+        store.create_registration_entry(_entry(path))
+    assert store.prune_audit_records(3) == 2
+    records = store.list_audit_records()
+    assert [r.seq for r in records] == [3, 4, 5, 6]
+    assert records[-1].action == "audit.prune"
+    assert verify_trail(records).last_seq == 6
+    with pytest.raises(ChainBroken, match=r"records 1-3 are missing and no audit\.prune"):
+        verify_trail(records[1:])  # record 3 cut as well: the prune record does not name 4
+    engine = _engine(db_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("DELETE FROM audit_records WHERE seq = 6"))
+            conn.execute(text("DELETE FROM audit_records WHERE seq = 3"))
+    finally:
+        engine.dispose()
+    with pytest.raises(ChainBroken, match=r"missing and no audit\.prune"):
+        verify_trail(store.list_audit_records())

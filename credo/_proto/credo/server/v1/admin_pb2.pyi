@@ -942,3 +942,42 @@ class CheckpointAuditRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CheckpointAuditRequest: _TypeAlias = CheckpointAuditRequest  # noqa: Y015
+
+@_typing.final
+class PruneAuditRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BEFORE_SEQ_FIELD_NUMBER: _builtins.int
+    before_seq: _builtins.int
+    """The first record to keep (2 or more)."""
+    def __init__(
+        self,
+        *,
+        before_seq: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["before_seq", b"before_seq"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PruneAuditRequest: _TypeAlias = PruneAuditRequest  # noqa: Y015
+
+@_typing.final
+class PruneAuditResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PRUNED_FIELD_NUMBER: _builtins.int
+    pruned: _builtins.int
+    def __init__(
+        self,
+        *,
+        pruned: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["pruned", b"pruned"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PruneAuditResponse: _TypeAlias = PruneAuditResponse  # noqa: Y015

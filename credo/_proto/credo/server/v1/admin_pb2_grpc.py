@@ -1188,6 +1188,11 @@ class AuditStub:
                 request_serializer=credo_dot_server_dot_v1_dot_admin__pb2.CheckpointAuditRequest.SerializeToString,
                 response_deserializer=credo_dot_server_dot_v1_dot_admin__pb2.AuditRecord.FromString,
                 _registered_method=True)
+        self.PruneAudit = channel.unary_unary(
+                '/credo.server.v1.Audit/PruneAudit',
+                request_serializer=credo_dot_server_dot_v1_dot_admin__pb2.PruneAuditRequest.SerializeToString,
+                response_deserializer=credo_dot_server_dot_v1_dot_admin__pb2.PruneAuditResponse.FromString,
+                _registered_method=True)
 
 
 class AuditServicer:
@@ -1216,6 +1221,13 @@ class AuditServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PruneAudit(self, request, context):
+        """Delete the records before before_seq; an audit.prune record keeps the rest verifiable.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AuditServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -1233,6 +1245,11 @@ def add_AuditServicer_to_server(servicer, server):
                     servicer.CheckpointAudit,
                     request_deserializer=credo_dot_server_dot_v1_dot_admin__pb2.CheckpointAuditRequest.FromString,
                     response_serializer=credo_dot_server_dot_v1_dot_admin__pb2.AuditRecord.SerializeToString,
+            ),
+            'PruneAudit': grpc.unary_unary_rpc_method_handler(
+                    servicer.PruneAudit,
+                    request_deserializer=credo_dot_server_dot_v1_dot_admin__pb2.PruneAuditRequest.FromString,
+                    response_serializer=credo_dot_server_dot_v1_dot_admin__pb2.PruneAuditResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1318,6 +1335,33 @@ class Audit:
             '/credo.server.v1.Audit/CheckpointAudit',
             credo_dot_server_dot_v1_dot_admin__pb2.CheckpointAuditRequest.SerializeToString,
             credo_dot_server_dot_v1_dot_admin__pb2.AuditRecord.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PruneAudit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/credo.server.v1.Audit/PruneAudit',
+            credo_dot_server_dot_v1_dot_admin__pb2.PruneAuditRequest.SerializeToString,
+            credo_dot_server_dot_v1_dot_admin__pb2.PruneAuditResponse.FromString,
             options,
             channel_credentials,
             insecure,

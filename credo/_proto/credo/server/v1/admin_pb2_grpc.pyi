@@ -322,6 +322,8 @@ class AuditStub:
     """Recompute the whole chain; a broken chain is an answer (ok = false), not an error."""
     CheckpointAudit: _grpc.UnaryUnaryMultiCallable[_admin_pb2.CheckpointAuditRequest, _admin_pb2.AuditRecord]
     """Sign the current head into the chain now (what `audit export` does first)."""
+    PruneAudit: _grpc.UnaryUnaryMultiCallable[_admin_pb2.PruneAuditRequest, _admin_pb2.PruneAuditResponse]
+    """Delete the records before before_seq; an audit.prune record keeps the rest verifiable."""
 
 @_typing.type_check_only
 class AuditAsyncStub(AuditStub):
@@ -336,6 +338,8 @@ class AuditAsyncStub(AuditStub):
     """Recompute the whole chain; a broken chain is an answer (ok = false), not an error."""
     CheckpointAudit: _aio.UnaryUnaryMultiCallable[_admin_pb2.CheckpointAuditRequest, _admin_pb2.AuditRecord]  # type: ignore[assignment]
     """Sign the current head into the chain now (what `audit export` does first)."""
+    PruneAudit: _aio.UnaryUnaryMultiCallable[_admin_pb2.PruneAuditRequest, _admin_pb2.PruneAuditResponse]  # type: ignore[assignment]
+    """Delete the records before before_seq; an audit.prune record keeps the rest verifiable."""
 
 class AuditServicer(metaclass=_abc_1.ABCMeta):
     """The audit trail (docs/audit.md): one hash-chained, append-only record of every
@@ -365,5 +369,13 @@ class AuditServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.AuditRecord, _abc.Awaitable[_admin_pb2.AuditRecord]]:
         """Sign the current head into the chain now (what `audit export` does first)."""
+
+    @_abc_1.abstractmethod
+    def PruneAudit(
+        self,
+        request: _admin_pb2.PruneAuditRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.PruneAuditResponse, _abc.Awaitable[_admin_pb2.PruneAuditResponse]]:
+        """Delete the records before before_seq; an audit.prune record keeps the rest verifiable."""
 
 def add_AuditServicer_to_server(servicer: AuditServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
