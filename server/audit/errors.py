@@ -1,4 +1,4 @@
-"""Errors of the audit trail.
+"""Errors of the audit trail (defined with the record format in :mod:`credo._audit`).
 
 ::
 
@@ -11,24 +11,6 @@
 
 from __future__ import annotations
 
-from credo.errors import CredoError
+from credo._audit import AuditError, ChainBroken, InvalidAuditRecord
 
 __all__ = ["AuditError", "ChainBroken", "InvalidAuditRecord"]
-
-
-class AuditError(CredoError):
-    """Root of every error the audit trail raises on purpose."""
-
-
-class ChainBroken(AuditError):
-    """The chain does not verify at record ``seq``: ``problem`` says how."""
-
-    def __init__(self, seq: int, problem: str, *, checked: int = 0) -> None:
-        self.seq = seq
-        self.problem = problem
-        self.checked = checked
-        super().__init__(f"audit record {seq}: {problem}")
-
-
-class InvalidAuditRecord(AuditError, ValueError):
-    """A record was refused before it was written (it looked like it held a secret)."""

@@ -12,6 +12,7 @@ import os
 import re
 import secrets
 import sqlite3
+import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,6 +27,7 @@ from credo._proto.credo.server.v1 import admin_pb2, admin_pb2_grpc, types_pb2
 from tests.helpers.processes import (
     ServerProcess,
     create_entry,
+    credo_agent_command,
     one_line_error,
     run_cli,
     start_agent,
@@ -222,6 +224,39 @@ def test_every_action_is_recorded_once_by_its_actor_and_verifies(
     token = agent.joined_token
     before_use = exported.split('"join_token.consume"')[0]
     assert token not in before_use
+
+    # The agent's local log says which process was handed which SVID.
+    shown = subprocess.run(
+        [
+            *credo_agent_command(),
+            "audit",
+            "show",
+            "--data-dir",
+            str(agent.data_dir),
+            "--serial",
+            serial,
+            "--output",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    (delivery,) = json.loads(shown.stdout)["records"]
+    assert (delivery["action"], delivery["subject"]) == ("x509_svid.deliver", WORKLOAD)
+    assert delivery["details"]["pid"] == os.getpid()
+    assert delivery["details"]["uid"] == os.getuid()
+    assert f"unix:uid:{os.getuid()}" in delivery["details"]["selectors"]
+    local = "".join(p.read_text() for p in (agent.data_dir / "audit").iterdir())
+    assert jwt_sha in local and jwt not in local and JWT_SHAPE.search(local) is None
+    verified = subprocess.run(
+        [*credo_agent_command(), "audit", "verify", "--data-dir", str(agent.data_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert verified.returncode == 0 and "audit log intact" in verified.stdout
 
 
 def test_tampering_in_the_database_makes_verify_fail_at_that_record(
