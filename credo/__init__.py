@@ -7,7 +7,7 @@ submodules; ``credo.__all__`` is the supported surface.
 from __future__ import annotations
 
 from credo import errors
-from credo.bundle import Bundle, BundleSet, JwtBundle, X509Bundle
+from credo.bundle import Bundle, BundleSet, JwtBundle, WitBundle, X509Bundle
 from credo.errors import (
     BundleError,
     CredoError,
@@ -16,8 +16,10 @@ from credo.errors import (
     InvalidSelector,
     InvalidSpiffeId,
     InvalidTrustDomain,
+    InvalidWorkloadProof,
     InvalidX509Svid,
     JwtSvidError,
+    WitSvidError,
     WorkloadApiError,
     X509SvidError,
 )
@@ -32,7 +34,9 @@ from credo.keys import (
 )
 from credo.selector import Selector
 from credo.spiffe_id import SpiffeId, TrustDomain
+from credo.witsvid import WitSvid, sign_wit_svid
 from credo.workload_client import WorkloadApiClient, X509Context
+from credo.wpt import WorkloadProof, create_wpt, verify_request, verify_wpt
 from credo.x509svid import (
     X509Svid,
     ca_certificate_template,
@@ -51,6 +55,7 @@ __all__ = [
     "InvalidSelector",
     "InvalidSpiffeId",
     "InvalidTrustDomain",
+    "InvalidWorkloadProof",
     "InvalidX509Svid",
     "JwtBundle",
     "JwtSvid",
@@ -59,13 +64,18 @@ __all__ = [
     "Selector",
     "SpiffeId",
     "TrustDomain",
+    "WitBundle",
+    "WitSvid",
+    "WitSvidError",
     "WorkloadApiClient",
     "WorkloadApiError",
+    "WorkloadProof",
     "X509Bundle",
     "X509Context",
     "X509Svid",
     "X509SvidError",
     "ca_certificate_template",
+    "create_wpt",
     "errors",
     "generate_private_key",
     "jwt_algorithm_for",
@@ -73,7 +83,10 @@ __all__ = [
     "private_key_to_pkcs8_der",
     "private_key_to_pkcs8_pem",
     "sign_jwt_svid",
+    "sign_wit_svid",
     "sign_x509_svid",
+    "verify_request",
+    "verify_wpt",
     "verify_x509_svid",
     "x509_svid_template",
 ]

@@ -2,7 +2,8 @@
 
 * :class:`X509Bundle` — a trust domain's X.509 authorities (PEM or concatenated DER).
 * :class:`JwtBundle` — a trust domain's JWT signing keys by ``kid`` (RFC 7517 JWKS).
-* :class:`Bundle` — the SPIFFE bundle: both of the above plus ``spiffe_sequence`` and
+* :class:`WitBundle` — a trust domain's WIT-SVID signing keys by ``kid`` (``use: wit-svid``).
+* :class:`Bundle` — the SPIFFE bundle: all of the above plus ``spiffe_sequence`` and
   ``spiffe_refresh_hint``, in the JWKS format of the SPIFFE Trust Domain and Bundle standard.
 * :class:`BundleSet` — bundles by trust domain, for verifying SVIDs from federated domains.
 
@@ -28,10 +29,11 @@ from credo.errors import BundleError, InvalidSpiffeId
 from credo.keys import PublicKey
 from credo.spiffe_id import TrustDomain
 
-__all__ = ["Bundle", "BundleSet", "JwtBundle", "X509Bundle"]
+__all__ = ["Bundle", "BundleSet", "JwtBundle", "WitBundle", "X509Bundle"]
 
 _USE_X509 = "x509-svid"
 _USE_JWT = "jwt-svid"
+_USE_WIT = "wit-svid"
 _B64URL = re.compile(r"[A-Za-z0-9_-]+")
 
 
@@ -334,11 +336,63 @@ class JwtBundle:
 
 
 @dataclass(frozen=True, eq=False)
+class WitBundle:
+    """A trust domain's WIT-SVID signing keys, by key ID (``kid``) (WIT-SVID standard, 6)."""
+
+    trust_domain: TrustDomain
+    keys: Mapping[str, PublicKey] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "trust_domain", _coerce_td(self.trust_domain))
+        object.__setattr__(self, "keys", MappingProxyType(dict(self.keys)))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, WitBundle):
+            return NotImplemented
+        return self.trust_domain == other.trust_domain and dict(self.keys) == dict(other.keys)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def get_key(self, key_id: str) -> PublicKey | None:
+        """The public key for ``key_id``, or None."""
+        return self.keys.get(key_id)
+
+    @classmethod
+    def parse(cls, trust_domain: TrustDomain | str, data: bytes | str) -> WitBundle:
+        """Parse a JWKS of WIT-SVID signing keys (the Workload API's ``FetchWITBundles``).
+
+        Keys marked for another ``use`` (``jwt-svid``, ``x509-svid``...) and keys of a type
+        Credo does not know are skipped; a key with no ``use`` counts.
+        """
+        td = _coerce_td(trust_domain)
+        doc = _load_json_object(data.encode() if isinstance(data, str) else data, "WIT bundle")
+        keys: dict[str, PublicKey] = {}
+        for i, entry in enumerate(_keys_array(doc, "WIT bundle")):
+            if entry.get("use") not in (None, _USE_WIT) or not _is_supported_jwk(entry):
+                continue
+            kid = _parse_kid(entry, i)
+            if kid in keys:
+                raise BundleError(f"key entry {i} repeats kid {kid!r}; key IDs must be unique")
+            keys[kid] = public_key_from_jwk(entry)
+        return cls(td, keys)
+
+    def marshal(self) -> bytes:
+        """The keys as a plain RFC 7517 JWKS document (``FetchWITBundles``).
+
+        No ``use`` member, as in JWT bundles: JOSE libraries accept only ``sig``/``enc``
+        there, and the bundle's purpose already says what the keys are for.
+        """
+        entries = [{**public_key_to_jwk(key), "kid": kid} for kid, key in self.keys.items()]
+        return json.dumps({"keys": entries}).encode()
+
+
+@dataclass(frozen=True, eq=False)
 class Bundle:
     """A SPIFFE bundle: a trust domain's X.509 and JWT authorities, with a sequence number.
 
     ``sequence_number`` is ``spiffe_sequence`` (incremented on every change);
     ``refresh_hint`` is ``spiffe_refresh_hint`` in seconds, or None if unset.
+    ``wit_authorities`` are the WIT-SVID signing keys (``use: wit-svid``) by ``kid``.
     """
 
     trust_domain: TrustDomain
@@ -346,11 +400,13 @@ class Bundle:
     jwt_authorities: Mapping[str, PublicKey] = field(default_factory=dict)
     sequence_number: int = 0
     refresh_hint: int | None = None
+    wit_authorities: Mapping[str, PublicKey] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "trust_domain", _coerce_td(self.trust_domain))
         object.__setattr__(self, "x509_authorities", tuple(self.x509_authorities))
         object.__setattr__(self, "jwt_authorities", MappingProxyType(dict(self.jwt_authorities)))
+        object.__setattr__(self, "wit_authorities", MappingProxyType(dict(self.wit_authorities)))
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Bundle):
@@ -361,6 +417,7 @@ class Bundle:
             and dict(self.jwt_authorities) == dict(other.jwt_authorities)
             and self.sequence_number == other.sequence_number
             and self.refresh_hint == other.refresh_hint
+            and dict(self.wit_authorities) == dict(other.wit_authorities)
         )
 
     __hash__ = None  # type: ignore[assignment]
@@ -379,26 +436,28 @@ class Bundle:
             raise BundleError("SPIFFE bundle has no 'keys' array")
         authorities: list[x509.Certificate] = []
         jwt_keys: dict[str, PublicKey] = {}
+        wit_keys: dict[str, PublicKey] = {}
         for i, entry in enumerate(_keys_array(doc, "SPIFFE bundle")):
             use = entry.get("use")
-            if use not in (_USE_X509, _USE_JWT) or not _is_supported_jwk(entry):
-                continue  # no, unknown or other use (wit-svid...), or an unknown key type
+            if use not in (_USE_X509, _USE_JWT, _USE_WIT) or not _is_supported_jwk(entry):
+                continue  # no, unknown or other use, or an unknown key type
             if use == _USE_X509:
                 cert = _parse_x5c(entry, i)
                 if cert is not None:
                     authorities.append(cert)
             else:
                 kid = _parse_kid(entry, i)
-                if kid in jwt_keys:
+                if kid in jwt_keys or kid in wit_keys:
                     raise BundleError(f"key entry {i} repeats kid {kid!r}; key IDs must be unique")
-                jwt_keys[kid] = public_key_from_jwk(entry)
+                keys = jwt_keys if use == _USE_JWT else wit_keys
+                keys[kid] = public_key_from_jwk(entry)
         sequence = doc.get("spiffe_sequence", 0)
         if type(sequence) is not int or sequence < 0:
             raise BundleError("'spiffe_sequence' must be a non-negative integer")
         hint = doc.get("spiffe_refresh_hint")
         if hint is not None and (type(hint) is not int or hint < 0):
             raise BundleError("'spiffe_refresh_hint' must be a non-negative integer (seconds)")
-        return cls(td, tuple(authorities), jwt_keys, sequence, hint)
+        return cls(td, tuple(authorities), jwt_keys, sequence, hint, wit_keys)
 
     def marshal(self) -> bytes:
         """The bundle as a SPIFFE bundle JWKS document."""
@@ -417,6 +476,8 @@ class Bundle:
             )
         for kid, jwt_key in self.jwt_authorities.items():
             entries.append({**public_key_to_jwk(jwt_key), "use": _USE_JWT, "kid": kid})
+        for kid, wit_key in self.wit_authorities.items():
+            entries.append({**public_key_to_jwk(wit_key), "use": _USE_WIT, "kid": kid})
         doc: dict[str, Any] = {"keys": entries, "spiffe_sequence": self.sequence_number}
         if self.refresh_hint is not None:
             doc["spiffe_refresh_hint"] = self.refresh_hint
@@ -433,6 +494,10 @@ class Bundle:
     def jwt_bundle(self) -> JwtBundle:
         """The JWT part of this bundle."""
         return JwtBundle(self.trust_domain, self.jwt_authorities)
+
+    def wit_bundle(self) -> WitBundle:
+        """The WIT-SVID part of this bundle (no keys: the domain does not issue WIT-SVIDs)."""
+        return WitBundle(self.trust_domain, self.wit_authorities)
 
 
 def _parse_x5c(entry: Mapping[str, Any], i: int) -> x509.Certificate | None:
@@ -496,3 +561,8 @@ class BundleSet(Mapping[TrustDomain, Bundle]):
         """The JWT bundle for ``trust_domain``, or None."""
         bundle = self._bundles.get(trust_domain)
         return None if bundle is None else bundle.jwt_bundle()
+
+    def get_wit_bundle_for_trust_domain(self, trust_domain: TrustDomain) -> WitBundle | None:
+        """The WIT bundle for ``trust_domain``, or None."""
+        bundle = self._bundles.get(trust_domain)
+        return None if bundle is None else bundle.wit_bundle()

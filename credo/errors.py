@@ -228,3 +228,48 @@ class ConfigError(CredoError, ValueError):
 
 
 __all__ += ["ConfigError"]
+
+
+# --- WIT-SVIDs and Workload Proof Tokens (credo.witsvid, credo.wpt) ----------------------
+#
+#   CredoError
+#   └── WitSvidError (also ValueError)                a WIT-SVID or its proof was refused
+#       ├── InvalidWitSvid                            malformed header, claims or cnf key
+#       ├── WitSvidExpired                            exp is in the past (or nbf ahead)
+#       ├── UntrustedWitSvid                          no WIT bundle / unknown kid / bad signature
+#       └── InvalidWorkloadProof                      the Workload Proof Token was refused
+
+
+class WitSvidError(_ReasonError):
+    """A WIT-SVID (or the proof of possession that must come with it) was refused."""
+
+    _subject = "invalid WIT-SVID"
+
+
+class InvalidWitSvid(WitSvidError):
+    """The token is malformed, or a required header, claim or ``cnf`` key is missing or wrong."""
+
+
+class WitSvidExpired(WitSvidError):
+    """The ``exp`` claim is in the past, or ``nbf`` in the future (beyond the leeway)."""
+
+
+class UntrustedWitSvid(WitSvidError):
+    """No WIT bundle for the token's trust domain, no key for its ``kid``, or a bad signature."""
+
+
+class InvalidWorkloadProof(WitSvidError):
+    """The Workload Proof Token is malformed, expired, for another audience, not bound to
+    the WIT (``wth``) or to the tokens sent with it (``ath``/``tth``/``oth``), or not signed
+    with the WIT's ``cnf`` key."""
+
+    _subject = "invalid workload proof token"
+
+
+__all__ += [
+    "InvalidWitSvid",
+    "InvalidWorkloadProof",
+    "UntrustedWitSvid",
+    "WitSvidError",
+    "WitSvidExpired",
+]

@@ -6,6 +6,8 @@
         ctx = client.fetch_x509_context()
         ctx.default_svid.spiffe_id, ctx.bundles
         token = client.fetch_jwt_svid(["my-audience"]).token
+        wit = client.fetch_wit_svid()                  # WIT-SVID + its key
+        headers = wit.headers("https://peer.example/")  # Workload-Identity/-Proof-Token
 
 Every call sends the ``workload.spiffe.io: true`` header. A failed call raises
 :class:`credo.errors.WorkloadApiError` carrying the gRPC status name; a bad endpoint
@@ -25,15 +27,19 @@ from urllib.parse import urlsplit
 import grpc
 
 from credo._proto import workload_pb2, workload_pb2_grpc
-from credo.bundle import Bundle, BundleSet, JwtBundle, X509Bundle
+from credo.bundle import Bundle, BundleSet, JwtBundle, WitBundle, X509Bundle
 from credo.errors import InvalidWorkloadApiEndpoint, WorkloadApiError
 from credo.jwtsvid import JwtSvid
+from credo.keys import PrivateKey
 from credo.spiffe_id import SpiffeId, TrustDomain
+from credo.witsvid import WitSvid, private_key_from_jwk
+from credo.wpt import WIT_HEADER, WPT_HEADER, create_wpt
 from credo.x509svid import X509Svid
 
 __all__ = [
     "ENDPOINT_ENV",
     "WorkloadApiClient",
+    "WorkloadWit",
     "X509Context",
     "grpc_target",
 ]
@@ -53,6 +59,23 @@ class X509Context:
     def default_svid(self) -> X509Svid:
         """The first (default) X509-SVID."""
         return self.svids[0]
+
+
+@dataclass(frozen=True)
+class WorkloadWit:
+    """A WIT-SVID from the Workload API with the private key it binds (never log either)."""
+
+    svid: WitSvid
+    private_key: PrivateKey = field(repr=False)
+    hint: str = ""
+
+    def proof(self, audience: str, **kwargs: Any) -> str:
+        """A Workload Proof Token for ``audience`` (see :func:`credo.create_wpt`)."""
+        return create_wpt(self.svid, self.private_key, audience, **kwargs)
+
+    def headers(self, audience: str, **kwargs: Any) -> dict[str, str]:
+        """The two HTTP request headers that authenticate a request to ``audience``."""
+        return {WIT_HEADER: self.svid.token, WPT_HEADER: self.proof(audience, **kwargs)}
 
 
 def grpc_target(endpoint: str) -> str:
@@ -249,6 +272,37 @@ class WorkloadApiClient:
         except grpc.RpcError as err:
             raise _error(err) from None
         return JwtSvid.parse_insecure(token, [audience])
+
+    # -- WIT --
+
+    def fetch_wit_svids(self, timeout: float | None = None) -> list[WorkloadWit]:
+        """A WIT-SVID and its private key per identity of the caller (first = default)."""
+        response = self._first(self._stub.FetchWITSVID, workload_pb2.WITSVIDRequest(), timeout)
+        if not response.svids:
+            raise WorkloadApiError("PERMISSION_DENIED", "the Workload API returned no WIT-SVID")
+        out = []
+        for item in response.svids:
+            try:
+                key = private_key_from_jwk(item.wit_svid_key)
+            except ValueError as err:
+                raise WorkloadApiError("INTERNAL", f"unusable WIT-SVID key: {err}") from None
+            out.append(WorkloadWit(WitSvid.parse_insecure(item.wit_svid), key, item.hint))
+        return out
+
+    def fetch_wit_svid(self, timeout: float | None = None) -> WorkloadWit:
+        """The default (first) identity's WIT-SVID and key."""
+        return self.fetch_wit_svids(timeout)[0]
+
+    def fetch_wit_bundles(self, timeout: float | None = None) -> BundleSet:
+        """The WIT-SVID signing keys of the own and federated trust domains."""
+        response = self._first(
+            self._stub.FetchWITBundles, workload_pb2.WITBundlesRequest(), timeout
+        )
+        out = BundleSet()
+        for key, jwks in response.bundles.items():
+            td = TrustDomain.parse(key)
+            out.add(Bundle(td, wit_authorities=WitBundle.parse(td, jwks).keys))
+        return out
 
     # -- plumbing --
 

@@ -43,7 +43,7 @@ import random
 import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import grpc
@@ -78,6 +78,7 @@ __all__ = [
     "Backoff",
     "BackoffPolicy",
     "IssuedJwtSvid",
+    "IssuedWitSvid",
     "ServerClient",
     "ServerClientConfig",
     "X509SvidResult",
@@ -259,6 +260,18 @@ class IssuedJwtSvid:
     expires_at: float
 
 
+@dataclass(frozen=True)
+class IssuedWitSvid:
+    """The server's answer for one public key of a WIT batch: a token, or why it refused."""
+
+    entry_id: str
+    token: str = field(default="", repr=False)
+    issued_at: float = 0.0
+    expires_at: float = 0.0
+    refusal: str = ""
+    """``"<code>: <message>"`` when the server refused this item."""
+
+
 # --- protobuf -> model -------------------------------------------------------------------
 
 
@@ -317,14 +330,22 @@ def _bundle(message: Any) -> tuple[Bundle, frozenset[bytes], frozenset[str]]:
     for key in message.jwt_authorities:
         public = serialization.load_der_public_key(bytes(key.public_key))
         jwt_keys[key.key_id] = public  # type: ignore[assignment]
+    wit_keys: dict[str, PublicKey] = {}
+    for key in message.wit_authorities:
+        public = serialization.load_der_public_key(bytes(key.public_key))
+        wit_keys[key.key_id] = public  # type: ignore[assignment]
     bundle = Bundle(
         message.trust_domain,
         tuple(authorities),
         jwt_keys,
         message.sequence_number,
         message.refresh_hint or None,
+        wit_keys,
     )
-    tainted_jwt = frozenset(k.key_id for k in message.jwt_authorities if k.tainted)
+    # Key ids are unique across JWT and WIT keys (WIT-SVID 6.1): one set of tainted ids.
+    tainted_jwt = frozenset(
+        k.key_id for k in (*message.jwt_authorities, *message.wit_authorities) if k.tainted
+    )
     return bundle, frozenset(tainted), tainted_jwt
 
 
@@ -653,6 +674,30 @@ class ServerClient:
         )
         response = await self._unary("BatchNewX509SVID", request, self.config.signing_timeout)
         return [_x509_result(result) for result in response.results]
+
+    async def batch_new_wit_svid(self, keys: Sequence[tuple[str, bytes]]) -> list[IssuedWitSvid]:
+        """Sign one WIT-SVID per (entry id, DER public key), at most :data:`MAX_BATCH`."""
+        if len(keys) > MAX_BATCH:
+            raise ValueError(f"at most {MAX_BATCH} public keys per batch, got {len(keys)}")
+        request = agent_pb2.BatchNewWITSVIDRequest(
+            params=[agent_pb2.NewWITSVIDParams(entry_id=e, public_key=k) for e, k in keys]
+        )
+        response = await self._unary("BatchNewWITSVID", request, self.config.signing_timeout)
+        out = []
+        for result in response.results:
+            if result.status.code != 0:
+                refusal = f"{_status_name(result.status.code)}: {result.status.message}"
+                out.append(IssuedWitSvid(result.entry_id, refusal=refusal))
+                continue
+            out.append(
+                IssuedWitSvid(
+                    result.entry_id,
+                    result.svid.token,
+                    float(result.svid.issued_at),
+                    float(result.svid.expires_at),
+                )
+            )
+        return out
 
     async def new_jwt_svid(self, entry_id: str, audience: Sequence[str]) -> IssuedJwtSvid:
         """A JWT-SVID for ``entry_id`` and ``audience``, with its lifetime."""

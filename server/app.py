@@ -231,6 +231,7 @@ async def _build(config: ServerConfig, stop: asyncio.Event) -> _Server:
             ca,
             x509_svid_ttl=config.x509_svid_ttl,
             jwt_svid_ttl=config.jwt_svid_ttl,
+            wit_svid_ttl=config.wit_svid_ttl,
             pool=signing_pool,
             metrics=metrics,
             audit_writer=datastore,
@@ -249,6 +250,7 @@ async def _build(config: ServerConfig, stop: asyncio.Event) -> _Server:
             trust_domain=td,
             x509_svid_ttl=config.x509_svid_ttl,
             jwt_svid_ttl=config.jwt_svid_ttl,
+            wit_svid_ttl=config.wit_svid_ttl,
             join_token_ttl=config.join_token_ttl,
             join_token_max_ttl=config.join_token_max_ttl,
         )

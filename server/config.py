@@ -53,6 +53,7 @@ _DURATIONS = (
     "ca_ttl",
     "x509_svid_ttl",
     "jwt_svid_ttl",
+    "wit_svid_ttl",
     "agent_svid_ttl",
     "join_token_ttl",
     "join_token_max_ttl",
@@ -84,6 +85,8 @@ class ServerConfig:
     ca_ttl: int = duration_field(24 * 3600)
     x509_svid_ttl: int = duration_field(3600)
     jwt_svid_ttl: int = duration_field(300)
+    # WIT-SVIDs (Workload Identity Tokens); the agent renews them at half-life.
+    wit_svid_ttl: int = duration_field(3600)
     # 0 means "same as x509_svid_ttl", as in SPIRE.
     agent_svid_ttl: int = duration_field(0)
     ca_key_type: str = "ec-p256"

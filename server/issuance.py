@@ -1,4 +1,4 @@
-"""Issuing workload SVIDs for agents: X509-SVID batches and JWT-SVIDs.
+"""Issuing workload SVIDs for agents: X509-SVID batches, JWT-SVIDs and WIT-SVID batches.
 
 :meth:`Issuer.x509_svids` takes a batch of (entry id, CSR) requests and the entries the
 agent is authorized for, and returns one result per request, in order:
@@ -15,6 +15,10 @@ agent is authorized for, and returns one result per request, in order:
   (``params[3].csr: ...``), a CA that cannot sign a :class:`~server.ca.errors.CaError`;
 * metrics: in-process signing is counted by the CA itself; a pooled batch is counted once,
   with the mean time per SVID across the workers.
+
+:meth:`Issuer.wit_svids` signs a batch of (entry id, workload public key) the same way: per
+item authorization and key checks, one WIT-SVID per item with the server's ``wit_svid_ttl``
+(signed in-process: one ECDSA signature per item, no certificate to build).
 
 Authorization always happens here, in the main process, before anything is signed.
 
@@ -34,22 +38,33 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from dataclasses import field as dc_field
 from typing import Any, Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from credo.spiffe_id import SpiffeId
+from credo.witsvid import WitSvid
 from server import audit
 from server.agents.errors import EntryNotAuthorized
-from server.api.convert import parse_csr
+from server.api.convert import parse_csr, parse_public_key
 from server.ca.ca import CertificateAuthority
 from server.ca.errors import CaError, PoolUnavailable
 from server.ca.pool import ERROR_INVALID, SigningPool, SignItem
 from server.datastore.models import RegistrationEntry
 from server.telemetry import KIND_X509, Metrics
 
-__all__ = ["IssueFailed", "Issuer", "X509Result", "X509SvidIssued", "X509SvidRequest"]
+__all__ = [
+    "IssueFailed",
+    "Issuer",
+    "WitResult",
+    "WitSvidIssued",
+    "WitSvidRequest",
+    "X509Result",
+    "X509SvidIssued",
+    "X509SvidRequest",
+]
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +101,28 @@ class IssueFailed:
     error: Exception
 
 
+@dataclass(frozen=True)
+class WitSvidRequest:
+    """One item of a WIT batch: the entry, and the workload's public key (DER SPKI)."""
+
+    entry_id: str
+    public_key: bytes
+    field: str
+
+
+@dataclass(frozen=True)
+class WitSvidIssued:
+    """A signed WIT-SVID and its lifetime (Unix seconds)."""
+
+    entry_id: str
+    spiffe_id: str
+    token: str = dc_field(repr=False)
+    issued_at: int
+    expires_at: int
+
+
 X509Result = X509SvidIssued | IssueFailed
+WitResult = WitSvidIssued | IssueFailed
 _Work = list[tuple[int, RegistrationEntry, X509SvidRequest]]
 
 
@@ -145,6 +181,7 @@ class Issuer:
         *,
         x509_svid_ttl: int = 3600,
         jwt_svid_ttl: int = 300,
+        wit_svid_ttl: int = 3600,
         pool: SigningPool | None = None,
         metrics: Metrics | None = None,
         audit_writer: AuditWriter | None = None,
@@ -153,6 +190,7 @@ class Issuer:
         self._audit = audit_writer
         self._x509_ttl = x509_svid_ttl
         self._jwt_ttl = jwt_svid_ttl
+        self._wit_ttl = wit_svid_ttl
         self._pool = pool
         self._metrics = metrics
 
@@ -311,3 +349,68 @@ class Issuer:
                 ]
             )
         return token
+
+    async def wit_svids(
+        self,
+        requests: Sequence[WitSvidRequest],
+        authorized: Mapping[str, RegistrationEntry],
+    ) -> list[WitResult]:
+        """One WIT-SVID (or failure) per request, in order; off the event loop."""
+        return await asyncio.to_thread(self._sign_wits, list(requests), authorized)
+
+    def _sign_wits(
+        self, requests: list[WitSvidRequest], authorized: Mapping[str, RegistrationEntry]
+    ) -> list[WitResult]:
+        now = time.time()
+        out: list[WitResult] = []
+        for request in requests:
+            entry = authorized.get(request.entry_id)
+            if entry is None or (entry.expires_at and entry.expires_at <= now):
+                out.append(IssueFailed(request.entry_id, EntryNotAuthorized(request.entry_id)))
+                continue
+            try:
+                public_key = parse_public_key(request.public_key, request.field)
+                token = self._ca.sign_wit_svid(
+                    SpiffeId.parse(entry.spiffe_id), public_key, self._wit_ttl
+                )
+            except (ValueError, CaError) as err:
+                out.append(IssueFailed(entry.id, err))
+                continue
+            expires_at = int(WitSvid.parse_insecure(token).expires_at.timestamp())
+            out.append(WitSvidIssued(entry.id, entry.spiffe_id, token, int(now), expires_at))
+        if self._audit is not None:
+            self._record_wits(out, authorized)
+        return out
+
+    def _record_wits(
+        self, results: Sequence[WitResult], authorized: Mapping[str, RegistrationEntry]
+    ) -> None:
+        """One ``wit_svid.issue`` record per item: its ``jti`` and expiry, or the refusal."""
+        assert self._audit is not None
+        records: list[audit.PendingRecord] = []
+        for result in results:
+            entry = authorized.get(result.entry_id)
+            owner = entry_owner(entry) if entry is not None else ""
+            if isinstance(result, WitSvidIssued):
+                jti, details = jwt_reference(result.token)
+                records.append(
+                    audit.pending(
+                        "wit_svid.issue",
+                        subject=result.spiffe_id,
+                        target=jti,
+                        owner=owner,
+                        details={"entry_id": result.entry_id, **details},
+                    )
+                )
+            else:
+                records.append(
+                    audit.pending(
+                        "wit_svid.issue",
+                        subject=entry.spiffe_id if entry is not None else "",
+                        owner=owner,
+                        outcome=audit.REFUSED,
+                        reason=str(result.error),
+                        details={"entry_id": result.entry_id},
+                    )
+                )
+        self._audit.append_audit_records(records)

@@ -42,6 +42,7 @@ LABEL_RESULT: Final = "result"
 
 KIND_X509: Final = "x509"
 KIND_JWT: Final = "jwt"
+KIND_WIT: Final = "wit"
 KIND_AGENT: Final = "agent"
 RESULT_SUCCESS: Final = "success"
 RESULT_FAILURE: Final = "failure"
@@ -52,6 +53,7 @@ _SIGN_KIND_LABEL = {
     "x509_agent": KIND_AGENT,
     "x509_server": KIND_X509,
     "jwt": KIND_JWT,
+    "wit": KIND_WIT,
 }
 
 

@@ -109,7 +109,7 @@ class SpiffeWorkloadAPIServicer:
         raise NotImplementedError('Method not implemented!')
 
     def FetchWITSVID(self, request, context):
-        """WIT-SVID profile (draft). Credo answers Unimplemented.
+        """WIT-SVID profile (draft, spiffe/spiffe standards/workloadapiwitsvid.proto).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

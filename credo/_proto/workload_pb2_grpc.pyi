@@ -48,7 +48,7 @@ class SpiffeWorkloadAPIStub:
     FetchJWTBundles: _grpc.UnaryStreamMultiCallable[_workload_pb2.JWTBundlesRequest, _workload_pb2.JWTBundlesResponse]
     ValidateJWTSVID: _grpc.UnaryUnaryMultiCallable[_workload_pb2.ValidateJWTSVIDRequest, _workload_pb2.ValidateJWTSVIDResponse]
     FetchWITSVID: _grpc.UnaryStreamMultiCallable[_workload_pb2.WITSVIDRequest, _workload_pb2.WITSVIDResponse]
-    """WIT-SVID profile (draft). Credo answers Unimplemented."""
+    """WIT-SVID profile (draft, spiffe/spiffe standards/workloadapiwitsvid.proto)."""
     FetchWITBundles: _grpc.UnaryStreamMultiCallable[_workload_pb2.WITBundlesRequest, _workload_pb2.WITBundlesResponse]
 
 @_typing.type_check_only
@@ -65,7 +65,7 @@ class SpiffeWorkloadAPIAsyncStub(SpiffeWorkloadAPIStub):
     FetchJWTBundles: _aio.UnaryStreamMultiCallable[_workload_pb2.JWTBundlesRequest, _workload_pb2.JWTBundlesResponse]  # type: ignore[assignment]
     ValidateJWTSVID: _aio.UnaryUnaryMultiCallable[_workload_pb2.ValidateJWTSVIDRequest, _workload_pb2.ValidateJWTSVIDResponse]  # type: ignore[assignment]
     FetchWITSVID: _aio.UnaryStreamMultiCallable[_workload_pb2.WITSVIDRequest, _workload_pb2.WITSVIDResponse]  # type: ignore[assignment]
-    """WIT-SVID profile (draft). Credo answers Unimplemented."""
+    """WIT-SVID profile (draft, spiffe/spiffe standards/workloadapiwitsvid.proto)."""
     FetchWITBundles: _aio.UnaryStreamMultiCallable[_workload_pb2.WITBundlesRequest, _workload_pb2.WITBundlesResponse]  # type: ignore[assignment]
 
 class SpiffeWorkloadAPIServicer(metaclass=_abc_1.ABCMeta):
@@ -115,7 +115,7 @@ class SpiffeWorkloadAPIServicer(metaclass=_abc_1.ABCMeta):
         request: _workload_pb2.WITSVIDRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_workload_pb2.WITSVIDResponse], _abc.AsyncIterator[_workload_pb2.WITSVIDResponse]]:
-        """WIT-SVID profile (draft). Credo answers Unimplemented."""
+        """WIT-SVID profile (draft, spiffe/spiffe standards/workloadapiwitsvid.proto)."""
 
     @_abc_1.abstractmethod
     def FetchWITBundles(

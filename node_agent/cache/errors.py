@@ -6,7 +6,8 @@
     └── CacheError
         ├── JwtSvidUnavailable           the server could not be asked for a JWT-SVID
         │   └── JwtSvidRateLimited       the server said: not now (rate limited)
-        └── JwtSvidRefused               the server refused the request (code, reason)
+        ├── JwtSvidRefused               the server refused the request (code, reason)
+        └── WitSvidUnavailable           no WIT-SVID could be had (server unreachable, refused)
 
 The Workload API handler maps these to gRPC status codes; nothing here does.
 """
@@ -15,7 +16,13 @@ from __future__ import annotations
 
 from credo.errors import CredoError
 
-__all__ = ["CacheError", "JwtSvidRateLimited", "JwtSvidRefused", "JwtSvidUnavailable"]
+__all__ = [
+    "CacheError",
+    "JwtSvidRateLimited",
+    "JwtSvidRefused",
+    "JwtSvidUnavailable",
+    "WitSvidUnavailable",
+]
 
 
 class CacheError(CredoError):
@@ -41,3 +48,7 @@ class JwtSvidRefused(CacheError):
         self.code = code
         self.reason = reason
         super().__init__(f"the server refused a JWT-SVID for {spiffe_id}: {reason}")
+
+
+class WitSvidUnavailable(CacheError):
+    """No WIT-SVID could be obtained for a workload now (server unreachable or refusing)."""

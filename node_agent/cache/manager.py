@@ -9,6 +9,7 @@ keeps an X509-SVID for each entry it should hold. Its parts:
   authorities, and which entries are due;
 * :mod:`~node_agent.cache.signer` — signing one batch (keys, CSRs, one server call);
 * :mod:`~node_agent.cache.jwt` — cached JWT-SVIDs;
+* :mod:`~node_agent.cache.wit` — cached WIT-SVIDs and the workload keys they bind;
 * :mod:`~node_agent.cache.subscriptions` — the workloads' streams.
 
 What it decides:
@@ -51,10 +52,17 @@ from node_agent.cache.jwt import JwtSvidCache
 from node_agent.cache.signer import sign_batch
 from node_agent.cache.subscriptions import BundleSubscription, Subscription, Subscriptions
 from node_agent.cache.svids import SvidCache
+from node_agent.cache.wit import WitSvidCache
 from node_agent.errors import ServerClientError, ServerRefused
-from node_agent.server_client import MAX_BATCH, Backoff, IssuedJwtSvid, X509SvidResult
+from node_agent.server_client import (
+    MAX_BATCH,
+    Backoff,
+    IssuedJwtSvid,
+    IssuedWitSvid,
+    X509SvidResult,
+)
 from node_agent.sync.entries import RegistrationEntry, TrustBundles
-from node_agent.workload_api.manager import Identity, WorkloadUpdate
+from node_agent.workload_api.manager import Identity, WitIdentity, WorkloadUpdate
 
 __all__ = ["MAX_BATCH", "CacheClient", "CacheConfig", "CacheManager"]
 
@@ -81,6 +89,10 @@ class CacheClient(Protocol):
     ) -> list[X509SvidResult]: ...
 
     async def new_jwt_svid(self, entry_id: str, audience: Sequence[str]) -> IssuedJwtSvid: ...
+
+    async def batch_new_wit_svid(
+        self, keys: Sequence[tuple[str, bytes]]
+    ) -> list[IssuedWitSvid]: ...
 
 
 @dataclass(frozen=True)
@@ -118,6 +130,7 @@ class CacheManager:
         self._bundles: TrustBundles | None = None
         self.svids = SvidCache(config.max_size)
         self.jwt_svids = JwtSvidCache(self._new_jwt_svid, config.jwt_cache_max_size, clock=clock)
+        self.wit_svids = WitSvidCache(self._new_wit_svids, clock=clock)
         self._subs = Subscriptions(self, config.svid_wait_timeout)
         self._wake = asyncio.Event()
         self.connected = False
@@ -135,6 +148,7 @@ class CacheManager:
         if dropped:
             log.info("dropped SVIDs of deleted entries", extra={"entries": len(dropped)})
         self.jwt_svids.retain({str(e.spiffe_id) for e in self._served})
+        self.wit_svids.retain({e.id for e in self._served})
         self._changed()
 
     def update_bundles(self, bundles: TrustBundles) -> None:
@@ -148,6 +162,9 @@ class CacheManager:
         kids = bundles.bundle.jwt_authorities
         if kids:
             self.jwt_svids.drop_untrusted(kids, bundles.tainted_jwt)
+        wit_kids = bundles.bundle.wit_authorities
+        if wit_kids:
+            self.wit_svids.drop_untrusted(wit_kids, bundles.tainted_jwt)
         self._subs.notify_bundles()
         self._changed()
 
@@ -210,6 +227,13 @@ class CacheManager:
     async def fetch_jwt_svid(self, identity: Identity, audience: tuple[str, ...]) -> str:
         """A JWT-SVID for ``identity`` and ``audience``, reused until half its lifetime."""
         return await self.jwt_svids.get(identity, audience)
+
+    async def fetch_wit_svids(self, identities: tuple[Identity, ...]) -> tuple[WitIdentity, ...]:
+        """A WIT-SVID per identity, reused until about half its lifetime (one batch call)."""
+        return await self.wit_svids.get(identities)
+
+    async def _new_wit_svids(self, keys: Sequence[tuple[str, bytes]]) -> list[IssuedWitSvid]:
+        return await self._client.batch_new_wit_svid(keys)
 
     async def _new_jwt_svid(self, identity: Identity, audience: tuple[str, ...]) -> IssuedJwtSvid:
         try:

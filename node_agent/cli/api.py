@@ -30,6 +30,7 @@ from credo._cli import CliError, read_secret
 from credo._files import write_atomically
 from credo.bundle import BundleSet
 from credo.errors import CredoError, WorkloadApiError
+from credo.witsvid import private_key_to_jwk
 from credo.workload_client import ENDPOINT_ENV, WorkloadApiClient, X509Context, grpc_target
 
 __all__ = ["api"]
@@ -267,6 +268,70 @@ def fetch_jwt_bundle(socket_path: str, output: str, timeout: float) -> None:
     with _client(socket_path, timeout) as client:
         bundles = client.fetch_jwt_bundles()
     _print_jwt_bundles(bundles, output)
+
+
+@fetch.command("wit")
+@_common
+@click.option(
+    "--write",
+    "write_dir",
+    type=click.Path(file_okay=False),
+    help="Write wit.<i>.jwt and wit.<i>.key.jwk (0600) here.",
+)
+def fetch_wit(socket_path: str, output: str, timeout: float, write_dir: str | None) -> None:
+    """Fetch WIT-SVIDs (prints the tokens, not the keys: use --write for those)."""
+    with _client(socket_path, timeout) as client:
+        wits = client.fetch_wit_svids()
+    if output == "json":
+        click.echo(
+            json.dumps(
+                [
+                    {
+                        "spiffe_id": str(w.svid.spiffe_id),
+                        "wit_svid": w.svid.token,
+                        "expires_at": _iso(w.svid.expires_at),
+                        "hint": w.hint,
+                    }
+                    for w in wits
+                ],
+                indent=2,
+            )
+        )
+    else:
+        for w in wits:
+            click.echo(f"wit({w.svid.spiffe_id}):\n\t{w.svid.token}")
+            click.echo(f"\texpires at {_iso(w.svid.expires_at)}")
+    if write_dir is not None:
+        try:
+            os.makedirs(write_dir, exist_ok=True)
+            written = []
+            for i, w in enumerate(wits):
+                for name, data in (
+                    (f"wit.{i}.jwt", w.svid.token.encode()),
+                    (f"wit.{i}.key.jwk", private_key_to_jwk(w.private_key).encode()),
+                ):
+                    path = os.path.join(write_dir, name)
+                    _write_private(path, data, 0o600)
+                    written.append(path)
+        except OSError as err:
+            raise _Fail(f"cannot write to {write_dir}: {err.strerror or err}") from None
+        if output == "text":
+            for path in written:
+                click.echo(f"Wrote {path}")
+
+
+@fetch.command("wit-bundle")
+@_common
+def fetch_wit_bundle(socket_path: str, output: str, timeout: float) -> None:
+    """Fetch the WIT bundles (JWKS of wit-svid keys) of the own and federated trust domains."""
+    with _client(socket_path, timeout) as client:
+        bundles = client.fetch_wit_bundles()
+    docs = {td.id_string(): json.loads(b.wit_bundle().marshal()) for td, b in bundles.items()}
+    if output == "json":
+        click.echo(json.dumps(docs, indent=2))
+        return
+    for key in sorted(docs):
+        click.echo(f"bundle({key}):\n\t{json.dumps(docs[key])}")
 
 
 @api.group()

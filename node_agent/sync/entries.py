@@ -61,7 +61,7 @@ class TrustBundles:
     federated: Mapping[str, Bundle] = field(default_factory=dict)
     """Trust domain name -> bundle."""
     tainted_jwt: frozenset[str] = frozenset()
-    """Key IDs of the own bundle's JWT authorities marked tainted."""
+    """Key IDs of the own bundle's JWT and WIT authorities marked tainted."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "federated", MappingProxyType(dict(self.federated)))

@@ -10,17 +10,19 @@ Every call:
 3. gets only the identities whose entries match those selectors (none: PERMISSION_DENIED
    ``no identity issued``).
 
-Streams send the full current state at once and again on every change. This is the only
+Streams send the full current state at once and again on every change (``FetchWITSVID``
+also when the agent renews a WIT-SVID, at about half its lifetime). This is the only
 module that maps Credo errors to gRPC status codes.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, NoReturn, Protocol, TypeAlias
 
 import grpc
@@ -35,7 +37,7 @@ from credo.jwtsvid import JwtSvid
 from credo.selector import Selector
 from credo.spiffe_id import SpiffeId, TrustDomain
 from node_agent.audit_log import DeliveryLog
-from node_agent.cache.errors import JwtSvidRateLimited, JwtSvidRefused
+from node_agent.cache.errors import JwtSvidRateLimited, JwtSvidRefused, WitSvidUnavailable
 from node_agent.workload.attestor import WorkloadAttestor
 from node_agent.workload.errors import (
     AttestationFailed,
@@ -95,6 +97,17 @@ def _jwt_bundles(own: Bundle, federated: Mapping[str, Bundle]) -> dict[str, byte
         if b.jwt_authorities
     }
     out[_td_key(own.trust_domain)] = own.jwt_bundle().marshal()
+    return out
+
+
+def _wit_bundles(own: Bundle, federated: Mapping[str, Bundle]) -> dict[str, str]:
+    """WIT bundles (JWKS text) by trust domain ID: the own one, and federated ones with keys."""
+    out = {
+        _td_key(name): b.wit_bundle().marshal().decode()
+        for name, b in federated.items()
+        if b.wit_authorities
+    }
+    out[_td_key(own.trust_domain)] = own.wit_bundle().marshal().decode()
     return out
 
 
@@ -339,6 +352,25 @@ class WorkloadApiServicer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
             )
         )
 
+    def _record_token(self, caller: _Caller, action: str, identity: Identity, token: str) -> None:
+        """Log a token (a WIT-SVID) handed to the caller: its SHA-256, never the token."""
+        if self._deliveries is None:
+            return
+        self._deliveries.record(
+            PendingRecord(
+                action=action,
+                actor=Actor("workload", f"pid={caller.pid} uid={caller.uid}"),
+                subject=str(identity.spiffe_id),
+                details={
+                    "pid": caller.pid,
+                    "uid": caller.uid,
+                    "selectors": sorted(str(s) for s in caller.selectors),
+                    "entry_id": identity.entry_id,
+                    "token_sha256": hashlib.sha256(token.encode()).hexdigest(),
+                },
+            )
+        )
+
     # -- JWT --------------------------------------------------------------------------
 
     async def FetchJWTSVID(
@@ -442,21 +474,70 @@ class WorkloadApiServicer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
         claims.update(_json_ready(dict(svid.claims)))
         return workload_pb2.ValidateJWTSVIDResponse(spiffe_id=str(svid.spiffe_id), claims=claims)
 
-    # -- WIT (not supported) ------------------------------------------------------------
+    # -- WIT ----------------------------------------------------------------------------
 
     async def FetchWITSVID(
         self, request: workload_pb2.WITSVIDRequest, context: _Context
     ) -> AsyncIterator[workload_pb2.WITSVIDResponse]:
-        """Not supported: answers UNIMPLEMENTED."""
-        await _abort(context, grpc.StatusCode.UNIMPLEMENTED, "WIT-SVIDs are not supported")
-        yield workload_pb2.WITSVIDResponse()  # pragma: no cover - makes this a generator
+        """Stream a WIT-SVID and its private key (JWK) per caller identity: at once, then
+        whenever one is renewed or the identities or bundle change."""
+        caller = await self._caller(context, "FetchWITSVID")
+        subscription = self._manager.subscribe(caller.selectors)
+        try:
+            previous: workload_pb2.WITSVIDResponse | None = None
+            update = await subscription.next()
+            while True:
+                if not update.identities:
+                    await _refuse(context, caller, "no identity issued", _why_none(update))
+                try:
+                    wits = await self._manager.fetch_wit_svids(update.identities)
+                except WitSvidUnavailable as err:
+                    log.warning(
+                        "cannot serve WIT-SVIDs",
+                        extra={"pid": caller.pid, "error": str(err)},
+                    )
+                    await _abort(context, grpc.StatusCode.UNAVAILABLE, str(err))
+                response = workload_pb2.WITSVIDResponse(
+                    svids=[
+                        workload_pb2.WITSVID(
+                            spiffe_id=str(w.identity.spiffe_id),
+                            wit_svid=w.token,
+                            wit_svid_key=w.private_key_jwk,
+                            hint=w.identity.hint,
+                        )
+                        for w in wits
+                    ]
+                )
+                if response != previous:
+                    previous = response
+                    for w in wits:
+                        self._record_token(caller, "wit_svid.deliver", w.identity, w.token)
+                    log.debug(
+                        "sending WIT-SVIDs",
+                        extra={"spiffe_ids": [str(w.identity.spiffe_id) for w in wits]},
+                    )
+                    yield response
+                wait = min(w.refresh_at for w in wits) - time.time()
+                try:
+                    async with asyncio.timeout(max(0.0, wait)):
+                        update = await subscription.next()
+                except TimeoutError:  # a WIT is due for renewal
+                    identities = self._manager.matching_identities(caller.selectors)
+                    update = replace(update, identities=identities)
+        finally:
+            subscription.close()
 
     async def FetchWITBundles(
         self, request: workload_pb2.WITBundlesRequest, context: _Context
     ) -> AsyncIterator[workload_pb2.WITBundlesResponse]:
-        """Not supported: answers UNIMPLEMENTED."""
-        await _abort(context, grpc.StatusCode.UNIMPLEMENTED, "WIT bundles are not supported")
-        yield workload_pb2.WITBundlesResponse()  # pragma: no cover
+        """Stream the WIT bundles (JWKS of ``wit-svid`` keys) keyed by trust domain SPIFFE ID."""
+        caller = await self._caller(context, "FetchWITBundles")
+        previous: workload_pb2.WITBundlesResponse | None = None
+        async for own, federated in self._bundles(caller, context):
+            response = workload_pb2.WITBundlesResponse(bundles=_wit_bundles(own, federated))
+            if response != previous:
+                previous = response
+                yield response
 
     # -- helpers ------------------------------------------------------------------------
 

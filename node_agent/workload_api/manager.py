@@ -21,6 +21,7 @@ __all__ = [
     "Identity",
     "Manager",
     "Subscription",
+    "WitIdentity",
     "WorkloadUpdate",
 ]
 
@@ -35,6 +36,19 @@ class Identity:
     """Chain (leaf first) and private key."""
     hint: str = ""
     """The entry's hint, passed to the workload to tell identities apart."""
+
+
+@dataclass(frozen=True)
+class WitIdentity:
+    """A WIT-SVID for one of a workload's identities, with the private key it binds."""
+
+    identity: Identity
+    token: str = field(repr=False)
+    """The WIT-SVID, JWS compact."""
+    private_key_jwk: str = field(repr=False)
+    """The private key of the WIT's ``cnf`` as a JWK (the Workload API's ``wit_svid_key``)."""
+    refresh_at: float
+    """When the agent replaces it (Unix time): the stream pushes the new one then."""
 
 
 @dataclass(frozen=True)
@@ -96,4 +110,8 @@ class Manager(Protocol):
 
     def bundle_set(self) -> BundleSet:
         """The own and all federated bundles, for validating JWT-SVIDs."""
+        ...
+
+    async def fetch_wit_svids(self, identities: tuple[Identity, ...]) -> tuple[WitIdentity, ...]:
+        """A WIT-SVID per identity that can have one, cached until about half its lifetime."""
         ...

@@ -29,7 +29,9 @@ from credo._reserved import RESERVED_PATH_PREFIX, is_reserved_path
 from credo.bundle import Bundle, X509Bundle
 from credo.durations import format_duration
 from credo.errors import BundleError, InvalidSpiffeId
+from credo.keys import generate_private_key
 from credo.spiffe_id import SpiffeId, TrustDomain
+from credo.witsvid import private_key_to_jwk
 from server import audit
 from server.api.common import BundleSource
 from server.api.convert import (
@@ -41,6 +43,7 @@ from server.api.convert import (
     jwt_expiry,
     node_to_proto,
     parse_csr,
+    parse_public_key,
     selectors_from_proto,
     validate_dns_name,
     validate_spiffe_id,
@@ -90,6 +93,7 @@ class AdminApiConfig:
     trust_domain: TrustDomain
     x509_svid_ttl: int = 3600
     jwt_svid_ttl: int = 300
+    wit_svid_ttl: int = 3600
     join_token_ttl: int = 600
     join_token_max_ttl: int = 86400
 
@@ -552,6 +556,34 @@ class SvidsService(admin_pb2_grpc.SvidsServicer):
             )
         )
 
+    @handle_errors
+    async def MintWITSVID(
+        self, request: admin_pb2.MintWITSVIDRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.MintWITSVIDResponse:
+        spiffe_id = self._spiffe_id(request.spiffe_id)
+        ttl = self._ttl(request.ttl, self._config.wit_svid_ttl)
+        private_jwk = ""
+        if request.public_key:
+            public_key = parse_public_key(request.public_key, "public_key")
+        else:
+            private_key = await _call(generate_private_key)
+            public_key = private_key.public_key()
+            private_jwk = private_key_to_jwk(private_key)
+        now = int(time.time())
+        token = await _call(self._ca.sign_wit_svid, spiffe_id, public_key, ttl)
+        jti, details = jwt_reference(token)
+        record = audit.pending(
+            "wit_svid.issue", subject=str(spiffe_id), target=jti, details=details
+        )
+        await _call(self._ds.append_audit_records, [record])
+        log.info("minted wit-svid", extra={"spiffe_id": str(spiffe_id)})
+        return admin_pb2.MintWITSVIDResponse(
+            svid=types_pb2.WitSvid(
+                spiffe_id=str(spiffe_id), token=token, issued_at=now, expires_at=jwt_expiry(token)
+            ),
+            private_key=private_jwk,
+        )
+
 
 def _authority_info(info: AuthorityInfo) -> admin_pb2.AuthorityInfo:
     return admin_pb2.AuthorityInfo(
@@ -570,8 +602,8 @@ class LocalAuthorityService(admin_pb2_grpc.LocalAuthorityServicer):
 
     @staticmethod
     def _kind(request: admin_pb2.AuthorityRequest) -> AuthorityKind:
-        if request.kind not in ("x509", "jwt"):
-            raise InvalidField("kind", f"{request.kind!r} is not one of x509, jwt")
+        if request.kind not in ("x509", "jwt", "wit"):
+            raise InvalidField("kind", f"{request.kind!r} is not one of x509, jwt, wit")
         return cast(AuthorityKind, request.kind)
 
     @staticmethod

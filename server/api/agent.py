@@ -12,6 +12,7 @@ AttestAgent       :mod:`server.agents.attestation` (rate, attestor, bans, re-att
 RenewAgent        :mod:`server.agents.authn` (serial rotation)
 BatchNewX509SVID  :mod:`server.issuance` (per-entry authorization, pool or in-process)
 NewJWTSVID        :mod:`server.issuance`
+BatchNewWITSVID   :mod:`server.issuance` (per-entry authorization, workload public keys)
 GetBundle         :mod:`server.api.common` (bundles as messages)
 SyncEntries       :mod:`server.agents.sync` (full set, resume, diffs, bundle changes)
 ================  ==========================================================================
@@ -47,7 +48,14 @@ from server.api.convert import (
 from server.api.errors import ApiError, handle_errors, handle_stream_errors, status_for
 from server.api.tls import PeerRegistry
 from server.attestation.errors import UnknownNodeAttestor
-from server.issuance import IssueFailed, Issuer, X509Result, X509SvidRequest
+from server.issuance import (
+    IssueFailed,
+    Issuer,
+    WitResult,
+    WitSvidRequest,
+    X509Result,
+    X509SvidRequest,
+)
 
 __all__ = ["MAX_CSRS_PER_CALL", "AgentService"]
 
@@ -66,6 +74,23 @@ def _x509_result(result: X509Result) -> agent_pb2.BatchNewX509SVIDResponse.Resul
         spiffe_id=result.spiffe_id, cert_chain=result.cert_chain, expires_at=result.expires_at
     )
     return agent_pb2.BatchNewX509SVIDResponse.Result(entry_id=result.entry_id, svid=svid)
+
+
+def _wit_result(result: WitResult) -> agent_pb2.BatchNewWITSVIDResponse.Result:
+    """A WIT batch item: the WIT-SVID, or (a failed one) its status."""
+    if isinstance(result, IssueFailed):
+        code, message = status_for(result.error)
+        return agent_pb2.BatchNewWITSVIDResponse.Result(
+            entry_id=result.entry_id,
+            status=types_pb2.Status(code=code.value[0], message=message),
+        )
+    svid = types_pb2.WitSvid(
+        spiffe_id=result.spiffe_id,
+        token=result.token,
+        issued_at=result.issued_at,
+        expires_at=result.expires_at,
+    )
+    return agent_pb2.BatchNewWITSVIDResponse.Result(entry_id=result.entry_id, svid=svid)
 
 
 class AgentService(agent_pb2_grpc.AgentServicer):
@@ -148,6 +173,25 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         authorized = await self._authorized.including(caller, (r.entry_id for r in requests))
         results = await self._issuer.x509_svids(requests, authorized)
         return agent_pb2.BatchNewX509SVIDResponse(results=[_x509_result(r) for r in results])
+
+    @handle_errors
+    async def BatchNewWITSVID(
+        self, request: agent_pb2.BatchNewWITSVIDRequest, context: grpc.aio.ServicerContext
+    ) -> agent_pb2.BatchNewWITSVIDResponse:
+        caller = await self._caller(context)
+        count = len(request.params)
+        if count > MAX_CSRS_PER_CALL:
+            raise InvalidField("params", f"too many public keys: {count} > {MAX_CSRS_PER_CALL}")
+        self._authn.admit_signing_call(caller)
+        requests = [
+            WitSvidRequest(
+                entry_id=p.entry_id, public_key=p.public_key, field=f"params[{i}].public_key"
+            )
+            for i, p in enumerate(request.params)
+        ]
+        authorized = await self._authorized.including(caller, (r.entry_id for r in requests))
+        results = await self._issuer.wit_svids(requests, authorized)
+        return agent_pb2.BatchNewWITSVIDResponse(results=[_wit_result(r) for r in results])
 
     @handle_errors
     async def NewJWTSVID(

@@ -259,6 +259,29 @@ def parse_csr(data: bytes, field: str) -> PublicKey:
     return key
 
 
+def parse_public_key(data: bytes, field: str) -> PublicKey:
+    """Parse a DER SubjectPublicKeyInfo of a supported key (EC P-256/384/521, RSA >= 2048)."""
+    if not data:
+        raise InvalidField(field, "is required; expected a DER SubjectPublicKeyInfo")
+    try:
+        key = serialization.load_der_public_key(data)
+    except (ValueError, UnsupportedAlgorithm):
+        raise InvalidField(field, "is not a DER SubjectPublicKeyInfo") from None
+    if not isinstance(key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey):
+        raise InvalidField(
+            field, f"key type {type(key).__name__} is not supported; expected an EC or RSA key"
+        )
+    if isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name not in _CSR_CURVES:
+        raise InvalidField(
+            field,
+            f"EC curve {key.curve.name} is not supported; expected one of "
+            f"{', '.join(sorted(_CSR_CURVES))}",
+        )
+    if isinstance(key, rsa.RSAPublicKey) and key.key_size < 2048:
+        raise InvalidField(field, f"RSA key of {key.key_size} bits is too small; expected >= 2048")
+    return key
+
+
 # --- records -> messages --------------------------------------------------------------
 
 
@@ -330,7 +353,7 @@ def bundle_to_proto(bundle: Bundle, authorities: Iterable[Authority] = ()) -> ty
     for row in authorities:
         if row.kind == "x509" and row.tainted:
             tainted_x509.add(bytes(row.public_data))
-        elif row.kind == "jwt":
+        elif row.kind in ("jwt", "wit"):
             jwt_rows[row.authority_id] = row
     der = serialization.Encoding.DER
     spki = serialization.PublicFormat.SubjectPublicKeyInfo
@@ -338,21 +361,27 @@ def bundle_to_proto(bundle: Bundle, authorities: Iterable[Authority] = ()) -> ty
     for cert in bundle.x509_authorities:
         data = cert.public_bytes(der)
         x509_authorities.append(types_pb2.X509Authority(asn1=data, tainted=data in tainted_x509))
-    jwt_authorities = []
-    for kid, key in bundle.jwt_authorities.items():
-        jwt_row = jwt_rows.get(kid)
-        jwt_authorities.append(
-            types_pb2.JwtAuthority(
-                public_key=key.public_bytes(der, spki),
-                key_id=kid,
-                expires_at=jwt_row.not_after if jwt_row else 0,
-                tainted=jwt_row.tainted if jwt_row else False,
+    jwt_authorities: list[types_pb2.JwtAuthority] = []
+    wit_authorities: list[types_pb2.JwtAuthority] = []
+    for keys, out in (
+        (bundle.jwt_authorities, jwt_authorities),
+        (bundle.wit_authorities, wit_authorities),
+    ):
+        for kid, key in keys.items():
+            jwt_row = jwt_rows.get(kid)
+            out.append(
+                types_pb2.JwtAuthority(
+                    public_key=key.public_bytes(der, spki),
+                    key_id=kid,
+                    expires_at=jwt_row.not_after if jwt_row else 0,
+                    tainted=jwt_row.tainted if jwt_row else False,
+                )
             )
-        )
     return types_pb2.Bundle(
         trust_domain=bundle.trust_domain.name,
         x509_authorities=x509_authorities,
         jwt_authorities=jwt_authorities,
+        wit_authorities=wit_authorities,
         refresh_hint=bundle.refresh_hint or 0,
         sequence_number=bundle.sequence_number,
     )

@@ -1,10 +1,10 @@
-"""The certificate authority: signs X509-SVIDs and JWT-SVIDs with the ACTIVE authorities.
+"""The certificate authority: signs X509-, JWT- and WIT-SVIDs with the ACTIVE authorities.
 
-:class:`CertificateAuthority` holds one active X.509 CA (:class:`X509CA`) and one active
-JWT signing key (:class:`JwtKey`). The :class:`server.ca.manager.AuthorityManager` swaps
-them during rotation; signing threads read a consistent snapshot (the slot holds an
-immutable object, replaced under a lock), so a rotation never mixes one CA's certificate
-with another's key.
+:class:`CertificateAuthority` holds one active X.509 CA (:class:`X509CA`), one active JWT
+signing key and one active WIT-SVID signing key (both :class:`JwtKey`). The
+:class:`server.ca.manager.AuthorityManager` swaps them during rotation; signing threads read
+a consistent snapshot (the slot holds an immutable object, replaced under a lock), so a
+rotation never mixes one CA's certificate with another's key.
 
 What a certificate contains is decided by :mod:`server.ca.templates`; this class only
 picks the issuer, signs, and returns the chain to hand out:
@@ -13,7 +13,7 @@ picks the issuer, signs, and returns the chain to hand out:
 * CA under an upstream: ``[leaf, our intermediate, upstream intermediates...]`` — the
   upstream root(s) are in the bundle.
 
-Lifetimes are capped at the CA's NotAfter (X.509) or the JWT key's NotAfter (JWT).
+Lifetimes are capped at the CA's NotAfter (X.509) or the signing key's NotAfter (JWT, WIT).
 Every signature calls the ``on_sign(kind, seconds)`` hook, so the API layer can export
 metrics without this module importing a metrics library.
 """
@@ -36,6 +36,7 @@ from credo.errors import InvalidSpiffeId
 from credo.jwtsvid import sign_jwt_svid
 from credo.keys import PrivateKey, PublicKey
 from credo.spiffe_id import SpiffeId, TrustDomain
+from credo.witsvid import sign_wit_svid
 from credo.x509svid import signature_hash_for
 from server.ca import templates
 from server.ca.errors import InvalidAuthorityState
@@ -43,6 +44,7 @@ from server.ca.tbs import SignedLeaf, WorkloadSvidSigner
 
 __all__ = [
     "SIGN_JWT",
+    "SIGN_WIT",
     "SIGN_X509_AGENT",
     "SIGN_X509_SERVER",
     "SIGN_X509_WORKLOAD",
@@ -67,6 +69,7 @@ SIGN_X509_WORKLOAD: Final = "x509_workload"
 SIGN_X509_AGENT: Final = "x509_agent"
 SIGN_X509_SERVER: Final = "x509_server"
 SIGN_JWT: Final = "jwt"
+SIGN_WIT: Final = "wit"
 
 
 def utc_now() -> datetime:
@@ -113,7 +116,7 @@ class X509CA:
 
 @dataclass(frozen=True)
 class JwtKey:
-    """A JWT-SVID signing key, its ``kid``, and when it stops being trusted."""
+    """A JWT-SVID or WIT-SVID signing key, its ``kid``, and when it stops being trusted."""
 
     kid: str
     private_key: PrivateKey = field(repr=False)
@@ -168,6 +171,7 @@ class CertificateAuthority:
         self._lock = threading.Lock()
         self._x509: X509CA | None = None
         self._jwt: JwtKey | None = None
+        self._wit: JwtKey | None = None
         self.on_sign: list[SignHook] = [on_sign] if on_sign is not None else []
 
     # --- active slots ---------------------------------------------------------------
@@ -189,6 +193,17 @@ class CertificateAuthority:
         """The ``kid`` of the active JWT key, or None."""
         key = self.jwt_key
         return None if key is None else key.kid
+
+    @property
+    def wit_key(self) -> JwtKey | None:
+        """The active WIT-SVID signing key, or None before the manager has started."""
+        with self._lock:
+            return self._wit
+
+    def set_wit_key(self, key: JwtKey | None) -> None:
+        """Make ``key`` the active WIT-SVID signing key (the manager calls this on activation)."""
+        with self._lock:
+            self._wit = key
 
     def set_x509_ca(self, ca: X509CA | None) -> None:
         """Make ``ca`` the active X.509 CA (the manager calls this on activation)."""
@@ -340,6 +355,41 @@ class CertificateAuthority:
         self._notify(SIGN_JWT, started)
         log.debug(
             "signed jwt-svid",
+            extra={
+                "spiffe_id": str(spiffe_id),
+                "authority_id": key.kid,
+                "expires_at": expires_at.isoformat(),
+            },
+        )
+        return token
+
+    # --- WIT ------------------------------------------------------------------------
+
+    def sign_wit_svid(self, spiffe_id: SpiffeId, public_key: PublicKey, ttl: int) -> str:
+        """Sign a WIT-SVID binding ``public_key`` to ``spiffe_id`` with the active WIT key;
+        ``exp`` capped at the key's NotAfter."""
+        started = time.perf_counter()
+        self._check_member(spiffe_id)
+        if ttl <= 0:
+            raise ValueError(f"ttl is {ttl}s; expected a positive number of seconds")
+        key = self.wit_key
+        if key is None:
+            raise InvalidAuthorityState(
+                "wit", "", "no active wit authority; expected the authority manager to start first"
+            )
+        now = self._clock()
+        expires_at = min(now + timedelta(seconds=ttl), key.not_after)
+        token = sign_wit_svid(
+            spiffe_id,
+            public_key,
+            key=key.private_key,
+            key_id=key.kid,
+            expires_at=expires_at,
+            now=now,
+        )
+        self._notify(SIGN_WIT, started)
+        log.debug(
+            "signed wit-svid",
             extra={
                 "spiffe_id": str(spiffe_id),
                 "authority_id": key.kid,

@@ -1,9 +1,10 @@
 """The authority manager: creates, rotates, taints and revokes the CA's signing authorities.
 
-Modelled on SPIRE's CA manager. For each kind (``x509``: the X.509 CA; ``jwt``: the
-JWT-SVID signing key) there is at most one ``active`` authority (it signs), at most one
-``prepared`` authority (the next one, already published in the bundle), and ``old``
-authorities (no longer sign, stay in the bundle until they expire).
+Modelled on SPIRE's CA manager. For each kind (``x509``: the X.509 CA; ``jwt``: the JWT-SVID
+signing key; ``wit``: the WIT-SVID signing key, rotated like the JWT key) there is at most
+one ``active`` authority (it signs), at most one ``prepared`` authority (the next one,
+already published in the bundle), and ``old`` authorities (no longer sign, stay in the
+bundle until they expire).
 
 Rotation, one :meth:`AuthorityManager.tick` at a time (``run`` calls it every
 ``rotation_check_interval`` seconds; tests call it with an explicit ``now``):
@@ -20,7 +21,7 @@ rows only, see below) what a crash (even ``kill -9``) may have left half done:
 
 * a prepared or active row whose key is missing is dropped (logged); an old row without
   its key is kept, since old authorities never sign and only their public part matters;
-* a key (``x509-ca-*`` / ``jwt-*``) with no row is deleted;
+* a key (``x509-ca-*`` / ``jwt-*`` / ``wit-*``) with no row is deleted;
 * several prepared rows: the newest is kept; several active rows: the newest stays
   active, the others become old; no active row but a prepared one: it is activated.
 
@@ -39,8 +40,8 @@ by the server whose key manager holds their key. The published bundle is the uni
 every owner's authorities.
 
 Authority ids: the lowercase hex SubjectKeyIdentifier of the CA certificate (``x509``),
-the ``kid`` (32 random letters and digits) for ``jwt``. Key ids in the key manager are
-``x509-ca-<authority id>`` and ``jwt-<kid>``.
+the ``kid`` (32 random letters and digits) for ``jwt`` and ``wit``. Key ids in the key
+manager are ``x509-ca-<authority id>``, ``jwt-<kid>`` and ``wit-<kid>``.
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-KINDS: tuple[AuthorityKind, ...] = ("x509", "jwt")
+KINDS: tuple[AuthorityKind, ...] = ("x509", "jwt", "wit")
 _KID_ALPHABET = string.ascii_letters + string.digits
 _MAX_REFRESH_HINT = 300
 
@@ -197,7 +198,9 @@ def _dt(value: int) -> datetime:
 
 def key_id_for(row: Authority) -> str:
     """The key manager id of an authority's private key."""
-    return x509_ca_key_id(row.authority_id) if row.kind == "x509" else f"jwt-{row.authority_id}"
+    if row.kind == "x509":
+        return x509_ca_key_id(row.authority_id)
+    return f"{row.kind}-{row.authority_id}"
 
 
 def _info(row: Authority) -> AuthorityInfo:
@@ -205,7 +208,7 @@ def _info(row: Authority) -> AuthorityInfo:
 
 
 class AuthorityManager:
-    """Keeps the CA's X.509 and JWT authorities rotated, persisted and published."""
+    """Keeps the CA's X.509, JWT and WIT authorities rotated, persisted and published."""
 
     def __init__(
         self,
@@ -297,7 +300,7 @@ class AuthorityManager:
                 )
             keep.update(key_id_for(r) for r in live)
         for key_id in sorted(key_ids - keep):
-            if key_id.startswith(("x509-ca-", "jwt-")):
+            if key_id.startswith(("x509-ca-", "jwt-", "wit-")):
                 self.key_manager.delete_key(key_id)
                 log.warning("deleted private key with no authority", extra={"key_id": key_id})
 
@@ -380,7 +383,7 @@ class AuthorityManager:
 
     def _prepare(self, kind: AuthorityKind, now: datetime) -> Authority:
         """Create the next authority: key first, then the row, then the bundle."""
-        row = self._prepare_x509(now) if kind == "x509" else self._prepare_jwt(now)
+        row = self._prepare_x509(now) if kind == "x509" else self._prepare_jwt(now, kind)
         log.info(
             "prepared authority",
             extra={"kind": kind, "authority_id": row.authority_id, "expires_at": row.not_after},
@@ -421,12 +424,13 @@ class AuthorityManager:
         self.key_manager.store_key(key_id_for(row), key)
         return self.datastore.create_authority(row)
 
-    def _prepare_jwt(self, now: datetime) -> Authority:
+    def _prepare_jwt(self, now: datetime, kind: AuthorityKind = "jwt") -> Authority:
+        """A JWT or WIT signing key (same key type and lifetime): key first, then the row."""
         kid = "".join(secrets.choice(_KID_ALPHABET) for _ in range(32))
-        key = self.key_manager.generate_key(f"jwt-{kid}", self.config.jwt_key_type)
+        key = self.key_manager.generate_key(f"{kind}-{kid}", self.config.jwt_key_type)
         row = Authority(
             authority_id=kid,
-            kind="jwt",
+            kind=kind,
             status="prepared",
             not_after=_ts(now + timedelta(seconds=self.config.effective_jwt_key_ttl)),
             public_data=spki_der(key),
@@ -461,8 +465,8 @@ class AuthorityManager:
             if current is not None and current.authority_id == row.authority_id:
                 return
         else:
-            current_kid = self.ca.jwt_key_id
-            if current_kid == row.authority_id:
+            signing = self.ca.jwt_key if row.kind == "jwt" else self.ca.wit_key
+            if signing is not None and signing.kid == row.authority_id:
                 return
         key = self.key_manager.get_key(key_id_for(row))
         if key is None:
@@ -476,8 +480,10 @@ class AuthorityManager:
             cert = x509.load_der_x509_certificate(row.public_data)
             chain = self._upstream.intermediates if self._upstream is not None else ()
             self.ca.set_x509_ca(X509CA(row.authority_id, cert, key, chain))
-        else:
+        elif row.kind == "jwt":
             self.ca.set_jwt_key(JwtKey(row.authority_id, key, _dt(row.not_after)))
+        else:
+            self.ca.set_wit_key(JwtKey(row.authority_id, key, _dt(row.not_after)))
 
     def _delete(self, row: Authority, action: str) -> None:
         """Remove an authority: the row first (so no crash leaves a row without its key)."""

@@ -1,10 +1,11 @@
 """Publishing the trust domain's SPIFFE bundle from the CA journal.
 
-The bundle (X.509 authorities and JWT keys) is derived from every server's authority rows
-and stored with ``datastore.update_bundle``; its ``spiffe_sequence`` is incremented on
-every change, including a taint (a forced publish: agents learn the tainted ids from the
-authority rows, since the JWKS format has no taint flag). With an upstream CA, the bundle's
-X.509 authorities are the upstream root(s), not the intermediates the servers sign with.
+The bundle (X.509 authorities, JWT keys and WIT-SVID keys, ``use: wit-svid``) is derived
+from every server's authority rows and stored with ``datastore.update_bundle``; its
+``spiffe_sequence`` is incremented on every change, including a taint (a forced publish:
+agents learn the tainted ids from the authority rows, since the JWKS format has no taint
+flag). With an upstream CA, the bundle's X.509 authorities are the upstream root(s), not the
+intermediates the servers sign with.
 
 Several servers on one database publish the union of their authorities: the read of the
 stored bundle and the rows and the write of the successor happen in one locked datastore
@@ -82,12 +83,13 @@ class BundlePublisher:
 
         def build(current_data: bytes | None, rows: list[Authority]) -> bytes | None:
             current = self._parse(current_data)
-            authorities, jwt_keys = self._contents(rows)
+            authorities, jwt_keys, wit_keys = self._contents(rows)
             if (
                 not force
                 and current is not None
                 and current.x509_authorities == tuple(authorities)
                 and dict(current.jwt_authorities) == jwt_keys
+                and dict(current.wit_authorities) == wit_keys
                 and current.refresh_hint == self._refresh_hint
             ):
                 published.append(current)
@@ -100,6 +102,7 @@ class BundlePublisher:
                 jwt_keys,
                 sequence_number=sequence,
                 refresh_hint=self._refresh_hint,
+                wit_authorities=wit_keys,
             )
             published.append(bundle)
             written_flags.append(True)
@@ -115,18 +118,20 @@ class BundlePublisher:
                     "sequence_number": bundle.sequence_number,
                     "x509_authorities": len(bundle.x509_authorities),
                     "jwt_authorities": len(bundle.jwt_authorities),
+                    "wit_authorities": len(bundle.wit_authorities),
                 },
             )
         return bundle
 
     def _contents(
         self, rows: list[Authority]
-    ) -> tuple[list[x509.Certificate], dict[str, PublicKey]]:
-        """The bundle's X.509 authorities and JWT keys: every owner's live rows."""
+    ) -> tuple[list[x509.Certificate], dict[str, PublicKey], dict[str, PublicKey]]:
+        """The bundle's X.509 authorities, JWT and WIT keys: every owner's live rows."""
         authorities: list[x509.Certificate] = []
         if self.upstream is not None:
             authorities.extend(self.upstream.roots)
         jwt_keys: dict[str, PublicKey] = {}
+        wit_keys: dict[str, PublicKey] = {}
         for row in rows:
             if row.kind == "x509":
                 cert = x509.load_der_x509_certificate(row.public_data)
@@ -135,5 +140,6 @@ class BundlePublisher:
             else:
                 public = serialization.load_der_public_key(row.public_data)
                 if isinstance(public, ec.EllipticCurvePublicKey | rsa.RSAPublicKey):
-                    jwt_keys[row.authority_id] = public
-        return authorities, jwt_keys
+                    keys = wit_keys if row.kind == "wit" else jwt_keys
+                    keys[row.authority_id] = public
+        return authorities, jwt_keys, wit_keys

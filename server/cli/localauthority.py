@@ -1,6 +1,6 @@
-"""``credo-server localauthority x509|jwt show|prepare|activate|taint|revoke``.
+"""``credo-server localauthority x509|jwt|wit show|prepare|activate|taint|revoke``.
 
-Manual control of the two key slots per kind (X.509 CA, JWT signing key): prepare the
+Manual control of the two key slots per kind (X.509 CA, JWT and WIT-SVID signing keys): prepare the
 next one, activate it, taint the old one (agents re-issue what it signed), then revoke it
 (it leaves the bundle).
 """
@@ -19,7 +19,7 @@ from server.cli.params import admin_options
 
 __all__ = ["localauthority"]
 
-KINDS = {"x509": "X.509 CA", "jwt": "JWT signing key"}
+KINDS = {"x509": "X.509 CA", "jwt": "JWT signing key", "wit": "WIT-SVID signing key"}
 # action -> (admin method name, needs --authority-id, what it does, past tense)
 ACTIONS = {
     "prepare": ("PrepareAuthority", False, "Prepare the next authority.", "prepared"),
@@ -41,7 +41,7 @@ ACTIONS = {
 
 @click.group()
 def localauthority() -> None:
-    """Manage this server's X.509 CA and JWT signing key (two slots each)."""
+    """Manage this server's X.509 CA, JWT and WIT-SVID signing keys (two slots each)."""
 
 
 def _show_command(kind: str) -> click.Command:

@@ -23,6 +23,7 @@ from server.cli.jwt import jwt
 from server.cli.localauthority import localauthority
 from server.cli.run import run
 from server.cli.token import token
+from server.cli.wit import wit
 from server.cli.x509 import x509
 
 __all__ = ["cli", "main"]
@@ -53,6 +54,7 @@ for command in (
     bundle,
     x509,
     jwt,
+    wit,
     localauthority,
     audit,
 ):

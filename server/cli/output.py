@@ -205,20 +205,28 @@ def bundle_from_proto(message: types_pb2.Bundle) -> Bundle:
     except ValueError as exc:
         raise BundleError(f"the server sent an unreadable X.509 authority: {exc}") from None
     keys: dict[str, PublicKey] = {}
-    for authority in message.jwt_authorities:
-        try:
-            key = load_der_public_key(authority.public_key)
-        except ValueError as exc:
-            raise BundleError(f"JWT authority {authority.key_id!r} is unreadable: {exc}") from None
-        if not isinstance(key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey):
-            raise BundleError(f"JWT authority {authority.key_id!r} is not an EC or RSA key")
-        keys[authority.key_id] = key
+    wit_keys: dict[str, PublicKey] = {}
+    for kind, authorities, out in (
+        ("JWT", message.jwt_authorities, keys),
+        ("WIT", message.wit_authorities, wit_keys),
+    ):
+        for authority in authorities:
+            try:
+                key = load_der_public_key(authority.public_key)
+            except ValueError as exc:
+                raise BundleError(
+                    f"{kind} authority {authority.key_id!r} is unreadable: {exc}"
+                ) from None
+            if not isinstance(key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey):
+                raise BundleError(f"{kind} authority {authority.key_id!r} is not an EC or RSA key")
+            out[authority.key_id] = key
     return Bundle(
         TrustDomain.parse(message.trust_domain),
         tuple(certs),
         keys,
         int(message.sequence_number),
         int(message.refresh_hint) or None,
+        wit_keys,
     )
 
 

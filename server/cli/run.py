@@ -32,6 +32,7 @@ SETTING_FLAGS: tuple[tuple[str, Any, str], ...] = (
     ("--ca-ttl", str, "CA certificate lifetime [default: 24h]."),
     ("--x509-svid-ttl", str, "Default X.509-SVID lifetime [default: 1h]."),
     ("--jwt-svid-ttl", str, "Default JWT-SVID lifetime [default: 5m]."),
+    ("--wit-svid-ttl", str, "WIT-SVID lifetime [default: 1h]."),
     ("--agent-svid-ttl", str, "Agent SVID lifetime [default: the X.509-SVID TTL]."),
     ("--ca-key-type", click.Choice(KEY_TYPES), "CA key type [default: ec-p256]."),
     ("--jwt-key-type", click.Choice(KEY_TYPES), "JWT signing key type [default: ec-p256]."),

@@ -33,7 +33,7 @@ __all__ = [
     "RegistrationEntry",
 ]
 
-AuthorityKind = Literal["x509", "jwt"]
+AuthorityKind = Literal["x509", "jwt", "wit"]
 AuthorityStatus = Literal["prepared", "active", "old"]
 
 
@@ -119,7 +119,7 @@ class Authority:
     """One signing key in the CA's rotation journal (the private key stays on disk).
 
     ``public_data`` is the CA certificate DER (``kind == "x509"``) or the public key
-    DER (``kind == "jwt"``). ``created_at`` of 0 is replaced by the datastore's clock.
+    DER (``kind == "jwt"`` or ``"wit"``). ``created_at`` of 0 is replaced by the datastore's clock.
     ``owner`` is the server id (``<data-dir>/server_id``) of the server that holds the
     private key; ``""`` marks a row written before schema version 2 (not yet adopted).
     """

@@ -119,7 +119,7 @@ _CHUNK = 1000  # ids per IN (...) list; well under SQLite's and PostgreSQL's par
 _PG_EVENT_LOCK = 0x637265646F02  # pg_advisory_xact_lock key serialising event writers
 _PG_BUNDLE_LOCK = 0x637265646F03  # pg_advisory_xact_lock key serialising update_bundle
 _PG_AUDIT_LOCK = 0x637265646F04  # pg_advisory_xact_lock key serialising audit appends
-_AUTHORITY_KINDS = frozenset({"x509", "jwt"})
+_AUTHORITY_KINDS = frozenset({"x509", "jwt", "wit"})
 _AUTHORITY_STATUSES = frozenset({"prepared", "active", "old"})
 
 

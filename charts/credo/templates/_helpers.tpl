@@ -238,6 +238,9 @@ admin_socket = {{ include "credo.adminSocket" . | toJson }}
 ca_ttl = {{ $s.caTtl | toString | toJson }}
 x509_svid_ttl = {{ $s.x509SvidTtl | toString | toJson }}
 jwt_svid_ttl = {{ $s.jwtSvidTtl | toString | toJson }}
+{{- if $s.witSvidTtl }}
+wit_svid_ttl = {{ $s.witSvidTtl | toString | toJson }}
+{{- end }}
 {{- if $s.agentSvidTtl }}
 agent_svid_ttl = {{ $s.agentSvidTtl | toString | toJson }}
 {{- end }}

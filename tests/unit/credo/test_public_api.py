@@ -15,6 +15,14 @@ EXPECTED = {
     "JwtBundle",
     "Bundle",
     "BundleSet",
+    # WIT-SVIDs and their proof of possession (WIMSE Workload Proof Token)
+    "WitSvid",
+    "WitBundle",
+    "sign_wit_svid",
+    "create_wpt",
+    "verify_wpt",
+    "verify_request",
+    "WorkloadProof",
     # the Workload API client
     "WorkloadApiClient",
     "X509Context",
@@ -44,6 +52,8 @@ EXPECTED = {
     "InvalidX509Svid",
     "JwtSvidError",
     "InvalidJwtSvid",
+    "WitSvidError",
+    "InvalidWorkloadProof",
 }
 
 

@@ -16,8 +16,9 @@ from credo.jwtsvid import sign_jwt_svid
 from credo.keys import generate_private_key
 from credo.selector import Selector, is_subset
 from credo.spiffe_id import SpiffeId, TrustDomain
+from credo.witsvid import private_key_to_jwk, sign_wit_svid
 from credo.x509svid import X509Svid, ca_certificate_template, sign_x509_svid, signature_hash_for
-from node_agent.workload_api.manager import Identity, WorkloadUpdate
+from node_agent.workload_api.manager import Identity, WitIdentity, WorkloadUpdate
 
 T = TypeVar("T")
 
@@ -39,6 +40,8 @@ class FakeCa:
         ).sign(self.key, signature_hash_for(self.key))
         self.jwt_key = generate_private_key()
         self.kid = f"{trust_domain}-jwt-1"
+        self.wit_key = generate_private_key()
+        self.wit_kid = f"{trust_domain}-wit-1"
 
     def issue(self, spiffe_id: str, ttl: timedelta = timedelta(hours=1)) -> X509Svid:
         """A fresh X509-SVID (new key) for ``spiffe_id``."""
@@ -48,8 +51,13 @@ class FakeCa:
         return X509Svid(sid, (leaf,), key)
 
     def bundle(self) -> Bundle:
-        """The trust domain's bundle (CA cert + JWT key)."""
-        return Bundle(self.trust_domain, (self.cert,), {self.kid: self.jwt_key.public_key()})
+        """The trust domain's bundle (CA cert + JWT key + WIT key)."""
+        return Bundle(
+            self.trust_domain,
+            (self.cert,),
+            {self.kid: self.jwt_key.public_key()},
+            wit_authorities={self.wit_kid: self.wit_key.public_key()},
+        )
 
     def sign_jwt(self, spiffe_id: SpiffeId, audience: Iterable[str]) -> str:
         """A JWT-SVID signed by this trust domain."""
@@ -103,6 +111,10 @@ class FakeManager:
         self.unsigned = 0
         """Matching entries the fake reports as having no SVID yet."""
         self.jwt_error: Exception | None = None
+        self.wit_requests: list[tuple[str, ...]] = []
+        self.wit_error: Exception | None = None
+        self.wit_refresh_at = 4e9
+        """When fetch_wit_svids says its WITs are due again (Unix time)."""
         """Raised by fetch_jwt_svid when set (what the server client's errors become)."""
 
     def add(self, selectors: Iterable[str], spiffe_id: str, hint: str = "") -> Identity:
@@ -147,6 +159,19 @@ class FakeManager:
 
     def matching_identities(self, selectors: frozenset[Selector]) -> tuple[Identity, ...]:
         return tuple(i for wanted, i in self.entries if is_subset(wanted, selectors))
+
+    async def fetch_wit_svids(self, identities: tuple[Identity, ...]) -> tuple[WitIdentity, ...]:
+        self.wit_requests.append(tuple(str(i.spiffe_id) for i in identities))
+        if self.wit_error is not None:
+            raise self.wit_error
+        out = []
+        for identity in identities:
+            key = generate_private_key()
+            token = sign_wit_svid(
+                identity.spiffe_id, key.public_key(), key=self.ca.wit_key, key_id=self.ca.wit_kid
+            )
+            out.append(WitIdentity(identity, token, private_key_to_jwk(key), self.wit_refresh_at))
+        return tuple(out)
 
     async def fetch_jwt_svid(self, identity: Identity, audience: tuple[str, ...]) -> str:
         self.jwt_requests.append((str(identity.spiffe_id), audience))

@@ -17,9 +17,16 @@ from spiffe.spiffe_id.spiffe_id import SpiffeId as PySpiffeId
 from workload_api_fakes import MY_UID, Api
 
 from credo._proto import workload_pb2, workload_pb2_grpc
-from credo.bundle import Bundle
+from credo.bundle import Bundle, WitBundle
 from credo.keys import generate_private_key
-from node_agent.cache.errors import JwtSvidRateLimited, JwtSvidRefused, JwtSvidUnavailable
+from credo.witsvid import WitSvid, private_key_from_jwk
+from credo.wpt import create_wpt, verify_wpt
+from node_agent.cache.errors import (
+    JwtSvidRateLimited,
+    JwtSvidRefused,
+    JwtSvidUnavailable,
+    WitSvidUnavailable,
+)
 
 HEADER = (("workload.spiffe.io", "true"),)
 
@@ -323,18 +330,52 @@ def test_one_jwt_svid_per_identity(api: Api) -> None:
     assert api.manager.jwt_requests[-1] == ("spiffe://example.org/b", ("x", "y"))
 
 
-def test_wit_methods_unimplemented(api: Api) -> None:
-    """FetchWITSVID and FetchWITBundles answer UNIMPLEMENTED."""
+def test_fetch_wit_svid_streams_token_and_key(api: Api) -> None:
+    """FetchWITSVID sends a WIT-SVID and its JWK private key per identity, with hints; a
+    proof made with that key verifies against the WIT bundle from FetchWITBundles."""
+    api.manager.add([MY_UID], "spiffe://example.org/a", hint="ha")
+    api.manager.add([MY_UID], "spiffe://example.org/b")
     channel, stub = _stub(api)
     with channel:
-        assert (
-            _code_of_stream(stub.FetchWITSVID(workload_pb2.WITSVIDRequest(), metadata=HEADER))
-            == grpc.StatusCode.UNIMPLEMENTED
-        )
-        assert (
-            _code_of_stream(stub.FetchWITBundles(workload_pb2.WITBundlesRequest(), metadata=HEADER))
-            == grpc.StatusCode.UNIMPLEMENTED
-        )
+        call = stub.FetchWITSVID(workload_pb2.WITSVIDRequest(), metadata=HEADER)
+        response = next(call)
+        call.cancel()
+        bundles = next(stub.FetchWITBundles(workload_pb2.WITBundlesRequest(), metadata=HEADER))
+    assert [(s.spiffe_id, s.hint) for s in response.svids] == [
+        ("spiffe://example.org/a", "ha"),
+        ("spiffe://example.org/b", ""),
+    ]
+    assert set(bundles.bundles) == {"spiffe://example.org", "spiffe://partner.org"}
+    wit_bundle = WitBundle.parse("example.org", bundles.bundles["spiffe://example.org"])
+    first = response.svids[0]
+    wit = WitSvid.parse_and_validate(first.wit_svid, wit_bundle)
+    proof = create_wpt(wit, private_key_from_jwk(first.wit_svid_key), "https://b/")
+    assert verify_wpt(proof, wit, "https://b/").spiffe_id == "spiffe://example.org/a"
+
+
+def test_fetch_wit_svid_pushes_a_renewed_wit(api: Api) -> None:
+    """When its WITs are due, the stream fetches again and pushes the new ones."""
+    api.manager.add([MY_UID], "spiffe://example.org/a")
+    api.manager.wit_refresh_at = 0.0  # always due: every wake-up fetches new WITs
+    channel, stub = _stub(api)
+    with channel:
+        call = stub.FetchWITSVID(workload_pb2.WITSVIDRequest(), metadata=HEADER)
+        first, second = next(call), next(call)
+        call.cancel()
+    assert first.svids[0].wit_svid != second.svids[0].wit_svid
+    assert len(api.manager.wit_requests) >= 2
+
+
+def test_fetch_wit_svid_unavailable_and_no_identity(api: Api) -> None:
+    """No identity: PERMISSION_DENIED; no WIT obtainable: UNAVAILABLE."""
+    channel, stub = _stub(api)
+    with channel:
+        call = stub.FetchWITSVID(workload_pb2.WITSVIDRequest(), metadata=HEADER)
+        assert _code_of_stream(call) == grpc.StatusCode.PERMISSION_DENIED
+        api.manager.add([MY_UID], "spiffe://example.org/a")
+        api.manager.wit_error = WitSvidUnavailable("no WIT-SVID could be issued: down")
+        call = stub.FetchWITSVID(workload_pb2.WITSVIDRequest(), metadata=HEADER)
+        assert _code_of_stream(call) == grpc.StatusCode.UNAVAILABLE
 
 
 def test_connection_passed_to_child_after_parent_exit_is_refused(api: Api) -> None:

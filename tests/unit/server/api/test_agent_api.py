@@ -247,3 +247,47 @@ def test_csr_for_a_weak_curve_is_refused(server: InProcessServer) -> None:
     assert results[0].status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
     assert "curve secp256k1 is not supported" in results[0].status.message
     assert results[1].status.code == 0
+
+
+def _spki(key: object) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return key.public_bytes(  # type: ignore[attr-defined, no-any-return]
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def test_batch_new_wit_svid_signs_authorized_entries_per_item(server: InProcessServer) -> None:
+    """BatchNewWITSVID binds each item's public key to its entry's SPIFFE ID; an entry of
+    another agent or a malformed key fails only its own item; the WIT key is in GetBundle."""
+    agent = server.attest(server.create_join_token())
+    mine = create_entry(server, "spiffe://example.org/wit/mine", agent.agent_id)
+    other = create_entry(server, "spiffe://example.org/wit/other", "spiffe://example.org/x")
+    key = generate_private_key()
+    with agent.channel() as ch:
+        response = agent_pb2_grpc.AgentStub(ch).BatchNewWITSVID(
+            agent_pb2.BatchNewWITSVIDRequest(
+                params=[
+                    agent_pb2.NewWITSVIDParams(entry_id=mine, public_key=_spki(key.public_key())),
+                    agent_pb2.NewWITSVIDParams(entry_id=other, public_key=_spki(key.public_key())),
+                    agent_pb2.NewWITSVIDParams(entry_id=mine, public_key=b"junk"),
+                ]
+            ),
+            timeout=10,
+        )
+    good, foreign, junk = response.results
+    assert good.status.code == 0 and good.svid.spiffe_id == "spiffe://example.org/wit/mine"
+    header = jwt.get_unverified_header(good.svid.token)
+    assert header["typ"] == "wit+jwt"
+    wit_keys = {k.key_id: k for k in get_bundle(agent).bundle.wit_authorities}
+    assert header["kid"] in wit_keys
+    from cryptography.hazmat.primitives.serialization import load_der_public_key
+
+    claims = jwt.decode(
+        good.svid.token, load_der_public_key(wit_keys[header["kid"]].public_key), ["ES256"]
+    )
+    assert claims["exp"] == good.svid.expires_at
+    assert jwt.PyJWK(claims["cnf"]["jwk"]).key.public_numbers() == key.public_key().public_numbers()
+    assert foreign.status.code == grpc.StatusCode.PERMISSION_DENIED.value[0]
+    assert junk.status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "params[2].public_key" in junk.status.message

@@ -18,6 +18,7 @@ from credo.bundle import Bundle
 from credo.jwtsvid import JwtSvid
 from credo.keys import KeyType, generate_private_key, private_key_to_pkcs8_pem
 from credo.spiffe_id import SpiffeId, TrustDomain
+from credo.witsvid import WitSvid
 from credo.x509svid import ca_certificate_template, signature_hash_for, verify_x509_svid
 from server.ca.errors import AuthorityNotFound, InvalidAuthorityState, UpstreamCaError
 from server.ca.keymanager import DiskKeyManager
@@ -173,7 +174,7 @@ def test_rotation_across_several_lifetimes(
         if previous_svid[0].not_valid_after_utc >= now:
             verify_x509_svid(previous_svid, manager.bundle().x509_bundle(), now=now)
         previous_svid = manager.ca.sign_x509_svid(WORKLOAD, generate_private_key().public_key(), 60)
-        for kind in ("x509", "jwt"):
+        for kind in ("x509", "jwt", "wit"):
             rows = datastore.list_authorities(kind)
             assert [r.status for r in rows].count("active") == 1
             assert len(rows) <= 3
@@ -219,6 +220,35 @@ def test_jwt_key_is_in_bundle_before_it_signs(
     )
     manager.tick(clock.advance(CA_TTL / 3))
     assert manager.ca.jwt_key_id == prepared.authority_id
+
+
+def test_wit_key_rotates_and_is_published_with_use_wit_svid(
+    make_manager: MakeManager, datastore: SqlDataStore, clock: FakeClock
+) -> None:
+    """The WIT key has its own rotation: published (use wit-svid) before it signs, then
+    active; a WIT-SVID signed before the switch still validates against the new bundle."""
+    manager = make_manager()
+    manager.start()
+    state = manager.state("wit")
+    assert state.active is not None
+    active = state.active.authority_id
+    assert active not in _stored_bundle(datastore).jwt_authorities
+    workload_key = generate_private_key()
+    before = manager.ca.sign_wit_svid(WORKLOAD, workload_key.public_key(), CA_TTL)
+    manager.tick(clock.advance(CA_TTL / 2 + 1))
+    prepared = manager.state("wit").prepared
+    assert prepared is not None
+    assert prepared.authority_id in _stored_bundle(datastore).wit_authorities
+    manager.tick(clock.advance(CA_TTL / 3))
+    after = manager.ca.sign_wit_svid(WORKLOAD, workload_key.public_key(), 60)
+    bundle = _stored_bundle(datastore).wit_bundle()
+    assert WitSvid.parse_and_validate(after, bundle, now=clock()).key_id == prepared.authority_id
+    old = WitSvid.parse_and_validate(before, bundle, now=clock())
+    assert old.key_id == active
+    assert set(manager.key_manager.list_key_ids()) >= {
+        f"wit-{active}",
+        f"wit-{prepared.authority_id}",
+    }
 
 
 def test_sequence_number_increments_on_every_change(

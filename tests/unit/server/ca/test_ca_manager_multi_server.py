@@ -106,16 +106,17 @@ def test_second_server_keeps_first_servers_authorities(make: Make, clock: FakeCl
     a = make("a")
     a.start()
     rows_a = _rows(a, "a")
-    assert len(rows_a) == 2 and {o for o, _ in rows_a.values()} == {"a"}
+    # One X.509 CA, one JWT key and one WIT key per server.
+    assert len(rows_a) == 3 and {o for o, _ in rows_a.values()} == {"a"}
     b = make("b")
     b.start()
     assert _rows(b, "a") == rows_a
-    assert len(_rows(b, "b")) == 2
+    assert len(_rows(b, "b")) == 3
     assert a.state("x509") != b.state("x509")
     # Restarting either one (fresh managers on the same key dirs) keeps everything.
     for name in ("a", "b", "a"):
         make(name).start()
-    assert _rows(a, "a") == rows_a and len(_rows(a)) == 4
+    assert _rows(a, "a") == rows_a and len(_rows(a)) == 6
     # Only its own keys are in each key manager; neither deleted the other's.
     assert {key_id_for(r) for r in a.datastore.list_authorities(owner="a")} == set(
         a.key_manager.list_key_ids()

@@ -658,13 +658,65 @@ class MintJWTSVIDResponse(_message.Message):
 Global___MintJWTSVIDResponse: _TypeAlias = MintJWTSVIDResponse  # noqa: Y015
 
 @_typing.final
+class MintWITSVIDRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SPIFFE_ID_FIELD_NUMBER: _builtins.int
+    TTL_FIELD_NUMBER: _builtins.int
+    PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+    spiffe_id: _builtins.str
+    ttl: _builtins.int
+    public_key: _builtins.bytes
+    """ASN.1 DER SubjectPublicKeyInfo of the key to bind (cnf.jwk). Empty: the server makes
+    an ec-p256 key pair and returns its private key.
+    """
+    def __init__(
+        self,
+        *,
+        spiffe_id: _builtins.str = ...,
+        ttl: _builtins.int = ...,
+        public_key: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["public_key", b"public_key", "spiffe_id", b"spiffe_id", "ttl", b"ttl"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MintWITSVIDRequest: _TypeAlias = MintWITSVIDRequest  # noqa: Y015
+
+@_typing.final
+class MintWITSVIDResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SVID_FIELD_NUMBER: _builtins.int
+    PRIVATE_KEY_FIELD_NUMBER: _builtins.int
+    private_key: _builtins.str
+    """The private key as a JWK (RFC 7517), only when the server made the key pair."""
+    @_builtins.property
+    def svid(self) -> _types_pb2.WitSvid: ...
+    def __init__(
+        self,
+        *,
+        svid: _types_pb2.WitSvid | None = ...,
+        private_key: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["svid", b"svid"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["private_key", b"private_key", "svid", b"svid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MintWITSVIDResponse: _TypeAlias = MintWITSVIDResponse  # noqa: Y015
+
+@_typing.final
 class AuthorityRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     KIND_FIELD_NUMBER: _builtins.int
     AUTHORITY_ID_FIELD_NUMBER: _builtins.int
     kind: _builtins.str
-    """"x509" or "jwt"."""
+    """"x509", "jwt" or "wit"."""
     authority_id: _builtins.str
     """Required for activate, taint and revoke."""
     def __init__(

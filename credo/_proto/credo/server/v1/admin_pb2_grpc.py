@@ -822,6 +822,11 @@ class SvidsStub:
                 request_serializer=credo_dot_server_dot_v1_dot_admin__pb2.MintJWTSVIDRequest.SerializeToString,
                 response_deserializer=credo_dot_server_dot_v1_dot_admin__pb2.MintJWTSVIDResponse.FromString,
                 _registered_method=True)
+        self.MintWITSVID = channel.unary_unary(
+                '/credo.server.v1.Svids/MintWITSVID',
+                request_serializer=credo_dot_server_dot_v1_dot_admin__pb2.MintWITSVIDRequest.SerializeToString,
+                response_deserializer=credo_dot_server_dot_v1_dot_admin__pb2.MintWITSVIDResponse.FromString,
+                _registered_method=True)
 
 
 class SvidsServicer:
@@ -839,6 +844,12 @@ class SvidsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def MintWITSVID(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SvidsServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -851,6 +862,11 @@ def add_SvidsServicer_to_server(servicer, server):
                     servicer.MintJWTSVID,
                     request_deserializer=credo_dot_server_dot_v1_dot_admin__pb2.MintJWTSVIDRequest.FromString,
                     response_serializer=credo_dot_server_dot_v1_dot_admin__pb2.MintJWTSVIDResponse.SerializeToString,
+            ),
+            'MintWITSVID': grpc.unary_unary_rpc_method_handler(
+                    servicer.MintWITSVID,
+                    request_deserializer=credo_dot_server_dot_v1_dot_admin__pb2.MintWITSVIDRequest.FromString,
+                    response_serializer=credo_dot_server_dot_v1_dot_admin__pb2.MintWITSVIDResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -907,6 +923,33 @@ class Svids:
             '/credo.server.v1.Svids/MintJWTSVID',
             credo_dot_server_dot_v1_dot_admin__pb2.MintJWTSVIDRequest.SerializeToString,
             credo_dot_server_dot_v1_dot_admin__pb2.MintJWTSVIDResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MintWITSVID(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/credo.server.v1.Svids/MintWITSVID',
+            credo_dot_server_dot_v1_dot_admin__pb2.MintWITSVIDRequest.SerializeToString,
+            credo_dot_server_dot_v1_dot_admin__pb2.MintWITSVIDResponse.FromString,
             options,
             channel_credentials,
             insecure,

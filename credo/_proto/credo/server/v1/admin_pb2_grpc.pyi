@@ -225,12 +225,14 @@ class SvidsStub:
     def __new__(cls, channel: _aio.Channel) -> SvidsAsyncStub: ...
     MintX509SVID: _grpc.UnaryUnaryMultiCallable[_admin_pb2.MintX509SVIDRequest, _admin_pb2.MintX509SVIDResponse]
     MintJWTSVID: _grpc.UnaryUnaryMultiCallable[_admin_pb2.MintJWTSVIDRequest, _admin_pb2.MintJWTSVIDResponse]
+    MintWITSVID: _grpc.UnaryUnaryMultiCallable[_admin_pb2.MintWITSVIDRequest, _admin_pb2.MintWITSVIDResponse]
 
 @_typing.type_check_only
 class SvidsAsyncStub(SvidsStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     MintX509SVID: _aio.UnaryUnaryMultiCallable[_admin_pb2.MintX509SVIDRequest, _admin_pb2.MintX509SVIDResponse]  # type: ignore[assignment]
     MintJWTSVID: _aio.UnaryUnaryMultiCallable[_admin_pb2.MintJWTSVIDRequest, _admin_pb2.MintJWTSVIDResponse]  # type: ignore[assignment]
+    MintWITSVID: _aio.UnaryUnaryMultiCallable[_admin_pb2.MintWITSVIDRequest, _admin_pb2.MintWITSVIDResponse]  # type: ignore[assignment]
 
 class SvidsServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -246,6 +248,13 @@ class SvidsServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.MintJWTSVIDRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.MintJWTSVIDResponse, _abc.Awaitable[_admin_pb2.MintJWTSVIDResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def MintWITSVID(
+        self,
+        request: _admin_pb2.MintWITSVIDRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.MintWITSVIDResponse, _abc.Awaitable[_admin_pb2.MintWITSVIDResponse]]: ...
 
 def add_SvidsServicer_to_server(servicer: SvidsServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 

@@ -288,6 +288,94 @@ class BatchNewX509SVIDResponse(_message.Message):
 Global___BatchNewX509SVIDResponse: _TypeAlias = BatchNewX509SVIDResponse  # noqa: Y015
 
 @_typing.final
+class NewWITSVIDParams(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRY_ID_FIELD_NUMBER: _builtins.int
+    PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+    entry_id: _builtins.str
+    public_key: _builtins.bytes
+    """ASN.1 DER SubjectPublicKeyInfo of the workload's key (the WIT's cnf.jwk)."""
+    def __init__(
+        self,
+        *,
+        entry_id: _builtins.str = ...,
+        public_key: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entry_id", b"entry_id", "public_key", b"public_key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NewWITSVIDParams: _TypeAlias = NewWITSVIDParams  # noqa: Y015
+
+@_typing.final
+class BatchNewWITSVIDRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARAMS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def params(self) -> _containers.RepeatedCompositeFieldContainer[Global___NewWITSVIDParams]: ...
+    def __init__(
+        self,
+        *,
+        params: _abc.Iterable[Global___NewWITSVIDParams] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["params", b"params"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchNewWITSVIDRequest: _TypeAlias = BatchNewWITSVIDRequest  # noqa: Y015
+
+@_typing.final
+class BatchNewWITSVIDResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class Result(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        STATUS_FIELD_NUMBER: _builtins.int
+        SVID_FIELD_NUMBER: _builtins.int
+        ENTRY_ID_FIELD_NUMBER: _builtins.int
+        entry_id: _builtins.str
+        @_builtins.property
+        def status(self) -> _types_pb2.Status: ...
+        @_builtins.property
+        def svid(self) -> _types_pb2.WitSvid: ...
+        def __init__(
+            self,
+            *,
+            status: _types_pb2.Status | None = ...,
+            svid: _types_pb2.WitSvid | None = ...,
+            entry_id: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["status", b"status", "svid", b"svid"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["entry_id", b"entry_id", "status", b"status", "svid", b"svid"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___BatchNewWITSVIDResponse.Result]: ...
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___BatchNewWITSVIDResponse.Result] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchNewWITSVIDResponse: _TypeAlias = BatchNewWITSVIDResponse  # noqa: Y015
+
+@_typing.final
 class NewJWTSVIDRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

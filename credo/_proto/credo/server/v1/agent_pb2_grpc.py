@@ -54,6 +54,11 @@ class AgentStub:
                 request_serializer=credo_dot_server_dot_v1_dot_agent__pb2.BatchNewX509SVIDRequest.SerializeToString,
                 response_deserializer=credo_dot_server_dot_v1_dot_agent__pb2.BatchNewX509SVIDResponse.FromString,
                 _registered_method=True)
+        self.BatchNewWITSVID = channel.unary_unary(
+                '/credo.server.v1.Agent/BatchNewWITSVID',
+                request_serializer=credo_dot_server_dot_v1_dot_agent__pb2.BatchNewWITSVIDRequest.SerializeToString,
+                response_deserializer=credo_dot_server_dot_v1_dot_agent__pb2.BatchNewWITSVIDResponse.FromString,
+                _registered_method=True)
         self.NewJWTSVID = channel.unary_unary(
                 '/credo.server.v1.Agent/NewJWTSVID',
                 request_serializer=credo_dot_server_dot_v1_dot_agent__pb2.NewJWTSVIDRequest.SerializeToString,
@@ -98,6 +103,13 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def BatchNewWITSVID(self, request, context):
+        """Sign up to 500 WIT-SVIDs, one per (entry, workload public key).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def NewJWTSVID(self, request, context):
         """Sign a JWT-SVID for an authorized entry.
         """
@@ -134,6 +146,11 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.BatchNewX509SVID,
                     request_deserializer=credo_dot_server_dot_v1_dot_agent__pb2.BatchNewX509SVIDRequest.FromString,
                     response_serializer=credo_dot_server_dot_v1_dot_agent__pb2.BatchNewX509SVIDResponse.SerializeToString,
+            ),
+            'BatchNewWITSVID': grpc.unary_unary_rpc_method_handler(
+                    servicer.BatchNewWITSVID,
+                    request_deserializer=credo_dot_server_dot_v1_dot_agent__pb2.BatchNewWITSVIDRequest.FromString,
+                    response_serializer=credo_dot_server_dot_v1_dot_agent__pb2.BatchNewWITSVIDResponse.SerializeToString,
             ),
             'NewJWTSVID': grpc.unary_unary_rpc_method_handler(
                     servicer.NewJWTSVID,
@@ -254,6 +271,33 @@ class Agent:
             '/credo.server.v1.Agent/BatchNewX509SVID',
             credo_dot_server_dot_v1_dot_agent__pb2.BatchNewX509SVIDRequest.SerializeToString,
             credo_dot_server_dot_v1_dot_agent__pb2.BatchNewX509SVIDResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BatchNewWITSVID(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/credo.server.v1.Agent/BatchNewWITSVID',
+            credo_dot_server_dot_v1_dot_agent__pb2.BatchNewWITSVIDRequest.SerializeToString,
+            credo_dot_server_dot_v1_dot_agent__pb2.BatchNewWITSVIDResponse.FromString,
             options,
             channel_credentials,
             insecure,

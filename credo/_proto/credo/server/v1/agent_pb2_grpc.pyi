@@ -46,6 +46,8 @@ class AgentStub:
     """
     BatchNewX509SVID: _grpc.UnaryUnaryMultiCallable[_agent_pb2.BatchNewX509SVIDRequest, _agent_pb2.BatchNewX509SVIDResponse]
     """Sign up to 500 X.509-SVIDs, one per (entry, CSR)."""
+    BatchNewWITSVID: _grpc.UnaryUnaryMultiCallable[_agent_pb2.BatchNewWITSVIDRequest, _agent_pb2.BatchNewWITSVIDResponse]
+    """Sign up to 500 WIT-SVIDs, one per (entry, workload public key)."""
     NewJWTSVID: _grpc.UnaryUnaryMultiCallable[_agent_pb2.NewJWTSVIDRequest, _agent_pb2.NewJWTSVIDResponse]
     """Sign a JWT-SVID for an authorized entry."""
     GetBundle: _grpc.UnaryUnaryMultiCallable[_agent_pb2.GetBundleRequest, _agent_pb2.GetBundleResponse]
@@ -64,6 +66,8 @@ class AgentAsyncStub(AgentStub):
     """
     BatchNewX509SVID: _aio.UnaryUnaryMultiCallable[_agent_pb2.BatchNewX509SVIDRequest, _agent_pb2.BatchNewX509SVIDResponse]  # type: ignore[assignment]
     """Sign up to 500 X.509-SVIDs, one per (entry, CSR)."""
+    BatchNewWITSVID: _aio.UnaryUnaryMultiCallable[_agent_pb2.BatchNewWITSVIDRequest, _agent_pb2.BatchNewWITSVIDResponse]  # type: ignore[assignment]
+    """Sign up to 500 WIT-SVIDs, one per (entry, workload public key)."""
     NewJWTSVID: _aio.UnaryUnaryMultiCallable[_agent_pb2.NewJWTSVIDRequest, _agent_pb2.NewJWTSVIDResponse]  # type: ignore[assignment]
     """Sign a JWT-SVID for an authorized entry."""
     GetBundle: _aio.UnaryUnaryMultiCallable[_agent_pb2.GetBundleRequest, _agent_pb2.GetBundleResponse]  # type: ignore[assignment]
@@ -103,6 +107,14 @@ class AgentServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_agent_pb2.BatchNewX509SVIDResponse, _abc.Awaitable[_agent_pb2.BatchNewX509SVIDResponse]]:
         """Sign up to 500 X.509-SVIDs, one per (entry, CSR)."""
+
+    @_abc_1.abstractmethod
+    def BatchNewWITSVID(
+        self,
+        request: _agent_pb2.BatchNewWITSVIDRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.BatchNewWITSVIDResponse, _abc.Awaitable[_agent_pb2.BatchNewWITSVIDResponse]]:
+        """Sign up to 500 WIT-SVIDs, one per (entry, workload public key)."""
 
     @_abc_1.abstractmethod
     def NewJWTSVID(

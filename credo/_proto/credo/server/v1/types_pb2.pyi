@@ -252,6 +252,7 @@ class Bundle(_message.Message):
     JWT_AUTHORITIES_FIELD_NUMBER: _builtins.int
     REFRESH_HINT_FIELD_NUMBER: _builtins.int
     SEQUENCE_NUMBER_FIELD_NUMBER: _builtins.int
+    WIT_AUTHORITIES_FIELD_NUMBER: _builtins.int
     trust_domain: _builtins.str
     refresh_hint: _builtins.int
     sequence_number: _builtins.int
@@ -259,6 +260,10 @@ class Bundle(_message.Message):
     def x509_authorities(self) -> _containers.RepeatedCompositeFieldContainer[Global___X509Authority]: ...
     @_builtins.property
     def jwt_authorities(self) -> _containers.RepeatedCompositeFieldContainer[Global___JwtAuthority]: ...
+    @_builtins.property
+    def wit_authorities(self) -> _containers.RepeatedCompositeFieldContainer[Global___JwtAuthority]:
+        """WIT-SVID signing keys (published with use "wit-svid")."""
+
     def __init__(
         self,
         *,
@@ -267,10 +272,11 @@ class Bundle(_message.Message):
         jwt_authorities: _abc.Iterable[Global___JwtAuthority] | None = ...,
         refresh_hint: _builtins.int = ...,
         sequence_number: _builtins.int = ...,
+        wit_authorities: _abc.Iterable[Global___JwtAuthority] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["jwt_authorities", b"jwt_authorities", "refresh_hint", b"refresh_hint", "sequence_number", b"sequence_number", "trust_domain", b"trust_domain", "x509_authorities", b"x509_authorities"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["jwt_authorities", b"jwt_authorities", "refresh_hint", b"refresh_hint", "sequence_number", b"sequence_number", "trust_domain", b"trust_domain", "wit_authorities", b"wit_authorities", "x509_authorities", b"x509_authorities"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -331,6 +337,36 @@ class JwtSvid(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___JwtSvid: _TypeAlias = JwtSvid  # noqa: Y015
+
+@_typing.final
+class WitSvid(_message.Message):
+    """A WIT-SVID (SPIFFE WIT-SVID standard): a wit+jwt token binding a workload key."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SPIFFE_ID_FIELD_NUMBER: _builtins.int
+    TOKEN_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    ISSUED_AT_FIELD_NUMBER: _builtins.int
+    spiffe_id: _builtins.str
+    token: _builtins.str
+    expires_at: _builtins.int
+    issued_at: _builtins.int
+    def __init__(
+        self,
+        *,
+        spiffe_id: _builtins.str = ...,
+        token: _builtins.str = ...,
+        expires_at: _builtins.int = ...,
+        issued_at: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "issued_at", b"issued_at", "spiffe_id", b"spiffe_id", "token", b"token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WitSvid: _TypeAlias = WitSvid  # noqa: Y015
 
 @_typing.final
 class Status(_message.Message):
