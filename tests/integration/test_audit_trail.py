@@ -141,6 +141,18 @@ def _fetch_svids(agent: Any) -> tuple[x509.Certificate, bytes, str]:
     return leaf, bytes(svid.x509_svid_key), jwt
 
 
+def _fetch_wit(agent: Any) -> tuple[str, str]:
+    """The workload's WIT-SVID and its private key (JWK JSON), via FetchWITSVID."""
+    channel, stub = _workload_stub(agent)
+    with channel:
+        stream = stub.FetchWITSVID(workload_pb2.WITSVIDRequest(), metadata=HEADER, timeout=30)
+        try:
+            svid = next(stream).svids[0]
+        finally:
+            stream.cancel()
+    return svid.wit_svid, svid.wit_svid_key
+
+
 def _der_length(der: bytes) -> int:
     """Length of the first DER element (the leaf) in a concatenated chain."""
     if der[1] & 0x80 == 0:
@@ -157,11 +169,13 @@ def _verify(server: ServerProcess) -> tuple[int, str]:
 def test_every_action_is_recorded_once_by_its_actor_and_verifies(
     deployment: tuple[ServerProcess, Backend, Any],
 ) -> None:
-    """Token, attestation, entry changes, X.509 and JWT issuance, ban and eviction each
-    appear once with the right actor; the chain verifies; no record holds a secret."""
+    """Token, attestation, entry changes, X.509, JWT and WIT issuance, ban and eviction
+    each appear once with the right actor; the chain verifies; no record holds a secret;
+    the agent's local log names the process each SVID went to."""
     server, _, agent = deployment
     entry_id = create_entry(server, agent.spiffe_id, WORKLOAD)
     leaf, key_der, jwt = _fetch_svids(agent)
+    wit, wit_key = _fetch_wit(agent)
     serial = format(leaf.serial_number, "x")
     server.cli_json(
         "entry",
@@ -208,6 +222,9 @@ def test_every_action_is_recorded_once_by_its_actor_and_verifies(
     assert len(jwt_recs) == 1 and jwt_recs[0]["subject"] == WORKLOAD
     assert jwt_recs[0]["actor"] == agent.spiffe_id
     assert jwt_recs[0]["details"]["aud"] == ["audit-test"]
+    wit_jti = json.loads(base64.urlsafe_b64decode(wit.split(".")[1] + "=="))["jti"]
+    (wit_rec,) = [r for r in by_action["wit_svid.issue"] if r["target"] == wit_jti]
+    assert (wit_rec["subject"], wit_rec["actor"]) == (WORKLOAD, agent.spiffe_id)
     for action in ("entry.update", "entry.delete", "agent.ban", "agent.evict"):
         (rec,) = by_action[action]
         assert rec["actor_kind"] == "admin" and admin.match(rec["actor"]), rec
@@ -218,6 +235,7 @@ def test_every_action_is_recorded_once_by_its_actor_and_verifies(
     # join token before it was used up.
     exported = server.cli("audit", "export", output=None).stdout
     assert jwt not in exported and JWT_SHAPE.search(exported) is None
+    assert wit not in exported and json.loads(wit_key)["d"] not in exported
     assert "BEGIN" not in exported
     assert base64.b64encode(key_der).decode()[:40] not in exported
     assert key_der.hex()[:40] not in exported
@@ -250,6 +268,7 @@ def test_every_action_is_recorded_once_by_its_actor_and_verifies(
     assert f"unix:uid:{os.getuid()}" in delivery["details"]["selectors"]
     local = "".join(p.read_text() for p in (agent.data_dir / "audit").iterdir())
     assert jwt_sha in local and jwt not in local and JWT_SHAPE.search(local) is None
+    assert hashlib.sha256(wit.encode()).hexdigest() in local and wit not in local
     verified = subprocess.run(
         [*credo_agent_command(), "audit", "verify", "--data-dir", str(agent.data_dir)],
         capture_output=True,
