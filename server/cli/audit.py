@@ -97,7 +97,7 @@ def _line(rec: AuditRecord) -> str:
 
 @click.group()
 def audit() -> None:
-    """Show, trace, verify and export the tamper-evident audit trail."""
+    """Show, trace, verify, export and prune the tamper-evident audit trail."""
 
 
 @audit.command()
