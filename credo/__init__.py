@@ -7,8 +7,10 @@ submodules; ``credo.__all__`` is the supported surface.
 from __future__ import annotations
 
 from credo import errors
+from credo.access_token import AccessToken, verify_access_token
 from credo.bundle import Bundle, BundleSet, JwtBundle, WitBundle, X509Bundle
 from credo.errors import (
+    AccessTokenError,
     BundleError,
     CredoError,
     InvalidJwtSvid,
@@ -19,6 +21,7 @@ from credo.errors import (
     InvalidWorkloadProof,
     InvalidX509Svid,
     JwtSvidError,
+    TokenExchangeRefused,
     WitSvidError,
     WorkloadApiError,
     X509SvidError,
@@ -34,6 +37,7 @@ from credo.keys import (
 )
 from credo.selector import Selector
 from credo.spiffe_id import SpiffeId, TrustDomain
+from credo.token_exchange import TokenExchangeClient
 from credo.witsvid import WitSvid, sign_wit_svid
 from credo.workload_client import WorkloadApiClient, X509Context
 from credo.wpt import WorkloadProof, create_wpt, verify_request, verify_wpt
@@ -46,6 +50,8 @@ from credo.x509svid import (
 )
 
 __all__ = [
+    "AccessToken",
+    "AccessTokenError",
     "Bundle",
     "BundleError",
     "BundleSet",
@@ -63,6 +69,8 @@ __all__ = [
     "KeyType",
     "Selector",
     "SpiffeId",
+    "TokenExchangeClient",
+    "TokenExchangeRefused",
     "TrustDomain",
     "WitBundle",
     "WitSvid",
@@ -85,6 +93,7 @@ __all__ = [
     "sign_jwt_svid",
     "sign_wit_svid",
     "sign_x509_svid",
+    "verify_access_token",
     "verify_request",
     "verify_wpt",
     "verify_x509_svid",

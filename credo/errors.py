@@ -27,6 +27,8 @@ can act on it without parsing the message.
     │   ├── UnsupportedJwtAlgorithm                   alg not RS/ES/PS 256/384/512
     │   ├── JwtSvidExpired                            exp is in the past
     │   ├── JwtAudienceMismatch                       none of the expected audiences present
+    │   ├── JwtIssuerMismatch                         iss missing or not the expected issuer
+    │   ├── JwtSvidRevoked                            its jti is in the revocation list given
     │   └── UntrustedJwtSvid                          no bundle for the trust domain / bad signature
     │       └── UnknownJwtKey                         kid not in the trust domain's bundle
     ├── InvalidWorkloadApiEndpoint (also ValueError)  not a Workload API socket address
@@ -47,8 +49,10 @@ __all__ = [
     "InvalidTrustDomain",
     "InvalidX509Svid",
     "JwtAudienceMismatch",
+    "JwtIssuerMismatch",
     "JwtSvidError",
     "JwtSvidExpired",
+    "JwtSvidRevoked",
     "LeafIsCa",
     "MultipleUriSans",
     "NoUriSan",
@@ -180,6 +184,14 @@ class JwtAudienceMismatch(JwtSvidError):
     """None of the expected audiences is in the ``aud`` claim."""
 
 
+class JwtIssuerMismatch(JwtSvidError):
+    """The caller asked for an issuer and the ``iss`` claim is missing or another one."""
+
+
+class JwtSvidRevoked(JwtSvidError):
+    """The token's ``jti`` is in the revocation list the caller gave."""
+
+
 class UntrustedJwtSvid(JwtSvidError):
     """No bundle for the token's trust domain, or its signature does not verify."""
 
@@ -273,3 +285,79 @@ __all__ += [
     "WitSvidError",
     "WitSvidExpired",
 ]
+
+
+# --- delegated access tokens (credo.access_token) -----------------------------------------
+#
+#   CredoError
+#   ├── AccessTokenError (also ValueError)            an access token was refused
+#   │   ├── InvalidAccessToken                        malformed, wrong typ/iss, bad claims
+#   │   ├── AccessTokenExpired                        exp is in the past (or nbf/iat future)
+#   │   ├── AccessTokenAudienceMismatch               aud is not the expected audience
+#   │   ├── InsufficientScope                         a required scope is not granted
+#   │   └── UntrustedAccessToken                      unknown key or bad signature
+#   └── AccessTokenKeysUnavailable                    the issuer's keys could not be fetched
+
+
+class AccessTokenError(_ReasonError):
+    """A delegated access token (RFC 9068 JWT from Credo's token endpoint) was refused."""
+
+    _subject = "access token refused"
+
+
+class InvalidAccessToken(AccessTokenError):
+    """Not a JWT access token of the expected issuer, or its claims are malformed."""
+
+
+class AccessTokenExpired(AccessTokenError):
+    """``exp`` is in the past, or ``nbf``/``iat`` in the future."""
+
+
+class AccessTokenAudienceMismatch(AccessTokenError):
+    """``aud`` does not name the resource server."""
+
+
+class InsufficientScope(AccessTokenError):
+    """The token does not grant every required scope; ``missing`` lists them."""
+
+    def __init__(self, missing: list[str]) -> None:
+        self.missing = missing
+        super().__init__(f"scope {' '.join(missing)} is not granted")
+
+
+class UntrustedAccessToken(AccessTokenError):
+    """Signed by a key the issuer does not publish, or the signature does not verify."""
+
+
+class AccessTokenKeysUnavailable(CredoError):
+    """The issuer's metadata or JWKS could not be fetched; the token was not checked."""
+
+
+__all__ += [
+    "AccessTokenAudienceMismatch",
+    "AccessTokenError",
+    "AccessTokenExpired",
+    "AccessTokenKeysUnavailable",
+    "InsufficientScope",
+    "InvalidAccessToken",
+    "UntrustedAccessToken",
+]
+
+
+# --- token exchange client (credo.token_exchange) -----------------------------------------
+#
+#   CredoError
+#   └── TokenExchangeRefused                          the token endpoint refused the exchange
+
+
+class TokenExchangeRefused(CredoError):
+    """The token endpoint refused the exchange: ``error`` (RFC 6749 code), ``description``."""
+
+    def __init__(self, status: int, error: str, description: str) -> None:
+        self.status = status
+        self.error = error
+        self.description = description
+        super().__init__(f"token exchange refused ({error}): {description}")
+
+
+__all__ += ["TokenExchangeRefused"]

@@ -2,7 +2,10 @@
 
 A JWT-SVID is a JWS compact token whose header has ``alg`` (RS/ES/PS 256/384/512),
 ``kid``, and optionally ``typ`` (``JWT`` or ``JOSE``), and whose claims have ``sub``
-(a SPIFFE ID), ``aud``, ``exp`` and (when Credo signs) ``iat``.
+(a SPIFFE ID), ``aud``, ``exp`` and, when Credo signs, ``iat`` and a unique ``jti``, and
+``iss`` when the server has a ``jwt_issuer`` (what OIDC relying parties such as cloud
+providers match on). Validation accepts tokens with and without ``iss``, as the JWT-SVID
+standard allows; given ``issuer=``, it requires ``iss`` to be exactly that.
 
 :meth:`JwtSvid.parse_and_validate` raises a :class:`credo.JwtSvidError` subclass for each
 broken rule; it never returns a bool. Never log a whole token.
@@ -15,7 +18,8 @@ import binascii
 import json
 import math
 import re
-from collections.abc import Mapping, Sequence
+import secrets
+from collections.abc import Container, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
@@ -30,7 +34,9 @@ from credo.errors import (
     InvalidJwtSvid,
     InvalidSpiffeId,
     JwtAudienceMismatch,
+    JwtIssuerMismatch,
     JwtSvidExpired,
+    JwtSvidRevoked,
     UnknownJwtKey,
     UnsupportedJwtAlgorithm,
     UntrustedJwtSvid,
@@ -52,7 +58,7 @@ DEFAULT_LEEWAY = timedelta(seconds=30)
 """Clock skew tolerated when checking ``exp`` and ``nbf``."""
 
 _ALLOWED_TYPES = ("JWT", "JOSE")
-_RESERVED_CLAIMS = ("sub", "aud", "exp", "iat")
+_RESERVED_CLAIMS = ("sub", "aud", "exp", "iat", "iss", "jti")
 _EC_CURVE_FOR_ALG = {"ES256": "secp256r1", "ES384": "secp384r1", "ES512": "secp521r1"}
 _JWT_ALGORITHMS = get_default_algorithms()
 _B64URL = re.compile(r"[A-Za-z0-9_-]*")
@@ -77,12 +83,15 @@ def sign_jwt_svid(
     ttl: timedelta | None = None,
     extra_claims: Mapping[str, Any] | None = None,
     now: datetime | None = None,
+    issuer: str | None = None,
+    jwt_id: str | None = None,
 ) -> str:
     """Sign a JWT-SVID for ``spiffe_id`` and ``audience`` with ``key`` (header ``kid``).
 
     ``alg`` follows the key (ES256 for P-256, ES384 for P-384, RS256 for RSA). ``exp`` is
     ``expires_at`` if given, else ``now + ttl`` (default 5 minutes). ``aud`` is always a
-    list. ``extra_claims`` may not override ``sub``, ``aud``, ``exp`` or ``iat``.
+    list. ``iss`` is ``issuer`` when given; ``jti`` is ``jwt_id`` or 128 random bits.
+    ``extra_claims`` may not override ``sub``, ``aud``, ``exp``, ``iat``, ``iss`` or ``jti``.
     """
     if isinstance(audience, str):
         raise ValueError("audience must be a sequence of strings, not a single string")
@@ -106,11 +115,16 @@ def sign_jwt_svid(
         if clash:
             raise ValueError(f"extra_claims may not set {', '.join(clash)}")
         claims.update(extra_claims)
+    if issuer is not None and not issuer:
+        raise ValueError("issuer is empty; give None for a token without 'iss'")
+    if issuer:
+        claims["iss"] = issuer
     claims.update(
         sub=str(spiffe_id),
         aud=audiences,
         exp=math.floor(expires_at.timestamp()),
         iat=math.floor(issued.timestamp()),
+        jti=jwt_id or secrets.token_urlsafe(16),
     )
     return jwt.encode(
         claims, key, algorithm=jwt_algorithm_for(key), headers={"kid": key_id, "typ": "JWT"}
@@ -228,6 +242,9 @@ def _parse(token: str, *, require_kid: bool) -> _Parsed:
     nbf = claims.get("nbf")
     if nbf is not None and not _is_number(nbf):
         raise InvalidJwtSvid("claim 'nbf' must be a number (seconds since the epoch)")
+    for name in ("iss", "jti"):
+        if name in claims and not isinstance(claims[name], str):
+            raise InvalidJwtSvid(f"claim {name!r} must be a string")
 
     return _Parsed(
         header=header,
@@ -241,6 +258,21 @@ def _parse(token: str, *, require_kid: bool) -> _Parsed:
         algorithm=alg,
         key_id=kid or "",
     )
+
+
+def _check_issuer(parsed: _Parsed, issuer: str | None) -> None:
+    """Raise JwtIssuerMismatch if ``issuer`` is asked for and ``iss`` is not exactly it."""
+    if issuer is None:
+        return
+    if not issuer:
+        raise ValueError("issuer is empty; give None to accept tokens with or without 'iss'")
+    iss = parsed.claims.get("iss")
+    if iss is None:
+        raise JwtIssuerMismatch(f"token has no 'iss'; expected issuer {issuer[:200]!r}")
+    if iss != issuer:
+        raise JwtIssuerMismatch(
+            f"token issuer {str(iss)[:200]!r} is not the expected {issuer[:200]!r}"
+        )
 
 
 def _check_time_and_audience(
@@ -322,6 +354,18 @@ class JwtSvid:
             algorithm=parsed.algorithm,
         )
 
+    @property
+    def issuer(self) -> str | None:
+        """The ``iss`` claim, or None (the JWT-SVID standard makes it optional)."""
+        iss = self.claims.get("iss")
+        return iss if isinstance(iss, str) else None
+
+    @property
+    def jwt_id(self) -> str | None:
+        """The ``jti`` claim (unique per token Credo signs), or None."""
+        jti = self.claims.get("jti")
+        return jti if isinstance(jti, str) else None
+
     @classmethod
     def parse_and_validate(
         cls,
@@ -331,11 +375,18 @@ class JwtSvid:
         *,
         now: datetime | None = None,
         leeway: timedelta = DEFAULT_LEEWAY,
+        issuer: str | None = None,
+        revoked: Container[str] | None = None,
     ) -> JwtSvid:
         """Parse ``token``, verify its signature with the bundle of its trust domain, and check it.
 
         ``audience`` lists the audiences this validator accepts; the token must name at
-        least one. Raises a :class:`credo.JwtSvidError` subclass naming the broken rule.
+        least one. Tokens with and without ``iss`` are accepted unless ``issuer`` is given:
+        then ``iss`` must be exactly ``issuer`` (:class:`credo.errors.JwtIssuerMismatch`).
+        ``revoked`` is a revocation source: any container of revoked ``jti`` values, e.g. a
+        :class:`credo.revocation.JwtRevocationList` the server signed
+        (:class:`credo.errors.JwtSvidRevoked`).
+        Raises a :class:`credo.JwtSvidError` subclass naming the broken rule.
         """
         expected = _expected_audience(audience)
         parsed = _parse(token, require_kid=True)
@@ -359,6 +410,11 @@ class JwtSvid:
             )
         _verify_signature(parsed, key)
         _check_time_and_audience(parsed, expected, _now(now), leeway)
+        _check_issuer(parsed, issuer)
+        if revoked is not None:
+            jti = parsed.claims.get("jti")
+            if isinstance(jti, str) and jti in revoked:
+                raise JwtSvidRevoked(f"jti {jti[:64]!r} has been revoked")
         return cls._from(token, parsed)
 
     @classmethod
@@ -369,6 +425,7 @@ class JwtSvid:
         *,
         now: datetime | None = None,
         leeway: timedelta = DEFAULT_LEEWAY,
+        issuer: str | None = None,
     ) -> JwtSvid:
         """Parse and check ``token`` like :meth:`parse_and_validate`, but skip the signature.
 
@@ -377,4 +434,5 @@ class JwtSvid:
         expected = _expected_audience(audience)
         parsed = _parse(token, require_kid=False)
         _check_time_and_audience(parsed, expected, _now(now), leeway)
+        _check_issuer(parsed, issuer)
         return cls._from(token, parsed)

@@ -259,8 +259,19 @@ class WorkloadApiClient:
             out.add(Bundle(td, jwt_authorities=JwtBundle.parse(td, jwks).keys))
         return out
 
-    def validate_jwt_svid(self, token: str, audience: str, timeout: float | None = None) -> JwtSvid:
-        """Have the Workload API validate ``token`` for ``audience``; return it parsed."""
+    def validate_jwt_svid(
+        self,
+        token: str,
+        audience: str,
+        timeout: float | None = None,
+        *,
+        issuer: str | None = None,
+    ) -> JwtSvid:
+        """Have the Workload API validate ``token`` for ``audience``; return it parsed.
+
+        With ``issuer``, the token's ``iss`` must also be exactly that
+        (:class:`credo.errors.JwtIssuerMismatch`); without, tokens with or without ``iss``
+        are accepted."""
         if not token or not audience:
             raise WorkloadApiError("INVALID_ARGUMENT", "token and audience must be non-empty")
         try:
@@ -271,7 +282,7 @@ class WorkloadApiClient:
             )
         except grpc.RpcError as err:
             raise _error(err) from None
-        return JwtSvid.parse_insecure(token, [audience])
+        return JwtSvid.parse_insecure(token, [audience], issuer=issuer)
 
     # -- WIT --
 

@@ -86,6 +86,8 @@ async def serve(
         SessionConfig(
             trust_domain=trust_domain,
             trust_bundle=config.trust_bundle,
+            trust_bundle_url=config.trust_bundle_url,
+            trust_bundle_format=config.trust_bundle_format,
             insecure_bootstrap=config.insecure_bootstrap,
         ),
         client,

@@ -29,6 +29,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from credo._config import from_table, plugin_tables, read_toml
 from credo._logging import LOG_FORMATS, LOG_LEVELS
@@ -84,6 +85,10 @@ class AgentConfig:
     trust_domain: str = "example.org"
     # PEM bootstrap bundle (``credo-server bundle show --format pem``).
     trust_bundle: Path | None = None
+    # Or fetch it over HTTPS (web PKI) from this URL, e.g. the server's bundle endpoint;
+    # trust_bundle_format says what it serves: "pem" or "spiffe" (SPIRE's settings).
+    trust_bundle_url: str = ""
+    trust_bundle_format: str = "pem"
     # Skip server verification for the first attestation only (warns loudly).
     insecure_bootstrap: bool = False
     # The join_token node attestor's token.
@@ -132,6 +137,21 @@ class AgentConfig:
                 raise ConfigError(f"server_addresses: expected host:port, got {address!r}")
         if self.trust_bundle is not None and self.insecure_bootstrap:
             raise ConfigError("trust_bundle and insecure_bootstrap are mutually exclusive")
+        if self.trust_bundle_url:
+            parts = urlsplit(self.trust_bundle_url)
+            if parts.scheme != "https" or not parts.hostname:
+                raise ConfigError(
+                    f"trust_bundle_url: expected an https URL, got {self.trust_bundle_url!r}"
+                )
+            if self.trust_bundle is not None or self.insecure_bootstrap:
+                raise ConfigError(
+                    "trust_bundle_url: give one of trust_bundle, trust_bundle_url and "
+                    "insecure_bootstrap"
+                )
+        if self.trust_bundle_format not in ("pem", "spiffe"):
+            raise ConfigError(
+                f"trust_bundle_format: {self.trust_bundle_format!r} is not one of pem, spiffe"
+            )
         for name, allowed in (("log_level", LOG_LEVELS), ("log_format", LOG_FORMATS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(

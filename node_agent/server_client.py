@@ -70,7 +70,7 @@ from node_agent.errors import (
     ServerRefused,
     ServerUnreachable,
 )
-from node_agent.sync.entries import RegistrationEntry, SyncMessage, TrustBundles
+from node_agent.sync.entries import Crls, RegistrationEntry, SyncMessage, TrustBundles
 
 __all__ = [
     "MAX_BATCH",
@@ -349,6 +349,25 @@ def _bundle(message: Any) -> tuple[Bundle, frozenset[bytes], frozenset[str]]:
     return bundle, frozenset(tainted), tainted_jwt
 
 
+def _crls(message: Any) -> Crls:
+    """A ``CrlSet`` message as :class:`Crls`; a malformed CRL is left out (and logged)."""
+    der: list[bytes] = []
+    serials: set[int] = set()
+    for item in message.crls:
+        try:
+            crl = x509.load_der_x509_crl(bytes(item.der))
+            revoked = {r.serial_number for r in crl}
+        except ValueError as exc:
+            log.warning(
+                "ignoring malformed CRL from the server",
+                extra={"authority_id": item.authority_id, "error": str(exc)},
+            )
+            continue
+        der.append(bytes(item.der))
+        serials |= revoked
+    return Crls(tuple(der), frozenset(serials))
+
+
 def _sync_message(message: Any) -> SyncMessage:
     """A ``SyncEntriesResponse`` as a :class:`SyncMessage`; a malformed bundle is left out."""
     bundle = None
@@ -365,6 +384,12 @@ def _sync_message(message: Any) -> SyncMessage:
     return SyncMessage(
         event_id=message.event_id,
         full=message.full,
+        crls=_crls(message.crl_set) if message.HasField("crl_set") else None,
+        revoked_jtis=(
+            frozenset(j.jti for j in message.revoked_jwt_set.jwts)
+            if message.HasField("revoked_jwt_set")
+            else None
+        ),
         entries=_entries(message.entries),
         deleted_entry_ids=tuple(message.deleted_entry_ids),
         bundle=bundle,

@@ -1,13 +1,15 @@
 """The signing server, wired: every component is built here from the config, in order.
 
 datastore -> key manager -> authority manager + CA (+ signing workers) -> entry cache ->
+CRL signer ->
 node attestors (those the config names, from :mod:`server.attestation.catalog`) -> bundle
 publishers (:mod:`server.bundle_publisher.catalog`) -> agent flows (:mod:`server.agents`,
 :mod:`server.issuance`) -> APIs -> server identity (:mod:`server.identity`) and
-endpoints; then the background loops (CA rotation, entry change feed, server SVID refresh,
-housekeeping, bundle publishing, audit checkpoints) run under one
-:class:`asyncio.TaskGroup` until ``stop``.
-Nothing else constructs these components. Where things live on disk is
+endpoints (and the HTTP front end, :mod:`server.http`); then the background loops (CA
+rotation, entry change feed, server SVID refresh, the HTTP certificate, housekeeping, bundle
+publishing, federated bundle refresh, CRL signing, audit checkpoints) run under one
+:class:`asyncio.TaskGroup` until ``stop``. Nothing else constructs these components. Where
+things live on disk is
 :mod:`server.paths`.
 
 Endpoints:
@@ -20,7 +22,10 @@ Endpoints:
   start after a crash);
 * admin endpoint on the Unix socket ``admin_socket`` (directory 0700, socket 0600),
   gRPC health;
-* Prometheus metrics on ``metrics_address`` when set.
+* Prometheus metrics on ``metrics_address`` when set;
+* the HTTP front end (:mod:`server.http`) on ``[server.http] bind_address`` when set: every
+  HTTP endpoint, added by :func:`_http_routes`; TLS with a certificate the server issues
+  itself for ``[server.http] dns_names`` (a second :class:`ServerIdentity`) or from files.
 """
 
 from __future__ import annotations
@@ -36,14 +41,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from credo._files import write_atomically
 from credo._logging import setup_logging
 from credo._proto.credo.server.v1 import admin_pb2_grpc, agent_pb2_grpc
 from credo._rundir import RuntimeDir
+from credo.bundle import Bundle
 from credo.errors import CredoError
-from credo.spiffe_id import TrustDomain
+from credo.spiffe_id import SpiffeId, TrustDomain
 from server import audit
 from server.agents.attestation import NodeAttestation
 from server.agents.authn import AgentAuthenticator
@@ -55,28 +62,41 @@ from server.api.admin import (
     AuditService,
     BundlesService,
     EntriesService,
+    FederationService,
     LocalAuthorityService,
     SvidsService,
 )
 from server.api.agent import AgentService
 from server.api.common import BundleSource
+from server.api.delegation import DelegationService
 from server.api.tls import PeerRegistry, TlsFrontend
 from server.attestation.catalog import PluginContext, build_node_attestors
 from server.audit.checkpoint import Checkpointer
-from server.authorization import EntryCache
+from server.authorization import EntryCache, Subscription
 from server.bundle_publisher.catalog import PublisherContext, build_bundle_publishers
 from server.bundle_publisher.runner import BundlePublishing
 from server.ca.ca import CertificateAuthority
+from server.ca.crl import CrlSigner, crl_routes
 from server.ca.keymanager import DiskKeyManager
 from server.ca.manager import AuthorityManager, AuthorityManagerConfig
 from server.ca.pool import SigningPool
 from server.config import ServerConfig
+from server.datastore.models import ListRegistrationEntriesRequest
 from server.datastore.protocol import DataStore
 from server.datastore.sql import SqlDataStore
+from server.delegation.exchange import Recent, TokenExchange
+from server.delegation.routes import DelegationEndpoints, delegation_routes
+from server.delegation.subjects import SubjectIssuers
+from server.federation.endpoint import bundle_endpoint_routes
+from server.federation.refresher import BundleRefresher
 from server.housekeeping import run_housekeeping
+from server.http import FileCertificate, HttpFrontend, IssuedCertificate, build_http_context
+from server.http.tls import CertificateSource
 from server.identity import ServerIdentity, server_dns_names
 from server.issuance import Issuer
+from server.oidc import oidc_routes
 from server.paths import load_server_id, prepare_admin_socket, private_dir
+from server.revocation import jwt_revocation_routes
 from server.telemetry import Metrics
 
 __all__ = ["RunningServer", "run", "serve"]
@@ -109,6 +129,8 @@ class RunningServer:
     admin_socket: Path
     trust_domain: TrustDomain
     metrics_address: str = ""
+    # "https://host:port" of the HTTP front end; "" when it is off.
+    http_url: str = ""
 
 
 def _split_host_port(address: str) -> tuple[str, int]:
@@ -133,9 +155,14 @@ class _Server:
     admin_grpc: grpc.aio.Server
     frontend: TlsFrontend
     publishing: BundlePublishing
+    crl_signer: CrlSigner
+    crl_events: Subscription
+    federation: BundleRefresher
     health: list[health.aio.HealthServicer] = field(default_factory=list)
     stop_metrics: Callable[[], None] | None = None
     signing_pool: SigningPool | None = None
+    http: HttpFrontend | None = None
+    http_identity: ServerIdentity | None = None
     closed: bool = False
 
     async def aclose(self) -> None:
@@ -144,6 +171,8 @@ class _Server:
         self.closed = True
         self.stopping.set()
         self.frontend.stop_accepting()
+        if self.http is not None:
+            self.http.stop_accepting()
         for servicer in self.health:
             with contextlib.suppress(Exception):
                 await servicer.enter_graceful_shutdown()
@@ -152,6 +181,8 @@ class _Server:
             self.admin_grpc.stop(SHUTDOWN_GRACE),
         )
         await self.frontend.close()
+        if self.http is not None:
+            await self.http.close()
         if self.signing_pool is not None:
             await asyncio.to_thread(self.signing_pool.close)
         if self.stop_metrics is not None:
@@ -174,7 +205,7 @@ async def _build(config: ServerConfig, stop: asyncio.Event) -> _Server:
         # 2. key manager, 3. authority manager + CA
         metrics = Metrics()
         key_manager = DiskKeyManager(private_dir(data_dir / "keys"))
-        ca = CertificateAuthority(td, on_sign=metrics.on_sign)
+        ca = CertificateAuthority(td, on_sign=metrics.on_sign, jwt_issuer=config.jwt_issuer)
         server_id = load_server_id(data_dir)
         log.info("server id", extra={"server_id": server_id})
         audit.set_server_actor(server_id)  # the actor of what the server does by itself
@@ -197,6 +228,13 @@ async def _build(config: ServerConfig, stop: asyncio.Event) -> _Server:
         # 4. entry cache (authorization)
         cache = EntryCache(datastore)
         await asyncio.to_thread(cache.load)
+
+        # 4b. CRLs of this server's X.509 authorities, re-signed on every revocation
+        crl_signer = CrlSigner(
+            datastore, key_manager, server_id, next_update=config.crl_next_update
+        )
+        await asyncio.to_thread(crl_signer.sign_due)
+        crl_events = cache.subscribe()
 
         # 5. node attestors: exactly the plugins the config names
         attestors = build_node_attestors(config.node_attestor, PluginContext(td, datastore))
@@ -235,6 +273,7 @@ async def _build(config: ServerConfig, stop: asyncio.Event) -> _Server:
             pool=signing_pool,
             metrics=metrics,
             audit_writer=datastore,
+            issued=datastore,
         )
         peers = PeerRegistry()
         agent_api = AgentService(
@@ -253,6 +292,7 @@ async def _build(config: ServerConfig, stop: asyncio.Event) -> _Server:
             wit_svid_ttl=config.wit_svid_ttl,
             join_token_ttl=config.join_token_ttl,
             join_token_max_ttl=config.join_token_max_ttl,
+            require_entry_owner=config.require_entry_owner,
         )
 
         # 7. servers
@@ -288,8 +328,14 @@ async def _build(config: ServerConfig, stop: asyncio.Event) -> _Server:
         admin_pb2_grpc.add_AuditServicer_to_server(
             AuditService(datastore, checkpointer), admin_grpc
         )
+        admin_pb2_grpc.add_FederationServicer_to_server(
+            FederationService(admin_config, datastore), admin_grpc
+        )
         admin_pb2_grpc.add_LocalAuthorityServicer_to_server(
             LocalAuthorityService(manager), admin_grpc
+        )
+        admin_pb2_grpc.add_DelegationServicer_to_server(
+            DelegationService(td, datastore, config.delegation.issuers), admin_grpc
         )
         health_pb2_grpc.add_HealthServicer_to_server(admin_health, admin_grpc)
         admin_socket = Path(config.admin_socket).absolute()
@@ -304,6 +350,19 @@ async def _build(config: ServerConfig, stop: asyncio.Event) -> _Server:
             context_provider=identity.context,
             peers=peers,
         )
+        # 8. the HTTP front end and its endpoints
+        http, http_identity = _build_http(config, data_dir, manager, bundles, metrics)
+        if http is not None:
+            http.add_routes(
+                _http_routes(
+                    config,
+                    bundles,
+                    datastore,
+                    ca,
+                    _delegation_endpoints(config, td, datastore, ca, bundles, http),
+                )
+            )
+
         metrics.set_gauge_sources(
             entries=lambda: len(cache.index),
             agents=datastore.count_attested_nodes,
@@ -325,14 +384,130 @@ async def _build(config: ServerConfig, stop: asyncio.Event) -> _Server:
             admin_grpc=admin_grpc,
             frontend=frontend,
             publishing=publishing,
+            federation=BundleRefresher(datastore, td, on_refresh=metrics.on_federation_refresh),
+            crl_signer=crl_signer,
+            crl_events=crl_events,
             health=[agent_health, admin_health],
             signing_pool=signing_pool,
+            http=http,
+            http_identity=http_identity,
         )
     except BaseException:
         datastore.close()
         if runtime is not None:
             runtime.close()
         raise
+
+
+def _build_http(
+    config: ServerConfig,
+    data_dir: Path,
+    manager: AuthorityManager,
+    bundles: BundleSource,
+    metrics: Metrics,
+) -> tuple[HttpFrontend | None, ServerIdentity | None]:
+    """The HTTP front end (None when ``[server.http] bind_address`` is unset) and, when it
+    presents a certificate the server issues itself, the identity that keeps it fresh."""
+    http_config = config.http
+    if not http_config.enabled:
+        return None, None
+    identity: ServerIdentity | None = None
+    certificate: CertificateSource | None = None
+    if http_config.insecure_http:
+        certificate = None
+    elif http_config.tls_cert_file is not None and http_config.tls_key_file is not None:
+        certificate = FileCertificate(http_config.tls_cert_file, http_config.tls_key_file)
+    else:
+        identity = ServerIdentity(
+            manager,
+            bundles,
+            key_type="ec-p256",
+            dns_names=_http_dns_names(http_config.dns_names),
+            context_factory=build_http_context,
+            name="http certificate",
+        )
+        identity.refresh()
+        certificate = IssuedCertificate(identity.context)
+    frontend = HttpFrontend(
+        http_config, certificate=certificate, metrics=metrics, data_dir=data_dir
+    )
+    return frontend, identity
+
+
+def _http_dns_names(configured: tuple[str, ...]) -> tuple[str, ...]:
+    names = list(configured)
+    if "localhost" not in names:
+        names.append("localhost")
+    return tuple(names)
+
+
+def _http_routes(
+    config: ServerConfig,
+    bundles: BundleSource,
+    datastore: DataStore,
+    ca: CertificateAuthority,
+    delegation: DelegationEndpoints,
+) -> list[web.AbstractRouteDef]:
+    """Every HTTP endpoint, from the packages that own them."""
+    routes: list[web.AbstractRouteDef] = []
+    # OIDC discovery + JWKS for JWT-SVIDs (server/oidc.py)
+    routes += oidc_routes(bundles.own_bundle, config.jwt_issuer)
+    # token exchange, introspection, OAuth metadata (server/delegation/routes.py)
+    routes += delegation_routes(delegation)
+    # the SPIFFE bundle endpoint for federated trust domains (server/federation/endpoint.py)
+    routes += bundle_endpoint_routes(bundles.own_bundle)
+    # the X.509 authorities' CRLs (server/ca/crl.py)
+    routes += crl_routes(datastore)
+    # the signed JWT revocation list (server/revocation.py)
+    routes += jwt_revocation_routes(datastore, ca)
+    return routes
+
+
+def _delegation_endpoints(
+    config: ServerConfig,
+    td: TrustDomain,
+    datastore: DataStore,
+    ca: CertificateAuthority,
+    bundles: BundleSource,
+    http: HttpFrontend,
+) -> DelegationEndpoints:
+    """The token exchange and its endpoints; ``iss`` is ``[server.delegation] issuer``, else
+    ``jwt_issuer``, else the front end's URL."""
+    configured = config.delegation.issuer or config.jwt_issuer
+    names = config.http.dns_names
+
+    def issuer() -> str:
+        if configured:
+            return configured
+        port = http.address[1]
+        return f"{http.scheme}://{names[0] if names else 'localhost'}:{port}"
+
+    def owner_of(agent: SpiffeId) -> str | None:
+        now = time.time()
+        found = [
+            e
+            for e in datastore.list_registration_entries(
+                ListRegistrationEntriesRequest(by_spiffe_id=str(agent))
+            ).entries
+            if not e.expires_at or e.expires_at > now
+        ]
+        if not found:
+            return None
+        return next((e.owner for e in found if e.owner), "")
+
+    # The bundle and owners are re-read at most every second: an exchange then costs one
+    # policy lookup (plus a budget update when the policy has budgets).
+    recent_bundle: Recent[None, Bundle] = Recent(lambda _: bundles.own_bundle(), 1.0)
+    exchange = TokenExchange(
+        trust_domain=td,
+        datastore=datastore,
+        subjects=SubjectIssuers.from_config(config.delegation.issuers),
+        issuer=issuer,
+        jwt_key=lambda: ca.jwt_key,
+        bundle=lambda: recent_bundle(None),
+        owner_of=Recent(owner_of, 1.0),
+    )
+    return DelegationEndpoints(exchange, config.delegation.introspection_allowed)
 
 
 async def _start_endpoints(server: _Server) -> RunningServer:
@@ -342,6 +517,11 @@ async def _start_endpoints(server: _Server) -> RunningServer:
     os.chmod(config.admin_socket, 0o600)
     await server.frontend.start()
     host, port = server.frontend.address
+    # The HTTP front end is up before server.addr appears, so "started" means both.
+    http_url = ""
+    if server.http is not None:
+        await server.http.start()
+        http_url = server.http.url
     data_dir = Path(config.data_dir)
     write_atomically(data_dir / "server.addr", f"{host}:{port}\n".encode(), 0o644)
     for servicer in server.health:
@@ -365,6 +545,7 @@ async def _start_endpoints(server: _Server) -> RunningServer:
         admin_socket=Path(config.admin_socket),
         trust_domain=TrustDomain.parse(config.trust_domain),
         metrics_address=metrics_address,
+        http_url=http_url,
     )
 
 
@@ -388,8 +569,14 @@ async def serve(
             tasks.create_task(server.cache.run(stop), name="entry-cache")
             tasks.create_task(server.identity.run(stop), name="server-identity")
             tasks.create_task(server.checkpointer.run(stop), name="audit-checkpoints")
+            if server.http_identity is not None:
+                tasks.create_task(server.http_identity.run(stop), name="http-certificate")
             tasks.create_task(run_housekeeping(server.datastore, stop), name="housekeeping")
             tasks.create_task(server.publishing.run(stop), name="bundle-publishing")
+            tasks.create_task(
+                server.crl_signer.run(stop, server.crl_events.wait), name="crl-signer"
+            )
+            tasks.create_task(server.federation.run(stop), name="federation")
             if server.signing_pool is not None:
                 server.signing_pool.start_background()
             info = await _start_endpoints(server)

@@ -8,7 +8,8 @@ Authorized for an agent (as SPIRE):
 * every descendant of those: entries whose ``parent_id`` is the SPIFFE ID of an
   authorized entry, transitively (cycles are harmless: each SPIFFE ID is expanded once).
 
-Expired entries (``expires_at`` in the past) are never authorized.
+Expired entries (``expires_at`` in the past) and revoked entries (``entry revoke``, the
+kill switch) are never authorized; the descendants of a revoked entry still are.
 
 :class:`EntryIndex` is the synchronous data structure. :class:`EntryCache` keeps one
 loaded from the datastore and current with its change feed: the datastore listener
@@ -48,6 +49,8 @@ class EntryIndex:
         self._entries: dict[str, RegistrationEntry] = {}
         self._by_parent: dict[str, set[str]] = {}
         self._alias_by_selector: dict[Selector, set[str]] = {}
+        self.revoked: set[str] = set()
+        """Ids of revoked entries (never authorized); kept only for entries in the index."""
         for entry in entries:
             self.put(entry)
 
@@ -57,9 +60,17 @@ class EntryIndex:
     def get(self, entry_id: str) -> RegistrationEntry | None:
         return self._entries.get(entry_id)
 
+    def revoke(self, entry_id: str) -> None:
+        """Mark the entry revoked (ignored when it is not in the index)."""
+        if entry_id in self._entries:
+            self.revoked.add(entry_id)
+
     def put(self, entry: RegistrationEntry) -> RegistrationEntry | None:
         """Add or replace ``entry``; return the version it replaced."""
+        was_revoked = entry.id in self.revoked
         old = self.remove(entry.id)
+        if was_revoked:
+            self.revoked.add(entry.id)
         self._entries[entry.id] = entry
         self._by_parent.setdefault(entry.parent_id, set()).add(entry.id)
         if entry.node_alias:
@@ -72,6 +83,7 @@ class EntryIndex:
         old = self._entries.pop(entry_id, None)
         if old is None:
             return None
+        self.revoked.discard(entry_id)
         siblings = self._by_parent.get(old.parent_id)
         if siblings is not None:
             siblings.discard(entry_id)
@@ -123,6 +135,7 @@ class EntryIndex:
         queue = deque(parent_ids)
         expanded = set(queue)
         by_parent, entries = self._by_parent, self._entries
+        revoked = self.revoked if now is not None else set()
         while queue:
             for entry_id in by_parent.get(queue.popleft(), ()):
                 if entry_id in found:
@@ -130,7 +143,8 @@ class EntryIndex:
                 entry = entries[entry_id]
                 if now is not None and entry.expires_at and entry.expires_at <= now:
                     continue
-                found[entry_id] = entry
+                if entry_id not in revoked:
+                    found[entry_id] = entry
                 if entry.spiffe_id not in expanded:
                     expanded.add(entry.spiffe_id)
                     queue.append(entry.spiffe_id)
@@ -198,7 +212,10 @@ class EntryCache:
         started = time.perf_counter()
         latest = self._ds.fetch_latest_event_id()
         entries = self._ds.list_registration_entries().entries
+        revoked = self._ds.list_revoked_entry_ids()
         self.index = EntryIndex(entries)
+        for entry_id in revoked:
+            self.index.revoke(entry_id)
         self.event_id = self._history_start = latest
         log.info(
             "loaded registration entries",
@@ -274,6 +291,11 @@ class EntryCache:
                 new = fetched.get(event.subject)
                 old = self.index.put(new) if new is not None else self.index.remove(event.subject)
                 self._remember(EntryChange(event.id, event.subject, old, new))
+            elif event.kind is EventKind.ENTRY_REVOKED:
+                revoked = self.index.get(event.subject)
+                if revoked is not None:
+                    self.index.revoke(event.subject)
+                    self._remember(EntryChange(event.id, event.subject, revoked, revoked))
             elif event.kind in (
                 EventKind.NODE_CREATED,
                 EventKind.NODE_UPDATED,

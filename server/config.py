@@ -4,7 +4,12 @@ Every scalar setting has the same name in the TOML file (``[server]`` table or t
 and as a flag (``--x509-svid-ttl`` for ``x509_svid_ttl``). Durations are seconds or
 ``90s`` / ``10m`` / ``1h`` / ``1d``.
 
-Plugin tables are set in the file only (:data:`FILE_ONLY_SETTINGS`)::
+Tables are set in the file only (:data:`FILE_ONLY_SETTINGS`), except the settings in
+:data:`TABLE_FLAGS` (``--http-bind-address`` sets ``[server.http] bind_address``)::
+
+    [server.http]                         # the HTTP front end (see server.http.config)
+    bind_address = "0.0.0.0:8443"
+    dns_names = ["credo.example.com"]
 
     [server.node_attestor.join_token]     # one table per node attestor (see
                                           # server.attestation.catalog)
@@ -30,6 +35,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Final
+from urllib.parse import urlsplit
 
 from credo._config import duration_field, from_table, read_toml
 from credo._logging import LOG_FORMATS, LOG_LEVELS
@@ -37,12 +43,15 @@ from credo.errors import ConfigError
 from credo.spiffe_id import TrustDomain
 from server.attestation.catalog import DEFAULT_NODE_ATTESTORS, WHERE, parse_node_attestors
 from server.bundle_publisher.catalog import parse_bundle_publishers
+from server.delegation.config import DelegationConfig
+from server.http.config import HttpConfig
 
 __all__ = [
     "FILE_ONLY_SETTINGS",
     "KEY_TYPES",
     "LOG_FORMATS",
     "LOG_LEVELS",
+    "TABLE_FLAGS",
     "ConfigError",
     "ServerConfig",
     "load_config",
@@ -58,10 +67,14 @@ _DURATIONS = (
     "join_token_ttl",
     "join_token_max_ttl",
     "audit_checkpoint_interval",
+    "crl_next_update",
 )
 
-FILE_ONLY_SETTINGS: Final = frozenset({"node_attestor", "bundle_publisher"})
-"""Settings made of nested plugin tables: config file only, no flag."""
+FILE_ONLY_SETTINGS: Final = frozenset({"node_attestor", "bundle_publisher", "http", "delegation"})
+"""Settings made of nested tables: config file only (but see :data:`TABLE_FLAGS`)."""
+
+TABLE_FLAGS: Final = {"http_bind_address": ("http", "bind_address")}
+"""Flags that set one key of a table: flag name -> (table, key)."""
 
 
 def _default_signing_workers() -> int:
@@ -91,12 +104,21 @@ class ServerConfig:
     agent_svid_ttl: int = duration_field(0)
     ca_key_type: str = "ec-p256"
     jwt_key_type: str = "ec-p256"
+    # The ``iss`` of every JWT-SVID and the OIDC discovery issuer (SPIRE's jwt_issuer); ""
+    # signs tokens without ``iss``. An https URL, e.g. "https://oidc.example.org".
+    jwt_issuer: str = ""
+    # The bundle's spiffe_refresh_hint: how often federated servers (and agents fetching
+    # trust_bundle_url) re-fetch it. 0: a tenth of ca_ttl, at most 5 minutes.
+    bundle_refresh_hint: int = duration_field(0)
     upstream_ca_cert: Path | None = None
     upstream_ca_key: Path | None = None
     join_token_ttl: int = duration_field(600)
     # Longest lifetime `token generate --ttl` may ask for: a join token admits a node until
     # it is used, so it should not outlive the provisioning it is made for.
     join_token_max_ttl: int = duration_field(24 * 3600)
+    # How far ahead each X.509 authority's CRL says its next update comes (RFC 5280
+    # nextUpdate); CRLs are re-signed at half of it, and on every revocation.
+    crl_next_update: int = duration_field(600)
     log_level: str = "info"
     log_format: str = "text"
     # "" disables the Prometheus endpoint.
@@ -110,10 +132,16 @@ class ServerConfig:
     rotation_check_interval: float = 5.0
     # Processes that check CSRs and sign large X509-SVID batches; 0 signs in-process.
     signing_workers: int = field(default_factory=_default_signing_workers)
+    # Refuse registration entries without an owner (the accountable person or team).
+    require_entry_owner: bool = False
     # [server.node_attestor.<name>] tables: plugin name -> its config dataclass.
     node_attestor: Mapping[str, Any] = field(default_factory=_default_node_attestors)
     # [server.bundle_publisher.<name>] tables: plugin name -> its config dataclass.
     bundle_publisher: Mapping[str, Any] = field(default_factory=dict)
+    # [server.http]: the HTTP front end (off unless bind_address is set).
+    http: HttpConfig = field(default_factory=HttpConfig)
+    # [server.delegation]: token exchange and its trusted subject issuers.
+    delegation: DelegationConfig = field(default_factory=DelegationConfig)
 
     @property
     def datastore_url(self) -> str:
@@ -160,6 +188,8 @@ class ServerConfig:
         host, sep, port = self.bind_address.rpartition(":")
         if not sep or not port.isdigit() or not host:
             raise ConfigError(f"bind_address: expected host:port, got {self.bind_address!r}")
+        if self.jwt_issuer:
+            _check_issuer(self.jwt_issuer)
         if self.attestation_rate_limit <= 0 or self.signing_rate_limit <= 0:
             raise ConfigError("rate limits must be positive")
         if not 0 <= self.signing_workers <= 64:
@@ -169,6 +199,20 @@ class ServerConfig:
         if not self.node_attestor:
             raise ConfigError(f"{WHERE}: no node attestor configured")
         return self
+
+
+def _check_issuer(issuer: str) -> None:
+    """An OIDC issuer: an https URL with a host and no query or fragment (OpenID Connect
+    Discovery 1.0, 2; relying parties build ``<issuer>/.well-known/openid-configuration``)."""
+    parts = urlsplit(issuer)
+    if parts.scheme != "https" or not parts.hostname:
+        raise ConfigError(
+            f"jwt_issuer: expected an https URL like https://oidc.example.org, got {issuer!r}"
+        )
+    if parts.query or parts.fragment or issuer.endswith("/") or parts.username is not None:
+        raise ConfigError(
+            f"jwt_issuer: {issuer!r} must have no query, fragment, user info or trailing '/'"
+        )
 
 
 _SETTINGS = frozenset(f.name for f in fields(ServerConfig))
@@ -200,10 +244,30 @@ def _bundle_publishers(value: Any, key: str) -> dict[str, Any]:
     return parse_bundle_publishers(value)
 
 
+def _http(value: Any, key: str) -> HttpConfig:
+    if isinstance(value, HttpConfig):
+        return value
+    return from_table(HttpConfig, value, "server.http")
+
+
+def _delegation(value: Any, key: str) -> DelegationConfig:
+    if isinstance(value, DelegationConfig):
+        return value
+    return from_table(DelegationConfig, value, "server.delegation")
+
+
 def load_config(path: Path | None, overrides: Mapping[str, Any]) -> ServerConfig:
     """Defaults, then the TOML file at ``path`` (if any), then ``overrides`` (flags set)."""
     values = _server_table(path) if path is not None else {}
     for key, value in overrides.items():
+        if key in TABLE_FLAGS:
+            if value is not None:
+                table_name, table_key = TABLE_FLAGS[key]
+                table = values.get(table_name) or {}
+                if not isinstance(table, Mapping):
+                    raise ConfigError(f"server.{table_name}: expected a table, got {table!r}")
+                values[table_name] = {**table, table_key: value}
+            continue
         if key in FILE_ONLY_SETTINGS:
             raise ConfigError(
                 f"{key}: is set in the config file only ([server.{key}.<name>] tables)"
@@ -213,5 +277,10 @@ def load_config(path: Path | None, overrides: Mapping[str, Any]) -> ServerConfig
     return from_table(
         ServerConfig,
         values,
-        convert={"node_attestor": _node_attestors, "bundle_publisher": _bundle_publishers},
+        convert={
+            "node_attestor": _node_attestors,
+            "bundle_publisher": _bundle_publishers,
+            "http": _http,
+            "delegation": _delegation,
+        },
     ).validate()

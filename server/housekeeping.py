@@ -1,4 +1,5 @@
-"""Housekeeping: prune expired join tokens and entries, and old change-feed events."""
+"""Housekeeping: prune expired join tokens, entries and issued-SVID records, CRLs of
+authorities gone from the journal, and old change-feed events."""
 
 from __future__ import annotations
 
@@ -36,11 +37,20 @@ async def run_housekeeping(
             tokens = await asyncio.to_thread(ds.prune_join_tokens, now)
             entries = await asyncio.to_thread(ds.prune_registration_entries, now)
             events = await asyncio.to_thread(ds.prune_events, now - EVENT_RETENTION)
+            svids = await asyncio.to_thread(ds.prune_issued_x509_svids, now)
+            svids += await asyncio.to_thread(ds.prune_issued_jwt_svids, now)
+            crls = await asyncio.to_thread(ds.prune_crls)
         except CredoError as err:
             log.error("housekeeping failed", extra={"error": str(err)})
             continue
-        if tokens or entries or events:
+        if tokens or entries or events or svids or crls:
             log.info(
                 "pruned expired records",
-                extra={"join_tokens": tokens, "entries": entries, "events": events},
+                extra={
+                    "join_tokens": tokens,
+                    "entries": entries,
+                    "events": events,
+                    "issued_svids": svids,
+                    "crls": crls,
+                },
             )

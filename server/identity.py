@@ -58,6 +58,8 @@ class ServerIdentity:
         key_type: str,
         dns_names: tuple[str, ...],
         rng: Callable[[], float] = random.random,
+        context_factory: Callable[[bytes, bytes, bytes], ssl.SSLContext] = build_server_context,
+        name: str = "server SVID",
     ) -> None:
         self._manager = manager
         self._bundles = bundles
@@ -70,6 +72,8 @@ class ServerIdentity:
         self._rng = rng
         self._leaf: x509.Certificate | None = None
         self._chain_der: list[bytes] = []
+        self._context_factory = context_factory
+        self._name = name
 
     @property
     def certificate(self) -> x509.Certificate | None:
@@ -115,11 +119,11 @@ class ServerIdentity:
         self._leaf = leaf
         self._chain_der = [c.public_bytes(serialization.Encoding.DER) for c in chain]
         chain_pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in chain)
-        self._context = build_server_context(chain_pem, private_key_to_pkcs8_pem(self._key), roots)
+        self._context = self._context_factory(chain_pem, private_key_to_pkcs8_pem(self._key), roots)
         self._signed_by = ca
         self._roots_pem = roots
         log.info(
-            "server SVID ready",
+            f"{self._name} ready",
             extra={
                 "serial": format(leaf.serial_number, "x"),
                 "expires_at": leaf.not_valid_after_utc.isoformat(),
@@ -143,4 +147,4 @@ class ServerIdentity:
             try:
                 await asyncio.to_thread(self.refresh)
             except (CredoError, OSError, ssl.SSLError) as err:
-                log.error("refreshing the server SVID failed", extra={"error": str(err)})
+                log.error(f"refreshing the {self._name} failed", extra={"error": str(err)})

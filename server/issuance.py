@@ -21,6 +21,8 @@ item authorization and key checks, one WIT-SVID per item with the server's ``wit
 (signed in-process: one ECDSA signature per item, no certificate to build).
 
 Authorization always happens here, in the main process, before anything is signed.
+Every signed X509-SVID is recorded in the datastore (:mod:`server.revocation`) before it
+is handed out; an entry revoked while its batch was being signed fails its items.
 
 Every signed SVID and every refused item is recorded in the audit trail (serial or
 ``jti``, SPIFFE ID, entry, expiry; the actor is the calling agent) in one transaction
@@ -52,7 +54,8 @@ from server.api.convert import parse_csr, parse_public_key
 from server.ca.ca import CertificateAuthority
 from server.ca.errors import CaError, PoolUnavailable
 from server.ca.pool import ERROR_INVALID, SigningPool, SignItem
-from server.datastore.models import RegistrationEntry
+from server.datastore.models import IssuedJwtSvid, IssuedX509Svid, RegistrationEntry
+from server.revocation import issued_record, jwt_record
 from server.telemetry import KIND_X509, Metrics
 
 __all__ = [
@@ -123,6 +126,16 @@ class WitSvidIssued:
 
 X509Result = X509SvidIssued | IssueFailed
 WitResult = WitSvidIssued | IssueFailed
+
+
+class IssuedSvidStore(Protocol):
+    """Where signed X509-SVIDs are recorded (the datastore)."""
+
+    def create_issued_x509_svids(self, svids: Sequence[IssuedX509Svid]) -> frozenset[str]: ...
+
+    def create_issued_jwt_svid(self, svid: IssuedJwtSvid) -> bool: ...
+
+
 _Work = list[tuple[int, RegistrationEntry, X509SvidRequest]]
 
 
@@ -135,8 +148,8 @@ class AuditWriter(Protocol):
 
 
 def entry_owner(entry: RegistrationEntry) -> str:
-    """The entry's accountable person, once entries carry one (empty until then)."""
-    return str(getattr(entry, "owner", "") or "")
+    """The entry's accountable person (``""`` if it names none)."""
+    return entry.owner
 
 
 def jwt_reference(token: str) -> tuple[str, dict[str, Any]]:
@@ -185,9 +198,11 @@ class Issuer:
         pool: SigningPool | None = None,
         metrics: Metrics | None = None,
         audit_writer: AuditWriter | None = None,
+        issued: IssuedSvidStore | None = None,
     ) -> None:
         self._ca = ca
         self._audit = audit_writer
+        self._issued = issued
         self._x509_ttl = x509_svid_ttl
         self._jwt_ttl = jwt_svid_ttl
         self._wit_ttl = wit_svid_ttl
@@ -198,8 +213,10 @@ class Issuer:
         self,
         requests: Sequence[X509SvidRequest],
         authorized: Mapping[str, RegistrationEntry],
+        agent_id: str = "",
     ) -> list[X509Result]:
-        """One result per request, in order (see the module doc)."""
+        """One result per request, in order (see the module doc); ``agent_id`` is the
+        agent the SVIDs are for (recorded with them)."""
         now = time.time()
         results: list[X509Result | None] = [None] * len(requests)
         work: _Work = []
@@ -212,6 +229,8 @@ class Issuer:
         for i, result in await self._sign_work(work):
             results[i] = result
         done = [r for r in results if r is not None]
+        if self._issued is not None:
+            done = await self._record(done, agent_id)
         if self._audit is not None:
             await asyncio.to_thread(self._record_x509, done, authorized)
         return done
@@ -246,6 +265,30 @@ class Issuer:
                     )
                 )
         self._audit.append_audit_records(records)
+
+    async def _record(self, results: list[X509Result], agent_id: str) -> list[X509Result]:
+        """Record the signed SVIDs; those of entries revoked meanwhile fail instead."""
+        signed = [r for r in results if isinstance(r, X509SvidIssued)]
+        if not signed or self._issued is None:
+            return results
+        store = self._issued
+
+        def record() -> frozenset[str]:  # parsing 500 leaves: off the event loop too
+            records = [
+                issued_record(r.cert_chain[0], r.spiffe_id, entry_id=r.entry_id, agent_id=agent_id)
+                for r in signed
+            ]
+            return store.create_issued_x509_svids(records)
+
+        revoked = await asyncio.to_thread(record)
+        if not revoked:
+            return results
+        return [
+            IssueFailed(r.entry_id, EntryNotAuthorized(r.entry_id))
+            if isinstance(r, X509SvidIssued) and r.entry_id in revoked
+            else r
+            for r in results
+        ]
 
     async def _sign_work(self, work: _Work) -> list[tuple[int, X509Result]]:
         """Sign the authorized items: in the worker pool when the batch is large enough."""
@@ -328,27 +371,37 @@ class Issuer:
             )
         return out
 
-    async def jwt_svid(self, entry: RegistrationEntry, audience: Sequence[str]) -> str:
-        """A JWT-SVID for ``entry`` and ``audience``, with the entry's TTL (or the default)."""
+    async def jwt_svid(
+        self, entry: RegistrationEntry, audience: Sequence[str], agent_id: str = ""
+    ) -> str:
+        """A JWT-SVID for ``entry`` and ``audience``, with the entry's TTL (or the default);
+        recorded (by ``jti``) before it is returned, refused if the entry was revoked."""
         ttl = entry.jwt_svid_ttl or self._jwt_ttl
-        return await asyncio.to_thread(self._sign_jwt, entry, list(audience), ttl)
-
-    def _sign_jwt(self, entry: RegistrationEntry, audience: list[str], ttl: int) -> str:
-        token = self._ca.sign_jwt_svid(SpiffeId.parse(entry.spiffe_id), audience, ttl)
+        token = await asyncio.to_thread(
+            self._ca.sign_jwt_svid, SpiffeId.parse(entry.spiffe_id), list(audience), ttl
+        )
+        if self._issued is not None:
+            record = jwt_record(token, entry.spiffe_id, entry_id=entry.id, agent_id=agent_id)
+            if not await asyncio.to_thread(self._issued.create_issued_jwt_svid, record):
+                raise EntryNotAuthorized(entry.id)
         if self._audit is not None:
-            jti, details = jwt_reference(token)
-            self._audit.append_audit_records(
-                [
-                    audit.pending(
-                        "jwt_svid.issue",
-                        subject=entry.spiffe_id,
-                        target=jti,
-                        owner=entry_owner(entry),
-                        details={"entry_id": entry.id, **details},
-                    )
-                ]
-            )
+            await asyncio.to_thread(self._record_jwt, entry, token)
         return token
+
+    def _record_jwt(self, entry: RegistrationEntry, token: str) -> None:
+        assert self._audit is not None
+        jti, details = jwt_reference(token)
+        self._audit.append_audit_records(
+            [
+                audit.pending(
+                    "jwt_svid.issue",
+                    subject=entry.spiffe_id,
+                    target=jti,
+                    owner=entry_owner(entry),
+                    details={"entry_id": entry.id, **details},
+                )
+            ]
+        )
 
     async def wit_svids(
         self,

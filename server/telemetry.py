@@ -17,11 +17,18 @@ __all__ = [
     "AGENTS",
     "CA_EXPIRY_SECONDS",
     "ENTRIES",
+    "FEDERATION_REFRESHES_TOTAL",
+    "HTTP_REQUESTS_TOTAL",
+    "HTTP_REQUEST_SECONDS",
     "KIND_AGENT",
     "KIND_JWT",
     "KIND_X509",
+    "LABEL_CODE",
     "LABEL_KIND",
+    "LABEL_METHOD",
     "LABEL_RESULT",
+    "LABEL_ROUTE",
+    "LABEL_TRUST_DOMAIN",
     "NODE_ATTESTATIONS_TOTAL",
     "RESULT_FAILURE",
     "RESULT_SUCCESS",
@@ -36,9 +43,18 @@ ENTRIES: Final = "credo_entries"
 AGENTS: Final = "credo_agents"
 NODE_ATTESTATIONS_TOTAL: Final = "credo_node_attestations_total"
 CA_EXPIRY_SECONDS: Final = "credo_ca_expiry_seconds"
+FEDERATION_REFRESHES_TOTAL: Final = "credo_federation_bundle_refreshes_total"
+HTTP_REQUESTS_TOTAL: Final = "credo_http_requests_total"
+HTTP_REQUEST_SECONDS: Final = "credo_http_request_seconds"
 
 LABEL_KIND: Final = "kind"
 LABEL_RESULT: Final = "result"
+# HTTP front end: the route's path pattern ("unmatched" for 404s), the method, the status.
+LABEL_ROUTE: Final = "route"
+LABEL_METHOD: Final = "method"
+LABEL_CODE: Final = "code"
+# Federation: the federated trust domain (one per relationship, so bounded by the admin).
+LABEL_TRUST_DOMAIN: Final = "trust_domain"
 
 KIND_X509: Final = "x509"
 KIND_JWT: Final = "jwt"
@@ -83,6 +99,37 @@ class Metrics:
         self.ca_expiry = Gauge(
             CA_EXPIRY_SECONDS, "Seconds until the active X.509 CA expires", registry=self.registry
         )
+
+        self.federation_refreshes = Counter(
+            FEDERATION_REFRESHES_TOTAL,
+            "Federated bundle fetches, by trust domain and result",
+            [LABEL_TRUST_DOMAIN, LABEL_RESULT],
+            registry=self.registry,
+        )
+        self.http_requests = Counter(
+            HTTP_REQUESTS_TOTAL,
+            "HTTP requests answered, by route, method and status code",
+            [LABEL_ROUTE, LABEL_METHOD, LABEL_CODE],
+            registry=self.registry,
+        )
+        self.http_request_seconds = Histogram(
+            HTTP_REQUEST_SECONDS,
+            "Time to answer one HTTP request, by route",
+            [LABEL_ROUTE],
+            registry=self.registry,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0),
+        )
+
+    def on_federation_refresh(self, trust_domain: str, ok: bool) -> None:
+        """The federation refresher's hook: one bundle fetch and whether it worked."""
+        self.federation_refreshes.labels(
+            trust_domain, RESULT_SUCCESS if ok else RESULT_FAILURE
+        ).inc()
+
+    def on_http_request(self, route: str, method: str, status: int, seconds: float) -> None:
+        """The HTTP front end's hook: count the request and record how long it took."""
+        self.http_requests.labels(route, method, str(status)).inc()
+        self.http_request_seconds.labels(route).observe(seconds)
 
     def on_sign(self, sign_kind: str, seconds: float) -> None:
         """The CA's ``on_sign`` hook: count the SVID and record how long it took."""

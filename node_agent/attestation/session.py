@@ -10,7 +10,8 @@ to the :class:`~node_agent.server_client.ServerClient`, which rebuilds its mTLS 
 when the authority that signed it is tainted. A node attestor that may attest again does so
 instead of calling ``RenewAgent`` (SPIRE's re-attestation).
 
-The first attestation trusts the bootstrap bundle (``trust_bundle``), or with
+The first attestation trusts the bootstrap bundle (``trust_bundle``, or fetched from
+``trust_bundle_url``: :mod:`node_agent.attestation.bundle_url`), or with
 ``insecure_bootstrap`` whatever certificate the server presents, and says so loudly;
 afterwards the bundle returned by the server is used. A ban is the server client's
 business: it deletes the stored SVID (``forget_agent_svid``) and raises AgentBanned.
@@ -36,6 +37,7 @@ from credo.spiffe_id import SpiffeId, TrustDomain
 from credo.x509svid import X509Svid
 from node_agent.attestation.anchor import find_anchor
 from node_agent.attestation.attestor import NodeAttestor
+from node_agent.attestation.bundle_url import fetch_bootstrap_bundle
 from node_agent.attestation.errors import (
     AttestationRejected,
     NoAgentCredentials,
@@ -62,6 +64,9 @@ class SessionConfig:
 
     trust_domain: TrustDomain
     trust_bundle: Path | None = None
+    # Fetch the bootstrap bundle from this https URL instead (format "pem" or "spiffe").
+    trust_bundle_url: str = ""
+    trust_bundle_format: str = "pem"
     insecure_bootstrap: bool = False
     # How long attestation keeps retrying servers that do not answer.
     attest_retry_timeout: float = 30.0
@@ -179,6 +184,18 @@ class AgentSession:
 
     async def _bootstrap_roots(self) -> tuple[x509.Certificate, ...] | None:
         """The certificates to trust for the first attestation (None: insecure bootstrap)."""
+        if self.config.trust_bundle_url:
+            fetched = await asyncio.to_thread(
+                fetch_bootstrap_bundle,
+                self.config.trust_bundle_url,
+                self.config.trust_bundle_format,
+                self.config.trust_domain,
+            )
+            log.info(
+                "fetched the bootstrap trust bundle",
+                extra={"url": self.config.trust_bundle_url, "authorities": len(fetched)},
+            )
+            return fetched
         if self.config.trust_bundle is not None:
             try:
                 certs = load_certificates(self.config.trust_bundle.read_bytes())
@@ -202,7 +219,8 @@ class AgentSession:
             return None
         raise NoAgentCredentials(
             "no trust bundle to verify the server: pass --trust-bundle FILE "
-            "(from 'credo-server bundle show --format pem') or --insecure-bootstrap"
+            "(from 'credo-server bundle show --format pem'), --trust-bundle-url URL "
+            "or --insecure-bootstrap"
         )
 
     async def attest(self, roots: tuple[x509.Certificate, ...] | None = None) -> None:
@@ -223,6 +241,11 @@ class AgentSession:
                 result = await self.client.attest(self.attestor.type, payload, key, roots)
                 break
             except ServerNotTrusted as exc:
+                if bootstrap and self.config.trust_bundle_url:
+                    raise NoAgentCredentials(
+                        f"the bundle from trust_bundle_url {self.config.trust_bundle_url} does "
+                        f"not contain the server's current CA ({exc})"
+                    ) from None
                 if bootstrap and self.config.trust_bundle is not None:
                     bundle = self.config.trust_bundle
                     raise NoAgentCredentials(

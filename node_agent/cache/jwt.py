@@ -39,6 +39,17 @@ class _CachedJwt:
     expires_at: float
 
 
+def _jwt_id(token: str) -> str:
+    """The ``jti`` claim of ``token`` (not verified), or "" if it has none."""
+    try:
+        body = token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+        jti = claims.get("jti", "") if isinstance(claims, dict) else ""
+    except (IndexError, ValueError):
+        return ""
+    return jti if isinstance(jti, str) else ""
+
+
 def _jwt_kid(token: str) -> str:
     """The ``kid`` header of ``token`` (not verified), or "" if it has none."""
     try:
@@ -121,6 +132,16 @@ class JwtSvidCache:
         """Drop the tokens of every SPIFFE ID not in ``spiffe_ids`` (their entries are gone)."""
         for key in [k for k in self._tokens if k[0] not in spiffe_ids]:
             del self._tokens[key]
+
+    def drop_revoked(self, jtis: Collection[str]) -> None:
+        """Drop tokens whose ``jti`` was revoked: the next fetch mints a new one."""
+        if not jtis:
+            return
+        revoked = [k for k, c in self._tokens.items() if _jwt_id(c.token) in jtis]
+        for key in revoked:
+            del self._tokens[key]
+        if revoked:
+            log.warning("dropped revoked JWT-SVIDs", extra={"svids": len(revoked)})
 
     def drop_untrusted(self, key_ids: Collection[str], tainted: Collection[str]) -> None:
         """Drop tokens signed by a key not in ``key_ids`` (revoked) or in ``tainted``: the

@@ -25,11 +25,12 @@ What it decides:
 * **Renewal.** Each SVID is renewed at half its lifetime, +-10% jitter. An SVID whose
   issuing authority is marked tainted in the bundle is re-issued at once (and served until
   the new one arrives); one whose authority left the bundle (revoked) is dropped at once,
-  as is the SVID of a deleted entry. A failed signing call is retried with the server
-  client's backoff.
+  as is the SVID of a deleted (or revoked) entry, and one whose serial a CRL lists (it is
+  signed again unless the server refuses: its entry is revoked). A failed signing call is
+  retried with the server client's backoff.
 * **Offline.** While the server is unreachable cached SVIDs are served until they expire.
 * **Push.** Subscriptions get the full state again on every new or rotated SVID, entry
-  change and bundle change. A new subscription whose matching entries have no SVID yet
+  change, bundle change and CRL change. A new subscription whose matching entries have no SVID yet
   waits for them (up to ``svid_wait_timeout``) rather than report "no identity".
 """
 
@@ -159,12 +160,16 @@ class CacheManager:
             log.warning(
                 "dropped SVIDs whose authority left the bundle", extra={"entries": len(revoked)}
             )
+        withdrawn = self.svids.drop_revoked(bundles.crls.revoked_serials)
+        if withdrawn:
+            log.warning("dropped SVIDs revoked by a CRL", extra={"entries": len(withdrawn)})
         kids = bundles.bundle.jwt_authorities
         if kids:
             self.jwt_svids.drop_untrusted(kids, bundles.tainted_jwt)
         wit_kids = bundles.bundle.wit_authorities
         if wit_kids:
             self.wit_svids.drop_untrusted(wit_kids, bundles.tainted_jwt)
+        self.jwt_svids.drop_revoked(bundles.revoked_jtis)
         self._subs.notify_bundles()
         self._changed()
 
@@ -285,7 +290,15 @@ class CacheManager:
             if name in wanted or f"spiffe://{name}" in wanted
         }
         unsigned = len(self._matching_entries(selectors)) - len(identities)
-        return WorkloadUpdate(identities, bundles.bundle, federated, unsigned)
+        return WorkloadUpdate(identities, bundles.bundle, federated, unsigned, bundles.crls.der)
+
+    def crls(self) -> tuple[bytes, ...]:
+        """The trust domain's CRLs (DER), as the server last sent them."""
+        return self.trust_bundles().crls.der
+
+    def revoked_jtis(self) -> frozenset[str]:
+        """``jti`` of every revoked, unexpired JWT-SVID, as the server last sent them."""
+        return self.trust_bundles().revoked_jtis
 
     def cached_svid(self, entry_id: str) -> X509Svid | None:
         """The cached X509-SVID of ``entry_id`` (for tests and diagnostics)."""

@@ -44,6 +44,7 @@ def _fingerprint(update: WorkloadUpdate) -> tuple[object, ...]:
         tuple((i.entry_id, i.svid.leaf.serial_number, i.hint) for i in update.identities),
         update.bundle,
         dict(update.federated_bundles),
+        update.crls,
     )
 
 
@@ -83,6 +84,16 @@ class Subscription:
         while True:
             await self._event.wait()
             self._event.clear()
+            if not view.ready_for(self.selectors):
+                # An SVID was dropped and is being signed again (a CRL revoked its serial):
+                # wait for the replacement (bounded) rather than report "no identity".
+                deadline = time.monotonic() + self._wait_timeout
+                while not view.ready_for(self.selectors):
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._event.clear()
+                    await wait_event(self._event, left)
             update = view.update_for(self.selectors)
             fingerprint = _fingerprint(update)
             if fingerprint != self._last:
@@ -102,12 +113,13 @@ class BundleSubscription:
         self._owner = owner
         self._event = asyncio.Event()
         self._first = True
-        self._last: tuple[Bundle, dict[str, Bundle]] | None = None
+        self._last: tuple[Bundle, dict[str, Bundle], tuple[bytes, ...]] | None = None
 
     def notify(self) -> None:
         self._event.set()
 
     async def next(self) -> tuple[Bundle, Mapping[str, Bundle]]:
+        """The bundles now (first call), then again whenever they or the CRLs change."""
         if not self._first:
             while True:
                 await self._event.wait()
@@ -116,11 +128,11 @@ class BundleSubscription:
                     break
         self._first = False
         self._last = self._current()
-        return self._last
+        return self._last[0], self._last[1]
 
-    def _current(self) -> tuple[Bundle, dict[str, Bundle]]:
+    def _current(self) -> tuple[Bundle, dict[str, Bundle], tuple[bytes, ...]]:
         bundles = self._owner.view.trust_bundles()
-        return bundles.bundle, dict(bundles.federated)
+        return bundles.bundle, dict(bundles.federated), bundles.crls.der
 
     def close(self) -> None:
         self._owner.discard(self)

@@ -124,6 +124,15 @@ class SvidCache:
                 )
         return revoked
 
+    def drop_revoked(self, serials: Collection[int]) -> list[str]:
+        """Drop SVIDs whose serial a CRL revokes; return their entry ids."""
+        if not serials:
+            return []
+        dropped = [i for i, c in self._svids.items() if c.svid.leaf.serial_number in serials]
+        for entry_id in dropped:
+            del self._svids[entry_id]
+        return dropped
+
     def drop_expired(self, now: float) -> list[str]:
         expired = [k for k, c in self._svids.items() if c.expires_at <= now]
         for entry_id in expired:

@@ -18,6 +18,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from credo._cli import CliError, read_secret
 from credo._files import write_atomically
 from credo.bundle import BundleSet
 from credo.errors import CredoError, WorkloadApiError
+from credo.token_exchange import TokenExchangeClient
 from credo.witsvid import private_key_to_jwk
 from credo.workload_client import ENDPOINT_ENV, WorkloadApiClient, X509Context, grpc_target
 
@@ -355,6 +357,12 @@ def validate() -> None:
     metavar="FILE",
     help=f"Read the JWT-SVID from FILE ('-': stdin). Without either flag, ${SVID_ENV} is used.",
 )
+@click.option(
+    "--issuer",
+    default=None,
+    metavar="URL",
+    help="Also require the token's 'iss' to be exactly URL (tokens without 'iss' then fail).",
+)
 def validate_jwt(
     socket_path: str,
     output: str,
@@ -362,6 +370,7 @@ def validate_jwt(
     audience: str,
     svid: str | None,
     svid_file: str | None,
+    issuer: str | None,
 ) -> None:
     """Have the Workload API validate a JWT-SVID (from --svid-file, stdin or $CREDO_JWT_SVID)."""
     try:
@@ -374,13 +383,97 @@ def validate_jwt(
         )
     svid = token
     with _client(socket_path, timeout) as client:
-        parsed = client.validate_jwt_svid(svid, audience)
+        parsed = client.validate_jwt_svid(svid, audience, issuer=issuer or None)
     if output == "json":
         click.echo(json.dumps({"spiffe_id": str(parsed.spiffe_id), "claims": dict(parsed.claims)}))
         return
     click.echo("SVID is valid.")
     click.echo(f"SPIFFE ID : {parsed.spiffe_id}")
     click.echo(f"Claims    : {json.dumps(dict(parsed.claims))}")
+
+
+@api.command("exchange")
+@_common
+@click.option(
+    "--token-endpoint",
+    required=True,
+    envvar="CREDO_TOKEN_ENDPOINT",
+    metavar="URL",
+    help="The server's token endpoint, https://<host>:<port>/oauth2/token "
+    "(env CREDO_TOKEN_ENDPOINT).",
+)
+@click.option(
+    "--subject-token",
+    "subject_token_file",
+    required=True,
+    metavar="FILE",
+    help="The person's token: a file, or '-' for stdin (never on the command line).",
+)
+@click.option(
+    "--subject-token-type",
+    type=click.Choice(["id_token", "jwt", "access_token"]),
+    default="id_token",
+    show_default=True,
+    help="What the subject token is (access_token: a token Credo issued, for a chain).",
+)
+@click.option("--audience", required=True, help="Where the delegated token will be used.")
+@click.option("--scope", "scopes", multiple=True, help="Scope to ask for (repeatable).")
+@click.option("--spiffe-id", default=None, help="Exchange as this identity of the workload.")
+@click.option("--ca-file", default=None, help="Trust anchors for the token endpoint (PEM).")
+def exchange(
+    socket_path: str,
+    output: str,
+    timeout: float,
+    token_endpoint: str,
+    subject_token_file: str,
+    subject_token_type: str,
+    audience: str,
+    scopes: tuple[str, ...],
+    spiffe_id: str | None,
+    ca_file: str | None,
+) -> None:
+    """Exchange a person's token for a delegated access token (RFC 8693) and print it."""
+    try:
+        subject = read_secret(None, subject_token_file, flag="subject-token", env="")
+    except CliError as err:
+        raise _Fail(err.message) from None
+    if not subject:
+        raise _Fail("--subject-token: no token given")
+    try:
+        context = ssl.create_default_context(cafile=ca_file) if ca_file else None
+        client = TokenExchangeClient(
+            token_endpoint,
+            workload_api=socket_path,
+            spiffe_id=spiffe_id,
+            ssl_context=context,
+            timeout=timeout,
+        )
+    except (ValueError, OSError) as err:
+        raise _Fail(str(err)) from None
+    try:
+        answer = client.exchange(
+            subject,
+            audience=audience,
+            scope=scopes,
+            subject_token_type=f"urn:ietf:params:oauth:token-type:{subject_token_type}",
+        )
+    except CredoError as err:
+        raise _Fail(str(err).replace("\n", " ")) from None
+    if output == "json":
+        click.echo(
+            json.dumps(
+                {
+                    "access_token": answer.access_token,
+                    "issued_token_type": answer.issued_token_type,
+                    "token_type": answer.token_type,
+                    "expires_in": answer.expires_in,
+                    "scope": answer.scope,
+                },
+                indent=2,
+            )
+        )
+        return
+    click.echo(answer.access_token)
 
 
 @api.command("watch")

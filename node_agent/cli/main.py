@@ -42,6 +42,19 @@ SETTING_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
         "PEM bootstrap bundle to verify the server (credo-server bundle show --format pem).",
     ),
     (
+        "--trust-bundle-url",
+        "trust_bundle_url",
+        str,
+        "Fetch the bootstrap bundle over HTTPS (web PKI) from URL instead, e.g. the server's "
+        "bundle endpoint https://<server>:<port>/bundle.",
+    ),
+    (
+        "--trust-bundle-format",
+        "trust_bundle_format",
+        click.Choice(("pem", "spiffe")),
+        "What --trust-bundle-url serves: pem, or spiffe (the bundle endpoint) [default: pem].",
+    ),
+    (
         "--socket",
         "socket_path",
         str,

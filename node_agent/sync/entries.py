@@ -11,14 +11,14 @@ bundles — and applies each message to itself.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
 from credo.bundle import Bundle
 from credo.selector import Selector
 from credo.spiffe_id import SpiffeId
 
-__all__ = ["RegistrationEntry", "SyncMessage", "SyncState", "TrustBundles"]
+__all__ = ["Crls", "RegistrationEntry", "SyncMessage", "SyncState", "TrustBundles"]
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,15 @@ class RegistrationEntry:
 
 
 @dataclass(frozen=True)
+class Crls:
+    """The current CRL (DER) of every X.509 authority of the trust domain, and the serial
+    numbers they revoke."""
+
+    der: tuple[bytes, ...] = ()
+    revoked_serials: frozenset[int] = frozenset()
+
+
+@dataclass(frozen=True)
 class TrustBundles:
     """The own bundle, which of its X.509 authorities are tainted, and federated bundles."""
 
@@ -62,6 +71,10 @@ class TrustBundles:
     """Trust domain name -> bundle."""
     tainted_jwt: frozenset[str] = frozenset()
     """Key IDs of the own bundle's JWT and WIT authorities marked tainted."""
+    crls: Crls = Crls()
+    """The trust domain's CRLs, as the server last sent them."""
+    revoked_jtis: frozenset[str] = frozenset()
+    """``jti`` of every revoked, unexpired JWT-SVID of the trust domain."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "federated", MappingProxyType(dict(self.federated)))
@@ -74,7 +87,8 @@ class SyncMessage:
     ``full``: ``entries`` is the whole authorized set (or the first part of it, when split)
     and replaces what the agent holds; otherwise ``entries`` are created or updated entries
     and ``deleted_entry_ids`` removed ones. ``bundle`` (with its tainted authorities) comes
-    on full messages and whenever it changed; ``federated_bundles`` whenever they changed.
+    on full messages and whenever it changed; ``federated_bundles`` whenever they changed;
+    ``crls`` (None: unchanged) on full messages and whenever a CRL changed.
     """
 
     event_id: int
@@ -85,6 +99,9 @@ class SyncMessage:
     tainted_x509: frozenset[bytes] = frozenset()
     tainted_jwt: frozenset[str] = frozenset()
     federated_bundles: tuple[Bundle, ...] = ()
+    crls: Crls | None = None
+    revoked_jtis: frozenset[str] | None = None
+    """None: unchanged; otherwise every revoked, unexpired JWT-SVID's ``jti``."""
 
 
 class SyncState:
@@ -93,6 +110,8 @@ class SyncState:
     def __init__(self) -> None:
         self.entries: dict[str, RegistrationEntry] = {}
         self.bundles: TrustBundles | None = None
+        self.crls = Crls()
+        self.revoked_jtis: frozenset[str] = frozenset()
         self.last_event_id = 0
         self.complete = False
         """False while the messages of a split full set are still arriving."""
@@ -126,10 +145,19 @@ class SyncState:
         return entries_changed, bundles_changed
 
     def _apply_bundles(self, message: SyncMessage) -> bool:
-        """Take the own and federated bundles from ``message`` when it carries them."""
-        if message.bundle is None and not message.federated_bundles:
-            return False
+        """Take the own and federated bundles (and the CRLs) from ``message``."""
+        crls_changed = message.crls is not None and message.crls != self.crls
+        if message.crls is not None:
+            self.crls = message.crls
+        if message.revoked_jtis is not None and message.revoked_jtis != self.revoked_jtis:
+            self.revoked_jtis = message.revoked_jtis
+            crls_changed = True
         current = self.bundles
+        if message.bundle is None and not message.federated_bundles:
+            if crls_changed and current is not None:
+                self.bundles = replace(current, crls=self.crls, revoked_jtis=self.revoked_jtis)
+                return True
+            return False
         if message.bundle is not None:
             own, tainted, tainted_jwt = message.bundle, message.tainted_x509, message.tainted_jwt
         elif current is not None:
@@ -142,9 +170,10 @@ class SyncState:
             federated.update(current.federated)
         for bundle in message.federated_bundles:
             federated[str(bundle.trust_domain)] = bundle
-        fresh = TrustBundles(own, tainted, federated, tainted_jwt)
+        fresh = TrustBundles(own, tainted, federated, tainted_jwt, self.crls, self.revoked_jtis)
         if (
-            current is not None
+            not crls_changed
+            and current is not None
             and current.bundle == fresh.bundle
             and current.tainted_x509 == fresh.tainted_x509
             and current.tainted_jwt == fresh.tainted_jwt

@@ -124,7 +124,9 @@ def _x509_svid_response(update: WorkloadUpdate) -> workload_pb2.X509SVIDResponse
         for identity in update.identities
     ]
     return workload_pb2.X509SVIDResponse(
-        svids=svids, federated_bundles=_federated_x509(update.federated_bundles)
+        svids=svids,
+        crl=list(update.crls),
+        federated_bundles=_federated_x509(update.federated_bundles),
     )
 
 
@@ -304,7 +306,9 @@ class WorkloadApiServicer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
         caller = await self._caller(context, "FetchX509Bundles")
         previous: workload_pb2.X509BundlesResponse | None = None
         async for own, federated in self._bundles(caller, context):
-            response = workload_pb2.X509BundlesResponse(bundles=_x509_bundles(own, federated))
+            response = workload_pb2.X509BundlesResponse(
+                crl=list(self._manager.crls()), bundles=_x509_bundles(own, federated)
+            )
             if response != previous:
                 previous = response
                 yield response
@@ -470,6 +474,9 @@ class WorkloadApiServicer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
         except CredoError as err:
             log.info("JWT-SVID failed validation", extra={"reason": str(err)})
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        if svid.jwt_id is not None and svid.jwt_id in self._manager.revoked_jtis():
+            log.info("JWT-SVID failed validation", extra={"reason": "revoked"})
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "the JWT-SVID has been revoked")
         claims = struct_pb2.Struct()
         claims.update(_json_ready(dict(svid.claims)))
         return workload_pb2.ValidateJWTSVIDResponse(spiffe_id=str(svid.spiffe_id), claims=claims)

@@ -63,6 +63,8 @@ class WorkloadUpdate:
     """Trust domain name -> bundle, only those the identities' entries federate with."""
     unsigned: int = 0
     """Matching entries with no X509-SVID yet (not signed, or the server refused it)."""
+    crls: tuple[bytes, ...] = ()
+    """The trust domain's CRLs (DER), for the Workload API ``crl`` fields."""
 
 
 class Subscription(Protocol):
@@ -106,6 +108,14 @@ class Manager(Protocol):
 
     async def fetch_jwt_svid(self, identity: Identity, audience: tuple[str, ...]) -> str:
         """A JWT-SVID for ``identity`` and ``audience``, cached per (SPIFFE ID, audiences)."""
+        ...
+
+    def crls(self) -> tuple[bytes, ...]:
+        """The trust domain's CRLs (DER)."""
+        ...
+
+    def revoked_jtis(self) -> frozenset[str]:
+        """``jti`` of every revoked JWT-SVID of the trust domain."""
         ...
 
     def bundle_set(self) -> BundleSet:

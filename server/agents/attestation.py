@@ -42,6 +42,7 @@ from server.datastore.errors import AlreadyExists
 from server.datastore.models import AttestedNode, RegistrationEntry
 from server.datastore.protocol import DataStore
 from server.ratelimit import KeyedRateLimiter
+from server.revocation import issued_record
 from server.telemetry import RESULT_FAILURE, RESULT_SUCCESS, Metrics
 
 __all__ = ["NodeAttestation"]
@@ -131,6 +132,10 @@ class NodeAttestation:
             cert_not_after=cert_not_after(chain[0]),
         )
         await asyncio.to_thread(self._record_node, node, existing is not None)
+        await asyncio.to_thread(
+            self._ds.create_issued_x509_svids,
+            [issued_record(chain[0], agent_id, agent_id=agent_id)],
+        )
         if result.alias_id is not None:
             await asyncio.to_thread(self._create_alias, agent_id, str(result.alias_id))
         self._count(RESULT_SUCCESS)

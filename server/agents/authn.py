@@ -51,6 +51,7 @@ from server.ca.ca import CertificateAuthority
 from server.datastore.models import AttestedNode
 from server.datastore.protocol import DataStore
 from server.ratelimit import KeyedRateLimiter
+from server.revocation import issued_record
 
 __all__ = ["AgentAuthenticator", "Caller", "cert_not_after", "cert_serial"]
 
@@ -191,6 +192,10 @@ class AgentAuthenticator:
                 new_cert_serial=cert_serial(chain[0]),
                 new_cert_not_after=cert_not_after(chain[0]),
             ),
+        )
+        await asyncio.to_thread(
+            self._ds.create_issued_x509_svids,
+            [issued_record(chain[0], caller.agent_id, agent_id=caller.agent_id)],
         )
         log.info("renewed agent SVID", extra={"agent_id": caller.agent_id})
         return chain

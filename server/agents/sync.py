@@ -15,8 +15,10 @@ selectors change, or the first entry (or node alias) it relied on expires. See
 * with ``resume_after_event_id=N`` the server replays what changed after ``N`` instead of
   the full set, when it still has that history; otherwise it sends the full set;
 * then, whenever the change feed moves, what changed for this agent: created or updated
-  entries, ``deleted_entry_ids`` for entries deleted or no longer authorized, and the
-  bundles when a bundle changed or the set of federated trust domains did;
+  entries, ``deleted_entry_ids`` for entries deleted, revoked or no longer authorized, the
+  bundles when a bundle changed or the set of federated trust domains did, and the CRLs
+  (all of them) when one changed, and the revoked JWT-SVIDs' ``jti``s when one was
+  revoked; the first message always carries the CRLs and the revoked ``jti``s;
 * the stream ends (an :class:`~server.agents.errors.AgentRefused`) when the agent SVID it
   was opened with expires, its authority is revoked, or the agent is evicted or banned;
   and (:class:`~server.agents.errors.ServerStopping`) when the server shuts down.
@@ -137,6 +139,10 @@ class SyncMessage:
     entries: list[RegistrationEntry]
     deleted_entry_ids: list[str]
     bundles: frozenset[str] | None
+    crls: bool = False
+    """True: the message carries every X.509 authority's current CRL."""
+    revoked_jwts: bool = False
+    """True: the message carries every revoked, unexpired JWT-SVID's ``jti``."""
 
 
 def _full_messages(
@@ -153,6 +159,8 @@ def _full_messages(
                 entries=chunk,
                 deleted_entry_ids=[],
                 bundles=federated if n == 0 else None,
+                crls=n == 0,
+                revoked_jwts=n == 0,
             )
         )
     return messages
@@ -195,6 +203,8 @@ class SyncView:
                     entries=[authorized[i] for i in sorted(candidates) if i in authorized],
                     deleted_entry_ids=sorted(i for i in candidates if i not in authorized),
                     bundles=federated,
+                    crls=True,
+                    revoked_jwts=True,
                 )
             else:
                 for message in _full_messages(list(authorized.values()), event_id, federated):
@@ -235,10 +245,12 @@ class SyncView:
                 deleted = sorted(i for i in sent if i not in authorized)
                 names = federated_names(authorized.values())
                 bundle_changed = any(e.kind in _BUNDLE_EVENTS for e in events)
+                crls_changed = any(e.kind is EventKind.CRL_UPDATED for e in events)
+                jwts_changed = any(e.kind is EventKind.JWT_SVIDS_REVOKED for e in events)
                 bundles: frozenset[str] | None = None
                 if bundle_changed or names != federated:
                     bundles = federated = names
-                elif not changed and not deleted:
+                elif not changed and not deleted and not crls_changed and not jwts_changed:
                     continue
                 sent = {i: e.revision_number for i, e in authorized.items()}
                 yield SyncMessage(
@@ -247,6 +259,8 @@ class SyncView:
                     entries=changed,
                     deleted_entry_ids=deleted,
                     bundles=bundles,
+                    crls=crls_changed,
+                    revoked_jwts=jwts_changed,
                 )
         finally:
             self._cache.unsubscribe(sub)

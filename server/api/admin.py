@@ -37,6 +37,7 @@ from server.api.common import BundleSource
 from server.api.convert import (
     InvalidField,
     bundle_to_proto,
+    crl_to_proto,
     entry_from_proto,
     entry_to_proto,
     join_token_to_proto,
@@ -58,15 +59,20 @@ from server.datastore.errors import DataStoreError, NotFound
 from server.datastore.models import (
     AuthorityKind,
     BySelectors,
+    FederationRelationship,
     JoinToken,
     ListAttestedNodesRequest,
     ListAuditRecordsRequest,
     ListRegistrationEntriesRequest,
     MatchBehavior,
+    RegistrationEntry,
 )
 from server.datastore.protocol import DataStore
 from server.datastore.sql import token_fingerprint
+from server.federation.errors import InvalidRelationship
+from server.federation.relationships import PROFILE_HTTPS_SPIFFE, check_relationship
 from server.issuance import jwt_reference, x509_issued_record
+from server.revocation import MAX_REASON, RevocationResult, Revoker, issued_record, jwt_record
 
 __all__ = [
     "AdminActorInterceptor",
@@ -75,6 +81,7 @@ __all__ = [
     "AuditService",
     "BundlesService",
     "EntriesService",
+    "FederationService",
     "LocalAuthorityService",
     "SvidsService",
 ]
@@ -96,6 +103,8 @@ class AdminApiConfig:
     wit_svid_ttl: int = 3600
     join_token_ttl: int = 600
     join_token_max_ttl: int = 86400
+    # Refuse entries without an owner (``[server] require_entry_owner``).
+    require_entry_owner: bool = False
 
 
 async def _call(fn: Callable[..., _T], *args: object) -> _T:
@@ -112,6 +121,56 @@ def _batch_error(err: DataStoreError, field: str, member: str = "") -> ApiError:
         prefix = f"{field}[{err.index}]{member}: "
         message = prefix + message.removeprefix(f"item {err.index}: ")
     return ApiError(code, message)
+
+
+def _reason(text: str) -> str:
+    """A revocation reason: free text, one line, at most :data:`MAX_REASON` characters."""
+    if len(text) > MAX_REASON:
+        raise InvalidField("reason", f"is {len(text)} characters long; at most {MAX_REASON}")
+    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in text):
+        raise InvalidField("reason", "must be one line of printable text")
+    return text
+
+
+def _serial(text: str) -> str:
+    """An X.509 serial number as the server records it: lowercase hex, no leading zeros.
+
+    Accepts ``0x``, colons between bytes and upper-case digits (as ``openssl x509
+    -serial`` prints it).
+    """
+    cleaned = text.strip().lower().removeprefix("0x").replace(":", "")
+    if not cleaned:
+        raise InvalidField("serial", "is required; expected a hex serial number")
+    if len(cleaned) > 42 or any(ch not in "0123456789abcdef" for ch in cleaned):
+        raise InvalidField("serial", f"{text!r} is not a hex serial number of at most 20 bytes")
+    return format(int(cleaned, 16), "x")
+
+
+def _revocation_response(result: RevocationResult) -> admin_pb2.RevocationResponse:
+    return admin_pb2.RevocationResponse(
+        revoked=[
+            admin_pb2.RevokedX509Svid(
+                serial=s.serial,
+                spiffe_id=s.spiffe_id,
+                entry_id=s.entry_id,
+                authority_id=s.authority_id,
+                expires_at=s.expires_at,
+                agent_id=s.agent_id,
+            )
+            for s in result.revoked
+        ],
+        entry_newly_revoked=result.entry_newly_revoked,
+        revoked_jwts=[
+            admin_pb2.RevokedJwtSvid(
+                jti=j.jti,
+                spiffe_id=j.spiffe_id,
+                entry_id=j.entry_id,
+                expires_at=j.expires_at,
+                agent_id=j.agent_id,
+            )
+            for j in result.revoked_jwts
+        ],
+    )
 
 
 def _token_fingerprint(token: str) -> str:
@@ -162,22 +221,39 @@ class AdminActorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 class EntriesService(admin_pb2_grpc.EntriesServicer):
     """Registration entries: batch create/update/delete, get, list, count."""
 
-    def __init__(self, config: AdminApiConfig, datastore: DataStore) -> None:
+    def __init__(
+        self, config: AdminApiConfig, datastore: DataStore, revoker: Revoker | None = None
+    ) -> None:
         self._td = config.trust_domain
         self._ds = datastore
+        self._require_owner = config.require_entry_owner
+        self._revoker = revoker or Revoker(datastore)
 
     def _check_batch(self, items: Sequence[object], field: str) -> None:
         if len(items) > MAX_BATCH:
             raise InvalidField(field, f"too many items: {len(items)} > {MAX_BATCH}")
+
+    def _entries_from_proto(
+        self, items: Sequence[types_pb2.RegistrationEntry], *, require_id: bool = False
+    ) -> list[RegistrationEntry]:
+        records = []
+        for i, pb in enumerate(items):
+            record = entry_from_proto(pb, self._td, f"entries[{i}]", require_id=require_id)
+            if self._require_owner and not record.owner:
+                raise InvalidField(
+                    f"entries[{i}].owner",
+                    "is required: this server sets require_entry_owner; name the accountable "
+                    "person or team (--owner alice@example.com)",
+                )
+            records.append(record)
+        return records
 
     @handle_errors
     async def BatchCreateEntry(
         self, request: admin_pb2.BatchCreateEntryRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.BatchCreateEntryResponse:
         self._check_batch(request.entries, "entries")
-        records = [
-            entry_from_proto(pb, self._td, f"entries[{i}]") for i, pb in enumerate(request.entries)
-        ]
+        records = self._entries_from_proto(request.entries)
         if not records:
             return admin_pb2.BatchCreateEntryResponse()
         try:
@@ -191,6 +267,7 @@ class EntriesService(admin_pb2_grpc.EntriesServicer):
                     "entry_id": entry.id,
                     "spiffe_id": entry.spiffe_id,
                     "parent_id": entry.parent_id,
+                    "owner": entry.owner,
                 },
             )
         if len(created) > 100:
@@ -202,10 +279,7 @@ class EntriesService(admin_pb2_grpc.EntriesServicer):
         self, request: admin_pb2.BatchUpdateEntryRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.BatchUpdateEntryResponse:
         self._check_batch(request.entries, "entries")
-        records = [
-            entry_from_proto(pb, self._td, f"entries[{i}]", require_id=True)
-            for i, pb in enumerate(request.entries)
-        ]
+        records = self._entries_from_proto(request.entries, require_id=True)
         seen: set[str] = set()
         for i, record in enumerate(records):
             if record.id in seen:
@@ -287,6 +361,7 @@ class EntriesService(admin_pb2_grpc.EntriesServicer):
             by_parent_id=f.by_parent_id or None,
             by_selectors=by_selectors,
             by_hint=f.by_hint or None,
+            by_owner=f.by_owner or None,
             page_size=request.page_size,
             page_token=request.page_token,
         )
@@ -295,6 +370,21 @@ class EntriesService(admin_pb2_grpc.EntriesServicer):
             entries=[entry_to_proto(e) for e in page.entries],
             next_page_token=page.next_page_token,
         )
+
+    @handle_errors
+    async def RevokeEntry(
+        self, request: admin_pb2.RevokeEntryRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.RevocationResponse:
+        if not request.id:
+            raise InvalidField("id", "is required")
+        reason = _reason(request.reason)
+        try:
+            result = await self._revoker.revoke_entry(request.id, reason)
+        except NotFound:
+            raise ApiError(
+                grpc.StatusCode.NOT_FOUND, f"registration entry {request.id!r} not found"
+            ) from None
+        return _revocation_response(result)
 
     @handle_errors
     async def CountEntries(
@@ -308,10 +398,13 @@ class EntriesService(admin_pb2_grpc.EntriesServicer):
 class AgentsService(admin_pb2_grpc.AgentsServicer):
     """Attested agents (list, show, count, ban, evict) and join tokens."""
 
-    def __init__(self, config: AdminApiConfig, datastore: DataStore) -> None:
+    def __init__(
+        self, config: AdminApiConfig, datastore: DataStore, revoker: Revoker | None = None
+    ) -> None:
         self._config = config
         self._td = config.trust_domain
         self._ds = datastore
+        self._revoker = revoker or Revoker(datastore)
 
     def _agent_id(self, text: str) -> str:
         return str(validate_spiffe_id(text, self._td, "spiffe_id"))
@@ -361,11 +454,14 @@ class AgentsService(admin_pb2_grpc.AgentsServicer):
         self, request: admin_pb2.BanAgentRequest, context: grpc.aio.ServicerContext
     ) -> types_pb2.AttestedNode:
         agent_id = self._agent_id(request.spiffe_id)
-        node = await _call(self._ds.fetch_attested_node, agent_id)
-        if node is None:
-            raise ApiError(grpc.StatusCode.NOT_FOUND, f"agent {agent_id!r} not found")
-        banned = await _call(self._ds.update_attested_node, replace(node, banned=True))
-        log.warning("banned agent", extra={"agent_id": agent_id})
+        reason = _reason(request.reason)
+        try:
+            banned, result = await self._revoker.ban_agent(agent_id, reason)
+        except NotFound:
+            raise ApiError(grpc.StatusCode.NOT_FOUND, f"agent {agent_id!r} not found") from None
+        log.warning(
+            "banned agent", extra={"agent_id": agent_id, "revoked_svids": len(result.revoked)}
+        )
         return node_to_proto(banned)
 
     @handle_errors
@@ -487,15 +583,199 @@ class BundlesService(admin_pb2_grpc.BundlesServicer):
         return admin_pb2.DeleteFederatedBundleResponse()
 
 
+def _first_bundle(td: TrustDomain, data: bytes, fmt: str) -> Bundle:
+    """The ``trust_domain_bundle`` of a relationship request, parsed."""
+    try:
+        if fmt in ("", "spiffe"):
+            return Bundle.parse(td, data)
+        if fmt == "pem":
+            return Bundle(td, X509Bundle.parse_pem(td, data).authorities)
+    except BundleError as err:
+        raise InvalidField("trust_domain_bundle", str(err)) from None
+    raise InvalidField("trust_domain_bundle_format", f"{fmt!r} is not one of spiffe, pem")
+
+
+class FederationService(admin_pb2_grpc.FederationServicer):
+    """Federation relationships (``credo-server federation ...``); the refresh loop is
+    :class:`server.federation.refresher.BundleRefresher`."""
+
+    def __init__(self, config: AdminApiConfig, datastore: DataStore) -> None:
+        self._td = config.trust_domain
+        self._ds = datastore
+
+    def _relationship(self, pb: admin_pb2.FederationRelationship) -> FederationRelationship:
+        try:
+            return check_relationship(
+                FederationRelationship(
+                    trust_domain=pb.trust_domain,
+                    bundle_endpoint_url=pb.bundle_endpoint_url,
+                    bundle_endpoint_profile=pb.bundle_endpoint_profile,
+                    endpoint_spiffe_id=pb.endpoint_spiffe_id,
+                ),
+                self._td,
+            )
+        except InvalidRelationship as err:
+            raise InvalidField(err.field, err.reason) from None
+
+    def _to_proto(self, rel: FederationRelationship) -> admin_pb2.FederationRelationship:
+        data = self._ds.fetch_bundle(rel.trust_domain)
+        sequence = -1
+        if data is not None:
+            try:
+                sequence = Bundle.parse(rel.trust_domain, data).sequence_number
+            except BundleError:
+                sequence = -1
+        return admin_pb2.FederationRelationship(
+            trust_domain=rel.trust_domain,
+            bundle_endpoint_url=rel.bundle_endpoint_url,
+            bundle_endpoint_profile=rel.bundle_endpoint_profile,
+            endpoint_spiffe_id=rel.endpoint_spiffe_id,
+            last_refresh_at=rel.last_refresh_at,
+            last_error=rel.last_error,
+            created_at=rel.created_at,
+            bundle_sequence=sequence,
+        )
+
+    def _trust_domain(self, text: str) -> TrustDomain:
+        if not text:
+            raise InvalidField("trust_domain", "is required, e.g. partner.example")
+        try:
+            return TrustDomain.parse(text)
+        except InvalidSpiffeId as err:
+            raise InvalidField("trust_domain", str(err)) from None
+
+    def _check_first_bundle(
+        self, rel: FederationRelationship, request: admin_pb2.FederationRelationship
+    ) -> Bundle | None:
+        """The first bundle to store with ``rel``; required where https_spiffe needs it."""
+        td = TrustDomain.parse(rel.trust_domain)
+        first = (
+            _first_bundle(td, request.trust_domain_bundle, request.trust_domain_bundle_format)
+            if request.trust_domain_bundle
+            else None
+        )
+        if first is not None and not first.x509_authorities and not first.jwt_authorities:
+            raise InvalidField("trust_domain_bundle", "has no X.509 or JWT authorities")
+        if (
+            rel.bundle_endpoint_profile == PROFILE_HTTPS_SPIFFE
+            and first is None
+            and SpiffeId.parse(rel.endpoint_spiffe_id).trust_domain == td
+            and self._ds.fetch_bundle(td.name) is None
+        ):
+            raise InvalidField(
+                "trust_domain_bundle",
+                f"an https_spiffe endpoint of {td.name} is verified with {td.name}'s bundle, "
+                "and none is stored yet: give the first one (--trust-domain-bundle FILE)",
+            )
+        return first
+
+    def _create(self, rel: FederationRelationship, first: Bundle | None) -> FederationRelationship:
+        created = self._ds.create_federation_relationship(rel)
+        if first is not None:
+            self._ds.set_bundle(rel.trust_domain, first.marshal())
+        return created
+
+    @handle_errors
+    async def CreateFederationRelationship(
+        self, request: admin_pb2.FederationRelationship, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.FederationRelationship:
+        rel = self._relationship(request)
+        first = await _call(self._check_first_bundle, rel, request)
+        created = await _call(self._create, rel, first)
+        log.info(
+            "created federation relationship",
+            extra={
+                "trust_domain": rel.trust_domain,
+                "bundle_endpoint_url": rel.bundle_endpoint_url,
+                "profile": rel.bundle_endpoint_profile,
+            },
+        )
+        return await _call(self._to_proto, created)
+
+    @handle_errors
+    async def GetFederationRelationship(
+        self,
+        request: admin_pb2.GetFederationRelationshipRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> admin_pb2.FederationRelationship:
+        td = self._trust_domain(request.trust_domain)
+        rel = await _call(self._ds.fetch_federation_relationship, td.name)
+        if rel is None:
+            raise NotFound(f"no federation relationship with trust domain {td.name!r}")
+        return await _call(self._to_proto, rel)
+
+    @handle_errors
+    async def ListFederationRelationships(
+        self,
+        request: admin_pb2.ListFederationRelationshipsRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> admin_pb2.ListFederationRelationshipsResponse:
+        rels = await _call(self._ds.list_federation_relationships)
+        return admin_pb2.ListFederationRelationshipsResponse(
+            relationships=[await _call(self._to_proto, r) for r in rels]
+        )
+
+    def _update(
+        self, rel: FederationRelationship, request: admin_pb2.FederationRelationship
+    ) -> FederationRelationship:
+        current = self._ds.fetch_federation_relationship(rel.trust_domain)
+        if current is None:
+            raise NotFound(f"no federation relationship with trust domain {rel.trust_domain!r}")
+        first = self._check_first_bundle(rel, request)
+        updated = self._ds.update_federation_relationship(
+            replace(rel, last_refresh_at=0, last_error="")
+        )
+        if first is not None:
+            self._ds.set_bundle(rel.trust_domain, first.marshal())
+        return updated
+
+    @handle_errors
+    async def UpdateFederationRelationship(
+        self, request: admin_pb2.FederationRelationship, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.FederationRelationship:
+        rel = self._relationship(request)
+        updated = await _call(self._update, rel, request)
+        log.info("updated federation relationship", extra={"trust_domain": rel.trust_domain})
+        return await _call(self._to_proto, updated)
+
+    @handle_errors
+    async def DeleteFederationRelationship(
+        self,
+        request: admin_pb2.GetFederationRelationshipRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> admin_pb2.FederationRelationship:
+        td = self._trust_domain(request.trust_domain)
+        gone = await _call(self._ds.delete_federation_relationship, td.name)
+        log.info("deleted federation relationship", extra={"trust_domain": td.name})
+        return admin_pb2.FederationRelationship(
+            trust_domain=gone.trust_domain,
+            bundle_endpoint_url=gone.bundle_endpoint_url,
+            bundle_endpoint_profile=gone.bundle_endpoint_profile,
+            endpoint_spiffe_id=gone.endpoint_spiffe_id,
+            created_at=gone.created_at,
+            bundle_sequence=-1,
+        )
+
+
 class SvidsService(admin_pb2_grpc.SvidsServicer):
     """Mint SVIDs directly (``credo-server x509 mint`` / ``jwt mint``)."""
 
     def __init__(
-        self, config: AdminApiConfig, ca: CertificateAuthority, datastore: DataStore
+        self,
+        config: AdminApiConfig,
+        ca: CertificateAuthority,
+        datastore: DataStore | None = None,
+        revoker: Revoker | None = None,
     ) -> None:
         self._config = config
         self._ca = ca
         self._ds = datastore
+        self._revoker = revoker or (Revoker(datastore) if datastore is not None else None)
+
+    def _store(self) -> DataStore:
+        if self._ds is None:
+            raise ApiError(grpc.StatusCode.UNIMPLEMENTED, "this server keeps no SVID records")
+        return self._ds
 
     def _spiffe_id(self, text: str) -> SpiffeId:
         spiffe_id = validate_spiffe_id(text, self._config.trust_domain, "spiffe_id")
@@ -523,15 +803,22 @@ class SvidsService(admin_pb2_grpc.SvidsServicer):
         dns = [validate_dns_name(n, f"dns_names[{i}]") for i, n in enumerate(request.dns_names)]
         public_key = parse_csr(request.csr, "csr")
         chain = await _call(self._ca.sign_x509_svid, spiffe_id, public_key, ttl, dns)
-        leaf = chain[0]
-        record = x509_issued_record(
-            "",
-            str(spiffe_id),
-            leaf.public_bytes(serialization.Encoding.DER),
-            int(leaf.not_valid_after_utc.timestamp()),
+        if self._ds is not None:
+            await _call(
+                self._ds.create_issued_x509_svids, [issued_record(chain[0], str(spiffe_id))]
+            )
+            leaf = chain[0]
+            record = x509_issued_record(
+                "",
+                str(spiffe_id),
+                leaf.public_bytes(serialization.Encoding.DER),
+                int(leaf.not_valid_after_utc.timestamp()),
+            )
+            await _call(self._ds.append_audit_records, [record])
+        log.info(
+            "minted x509-svid",
+            extra={"spiffe_id": str(spiffe_id), "serial": format(chain[0].serial_number, "x")},
         )
-        await _call(self._ds.append_audit_records, [record])
-        log.info("minted x509-svid", extra={"spiffe_id": str(spiffe_id)})
         return admin_pb2.MintX509SVIDResponse(svid=x509_svid_to_proto(chain))
 
     @handle_errors
@@ -544,11 +831,13 @@ class SvidsService(admin_pb2_grpc.SvidsServicer):
         ttl = self._ttl(request.ttl, self._config.jwt_svid_ttl)
         now = int(time.time())
         token = await _call(self._ca.sign_jwt_svid, spiffe_id, list(request.audience), ttl)
-        jti, details = jwt_reference(token)
-        record = audit.pending(
-            "jwt_svid.issue", subject=str(spiffe_id), target=jti, details=details
-        )
-        await _call(self._ds.append_audit_records, [record])
+        if self._ds is not None:
+            await _call(self._ds.create_issued_jwt_svid, jwt_record(token, str(spiffe_id)))
+            jti, details = jwt_reference(token)
+            record = audit.pending(
+                "jwt_svid.issue", subject=str(spiffe_id), target=jti, details=details
+            )
+            await _call(self._ds.append_audit_records, [record])
         log.info("minted jwt-svid", extra={"spiffe_id": str(spiffe_id)})
         return admin_pb2.MintJWTSVIDResponse(
             svid=types_pb2.JwtSvid(
@@ -571,11 +860,12 @@ class SvidsService(admin_pb2_grpc.SvidsServicer):
             private_jwk = private_key_to_jwk(private_key)
         now = int(time.time())
         token = await _call(self._ca.sign_wit_svid, spiffe_id, public_key, ttl)
-        jti, details = jwt_reference(token)
-        record = audit.pending(
-            "wit_svid.issue", subject=str(spiffe_id), target=jti, details=details
-        )
-        await _call(self._ds.append_audit_records, [record])
+        if self._ds is not None:
+            jti, details = jwt_reference(token)
+            record = audit.pending(
+                "wit_svid.issue", subject=str(spiffe_id), target=jti, details=details
+            )
+            await _call(self._ds.append_audit_records, [record])
         log.info("minted wit-svid", extra={"spiffe_id": str(spiffe_id)})
         return admin_pb2.MintWITSVIDResponse(
             svid=types_pb2.WitSvid(
@@ -583,6 +873,49 @@ class SvidsService(admin_pb2_grpc.SvidsServicer):
             ),
             private_key=private_jwk,
         )
+
+    @handle_errors
+    async def RevokeX509SVID(
+        self, request: admin_pb2.RevokeX509SVIDRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.RevocationResponse:
+        serial = _serial(request.serial)
+        reason = _reason(request.reason)
+        self._store()
+        assert self._revoker is not None
+        try:
+            result = await self._revoker.revoke_serial(serial, reason)
+        except NotFound:
+            raise ApiError(
+                grpc.StatusCode.NOT_FOUND, f"no X.509-SVID with serial {serial} was issued"
+            ) from None
+        return _revocation_response(result)
+
+    @handle_errors
+    async def RevokeJWTSVID(
+        self, request: admin_pb2.RevokeJWTSVIDRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.RevocationResponse:
+        jti = request.jti.strip()
+        if not jti:
+            raise InvalidField("jti", "is required")
+        if len(jti) > 64 or not all(ch.isalnum() or ch in "-_" for ch in jti):
+            raise InvalidField("jti", f"{request.jti!r} is not a JWT ID Credo issues")
+        reason = _reason(request.reason)
+        self._store()
+        assert self._revoker is not None
+        try:
+            result = await self._revoker.revoke_jti(jti, reason)
+        except NotFound:
+            raise ApiError(
+                grpc.StatusCode.NOT_FOUND, f"no JWT-SVID with jti {jti} was issued"
+            ) from None
+        return _revocation_response(result)
+
+    @handle_errors
+    async def ListCRLs(
+        self, request: admin_pb2.ListCRLsRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.ListCRLsResponse:
+        found = await _call(self._store().list_crls)
+        return admin_pb2.ListCRLsResponse(crls=[crl_to_proto(c) for c in found])
 
 
 def _authority_info(info: AuthorityInfo) -> admin_pb2.AuthorityInfo:

@@ -171,7 +171,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             for i, p in enumerate(request.params)
         ]
         authorized = await self._authorized.including(caller, (r.entry_id for r in requests))
-        results = await self._issuer.x509_svids(requests, authorized)
+        results = await self._issuer.x509_svids(requests, authorized, caller.agent_id)
         return agent_pb2.BatchNewX509SVIDResponse(results=[_x509_result(r) for r in results])
 
     @handle_errors
@@ -202,7 +202,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             raise InvalidField("audience", "at least one non-empty audience is required")
         self._authn.admit_signing_call(caller)
         entry = await self._authorized.entry(caller, request.entry_id)
-        token = await self._issuer.jwt_svid(entry, request.audience)
+        token = await self._issuer.jwt_svid(entry, request.audience, caller.agent_id)
         return agent_pb2.NewJWTSVIDResponse(
             svid=types_pb2.JwtSvid(
                 spiffe_id=entry.spiffe_id,
@@ -244,6 +244,15 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             entries=[entry_to_proto(e) for e in message.entries],
             deleted_entry_ids=message.deleted_entry_ids,
         )
+        if message.crls:
+            response.crl_set.SetInParent()
+            response.crl_set.crls.extend(await asyncio.to_thread(self._bundles.crls))
+        if message.revoked_jwts:
+            response.revoked_jwt_set.SetInParent()
+            response.revoked_jwt_set.jwts.extend(
+                agent_pb2.RevokedJwt(jti=jti, expires_at=exp)
+                for jti, exp in await asyncio.to_thread(self._bundles.revoked_jwts)
+            )
         if message.bundles is not None:
             response.bundle.CopyFrom(await asyncio.to_thread(self._bundles.own))
             response.federated_bundles.extend(

@@ -1,15 +1,16 @@
-"""What the agent and admin APIs share: bundles as messages."""
+"""What the agent and admin APIs share: bundles and CRLs as messages."""
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
 
 from credo._proto.credo.server.v1 import types_pb2
 from credo.bundle import Bundle
 from credo.errors import BundleError
 from credo.spiffe_id import TrustDomain
-from server.api.convert import bundle_to_proto
+from server.api.convert import bundle_to_proto, crl_to_proto
 from server.datastore.protocol import DataStore
 
 __all__ = ["BundleSource"]
@@ -44,6 +45,14 @@ class BundleSource:
         if bundle is None:
             return Bundle(self.trust_domain)
         return bundle
+
+    def crls(self) -> list[types_pb2.Crl]:
+        """The current CRL of every X.509 authority of the trust domain (any server's)."""
+        return [crl_to_proto(c) for c in self._ds.list_crls()]
+
+    def revoked_jwts(self) -> list[tuple[str, int]]:
+        """(jti, expires at) of every revoked JWT-SVID that has not expired yet."""
+        return [(j.jti, j.expires_at) for j in self._ds.list_revoked_jwt_svids(int(time.time()))]
 
     def own(self) -> types_pb2.Bundle:
         """The own bundle as a message, with taint flags and JWT key expiries."""

@@ -30,12 +30,13 @@ from credo.errors import InvalidSelector, InvalidSpiffeId
 from credo.keys import PublicKey
 from credo.selector import Selector
 from credo.spiffe_id import SpiffeId, TrustDomain
-from server.datastore.models import AttestedNode, Authority, JoinToken, RegistrationEntry
+from server.datastore.models import AttestedNode, Authority, Crl, JoinToken, RegistrationEntry
 
 __all__ = [
     "MAX_EXPIRES_AT",
     "InvalidField",
     "bundle_to_proto",
+    "crl_to_proto",
     "entry_from_proto",
     "entry_to_proto",
     "join_token_to_proto",
@@ -44,6 +45,7 @@ __all__ = [
     "parse_csr",
     "selector_to_proto",
     "selectors_from_proto",
+    "validate_owner",
     "validate_spiffe_id",
     "x509_svid_to_proto",
 ]
@@ -51,6 +53,8 @@ __all__ = [
 _DNS_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 _ENTRY_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _MAX_HINT = 1024
+_MAX_OWNER = 256
+_MAX_PURPOSE = 1024
 _MAX_TTL = 10 * 365 * 24 * 3600
 MAX_EXPIRES_AT = 253_402_300_799
 """9999-12-31T23:59:59Z: the latest ``expires_at`` an entry may be given."""
@@ -196,7 +200,25 @@ def entry_from_proto(
         hint=pb.hint,
         expires_at=pb.expires_at,
         federates_with=tuple(federates_with),
+        owner=validate_owner(pb.owner, f"{field}.owner"),
+        purpose=_validate_text(pb.purpose, f"{field}.purpose", _MAX_PURPOSE),
     )
+
+
+def validate_owner(owner: str, field: str) -> str:
+    """An entry's owner: a person or team name without control characters or edge spaces."""
+    owner = _validate_text(owner, field, _MAX_OWNER)
+    if owner != owner.strip():
+        raise InvalidField(field, "must not start or end with whitespace")
+    return owner
+
+
+def _validate_text(value: str, field: str, limit: int) -> str:
+    if len(value) > limit:
+        raise InvalidField(field, f"is longer than {limit} characters")
+    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
+        raise InvalidField(field, "must not contain control characters")
+    return value
 
 
 def _check_expires_at(value: int, field: str) -> None:
@@ -306,6 +328,8 @@ def entry_to_proto(entry: RegistrationEntry) -> types_pb2.RegistrationEntry:
         federates_with=list(entry.federates_with),
         revision_number=entry.revision_number,
         created_at=entry.created_at,
+        owner=entry.owner,
+        purpose=entry.purpose,
     )
 
 
@@ -384,6 +408,13 @@ def bundle_to_proto(bundle: Bundle, authorities: Iterable[Authority] = ()) -> ty
         wit_authorities=wit_authorities,
         refresh_hint=bundle.refresh_hint or 0,
         sequence_number=bundle.sequence_number,
+    )
+
+
+def crl_to_proto(crl: Crl) -> types_pb2.Crl:
+    """A stored CRL as a message."""
+    return types_pb2.Crl(
+        authority_id=crl.authority_id, der=crl.data, number=crl.number, next_update=crl.next_update
     )
 
 

@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from credo.errors import InvalidSpiffeId
 from credo.jwtsvid import sign_jwt_svid
 from credo.keys import PrivateKey, PublicKey
+from credo.revocation import REVOCATION_LIST_AUDIENCE
 from credo.spiffe_id import SpiffeId, TrustDomain
 from credo.witsvid import sign_wit_svid
 from credo.x509svid import signature_hash_for
@@ -165,8 +166,11 @@ class CertificateAuthority:
         *,
         clock: Clock = utc_now,
         on_sign: SignHook | None = None,
+        jwt_issuer: str = "",
     ) -> None:
         self.trust_domain = trust_domain
+        # The ``iss`` of every JWT-SVID ("" signs tokens without one).
+        self.jwt_issuer = jwt_issuer
         self._clock = clock
         self._lock = threading.Lock()
         self._x509: X509CA | None = None
@@ -331,6 +335,25 @@ class CertificateAuthority:
 
     # --- JWT ------------------------------------------------------------------------
 
+    def sign_jwt_revocation_list(self, revoked: Sequence[tuple[str, int]], ttl: int) -> str:
+        """The signed JWT revocation list (:mod:`credo.revocation`): ``sub`` the trust
+        domain's ID, ``revoked`` the (jti, exp) pairs, signed with the active JWT key."""
+        key = self.jwt_key
+        if key is None:
+            raise InvalidAuthorityState(
+                "jwt", "", "no active jwt authority; expected the authority manager to start first"
+            )
+        now = self._clock()
+        return sign_jwt_svid(
+            SpiffeId.parse(f"spiffe://{self.trust_domain.name}"),
+            [REVOCATION_LIST_AUDIENCE],
+            key=key.private_key,
+            key_id=key.kid,
+            expires_at=min(now + timedelta(seconds=ttl), key.not_after),
+            now=now,
+            extra_claims={"revoked": [{"jti": jti, "exp": exp} for jti, exp in revoked]},
+        )
+
     def sign_jwt_svid(self, spiffe_id: SpiffeId, audience: Sequence[str], ttl: int) -> str:
         """Sign a JWT-SVID with the active JWT key; ``exp`` capped at the key's NotAfter."""
         started = time.perf_counter()
@@ -351,6 +374,7 @@ class CertificateAuthority:
             key_id=key.kid,
             expires_at=expires_at,
             now=now,
+            issuer=self.jwt_issuer or None,
         )
         self._notify(SIGN_JWT, started)
         log.debug(

@@ -127,6 +127,8 @@ class AuthorityManagerConfig:
     rotation_check_interval: float = 5.0
     # This server's id (``<data-dir>/server_id``): the ``owner`` of the rows it manages.
     server_id: str = ""
+    # ``spiffe_refresh_hint`` in seconds; 0: a tenth of the CA TTL, at most 5 minutes.
+    bundle_refresh_hint: int = 0
 
     @property
     def effective_jwt_key_ttl(self) -> int:
@@ -135,7 +137,10 @@ class AuthorityManagerConfig:
 
     @property
     def refresh_hint(self) -> int:
-        """``spiffe_refresh_hint``: a tenth of the CA TTL, at most 5 minutes."""
+        """``spiffe_refresh_hint``: ``bundle_refresh_hint``, or a tenth of the CA TTL, at
+        most 5 minutes."""
+        if self.bundle_refresh_hint > 0:
+            return self.bundle_refresh_hint
         return max(1, min(self.ca_ttl // 10, _MAX_REFRESH_HINT))
 
     @classmethod
@@ -153,6 +158,7 @@ class AuthorityManagerConfig:
             upstream_ca_cert=config.upstream_ca_cert,
             upstream_ca_key=config.upstream_ca_key,
             rotation_check_interval=config.rotation_check_interval,
+            bundle_refresh_hint=config.bundle_refresh_hint,
         )
 
 

@@ -82,11 +82,15 @@ def show(socket_path: str, output: str, spiffe_id: str) -> None:
 @agent.command()
 @admin_options
 @click.option("--spiffe-id", type=SPIFFE_ID, required=True, help="The agent's SPIFFE ID.")
-def ban(socket_path: str, output: str, spiffe_id: str) -> None:
-    """Refuse the agent from its next call on, until it is evicted."""
+@click.option("--reason", default="", help="Why (kept with the revocations).")
+def ban(socket_path: str, output: str, spiffe_id: str, reason: str) -> None:
+    """Refuse the agent from its next call on, until it is evicted, and revoke every
+    unexpired X.509-SVID it obtained. Banning a banned agent changes nothing."""
     with AdminClient(socket_path) as client:
         node = client.call(
-            client.agents.BanAgent, admin_pb2.BanAgentRequest(spiffe_id=spiffe_id), noun="agent"
+            client.agents.BanAgent,
+            admin_pb2.BanAgentRequest(spiffe_id=spiffe_id, reason=reason),
+            noun="agent",
         )
     emit(output, message_to_dict(node), f"Agent banned: {spiffe_id}")
 

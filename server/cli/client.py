@@ -106,6 +106,8 @@ class AdminClient:
         self.svids = admin_pb2_grpc.SvidsStub(self._channel)
         self.authorities = admin_pb2_grpc.LocalAuthorityStub(self._channel)
         self.audit = admin_pb2_grpc.AuditStub(self._channel)
+        self.delegation = admin_pb2_grpc.DelegationStub(self._channel)
+        self.federation = admin_pb2_grpc.FederationStub(self._channel)
 
     @property
     def channel(self) -> grpc.Channel:

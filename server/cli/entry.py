@@ -23,7 +23,7 @@ from credo.selector import Selector
 from credo.spiffe_id import SpiffeId, TrustDomain
 from server.cli.client import AdminClient
 from server.cli.errors import CliError
-from server.cli.output import emit, message_to_dict, render_entries
+from server.cli.output import emit, message_to_dict, render_entries, render_revocation
 from server.cli.params import (
     DURATION,
     INT32_MAX,
@@ -60,6 +60,8 @@ _JSON_FIELDS = (
     "federates_with",
     "revision_number",
     "created_at",
+    "owner",
+    "purpose",
 )
 _READ_ONLY = frozenset({"created_at"})
 # Flag-only parameters (the rest map to entry fields of the same name).
@@ -76,6 +78,8 @@ _FLAG_FIELDS = {
     "hint": "hint",
     "expires_at": "expires_at",
     "federates_with": "federates_with",
+    "owner": "owner",
+    "purpose": "purpose",
 }
 _FLAG_NAMES = {"selectors": "--selector", "dns_names": "--dns", "entry_id": "--id"}
 
@@ -161,7 +165,7 @@ def entry_from_json(doc: Any, index: int) -> tuple[types_pb2.RegistrationEntry, 
                     parsed = str(SpiffeId.parse(text)) if text else ""
                 except CredoError as exc:
                     raise _Bad(f"{name}: {exc}") from None
-            elif name in ("id", "hint"):
+            elif name in ("id", "hint", "owner", "purpose"):
                 parsed = _json_string(value, name)
             elif name == "selectors":
                 items = _json_list(value, name)
@@ -317,6 +321,10 @@ def _entry_options(f: F) -> F:
             help="Trust domain whose bundle workloads get (repeatable).",
         ),
         click.option(
+            "--owner", help="Accountable person or team, e.g. alice@example.com; '' clears it."
+        ),
+        click.option("--purpose", help="What the identity is for (free text)."),
+        click.option(
             "--data",
             metavar="FILE",
             help='JSON batch {"entries": [...]} with snake_case fields; - for stdin.',
@@ -430,6 +438,23 @@ def delete(socket_path: str, output: str, entry_ids: tuple[str, ...]) -> None:
 
 @entry.command()
 @admin_options
+@click.option("--id", "entry_id", required=True, help="ID of the entry to revoke.")
+@click.option("--reason", default="", help="Why (kept with the revocation).")
+def revoke(socket_path: str, output: str, entry_id: str, reason: str) -> None:
+    """The kill switch: never issue for the entry again and revoke every unexpired
+    X.509-SVID issued for it (they appear in the CRLs agents deliver to workloads).
+    Revoking a revoked entry changes nothing; delete the entry to retire it."""
+    with AdminClient(socket_path) as client:
+        reply = client.call(
+            client.entries.RevokeEntry,
+            admin_pb2.RevokeEntryRequest(id=entry_id, reason=reason),
+            noun="entry",
+        )
+    emit(output, message_to_dict(reply), render_revocation(reply, f"Entry {entry_id}"))
+
+
+@entry.command()
+@admin_options
 @click.option("--id", "entry_id", help="Show only this entry.")
 @click.option("--spiffe-id", type=SPIFFE_ID, help="Only entries with this SPIFFE ID.")
 @click.option("--parent-id", type=SPIFFE_ID, help="Only entries with this parent ID.")
@@ -444,6 +469,7 @@ def delete(socket_path: str, output: str, entry_ids: tuple[str, ...]) -> None:
     help="How --selector filters match an entry's selectors.",
 )
 @click.option("--hint", help="Only entries with this hint.")
+@click.option("--owner", help="Only entries owned by this person or team.")
 def show(
     socket_path: str,
     output: str,
@@ -453,6 +479,7 @@ def show(
     selectors: tuple[Selector, ...],
     match: str,
     hint: str | None,
+    owner: str | None,
 ) -> None:
     """Show registration entries, all of them or those matching the filters."""
     with AdminClient(socket_path) as client:
@@ -469,6 +496,7 @@ def show(
                 by_selectors=[types_pb2.Selector(type=s.type, value=s.value) for s in selectors],
                 selector_match=match if selectors else "",
                 by_hint=hint or "",
+                by_owner=owner or "",
             )
             found = []
             token = ""

@@ -1,4 +1,5 @@
-"""``credo-server jwt mint``: a JWT-SVID for any SPIFFE ID (printed: the admin asked for it)."""
+"""``credo-server jwt mint|revoke``: mint a JWT-SVID for any SPIFFE ID (printed: the admin
+asked for it), revoke one by its ``jti``."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import click
 
 from credo._proto.credo.server.v1 import admin_pb2
 from server.cli.client import AdminClient
-from server.cli.output import emit
+from server.cli.output import emit, message_to_dict, render_revocation
 from server.cli.params import DURATION, SPIFFE_ID, admin_options
 
 __all__ = ["jwt"]
@@ -45,3 +46,19 @@ def mint(
         },
         svid.token,
     )
+
+
+@jwt.command()
+@admin_options
+@click.option("--jti", required=True, help="The JWT ID (jti claim) of the JWT-SVID.")
+@click.option("--reason", default="", help="Why (kept with the revocation).")
+def revoke(socket_path: str, output: str, jti: str, reason: str) -> None:
+    """Revoke one JWT-SVID the server issued: every agent's ValidateJWTSVID refuses it from
+    then on and no agent hands it out again. Revoking it again changes nothing."""
+    with AdminClient(socket_path) as client:
+        reply = client.call(
+            client.svids.RevokeJWTSVID,
+            admin_pb2.RevokeJWTSVIDRequest(jti=jti, reason=reason),
+            noun="JWT-SVID",
+        )
+    emit(output, message_to_dict(reply), render_revocation(reply, f"JWT-SVID {jti}"))

@@ -16,8 +16,10 @@ from server.cli.agent import agent
 from server.cli.audit import audit
 from server.cli.bundle import bundle
 from server.cli.client import describe_rpc_error
+from server.cli.delegation import delegation
 from server.cli.entry import entry
 from server.cli.errors import CliError
+from server.cli.federation import federation
 from server.cli.healthcheck import healthcheck
 from server.cli.jwt import jwt
 from server.cli.localauthority import localauthority
@@ -52,11 +54,13 @@ for command in (
     token,
     agent,
     bundle,
+    federation,
     x509,
     jwt,
     wit,
     localauthority,
     audit,
+    delegation,
 ):
     cli.add_command(command)
 

@@ -146,6 +146,10 @@ def render_entry(entry: types_pb2.RegistrationEntry) -> str:
         rows.append(("Downstream", "true"))
     if entry.hint:
         rows.append(("Hint", entry.hint))
+    if entry.owner:
+        rows.append(("Owner", entry.owner))
+    if entry.purpose:
+        rows.append(("Purpose", entry.purpose))
     if entry.created_at:
         rows.append(("Created at", format_time(entry.created_at)))
     return blocks(rows)
@@ -236,3 +240,18 @@ def render_bundle(message: types_pb2.Bundle, bundle_format: str) -> str:
     if bundle_format == "spiffe":
         return json.dumps(json.loads(bundle.marshal()), indent=2)
     return bundle.marshal_pem().decode("ascii")
+
+
+def render_revocation(reply: admin_pb2.RevocationResponse, what: str) -> str:
+    """What a revocation call did, for people: the target, then each newly revoked serial."""
+    n = len(reply.revoked)
+    if n == 0 and not reply.entry_newly_revoked:
+        head = f"{what} was already revoked; nothing more to revoke"
+    else:
+        head = f"{what} revoked; {n} X.509-SVID{'' if n == 1 else 's'} revoked"
+    lines = [head]
+    for svid in reply.revoked:
+        lines.append(
+            f"  serial {svid.serial}  {svid.spiffe_id}  expires {format_time(svid.expires_at)}"
+        )
+    return "\n".join(lines)

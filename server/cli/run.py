@@ -27,6 +27,12 @@ SETTING_FLAGS: tuple[tuple[str, Any, str], ...] = (
         str,
         "Agent endpoint host:port; port 0 picks a free port [default: 0.0.0.0:8081].",
     ),
+    (
+        "--http-bind-address",
+        str,
+        "HTTP front end host:port ([server.http] bind_address); port 0 picks a free port, "
+        "written to <data-dir>/http.addr [default: no HTTP front end].",
+    ),
     ("--admin-socket", str, "Admin API Unix socket [default: /tmp/credo-server/private/api.sock]."),
     ("--datastore", str, "Datastore URL [default: SQLite in the data dir]."),
     ("--ca-ttl", str, "CA certificate lifetime [default: 24h]."),
@@ -36,6 +42,18 @@ SETTING_FLAGS: tuple[tuple[str, Any, str], ...] = (
     ("--agent-svid-ttl", str, "Agent SVID lifetime [default: the X.509-SVID TTL]."),
     ("--ca-key-type", click.Choice(KEY_TYPES), "CA key type [default: ec-p256]."),
     ("--jwt-key-type", click.Choice(KEY_TYPES), "JWT signing key type [default: ec-p256]."),
+    (
+        "--jwt-issuer",
+        str,
+        "The 'iss' of every JWT-SVID and the OIDC discovery issuer, an https URL "
+        "[default: none, tokens carry no 'iss'].",
+    ),
+    (
+        "--bundle-refresh-hint",
+        str,
+        "The bundle's spiffe_refresh_hint, how often federated servers re-fetch it "
+        "[default: a tenth of the CA TTL, at most 5m].",
+    ),
     ("--upstream-ca-cert", str, "Upstream CA certificate (PEM); the CA becomes its intermediate."),
     ("--upstream-ca-key", str, "Upstream CA private key (PEM)."),
     ("--join-token-ttl", str, "Default join token lifetime [default: 600s]."),
@@ -43,6 +61,12 @@ SETTING_FLAGS: tuple[tuple[str, Any, str], ...] = (
         "--join-token-max-ttl",
         str,
         "Longest join token lifetime `token generate --ttl` may ask for [default: 24h].",
+    ),
+    (
+        "--crl-next-update",
+        str,
+        "How far ahead CRLs set nextUpdate; re-signed at half of it and on every revocation "
+        "[default: 10m].",
     ),
     ("--log-level", click.Choice(LOG_LEVELS), "Log level [default: info]."),
     ("--log-format", click.Choice(LOG_FORMATS), "Log format [default: text]."),
@@ -69,6 +93,11 @@ SETTING_FLAGS: tuple[tuple[str, Any, str], ...] = (
         "Processes that check CSRs and sign large X.509-SVID batches; 0 signs in-process "
         "[default: min(2, CPUs)].",
     ),
+    (
+        "--require-entry-owner",
+        bool,
+        "Refuse registration entries without --owner [default: off].",
+    ),
 )
 
 
@@ -87,7 +116,11 @@ def config_from_flags(config_file: str | None, flags: dict[str, Any]) -> Any:
 
 def _setting_options(f: Callable[..., Any]) -> Callable[..., Any]:
     for flag, kind, help_text in reversed(SETTING_FLAGS):
-        f = click.option(flag, _setting_name(flag), type=kind, default=None, help=help_text)(f)
+        if kind is bool:  # an on/off switch: --x / --no-x
+            decl = f"{flag}/--no-{flag.removeprefix('--')}"
+            f = click.option(decl, _setting_name(flag), default=None, help=help_text)(f)
+        else:
+            f = click.option(flag, _setting_name(flag), type=kind, default=None, help=help_text)(f)
     return f
 
 

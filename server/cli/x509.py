@@ -1,4 +1,5 @@
-"""``credo-server x509 mint``: an X.509-SVID for any SPIFFE ID, with a key made here.
+"""``credo-server x509 mint|revoke|crl``: mint an X.509-SVID for any SPIFFE ID (with a key
+made here), revoke one by serial, show or write the authorities' CRLs.
 
 The private key is generated locally (ec-p256) and never leaves this process except to
 stdout or ``--write DIR`` (``key.pem`` mode 0600, written atomically).
@@ -16,7 +17,7 @@ from credo._files import write_atomically
 from credo._proto.credo.server.v1 import admin_pb2
 from credo.keys import KeyType, generate_private_key, private_key_to_pkcs8_pem
 from server.cli.client import AdminClient
-from server.cli.output import emit, render_bundle
+from server.cli.output import emit, message_to_dict, render_bundle, render_revocation
 from server.cli.params import DURATION, SPIFFE_ID, admin_options
 
 __all__ = ["write_file_atomic", "x509"]
@@ -118,3 +119,67 @@ def mint(
             ]
         ),
     )
+
+
+@x509.command()
+@admin_options
+@click.option(
+    "--serial", required=True, help="Serial number in hex, as logged or as openssl prints it."
+)
+@click.option("--reason", default="", help="Why (kept with the revocation).")
+def revoke(socket_path: str, output: str, serial: str, reason: str) -> None:
+    """Revoke one X.509-SVID the server issued: it goes into its authority's CRL, which
+    agents put in front of workloads at once; the agent replaces the SVID unless its entry
+    is revoked. Revoking it again changes nothing."""
+    with AdminClient(socket_path) as client:
+        reply = client.call(
+            client.svids.RevokeX509SVID,
+            admin_pb2.RevokeX509SVIDRequest(serial=serial, reason=reason),
+            noun="X.509-SVID",
+        )
+    emit(output, message_to_dict(reply), render_revocation(reply, f"X.509-SVID {serial}"))
+
+
+@x509.command()
+@admin_options
+@click.option(
+    "--write",
+    "write_dir",
+    metavar="DIR",
+    help="Write <authority-id>.crl (DER) for each authority to DIR instead of printing PEM.",
+)
+def crl(socket_path: str, output: str, write_dir: str | None) -> None:
+    """The current CRL of every X.509 authority (PEM on stdout, or DER files)."""
+    with AdminClient(socket_path) as client:
+        reply = client.call(client.svids.ListCRLs, admin_pb2.ListCRLsRequest(), noun="CRL")
+    pems = {
+        c.authority_id: cx509.load_der_x509_crl(c.der)
+        .public_bytes(serialization.Encoding.PEM)
+        .decode("ascii")
+        for c in reply.crls
+    }
+    if write_dir is None:
+        emit(
+            output,
+            {
+                "crls": [
+                    {
+                        "authority_id": c.authority_id,
+                        "number": int(c.number),
+                        "next_update": int(c.next_update),
+                        "crl": pems[c.authority_id],
+                    }
+                    for c in reply.crls
+                ]
+            },
+            "".join(pems.values()) or "No CRLs yet",
+        )
+        return
+    directory = Path(write_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for c in reply.crls:
+        path = directory / f"{c.authority_id}.crl"
+        write_file_atomic(path, c.der, 0o644)
+        written.append(str(path))
+    emit(output, {"paths": written}, "\n".join(f"CRL written to {p}" for p in written))

@@ -21,9 +21,16 @@ __all__ = [
     "Authority",
     "AuthorityKind",
     "AuthorityStatus",
+    "Budget",
+    "BudgetUse",
     "BySelectors",
+    "Crl",
+    "DelegationPolicy",
     "Event",
     "EventKind",
+    "FederationRelationship",
+    "IssuedJwtSvid",
+    "IssuedX509Svid",
     "JoinToken",
     "ListAttestedNodesRequest",
     "ListAttestedNodesResponse",
@@ -31,6 +38,7 @@ __all__ = [
     "ListRegistrationEntriesResponse",
     "MatchBehavior",
     "RegistrationEntry",
+    "Revocation",
 ]
 
 AuthorityKind = Literal["x509", "jwt", "wit"]
@@ -52,7 +60,9 @@ class RegistrationEntry:
     ``id`` is assigned (uuid4) on create when empty. ``revision_number`` and
     ``created_at`` are owned by the datastore: it sets them on create and update and
     ignores what the caller passes. ``x509_svid_ttl``/``jwt_svid_ttl`` of 0 mean the
-    server default; ``expires_at`` of 0 means the entry never expires.
+    server default; ``expires_at`` of 0 means the entry never expires. ``owner`` is the
+    accountable person or team (``alice@example.com``), ``purpose`` free text; ``""`` is
+    unset.
     """
 
     spiffe_id: str
@@ -70,6 +80,8 @@ class RegistrationEntry:
     federates_with: tuple[str, ...] = ()
     revision_number: int = 0
     created_at: int = 0
+    owner: str = ""
+    purpose: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "selectors", _sorted_selectors(self.selectors))
@@ -115,6 +127,25 @@ class JoinToken:
 
 
 @dataclass(frozen=True, slots=True)
+class FederationRelationship:
+    """A federated trust domain and where its bundle is fetched (SPIFFE Federation).
+
+    ``bundle_endpoint_profile`` is ``https_spiffe`` (the endpoint presents an X509-SVID for
+    ``endpoint_spiffe_id``, verified with the trust domain's last bundle) or ``https_web``
+    (a web PKI certificate for the URL's host). ``last_refresh_at`` / ``last_error``
+    record the last fetch (0 / "" before the first); ``created_at`` of 0 becomes now.
+    """
+
+    trust_domain: str
+    bundle_endpoint_url: str
+    bundle_endpoint_profile: str
+    endpoint_spiffe_id: str = ""
+    created_at: int = 0
+    last_refresh_at: int = 0
+    last_error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Authority:
     """One signing key in the CA's rotation journal (the private key stays on disk).
 
@@ -134,8 +165,70 @@ class Authority:
     owner: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class IssuedX509Svid:
+    """An X.509-SVID the server signed, kept until it expires so that it can be revoked.
+
+    ``serial`` is the certificate's serial number in lowercase hex (as logged);
+    ``authority_id`` the issuing X.509 authority (its SubjectKeyIdentifier in hex);
+    ``entry_id`` the registration entry it was issued for (``""``: an agent SVID or an
+    admin mint); ``agent_id`` the agent that obtained it (an agent SVID's own agent;
+    ``""`` for an admin mint). ``revoked_at`` of 0 means not revoked.
+    """
+
+    serial: str
+    authority_id: str
+    spiffe_id: str
+    expires_at: int
+    entry_id: str = ""
+    agent_id: str = ""
+    issued_at: int = 0
+    revoked_at: int = 0
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedJwtSvid:
+    """A JWT-SVID the server signed, by its ``jti``, kept until it expires (revocable)."""
+
+    jti: str
+    spiffe_id: str
+    expires_at: int
+    entry_id: str = ""
+    agent_id: str = ""
+    issued_at: int = 0
+    revoked_at: int = 0
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Revocation:
+    """What one revocation call changed: the SVIDs it revoked now (already revoked ones
+    are not repeated), and for an entry whether the entry itself was newly revoked."""
+
+    revoked: tuple[IssuedX509Svid, ...] = ()
+    entry_newly_revoked: bool = False
+    revoked_jwts: tuple[IssuedJwtSvid, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Crl:
+    """The current certificate revocation list (DER) of one X.509 authority."""
+
+    authority_id: str
+    number: int
+    data: bytes
+    next_update: int
+    updated_at: int = 0
+
+
 class EventKind(enum.StrEnum):
-    """What changed; ``Event.subject`` names the entry id, node SPIFFE ID or trust domain."""
+    """What changed; ``Event.subject`` names the entry id, node SPIFFE ID or trust domain.
+
+    ``x509_svids_revoked`` names the issuing authority (its CRL must be re-signed);
+    ``crl_updated`` the authority whose CRL was stored; ``entry_revoked`` the entry;
+    ``jwt_svids_revoked`` has the subject ``""`` (the revocation list changed).
+    """
 
     ENTRY_CREATED = "entry_created"
     ENTRY_UPDATED = "entry_updated"
@@ -145,6 +238,10 @@ class EventKind(enum.StrEnum):
     NODE_DELETED = "node_deleted"
     BUNDLE_UPDATED = "bundle_updated"
     BUNDLE_DELETED = "bundle_deleted"
+    ENTRY_REVOKED = "entry_revoked"
+    X509_SVIDS_REVOKED = "x509_svids_revoked"
+    CRL_UPDATED = "crl_updated"
+    JWT_SVIDS_REVOKED = "jwt_svids_revoked"
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,6 +294,7 @@ class ListRegistrationEntriesRequest:
     by_selectors: BySelectors | None = None
     by_hint: str | None = None
     by_downstream: bool | None = None
+    by_owner: str | None = None
     page_size: int = 0
     page_token: str = ""
 
@@ -248,3 +346,60 @@ class ListAuditRecordsRequest:
     until_ms: int | None = None
     after_seq: int = 0
     limit: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """At most ``limit`` tokens granting ``scope`` (``*``: any token) per ``period`` seconds.
+
+    Counted per policy and agent identity, in fixed windows aligned to the unix epoch.
+    """
+
+    scope: str
+    limit: int
+    period: int
+
+
+@dataclass(frozen=True, slots=True)
+class DelegationPolicy:
+    """Which agents may act for which people, with which scopes and audiences, how long.
+
+    ``agent_id`` is a SPIFFE ID, or a path prefix ending in ``/*`` (every ID below it).
+    ``subject_issuer`` names a ``[server.delegation.issuers.<name>]`` table;
+    ``subject_claims`` are ``(claim, value)`` pairs the person's token must all carry (a
+    list claim carries a value it contains). ``max_ttl`` is seconds; ``max_depth`` the
+    longest actor chain. ``id``, ``revision_number`` and ``created_at`` are owned by the
+    datastore, as for entries.
+    """
+
+    agent_id: str
+    subject_issuer: str
+    scopes: tuple[str, ...]
+    audiences: tuple[str, ...]
+    subject_claims: tuple[tuple[str, str], ...] = ()
+    max_ttl: int = 300
+    max_depth: int = 1
+    budgets: tuple[Budget, ...] = ()
+    id: str = ""
+    revision_number: int = 0
+    created_at: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "scopes", tuple(sorted(set(self.scopes))))
+        object.__setattr__(self, "audiences", tuple(sorted(set(self.audiences))))
+        object.__setattr__(self, "subject_claims", tuple(sorted(set(self.subject_claims))))
+        object.__setattr__(
+            self, "budgets", tuple(sorted(set(self.budgets), key=lambda b: (b.scope, b.period)))
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetUse:
+    """One budget's counters in its current window, for one agent identity."""
+
+    policy_id: str
+    agent_id: str
+    scope: str
+    window_start: int
+    used: int
+    refused: int

@@ -15,7 +15,16 @@ Versions:
 2. ``authorities.owner``: the server id of the server holding the private key (servers
    sharing one database each keep their own CA). Rows from version 1 get ``""``: the
    first server that finds their key file adopts them.
-3. ``audit_records``: the hash-chained audit trail (:mod:`server.audit`), one row per
+3. ``federation_relationships``: federated trust domains and their bundle endpoints.
+4. ``registration_entries.owner`` and ``.purpose`` (``""`` for existing rows), indexed by
+   owner.
+5. ``delegation_policies`` and ``budget_usage`` (token exchange, :mod:`server.delegation`).
+6. revocation: ``issued_x509_svids`` (every X.509-SVID the server signed: serial, issuing
+   authority, entry, SPIFFE ID, agent, expiry, and when and why it was revoked),
+   ``revoked_entries`` (the kill switch: entries that may not be issued for) and ``crls``
+   (the current CRL of each X.509 authority), ``issued_jwt_svids`` (every JWT-SVID by
+   ``jti``, with its revocation).
+7. ``audit_records``: the hash-chained audit trail (:mod:`server.audit`), one row per
    record, ``seq`` 1, 2, 3, ... assigned under a lock when the writing transaction
    commits.
 """
@@ -86,12 +95,16 @@ entries = Table(
     # sha256 over the sorted selectors alone, and their number: EXACT and SUBSET filters.
     Column("selectors_key", String(64), nullable=False),
     Column("selector_count", Integer, nullable=False),
+    # Version 3: the accountable person or team, and what the identity is for.
+    Column("owner", _Str, nullable=False, server_default=""),
+    Column("purpose", _Str, nullable=False, server_default=""),
     Index("ux_registration_entries_unique_key", "unique_key", unique=True),
     Index("ix_registration_entries_spiffe_id", "spiffe_id"),
     Index("ix_registration_entries_parent_id", "parent_id"),
     Index("ix_registration_entries_selectors_key", "selectors_key"),
     Index("ix_registration_entries_hint", "hint"),
     Index("ix_registration_entries_expires_at", "expires_at"),
+    Index("ix_registration_entries_owner", "owner"),
     sqlite_with_rowid=False,
 )
 
@@ -207,6 +220,69 @@ authorities = Table(
     Index("ix_authorities_kind_created_at", "kind", "created_at"),
 )
 
+# Version 4: revocation. ``agent_id`` is the agent that obtained the SVID (for an agent
+# SVID, the agent itself; ``""`` for one minted by an admin); ``entry_id`` is ``""`` for
+# SVIDs not issued for an entry (agent SVIDs, admin mints). ``revoked_at`` 0: not revoked.
+issued_x509_svids = Table(
+    "issued_x509_svids",
+    metadata,
+    Column("serial", _Key, primary_key=True),
+    Column("authority_id", _Str, nullable=False),
+    Column("entry_id", _Str, nullable=False),
+    Column("spiffe_id", _Str, nullable=False),
+    Column("agent_id", _Str, nullable=False),
+    Column("expires_at", BigInteger, nullable=False),
+    Column("issued_at", BigInteger, nullable=False),
+    Column("revoked_at", BigInteger, nullable=False),
+    Column("reason", _Str, nullable=False),
+    Index("ix_issued_x509_svids_entry_id", "entry_id"),
+    Index("ix_issued_x509_svids_agent_id", "agent_id"),
+    Index("ix_issued_x509_svids_authority_revoked", "authority_id", "revoked_at"),
+    Index("ix_issued_x509_svids_expires_at", "expires_at"),
+)
+
+revoked_entries = Table(
+    "revoked_entries",
+    metadata,
+    Column(
+        "entry_id",
+        _Key,
+        ForeignKey("registration_entries.entry_id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    Column("revoked_at", BigInteger, nullable=False),
+    Column("reason", _Str, nullable=False),
+)
+
+crls = Table(
+    "crls",
+    metadata,
+    Column("authority_id", _Str, primary_key=True),
+    Column("number", BigInteger, nullable=False),
+    Column("data", LargeBinary, nullable=False),
+    Column("next_update", BigInteger, nullable=False),
+    Column("updated_at", BigInteger, nullable=False),
+)
+
+# Every JWT-SVID the server signed, by ``jti``, until it expires (same columns' meaning).
+issued_jwt_svids = Table(
+    "issued_jwt_svids",
+    metadata,
+    Column("jti", _Key, primary_key=True),
+    Column("entry_id", _Str, nullable=False),
+    Column("spiffe_id", _Str, nullable=False),
+    Column("agent_id", _Str, nullable=False),
+    Column("expires_at", BigInteger, nullable=False),
+    Column("issued_at", BigInteger, nullable=False),
+    Column("revoked_at", BigInteger, nullable=False),
+    Column("reason", _Str, nullable=False),
+    Index("ix_issued_jwt_svids_entry_id", "entry_id"),
+    Index("ix_issued_jwt_svids_agent_id", "agent_id"),
+    Index("ix_issued_jwt_svids_revoked_expires", "revoked_at", "expires_at"),
+)
+
+_REVOCATION_TABLES = (issued_x509_svids, revoked_entries, crls, issued_jwt_svids)
+
 # ``authorities`` as version 1 created it (step 1 must keep creating exactly this).
 _v1_metadata = MetaData()
 _authorities_v1 = Table(
@@ -222,6 +298,19 @@ _authorities_v1 = Table(
     Column("created_at", BigInteger, nullable=False),
     Index("ix_authorities_kind_created_at", "kind", "created_at"),
 )
+
+federation_relationships = Table(
+    "federation_relationships",
+    metadata,
+    Column("trust_domain", _Str, primary_key=True),
+    Column("bundle_endpoint_url", _Str, nullable=False),
+    Column("bundle_endpoint_profile", String(16), nullable=False),
+    Column("endpoint_spiffe_id", _Str, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Column("last_refresh_at", BigInteger, nullable=False),
+    Column("last_error", _Str, nullable=False),
+)
+"""Version 3 (created by step 3, not step 1)."""
 
 events = Table(
     "events",
@@ -261,15 +350,91 @@ audit_records = Table(
     Index("ix_audit_records_time_ms", "time_ms"),
 )
 
-# Tables that later steps create: step 1 must not.
-_CREATED_LATER = frozenset({"audit_records"})
+_entries_v1 = Table(
+    "registration_entries",
+    _v1_metadata,
+    Column("entry_id", _Key, primary_key=True),
+    Column("spiffe_id", _Str, nullable=False),
+    Column("parent_id", _Str, nullable=False),
+    Column("x509_svid_ttl", Integer, nullable=False),
+    Column("jwt_svid_ttl", Integer, nullable=False),
+    Column("admin", Boolean, nullable=False),
+    Column("downstream", Boolean, nullable=False),
+    Column("node_alias", Boolean, nullable=False),
+    Column("hint", _Str, nullable=False),
+    Column("expires_at", BigInteger, nullable=False),
+    Column("revision_number", BigInteger, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Column("unique_key", String(64), nullable=False),
+    Column("selectors_key", String(64), nullable=False),
+    Column("selector_count", Integer, nullable=False),
+    Index("ux_registration_entries_unique_key", "unique_key", unique=True),
+    Index("ix_registration_entries_spiffe_id", "spiffe_id"),
+    Index("ix_registration_entries_parent_id", "parent_id"),
+    Index("ix_registration_entries_selectors_key", "selectors_key"),
+    Index("ix_registration_entries_hint", "hint"),
+    Index("ix_registration_entries_expires_at", "expires_at"),
+    sqlite_with_rowid=False,
+)
+
+_V1_TABLES = (
+    "registration_entries",
+    "entry_selectors",
+    "entry_dns_names",
+    "entry_federates_with",
+    "attested_nodes",
+    "node_selectors",
+    "join_tokens",
+    "bundles",
+    "events",
+)
+
+
+delegation_policies = Table(
+    "delegation_policies",
+    metadata,
+    Column("policy_id", _Key, primary_key=True),
+    # A SPIFFE ID, or a prefix ending in "/*".
+    Column("agent_id", _Str, nullable=False),
+    Column("subject_issuer", _Str, nullable=False),
+    # JSON: {"scopes": [...], "audiences": [...], "subject_claims": [[k, v]...],
+    #        "budgets": [{"scope", "limit", "period"}]}
+    Column("body", Text, nullable=False),
+    Column("max_ttl", Integer, nullable=False),
+    Column("max_depth", Integer, nullable=False),
+    Column("revision_number", BigInteger, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Index("ix_delegation_policies_agent_id", "agent_id"),
+)
+
+budget_usage = Table(
+    "budget_usage",
+    metadata,
+    Column(
+        "policy_id",
+        _Key,
+        ForeignKey("delegation_policies.policy_id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column("agent_id", _Str, nullable=False),
+    Column("scope", _Str, nullable=False),
+    Column("window_start", BigInteger, nullable=False),
+    Column("used", Integer, nullable=False),
+    Column("refused", Integer, nullable=False),
+    PrimaryKeyConstraint("policy_id", "agent_id", "scope", "window_start"),
+    Index("ix_budget_usage_window_start", "window_start"),
+)
 
 
 def _step_1_initial(conn: Connection) -> None:
-    """Create every table of version 1."""
-    frozen = {schema_version, authorities, *(metadata.tables[n] for n in _CREATED_LATER)}
-    metadata.create_all(conn, tables=[t for t in metadata.sorted_tables if t not in frozen])
+    """Create every table of version 1, each in its version-1 shape."""
+    _entries_v1.create(conn)
     _authorities_v1.create(conn)
+    later = {"registration_entries", "authorities", "schema_version"}
+    metadata.create_all(
+        conn,
+        tables=[t for t in metadata.sorted_tables if t.name in _V1_TABLES and t.name not in later],
+    )
 
 
 def _step_2_authority_owner(conn: Connection) -> None:
@@ -280,7 +445,36 @@ def _step_2_authority_owner(conn: Connection) -> None:
     )
 
 
-def _step_3_audit_records(conn: Connection) -> None:
+def _step_3_federation_relationships(conn: Connection) -> None:
+    """Create ``federation_relationships``."""
+    federation_relationships.create(conn)
+
+
+def _step_4_entry_owner(conn: Connection) -> None:
+    """Add ``registration_entries.owner`` and ``.purpose`` (``""`` for existing rows)."""
+    collate = ' COLLATE "C"' if conn.dialect.name == "postgresql" else ""
+    for column in ("owner", "purpose"):
+        conn.execute(
+            text(
+                f"ALTER TABLE registration_entries ADD COLUMN {column} TEXT{collate} "
+                "NOT NULL DEFAULT ''"
+            )
+        )
+    conn.execute(text("CREATE INDEX ix_registration_entries_owner ON registration_entries (owner)"))
+
+
+def _step_5_delegation(conn: Connection) -> None:
+    """Create ``delegation_policies`` and ``budget_usage``."""
+    delegation_policies.create(conn)
+    budget_usage.create(conn)
+
+
+def _step_6_revocation(conn: Connection) -> None:
+    """Add the revocation tables: issued X.509-SVIDs, revoked entries, CRLs."""
+    metadata.create_all(conn, tables=list(_REVOCATION_TABLES))
+
+
+def _step_7_audit_records(conn: Connection) -> None:
     """Create ``audit_records`` (the hash-chained audit trail) and its indexes."""
     audit_records.create(conn)
 
@@ -288,7 +482,11 @@ def _step_3_audit_records(conn: Connection) -> None:
 MIGRATIONS: tuple[Callable[[Connection], None], ...] = (
     _step_1_initial,
     _step_2_authority_owner,
-    _step_3_audit_records,
+    _step_3_federation_relationships,
+    _step_4_entry_owner,
+    _step_5_delegation,
+    _step_6_revocation,
+    _step_7_audit_records,
 )
 """Ordered steps; step ``n`` (1-based) takes the schema from version ``n - 1`` to ``n``."""
 

@@ -61,6 +61,7 @@ from sqlalchemy import (
     or_,
     select,
     text,
+    true,
     update,
 )
 from sqlalchemy.dialects import postgresql as pg_dialect
@@ -82,8 +83,15 @@ from server.datastore.errors import (
 from server.datastore.models import (
     AttestedNode,
     Authority,
+    Budget,
+    BudgetUse,
+    Crl,
+    DelegationPolicy,
     Event,
     EventKind,
+    FederationRelationship,
+    IssuedJwtSvid,
+    IssuedX509Svid,
     JoinToken,
     ListAttestedNodesRequest,
     ListAttestedNodesResponse,
@@ -92,20 +100,28 @@ from server.datastore.models import (
     ListRegistrationEntriesResponse,
     MatchBehavior,
     RegistrationEntry,
+    Revocation,
 )
 from server.datastore.protocol import BundleBuilder, DataStore
 from server.datastore.schema import (
     audit_records,
     authorities,
+    budget_usage,
     bundles,
+    crls,
+    delegation_policies,
     entries,
     entry_dns_names,
     entry_federates_with,
     entry_selectors,
     events,
+    federation_relationships,
+    issued_jwt_svids,
+    issued_x509_svids,
     join_tokens,
     node_selectors,
     nodes,
+    revoked_entries,
 )
 
 __all__ = ["Listener", "SqlDataStore"]
@@ -902,6 +918,99 @@ class SqlDataStore:
             self._emit(tx, [(EventKind.BUNDLE_DELETED, trust_domain)])
             audit.record(tx, "bundle.delete", target=trust_domain)
 
+    # ------------------------------------------------------- federation relationships
+
+    _FED_COLUMNS = (
+        "trust_domain",
+        "bundle_endpoint_url",
+        "bundle_endpoint_profile",
+        "endpoint_spiffe_id",
+        "created_at",
+        "last_refresh_at",
+        "last_error",
+    )
+
+    @staticmethod
+    def _relationship(row: Any) -> FederationRelationship:
+        return FederationRelationship(*row)
+
+    def create_federation_relationship(
+        self, relationship: FederationRelationship
+    ) -> FederationRelationship:
+        """Store a relationship; :class:`AlreadyExists` if its trust domain has one."""
+        _require(relationship.trust_domain, "trust domain")
+        try:
+            with self._transaction(write=True) as tx:
+                stored = replace(relationship, created_at=relationship.created_at or tx.now)
+                tx.conn.execute(
+                    insert(federation_relationships).values(
+                        {c: getattr(stored, c) for c in self._FED_COLUMNS}
+                    )
+                )
+        except IntegrityError as exc:
+            raise AlreadyExists(
+                f"a federation relationship with {relationship.trust_domain!r} already exists"
+            ) from exc
+        return stored
+
+    def fetch_federation_relationship(self, trust_domain: str) -> FederationRelationship | None:
+        """The relationship with ``trust_domain``, or ``None``."""
+        t = federation_relationships
+        with self._transaction(write=False) as tx:
+            row = tx.conn.execute(
+                select(*(t.c[c] for c in self._FED_COLUMNS)).where(t.c.trust_domain == trust_domain)
+            ).first()
+        return self._relationship(row) if row else None
+
+    def list_federation_relationships(self) -> list[FederationRelationship]:
+        """Every relationship, by trust domain."""
+        t = federation_relationships
+        with self._transaction(write=False) as tx:
+            rows = tx.conn.execute(
+                select(*(t.c[c] for c in self._FED_COLUMNS)).order_by(t.c.trust_domain)
+            ).all()
+        return [self._relationship(r) for r in rows]
+
+    def update_federation_relationship(
+        self, relationship: FederationRelationship
+    ) -> FederationRelationship:
+        """Replace the stored relationship of the same trust domain (``created_at`` kept);
+        :class:`NotFound` if there is none."""
+        t = federation_relationships
+        values = {c: getattr(relationship, c) for c in self._FED_COLUMNS if c != "created_at"}
+        with self._transaction(write=True) as tx:
+            gone = tx.conn.execute(
+                update(t).where(t.c.trust_domain == relationship.trust_domain).values(values)
+            ).rowcount
+            if gone == 0:
+                raise NotFound(
+                    f"no federation relationship with trust domain {relationship.trust_domain!r}"
+                )
+            row = tx.conn.execute(
+                select(*(t.c[c] for c in self._FED_COLUMNS)).where(
+                    t.c.trust_domain == relationship.trust_domain
+                )
+            ).first()
+        return self._relationship(row)
+
+    def delete_federation_relationship(self, trust_domain: str) -> FederationRelationship:
+        """Delete the relationship and the trust domain's federated bundle (nothing then
+        trusts it any more); :class:`NotFound` if there is no relationship."""
+        t = federation_relationships
+        with self._transaction(write=True) as tx:
+            row = tx.conn.execute(
+                select(*(t.c[c] for c in self._FED_COLUMNS)).where(t.c.trust_domain == trust_domain)
+            ).first()
+            if row is None:
+                raise NotFound(f"no federation relationship with trust domain {trust_domain!r}")
+            tx.conn.execute(delete(t).where(t.c.trust_domain == trust_domain))
+            gone = tx.conn.execute(
+                delete(bundles).where(bundles.c.trust_domain == trust_domain)
+            ).rowcount
+            if gone:
+                self._emit(tx, [(EventKind.BUNDLE_DELETED, trust_domain)])
+        return self._relationship(row)
+
     # ------------------------------------------------------------------ authorities
 
     def create_authority(self, authority: Authority) -> Authority:
@@ -982,6 +1091,432 @@ class SqlDataStore:
                 details=_authority_details(found[0]),
             )
         return found[0]
+
+    # ------------------------------------------------------------------ issued X.509-SVIDs
+
+    def create_issued_x509_svids(self, svids: Sequence[IssuedX509Svid]) -> frozenset[str]:
+        """Record signed SVIDs, except those of revoked entries: return those entries' ids.
+
+        The caller must not hand out an SVID whose entry id comes back: its entry was
+        revoked after it was authorized. The entries' rows are share-locked first, so a
+        concurrent :meth:`revoke_registration_entry` either sees these rows (and revokes
+        them) or is seen here.
+        """
+        if not svids:
+            return frozenset()
+        entry_ids = sorted({s.entry_id for s in svids if s.entry_id})
+        with self._transaction(write=True) as tx:
+            revoked: set[str] = set()
+            for chunk in _chunks(entry_ids):
+                if self._is_pg:
+                    tx.conn.execute(
+                        select(entries.c.entry_id)
+                        .where(entries.c.entry_id.in_(chunk))
+                        .order_by(entries.c.entry_id)
+                        .with_for_update(read=True)
+                    )
+                revoked.update(
+                    tx.conn.execute(
+                        select(revoked_entries.c.entry_id).where(
+                            revoked_entries.c.entry_id.in_(chunk)
+                        )
+                    ).scalars()
+                )
+            rows = [
+                _issued_values(replace(s, issued_at=s.issued_at or tx.now))
+                for s in svids
+                if s.entry_id not in revoked
+            ]
+            for chunk in _chunks(rows):
+                tx.conn.execute(insert(issued_x509_svids), list(chunk))
+        return frozenset(revoked)
+
+    def fetch_issued_x509_svid(self, serial: str) -> IssuedX509Svid | None:
+        """The recorded SVID with this serial (lowercase hex), or None."""
+        with self._transaction(write=False) as tx:
+            found = self._load_issued(tx.conn, issued_x509_svids.c.serial == serial)
+        return found[0] if found else None
+
+    def list_issued_x509_svids(
+        self,
+        *,
+        entry_id: str | None = None,
+        agent_id: str | None = None,
+        authority_id: str | None = None,
+        revoked: bool | None = None,
+        expires_after: int | None = None,
+    ) -> list[IssuedX509Svid]:
+        """Recorded SVIDs matching every given filter, ordered by serial."""
+        c = issued_x509_svids.c
+        conds: list[ColumnElement[bool]] = []
+        if entry_id is not None:
+            conds.append(c.entry_id == entry_id)
+        if agent_id is not None:
+            conds.append(c.agent_id == agent_id)
+        if authority_id is not None:
+            conds.append(c.authority_id == authority_id)
+        if revoked is not None:
+            conds.append(c.revoked_at != 0 if revoked else c.revoked_at == 0)
+        if expires_after is not None:
+            conds.append(c.expires_at > expires_after)
+        with self._transaction(write=False) as tx:
+            return self._load_issued(tx.conn, and_(true(), *conds))
+
+    def prune_issued_x509_svids(self, expires_before: int) -> int:
+        """Forget SVIDs that expired before ``expires_before`` (nothing verifies them)."""
+        with self._transaction(write=True) as tx:
+            return int(
+                tx.conn.execute(
+                    delete(issued_x509_svids).where(issued_x509_svids.c.expires_at < expires_before)
+                ).rowcount
+            )
+
+    # ------------------------------------------------------------------ revocation
+
+    def revoke_x509_svid(self, serial: str, reason: str) -> Revocation:
+        """Revoke one recorded SVID; :class:`NotFound` if the serial was never recorded.
+
+        Idempotent: an SVID already revoked keeps its first time and reason, and the
+        result then lists nothing.
+        """
+        with self._transaction(write=True) as tx:
+            found = self._load_issued(tx.conn, issued_x509_svids.c.serial == serial)
+            if not found:
+                raise NotFound(f"no X.509-SVID with serial {serial!r} was issued")
+            revoked = self._revoke_issued(tx, issued_x509_svids.c.serial == serial, reason)
+            svid = found[0]
+            audit.record(
+                tx,
+                "x509_svid.revoke",
+                subject=svid.spiffe_id,
+                target=serial,
+                owner=self._entry_owner(tx.conn, svid.entry_id),
+                details=_revocation_details(reason, revoked, [], entry_id=svid.entry_id),
+            )
+        return Revocation(tuple(revoked))
+
+    def revoke_registration_entry(self, entry_id: str, reason: str) -> Revocation:
+        """The kill switch: no SVID may be issued for the entry any more, and every
+        unexpired SVID issued for it is revoked. :class:`NotFound` if the entry is absent.
+
+        Idempotent: revoking a revoked entry changes nothing and lists nothing.
+        """
+        with self._transaction(write=True) as tx:
+            stmt = select(entries.c.spiffe_id, entries.c.owner).where(
+                entries.c.entry_id == entry_id
+            )
+            if self._is_pg:
+                stmt = stmt.with_for_update()
+            entry_row = tx.conn.execute(stmt).first()
+            if entry_row is None:
+                raise NotFound(f"registration entry {entry_id!r} not found")
+            already = tx.conn.execute(
+                select(revoked_entries.c.entry_id).where(revoked_entries.c.entry_id == entry_id)
+            ).first()
+            if already is None:
+                tx.conn.execute(
+                    insert(revoked_entries).values(
+                        entry_id=entry_id, revoked_at=tx.now, reason=reason
+                    )
+                )
+                self._emit(tx, [(EventKind.ENTRY_REVOKED, entry_id)])
+            c = issued_x509_svids.c
+            revoked = self._revoke_issued(
+                tx, and_(c.entry_id == entry_id, c.expires_at > tx.now), reason
+            )
+            j = issued_jwt_svids.c
+            jwts = self._revoke_jwts(
+                tx, and_(j.entry_id == entry_id, j.expires_at > tx.now), reason
+            )
+            audit.record(
+                tx,
+                "entry.revoke",
+                subject=entry_row[0],
+                target=entry_id,
+                owner=entry_row[1],
+                details={
+                    **_revocation_details(reason, revoked, jwts),
+                    "newly_revoked": already is None,
+                },
+            )
+        return Revocation(
+            tuple(revoked), entry_newly_revoked=already is None, revoked_jwts=tuple(jwts)
+        )
+
+    def list_revoked_entry_ids(self) -> set[str]:
+        """Ids of every revoked registration entry."""
+        with self._transaction(write=False) as tx:
+            return set(tx.conn.execute(select(revoked_entries.c.entry_id)).scalars())
+
+    def fetch_entry_revocation(self, entry_id: str) -> tuple[int, str] | None:
+        """(revoked at, reason) of a revoked entry, or None when it is not revoked."""
+        with self._transaction(write=False) as tx:
+            row = tx.conn.execute(
+                select(revoked_entries.c.revoked_at, revoked_entries.c.reason).where(
+                    revoked_entries.c.entry_id == entry_id
+                )
+            ).first()
+        return None if row is None else (int(row[0]), str(row[1]))
+
+    def ban_attested_node(self, spiffe_id: str, reason: str) -> tuple[AttestedNode, Revocation]:
+        """Ban the node and revoke every unexpired SVID it obtained (its own included).
+
+        :class:`NotFound` if the node is absent. Idempotent.
+        """
+        with self._transaction(write=True) as tx:
+            found = tx.conn.execute(
+                update(nodes)
+                .where(nodes.c.spiffe_id == spiffe_id)
+                .values(banned=True, updated_at=tx.now)
+                .returning(nodes.c.spiffe_id)
+            ).first()
+            if found is None:
+                raise NotFound(f"attested node {spiffe_id!r} not found")
+            self._emit(tx, [(EventKind.NODE_UPDATED, spiffe_id)])
+            c = issued_x509_svids.c
+            revoked = self._revoke_issued(
+                tx, and_(c.agent_id == spiffe_id, c.expires_at > tx.now), reason
+            )
+            j = issued_jwt_svids.c
+            jwts = self._revoke_jwts(
+                tx, and_(j.agent_id == spiffe_id, j.expires_at > tx.now), reason
+            )
+            node = self._load_nodes(tx.conn, [nodes.c.spiffe_id == spiffe_id])[0]
+            audit.record(
+                tx,
+                "agent.ban",
+                subject=spiffe_id,
+                target=node.new_cert_serial or node.cert_serial,
+                details={**_node_details(node), **_revocation_details(reason, revoked, jwts)},
+            )
+        return node, Revocation(tuple(revoked), revoked_jwts=tuple(jwts))
+
+    @staticmethod
+    def _entry_owner(conn: Connection, entry_id: str) -> str:
+        """The owner of the entry ``entry_id`` (``""`` if none, or no such entry)."""
+        if not entry_id:
+            return ""
+        owner = conn.execute(select(entries.c.owner).where(entries.c.entry_id == entry_id)).scalar()
+        return str(owner or "")
+
+    def _revoke_issued(
+        self, tx: _Tx, cond: ColumnElement[bool], reason: str
+    ) -> list[IssuedX509Svid]:
+        """Mark the matching unrevoked SVIDs revoked; one event per issuing authority."""
+        c = issued_x509_svids.c
+        pending = and_(cond, c.revoked_at == 0)
+        targets = self._load_issued(tx.conn, pending)
+        if not targets:
+            return []
+        tx.conn.execute(
+            update(issued_x509_svids).where(pending).values(revoked_at=tx.now, reason=reason)
+        )
+        self._emit(
+            tx,
+            [
+                (EventKind.X509_SVIDS_REVOKED, authority_id)
+                for authority_id in sorted({t.authority_id for t in targets})
+            ],
+        )
+        return [replace(t, revoked_at=tx.now, reason=reason) for t in targets]
+
+    @staticmethod
+    def _load_issued(conn: Connection, cond: ColumnElement[bool]) -> list[IssuedX509Svid]:
+        c = issued_x509_svids.c
+        stmt = select(
+            c.serial,
+            c.authority_id,
+            c.spiffe_id,
+            c.expires_at,
+            c.entry_id,
+            c.agent_id,
+            c.issued_at,
+            c.revoked_at,
+            c.reason,
+        ).where(cond)
+        return [
+            IssuedX509Svid(
+                serial=r[0],
+                authority_id=r[1],
+                spiffe_id=r[2],
+                expires_at=int(r[3]),
+                entry_id=r[4],
+                agent_id=r[5],
+                issued_at=int(r[6]),
+                revoked_at=int(r[7]),
+                reason=r[8],
+            )
+            for r in conn.execute(stmt.order_by(c.serial))
+        ]
+
+    # ------------------------------------------------------------------ issued JWT-SVIDs
+
+    def create_issued_jwt_svid(self, svid: IssuedJwtSvid) -> bool:
+        """Record a signed JWT-SVID; False (not recorded) when its entry is revoked.
+
+        The caller must not hand out a token for which this returns False.
+        """
+        with self._transaction(write=True) as tx:
+            if svid.entry_id:
+                stmt = select(entries.c.entry_id).where(entries.c.entry_id == svid.entry_id)
+                if self._is_pg:
+                    stmt = stmt.with_for_update(read=True)
+                tx.conn.execute(stmt)
+                revoked = tx.conn.execute(
+                    select(revoked_entries.c.entry_id).where(
+                        revoked_entries.c.entry_id == svid.entry_id
+                    )
+                ).first()
+                if revoked is not None:
+                    return False
+            stored = replace(svid, issued_at=svid.issued_at or tx.now)
+            tx.conn.execute(
+                insert(issued_jwt_svids).values(
+                    jti=stored.jti,
+                    entry_id=stored.entry_id,
+                    spiffe_id=stored.spiffe_id,
+                    agent_id=stored.agent_id,
+                    expires_at=stored.expires_at,
+                    issued_at=stored.issued_at,
+                    revoked_at=stored.revoked_at,
+                    reason=stored.reason,
+                )
+            )
+        return True
+
+    def fetch_issued_jwt_svid(self, jti: str) -> IssuedJwtSvid | None:
+        """The recorded JWT-SVID with this ``jti``, or None."""
+        with self._transaction(write=False) as tx:
+            found = self._load_jwts(tx.conn, issued_jwt_svids.c.jti == jti)
+        return found[0] if found else None
+
+    def list_revoked_jwt_svids(self, expires_after: int) -> list[IssuedJwtSvid]:
+        """Revoked JWT-SVIDs that expire after ``expires_after`` (the revocation list)."""
+        j = issued_jwt_svids.c
+        with self._transaction(write=False) as tx:
+            return self._load_jwts(tx.conn, and_(j.revoked_at != 0, j.expires_at > expires_after))
+
+    def revoke_jwt_svid(self, jti: str, reason: str) -> Revocation:
+        """Revoke one recorded JWT-SVID; :class:`NotFound` if the jti was never recorded.
+
+        Idempotent: an already revoked one keeps its first time and reason.
+        """
+        with self._transaction(write=True) as tx:
+            found = self._load_jwts(tx.conn, issued_jwt_svids.c.jti == jti)
+            if not found:
+                raise NotFound(f"no JWT-SVID with jti {jti!r} was issued")
+            jwts = self._revoke_jwts(tx, issued_jwt_svids.c.jti == jti, reason)
+            audit.record(
+                tx,
+                "jwt_svid.revoke",
+                subject=found[0].spiffe_id,
+                target=jti,
+                owner=self._entry_owner(tx.conn, found[0].entry_id),
+                details=_revocation_details(reason, [], jwts, entry_id=found[0].entry_id),
+            )
+        return Revocation(revoked_jwts=tuple(jwts))
+
+    def prune_issued_jwt_svids(self, expires_before: int) -> int:
+        """Forget JWT-SVIDs that expired before ``expires_before``."""
+        with self._transaction(write=True) as tx:
+            return int(
+                tx.conn.execute(
+                    delete(issued_jwt_svids).where(issued_jwt_svids.c.expires_at < expires_before)
+                ).rowcount
+            )
+
+    def _revoke_jwts(self, tx: _Tx, cond: ColumnElement[bool], reason: str) -> list[IssuedJwtSvid]:
+        """Mark the matching unrevoked JWT-SVIDs revoked; one event when any were."""
+        pending = and_(cond, issued_jwt_svids.c.revoked_at == 0)
+        targets = self._load_jwts(tx.conn, pending)
+        if not targets:
+            return []
+        tx.conn.execute(
+            update(issued_jwt_svids).where(pending).values(revoked_at=tx.now, reason=reason)
+        )
+        self._emit(tx, [(EventKind.JWT_SVIDS_REVOKED, "")])
+        return [replace(t, revoked_at=tx.now, reason=reason) for t in targets]
+
+    @staticmethod
+    def _load_jwts(conn: Connection, cond: ColumnElement[bool]) -> list[IssuedJwtSvid]:
+        j = issued_jwt_svids.c
+        stmt = select(
+            j.jti,
+            j.spiffe_id,
+            j.expires_at,
+            j.entry_id,
+            j.agent_id,
+            j.issued_at,
+            j.revoked_at,
+            j.reason,
+        ).where(cond)
+        return [
+            IssuedJwtSvid(
+                jti=r[0],
+                spiffe_id=r[1],
+                expires_at=int(r[2]),
+                entry_id=r[3],
+                agent_id=r[4],
+                issued_at=int(r[5]),
+                revoked_at=int(r[6]),
+                reason=r[7],
+            )
+            for r in conn.execute(stmt.order_by(j.jti))
+        ]
+
+    # ------------------------------------------------------------------ CRLs
+
+    def set_crl(self, crl: Crl) -> Crl:
+        """Store the authority's current CRL (replacing the previous one)."""
+        with self._transaction(write=True) as tx:
+            tx.conn.execute(delete(crls).where(crls.c.authority_id == crl.authority_id))
+            stored = replace(crl, updated_at=tx.now)
+            tx.conn.execute(
+                insert(crls).values(
+                    authority_id=stored.authority_id,
+                    number=stored.number,
+                    data=stored.data,
+                    next_update=stored.next_update,
+                    updated_at=stored.updated_at,
+                )
+            )
+            self._emit(tx, [(EventKind.CRL_UPDATED, crl.authority_id)])
+        return stored
+
+    def fetch_crl(self, authority_id: str) -> Crl | None:
+        """The authority's current CRL, or None."""
+        found = [c for c in self._load_crls(crls.c.authority_id == authority_id)]
+        return found[0] if found else None
+
+    def list_crls(self) -> list[Crl]:
+        """Every stored CRL, ordered by authority id."""
+        return self._load_crls(None)
+
+    def prune_crls(self) -> int:
+        """Delete the CRLs of authorities no longer in the journal."""
+        with self._transaction(write=True) as tx:
+            known = select(authorities.c.authority_id).scalar_subquery()
+            gone = list(
+                tx.conn.execute(
+                    select(crls.c.authority_id).where(crls.c.authority_id.not_in(known))
+                ).scalars()
+            )
+            if not gone:
+                return 0
+            tx.conn.execute(delete(crls).where(crls.c.authority_id.in_(gone)))
+            self._emit(tx, [(EventKind.CRL_UPDATED, a) for a in gone])
+        return len(gone)
+
+    def _load_crls(self, cond: ColumnElement[bool] | None) -> list[Crl]:
+        c = crls.c
+        stmt = select(c.authority_id, c.number, c.data, c.next_update, c.updated_at)
+        if cond is not None:
+            stmt = stmt.where(cond)
+        with self._transaction(write=False) as tx:
+            return [
+                Crl(r[0], int(r[1]), bytes(r[2]), int(r[3]), int(r[4]))
+                for r in tx.conn.execute(stmt.order_by(c.authority_id))
+            ]
 
     # ------------------------------------------------------------------ events
 
@@ -1103,6 +1638,167 @@ class SqlDataStore:
                 select(*_AUDIT_COLUMNS).order_by(audit_records.c.seq.desc()).limit(1)
             ).first()
         return _audit_record(row) if row is not None else None
+
+    # ------------------------------------------------------------------ delegation policies
+
+    def create_delegation_policy(self, policy: DelegationPolicy) -> DelegationPolicy:
+        """Store a new policy (assigning an id when empty); :class:`AlreadyExists` if taken."""
+        _validate_policy(policy)
+        with self._transaction(write=True) as tx:
+            stored = replace(
+                policy, id=policy.id or str(uuid.uuid4()), revision_number=0, created_at=tx.now
+            )
+            try:
+                tx.conn.execute(insert(delegation_policies).values(**_policy_values(stored)))
+            except IntegrityError as exc:
+                raise AlreadyExists(f"delegation policy {stored.id!r} already exists") from exc
+        return stored
+
+    def fetch_delegation_policy(self, policy_id: str) -> DelegationPolicy | None:
+        """Return the policy with ``policy_id``, or ``None``."""
+        with self._transaction(write=False) as tx:
+            found = _load_policies(tx.conn, delegation_policies.c.policy_id == policy_id)
+        return found[0] if found else None
+
+    def list_delegation_policies(
+        self, *, by_agent_ids: Sequence[str] | None = None
+    ) -> list[DelegationPolicy]:
+        """Every policy ordered by id, or those whose ``agent_id`` is one of ``by_agent_ids``."""
+        cond = None
+        if by_agent_ids is not None:
+            cond = delegation_policies.c.agent_id.in_(list(by_agent_ids))
+        with self._transaction(write=False) as tx:
+            return _load_policies(tx.conn, cond)
+
+    def update_delegation_policy(self, policy: DelegationPolicy) -> DelegationPolicy:
+        """Replace every field of the policy with ``policy.id``; bump its revision number."""
+        _validate_policy(policy)
+        values = _policy_values(policy)
+        for owned in ("policy_id", "revision_number", "created_at"):
+            del values[owned]
+        with self._transaction(write=True) as tx:
+            row = tx.conn.execute(
+                update(delegation_policies)
+                .where(delegation_policies.c.policy_id == policy.id)
+                .values(revision_number=delegation_policies.c.revision_number + 1, **values)
+                .returning(delegation_policies.c.revision_number, delegation_policies.c.created_at)
+            ).first()
+            if row is None:
+                raise NotFound(f"delegation policy {policy.id!r} not found")
+        return replace(policy, revision_number=row[0], created_at=row[1])
+
+    def delete_delegation_policy(self, policy_id: str) -> DelegationPolicy:
+        """Delete the policy (and its budget counters); :class:`NotFound` if absent."""
+        with self._transaction(write=True) as tx:
+            found = _load_policies(tx.conn, delegation_policies.c.policy_id == policy_id)
+            if not found:
+                raise NotFound(f"delegation policy {policy_id!r} not found")
+            tx.conn.execute(delete(budget_usage).where(budget_usage.c.policy_id == policy_id))
+            tx.conn.execute(
+                delete(delegation_policies).where(delegation_policies.c.policy_id == policy_id)
+            )
+        return found[0]
+
+    def consume_budgets(
+        self, policy_id: str, agent_id: str, budgets: Sequence[Budget], now: int
+    ) -> Budget | None:
+        """Take one unit of each budget in its current window: all of them, or none.
+
+        Returns ``None`` when every budget had a unit left (all are now used), or the first
+        exhausted budget (nothing consumed; its ``refused`` counter goes up). Safe against
+        concurrent callers on every backend: each unit is taken by one conditional upsert,
+        so two servers racing for the last unit cannot both win.
+        """
+        if not budgets:
+            return None
+        exhausted: Budget | None = None
+        try:
+            with self._transaction(write=True) as tx:
+                for budget in budgets:
+                    window = now - now % budget.period
+                    if not self._take_unit(tx.conn, policy_id, agent_id, budget, window):
+                        exhausted = budget
+                        raise _RollBack
+        except _RollBack:
+            pass
+        if exhausted is None:
+            return None
+        window = now - now % exhausted.period
+        with self._transaction(write=True) as tx:
+            self._count_refusal(tx.conn, policy_id, agent_id, exhausted.scope, window)
+        return exhausted
+
+    def _upsert(self) -> Any:
+        return (pg_dialect if self._is_pg else sqlite_dialect).insert(budget_usage)
+
+    def _take_unit(
+        self, conn: Connection, policy_id: str, agent_id: str, budget: Budget, window: int
+    ) -> bool:
+        stmt = self._upsert().values(
+            policy_id=policy_id,
+            agent_id=agent_id,
+            scope=budget.scope,
+            window_start=window,
+            used=1,
+            refused=0,
+        )
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["policy_id", "agent_id", "scope", "window_start"],
+            set_={"used": budget_usage.c.used + 1},
+            where=budget_usage.c.used < budget.limit,
+        ).returning(budget_usage.c.used)
+        row = conn.execute(stmt).first()
+        return row is not None and int(row[0]) <= budget.limit
+
+    def _count_refusal(
+        self, conn: Connection, policy_id: str, agent_id: str, scope: str, window: int
+    ) -> None:
+        stmt = self._upsert().values(
+            policy_id=policy_id,
+            agent_id=agent_id,
+            scope=scope,
+            window_start=window,
+            used=0,
+            refused=1,
+        )
+        conn.execute(
+            stmt.on_conflict_do_update(
+                index_elements=["policy_id", "agent_id", "scope", "window_start"],
+                set_={"refused": budget_usage.c.refused + 1},
+            )
+        )
+
+    def list_budget_use(self, policy_id: str, now: int) -> list[BudgetUse]:
+        """The counters of the policy's budgets in their current windows, every agent."""
+        policy = self.fetch_delegation_policy(policy_id)
+        if policy is None:
+            raise NotFound(f"delegation policy {policy_id!r} not found")
+        c = budget_usage.c
+        out: list[BudgetUse] = []
+        with self._transaction(write=False) as tx:
+            for budget in policy.budgets:
+                window = now - now % budget.period
+                rows = tx.conn.execute(
+                    select(c.agent_id, c.used, c.refused)
+                    .where(
+                        c.policy_id == policy_id, c.scope == budget.scope, c.window_start == window
+                    )
+                    .order_by(c.agent_id)
+                ).all()
+                out.extend(
+                    BudgetUse(policy_id, r[0], budget.scope, window, int(r[1]), int(r[2]))
+                    for r in rows
+                )
+        return out
+
+    def prune_budget_use(self, window_before: int) -> int:
+        """Delete counters of windows that started before ``window_before``."""
+        with self._transaction(write=True) as tx:
+            return int(
+                tx.conn.execute(
+                    delete(budget_usage).where(budget_usage.c.window_start < window_before)
+                ).rowcount
+            )
 
     # ------------------------------------------------------------------ internals
 
@@ -1259,6 +1955,8 @@ class SqlDataStore:
             conds.append(entries.c.hint == request.by_hint)
         if request.by_downstream is not None:
             conds.append(entries.c.downstream == request.by_downstream)
+        if request.by_owner is not None:
+            conds.append(entries.c.owner == request.by_owner)
         by = request.by_selectors
         if by is None:
             return conds
@@ -1322,6 +2020,8 @@ class SqlDataStore:
             c.expires_at,
             c.revision_number,
             c.created_at,
+            c.owner,
+            c.purpose,
         ).order_by(c.entry_id)
         ids = select(c.entry_id).order_by(c.entry_id)
         if conds:
@@ -1374,6 +2074,8 @@ class SqlDataStore:
             put(e, "federates_with", feds.get(r[0], none))
             put(e, "revision_number", r[10])
             put(e, "created_at", r[11])
+            put(e, "owner", r[12])
+            put(e, "purpose", r[13])
             built.append(e)
         return built
 
@@ -1616,6 +2318,80 @@ def _validate_entry(entry: RegistrationEntry) -> None:
         raise InvalidRequest("registration entry expires_at must be 0 (never) or positive")
 
 
+class _RollBack(Exception):
+    """Raised inside a transaction to undo it without an error reaching the caller."""
+
+
+def _validate_policy(policy: DelegationPolicy) -> None:
+    _require(policy.agent_id, "delegation policy agent ID")
+    _require(policy.subject_issuer, "delegation policy subject issuer")
+    if not policy.scopes:
+        raise InvalidRequest("delegation policy needs at least one scope")
+    if not policy.audiences:
+        raise InvalidRequest("delegation policy needs at least one audience")
+    if policy.max_ttl <= 0 or policy.max_depth <= 0:
+        raise InvalidRequest("delegation policy max_ttl and max_depth must be positive")
+    for budget in policy.budgets:
+        if budget.limit < 0 or budget.period <= 0:
+            raise InvalidRequest(f"budget {budget.scope!r}: limit >= 0 and period > 0 expected")
+
+
+def _policy_values(policy: DelegationPolicy) -> dict[str, Any]:
+    body = {
+        "scopes": list(policy.scopes),
+        "audiences": list(policy.audiences),
+        "subject_claims": [list(pair) for pair in policy.subject_claims],
+        "budgets": [
+            {"scope": b.scope, "limit": b.limit, "period": b.period} for b in policy.budgets
+        ],
+    }
+    return {
+        "policy_id": policy.id,
+        "agent_id": policy.agent_id,
+        "subject_issuer": policy.subject_issuer,
+        "body": json.dumps(body, sort_keys=True),
+        "max_ttl": policy.max_ttl,
+        "max_depth": policy.max_depth,
+        "revision_number": policy.revision_number,
+        "created_at": policy.created_at,
+    }
+
+
+def _load_policies(conn: Connection, cond: ColumnElement[bool] | None) -> list[DelegationPolicy]:
+    c = delegation_policies.c
+    stmt = select(
+        c.policy_id,
+        c.agent_id,
+        c.subject_issuer,
+        c.body,
+        c.max_ttl,
+        c.max_depth,
+        c.revision_number,
+        c.created_at,
+    ).order_by(c.policy_id)
+    if cond is not None:
+        stmt = stmt.where(cond)
+    out = []
+    for row in conn.execute(stmt):
+        body = json.loads(row[3])
+        out.append(
+            DelegationPolicy(
+                id=row[0],
+                agent_id=row[1],
+                subject_issuer=row[2],
+                scopes=tuple(body["scopes"]),
+                audiences=tuple(body["audiences"]),
+                subject_claims=tuple((k, v) for k, v in body["subject_claims"]),
+                budgets=tuple(Budget(b["scope"], b["limit"], b["period"]) for b in body["budgets"]),
+                max_ttl=int(row[4]),
+                max_depth=int(row[5]),
+                revision_number=int(row[6]),
+                created_at=int(row[7]),
+            )
+        )
+    return out
+
+
 def _validate_authority(authority: Authority) -> None:
     _require(authority.authority_id, "authority id")
     if authority.kind not in _AUTHORITY_KINDS:
@@ -1637,6 +2413,8 @@ def _entry_values(entry: RegistrationEntry, key: str, *, include_id: bool) -> di
         "node_alias": entry.node_alias,
         "hint": entry.hint,
         "expires_at": entry.expires_at,
+        "owner": entry.owner,
+        "purpose": entry.purpose,
         "unique_key": key,
         "selectors_key": _selectors_key(entry.selectors),
         "selector_count": len(entry.selectors),
@@ -1674,6 +2452,24 @@ def _node_details(node: AttestedNode) -> dict[str, Any]:
         details["new_not_after"] = node.new_cert_not_after
     if node.banned:
         details["banned"] = True
+    return details
+
+
+def _revocation_details(
+    reason: str,
+    revoked: Sequence[IssuedX509Svid],
+    jwts: Sequence[IssuedJwtSvid],
+    *,
+    entry_id: str = "",
+) -> dict[str, Any]:
+    """What a revocation record keeps: why, and what it revoked (serials and ``jti``s)."""
+    details: dict[str, Any] = {
+        "reason": reason,
+        "revoked_serials": [s.serial for s in revoked],
+        "revoked_jtis": [j.jti for j in jwts],
+    }
+    if entry_id:
+        details["entry_id"] = entry_id
     return details
 
 
@@ -1755,6 +2551,20 @@ def _audit_record(row: Any) -> AuditRecord:
         prev_hash=row[12],
         hash=row[13],
     )
+
+
+def _issued_values(svid: IssuedX509Svid) -> dict[str, Any]:
+    return {
+        "serial": svid.serial,
+        "authority_id": svid.authority_id,
+        "entry_id": svid.entry_id,
+        "spiffe_id": svid.spiffe_id,
+        "agent_id": svid.agent_id,
+        "expires_at": svid.expires_at,
+        "issued_at": svid.issued_at,
+        "revoked_at": svid.revoked_at,
+        "reason": svid.reason,
+    }
 
 
 def _authority_values(authority: Authority) -> dict[str, Any]:

@@ -10,6 +10,8 @@ temp admin socket and ``--bind-address 127.0.0.1:0``, waits until it serves, and
         server.address                           # "127.0.0.1:<port>" from <data-dir>/server.addr
         server.restart()                         # SIGTERM, wait, start again with the same flags
         server.kill()                            # SIGKILL (e.g. mid-rotation), then .start()
+        server.http_url                          # "https://localhost:<port>" (http.addr), when
+                                                 # started with http_bind_address="127.0.0.1:0"
         server.logs                              # everything it wrote to stdout/stderr
 
 Serving means: gRPC health SERVING on the admin socket, ``server.addr`` written, and the
@@ -369,6 +371,7 @@ class ServerProcess(ManagedProcess):
         self._address = None
         addr_file = self.data_dir / "server.addr"
         addr_file.unlink(missing_ok=True)
+        (self.data_dir / "http.addr").unlink(missing_ok=True)
         started = time.perf_counter()
         self._spawn(self.command)
         deadline = time.monotonic() + timeout
@@ -413,6 +416,12 @@ class ServerProcess(ManagedProcess):
         if self._address is None:
             self._address = (self.data_dir / "server.addr").read_text().strip()
         return self._address
+
+    @property
+    def http_url(self) -> str:
+        """``https://localhost:<port>`` of the HTTP front end (from ``<data-dir>/http.addr``)."""
+        port = (self.data_dir / "http.addr").read_text().strip().rpartition(":")[2]
+        return f"https://localhost:{port}"
 
     @property
     def agent_target(self) -> str:

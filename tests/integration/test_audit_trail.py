@@ -215,10 +215,8 @@ def test_every_action_is_recorded_once_by_its_actor_and_verifies(
     assert (issued[0]["actor_kind"], issued[0]["actor"]) == ("agent", agent.spiffe_id)
     assert issued[0]["details"]["entry_id"] == entry_id
     assert issued[0]["details"]["expires_at"] == int(leaf.not_valid_after_utc.timestamp())
-    jwt_sha = hashlib.sha256(jwt.encode()).hexdigest()
-    jwt_recs = [
-        r for r in by_action["jwt_svid.issue"] if r["details"].get("token_sha256") == jwt_sha
-    ]
+    jwt_jti = json.loads(base64.urlsafe_b64decode(jwt.split(".")[1] + "=="))["jti"]
+    jwt_recs = [r for r in by_action["jwt_svid.issue"] if r["target"] == jwt_jti]
     assert len(jwt_recs) == 1 and jwt_recs[0]["subject"] == WORKLOAD
     assert jwt_recs[0]["actor"] == agent.spiffe_id
     assert jwt_recs[0]["details"]["aud"] == ["audit-test"]
@@ -267,6 +265,7 @@ def test_every_action_is_recorded_once_by_its_actor_and_verifies(
     assert delivery["details"]["uid"] == os.getuid()
     assert f"unix:uid:{os.getuid()}" in delivery["details"]["selectors"]
     local = "".join(p.read_text() for p in (agent.data_dir / "audit").iterdir())
+    jwt_sha = hashlib.sha256(jwt.encode()).hexdigest()
     assert jwt_sha in local and jwt not in local and JWT_SHAPE.search(local) is None
     assert hashlib.sha256(wit.encode()).hexdigest() in local and wit not in local
     verified = subprocess.run(

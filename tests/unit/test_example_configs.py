@@ -25,6 +25,17 @@ def test_server_example_loads_with_its_values() -> None:
     assert config.log_format == "json"
     assert config.datastore_url.startswith("sqlite:///")
     assert dict(config.node_attestor) == {"join_token": JoinTokenConfig()}
+    assert config.http.host_port == ("0.0.0.0", 8443)
+    assert config.http.dns_names == ("credo.example.org",)
+    assert config.http.tls_cert_file is None
+    assert not config.http.insecure_http
+    corp = config.delegation.issuers["corp"]
+    assert (corp.issuer, corp.audience, corp.clock_skew) == (
+        "https://login.example.org",
+        ("credo",),
+        30,
+    )
+    assert config.delegation.introspection_allowed == ("spiffe://example.org/resource/git",)
 
 
 def test_server_flags_override_the_example_file() -> None:

@@ -26,6 +26,7 @@ from credo import (
 from credo.errors import (
     InvalidJwtSvid,
     JwtAudienceMismatch,
+    JwtIssuerMismatch,
     JwtSvidExpired,
     UnknownJwtKey,
     UnsupportedJwtAlgorithm,
@@ -76,7 +77,7 @@ def test_sign_then_validate_round_trips() -> None:
 
 
 def test_signed_header_and_claims_follow_the_standard() -> None:
-    """Header has alg, kid, typ=JWT; claims have sub, aud as a list, exp and iat."""
+    """Header has alg, kid, typ=JWT; claims have sub, aud as a list, exp, iat and a jti."""
     token = sign_jwt_svid(
         SUB,
         ["svc"],
@@ -89,6 +90,7 @@ def test_signed_header_and_claims_follow_the_standard() -> None:
     header = jwt.get_unverified_header(token)
     assert header == {"alg": "ES256", "kid": "k1", "typ": "JWT"}
     claims = jwt.decode(token, options={"verify_signature": False})
+    jti = claims.pop("jti")
     assert claims == {
         "sub": str(SUB),
         "aud": ["svc"],
@@ -96,6 +98,52 @@ def test_signed_header_and_claims_follow_the_standard() -> None:
         "exp": int(NOW.timestamp()) + 60,
         "iat": int(NOW.timestamp()),
     }
+    assert isinstance(jti, str) and len(jti) >= 22  # 128 random bits, base64url
+
+
+def test_every_token_has_its_own_jti() -> None:
+    """Two tokens for the same ID, audience and second still differ in jti (revocation by
+    jti and replay checks need that)."""
+    tokens = [sign_jwt_svid(SUB, ["svc"], key=KEY, key_id="k1", now=NOW) for _ in range(50)]
+    ids = {JwtSvid.parse_and_validate(t, BUNDLE, ["svc"], now=NOW).jwt_id for t in tokens}
+    assert len(ids) == 50
+    assert None not in ids
+
+
+def test_issuer_is_set_when_given() -> None:
+    """With issuer=..., iss is that URL; without, the token has no iss."""
+    token = sign_jwt_svid(SUB, ["svc"], key=KEY, key_id="k1", now=NOW, issuer="https://oidc.x")
+    assert jwt.decode(token, options={"verify_signature": False})["iss"] == "https://oidc.x"
+    assert JwtSvid.parse_and_validate(token, BUNDLE, ["svc"], now=NOW).issuer == "https://oidc.x"
+    plain = sign_jwt_svid(SUB, ["svc"], key=KEY, key_id="k1", now=NOW)
+    assert "iss" not in jwt.decode(plain, options={"verify_signature": False})
+    assert JwtSvid.parse_and_validate(plain, BUNDLE, ["svc"], now=NOW).issuer is None
+
+
+def test_tokens_with_and_without_iss_validate_unless_an_issuer_is_asked_for() -> None:
+    """The JWT-SVID standard makes iss optional: both validate; asking for an issuer
+    requires iss to be exactly it."""
+    with_iss = sign_jwt_svid(SUB, ["svc"], key=KEY, key_id="k1", now=NOW, issuer="https://a.x")
+    without = sign_jwt_svid(SUB, ["svc"], key=KEY, key_id="k1", now=NOW)
+    for token in (with_iss, without):
+        JwtSvid.parse_and_validate(token, BUNDLE, ["svc"], now=NOW)
+        JwtSvid.parse_insecure(token, ["svc"], now=NOW)
+    JwtSvid.parse_and_validate(with_iss, BUNDLE, ["svc"], now=NOW, issuer="https://a.x")
+    with pytest.raises(JwtIssuerMismatch, match="not the expected"):
+        JwtSvid.parse_and_validate(with_iss, BUNDLE, ["svc"], now=NOW, issuer="https://b.x")
+    with pytest.raises(JwtIssuerMismatch, match="no 'iss'"):
+        JwtSvid.parse_and_validate(without, BUNDLE, ["svc"], now=NOW, issuer="https://a.x")
+    with pytest.raises(JwtIssuerMismatch):
+        JwtSvid.parse_insecure(without, ["svc"], now=NOW, issuer="https://a.x")
+
+
+def test_a_non_string_iss_or_jti_is_refused() -> None:
+    """iss and jti are strings (RFC 7519 4.1.1, 4.1.7); anything else is a malformed token."""
+    for claim in ("iss", "jti"):
+        payload = json.dumps(_claims(**{claim: 7})).encode()
+        token = jwt.api_jws.PyJWS().encode(payload, KEY, algorithm="ES256", headers={"kid": "k1"})
+        with pytest.raises(InvalidJwtSvid, match=claim):
+            JwtSvid.parse_and_validate(token, BUNDLE, ["svc"], now=NOW)
 
 
 @pytest.mark.parametrize(
@@ -130,6 +178,9 @@ def test_expires_at_sets_exp_exactly() -> None:
         pytest.param({"key_id": ""}, id="empty-kid"),
         pytest.param({"ttl": timedelta(0)}, id="zero-ttl"),
         pytest.param({"extra_claims": {"sub": "x"}}, id="extra-claims-override-sub"),
+        pytest.param({"extra_claims": {"jti": "x"}}, id="extra-claims-override-jti"),
+        pytest.param({"extra_claims": {"iss": "x"}}, id="extra-claims-override-iss"),
+        pytest.param({"issuer": ""}, id="empty-issuer"),
     ],
 )
 def test_sign_refuses_bad_arguments(kwargs: dict[str, Any]) -> None:

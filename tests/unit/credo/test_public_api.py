@@ -40,6 +40,13 @@ EXPECTED = {
     "sign_x509_svid",
     "verify_x509_svid",
     "sign_jwt_svid",
+    # delegated access tokens (resource servers)
+    "AccessToken",
+    "verify_access_token",
+    "AccessTokenError",
+    # delegated access tokens (workloads)
+    "TokenExchangeClient",
+    "TokenExchangeRefused",
     # errors (the roots of each branch; the leaves live in credo.errors)
     "errors",
     "CredoError",
@@ -70,7 +77,12 @@ def test_every_exported_name_exists() -> None:
 
 
 # Errors that report a failed call rather than bad input, so are not ValueErrors.
-NOT_INPUT_ERRORS = {"CredoError", "WorkloadApiError"}
+NOT_INPUT_ERRORS = {
+    "CredoError",
+    "WorkloadApiError",
+    "AccessTokenKeysUnavailable",
+    "TokenExchangeRefused",
+}
 
 
 def test_every_error_is_a_credo_error_and_input_errors_are_value_errors() -> None:

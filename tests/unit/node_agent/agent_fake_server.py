@@ -270,6 +270,30 @@ class FakeAgentServer(agent_pb2_grpc.AgentServicer):
             agent_pb2.SyncEntriesResponse(event_id=self.event_id, bundle=self.bundle_proto())
         )
 
+    def revoke(self, *serials: int) -> bytes:
+        """Push a CRL of the first authority revoking ``serials`` (crl_set only); its DER."""
+        authority = self.authorities[0]
+        now = datetime.now(UTC)
+        builder = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(authority.cert.subject)
+            .last_update(now)
+            .next_update(now + timedelta(minutes=10))
+        )
+        for serial in serials:
+            builder = builder.add_revoked_certificate(
+                x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(now).build()
+            )
+        der = builder.sign(authority.key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
+        self.event_id = next(self._event_ids)
+        self._push(
+            agent_pb2.SyncEntriesResponse(
+                event_id=self.event_id,
+                crl_set=agent_pb2.CrlSet(crls=[types_pb2.Crl(authority_id="a", der=der)]),
+            )
+        )
+        return der
+
     def drop_streams(self) -> None:
         """End every open sync stream (as a server restart would)."""
         for queue in self._streams:

@@ -391,6 +391,35 @@ def test_svid_from_revoked_authority_is_dropped_at_once() -> None:
     run(scenario)
 
 
+def test_svid_revoked_by_a_crl_is_replaced_and_the_crl_pushed() -> None:
+    """A CRL listing a cached SVID's serial: the next update carries the CRL and a new SVID
+    (never the revoked one); the bundle stream is woken too."""
+
+    async def scenario() -> None:
+        server, client = await _started()
+        entry = server.create_entry("spiffe://example.org/web", ["unix:uid:1000"])
+        async with RunningAgent(server, client) as agent:
+            sub = agent.cache.subscribe(UID)
+            bundles = agent.cache.subscribe_bundles()
+            first = await sub.next()
+            await bundles.next()
+            assert first.crls == ()
+            old = first.identities[0].svid.leaf.serial_number
+            der = server.revoke(old)
+            update = await asyncio.wait_for(sub.next(), 5)
+            assert update.crls == (der,)
+            assert [i.svid.leaf.serial_number != old for i in update.identities] == [True]
+            assert agent.cache.crls() == (der,)
+            await asyncio.wait_for(bundles.next(), 5)
+            cached = agent.cache.cached_svid(entry)
+            assert cached is not None and cached.leaf.serial_number != old
+            sub.close()
+            bundles.close()
+        await server.stop()
+
+    run(scenario)
+
+
 def test_bundle_subscription_gets_bundle_changes() -> None:
     """A bundle subscription returns the own bundle at once and again when it changes."""
 

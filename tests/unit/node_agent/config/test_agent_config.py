@@ -60,6 +60,13 @@ def test_top_level_toml_and_single_address(tmp_path: Path) -> None:
         ({"svid_cache_max_size": "many"}, "svid_cache_max_size"),
         ({"sync_backoff_min": 5, "sync_backoff_max": 1}, "sync_backoff_min"),
         ({"trust_bundle": "/b.pem", "insecure_bootstrap": True}, "insecure_bootstrap"),
+        ({"trust_bundle_url": "http://credo.test/bundle"}, "trust_bundle_url"),
+        ({"trust_bundle_url": "bundle.pem"}, "trust_bundle_url"),
+        (
+            {"trust_bundle_url": "https://credo.test/bundle", "trust_bundle": "/b.pem"},
+            "trust_bundle_url",
+        ),
+        ({"trust_bundle_format": "der"}, "trust_bundle_format"),
         ({"no_such_setting": 1}, "no_such_setting"),
         ({"server_addresses": ("h:1",), "metrics_address": "9988"}, "metrics_address"),
     ],

@@ -14,11 +14,12 @@ from agent_fake_server import (
     wait_until,
 )
 
+from credo.bundle import Bundle
 from credo.selector import Selector
-from credo.spiffe_id import SpiffeId
+from credo.spiffe_id import SpiffeId, TrustDomain
 from node_agent.errors import AgentBanned
 from node_agent.server_client import ServerClient
-from node_agent.sync.entries import RegistrationEntry, SyncMessage, SyncState, TrustBundles
+from node_agent.sync.entries import Crls, RegistrationEntry, SyncMessage, SyncState, TrustBundles
 from node_agent.sync.syncer import EntrySyncer
 
 
@@ -212,3 +213,20 @@ def test_split_full_set_is_complete_only_at_its_last_message() -> None:
     assert state.complete
     assert state.last_event_id == 12
     assert set(state.entries) == {"a", "b", "c"}
+
+
+def test_crls_replace_the_held_ones_and_count_as_a_bundle_change() -> None:
+    """A message with CRLs replaces the CRLs held (also before any bundle arrived); the same
+    CRLs again change nothing; a message without CRLs keeps them."""
+    state = SyncState()
+    first = Crls((b"crl-1",), frozenset({1}))
+    assert state.apply(SyncMessage(event_id=1, crls=first)) == (False, False)
+    bundle = Bundle(TrustDomain("example.org"))
+    assert state.apply(SyncMessage(event_id=2, full=True, bundle=bundle)) == (False, True)
+    assert state.bundles is not None and state.bundles.crls == first
+    second = Crls((b"crl-2",), frozenset({1, 2}))
+    assert state.apply(SyncMessage(event_id=3, crls=second)) == (False, True)
+    assert state.bundles.crls == second
+    assert state.apply(SyncMessage(event_id=4, crls=second)) == (False, False)
+    assert state.apply(SyncMessage(event_id=5, bundle=bundle)) == (False, False)
+    assert state.bundles.crls == second

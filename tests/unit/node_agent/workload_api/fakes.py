@@ -116,6 +116,8 @@ class FakeManager:
         self.wit_refresh_at = 4e9
         """When fetch_wit_svids says its WITs are due again (Unix time)."""
         """Raised by fetch_jwt_svid when set (what the server client's errors become)."""
+        self.crl_ders: tuple[bytes, ...] = ()
+        """The CRLs the fake serves (DER)."""
 
     def add(self, selectors: Iterable[str], spiffe_id: str, hint: str = "") -> Identity:
         """Register an entry and issue its SVID."""
@@ -143,6 +145,7 @@ class FakeManager:
             bundle=self.ca.bundle(),
             federated_bundles=self.federated_bundles(),
             unsigned=self.unsigned,
+            crls=self.crl_ders,
         )
 
     # -- the Manager protocol --
@@ -181,6 +184,12 @@ class FakeManager:
 
     def bundle_set(self) -> BundleSet:
         return BundleSet([self.ca.bundle(), *self.federated_bundles().values()])
+
+    def crls(self) -> tuple[bytes, ...]:
+        return self.crl_ders
+
+    def revoked_jtis(self) -> frozenset[str]:
+        return frozenset()
 
 
 class LoopThread:

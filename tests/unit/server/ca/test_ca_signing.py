@@ -81,6 +81,35 @@ def test_jwt_svid_validates_and_is_capped(make_manager: MakeManager, clock: Fake
     assert capped.expires_at == key.not_after
 
 
+def test_jwt_issuer_puts_iss_on_every_jwt_svid(make_manager: MakeManager, clock: FakeClock) -> None:
+    """A CA with jwt_issuer signs JWT-SVIDs with that iss, the kid of the active key and a
+    fresh jti each time; without it, tokens carry no iss."""
+    manager = make_manager()
+    manager.start()
+    manager.ca.jwt_issuer = "https://oidc.example.org"
+    tokens = [manager.ca.sign_jwt_svid(WORKLOAD, ["api"], 120) for _ in range(3)]
+    svids = [
+        JwtSvid.parse_and_validate(
+            t,
+            manager.bundle().jwt_bundle(),
+            ["api"],
+            now=clock(),
+            issuer="https://oidc.example.org",
+        )
+        for t in tokens
+    ]
+    assert {s.key_id for s in svids} == {manager.ca.jwt_key_id}
+    assert len({s.jwt_id for s in svids}) == 3
+    manager.ca.jwt_issuer = ""
+    plain = manager.ca.sign_jwt_svid(WORKLOAD, ["api"], 120)
+    assert (
+        JwtSvid.parse_and_validate(
+            plain, manager.bundle().jwt_bundle(), ["api"], now=clock()
+        ).issuer
+        is None
+    )
+
+
 def test_foreign_trust_domain_is_refused(make_manager: MakeManager) -> None:
     """The CA refuses to sign an ID outside its trust domain."""
     manager = make_manager()

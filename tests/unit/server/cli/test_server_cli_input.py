@@ -289,6 +289,8 @@ def test_bundle_set_refuses_a_spiffe_bundle_without_keys(socket: Path) -> None:
         ["x509", "mint", "--spiffe-id", ID],
         ["localauthority", "x509", "show"],
         ["localauthority", "jwt", "prepare"],
+        ["federation", "list"],
+        ["federation", "show", "--trust-domain", "p.test"],
         ["healthcheck"],
     ],
     ids=lambda a: "-".join(x for x in a if not x.startswith(("-", "spiffe", "unix", "abc"))),
@@ -336,3 +338,40 @@ def test_bundle_set_asks_for_force_before_storing_an_empty_key_set(socket: Path)
         stdin='{"keys": [], "spiffe_sequence": 4}',
     )
     assert_one_line_error(result, "no X.509 or JWT authorities", "--force")
+
+
+def test_federation_bundle_file_that_cannot_be_read_is_one_line(socket: Path) -> None:
+    """--trust-domain-bundle naming a missing file fails before the server is contacted."""
+    result = invoke(
+        [
+            "federation",
+            "create",
+            "--trust-domain",
+            "p.test",
+            "--bundle-endpoint-url",
+            "https://p.test/bundle",
+            "--trust-domain-bundle",
+            "/nonexistent/b.json",
+        ],
+        socket,
+    )
+    assert_one_line_error(result, "cannot read --trust-domain-bundle /nonexistent/b.json")
+
+
+def test_federation_profile_is_a_choice(socket: Path) -> None:
+    """An unknown --bundle-endpoint-profile is refused by the CLI."""
+    result = invoke(
+        [
+            "federation",
+            "create",
+            "--trust-domain",
+            "p.test",
+            "--bundle-endpoint-url",
+            "https://p.test/bundle",
+            "--bundle-endpoint-profile",
+            "https_ftp",
+        ],
+        socket,
+    )
+    assert result.exit_code != 0
+    assert "https_ftp" in result.output

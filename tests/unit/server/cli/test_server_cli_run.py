@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from server.cli.main import cli
 from server.cli.run import SETTING_FLAGS
-from server.config import FILE_ONLY_SETTINGS, ServerConfig
+from server.config import FILE_ONLY_SETTINGS, TABLE_FLAGS, ServerConfig
 
 CONFIG = """\
 [server]
@@ -45,8 +45,8 @@ def test_every_scalar_setting_has_a_flag() -> None:
     in the config file only."""
     flags = {flag.removeprefix("--").replace("-", "_") for flag, _, _ in SETTING_FLAGS}
     settings = {f.name for f in dataclasses.fields(ServerConfig)}
-    assert {"node_attestor", "bundle_publisher"} == FILE_ONLY_SETTINGS
-    assert flags == settings - FILE_ONLY_SETTINGS
+    assert {"node_attestor", "bundle_publisher", "http", "delegation"} == FILE_ONLY_SETTINGS
+    assert flags == (settings - FILE_ONLY_SETTINGS) | set(TABLE_FLAGS)
 
 
 def test_flags_override_the_file_which_overrides_defaults(

@@ -59,14 +59,15 @@ def _columns(db_url: str, table: str) -> set[str]:
         engine.dispose()
 
 
-def test_schema_version_is_two() -> None:
-    """The owner column is migration step 2 (later steps append after it)."""
+def test_the_owner_column_is_step_two() -> None:
+    """The owner column is migration step 2 (later steps follow it)."""
+
     assert SCHEMA_VERSION >= 2
     assert MIGRATIONS[1].__name__ == "_step_2_authority_owner"
 
 
 def test_migrating_a_v1_database_keeps_data_and_adds_owner(db_url: str, clock: FakeClock) -> None:
-    """A version-1 database opens at version 2 with its rows kept and owner "" on old rows."""
+    """A version-1 database opens at the current version, rows kept, owner "" on old rows."""
     _make_v1_database(db_url)
     assert "owner" not in _columns(db_url, "authorities")
     with SqlDataStore.open(db_url, clock=clock) as store:
@@ -84,7 +85,7 @@ def test_migrating_a_v1_database_keeps_data_and_adds_owner(db_url: str, clock: F
         assert store.fetch_bundle("example.org") == b"old-bundle"
         store.create_authority(_authority("new-ca", owner="server-a"))
         assert [a.authority_id for a in store.list_authorities(owner="")] == ["legacy-ca"]
-    with SqlDataStore.open(db_url, clock=clock) as again:  # idempotent: still version 2
+    with SqlDataStore.open(db_url, clock=clock) as again:  # idempotent: still the current version
         assert len(again.list_authorities()) == 2
 
 

@@ -22,6 +22,131 @@ else:
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
+class RevokeEntryRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    reason: _builtins.str
+    """Why (kept with the revocation; at most 512 characters)."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeEntryRequest: _TypeAlias = RevokeEntryRequest  # noqa: Y015
+
+@_typing.final
+class RevokedX509Svid(_message.Message):
+    """An X.509-SVID that a revocation call revoked."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERIAL_FIELD_NUMBER: _builtins.int
+    SPIFFE_ID_FIELD_NUMBER: _builtins.int
+    ENTRY_ID_FIELD_NUMBER: _builtins.int
+    AUTHORITY_ID_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    serial: _builtins.str
+    """Lowercase hex."""
+    spiffe_id: _builtins.str
+    entry_id: _builtins.str
+    """"" for an agent SVID or an admin mint."""
+    authority_id: _builtins.str
+    expires_at: _builtins.int
+    agent_id: _builtins.str
+    """The agent that obtained it ("" for an admin mint)."""
+    def __init__(
+        self,
+        *,
+        serial: _builtins.str = ...,
+        spiffe_id: _builtins.str = ...,
+        entry_id: _builtins.str = ...,
+        authority_id: _builtins.str = ...,
+        expires_at: _builtins.int = ...,
+        agent_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "authority_id", b"authority_id", "entry_id", b"entry_id", "expires_at", b"expires_at", "serial", b"serial", "spiffe_id", b"spiffe_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokedX509Svid: _TypeAlias = RevokedX509Svid  # noqa: Y015
+
+@_typing.final
+class RevokedJwtSvid(_message.Message):
+    """A JWT-SVID that a revocation call revoked."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JTI_FIELD_NUMBER: _builtins.int
+    SPIFFE_ID_FIELD_NUMBER: _builtins.int
+    ENTRY_ID_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    jti: _builtins.str
+    spiffe_id: _builtins.str
+    entry_id: _builtins.str
+    expires_at: _builtins.int
+    agent_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        jti: _builtins.str = ...,
+        spiffe_id: _builtins.str = ...,
+        entry_id: _builtins.str = ...,
+        expires_at: _builtins.int = ...,
+        agent_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "entry_id", b"entry_id", "expires_at", b"expires_at", "jti", b"jti", "spiffe_id", b"spiffe_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokedJwtSvid: _TypeAlias = RevokedJwtSvid  # noqa: Y015
+
+@_typing.final
+class RevocationResponse(_message.Message):
+    """What a revocation call did: the SVIDs it revoked now (empty when repeated)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REVOKED_FIELD_NUMBER: _builtins.int
+    ENTRY_NEWLY_REVOKED_FIELD_NUMBER: _builtins.int
+    REVOKED_JWTS_FIELD_NUMBER: _builtins.int
+    entry_newly_revoked: _builtins.bool
+    """RevokeEntry: true when this call revoked the entry (false: it already was)."""
+    @_builtins.property
+    def revoked(self) -> _containers.RepeatedCompositeFieldContainer[Global___RevokedX509Svid]: ...
+    @_builtins.property
+    def revoked_jwts(self) -> _containers.RepeatedCompositeFieldContainer[Global___RevokedJwtSvid]: ...
+    def __init__(
+        self,
+        *,
+        revoked: _abc.Iterable[Global___RevokedX509Svid] | None = ...,
+        entry_newly_revoked: _builtins.bool = ...,
+        revoked_jwts: _abc.Iterable[Global___RevokedJwtSvid] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entry_newly_revoked", b"entry_newly_revoked", "revoked", b"revoked", "revoked_jwts", b"revoked_jwts"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevocationResponse: _TypeAlias = RevocationResponse  # noqa: Y015
+
+@_typing.final
 class BatchCreateEntryRequest(_message.Message):
     """Batch calls are all-or-nothing: on the first invalid item nothing changes
     and the call fails with a status naming the item and the field.
@@ -177,11 +302,13 @@ class ListEntriesRequest(_message.Message):
         BY_SELECTORS_FIELD_NUMBER: _builtins.int
         SELECTOR_MATCH_FIELD_NUMBER: _builtins.int
         BY_HINT_FIELD_NUMBER: _builtins.int
+        BY_OWNER_FIELD_NUMBER: _builtins.int
         by_spiffe_id: _builtins.str
         by_parent_id: _builtins.str
         selector_match: _builtins.str
         """"exact" (default), "subset", "superset" or "any"."""
         by_hint: _builtins.str
+        by_owner: _builtins.str
         @_builtins.property
         def by_selectors(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Selector]: ...
         def __init__(
@@ -192,10 +319,11 @@ class ListEntriesRequest(_message.Message):
             by_selectors: _abc.Iterable[_types_pb2.Selector] | None = ...,
             selector_match: _builtins.str = ...,
             by_hint: _builtins.str = ...,
+            by_owner: _builtins.str = ...,
         ) -> None: ...
         _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
         def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-        _ClearFieldArgType: _TypeAlias = _typing.Literal["by_hint", b"by_hint", "by_parent_id", b"by_parent_id", "by_selectors", b"by_selectors", "by_spiffe_id", b"by_spiffe_id", "selector_match", b"selector_match"]  # noqa: Y015
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["by_hint", b"by_hint", "by_owner", b"by_owner", "by_parent_id", b"by_parent_id", "by_selectors", b"by_selectors", "by_spiffe_id", b"by_spiffe_id", "selector_match", b"selector_match"]  # noqa: Y015
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -388,15 +516,19 @@ class BanAgentRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SPIFFE_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
     spiffe_id: _builtins.str
+    reason: _builtins.str
+    """Why (kept with the revocation of what the agent obtained)."""
     def __init__(
         self,
         *,
         spiffe_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["spiffe_id", b"spiffe_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "spiffe_id", b"spiffe_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -560,6 +692,86 @@ class DeleteFederatedBundleResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeleteFederatedBundleResponse: _TypeAlias = DeleteFederatedBundleResponse  # noqa: Y015
+
+@_typing.final
+class RevokeJWTSVIDRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JTI_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    jti: _builtins.str
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        jti: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["jti", b"jti", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeJWTSVIDRequest: _TypeAlias = RevokeJWTSVIDRequest  # noqa: Y015
+
+@_typing.final
+class RevokeX509SVIDRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERIAL_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    serial: _builtins.str
+    """Lowercase hex (as `credo-server` and the logs show it)."""
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        serial: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "serial", b"serial"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeX509SVIDRequest: _TypeAlias = RevokeX509SVIDRequest  # noqa: Y015
+
+@_typing.final
+class ListCRLsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCRLsRequest: _TypeAlias = ListCRLsRequest  # noqa: Y015
+
+@_typing.final
+class ListCRLsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CRLS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def crls(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Crl]: ...
+    def __init__(
+        self,
+        *,
+        crls: _abc.Iterable[_types_pb2.Crl] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["crls", b"crls"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCRLsResponse: _TypeAlias = ListCRLsResponse  # noqa: Y015
 
 @_typing.final
 class MintX509SVIDRequest(_message.Message):
@@ -1033,3 +1245,334 @@ class PruneAuditResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PruneAuditResponse: _TypeAlias = PruneAuditResponse  # noqa: Y015
+
+@_typing.final
+class Budget(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCOPE_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    PERIOD_FIELD_NUMBER: _builtins.int
+    scope: _builtins.str
+    """A scope, or "*" for every token."""
+    limit: _builtins.int
+    period: _builtins.int
+    """Window length in seconds."""
+    def __init__(
+        self,
+        *,
+        scope: _builtins.str = ...,
+        limit: _builtins.int = ...,
+        period: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit", "period", b"period", "scope", b"scope"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Budget: _TypeAlias = Budget  # noqa: Y015
+
+@_typing.final
+class SubjectClaim(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    value: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        value: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubjectClaim: _TypeAlias = SubjectClaim  # noqa: Y015
+
+@_typing.final
+class DelegationPolicy(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    SUBJECT_ISSUER_FIELD_NUMBER: _builtins.int
+    SUBJECT_CLAIMS_FIELD_NUMBER: _builtins.int
+    SCOPES_FIELD_NUMBER: _builtins.int
+    AUDIENCES_FIELD_NUMBER: _builtins.int
+    MAX_TTL_FIELD_NUMBER: _builtins.int
+    MAX_DEPTH_FIELD_NUMBER: _builtins.int
+    BUDGETS_FIELD_NUMBER: _builtins.int
+    REVISION_NUMBER_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """Assigned by the server on create."""
+    agent_id: _builtins.str
+    """A SPIFFE ID, or a path prefix ending in "/*"."""
+    subject_issuer: _builtins.str
+    """The name of a [server.delegation.issuers.<name>] table."""
+    max_ttl: _builtins.int
+    """Seconds; 0 on create means the default (5m)."""
+    max_depth: _builtins.int
+    """0 on create means the default (1)."""
+    revision_number: _builtins.int
+    created_at: _builtins.int
+    @_builtins.property
+    def subject_claims(self) -> _containers.RepeatedCompositeFieldContainer[Global___SubjectClaim]: ...
+    @_builtins.property
+    def scopes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def audiences(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def budgets(self) -> _containers.RepeatedCompositeFieldContainer[Global___Budget]: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        agent_id: _builtins.str = ...,
+        subject_issuer: _builtins.str = ...,
+        subject_claims: _abc.Iterable[Global___SubjectClaim] | None = ...,
+        scopes: _abc.Iterable[_builtins.str] | None = ...,
+        audiences: _abc.Iterable[_builtins.str] | None = ...,
+        max_ttl: _builtins.int = ...,
+        max_depth: _builtins.int = ...,
+        budgets: _abc.Iterable[Global___Budget] | None = ...,
+        revision_number: _builtins.int = ...,
+        created_at: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "audiences", b"audiences", "budgets", b"budgets", "created_at", b"created_at", "id", b"id", "max_depth", b"max_depth", "max_ttl", b"max_ttl", "revision_number", b"revision_number", "scopes", b"scopes", "subject_claims", b"subject_claims", "subject_issuer", b"subject_issuer"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DelegationPolicy: _TypeAlias = DelegationPolicy  # noqa: Y015
+
+@_typing.final
+class GetPolicyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetPolicyRequest: _TypeAlias = GetPolicyRequest  # noqa: Y015
+
+@_typing.final
+class ListPoliciesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BY_AGENT_ID_FIELD_NUMBER: _builtins.int
+    by_agent_id: _builtins.str
+    """Only policies for this agent ID pattern (exactly as stored)."""
+    def __init__(
+        self,
+        *,
+        by_agent_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["by_agent_id", b"by_agent_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPoliciesRequest: _TypeAlias = ListPoliciesRequest  # noqa: Y015
+
+@_typing.final
+class ListPoliciesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POLICIES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def policies(self) -> _containers.RepeatedCompositeFieldContainer[Global___DelegationPolicy]: ...
+    def __init__(
+        self,
+        *,
+        policies: _abc.Iterable[Global___DelegationPolicy] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["policies", b"policies"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPoliciesResponse: _TypeAlias = ListPoliciesResponse  # noqa: Y015
+
+@_typing.final
+class BudgetUse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    USED_FIELD_NUMBER: _builtins.int
+    REFUSED_FIELD_NUMBER: _builtins.int
+    WINDOW_START_FIELD_NUMBER: _builtins.int
+    RESETS_AT_FIELD_NUMBER: _builtins.int
+    agent_id: _builtins.str
+    scope: _builtins.str
+    limit: _builtins.int
+    used: _builtins.int
+    refused: _builtins.int
+    window_start: _builtins.int
+    resets_at: _builtins.int
+    def __init__(
+        self,
+        *,
+        agent_id: _builtins.str = ...,
+        scope: _builtins.str = ...,
+        limit: _builtins.int = ...,
+        used: _builtins.int = ...,
+        refused: _builtins.int = ...,
+        window_start: _builtins.int = ...,
+        resets_at: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "limit", b"limit", "refused", b"refused", "resets_at", b"resets_at", "scope", b"scope", "used", b"used", "window_start", b"window_start"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BudgetUse: _TypeAlias = BudgetUse  # noqa: Y015
+
+@_typing.final
+class GetBudgetUseResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BUDGETS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def budgets(self) -> _containers.RepeatedCompositeFieldContainer[Global___BudgetUse]: ...
+    def __init__(
+        self,
+        *,
+        budgets: _abc.Iterable[Global___BudgetUse] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budgets", b"budgets"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetBudgetUseResponse: _TypeAlias = GetBudgetUseResponse  # noqa: Y015
+
+@_typing.final
+class FederationRelationship(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRUST_DOMAIN_FIELD_NUMBER: _builtins.int
+    BUNDLE_ENDPOINT_URL_FIELD_NUMBER: _builtins.int
+    BUNDLE_ENDPOINT_PROFILE_FIELD_NUMBER: _builtins.int
+    ENDPOINT_SPIFFE_ID_FIELD_NUMBER: _builtins.int
+    TRUST_DOMAIN_BUNDLE_FIELD_NUMBER: _builtins.int
+    TRUST_DOMAIN_BUNDLE_FORMAT_FIELD_NUMBER: _builtins.int
+    LAST_REFRESH_AT_FIELD_NUMBER: _builtins.int
+    LAST_ERROR_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    BUNDLE_SEQUENCE_FIELD_NUMBER: _builtins.int
+    trust_domain: _builtins.str
+    bundle_endpoint_url: _builtins.str
+    bundle_endpoint_profile: _builtins.str
+    """"https_spiffe" or "https_web"."""
+    endpoint_spiffe_id: _builtins.str
+    """https_spiffe: the SPIFFE ID the endpoint's X509-SVID must carry."""
+    trust_domain_bundle: _builtins.bytes
+    """Create/update only: the trust domain's first bundle (needed to verify an https_spiffe
+    endpoint of that trust domain before its first fetch), in trust_domain_bundle_format.
+    """
+    trust_domain_bundle_format: _builtins.str
+    """"spiffe" (SPIFFE bundle JWKS, the default) or "pem"."""
+    last_refresh_at: _builtins.int
+    """Shown: the last fetch (unix seconds; 0 before the first) and its error ("" if it worked)."""
+    last_error: _builtins.str
+    created_at: _builtins.int
+    bundle_sequence: _builtins.int
+    """Shown: the stored bundle's spiffe_sequence (-1: no bundle stored yet)."""
+    def __init__(
+        self,
+        *,
+        trust_domain: _builtins.str = ...,
+        bundle_endpoint_url: _builtins.str = ...,
+        bundle_endpoint_profile: _builtins.str = ...,
+        endpoint_spiffe_id: _builtins.str = ...,
+        trust_domain_bundle: _builtins.bytes = ...,
+        trust_domain_bundle_format: _builtins.str = ...,
+        last_refresh_at: _builtins.int = ...,
+        last_error: _builtins.str = ...,
+        created_at: _builtins.int = ...,
+        bundle_sequence: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bundle_endpoint_profile", b"bundle_endpoint_profile", "bundle_endpoint_url", b"bundle_endpoint_url", "bundle_sequence", b"bundle_sequence", "created_at", b"created_at", "endpoint_spiffe_id", b"endpoint_spiffe_id", "last_error", b"last_error", "last_refresh_at", b"last_refresh_at", "trust_domain", b"trust_domain", "trust_domain_bundle", b"trust_domain_bundle", "trust_domain_bundle_format", b"trust_domain_bundle_format"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FederationRelationship: _TypeAlias = FederationRelationship  # noqa: Y015
+
+@_typing.final
+class GetFederationRelationshipRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRUST_DOMAIN_FIELD_NUMBER: _builtins.int
+    trust_domain: _builtins.str
+    def __init__(
+        self,
+        *,
+        trust_domain: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["trust_domain", b"trust_domain"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetFederationRelationshipRequest: _TypeAlias = GetFederationRelationshipRequest  # noqa: Y015
+
+@_typing.final
+class ListFederationRelationshipsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListFederationRelationshipsRequest: _TypeAlias = ListFederationRelationshipsRequest  # noqa: Y015
+
+@_typing.final
+class ListFederationRelationshipsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RELATIONSHIPS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def relationships(self) -> _containers.RepeatedCompositeFieldContainer[Global___FederationRelationship]: ...
+    def __init__(
+        self,
+        *,
+        relationships: _abc.Iterable[Global___FederationRelationship] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["relationships", b"relationships"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListFederationRelationshipsResponse: _TypeAlias = ListFederationRelationshipsResponse  # noqa: Y015

@@ -65,6 +65,11 @@ class EntriesStub:
                 request_serializer=credo_dot_server_dot_v1_dot_admin__pb2.CountEntriesRequest.SerializeToString,
                 response_deserializer=credo_dot_server_dot_v1_dot_admin__pb2.CountEntriesResponse.FromString,
                 _registered_method=True)
+        self.RevokeEntry = channel.unary_unary(
+                '/credo.server.v1.Entries/RevokeEntry',
+                request_serializer=credo_dot_server_dot_v1_dot_admin__pb2.RevokeEntryRequest.SerializeToString,
+                response_deserializer=credo_dot_server_dot_v1_dot_admin__pb2.RevocationResponse.FromString,
+                _registered_method=True)
 
 
 class EntriesServicer:
@@ -106,6 +111,14 @@ class EntriesServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RevokeEntry(self, request, context):
+        """The kill switch: the entry is never issued for again and every unexpired
+        X.509-SVID issued for it is revoked. Idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EntriesServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -138,6 +151,11 @@ def add_EntriesServicer_to_server(servicer, server):
                     servicer.CountEntries,
                     request_deserializer=credo_dot_server_dot_v1_dot_admin__pb2.CountEntriesRequest.FromString,
                     response_serializer=credo_dot_server_dot_v1_dot_admin__pb2.CountEntriesResponse.SerializeToString,
+            ),
+            'RevokeEntry': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeEntry,
+                    request_deserializer=credo_dot_server_dot_v1_dot_admin__pb2.RevokeEntryRequest.FromString,
+                    response_serializer=credo_dot_server_dot_v1_dot_admin__pb2.RevocationResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -302,6 +320,33 @@ class Entries:
             '/credo.server.v1.Entries/CountEntries',
             credo_dot_server_dot_v1_dot_admin__pb2.CountEntriesRequest.SerializeToString,
             credo_dot_server_dot_v1_dot_admin__pb2.CountEntriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeEntry(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/credo.server.v1.Entries/RevokeEntry',
+            credo_dot_server_dot_v1_dot_admin__pb2.RevokeEntryRequest.SerializeToString,
+            credo_dot_server_dot_v1_dot_admin__pb2.RevocationResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -827,6 +872,21 @@ class SvidsStub:
                 request_serializer=credo_dot_server_dot_v1_dot_admin__pb2.MintWITSVIDRequest.SerializeToString,
                 response_deserializer=credo_dot_server_dot_v1_dot_admin__pb2.MintWITSVIDResponse.FromString,
                 _registered_method=True)
+        self.RevokeX509SVID = channel.unary_unary(
+                '/credo.server.v1.Svids/RevokeX509SVID',
+                request_serializer=credo_dot_server_dot_v1_dot_admin__pb2.RevokeX509SVIDRequest.SerializeToString,
+                response_deserializer=credo_dot_server_dot_v1_dot_admin__pb2.RevocationResponse.FromString,
+                _registered_method=True)
+        self.ListCRLs = channel.unary_unary(
+                '/credo.server.v1.Svids/ListCRLs',
+                request_serializer=credo_dot_server_dot_v1_dot_admin__pb2.ListCRLsRequest.SerializeToString,
+                response_deserializer=credo_dot_server_dot_v1_dot_admin__pb2.ListCRLsResponse.FromString,
+                _registered_method=True)
+        self.RevokeJWTSVID = channel.unary_unary(
+                '/credo.server.v1.Svids/RevokeJWTSVID',
+                request_serializer=credo_dot_server_dot_v1_dot_admin__pb2.RevokeJWTSVIDRequest.SerializeToString,
+                response_deserializer=credo_dot_server_dot_v1_dot_admin__pb2.RevocationResponse.FromString,
+                _registered_method=True)
 
 
 class SvidsServicer:
@@ -850,6 +910,27 @@ class SvidsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RevokeX509SVID(self, request, context):
+        """Revoke one X.509-SVID the server issued. Idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListCRLs(self, request, context):
+        """The current CRL of every X.509 authority.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeJWTSVID(self, request, context):
+        """Revoke one JWT-SVID the server issued, by its jti. Idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SvidsServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -867,6 +948,21 @@ def add_SvidsServicer_to_server(servicer, server):
                     servicer.MintWITSVID,
                     request_deserializer=credo_dot_server_dot_v1_dot_admin__pb2.MintWITSVIDRequest.FromString,
                     response_serializer=credo_dot_server_dot_v1_dot_admin__pb2.MintWITSVIDResponse.SerializeToString,
+            ),
+            'RevokeX509SVID': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeX509SVID,
+                    request_deserializer=credo_dot_server_dot_v1_dot_admin__pb2.RevokeX509SVIDRequest.FromString,
+                    response_serializer=credo_dot_server_dot_v1_dot_admin__pb2.RevocationResponse.SerializeToString,
+            ),
+            'ListCRLs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCRLs,
+                    request_deserializer=credo_dot_server_dot_v1_dot_admin__pb2.ListCRLsRequest.FromString,
+                    response_serializer=credo_dot_server_dot_v1_dot_admin__pb2.ListCRLsResponse.SerializeToString,
+            ),
+            'RevokeJWTSVID': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeJWTSVID,
+                    request_deserializer=credo_dot_server_dot_v1_dot_admin__pb2.RevokeJWTSVIDRequest.FromString,
+                    response_serializer=credo_dot_server_dot_v1_dot_admin__pb2.RevocationResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -950,6 +1046,87 @@ class Svids:
             '/credo.server.v1.Svids/MintWITSVID',
             credo_dot_server_dot_v1_dot_admin__pb2.MintWITSVIDRequest.SerializeToString,
             credo_dot_server_dot_v1_dot_admin__pb2.MintWITSVIDResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeX509SVID(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/credo.server.v1.Svids/RevokeX509SVID',
+            credo_dot_server_dot_v1_dot_admin__pb2.RevokeX509SVIDRequest.SerializeToString,
+            credo_dot_server_dot_v1_dot_admin__pb2.RevocationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCRLs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/credo.server.v1.Svids/ListCRLs',
+            credo_dot_server_dot_v1_dot_admin__pb2.ListCRLsRequest.SerializeToString,
+            credo_dot_server_dot_v1_dot_admin__pb2.ListCRLsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeJWTSVID(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/credo.server.v1.Svids/RevokeJWTSVID',
+            credo_dot_server_dot_v1_dot_admin__pb2.RevokeJWTSVIDRequest.SerializeToString,
+            credo_dot_server_dot_v1_dot_admin__pb2.RevocationResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -1405,6 +1582,543 @@ class Audit:
             '/credo.server.v1.Audit/PruneAudit',
             credo_dot_server_dot_v1_dot_admin__pb2.PruneAuditRequest.SerializeToString,
             credo_dot_server_dot_v1_dot_admin__pb2.PruneAuditResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class DelegationStub:
+    """Delegation policies: which agents may act for which people (token exchange).
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.CreatePolicy = channel.unary_unary(
+                '/credo.server.v1.Delegation/CreatePolicy',
+                request_serializer=credo_dot_server_dot_v1_dot_admin__pb2.DelegationPolicy.SerializeToString,
+                response_deserializer=credo_dot_server_dot_v1_dot_admin__pb2.DelegationPolicy.FromString,
+                _registered_method=True)
+        self.GetPolicy = channel.unary_unary(
+                '/credo.server.v1.Delegation/GetPolicy',
+                request_serializer=credo_dot_server_dot_v1_dot_admin__pb2.GetPolicyRequest.SerializeToString,
+                response_deserializer=credo_dot_server_dot_v1_dot_admin__pb2.DelegationPolicy.FromString,
+                _registered_method=True)
+        self.ListPolicies = channel.unary_unary(
+                '/credo.server.v1.Delegation/ListPolicies',
+                request_serializer=credo_dot_server_dot_v1_dot_admin__pb2.ListPoliciesRequest.SerializeToString,
+                response_deserializer=credo_dot_server_dot_v1_dot_admin__pb2.ListPoliciesResponse.FromString,
+                _registered_method=True)
+        self.UpdatePolicy = channel.unary_unary(
+                '/credo.server.v1.Delegation/UpdatePolicy',
+                request_serializer=credo_dot_server_dot_v1_dot_admin__pb2.DelegationPolicy.SerializeToString,
+                response_deserializer=credo_dot_server_dot_v1_dot_admin__pb2.DelegationPolicy.FromString,
+                _registered_method=True)
+        self.DeletePolicy = channel.unary_unary(
+                '/credo.server.v1.Delegation/DeletePolicy',
+                request_serializer=credo_dot_server_dot_v1_dot_admin__pb2.GetPolicyRequest.SerializeToString,
+                response_deserializer=credo_dot_server_dot_v1_dot_admin__pb2.DelegationPolicy.FromString,
+                _registered_method=True)
+        self.GetBudgetUse = channel.unary_unary(
+                '/credo.server.v1.Delegation/GetBudgetUse',
+                request_serializer=credo_dot_server_dot_v1_dot_admin__pb2.GetPolicyRequest.SerializeToString,
+                response_deserializer=credo_dot_server_dot_v1_dot_admin__pb2.GetBudgetUseResponse.FromString,
+                _registered_method=True)
+
+
+class DelegationServicer:
+    """Delegation policies: which agents may act for which people (token exchange).
+    """
+
+    def CreatePolicy(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetPolicy(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListPolicies(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdatePolicy(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeletePolicy(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetBudgetUse(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_DelegationServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'CreatePolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreatePolicy,
+                    request_deserializer=credo_dot_server_dot_v1_dot_admin__pb2.DelegationPolicy.FromString,
+                    response_serializer=credo_dot_server_dot_v1_dot_admin__pb2.DelegationPolicy.SerializeToString,
+            ),
+            'GetPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPolicy,
+                    request_deserializer=credo_dot_server_dot_v1_dot_admin__pb2.GetPolicyRequest.FromString,
+                    response_serializer=credo_dot_server_dot_v1_dot_admin__pb2.DelegationPolicy.SerializeToString,
+            ),
+            'ListPolicies': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPolicies,
+                    request_deserializer=credo_dot_server_dot_v1_dot_admin__pb2.ListPoliciesRequest.FromString,
+                    response_serializer=credo_dot_server_dot_v1_dot_admin__pb2.ListPoliciesResponse.SerializeToString,
+            ),
+            'UpdatePolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdatePolicy,
+                    request_deserializer=credo_dot_server_dot_v1_dot_admin__pb2.DelegationPolicy.FromString,
+                    response_serializer=credo_dot_server_dot_v1_dot_admin__pb2.DelegationPolicy.SerializeToString,
+            ),
+            'DeletePolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeletePolicy,
+                    request_deserializer=credo_dot_server_dot_v1_dot_admin__pb2.GetPolicyRequest.FromString,
+                    response_serializer=credo_dot_server_dot_v1_dot_admin__pb2.DelegationPolicy.SerializeToString,
+            ),
+            'GetBudgetUse': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetBudgetUse,
+                    request_deserializer=credo_dot_server_dot_v1_dot_admin__pb2.GetPolicyRequest.FromString,
+                    response_serializer=credo_dot_server_dot_v1_dot_admin__pb2.GetBudgetUseResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'credo.server.v1.Delegation', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('credo.server.v1.Delegation', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Delegation:
+    """Delegation policies: which agents may act for which people (token exchange).
+    """
+
+    @staticmethod
+    def CreatePolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/credo.server.v1.Delegation/CreatePolicy',
+            credo_dot_server_dot_v1_dot_admin__pb2.DelegationPolicy.SerializeToString,
+            credo_dot_server_dot_v1_dot_admin__pb2.DelegationPolicy.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/credo.server.v1.Delegation/GetPolicy',
+            credo_dot_server_dot_v1_dot_admin__pb2.GetPolicyRequest.SerializeToString,
+            credo_dot_server_dot_v1_dot_admin__pb2.DelegationPolicy.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPolicies(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/credo.server.v1.Delegation/ListPolicies',
+            credo_dot_server_dot_v1_dot_admin__pb2.ListPoliciesRequest.SerializeToString,
+            credo_dot_server_dot_v1_dot_admin__pb2.ListPoliciesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdatePolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/credo.server.v1.Delegation/UpdatePolicy',
+            credo_dot_server_dot_v1_dot_admin__pb2.DelegationPolicy.SerializeToString,
+            credo_dot_server_dot_v1_dot_admin__pb2.DelegationPolicy.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeletePolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/credo.server.v1.Delegation/DeletePolicy',
+            credo_dot_server_dot_v1_dot_admin__pb2.GetPolicyRequest.SerializeToString,
+            credo_dot_server_dot_v1_dot_admin__pb2.DelegationPolicy.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetBudgetUse(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/credo.server.v1.Delegation/GetBudgetUse',
+            credo_dot_server_dot_v1_dot_admin__pb2.GetPolicyRequest.SerializeToString,
+            credo_dot_server_dot_v1_dot_admin__pb2.GetBudgetUseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class FederationStub:
+    """SPIFFE federation relationships (credo-server federation ...), as SPIRE manages them.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.CreateFederationRelationship = channel.unary_unary(
+                '/credo.server.v1.Federation/CreateFederationRelationship',
+                request_serializer=credo_dot_server_dot_v1_dot_admin__pb2.FederationRelationship.SerializeToString,
+                response_deserializer=credo_dot_server_dot_v1_dot_admin__pb2.FederationRelationship.FromString,
+                _registered_method=True)
+        self.GetFederationRelationship = channel.unary_unary(
+                '/credo.server.v1.Federation/GetFederationRelationship',
+                request_serializer=credo_dot_server_dot_v1_dot_admin__pb2.GetFederationRelationshipRequest.SerializeToString,
+                response_deserializer=credo_dot_server_dot_v1_dot_admin__pb2.FederationRelationship.FromString,
+                _registered_method=True)
+        self.ListFederationRelationships = channel.unary_unary(
+                '/credo.server.v1.Federation/ListFederationRelationships',
+                request_serializer=credo_dot_server_dot_v1_dot_admin__pb2.ListFederationRelationshipsRequest.SerializeToString,
+                response_deserializer=credo_dot_server_dot_v1_dot_admin__pb2.ListFederationRelationshipsResponse.FromString,
+                _registered_method=True)
+        self.UpdateFederationRelationship = channel.unary_unary(
+                '/credo.server.v1.Federation/UpdateFederationRelationship',
+                request_serializer=credo_dot_server_dot_v1_dot_admin__pb2.FederationRelationship.SerializeToString,
+                response_deserializer=credo_dot_server_dot_v1_dot_admin__pb2.FederationRelationship.FromString,
+                _registered_method=True)
+        self.DeleteFederationRelationship = channel.unary_unary(
+                '/credo.server.v1.Federation/DeleteFederationRelationship',
+                request_serializer=credo_dot_server_dot_v1_dot_admin__pb2.GetFederationRelationshipRequest.SerializeToString,
+                response_deserializer=credo_dot_server_dot_v1_dot_admin__pb2.FederationRelationship.FromString,
+                _registered_method=True)
+
+
+class FederationServicer:
+    """SPIFFE federation relationships (credo-server federation ...), as SPIRE manages them.
+    """
+
+    def CreateFederationRelationship(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetFederationRelationship(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListFederationRelationships(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateFederationRelationship(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteFederationRelationship(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_FederationServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'CreateFederationRelationship': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateFederationRelationship,
+                    request_deserializer=credo_dot_server_dot_v1_dot_admin__pb2.FederationRelationship.FromString,
+                    response_serializer=credo_dot_server_dot_v1_dot_admin__pb2.FederationRelationship.SerializeToString,
+            ),
+            'GetFederationRelationship': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetFederationRelationship,
+                    request_deserializer=credo_dot_server_dot_v1_dot_admin__pb2.GetFederationRelationshipRequest.FromString,
+                    response_serializer=credo_dot_server_dot_v1_dot_admin__pb2.FederationRelationship.SerializeToString,
+            ),
+            'ListFederationRelationships': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListFederationRelationships,
+                    request_deserializer=credo_dot_server_dot_v1_dot_admin__pb2.ListFederationRelationshipsRequest.FromString,
+                    response_serializer=credo_dot_server_dot_v1_dot_admin__pb2.ListFederationRelationshipsResponse.SerializeToString,
+            ),
+            'UpdateFederationRelationship': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateFederationRelationship,
+                    request_deserializer=credo_dot_server_dot_v1_dot_admin__pb2.FederationRelationship.FromString,
+                    response_serializer=credo_dot_server_dot_v1_dot_admin__pb2.FederationRelationship.SerializeToString,
+            ),
+            'DeleteFederationRelationship': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteFederationRelationship,
+                    request_deserializer=credo_dot_server_dot_v1_dot_admin__pb2.GetFederationRelationshipRequest.FromString,
+                    response_serializer=credo_dot_server_dot_v1_dot_admin__pb2.FederationRelationship.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'credo.server.v1.Federation', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('credo.server.v1.Federation', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Federation:
+    """SPIFFE federation relationships (credo-server federation ...), as SPIRE manages them.
+    """
+
+    @staticmethod
+    def CreateFederationRelationship(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/credo.server.v1.Federation/CreateFederationRelationship',
+            credo_dot_server_dot_v1_dot_admin__pb2.FederationRelationship.SerializeToString,
+            credo_dot_server_dot_v1_dot_admin__pb2.FederationRelationship.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetFederationRelationship(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/credo.server.v1.Federation/GetFederationRelationship',
+            credo_dot_server_dot_v1_dot_admin__pb2.GetFederationRelationshipRequest.SerializeToString,
+            credo_dot_server_dot_v1_dot_admin__pb2.FederationRelationship.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListFederationRelationships(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/credo.server.v1.Federation/ListFederationRelationships',
+            credo_dot_server_dot_v1_dot_admin__pb2.ListFederationRelationshipsRequest.SerializeToString,
+            credo_dot_server_dot_v1_dot_admin__pb2.ListFederationRelationshipsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateFederationRelationship(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/credo.server.v1.Federation/UpdateFederationRelationship',
+            credo_dot_server_dot_v1_dot_admin__pb2.FederationRelationship.SerializeToString,
+            credo_dot_server_dot_v1_dot_admin__pb2.FederationRelationship.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteFederationRelationship(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/credo.server.v1.Federation/DeleteFederationRelationship',
+            credo_dot_server_dot_v1_dot_admin__pb2.GetFederationRelationshipRequest.SerializeToString,
+            credo_dot_server_dot_v1_dot_admin__pb2.FederationRelationship.FromString,
             options,
             channel_credentials,
             insecure,

@@ -40,6 +40,10 @@ class EntriesStub:
     GetEntry: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetEntryRequest, _types_pb2.RegistrationEntry]
     ListEntries: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListEntriesRequest, _admin_pb2.ListEntriesResponse]
     CountEntries: _grpc.UnaryUnaryMultiCallable[_admin_pb2.CountEntriesRequest, _admin_pb2.CountEntriesResponse]
+    RevokeEntry: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RevokeEntryRequest, _admin_pb2.RevocationResponse]
+    """The kill switch: the entry is never issued for again and every unexpired
+    X.509-SVID issued for it is revoked. Idempotent.
+    """
 
 @_typing.type_check_only
 class EntriesAsyncStub(EntriesStub):
@@ -50,6 +54,10 @@ class EntriesAsyncStub(EntriesStub):
     GetEntry: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetEntryRequest, _types_pb2.RegistrationEntry]  # type: ignore[assignment]
     ListEntries: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListEntriesRequest, _admin_pb2.ListEntriesResponse]  # type: ignore[assignment]
     CountEntries: _aio.UnaryUnaryMultiCallable[_admin_pb2.CountEntriesRequest, _admin_pb2.CountEntriesResponse]  # type: ignore[assignment]
+    RevokeEntry: _aio.UnaryUnaryMultiCallable[_admin_pb2.RevokeEntryRequest, _admin_pb2.RevocationResponse]  # type: ignore[assignment]
+    """The kill switch: the entry is never issued for again and every unexpired
+    X.509-SVID issued for it is revoked. Idempotent.
+    """
 
 class EntriesServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -93,6 +101,16 @@ class EntriesServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.CountEntriesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.CountEntriesResponse, _abc.Awaitable[_admin_pb2.CountEntriesResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RevokeEntry(
+        self,
+        request: _admin_pb2.RevokeEntryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.RevocationResponse, _abc.Awaitable[_admin_pb2.RevocationResponse]]:
+        """The kill switch: the entry is never issued for again and every unexpired
+        X.509-SVID issued for it is revoked. Idempotent.
+        """
 
 def add_EntriesServicer_to_server(servicer: EntriesServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
@@ -226,6 +244,12 @@ class SvidsStub:
     MintX509SVID: _grpc.UnaryUnaryMultiCallable[_admin_pb2.MintX509SVIDRequest, _admin_pb2.MintX509SVIDResponse]
     MintJWTSVID: _grpc.UnaryUnaryMultiCallable[_admin_pb2.MintJWTSVIDRequest, _admin_pb2.MintJWTSVIDResponse]
     MintWITSVID: _grpc.UnaryUnaryMultiCallable[_admin_pb2.MintWITSVIDRequest, _admin_pb2.MintWITSVIDResponse]
+    RevokeX509SVID: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RevokeX509SVIDRequest, _admin_pb2.RevocationResponse]
+    """Revoke one X.509-SVID the server issued. Idempotent."""
+    ListCRLs: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListCRLsRequest, _admin_pb2.ListCRLsResponse]
+    """The current CRL of every X.509 authority."""
+    RevokeJWTSVID: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RevokeJWTSVIDRequest, _admin_pb2.RevocationResponse]
+    """Revoke one JWT-SVID the server issued, by its jti. Idempotent."""
 
 @_typing.type_check_only
 class SvidsAsyncStub(SvidsStub):
@@ -233,6 +257,12 @@ class SvidsAsyncStub(SvidsStub):
     MintX509SVID: _aio.UnaryUnaryMultiCallable[_admin_pb2.MintX509SVIDRequest, _admin_pb2.MintX509SVIDResponse]  # type: ignore[assignment]
     MintJWTSVID: _aio.UnaryUnaryMultiCallable[_admin_pb2.MintJWTSVIDRequest, _admin_pb2.MintJWTSVIDResponse]  # type: ignore[assignment]
     MintWITSVID: _aio.UnaryUnaryMultiCallable[_admin_pb2.MintWITSVIDRequest, _admin_pb2.MintWITSVIDResponse]  # type: ignore[assignment]
+    RevokeX509SVID: _aio.UnaryUnaryMultiCallable[_admin_pb2.RevokeX509SVIDRequest, _admin_pb2.RevocationResponse]  # type: ignore[assignment]
+    """Revoke one X.509-SVID the server issued. Idempotent."""
+    ListCRLs: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListCRLsRequest, _admin_pb2.ListCRLsResponse]  # type: ignore[assignment]
+    """The current CRL of every X.509 authority."""
+    RevokeJWTSVID: _aio.UnaryUnaryMultiCallable[_admin_pb2.RevokeJWTSVIDRequest, _admin_pb2.RevocationResponse]  # type: ignore[assignment]
+    """Revoke one JWT-SVID the server issued, by its jti. Idempotent."""
 
 class SvidsServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -255,6 +285,30 @@ class SvidsServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.MintWITSVIDRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.MintWITSVIDResponse, _abc.Awaitable[_admin_pb2.MintWITSVIDResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RevokeX509SVID(
+        self,
+        request: _admin_pb2.RevokeX509SVIDRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.RevocationResponse, _abc.Awaitable[_admin_pb2.RevocationResponse]]:
+        """Revoke one X.509-SVID the server issued. Idempotent."""
+
+    @_abc_1.abstractmethod
+    def ListCRLs(
+        self,
+        request: _admin_pb2.ListCRLsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListCRLsResponse, _abc.Awaitable[_admin_pb2.ListCRLsResponse]]:
+        """The current CRL of every X.509 authority."""
+
+    @_abc_1.abstractmethod
+    def RevokeJWTSVID(
+        self,
+        request: _admin_pb2.RevokeJWTSVIDRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.RevocationResponse, _abc.Awaitable[_admin_pb2.RevocationResponse]]:
+        """Revoke one JWT-SVID the server issued, by its jti. Idempotent."""
 
 def add_SvidsServicer_to_server(servicer: SvidsServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
@@ -388,3 +442,140 @@ class AuditServicer(metaclass=_abc_1.ABCMeta):
         """Delete the records before before_seq; an audit.prune record keeps the rest verifiable."""
 
 def add_AuditServicer_to_server(servicer: AuditServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class DelegationStub:
+    """Delegation policies: which agents may act for which people (token exchange)."""
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> DelegationAsyncStub: ...
+    CreatePolicy: _grpc.UnaryUnaryMultiCallable[_admin_pb2.DelegationPolicy, _admin_pb2.DelegationPolicy]
+    GetPolicy: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetPolicyRequest, _admin_pb2.DelegationPolicy]
+    ListPolicies: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListPoliciesRequest, _admin_pb2.ListPoliciesResponse]
+    UpdatePolicy: _grpc.UnaryUnaryMultiCallable[_admin_pb2.DelegationPolicy, _admin_pb2.DelegationPolicy]
+    DeletePolicy: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetPolicyRequest, _admin_pb2.DelegationPolicy]
+    GetBudgetUse: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetPolicyRequest, _admin_pb2.GetBudgetUseResponse]
+
+@_typing.type_check_only
+class DelegationAsyncStub(DelegationStub):
+    """Delegation policies: which agents may act for which people (token exchange)."""
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    CreatePolicy: _aio.UnaryUnaryMultiCallable[_admin_pb2.DelegationPolicy, _admin_pb2.DelegationPolicy]  # type: ignore[assignment]
+    GetPolicy: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetPolicyRequest, _admin_pb2.DelegationPolicy]  # type: ignore[assignment]
+    ListPolicies: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListPoliciesRequest, _admin_pb2.ListPoliciesResponse]  # type: ignore[assignment]
+    UpdatePolicy: _aio.UnaryUnaryMultiCallable[_admin_pb2.DelegationPolicy, _admin_pb2.DelegationPolicy]  # type: ignore[assignment]
+    DeletePolicy: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetPolicyRequest, _admin_pb2.DelegationPolicy]  # type: ignore[assignment]
+    GetBudgetUse: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetPolicyRequest, _admin_pb2.GetBudgetUseResponse]  # type: ignore[assignment]
+
+class DelegationServicer(metaclass=_abc_1.ABCMeta):
+    """Delegation policies: which agents may act for which people (token exchange)."""
+
+    @_abc_1.abstractmethod
+    def CreatePolicy(
+        self,
+        request: _admin_pb2.DelegationPolicy,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.DelegationPolicy, _abc.Awaitable[_admin_pb2.DelegationPolicy]]: ...
+
+    @_abc_1.abstractmethod
+    def GetPolicy(
+        self,
+        request: _admin_pb2.GetPolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.DelegationPolicy, _abc.Awaitable[_admin_pb2.DelegationPolicy]]: ...
+
+    @_abc_1.abstractmethod
+    def ListPolicies(
+        self,
+        request: _admin_pb2.ListPoliciesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListPoliciesResponse, _abc.Awaitable[_admin_pb2.ListPoliciesResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def UpdatePolicy(
+        self,
+        request: _admin_pb2.DelegationPolicy,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.DelegationPolicy, _abc.Awaitable[_admin_pb2.DelegationPolicy]]: ...
+
+    @_abc_1.abstractmethod
+    def DeletePolicy(
+        self,
+        request: _admin_pb2.GetPolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.DelegationPolicy, _abc.Awaitable[_admin_pb2.DelegationPolicy]]: ...
+
+    @_abc_1.abstractmethod
+    def GetBudgetUse(
+        self,
+        request: _admin_pb2.GetPolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.GetBudgetUseResponse, _abc.Awaitable[_admin_pb2.GetBudgetUseResponse]]: ...
+
+def add_DelegationServicer_to_server(servicer: DelegationServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class FederationStub:
+    """SPIFFE federation relationships (credo-server federation ...), as SPIRE manages them."""
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> FederationAsyncStub: ...
+    CreateFederationRelationship: _grpc.UnaryUnaryMultiCallable[_admin_pb2.FederationRelationship, _admin_pb2.FederationRelationship]
+    GetFederationRelationship: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetFederationRelationshipRequest, _admin_pb2.FederationRelationship]
+    ListFederationRelationships: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListFederationRelationshipsRequest, _admin_pb2.ListFederationRelationshipsResponse]
+    UpdateFederationRelationship: _grpc.UnaryUnaryMultiCallable[_admin_pb2.FederationRelationship, _admin_pb2.FederationRelationship]
+    DeleteFederationRelationship: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetFederationRelationshipRequest, _admin_pb2.FederationRelationship]
+
+@_typing.type_check_only
+class FederationAsyncStub(FederationStub):
+    """SPIFFE federation relationships (credo-server federation ...), as SPIRE manages them."""
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    CreateFederationRelationship: _aio.UnaryUnaryMultiCallable[_admin_pb2.FederationRelationship, _admin_pb2.FederationRelationship]  # type: ignore[assignment]
+    GetFederationRelationship: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetFederationRelationshipRequest, _admin_pb2.FederationRelationship]  # type: ignore[assignment]
+    ListFederationRelationships: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListFederationRelationshipsRequest, _admin_pb2.ListFederationRelationshipsResponse]  # type: ignore[assignment]
+    UpdateFederationRelationship: _aio.UnaryUnaryMultiCallable[_admin_pb2.FederationRelationship, _admin_pb2.FederationRelationship]  # type: ignore[assignment]
+    DeleteFederationRelationship: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetFederationRelationshipRequest, _admin_pb2.FederationRelationship]  # type: ignore[assignment]
+
+class FederationServicer(metaclass=_abc_1.ABCMeta):
+    """SPIFFE federation relationships (credo-server federation ...), as SPIRE manages them."""
+
+    @_abc_1.abstractmethod
+    def CreateFederationRelationship(
+        self,
+        request: _admin_pb2.FederationRelationship,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.FederationRelationship, _abc.Awaitable[_admin_pb2.FederationRelationship]]: ...
+
+    @_abc_1.abstractmethod
+    def GetFederationRelationship(
+        self,
+        request: _admin_pb2.GetFederationRelationshipRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.FederationRelationship, _abc.Awaitable[_admin_pb2.FederationRelationship]]: ...
+
+    @_abc_1.abstractmethod
+    def ListFederationRelationships(
+        self,
+        request: _admin_pb2.ListFederationRelationshipsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListFederationRelationshipsResponse, _abc.Awaitable[_admin_pb2.ListFederationRelationshipsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def UpdateFederationRelationship(
+        self,
+        request: _admin_pb2.FederationRelationship,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.FederationRelationship, _abc.Awaitable[_admin_pb2.FederationRelationship]]: ...
+
+    @_abc_1.abstractmethod
+    def DeleteFederationRelationship(
+        self,
+        request: _admin_pb2.GetFederationRelationshipRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.FederationRelationship, _abc.Awaitable[_admin_pb2.FederationRelationship]]: ...
+
+def add_FederationServicer_to_server(servicer: FederationServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

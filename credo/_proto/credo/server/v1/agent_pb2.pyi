@@ -164,6 +164,8 @@ class SyncEntriesResponse(_message.Message):
     DELETED_ENTRY_IDS_FIELD_NUMBER: _builtins.int
     BUNDLE_FIELD_NUMBER: _builtins.int
     FEDERATED_BUNDLES_FIELD_NUMBER: _builtins.int
+    CRL_SET_FIELD_NUMBER: _builtins.int
+    REVOKED_JWT_SET_FIELD_NUMBER: _builtins.int
     event_id: _builtins.int
     """The event id this message brings the agent up to."""
     full: _builtins.bool
@@ -181,6 +183,18 @@ class SyncEntriesResponse(_message.Message):
 
     @_builtins.property
     def federated_bundles(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Bundle]: ...
+    @_builtins.property
+    def crl_set(self) -> Global___CrlSet:
+        """Set on full messages and whenever a CRL changed: the current CRL of every
+        X.509 authority of the trust domain, replacing what the agent holds.
+        """
+
+    @_builtins.property
+    def revoked_jwt_set(self) -> Global___RevokedJwtSet:
+        """Set on full messages and whenever a JWT-SVID was revoked: every revoked,
+        unexpired JWT-SVID of the trust domain, replacing what the agent holds.
+        """
+
     def __init__(
         self,
         *,
@@ -190,14 +204,79 @@ class SyncEntriesResponse(_message.Message):
         deleted_entry_ids: _abc.Iterable[_builtins.str] | None = ...,
         bundle: _types_pb2.Bundle | None = ...,
         federated_bundles: _abc.Iterable[_types_pb2.Bundle] | None = ...,
+        crl_set: Global___CrlSet | None = ...,
+        revoked_jwt_set: Global___RevokedJwtSet | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["bundle", b"bundle"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["bundle", b"bundle", "crl_set", b"crl_set", "revoked_jwt_set", b"revoked_jwt_set"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bundle", b"bundle", "deleted_entry_ids", b"deleted_entry_ids", "entries", b"entries", "event_id", b"event_id", "federated_bundles", b"federated_bundles", "full", b"full"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bundle", b"bundle", "crl_set", b"crl_set", "deleted_entry_ids", b"deleted_entry_ids", "entries", b"entries", "event_id", b"event_id", "federated_bundles", b"federated_bundles", "full", b"full", "revoked_jwt_set", b"revoked_jwt_set"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SyncEntriesResponse: _TypeAlias = SyncEntriesResponse  # noqa: Y015
+
+@_typing.final
+class RevokedJwt(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JTI_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    jti: _builtins.str
+    expires_at: _builtins.int
+    """Unix seconds; the agent may forget the jti after it."""
+    def __init__(
+        self,
+        *,
+        jti: _builtins.str = ...,
+        expires_at: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "jti", b"jti"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokedJwt: _TypeAlias = RevokedJwt  # noqa: Y015
+
+@_typing.final
+class RevokedJwtSet(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JWTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def jwts(self) -> _containers.RepeatedCompositeFieldContainer[Global___RevokedJwt]: ...
+    def __init__(
+        self,
+        *,
+        jwts: _abc.Iterable[Global___RevokedJwt] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["jwts", b"jwts"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokedJwtSet: _TypeAlias = RevokedJwtSet  # noqa: Y015
+
+@_typing.final
+class CrlSet(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CRLS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def crls(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Crl]: ...
+    def __init__(
+        self,
+        *,
+        crls: _abc.Iterable[_types_pb2.Crl] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["crls", b"crls"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CrlSet: _TypeAlias = CrlSet  # noqa: Y015
 
 @_typing.final
 class NewX509SVIDParams(_message.Message):

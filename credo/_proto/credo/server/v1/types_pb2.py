@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x63redo/server/v1/types.proto\x12\x0f\x63redo.server.v1\"\'\n\x08Selector\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"\xd1\x02\n\x11RegistrationEntry\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\tspiffe_id\x18\x02 \x01(\t\x12\x11\n\tparent_id\x18\x03 \x01(\t\x12,\n\tselectors\x18\x04 \x03(\x0b\x32\x19.credo.server.v1.Selector\x12\x15\n\rx509_svid_ttl\x18\x05 \x01(\x05\x12\x14\n\x0cjwt_svid_ttl\x18\x06 \x01(\x05\x12\x11\n\tdns_names\x18\x07 \x03(\t\x12\r\n\x05\x61\x64min\x18\x08 \x01(\x08\x12\x12\n\ndownstream\x18\t \x01(\x08\x12\x12\n\nnode_alias\x18\n \x01(\x08\x12\x0c\n\x04hint\x18\x0b \x01(\t\x12\x12\n\nexpires_at\x18\x0c \x01(\x03\x12\x16\n\x0e\x66\x65\x64\x65rates_with\x18\r \x03(\t\x12\x17\n\x0frevision_number\x18\x0e \x01(\x03\x12\x12\n\ncreated_at\x18\x0f \x01(\x03\"\xef\x01\n\x0c\x41ttestedNode\x12\x11\n\tspiffe_id\x18\x01 \x01(\t\x12\x18\n\x10\x61ttestation_type\x18\x02 \x01(\t\x12,\n\tselectors\x18\x03 \x03(\x0b\x32\x19.credo.server.v1.Selector\x12\x13\n\x0b\x63\x65rt_serial\x18\x04 \x01(\t\x12\x16\n\x0e\x63\x65rt_not_after\x18\x05 \x01(\x03\x12\x17\n\x0fnew_cert_serial\x18\x06 \x01(\t\x12\x1a\n\x12new_cert_not_after\x18\x07 \x01(\x03\x12\x0e\n\x06\x62\x61nned\x18\x08 \x01(\x08\x12\x12\n\ncreated_at\x18\t \x01(\x03\"A\n\tJoinToken\x12\r\n\x05token\x18\x01 \x01(\t\x12\x12\n\nexpires_at\x18\x02 \x01(\x03\x12\x11\n\tspiffe_id\x18\x03 \x01(\t\".\n\rX509Authority\x12\x0c\n\x04\x61sn1\x18\x01 \x01(\x0c\x12\x0f\n\x07tainted\x18\x02 \x01(\x08\"W\n\x0cJwtAuthority\x12\x12\n\npublic_key\x18\x01 \x01(\x0c\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x12\n\nexpires_at\x18\x03 \x01(\x03\x12\x0f\n\x07tainted\x18\x04 \x01(\x08\"\xf7\x01\n\x06\x42undle\x12\x14\n\x0ctrust_domain\x18\x01 \x01(\t\x12\x38\n\x10x509_authorities\x18\x02 \x03(\x0b\x32\x1e.credo.server.v1.X509Authority\x12\x36\n\x0fjwt_authorities\x18\x03 \x03(\x0b\x32\x1d.credo.server.v1.JwtAuthority\x12\x14\n\x0crefresh_hint\x18\x04 \x01(\x03\x12\x17\n\x0fsequence_number\x18\x05 \x01(\x03\x12\x36\n\x0fwit_authorities\x18\x06 \x03(\x0b\x32\x1d.credo.server.v1.JwtAuthority\"E\n\x08X509Svid\x12\x11\n\tspiffe_id\x18\x01 \x01(\t\x12\x12\n\ncert_chain\x18\x02 \x03(\x0c\x12\x12\n\nexpires_at\x18\x03 \x01(\x03\"R\n\x07JwtSvid\x12\x11\n\tspiffe_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\x12\n\nexpires_at\x18\x03 \x01(\x03\x12\x11\n\tissued_at\x18\x04 \x01(\x03\"R\n\x07WitSvid\x12\x11\n\tspiffe_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\x12\n\nexpires_at\x18\x03 \x01(\x03\x12\x11\n\tissued_at\x18\x04 \x01(\x03\"\'\n\x06Status\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x63redo/server/v1/types.proto\x12\x0f\x63redo.server.v1\"\'\n\x08Selector\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"\xf1\x02\n\x11RegistrationEntry\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\tspiffe_id\x18\x02 \x01(\t\x12\x11\n\tparent_id\x18\x03 \x01(\t\x12,\n\tselectors\x18\x04 \x03(\x0b\x32\x19.credo.server.v1.Selector\x12\x15\n\rx509_svid_ttl\x18\x05 \x01(\x05\x12\x14\n\x0cjwt_svid_ttl\x18\x06 \x01(\x05\x12\x11\n\tdns_names\x18\x07 \x03(\t\x12\r\n\x05\x61\x64min\x18\x08 \x01(\x08\x12\x12\n\ndownstream\x18\t \x01(\x08\x12\x12\n\nnode_alias\x18\n \x01(\x08\x12\x0c\n\x04hint\x18\x0b \x01(\t\x12\x12\n\nexpires_at\x18\x0c \x01(\x03\x12\x16\n\x0e\x66\x65\x64\x65rates_with\x18\r \x03(\t\x12\x17\n\x0frevision_number\x18\x0e \x01(\x03\x12\x12\n\ncreated_at\x18\x0f \x01(\x03\x12\r\n\x05owner\x18\x10 \x01(\t\x12\x0f\n\x07purpose\x18\x11 \x01(\t\"\xef\x01\n\x0c\x41ttestedNode\x12\x11\n\tspiffe_id\x18\x01 \x01(\t\x12\x18\n\x10\x61ttestation_type\x18\x02 \x01(\t\x12,\n\tselectors\x18\x03 \x03(\x0b\x32\x19.credo.server.v1.Selector\x12\x13\n\x0b\x63\x65rt_serial\x18\x04 \x01(\t\x12\x16\n\x0e\x63\x65rt_not_after\x18\x05 \x01(\x03\x12\x17\n\x0fnew_cert_serial\x18\x06 \x01(\t\x12\x1a\n\x12new_cert_not_after\x18\x07 \x01(\x03\x12\x0e\n\x06\x62\x61nned\x18\x08 \x01(\x08\x12\x12\n\ncreated_at\x18\t \x01(\x03\"A\n\tJoinToken\x12\r\n\x05token\x18\x01 \x01(\t\x12\x12\n\nexpires_at\x18\x02 \x01(\x03\x12\x11\n\tspiffe_id\x18\x03 \x01(\t\".\n\rX509Authority\x12\x0c\n\x04\x61sn1\x18\x01 \x01(\x0c\x12\x0f\n\x07tainted\x18\x02 \x01(\x08\"W\n\x0cJwtAuthority\x12\x12\n\npublic_key\x18\x01 \x01(\x0c\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x12\n\nexpires_at\x18\x03 \x01(\x03\x12\x0f\n\x07tainted\x18\x04 \x01(\x08\"\xf7\x01\n\x06\x42undle\x12\x14\n\x0ctrust_domain\x18\x01 \x01(\t\x12\x38\n\x10x509_authorities\x18\x02 \x03(\x0b\x32\x1e.credo.server.v1.X509Authority\x12\x36\n\x0fjwt_authorities\x18\x03 \x03(\x0b\x32\x1d.credo.server.v1.JwtAuthority\x12\x14\n\x0crefresh_hint\x18\x04 \x01(\x03\x12\x17\n\x0fsequence_number\x18\x05 \x01(\x03\x12\x36\n\x0fwit_authorities\x18\x06 \x03(\x0b\x32\x1d.credo.server.v1.JwtAuthority\"E\n\x08X509Svid\x12\x11\n\tspiffe_id\x18\x01 \x01(\t\x12\x12\n\ncert_chain\x18\x02 \x03(\x0c\x12\x12\n\nexpires_at\x18\x03 \x01(\x03\"R\n\x07JwtSvid\x12\x11\n\tspiffe_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\x12\n\nexpires_at\x18\x03 \x01(\x03\x12\x11\n\tissued_at\x18\x04 \x01(\x03\"R\n\x07WitSvid\x12\x11\n\tspiffe_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\x12\n\nexpires_at\x18\x03 \x01(\x03\x12\x11\n\tissued_at\x18\x04 \x01(\x03\"\'\n\x06Status\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"M\n\x03\x43rl\x12\x14\n\x0c\x61uthority_id\x18\x01 \x01(\t\x12\x0b\n\x03\x64\x65r\x18\x02 \x01(\x0c\x12\x0e\n\x06number\x18\x03 \x01(\x03\x12\x13\n\x0bnext_update\x18\x04 \x01(\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,23 +34,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SELECTOR']._serialized_start=48
   _globals['_SELECTOR']._serialized_end=87
   _globals['_REGISTRATIONENTRY']._serialized_start=90
-  _globals['_REGISTRATIONENTRY']._serialized_end=427
-  _globals['_ATTESTEDNODE']._serialized_start=430
-  _globals['_ATTESTEDNODE']._serialized_end=669
-  _globals['_JOINTOKEN']._serialized_start=671
-  _globals['_JOINTOKEN']._serialized_end=736
-  _globals['_X509AUTHORITY']._serialized_start=738
-  _globals['_X509AUTHORITY']._serialized_end=784
-  _globals['_JWTAUTHORITY']._serialized_start=786
-  _globals['_JWTAUTHORITY']._serialized_end=873
-  _globals['_BUNDLE']._serialized_start=876
-  _globals['_BUNDLE']._serialized_end=1123
-  _globals['_X509SVID']._serialized_start=1125
-  _globals['_X509SVID']._serialized_end=1194
-  _globals['_JWTSVID']._serialized_start=1196
-  _globals['_JWTSVID']._serialized_end=1278
-  _globals['_WITSVID']._serialized_start=1280
-  _globals['_WITSVID']._serialized_end=1362
-  _globals['_STATUS']._serialized_start=1364
-  _globals['_STATUS']._serialized_end=1403
+  _globals['_REGISTRATIONENTRY']._serialized_end=459
+  _globals['_ATTESTEDNODE']._serialized_start=462
+  _globals['_ATTESTEDNODE']._serialized_end=701
+  _globals['_JOINTOKEN']._serialized_start=703
+  _globals['_JOINTOKEN']._serialized_end=768
+  _globals['_X509AUTHORITY']._serialized_start=770
+  _globals['_X509AUTHORITY']._serialized_end=816
+  _globals['_JWTAUTHORITY']._serialized_start=818
+  _globals['_JWTAUTHORITY']._serialized_end=905
+  _globals['_BUNDLE']._serialized_start=908
+  _globals['_BUNDLE']._serialized_end=1155
+  _globals['_X509SVID']._serialized_start=1157
+  _globals['_X509SVID']._serialized_end=1226
+  _globals['_JWTSVID']._serialized_start=1228
+  _globals['_JWTSVID']._serialized_end=1310
+  _globals['_WITSVID']._serialized_start=1312
+  _globals['_WITSVID']._serialized_end=1394
+  _globals['_STATUS']._serialized_start=1396
+  _globals['_STATUS']._serialized_end=1435
+  _globals['_CRL']._serialized_start=1437
+  _globals['_CRL']._serialized_end=1514
 # @@protoc_insertion_point(module_scope)

@@ -65,6 +65,8 @@ class RegistrationEntry(_message.Message):
     FEDERATES_WITH_FIELD_NUMBER: _builtins.int
     REVISION_NUMBER_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
+    PURPOSE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Assigned by the server on create."""
     spiffe_id: _builtins.str
@@ -83,6 +85,10 @@ class RegistrationEntry(_message.Message):
     """Unix seconds; 0 means the entry never expires."""
     revision_number: _builtins.int
     created_at: _builtins.int
+    owner: _builtins.str
+    """The accountable person or team (e.g. alice@example.com); "" is unset."""
+    purpose: _builtins.str
+    """What the identity is for (free text)."""
     @_builtins.property
     def selectors(self) -> _containers.RepeatedCompositeFieldContainer[Global___Selector]: ...
     @_builtins.property
@@ -109,10 +115,12 @@ class RegistrationEntry(_message.Message):
         federates_with: _abc.Iterable[_builtins.str] | None = ...,
         revision_number: _builtins.int = ...,
         created_at: _builtins.int = ...,
+        owner: _builtins.str = ...,
+        purpose: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["admin", b"admin", "created_at", b"created_at", "dns_names", b"dns_names", "downstream", b"downstream", "expires_at", b"expires_at", "federates_with", b"federates_with", "hint", b"hint", "id", b"id", "jwt_svid_ttl", b"jwt_svid_ttl", "node_alias", b"node_alias", "parent_id", b"parent_id", "revision_number", b"revision_number", "selectors", b"selectors", "spiffe_id", b"spiffe_id", "x509_svid_ttl", b"x509_svid_ttl"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["admin", b"admin", "created_at", b"created_at", "dns_names", b"dns_names", "downstream", b"downstream", "expires_at", b"expires_at", "federates_with", b"federates_with", "hint", b"hint", "id", b"id", "jwt_svid_ttl", b"jwt_svid_ttl", "node_alias", b"node_alias", "owner", b"owner", "parent_id", b"parent_id", "purpose", b"purpose", "revision_number", b"revision_number", "selectors", b"selectors", "spiffe_id", b"spiffe_id", "x509_svid_ttl", b"x509_svid_ttl"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -391,3 +399,37 @@ class Status(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Status: _TypeAlias = Status  # noqa: Y015
+
+@_typing.final
+class Crl(_message.Message):
+    """The current certificate revocation list of one X.509 authority (RFC 5280)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AUTHORITY_ID_FIELD_NUMBER: _builtins.int
+    DER_FIELD_NUMBER: _builtins.int
+    NUMBER_FIELD_NUMBER: _builtins.int
+    NEXT_UPDATE_FIELD_NUMBER: _builtins.int
+    authority_id: _builtins.str
+    """The authority's id (its SubjectKeyIdentifier in lowercase hex)."""
+    der: _builtins.bytes
+    """The CRL, DER."""
+    number: _builtins.int
+    """The CRL number (grows on every re-signing)."""
+    next_update: _builtins.int
+    """Unix seconds of the CRL's nextUpdate."""
+    def __init__(
+        self,
+        *,
+        authority_id: _builtins.str = ...,
+        der: _builtins.bytes = ...,
+        number: _builtins.int = ...,
+        next_update: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["authority_id", b"authority_id", "der", b"der", "next_update", b"next_update", "number", b"number"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Crl: _TypeAlias = Crl  # noqa: Y015

@@ -1,0 +1,168 @@
+"""Benchmark: RFC 8693 token exchanges per second through the real token endpoint.
+
+Run: ``./scripts/bench token_exchange [--json] [--seconds N] [--clients N]``.
+
+A ``credo-server`` with its HTTP front end and one delegation policy; ``--clients``
+(default 50) concurrent clients, each on its own keep-alive HTTPS connection with mutual
+TLS as the agent (an X509-SVID minted by the server), POST the form of one exchange again
+and again: one policy lookup, one RS256 verification of the person's token, one ES256
+signature per token.
+
+* ``exchanges_per_s`` — successful exchanges per second, all clients together;
+* ``p50_s``, ``p99_s`` — latency of one exchange at that concurrency;
+* ``raw_sign_per_s`` — PyJWT ``jwt.encode`` of the same claims with ES256 in this
+  process, measured in the same run (before and after the endpoint phase, averaged);
+* ``ratio`` — ``exchanges_per_s / raw_sign_per_s``; the target is >= 0.25.
+
+With ``--json`` the last line is ``{"name": "token_exchange", "metrics": {...}}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import ssl
+import time
+from pathlib import Path
+
+import aiohttp
+import jwt
+from _common import Workspace, log, percentile, report
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+TARGET_RATIO = 0.25
+IDP = "https://login.example.com"
+GIT = "https://git.example.com"
+AGENT = "spiffe://example.org/agents/bench"
+GRANT = "urn:ietf:params:oauth:grant-type:token-exchange"
+
+
+def _raw_sign_rate(seconds: float) -> float:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = int(time.time())
+    claims = {
+        "iss": "https://localhost:8443",
+        "sub": "alice",
+        "act": {"sub": AGENT},
+        "client_id": AGENT,
+        "aud": GIT,
+        "scope": "repo:read",
+        "iat": now,
+        "exp": now + 300,
+        "jti": "x" * 22,
+        "credo_owner": "alice@example.com",
+    }
+    count = 0
+    deadline = time.perf_counter() + seconds
+    start = time.perf_counter()
+    while time.perf_counter() < deadline:
+        for _ in range(50):
+            jwt.encode(claims, key, algorithm="ES256", headers={"kid": "k", "typ": "at+jwt"})
+        count += 50
+    return count / (time.perf_counter() - start)
+
+
+async def _drive(
+    url: str, form: dict[str, str], context: ssl.SSLContext, clients: int, seconds: float
+) -> tuple[int, list[float], int]:
+    latencies: list[float] = []
+    failures = 0
+    deadline = time.perf_counter() + seconds
+
+    async def one_client() -> None:
+        nonlocal failures
+        connector = aiohttp.TCPConnector(ssl=context, limit=1)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            while time.perf_counter() < deadline:
+                started = time.perf_counter()
+                async with session.post(url, data=form) as response:
+                    await response.read()
+                    if response.status == 200:
+                        latencies.append(time.perf_counter() - started)
+                    else:
+                        failures += 1
+
+    await asyncio.gather(*(one_client() for _ in range(clients)))
+    return len(latencies), latencies, failures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="token exchanges per second")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--clients", type=int, default=50)
+    args = parser.parse_args()
+    with Workspace() as ws:
+        idp_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(idp_key.public_key()))
+        jwk.update(kid="k1", alg="RS256")
+        jwks = ws.root / "idp.jwks"
+        jwks.write_text(json.dumps({"keys": [jwk]}))
+        config = ws.root / "server.toml"
+        config.write_text(
+            "[server.delegation.issuers.corp]\n"
+            f'issuer = "{IDP}"\njwks_file = "{jwks}"\naudience = ["credo"]\n'
+        )
+        server = ws.start_server(config=config, http_bind_address="127.0.0.1:0")
+        server.cli_json(
+            "entry", "create", "--spiffe-id", AGENT, "--parent-id",
+            "spiffe://example.org/host", "--selector", "unix:uid:1",
+        )  # fmt: skip
+        server.cli_json(
+            "delegation", "create", "--agent-id", AGENT, "--subject-issuer", "corp",
+            "--scope", "repo:read", "--audience", GIT,
+        )  # fmt: skip
+        minted = server.cli_json("x509", "mint", "--spiffe-id", AGENT)
+        cert, key = Path(ws.root / "agent.pem"), Path(ws.root / "agent.key")
+        cert.write_text(minted["x509_svid"])
+        key.write_text(minted["private_key"])
+        context = ssl.create_default_context(cadata=server.bundle_pem())
+        context.load_cert_chain(cert, key)
+        now = int(time.time())
+        person = jwt.encode(
+            {"iss": IDP, "sub": "alice", "aud": "credo", "iat": now, "exp": now + 3600},
+            idp_key,
+            algorithm="RS256",
+            headers={"kid": "k1"},
+        )
+        form = {
+            "grant_type": GRANT,
+            "subject_token": person,
+            "subject_token_type": "urn:ietf:params:oauth:token-type:id_token",
+            "audience": GIT,
+            "scope": "repo:read",
+        }
+        url = f"{server.http_url}/oauth2/token"
+        log("raw ES256 signing (before)")
+        raw_before = _raw_sign_rate(min(3.0, args.seconds / 3))
+        log(f"{args.clients} clients for {args.seconds}s against {url}")
+        asyncio.run(_drive(url, form, context, min(args.clients, 4), 1.0))  # warm up
+        started = time.perf_counter()
+        count, latencies, failures = asyncio.run(
+            _drive(url, form, context, args.clients, args.seconds)
+        )
+        elapsed = time.perf_counter() - started
+        log("raw ES256 signing (after)")
+        raw_after = _raw_sign_rate(min(3.0, args.seconds / 3))
+    raw = (raw_before + raw_after) / 2
+    rate = count / elapsed
+    metrics = {
+        "exchanges_per_s": round(rate, 1),
+        "p50_s": round(percentile(latencies, 50), 4),
+        "p99_s": round(percentile(latencies, 99), 4),
+        "failures": failures,
+        "clients": args.clients,
+        "raw_sign_per_s": round(raw, 1),
+        "ratio": round(rate / raw, 4),
+    }
+    report(
+        "token_exchange",
+        metrics,
+        [("ratio", ">=", TARGET_RATIO)],
+        as_json=args.json,
+    )
+
+
+if __name__ == "__main__":
+    main()

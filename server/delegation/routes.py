@@ -1,0 +1,189 @@
+"""The authorization server's endpoints on the HTTP front end (thin: parse, call, render).
+
+========================================  ==========================================
+``POST /oauth2/token``                    RFC 8693 token exchange (form-encoded)
+``POST /oauth2/introspect``               RFC 7662 introspection, for allowed SPIFFE IDs
+``GET /oauth2/jwks``                      the keys that sign access tokens (JWKS)
+``GET /.well-known/oauth-authorization-server``  RFC 8414 metadata
+========================================  ==========================================
+
+Refusals are :class:`~server.delegation.errors.OAuthError`\\ s from the exchange, rendered
+here into the front end's one error shape (``{"error", "error_description"}``), with
+``Cache-Control: no-store``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Collection, Mapping
+from typing import Any
+
+import jwt
+from aiohttp import web
+from cryptography import x509
+
+from credo.bundle import public_key_to_jwk
+from credo.keys import jwt_algorithm_for
+from server.delegation.errors import InvalidClient, InvalidRequest, OAuthError
+from server.delegation.exchange import (
+    ACCESS_TOKEN_TYPE,
+    AT_JWT,
+    GRANT_TYPE,
+    JWT_SPIFFE_ASSERTION,
+    SUBJECT_TOKEN_TYPES,
+    TOKEN_PATH,
+    TokenExchange,
+)
+from server.delegation.subjects import check_times
+from server.http import HttpError, json_response
+
+__all__ = ["INTROSPECT_PATH", "JWKS_PATH", "METADATA_PATH", "delegation_routes"]
+
+INTROSPECT_PATH = "/oauth2/introspect"
+JWKS_PATH = "/oauth2/jwks"
+METADATA_PATH = "/.well-known/oauth-authorization-server"
+_FORM = "application/x-www-form-urlencoded"
+_NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+
+
+def _http_error(err: OAuthError) -> HttpError:
+    return HttpError(err.status, err.description, error=err.error, headers=_NO_STORE)
+
+
+def peer_chain(request: web.Request) -> list[x509.Certificate] | None:
+    """The client certificate the TLS handshake verified (mutual TLS), or None."""
+    tls = request.transport.get_extra_info("ssl_object") if request.transport else None
+    der = tls.getpeercert(binary_form=True) if tls is not None else None
+    return [x509.load_der_x509_certificate(der)] if der else None
+
+
+async def _form_fields(request: web.Request) -> list[tuple[str, str]]:
+    if request.content_type != _FORM:
+        raise _http_error(InvalidRequest(f"the request body must be {_FORM}"))
+    try:
+        form = await request.post()
+    except ValueError:
+        raise _http_error(InvalidRequest("the request body is not a valid form")) from None
+    fields: list[tuple[str, str]] = []
+    for name, value in form.items():
+        if not isinstance(value, str):
+            raise _http_error(InvalidRequest(f"{name[:64]} must be a form value, not a file"))
+        fields.append((name, value))
+    return fields
+
+
+class DelegationEndpoints:
+    """The handlers; ``exchange`` does the work, ``introspection_allowed`` guards introspect."""
+
+    def __init__(self, exchange: TokenExchange, introspection_allowed: Collection[str]) -> None:
+        self.exchange = exchange
+        self.introspection_allowed = frozenset(introspection_allowed)
+
+    async def token(self, request: web.Request) -> web.StreamResponse:
+        fields = await _form_fields(request)
+        try:
+            result = await asyncio.to_thread(
+                self.exchange.exchange, fields, peer_chain=peer_chain(request)
+            )
+        except OAuthError as err:
+            raise _http_error(err) from None
+        return json_response(result.response, headers=_NO_STORE)
+
+    def _introspect(
+        self, fields: list[tuple[str, str]], chain: list[x509.Certificate] | None
+    ) -> dict[str, Any]:
+        form = self.exchange.parse_form(fields)
+        caller = self.exchange.authenticate(form, chain)
+        if str(caller) not in self.introspection_allowed:
+            raise InvalidClient(
+                f"{caller} may not introspect tokens; add it to "
+                "[server.delegation] introspection_allowed"
+            )
+        token = form.get("token")
+        if not token:
+            raise InvalidRequest("token is required")
+        return self.introspect_token(token)
+
+    def introspect_token(self, token: str) -> dict[str, Any]:
+        """RFC 7662: ``{"active": false}`` for anything not a live token of this server."""
+        inactive: dict[str, Any] = {"active": False}
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError:
+            return inactive
+        if header.get("typ") != AT_JWT:
+            return inactive
+        key = self.exchange.bundle().jwt_bundle().get_key(str(header.get("kid", "")))
+        if key is None:
+            return inactive
+        try:
+            claims = jwt.decode(
+                token,
+                key,
+                algorithms=[jwt_algorithm_for(key)],
+                issuer=self.exchange.issuer(),
+                options={
+                    "verify_aud": False,
+                    "verify_exp": False,
+                    "verify_nbf": False,
+                    "verify_iat": False,
+                    "require": ["exp", "sub", "act"],
+                },
+            )
+            check_times(claims, self.exchange.clock(), 0, "token")
+        except (jwt.PyJWTError, OAuthError):
+            return inactive
+        out = {"active": True, "token_type": "Bearer"}
+        for name in ("sub", "act", "scope", "exp", "iat", "client_id", "aud", "iss", "jti"):
+            if name in claims:
+                out[name] = claims[name]
+        if "credo_owner" in claims:
+            out["credo_owner"] = claims["credo_owner"]
+        return out
+
+    async def introspect(self, request: web.Request) -> web.StreamResponse:
+        fields = await _form_fields(request)
+        try:
+            body = await asyncio.to_thread(self._introspect, fields, peer_chain(request))
+        except OAuthError as err:
+            raise _http_error(err) from None
+        return json_response(body, headers=_NO_STORE)
+
+    async def jwks(self, request: web.Request) -> web.StreamResponse:
+        bundle = await asyncio.to_thread(self.exchange.bundle)
+        keys = []
+        for kid, key in sorted(bundle.jwt_authorities.items()):
+            jwk = public_key_to_jwk(key)
+            jwk.update(kid=kid, use="sig", alg=jwt_algorithm_for(key))
+            keys.append(jwk)
+        return json_response({"keys": keys}, cache_control="max-age=60")
+
+    def metadata_document(self) -> Mapping[str, Any]:
+        base = self.exchange.issuer().rstrip("/")
+        return {
+            "issuer": self.exchange.issuer(),
+            "token_endpoint": base + TOKEN_PATH,
+            "introspection_endpoint": base + INTROSPECT_PATH,
+            "jwks_uri": base + JWKS_PATH,
+            "grant_types_supported": [GRANT_TYPE],
+            "response_types_supported": [],
+            "token_endpoint_auth_methods_supported": ["spiffe_jwt", "tls_client_auth"],
+            "client_assertion_types_supported": [JWT_SPIFFE_ASSERTION],
+            "introspection_endpoint_auth_methods_supported": ["spiffe_jwt", "tls_client_auth"],
+            "token_endpoint_auth_signing_alg_values_supported": ["ES256", "ES384", "RS256"],
+            "subject_token_types_supported": list(SUBJECT_TOKEN_TYPES),
+            "issued_token_types_supported": [ACCESS_TOKEN_TYPE],
+        }
+
+    async def metadata(self, request: web.Request) -> web.StreamResponse:
+        return json_response(dict(self.metadata_document()), cache_control="max-age=300")
+
+
+def delegation_routes(endpoints: DelegationEndpoints) -> list[web.AbstractRouteDef]:
+    """The routes to add to the HTTP front end."""
+    return [
+        web.post(TOKEN_PATH, endpoints.token),
+        web.post(INTROSPECT_PATH, endpoints.introspect),
+        web.get(JWKS_PATH, endpoints.jwks),
+        web.get(METADATA_PATH, endpoints.metadata),
+    ]

@@ -1,0 +1,191 @@
+"""Issued X.509-SVIDs, revocation (one serial, an entry, a banned node) and CRLs."""
+
+from __future__ import annotations
+
+import pytest
+from ds_helpers import FakeClock
+
+from credo.selector import Selector
+from server.datastore import (
+    AttestedNode,
+    Crl,
+    EventKind,
+    IssuedJwtSvid,
+    IssuedX509Svid,
+    NotFound,
+    RegistrationEntry,
+    SqlDataStore,
+)
+
+TD = "spiffe://example.org"
+AGENT = f"{TD}/credo/agent/join_token/t1"
+
+
+def _entry(store: SqlDataStore, name: str = "web") -> RegistrationEntry:
+    return store.create_registration_entry(
+        RegistrationEntry(f"{TD}/{name}", AGENT, (Selector("unix", f"uid:{len(name)}"),))
+    )
+
+
+def _svid(
+    serial: str, entry_id: str = "", *, expires_at: int = 1_700_003_600, **kw: str
+) -> IssuedX509Svid:
+    return IssuedX509Svid(
+        serial=serial,
+        authority_id=kw.get("authority_id", "ca1"),
+        spiffe_id=f"{TD}/web",
+        expires_at=expires_at,
+        entry_id=entry_id,
+        agent_id=kw.get("agent_id", AGENT),
+    )
+
+
+def _kinds(store: SqlDataStore, after: int) -> list[tuple[str, str]]:
+    return [(e.kind.value, e.subject) for e in store.list_events(after)]
+
+
+def test_issued_svids_are_recorded_and_found(store: SqlDataStore, clock: FakeClock) -> None:
+    """A recorded SVID comes back by serial with the time it was recorded."""
+    entry = _entry(store)
+    assert store.create_issued_x509_svids([_svid("0a", entry.id)]) == frozenset()
+    got = store.fetch_issued_x509_svid("0a")
+    assert got is not None
+    assert (got.entry_id, got.agent_id, got.authority_id) == (entry.id, AGENT, "ca1")
+    assert got.issued_at == clock.now and got.revoked_at == 0
+    assert store.fetch_issued_x509_svid("ff") is None
+
+
+def test_revoke_serial_is_idempotent_and_emits_once(store: SqlDataStore, clock: FakeClock) -> None:
+    """Revoking a serial marks it once; again changes nothing and writes no event."""
+    store.create_issued_x509_svids([_svid("0a"), _svid("0b")])
+    before = store.fetch_latest_event_id()
+    clock.advance(5)
+    first = store.revoke_x509_svid("0a", "key leaked")
+    assert [s.serial for s in first.revoked] == ["0a"]
+    assert first.revoked[0].revoked_at == clock.now
+    assert _kinds(store, before) == [(EventKind.X509_SVIDS_REVOKED.value, "ca1")]
+    clock.advance(5)
+    again = store.revoke_x509_svid("0a", "other")
+    assert again.revoked == ()
+    got = store.fetch_issued_x509_svid("0a")
+    assert got is not None and got.reason == "key leaked" and got.revoked_at == clock.now - 5
+    assert store.fetch_latest_event_id() == before + 1
+    assert [s.serial for s in store.list_issued_x509_svids(revoked=True)] == ["0a"]
+
+
+def test_revoke_unknown_serial_is_not_found(store: SqlDataStore) -> None:
+    """An unknown serial is refused and nothing is written."""
+    before = store.fetch_latest_event_id()
+    with pytest.raises(NotFound, match="serial"):
+        store.revoke_x509_svid("abc", "x")
+    assert store.fetch_latest_event_id() == before
+
+
+def test_revoke_entry_revokes_unexpired_svids_and_blocks_new_ones(
+    store: SqlDataStore, clock: FakeClock
+) -> None:
+    """Entry revocation revokes its unexpired SVIDs (not expired ones, not other entries')
+    and refuses to record SVIDs signed for it afterwards."""
+    entry, other = _entry(store), _entry(store, "db")
+    store.create_issued_x509_svids(
+        [
+            _svid("01", entry.id),
+            _svid("02", entry.id, authority_id="ca2"),
+            _svid("03", entry.id, expires_at=clock.now - 1),
+            _svid("04", other.id),
+        ]
+    )
+    before = store.fetch_latest_event_id()
+    result = store.revoke_registration_entry(entry.id, "compromised")
+    assert result.entry_newly_revoked
+    assert [s.serial for s in result.revoked] == ["01", "02"]
+    assert set(_kinds(store, before)) == {
+        (EventKind.ENTRY_REVOKED.value, entry.id),
+        (EventKind.X509_SVIDS_REVOKED.value, "ca1"),
+        (EventKind.X509_SVIDS_REVOKED.value, "ca2"),
+    }
+    assert store.list_revoked_entry_ids() == {entry.id}
+    assert store.fetch_entry_revocation(entry.id) == (clock.now, "compromised")
+    assert store.fetch_entry_revocation(other.id) is None
+    refused = store.create_issued_x509_svids([_svid("05", entry.id), _svid("06", other.id)])
+    assert refused == frozenset({entry.id})
+    assert store.fetch_issued_x509_svid("05") is None
+    assert store.fetch_issued_x509_svid("06") is not None
+    again = store.revoke_registration_entry(entry.id, "again")
+    assert again.revoked == () and not again.entry_newly_revoked
+
+
+def test_revoke_unknown_entry_is_not_found(store: SqlDataStore) -> None:
+    """An unknown entry id is refused and nothing is written."""
+    with pytest.raises(NotFound):
+        store.revoke_registration_entry("nope", "x")
+    assert store.list_revoked_entry_ids() == set()
+
+
+def test_deleting_a_revoked_entry_forgets_the_revocation(store: SqlDataStore) -> None:
+    """The revocation goes with the entry (a new entry is a new identity record)."""
+    entry = _entry(store)
+    store.revoke_registration_entry(entry.id, "x")
+    store.delete_registration_entry(entry.id)
+    assert store.list_revoked_entry_ids() == set()
+
+
+def test_ban_revokes_what_the_agent_obtained(store: SqlDataStore, clock: FakeClock) -> None:
+    """Banning a node revokes every unexpired SVID it obtained, and only those."""
+    store.create_attested_node(AttestedNode(AGENT, "join_token", cert_serial="aa"))
+    other_agent = f"{TD}/credo/agent/join_token/t2"
+    store.create_issued_x509_svids([_svid("aa"), _svid("01"), _svid("02", agent_id=other_agent)])
+    node, result = store.ban_attested_node(AGENT, "stolen laptop")
+    assert node.banned and node.cert_serial == "aa"
+    assert [s.serial for s in result.revoked] == ["01", "aa"]
+    assert store.ban_attested_node(AGENT, "again")[1].revoked == ()
+    with pytest.raises(NotFound):
+        store.ban_attested_node(f"{TD}/credo/agent/join_token/none", "x")
+
+
+def test_prune_issued_drops_expired(store: SqlDataStore, clock: FakeClock) -> None:
+    """Expired records are pruned; unexpired ones stay."""
+    store.create_issued_x509_svids([_svid("01", expires_at=clock.now - 1), _svid("02")])
+    assert store.prune_issued_x509_svids(clock.now) == 1
+    assert [s.serial for s in store.list_issued_x509_svids()] == ["02"]
+
+
+def test_crls_are_stored_replaced_and_pruned(store: SqlDataStore) -> None:
+    """One CRL per authority; set replaces it and emits crl_updated; prune drops orphans."""
+    before = store.fetch_latest_event_id()
+    store.set_crl(Crl("ca1", 1, b"one", 10))
+    store.set_crl(Crl("ca1", 2, b"two", 20))
+    got = store.fetch_crl("ca1")
+    assert got is not None and (got.number, got.data, got.next_update) == (2, b"two", 20)
+    assert [c.authority_id for c in store.list_crls()] == ["ca1"]
+    assert _kinds(store, before) == [(EventKind.CRL_UPDATED.value, "ca1")] * 2
+    assert store.prune_crls() == 1  # no authority "ca1" in the journal
+    assert store.list_crls() == []
+
+
+def test_jwt_svids_are_revoked_by_jti_entry_and_ban(store: SqlDataStore, clock: FakeClock) -> None:
+    """JWT-SVIDs are revoked by jti (idempotent, unknown jti refused), with their entry (and
+    not recorded for a revoked entry), and with their agent; the list holds unexpired ones."""
+    entry = _entry(store)
+    store.create_attested_node(AttestedNode(AGENT, "join_token"))
+
+    def jwt(jti: str, entry_id: str = "", expires_at: int = clock.now + 300) -> IssuedJwtSvid:
+        return IssuedJwtSvid(jti, f"{TD}/web", expires_at, entry_id=entry_id, agent_id=AGENT)
+
+    for record in (jwt("j1"), jwt("j2", entry.id), jwt("j3", entry.id, clock.now - 1)):
+        assert store.create_issued_jwt_svid(record)
+    before = store.fetch_latest_event_id()
+    assert [j.jti for j in store.revoke_jwt_svid("j1", "leaked").revoked_jwts] == ["j1"]
+    assert store.revoke_jwt_svid("j1", "again").revoked_jwts == ()
+    assert _kinds(store, before) == [(EventKind.JWT_SVIDS_REVOKED.value, "")]
+    with pytest.raises(NotFound, match="jti"):
+        store.revoke_jwt_svid("nope", "x")
+    result = store.revoke_registration_entry(entry.id, "x")
+    assert [j.jti for j in result.revoked_jwts] == ["j2"]  # j3 has expired
+    assert not store.create_issued_jwt_svid(jwt("j4", entry.id))
+    assert store.fetch_issued_jwt_svid("j4") is None
+    assert store.create_issued_jwt_svid(jwt("j5"))
+    _, banned = store.ban_attested_node(AGENT, "x")
+    assert [j.jti for j in banned.revoked_jwts] == ["j5"]
+    assert [j.jti for j in store.list_revoked_jwt_svids(clock.now)] == ["j1", "j2", "j5"]
+    assert store.prune_issued_jwt_svids(clock.now) == 1
