@@ -947,6 +947,12 @@ class SqlDataStore:
                         {c: getattr(stored, c) for c in self._FED_COLUMNS}
                     )
                 )
+                audit.record(
+                    tx,
+                    "federation.create",
+                    target=stored.trust_domain,
+                    details=_federation_details(stored),
+                )
         except IntegrityError as exc:
             raise AlreadyExists(
                 f"a federation relationship with {relationship.trust_domain!r} already exists"
@@ -978,20 +984,26 @@ class SqlDataStore:
         :class:`NotFound` if there is none."""
         t = federation_relationships
         values = {c: getattr(relationship, c) for c in self._FED_COLUMNS if c != "created_at"}
+        where = t.c.trust_domain == relationship.trust_domain
         with self._transaction(write=True) as tx:
-            gone = tx.conn.execute(
-                update(t).where(t.c.trust_domain == relationship.trust_domain).values(values)
-            ).rowcount
-            if gone == 0:
+            before = tx.conn.execute(select(*(t.c[c] for c in self._FED_COLUMNS)).where(where))
+            old = before.first()
+            gone = tx.conn.execute(update(t).where(where).values(values)).rowcount
+            if gone == 0 or old is None:
                 raise NotFound(
                     f"no federation relationship with trust domain {relationship.trust_domain!r}"
                 )
-            row = tx.conn.execute(
-                select(*(t.c[c] for c in self._FED_COLUMNS)).where(
-                    t.c.trust_domain == relationship.trust_domain
+            row = tx.conn.execute(select(*(t.c[c] for c in self._FED_COLUMNS)).where(where)).first()
+            after = self._relationship(row)
+            # A refresh only notes its time and error: not a change anyone made.
+            if _federation_details(self._relationship(old)) != _federation_details(after):
+                audit.record(
+                    tx,
+                    "federation.update",
+                    target=after.trust_domain,
+                    details=_federation_details(after),
                 )
-            ).first()
-        return self._relationship(row)
+        return after
 
     def delete_federation_relationship(self, trust_domain: str) -> FederationRelationship:
         """Delete the relationship and the trust domain's federated bundle (nothing then
@@ -1009,6 +1021,15 @@ class SqlDataStore:
             ).rowcount
             if gone:
                 self._emit(tx, [(EventKind.BUNDLE_DELETED, trust_domain)])
+            audit.record(
+                tx,
+                "federation.delete",
+                target=trust_domain,
+                details={
+                    **_federation_details(self._relationship(row)),
+                    "bundle_deleted": gone > 0,
+                },
+            )
         return self._relationship(row)
 
     # ------------------------------------------------------------------ authorities
@@ -1652,6 +1673,13 @@ class SqlDataStore:
                 tx.conn.execute(insert(delegation_policies).values(**_policy_values(stored)))
             except IntegrityError as exc:
                 raise AlreadyExists(f"delegation policy {stored.id!r} already exists") from exc
+            audit.record(
+                tx,
+                "delegation_policy.create",
+                subject=_policy_subject(stored),
+                target=stored.id,
+                details=_policy_details(stored),
+            )
         return stored
 
     def fetch_delegation_policy(self, policy_id: str) -> DelegationPolicy | None:
@@ -1685,7 +1713,15 @@ class SqlDataStore:
             ).first()
             if row is None:
                 raise NotFound(f"delegation policy {policy.id!r} not found")
-        return replace(policy, revision_number=row[0], created_at=row[1])
+            stored = replace(policy, revision_number=row[0], created_at=row[1])
+            audit.record(
+                tx,
+                "delegation_policy.update",
+                subject=_policy_subject(stored),
+                target=stored.id,
+                details=_policy_details(stored),
+            )
+        return stored
 
     def delete_delegation_policy(self, policy_id: str) -> DelegationPolicy:
         """Delete the policy (and its budget counters); :class:`NotFound` if absent."""
@@ -1696,6 +1732,13 @@ class SqlDataStore:
             tx.conn.execute(delete(budget_usage).where(budget_usage.c.policy_id == policy_id))
             tx.conn.execute(
                 delete(delegation_policies).where(delegation_policies.c.policy_id == policy_id)
+            )
+            audit.record(
+                tx,
+                "delegation_policy.delete",
+                subject=_policy_subject(found[0]),
+                target=policy_id,
+                details=_policy_details(found[0]),
             )
         return found[0]
 
@@ -2453,6 +2496,34 @@ def _node_details(node: AttestedNode) -> dict[str, Any]:
     if node.banned:
         details["banned"] = True
     return details
+
+
+def _federation_details(rel: FederationRelationship) -> dict[str, Any]:
+    """What a federation record keeps: the endpoint (not the fetch state)."""
+    return {
+        "bundle_endpoint_url": rel.bundle_endpoint_url,
+        "bundle_endpoint_profile": rel.bundle_endpoint_profile,
+        "endpoint_spiffe_id": rel.endpoint_spiffe_id,
+    }
+
+
+def _policy_subject(policy: DelegationPolicy) -> str:
+    """The agent a policy is for, as a record's subject (a ``/*`` pattern stays in details)."""
+    return "" if policy.agent_id.endswith("/*") else policy.agent_id
+
+
+def _policy_details(policy: DelegationPolicy) -> dict[str, Any]:
+    return {
+        "agent_id": policy.agent_id,
+        "subject_issuer": policy.subject_issuer,
+        "subject_claims": [list(c) for c in policy.subject_claims],
+        "scopes": list(policy.scopes),
+        "audiences": list(policy.audiences),
+        "max_ttl": policy.max_ttl,
+        "max_depth": policy.max_depth,
+        "budgets": [[b.scope, b.limit, b.period] for b in policy.budgets],
+        "revision_number": policy.revision_number,
+    }
 
 
 def _revocation_details(
