@@ -20,8 +20,9 @@ Order (nothing else constructs these):
 8. :class:`~node_agent.telemetry.AgentMetrics` on ``metrics_address``, when set.
 
 The agent-SVID renewal loop, the sync stream and the cache's signing loop run side by
-side under one :class:`asyncio.TaskGroup`. SIGTERM or SIGINT stops everything cleanly;
-a ban by the server ends the agent with a non-zero exit.
+side under one :class:`asyncio.TaskGroup`, each supervised: one that ends (returns, raises,
+or is cancelled from inside) is logged as an error and started again. SIGTERM or SIGINT
+stops everything cleanly; a ban by the server ends the agent with a non-zero exit.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import resource
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from credo._logging import setup_logging
@@ -48,7 +49,7 @@ from node_agent.audit_log import DeliveryLog
 from node_agent.cache.manager import CacheConfig, CacheManager
 from node_agent.config import AgentConfig
 from node_agent.errors import AgentRemoved
-from node_agent.server_client import BackoffPolicy, ServerClient, ServerClientConfig
+from node_agent.server_client import Backoff, BackoffPolicy, ServerClient, ServerClientConfig
 from node_agent.sync.entries import TrustBundles
 from node_agent.sync.syncer import EntrySyncer
 from node_agent.telemetry import AgentMetrics
@@ -74,6 +75,7 @@ async def serve(
     stop = stop or asyncio.Event()
     trust_domain = config.trust_domain_obj
     store = SvidStore(config.data_dir)
+    store.prepare()
     client = ServerClient(
         ServerClientConfig(
             server_addresses=config.server_addresses,
@@ -138,9 +140,12 @@ async def serve(
         )
         async with asyncio.TaskGroup() as group:
             tasks = [
-                group.create_task(session.run_renewal(), name="agent-svid-renewal"),
-                group.create_task(syncer.run(), name="entry-sync"),
-                group.create_task(cache.run(), name="svid-cache"),
+                group.create_task(_supervised(name, component), name=name)
+                for name, component in (
+                    ("agent-svid-renewal", session.run_renewal),
+                    ("entry-sync", syncer.run),
+                    ("svid-cache", cache.run),
+                )
             ]
             await workload_api.start()
             await admin.start()
@@ -184,6 +189,45 @@ async def serve(
         if runtime is not None:
             runtime.close()
         await client.close()
+
+
+_RESTART_POLICY = BackoffPolicy(initial=1.0, cap=30.0)
+
+
+async def _supervised(name: str, component: Callable[[], Awaitable[None]]) -> None:
+    """Run ``component`` for the agent's whole life, starting it again if it ends.
+
+    Each component loops forever and lets only AgentRemoved (a ban) escape; one that
+    returns, raises or is cancelled from inside (gRPC cancels the calls of a closed
+    channel with CancelledError) would otherwise vanish from the task group without a
+    word, and the agent would keep serving stale state. It is logged as an error with
+    its name and started again after a backoff. The agent stopping (this task cancelled)
+    and AgentRemoved end it.
+    """
+    backoff = Backoff(_RESTART_POLICY)
+    while True:
+        started = time.monotonic()
+        try:
+            await component()
+            how = "returned"
+        except AgentRemoved:
+            raise
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # the agent is stopping
+            how = "was cancelled"
+        except Exception as exc:
+            log.exception("agent component failed", extra={"component": name})
+            how = f"failed ({type(exc).__name__}: {exc})"
+        if time.monotonic() - started > 60:
+            backoff.reset()
+        delay = backoff.next()
+        log.error(
+            f"agent component {how}; restarting it",
+            extra={"component": name, "retry_in": round(delay, 1)},
+        )
+        await asyncio.sleep(delay)
 
 
 def _find(

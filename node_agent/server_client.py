@@ -42,6 +42,7 @@ import logging
 import random
 import socket
 import ssl
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -51,7 +52,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from credo._proto.credo.server.v1 import agent_pb2, agent_pb2_grpc
-from credo._protocol import Refusal, refusal_in
+from credo._protocol import AGENT_CHANNEL_KEEPALIVE, Refusal, refusal_in
 from credo._reserved import SERVER_TLS_NAME, server_spiffe_id
 from credo.bundle import Bundle
 from credo.errors import CredoError
@@ -94,14 +95,14 @@ MAX_BATCH = 500
 """Most CSRs the server accepts in one ``BatchNewX509SVID`` call."""
 
 _CHANNEL_RETIRE_GRACE = 10.0
+# A retry delay is at most the agent SVID's time left over this (see backoff()).
+_RETRY_SHARE_OF_SVID = 3.0
 _UNREACHABLE = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
 )
 _CHANNEL_OPTIONS = (
     ("grpc.ssl_target_name_override", SERVER_TLS_NAME),
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.http2.max_pings_without_data", 0),
+    *AGENT_CHANNEL_KEEPALIVE,
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
 )
@@ -124,18 +125,29 @@ class BackoffPolicy:
 class Backoff:
     """The delays of one retry loop under a :class:`BackoffPolicy`."""
 
-    def __init__(self, policy: BackoffPolicy, *, rng: Callable[[], float] = random.random) -> None:
+    def __init__(
+        self,
+        policy: BackoffPolicy,
+        *,
+        rng: Callable[[], float] = random.random,
+        limit: Callable[[], float] | None = None,
+    ) -> None:
         self.policy = policy
         self._rng = rng
+        self._limit = limit
         self._attempt = 0
 
     def next(self) -> float:
-        """The delay before the next attempt (grows per failure, jittered, never above cap)."""
+        """The delay before the next attempt (grows per failure, jittered, never above the
+        cap, nor above ``limit()`` when given: see :meth:`ServerClient.backoff`)."""
         policy = self.policy
-        base = min(policy.cap, policy.initial * policy.factor ** min(self._attempt, 64))
+        cap = policy.cap
+        if self._limit is not None:
+            cap = max(min(policy.initial, cap), min(cap, self._limit()))
+        base = min(cap, policy.initial * policy.factor ** min(self._attempt, 64))
         self._attempt += 1
         moved = base * (1.0 + policy.jitter * (2.0 * self._rng() - 1.0))
-        return float(min(policy.cap, moved))
+        return float(min(cap, moved))
 
     def reset(self) -> None:
         """Start again from ``initial`` (after a success)."""
@@ -396,6 +408,8 @@ def _sync_message(message: Any) -> SyncMessage:
         tainted_x509=tainted,
         tainted_jwt=tainted_jwt,
         federated_bundles=federated,
+        heartbeat_interval=message.heartbeat_interval_ms / 1000,
+        digest=bytes(message.entries_digest),
     )
 
 
@@ -435,6 +449,21 @@ def _refusal(err: grpc.aio.AioRpcError) -> Refusal | None:
             if legacy.value in details:
                 return legacy
     return None
+
+
+def _closed_under(address: str, what: str) -> BaseException:
+    """What to raise for a CancelledError out of a gRPC call to ``address``.
+
+    gRPC cancels the calls of a channel that closes (a retired channel after its grace)
+    and says so with CancelledError. Unless the calling task is itself being cancelled,
+    that is not a cancellation of the caller, and must not end its loop silently: it is
+    :class:`ServerUnreachable` (not a fault of the server: no failover). Otherwise the
+    CancelledError goes on.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        return asyncio.CancelledError()
+    return ServerUnreachable(f"server {address}: {what} was cancelled (its channel was closed)")
 
 
 # --- the client ------------------------------------------------------------------------
@@ -500,8 +529,23 @@ class ServerClient:
         return self.address
 
     def backoff(self) -> Backoff:
-        """A fresh :class:`Backoff` under the agent's one policy, for one retry loop."""
-        return Backoff(self.config.backoff)
+        """A fresh :class:`Backoff` under the agent's one policy, for one retry loop.
+
+        Its delays never exceed a third of the time the agent SVID has left either: with a
+        short agent SVID TTL a retry loop that waited out the policy's cap (30 s by
+        default) could outlast the SVID, and an agent whose server came back after a
+        restart would still be waiting when its SVID expired. Once the SVID has expired
+        the policy's cap applies again.
+        """
+        return Backoff(self.config.backoff, limit=self._retry_limit)
+
+    def _retry_limit(self) -> float:
+        if self._svid is None:
+            return self.config.backoff.cap
+        left = self._svid.leaf.not_valid_after_utc.timestamp() - time.time()
+        if left <= 0:
+            return self.config.backoff.cap
+        return left / _RETRY_SHARE_OF_SVID
 
     def set_credentials(self, svid: X509Svid, authorities: tuple[x509.Certificate, ...]) -> None:
         """Call with ``svid`` and trust ``authorities`` from now on; rebuild the channels.
@@ -615,7 +659,10 @@ class ServerClient:
 
         async def attempt(address: str) -> Any:
             stub = await self._stub(address)
-            return await getattr(stub, method)(request, timeout=timeout)
+            try:
+                return await getattr(stub, method)(request, timeout=timeout)
+            except asyncio.CancelledError:
+                raise _closed_under(address, method) from None
 
         return await self._around(attempt)
 
@@ -779,5 +826,7 @@ class ServerClient:
             if isinstance(error, ServerUnreachable):
                 self.failover(str(error))
             raise error from None
+        except asyncio.CancelledError:
+            raise _closed_under(address, "the sync stream") from None
         finally:
             call.cancel()

@@ -46,7 +46,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from credo._files import write_atomically
 from credo._logging import setup_logging
+from credo._paths import check_private_file
 from credo._proto.credo.server.v1 import admin_pb2_grpc, agent_pb2_grpc
+from credo._protocol import AGENT_SERVER_KEEPALIVE
 from credo._rundir import RuntimeDir
 from credo.bundle import Bundle
 from credo.errors import CredoError
@@ -118,6 +120,7 @@ _AGENT_GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", _MAX_AGENT_REQUEST),
     ("grpc.max_send_message_length", _MAX_MESSAGE),
     ("grpc.so_reuseport", 0),
+    *AGENT_SERVER_KEEPALIVE,
 ]
 
 
@@ -197,6 +200,8 @@ class _Server:
 async def _build(config: ServerConfig, stop: asyncio.Event) -> _Server:
     td = TrustDomain.parse(config.trust_domain)
     data_dir = private_dir(Path(config.data_dir))
+    if config.datastore_url.startswith("sqlite:///"):
+        check_private_file(config.datastore_url.removeprefix("sqlite:///"), "datastore file")
 
     # 1. datastore
     datastore: DataStore = await asyncio.to_thread(SqlDataStore.open, config.datastore_url)
@@ -204,7 +209,7 @@ async def _build(config: ServerConfig, stop: asyncio.Event) -> _Server:
     try:
         # 2. key manager, 3. authority manager + CA
         metrics = Metrics()
-        key_manager = DiskKeyManager(private_dir(data_dir / "keys"))
+        key_manager = DiskKeyManager(private_dir(data_dir / "keys", "key directory"))
         ca = CertificateAuthority(td, on_sign=metrics.on_sign, jwt_issuer=config.jwt_issuer)
         server_id = load_server_id(data_dir)
         log.info("server id", extra={"server_id": server_id})
@@ -280,7 +285,13 @@ async def _build(config: ServerConfig, stop: asyncio.Event) -> _Server:
             attestation=attestation,
             authn=authn,
             authorized=AuthorizedEntries(cache),
-            sync=SyncView(cache, datastore, authn, stopping),
+            sync=SyncView(
+                cache,
+                datastore,
+                authn,
+                stopping,
+                heartbeat_interval=config.sync_heartbeat_interval,
+            ),
             issuer=issuer,
             bundles=bundles,
             peers=peers,

@@ -236,13 +236,17 @@ class EntryCache:
             while not stop.is_set():
                 waiter = asyncio.ensure_future(wake.wait())
                 stopper = asyncio.ensure_future(stop.wait())
-                await asyncio.wait(
-                    {waiter, stopper},
-                    timeout=self._poll_interval,
-                    return_when=asyncio.FIRST_COMPLETED,
-                )
-                waiter.cancel()
-                stopper.cancel()
+                try:
+                    await asyncio.wait(
+                        {waiter, stopper},
+                        timeout=self._poll_interval,
+                        return_when=asyncio.FIRST_COMPLETED,
+                    )
+                finally:
+                    # Cancelled and awaited however the wait ends: none is left pending.
+                    waiter.cancel()
+                    stopper.cancel()
+                    await asyncio.gather(waiter, stopper, return_exceptions=True)
                 if stop.is_set():
                     break
                 wake.clear()

@@ -130,6 +130,8 @@ class ServerConfig:
     audit_checkpoint_interval: int = duration_field(600)
     # How often the rotation loop looks at the CA and JWT key (seconds).
     rotation_check_interval: float = 5.0
+    # Seconds of quiet after which an agent's sync stream carries a heartbeat; 0: never.
+    sync_heartbeat_interval: float = 5.0
     # Processes that check CSRs and sign large X509-SVID batches; 0 signs in-process.
     signing_workers: int = field(default_factory=_default_signing_workers)
     # Refuse registration entries without an owner (the accountable person or team).
@@ -192,6 +194,11 @@ class ServerConfig:
             _check_issuer(self.jwt_issuer)
         if self.attestation_rate_limit <= 0 or self.signing_rate_limit <= 0:
             raise ConfigError("rate limits must be positive")
+        if not 0 <= self.sync_heartbeat_interval <= 3600:
+            raise ConfigError(
+                "sync_heartbeat_interval: expected 0 (no heartbeats) to 3600 seconds, got "
+                f"{self.sync_heartbeat_interval}"
+            )
         if not 0 <= self.signing_workers <= 64:
             raise ConfigError(
                 f"signing_workers: expected 0 (sign in-process) to 64, got {self.signing_workers}"

@@ -15,12 +15,21 @@ import stat
 import uuid
 from pathlib import Path
 
+from credo._paths import check_path_chain, check_private_dir
+
 __all__ = ["load_server_id", "prepare_admin_socket", "private_dir"]
 
 
-def private_dir(path: Path) -> Path:
-    """Create ``path`` (and parents) and make it 0700."""
+def private_dir(path: Path, what: str = "data directory") -> Path:
+    """Create ``path`` (and parents) and make it 0700.
+
+    Refuses (:class:`~credo._paths.UnsafePath`) a path under a directory another user could
+    tamper with, and an existing directory another user owns or may write to: they could
+    have put their own datastore or keys in it (:mod:`credo._paths`).
+    """
+    check_path_chain(path, what, skip_leaf_mode=True)
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    check_private_dir(path, what)
     os.chmod(path, 0o700)
     return path
 
@@ -82,7 +91,10 @@ def prepare_admin_socket(path: Path) -> None:
                 "directory of its own, e.g. /tmp/credo-server/private/api.sock"
             )
     else:
-        private_dir(parent)
+        private_dir(parent, "admin socket directory")
+    # An ancestor someone else owns lets them rename this directory and put their own
+    # socket in its place, to serve root's next CLI call.
+    check_path_chain(parent, "admin socket directory")
     if path.exists() or path.is_symlink():
         if not stat.S_ISSOCK(path.lstat().st_mode):
             raise OSError(f"admin socket path {path} exists and is not a socket")

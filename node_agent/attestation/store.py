@@ -20,6 +20,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from credo._files import write_atomically
+from credo._paths import check_path_chain, check_private_dir, check_private_file
 from credo.bundle import load_certificates
 from credo.errors import CredoError
 from credo.x509svid import X509Svid
@@ -64,6 +65,18 @@ class SvidStore:
 
     def _ensure_dir(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def prepare(self) -> None:
+        """Create the data directory (0700), refusing one another user could tamper with.
+
+        A directory someone else owns or may write to, or one under such a directory, could
+        hold their key and SVID in place of the agent's (:mod:`credo._paths`).
+        """
+        check_path_chain(self.data_dir, "data directory", skip_leaf_mode=True)
+        self._ensure_dir()
+        check_private_dir(self.data_dir, "data directory")
+        for path in (self.svid_path, self.key_path, self.bundle_path):
+            check_private_file(path, "agent credentials file")
 
     def load(self) -> StoredCredentials | None:
         """The stored credentials, or None if any file is missing or unreadable."""

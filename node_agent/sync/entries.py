@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
+from credo._protocol import entries_digest
 from credo.bundle import Bundle
 from credo.selector import Selector
 from credo.spiffe_id import SpiffeId
@@ -102,6 +103,16 @@ class SyncMessage:
     crls: Crls | None = None
     revoked_jtis: frozenset[str] | None = None
     """None: unchanged; otherwise every revoked, unexpired JWT-SVID's ``jti``."""
+    heartbeat_interval: float = 0.0
+    """Seconds between the server's heartbeats on this stream; 0: it sends none."""
+    digest: bytes = b""
+    """Set on heartbeats only (no changes): the digest of every entry the server holds for
+    the agent as of ``event_id`` (:func:`credo._protocol.entries_digest`)."""
+
+    @property
+    def heartbeat(self) -> bool:
+        """Whether this is a heartbeat (no changes, the server's event id and digest)."""
+        return bool(self.digest)
 
 
 class SyncState:
@@ -115,6 +126,10 @@ class SyncState:
         self.last_event_id = 0
         self.complete = False
         """False while the messages of a split full set are still arriving."""
+
+    def digest(self) -> bytes:
+        """The digest of the entries held, comparable with a heartbeat's."""
+        return entries_digest((e.id, e.revision_number) for e in self.entries.values())
 
     def apply(self, message: SyncMessage) -> tuple[bool, bool]:
         """Apply one message; return (entries changed, bundles changed)."""

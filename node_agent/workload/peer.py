@@ -12,12 +12,23 @@ connection is accepted:
 * the **effective uid and gid** reported by ``SO_PEERCRED``;
 * the identity (``st_dev``, ``st_ino``) of its **executable** when the agent may stat it.
 
+Where the kernel offers it (Linux >= 6.5) the pidfd comes from ``SO_PEERPIDFD``: it names
+the process that called ``connect()`` even if that pid has since been reused; elsewhere it
+is opened from the pid at accept time and the start time rules out a reused pid.
+
 After attestation, :meth:`PeerProcess.ensure_same_process` re-checks all of them and raises
 :class:`~node_agent.workload.errors.PeerChanged` if the process exited, the pid now names a
 different process, the process switched uid or gid (setuid/setgid exec), or it exec'd
 another binary.
 Selectors gathered for a pid are only trusted if that check passes afterwards — the
 same defence SPIRE's peertracker applies.
+
+None of this notices a process that connected, forked a child that keeps the socket and
+then exec'd a trusted binary before the agent accepted (the exec race): the pid then names
+the trusted binary, and the child speaks. :meth:`PeerProcess.ensure_sole_holder` closes that
+on the first call of a connection: it asks the kernel (``sock_diag``) for the inode of the
+client's end of the connection and requires that the pinned process holds it and that no
+other process does (a scan of ``/proc/*/fd``). docs/security.md says what window remains.
 
 Why the Workload API needs a proxy for this (see :mod:`node_agent.workload.tracker`):
 ``grpc.aio`` gives a handler only ``context.peer()`` — for a Unix socket ``"unix:"`` plus
@@ -27,6 +38,8 @@ inside a handler.
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import select
 import socket
@@ -35,9 +48,33 @@ from dataclasses import dataclass
 
 from node_agent.workload.errors import PeerChanged, PeerUnknown
 
-__all__ = ["PeerCredentials", "PeerProcess", "peer_credentials", "read_start_time"]
+__all__ = [
+    "PeerCredentials",
+    "PeerProcess",
+    "peer_credentials",
+    "peer_pidfd",
+    "read_start_time",
+    "socket_holders",
+    "unix_peer_inode",
+]
+
+log = logging.getLogger(__name__)
 
 _UCRED = struct.Struct("3i")  # struct ucred { pid_t pid; uid_t uid; gid_t gid; }
+SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)
+"""``getsockopt`` option returning a pidfd of the peer (Linux >= 6.5)."""
+
+# sock_diag (linux/sock_diag.h, linux/unix_diag.h)
+_NETLINK_SOCK_DIAG = 4
+_SOCK_DIAG_BY_FAMILY = 20
+_NLMSG_ERROR = 2
+_NLM_F_REQUEST = 1
+_UDIAG_SHOW_PEER = 0x4
+_UNIX_DIAG_PEER = 2
+_NLMSGHDR = struct.Struct("=IHHII")
+_UNIX_DIAG_REQ = struct.Struct("=BBHIIIII")
+_UNIX_DIAG_MSG_SIZE = 16
+_NO_COOKIE = 0xFFFFFFFF
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +91,82 @@ def peer_credentials(sock: socket.socket) -> PeerCredentials:
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
     pid, uid, gid = _UCRED.unpack(raw)
     return PeerCredentials(pid, uid, gid)
+
+
+def peer_pidfd(sock: socket.socket) -> int | None:
+    """A pidfd for the process that called ``connect()`` (``SO_PEERPIDFD``), or None.
+
+    None where the kernel does not offer it (before Linux 6.5) or the peer is gone.
+    """
+    try:
+        return int(sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD))
+    except OSError as err:
+        if err.errno in (errno.ENOPROTOOPT, errno.EINVAL, errno.ESRCH, errno.ENODATA):
+            return None
+        raise
+
+
+def unix_peer_inode(inode: int) -> int | None:
+    """The inode of the other end of the Unix socket with ``inode``, from ``sock_diag``.
+
+    None if the kernel cannot say (no ``sock_diag`` support, or the peer closed).
+    """
+    request = _UNIX_DIAG_REQ.pack(
+        socket.AF_UNIX, 0, 0, 0xFFFFFFFF, inode, _UDIAG_SHOW_PEER, _NO_COOKIE, _NO_COOKIE
+    )
+    header = _NLMSGHDR.pack(
+        _NLMSGHDR.size + len(request), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST, 1, 0
+    )
+    try:
+        with socket.socket(
+            socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC, _NETLINK_SOCK_DIAG
+        ) as nl:
+            nl.send(header + request)
+            data = nl.recv(8192)
+    except OSError:
+        return None
+    if len(data) < _NLMSGHDR.size:
+        return None
+    length, kind, _flags, _seq, _pid = _NLMSGHDR.unpack_from(data)
+    if kind != _SOCK_DIAG_BY_FAMILY:
+        return None
+    offset = _NLMSGHDR.size + _UNIX_DIAG_MSG_SIZE
+    end = min(length, len(data))
+    while offset + 4 <= end:
+        attr_len, attr_type = struct.unpack_from("=HH", data, offset)
+        if attr_len < 4:
+            return None
+        if attr_type == _UNIX_DIAG_PEER and attr_len >= 8:
+            peer = int(struct.unpack_from("=I", data, offset + 4)[0])
+            return peer or None
+        offset += (attr_len + 3) & ~3
+    return None
+
+
+def socket_holders(inode: int, proc_root: str = "/proc") -> set[int]:
+    """The pids of every process with a file descriptor on socket ``inode`` (that we may see).
+
+    Scans ``<proc_root>/*/fd``; a process whose fd table the agent may not read (another
+    user's, when the agent is not root) is not seen.
+    """
+    target = f"socket:[{inode}]"
+    holders: set[int] = set()
+    for name in os.listdir(proc_root):
+        if not name.isdigit():
+            continue
+        fd_dir = f"{proc_root}/{name}/fd"
+        try:
+            fds = os.listdir(fd_dir)
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"{fd_dir}/{fd}") == target:
+                    holders.add(int(name))
+                    break
+            except OSError:
+                continue
+    return holders
 
 
 def read_start_time(pid: int) -> int:
@@ -110,11 +223,14 @@ class PeerProcess:
         pidfd: int,
         start_time: int,
         exe: tuple[int, int] | None,
+        server_inode: int | None = None,
     ) -> None:
         self.credentials = credentials
         self._pidfd = pidfd
         self._start_time = start_time
         self._exe = exe
+        self._server_inode = server_inode
+        self._sole_holder = False
 
     @property
     def pid(self) -> int:
@@ -122,19 +238,31 @@ class PeerProcess:
         return self.credentials.pid
 
     @classmethod
-    def capture(cls, credentials: PeerCredentials) -> PeerProcess:
+    def capture(
+        cls,
+        credentials: PeerCredentials,
+        *,
+        pidfd: int | None = None,
+        server_inode: int | None = None,
+    ) -> PeerProcess:
         """Pin ``credentials.pid``; raise :class:`PeerUnknown` or :class:`PeerChanged`.
 
-        Pid 0 means the kernel could not say who connected (e.g. the peer is in a pid
-        namespace the agent cannot see) and is refused.
+        ``pidfd`` (from :func:`peer_pidfd`; this object takes it over) names the process
+        that connected; without it one is opened from the pid. ``server_inode`` is the inode
+        of the accepted socket, for :meth:`ensure_sole_holder`. Pid 0 means the kernel could
+        not say who connected (e.g. the peer is in a pid namespace the agent cannot see)
+        and is refused.
         """
         pid = credentials.pid
         if pid <= 0:
+            if pidfd is not None:
+                os.close(pidfd)
             raise PeerUnknown("kernel reported pid 0 for the connection", pid=pid)
-        try:
-            pidfd = os.pidfd_open(pid)
-        except ProcessLookupError:
-            raise PeerChanged("process exited before it could be tracked", pid=pid) from None
+        if pidfd is None:
+            try:
+                pidfd = os.pidfd_open(pid)
+            except ProcessLookupError:
+                raise PeerChanged("process exited before it could be tracked", pid=pid) from None
         try:
             start_time = read_start_time(pid)
             uid, gid = read_effective_ids(pid)
@@ -160,7 +288,7 @@ class PeerProcess:
         except BaseException:
             os.close(pidfd)
             raise
-        return cls(credentials, pidfd, start_time, exe)
+        return cls(credentials, pidfd, start_time, exe, server_inode)
 
     def ensure_same_process(self) -> None:
         """Raise :class:`PeerChanged` unless the pid still names the process that connected.
@@ -188,6 +316,51 @@ class PeerProcess:
             )
         if self._exe is not None and _exe_identity(pid) != self._exe:
             raise PeerChanged("process now runs a different executable", pid=pid)
+
+    def ensure_sole_holder(self) -> None:
+        """Raise :class:`PeerChanged` unless only the pinned process holds the connection.
+
+        Defeats the exec race: a process that connects, forks a child keeping the socket
+        and execs a trusted binary is pinned as that binary, but the child is the one
+        talking. Checked once per connection (a scan of ``/proc/*/fd``); skipped when the
+        kernel cannot name the client's socket (no ``sock_diag``). Blocking: run it in a
+        thread.
+        """
+        if self._sole_holder or self._server_inode is None:
+            return
+        pid = self.pid
+        client = unix_peer_inode(self._server_inode)
+        if client is None:
+            if self._pidfd < 0 or _exited(self._pidfd):
+                raise PeerChanged("process exited", pid=pid)
+            log.debug("cannot name the client socket; holder check skipped", extra={"pid": pid})
+            self._sole_holder = True
+            return
+        try:
+            os.listdir(f"/proc/{pid}/fd")
+        except PermissionError:
+            # Without CAP_SYS_PTRACE over the caller (an agent not running as root, or a
+            # container without it) its descriptors cannot be seen: refusing would refuse
+            # every such caller, so the check is skipped (docs/security.md).
+            log.debug(
+                "cannot read the caller's descriptors; holder check skipped", extra={"pid": pid}
+            )
+            self._sole_holder = True
+            return
+        except FileNotFoundError:
+            raise PeerChanged("process exited", pid=pid) from None
+        holders = socket_holders(client)
+        if pid not in holders:
+            raise PeerChanged(
+                "the process that connected no longer holds the connection "
+                f"(held by pids {sorted(holders)})",
+                pid=pid,
+            )
+        if others := sorted(holders - {pid}):
+            raise PeerChanged(
+                f"the connection is shared with other processes (pids {others})", pid=pid
+            )
+        self._sole_holder = True
 
     def close(self) -> None:
         """Release the pidfd; later :meth:`ensure_same_process` calls fail. Idempotent."""

@@ -13,12 +13,16 @@ The uid and gid are the **effective** ids (second field of ``Uid:``/``Gid:`` in
 ``SO_PEERCRED`` reports, and a setuid binary acts with them. Names come from pwd/grp and
 are left out when the id has no name.
 
-Path and digest are read through ``/proc/<pid>/exe``, so they name the very inode the
-process runs even from another mount namespace. If the agent may not read it (no
-``CAP_SYS_PTRACE`` for another user's process) they are left out: missing selectors only
-ever match fewer entries. Digests are cached by the file's (device, inode, size, mtime,
-ctime), and files larger than ``workload_size_limit`` are not hashed (0 = no limit,
-negative = never hash), like SPIRE's ``workload_size_limit``.
+The digest is read through ``/proc/<pid>/exe``, so it is that of the very file the
+process runs, even from another mount namespace. The path is the link's text, which reads
+as the path *in the caller's mount namespace*; ``unix:path`` is therefore emitted only when
+the caller shares the agent's mount namespace and the file at that path, as the agent
+sees it, is the one the caller runs (same device and inode) — otherwise a user could
+bind-mount any file over a trusted path in a namespace of their own. If the agent may
+not read the link (no ``CAP_SYS_PTRACE`` for another user's process) they are left
+out: missing selectors only ever match fewer entries. Digests are cached by the file's
+(device, inode, size, mtime, ctime), and files larger than ``workload_size_limit`` are
+not hashed (0 = no limit, negative = never hash), like SPIRE's ``workload_size_limit``.
 """
 
 from __future__ import annotations
@@ -117,7 +121,14 @@ class UnixAttestor:
         except PermissionError:
             log.info("cannot read workload executable; no path selectors", extra={"pid": pid})
             return []
-        out = [Selector("unix", f"path:{path}")]
+        out = []
+        if (why := _path_mismatch(pid, exe_link, path)) is None:
+            out.append(Selector("unix", f"path:{path}"))
+        else:
+            log.debug(
+                "workload executable path not trusted; no path selector",
+                extra={"pid": pid, "path": path, "path_withheld": why},
+            )
         limit = self.config.workload_size_limit
         if limit < 0:
             return out
@@ -161,6 +172,36 @@ class UnixAttestor:
             while len(self._digests) > _CACHE_SIZE:
                 self._digests.popitem(last=False)
         return digest
+
+
+def _mount_namespace(ns_link: str) -> str | None:
+    try:
+        return os.readlink(ns_link)
+    except OSError:
+        return None
+
+
+def _path_mismatch(pid: int, exe_link: str, path: str) -> str | None:
+    """Why ``path`` (``/proc/<pid>/exe`` as the caller sees it) does not name the caller's
+    executable in the agent's own mount namespace; None when it does.
+
+    The link reads as the path inside the *caller's* mount namespace: an unprivileged user
+    can ``unshare -Urm``, bind-mount any file over ``/usr/bin/sleep`` and run it as that.
+    """
+    ns = os.path.join(os.path.dirname(exe_link), "ns", "mnt")
+    theirs, ours = _mount_namespace(ns), _mount_namespace("/proc/self/ns/mnt")
+    if theirs is None or ours is None:
+        return "cannot compare mount namespaces"
+    if theirs != ours:
+        return "caller is outside the agent's mount namespace"
+    try:
+        running = os.stat(exe_link)
+        here = os.stat(path)
+    except OSError:
+        return "no such file in the agent's mount namespace"
+    if (running.st_dev, running.st_ino) != (here.st_dev, here.st_ino):
+        return "the file at that path is not the one the caller runs"
+    return None
 
 
 def _read_status(path: str) -> dict[str, list[str]]:

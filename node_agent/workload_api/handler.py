@@ -5,7 +5,8 @@ Every call:
 1. must carry metadata ``workload.spiffe.io: true`` (else INVALID_ARGUMENT);
 2. is attributed to the process that opened the connection (via :class:`PeerLookup`,
    fed by :class:`~node_agent.workload.tracker.PeerTrackingProxy`), attested into
-   selectors, and then re-checked to still be that process (else PERMISSION_DENIED) —
+   selectors, and then re-checked to still be that process, and (on a connection's first
+   call) to be the only process holding the connection (else PERMISSION_DENIED) —
    attestation happens per call, as in SPIRE;
 3. gets only the identities whose entries match those selectors (none: PERMISSION_DENIED
    ``no identity issued``).
@@ -237,6 +238,9 @@ class WorkloadApiServicer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
         try:
             selectors = await self._attestor.attest(peer.pid)
             peer.ensure_same_process()
+            # The exec race: a child that kept the socket of a process now running a
+            # trusted binary must not speak for it (once per connection; scans /proc).
+            await asyncio.to_thread(peer.ensure_sole_holder)
         except (PeerChanged, PeerUnknown) as err:
             log.warning(
                 "workload caller changed during attestation",

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import logging
 import os
-import stat
 from dataclasses import dataclass
 
 from grpc import aio
 
+from credo._paths import check_path_chain
 from credo._proto import workload_pb2_grpc
 from node_agent.audit_log import DeliveryLog
 from node_agent.workload.attestor import WorkloadAttestor
@@ -57,29 +57,7 @@ def check_socket_directory(directory: str) -> None:
     sent to ``ValidateJWTSVID``). Every component of the path must be owned by root or by
     the agent's user, and a directory others may write to must be sticky (like ``/tmp``).
     """
-    euid = os.geteuid()
-    for start in {os.path.abspath(directory), os.path.realpath(directory)}:
-        path = start
-        while True:
-            st = os.lstat(path)
-            if st.st_uid not in (0, euid):
-                raise PermissionError(
-                    f"socket directory {directory}: {path} is owned by uid {st.st_uid}, not "
-                    f"by root or the agent (uid {euid}); remove it or choose another --socket"
-                )
-            if (
-                path != start  # the socket directory itself is set to 0755 next
-                and stat.S_ISDIR(st.st_mode)
-                and st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
-                and not st.st_mode & stat.S_ISVTX
-            ):
-                raise PermissionError(
-                    f"socket directory {directory}: {path} is writable by other users"
-                )
-            parent = os.path.dirname(path)
-            if parent == path:
-                break
-            path = parent
+    check_path_chain(directory, "socket directory", skip_leaf_mode=True)
 
 
 class WorkloadApiServer:

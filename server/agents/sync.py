@@ -19,6 +19,11 @@ selectors change, or the first entry (or node alias) it relied on expires. See
   bundles when a bundle changed or the set of federated trust domains did, and the CRLs
   (all of them) when one changed, and the revoked JWT-SVIDs' ``jti``s when one was
   revoked; the first message always carries the CRLs and the revoked ``jti``s;
+* when the stream has been quiet for ``heartbeat_interval`` seconds, a heartbeat: no
+  changes, the server's current event id and the digest of every entry authorized for
+  the agent (:func:`credo._protocol.entries_digest`; a change whose wake-up was lost goes
+  out just before it), so that an agent can tell that it is behind and that the stream
+  is alive;
 * the stream ends (an :class:`~server.agents.errors.AgentRefused`) when the agent SVID it
   was opened with expires, its authority is revoked, or the agent is evicted or banned;
   and (:class:`~server.agents.errors.ServerStopping`) when the server shuts down.
@@ -27,6 +32,7 @@ selectors change, or the first entry (or node alias) it relied on expires. See
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import OrderedDict
@@ -34,6 +40,7 @@ from collections.abc import AsyncGenerator, Iterable
 from dataclasses import dataclass
 from typing import Final
 
+from credo._protocol import entries_digest
 from server.agents.authn import AgentAuthenticator, Caller
 from server.agents.errors import (
     AgentBanned,
@@ -47,11 +54,19 @@ from server.authorization import EntryCache, Subscription
 from server.datastore.models import Event, EventKind, RegistrationEntry
 from server.datastore.protocol import DataStore
 
-__all__ = ["SYNC_CHUNK", "AuthorizedEntries", "SyncMessage", "SyncView", "federated_names"]
+__all__ = [
+    "DEFAULT_HEARTBEAT_INTERVAL",
+    "SYNC_CHUNK",
+    "AuthorizedEntries",
+    "SyncMessage",
+    "SyncView",
+    "federated_names",
+]
 
 log = logging.getLogger(__name__)
 
 SYNC_CHUNK: Final = 5000
+DEFAULT_HEARTBEAT_INTERVAL: Final = 5.0
 _MAX_MEMO: Final = 1024
 _BUNDLE_EVENTS = frozenset({EventKind.BUNDLE_UPDATED, EventKind.BUNDLE_DELETED})
 _NODE_EVENTS = frozenset({EventKind.NODE_CREATED, EventKind.NODE_UPDATED, EventKind.NODE_DELETED})
@@ -143,6 +158,9 @@ class SyncMessage:
     """True: the message carries every X.509 authority's current CRL."""
     revoked_jwts: bool = False
     """True: the message carries every revoked, unexpired JWT-SVID's ``jti``."""
+    digest: bytes = b""
+    """Set on heartbeats only (no changes): :func:`credo._protocol.entries_digest` of every
+    entry authorized for the agent, as of ``event_id``."""
 
 
 def _full_messages(
@@ -175,72 +193,127 @@ class SyncView:
         datastore: DataStore,
         authn: AgentAuthenticator,
         stopping: asyncio.Event | None = None,
+        *,
+        heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
     ) -> None:
         self._cache = cache
         self._ds = datastore
         self._authn = authn
         self._stopping = stopping or asyncio.Event()
+        self.heartbeat_interval = heartbeat_interval
+        """Seconds of quiet after which a stream carries a heartbeat; 0: never."""
 
     async def stream(
         self, caller: Caller, resume_after_event_id: int
     ) -> AsyncGenerator[SyncMessage, None]:
         """The messages for ``caller``'s stream, until it must end (see the module doc)."""
-        agent_id, node = caller.agent_id, caller.node
+        agent_id = caller.agent_id
         sub = self._cache.subscribe()
+        started = time.monotonic()
+        sent_messages = 0
+        reason = "closed by the agent"
         try:
-            # Read-your-writes: an entry committed just before this call is in the first
-            # message, not only in the push that follows the cache's next wake-up.
-            await self._cache.catch_up()
-            authorized = self._cache.index.authorized(agent_id, node.selectors)
-            event_id = self._cache.event_id
-            federated = federated_names(authorized.values())
-            resume = resume_after_event_id
-            candidates = self._cache.changed_since(resume, agent_id) if resume > 0 else None
-            if candidates is not None:
-                yield SyncMessage(
-                    event_id=event_id,
-                    full=False,
-                    entries=[authorized[i] for i in sorted(candidates) if i in authorized],
-                    deleted_entry_ids=sorted(i for i in candidates if i not in authorized),
-                    bundles=federated,
-                    crls=True,
-                    revoked_jwts=True,
-                )
-            else:
-                for message in _full_messages(list(authorized.values()), event_id, federated):
+            messages = self._messages(caller, sub, resume_after_event_id)
+            async with contextlib.aclosing(messages):
+                async for message in messages:
+                    sent_messages += 1
                     yield message
+        except (AgentSvidExpired, UntrustedAuthority, AgentEvicted, AgentBanned) as exc:
+            reason = str(exc)
+            raise
+        except ServerStopping:
+            reason = "server stopping"
+            raise
+        except asyncio.CancelledError:
+            reason = "cancelled (the agent went away)"
+            raise
+        except Exception as exc:
+            reason = f"failed: {type(exc).__name__}: {exc}"
+            raise
+        finally:
+            self._cache.unsubscribe(sub)
             log.info(
-                "agent sync started",
+                "agent sync ended",
                 extra={
                     "agent_id": agent_id,
-                    "entries": len(authorized),
-                    "event_id": event_id,
-                    "resumed": candidates is not None,
+                    "reason": reason,
+                    "messages": sent_messages,
+                    "event_id": self._cache.event_id,
+                    "seconds": round(time.monotonic() - started, 1),
                 },
             )
-            sent = {i: e.revision_number for i, e in authorized.items()}
-            cert = caller.certificate
-            expires = cert.not_valid_after_utc.timestamp()
-            while True:
-                events = await self._next_events(sub, until=expires)
-                if time.time() >= expires:
-                    # The stream outlived the SVID it was opened with: the agent must come
-                    # back with its renewed one (its next call would be refused anyway).
-                    raise AgentSvidExpired("agent SVID expired; reconnect")
-                if any(e.kind in _BUNDLE_EVENTS for e in events) and not await asyncio.to_thread(
-                    self._authn.issued_by_live_authority, cert
-                ):
-                    raise UntrustedAuthority(
-                        "agent SVID was signed by an authority that is no longer trusted"
-                    )
-                if any(e.kind in _NODE_EVENTS and e.subject == agent_id for e in events):
-                    fresh = await asyncio.to_thread(self._ds.fetch_attested_node, agent_id)
-                    if fresh is None:
-                        raise AgentEvicted("agent was evicted")
-                    if fresh.banned:
-                        raise AgentBanned()
-                    node = fresh
+
+    async def _messages(
+        self, caller: Caller, sub: Subscription, resume_after_event_id: int
+    ) -> AsyncGenerator[SyncMessage, None]:
+        agent_id, node = caller.agent_id, caller.node
+        heartbeat = self.heartbeat_interval
+        # Read-your-writes: an entry committed just before this call is in the first
+        # message, not only in the push that follows the cache's next wake-up.
+        await self._cache.catch_up()
+        authorized = self._cache.index.authorized(agent_id, node.selectors)
+        event_id = self._cache.event_id
+        federated = federated_names(authorized.values())
+        resume = resume_after_event_id
+        candidates = self._cache.changed_since(resume, agent_id) if resume > 0 else None
+        if candidates is not None:
+            yield SyncMessage(
+                event_id=event_id,
+                full=False,
+                entries=[authorized[i] for i in sorted(candidates) if i in authorized],
+                deleted_entry_ids=sorted(i for i in candidates if i not in authorized),
+                bundles=federated,
+                crls=True,
+                revoked_jwts=True,
+            )
+        else:
+            for message in _full_messages(list(authorized.values()), event_id, federated):
+                yield message
+        log.info(
+            "agent sync started",
+            extra={
+                "agent_id": agent_id,
+                "entries": len(authorized),
+                "event_id": event_id,
+                "resume_after_event_id": resume,
+                "resumed": candidates is not None,
+                "heartbeat_interval": heartbeat,
+            },
+        )
+        sent = {i: e.revision_number for i, e in authorized.items()}
+        # The cache version and event id ``sent`` was computed at (they move together).
+        seen_version, seen_event_id = self._cache.version, event_id
+        cert = caller.certificate
+        expires = cert.not_valid_after_utc.timestamp()
+        last_sent = time.monotonic()
+        while True:
+            wait = expires - time.time()
+            if heartbeat > 0:
+                wait = min(wait, heartbeat - (time.monotonic() - last_sent))
+            events = await self._next_events(sub, wait)
+            if time.time() >= expires:
+                # The stream outlived the SVID it was opened with: the agent must come
+                # back with its renewed one (its next call would be refused anyway).
+                raise AgentSvidExpired("agent SVID expired; reconnect")
+            events = events or []
+            if any(e.kind in _BUNDLE_EVENTS for e in events) and not await asyncio.to_thread(
+                self._authn.issued_by_live_authority, cert
+            ):
+                raise UntrustedAuthority(
+                    "agent SVID was signed by an authority that is no longer trusted"
+                )
+            if any(e.kind in _NODE_EVENTS and e.subject == agent_id for e in events):
+                fresh = await asyncio.to_thread(self._ds.fetch_attested_node, agent_id)
+                if fresh is None:
+                    raise AgentEvicted("agent was evicted")
+                if fresh.banned:
+                    raise AgentBanned()
+                node = fresh
+            if events or self._cache.version != seen_version:
+                # Also on a heartbeat round when the cache moved: a change whose wake-up
+                # was lost still goes out, at the latest with the next heartbeat.
                 authorized = self._cache.index.authorized(agent_id, node.selectors)
+                seen_version, seen_event_id = self._cache.version, self._cache.event_id
                 changed = [e for i, e in authorized.items() if sent.get(i) != e.revision_number]
                 deleted = sorted(i for i in sent if i not in authorized)
                 names = federated_names(authorized.values())
@@ -250,36 +323,53 @@ class SyncView:
                 bundles: frozenset[str] | None = None
                 if bundle_changed or names != federated:
                     bundles = federated = names
-                elif not changed and not deleted and not crls_changed and not jwts_changed:
-                    continue
-                sent = {i: e.revision_number for i, e in authorized.items()}
+                if changed or deleted or bundles is not None or crls_changed or jwts_changed:
+                    sent = {i: e.revision_number for i, e in authorized.items()}
+                    last_sent = time.monotonic()
+                    yield SyncMessage(
+                        event_id=seen_event_id,
+                        full=False,
+                        entries=changed,
+                        deleted_entry_ids=deleted,
+                        bundles=bundles,
+                        crls=crls_changed,
+                        revoked_jwts=jwts_changed,
+                    )
+            if heartbeat > 0 and time.monotonic() - last_sent >= heartbeat:
+                last_sent = time.monotonic()
+                # The event id ``sent`` is current for, not the cache's latest: the cache
+                # may have moved while the last message was sent (its changes go next).
                 yield SyncMessage(
-                    event_id=self._cache.event_id,
+                    event_id=seen_event_id,
                     full=False,
-                    entries=changed,
-                    deleted_entry_ids=deleted,
-                    bundles=bundles,
-                    crls=crls_changed,
-                    revoked_jwts=jwts_changed,
+                    entries=[],
+                    deleted_entry_ids=[],
+                    bundles=None,
+                    digest=entries_digest(sent.items()),
                 )
-        finally:
-            self._cache.unsubscribe(sub)
 
-    async def _next_events(self, sub: Subscription, until: float | None = None) -> list[Event]:
-        """The next events for ``sub``; ``[]`` once the wall-clock time ``until`` is reached."""
+    async def _next_events(self, sub: Subscription, timeout: float) -> list[Event] | None:
+        """The next events for ``sub``; None when none came within ``timeout`` seconds.
+
+        Raises :class:`ServerStopping` once the server stops. Both helper tasks are
+        cancelled *and awaited* however this ends (the stream cancelled by the agent going
+        away included): a task left pending is destroyed with the stream ("Task was
+        destroyed but it is pending!") instead of being cleaned up.
+        """
+        if self._stopping.is_set():
+            raise ServerStopping()
         waiter = asyncio.ensure_future(sub.wait())
         stopper = asyncio.ensure_future(self._stopping.wait())
-        timeout = None if until is None else max(0.0, until - time.time())
         try:
-            await asyncio.wait(
-                {waiter, stopper}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            done, _ = await asyncio.wait(
+                {waiter, stopper}, timeout=max(0.0, timeout), return_when=asyncio.FIRST_COMPLETED
             )
         finally:
+            waiter.cancel()
             stopper.cancel()
-        if stopper.done() and not stopper.cancelled() and not waiter.done():
-            waiter.cancel()
+            await asyncio.gather(waiter, stopper, return_exceptions=True)
+        if waiter in done:
+            return waiter.result()
+        if stopper in done:
             raise ServerStopping()
-        if not waiter.done():
-            waiter.cancel()
-            return []
-        return waiter.result()
+        return None

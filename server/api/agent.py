@@ -243,6 +243,8 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             full=message.full,
             entries=[entry_to_proto(e) for e in message.entries],
             deleted_entry_ids=message.deleted_entry_ids,
+            heartbeat_interval_ms=round(self._sync.heartbeat_interval * 1000),
+            entries_digest=message.digest,
         )
         if message.crls:
             response.crl_set.SetInParent()

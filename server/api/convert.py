@@ -29,6 +29,7 @@ from credo.bundle import Bundle
 from credo.errors import InvalidSelector, InvalidSpiffeId
 from credo.keys import PublicKey
 from credo.selector import Selector
+from credo.selector_rules import check_selector
 from credo.spiffe_id import SpiffeId, TrustDomain
 from server.datastore.models import AttestedNode, Authority, Crl, JoinToken, RegistrationEntry
 
@@ -164,6 +165,11 @@ def entry_from_proto(
     selectors = selectors_from_proto(pb.selectors, f"{field}.selectors")
     if not selectors:
         raise InvalidField(f"{field}.selectors", "at least one selector is required (type:value)")
+    for i, selector in enumerate(selectors):
+        try:
+            check_selector(selector)  # one that no attestor can produce would never match
+        except InvalidSelector as err:
+            raise InvalidField(f"{field}.selectors[{i}]", err.reason) from None
     dns_names = tuple(
         validate_dns_name(n, f"{field}.dns_names[{i}]") for i, n in enumerate(pb.dns_names)
     )

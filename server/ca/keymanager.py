@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Protocol
 
 from credo._files import TEMP_PREFIX, fsync_directory, write_atomically
+from credo._paths import check_private_dir, check_private_file
 from credo.keys import (
     KeyType,
     PrivateKey,
@@ -56,6 +57,7 @@ def read_key_file(directory: Path | str, key_id: str) -> PrivateKey | None:
     CA key themselves. None if there is no such file; InvalidKey if it is unreadable.
     """
     path = Path(directory) / (check_key_id(key_id) + _SUFFIX)
+    check_private_file(path, "key file")
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -134,6 +136,7 @@ class DiskKeyManager:
     def __init__(self, directory: Path | str) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        check_private_dir(self.directory, "key directory")
         os.chmod(self.directory, 0o700)
         self._lock = threading.Lock()
         self._remove_stray_temp_files()

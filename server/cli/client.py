@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from credo._paths import check_path_chain
 from credo._proto.credo.server.v1 import admin_pb2_grpc
 from server.audit.context import ADMIN_PID_KEY, ADMIN_UID_KEY
 from server.cli.errors import CliError
@@ -98,6 +99,8 @@ class AdminClient:
     def __init__(self, socket_path: str, *, timeout: float = DEFAULT_TIMEOUT) -> None:
         self.socket_path = socket_path
         self.timeout = timeout
+        # Someone who owns a directory on the way could have put their own socket there.
+        check_path_chain(os.path.dirname(os.path.abspath(socket_path)), "admin socket directory")
         self._raw_channel = grpc.insecure_channel(channel_target(socket_path))
         self._channel = grpc.intercept_channel(self._raw_channel, _DeclareCaller())
         self.entries = admin_pb2_grpc.EntriesStub(self._channel)

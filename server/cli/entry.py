@@ -20,6 +20,7 @@ from credo._proto.credo.server.v1 import admin_pb2, types_pb2
 from credo._reserved import server_spiffe_id
 from credo.errors import CredoError
 from credo.selector import Selector
+from credo.selector_rules import check_selector
 from credo.spiffe_id import SpiffeId, TrustDomain
 from server.cli.client import AdminClient
 from server.cli.errors import CliError
@@ -120,9 +121,13 @@ def _json_list(value: Any, name: str) -> list[Any]:
 def _json_selector(value: Any, name: str) -> Selector:
     try:
         if isinstance(value, str):
-            return Selector.parse(value)
+            selector = Selector.parse(value)
+            check_selector(selector)
+            return selector
         if isinstance(value, dict) and set(value) <= {"type", "value"}:
-            return Selector(str(value.get("type", "")), str(value.get("value", "")))
+            selector = Selector(str(value.get("type", "")), str(value.get("value", "")))
+            check_selector(selector)
+            return selector
     except CredoError as exc:
         raise _Bad(f"{name}: {exc}") from None
     raise _Bad(f'{name}: expected {{"type": ..., "value": ...}} or \'type:value\'')

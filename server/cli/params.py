@@ -16,6 +16,7 @@ import click
 from credo.durations import parse_duration
 from credo.errors import CredoError
 from credo.selector import Selector
+from credo.selector_rules import check_selector
 from credo.spiffe_id import SpiffeId, TrustDomain
 from server.cli.client import DEFAULT_SOCKET, SOCKET_ENV
 from server.cli.errors import CliError
@@ -86,9 +87,11 @@ class SelectorType(_SelectorParam):
         if isinstance(value, Selector):
             return value
         try:
-            return Selector.parse(str(value))
+            selector = Selector.parse(str(value))
+            check_selector(selector)
         except CredoError as exc:
             raise CliError(f"{exc}{_where(param)}") from None
+        return selector
 
 
 class DurationType(_IntParam):

@@ -88,6 +88,12 @@ SETTING_FLAGS: tuple[tuple[str, Any, str], ...] = (
         "Seconds between CA/JWT key rotation checks [default: 5].",
     ),
     (
+        "--sync-heartbeat-interval",
+        float,
+        "Seconds of quiet after which an agent's entry stream carries a heartbeat (the "
+        "server's event id and a digest of the agent's entries; 0: none) [default: 5].",
+    ),
+    (
         "--signing-workers",
         int,
         "Processes that check CSRs and sign large X.509-SVID batches; 0 signs in-process "

@@ -23,6 +23,7 @@ def test_server_example_loads_with_its_values() -> None:
     assert (config.ca_ttl, config.x509_svid_ttl, config.jwt_svid_ttl) == (86400, 3600, 300)
     assert config.join_token_ttl == 600
     assert config.log_format == "json"
+    assert config.sync_heartbeat_interval == 5.0
     assert config.datastore_url.startswith("sqlite:///")
     assert dict(config.node_attestor) == {"join_token": JoinTokenConfig()}
     assert config.http.host_port == ("0.0.0.0", 8443)

@@ -12,6 +12,7 @@ import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -124,7 +125,7 @@ class _Running:
         self.proxy, self.server = proxy, server
 
 
-async def _start(short_dir: str, **settings: int) -> _Running:
+async def _start(short_dir: str, **settings: Any) -> _Running:
     proxy = PeerTrackingProxy(os.path.join(short_dir, "api.sock"), **settings)
     server = await _echo_server(proxy, proxy.internal_address)
     await proxy.start()
@@ -276,3 +277,77 @@ def test_stale_socket_replaced_but_regular_file_kept(short_dir: str) -> None:
 
     asyncio.run(main())
     assert Path(path).read_text() == "not a socket"
+
+
+def test_a_uid_connecting_faster_than_its_rate_is_shed_with_one_log_line(
+    short_dir: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Beyond the burst, a uid's connections are closed at once and counted; the log gets
+    one summary line per interval, not one per refusal."""
+    import socket as _socket
+
+    async def main() -> None:
+        r = await _start(short_dir, connections_per_second=0.001, connection_burst=3)
+        try:
+            refused = 0
+            for _ in range(30):
+                s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+                s.connect(r.proxy.public_path)
+                s.settimeout(0.5)
+                # a shed connection is closed by the agent at once: EOF (or a reset)
+                try:
+                    if await asyncio.to_thread(s.recv, 1) == b"":
+                        refused += 1
+                except ConnectionResetError:
+                    refused += 1
+                except TimeoutError:
+                    pass  # relayed to gRPC, which waits for the client's preface
+                s.close()
+            assert refused >= 27
+        finally:
+            await _stop(r)
+
+    with caplog.at_level("WARNING", logger="node_agent.workload.tracker"):
+        asyncio.run(main())
+    lines = [rec for rec in caplog.records if rec.getMessage() == "workload connections refused"]
+    # the first refusal, then the rest in the summary flushed at stop
+    assert len(lines) == 2
+    assert sum(getattr(rec, "count", 0) for rec in lines) >= 27
+
+
+def test_holder_check_refuses_a_connection_a_child_kept(short_dir: str) -> None:
+    """The exec race in miniature: the pinned process passed its connection on (a child
+    holds it) and no longer holds it itself; ensure_sole_holder refuses, as it does when
+    both hold it."""
+    import socket as _socket
+
+    from node_agent.workload.peer import unix_peer_inode
+
+    listener = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    path = os.path.join(short_dir, "h.sock")
+    listener.bind(path)
+    listener.listen(1)
+    client = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    client.connect(path)
+    server_side, _ = listener.accept()
+    server_inode = os.fstat(server_side.fileno()).st_ino
+    assert unix_peer_inode(server_inode) == os.fstat(client.fileno()).st_ino
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import sys; sys.stdin.read()"],
+        stdin=subprocess.PIPE,
+        pass_fds=(client.fileno(),),
+    )
+    try:
+        shared = PeerProcess.capture(_creds(os.getpid()), server_inode=server_inode)
+        with pytest.raises(PeerChanged, match="shared with other processes"):
+            shared.ensure_sole_holder()
+        client.close()
+        gone = PeerProcess.capture(_creds(os.getpid()), server_inode=server_inode)
+        with pytest.raises(PeerChanged, match="no longer holds"):
+            gone.ensure_sole_holder()
+    finally:
+        assert child.stdin is not None
+        child.stdin.close()
+        child.wait()
+        server_side.close()
+        listener.close()

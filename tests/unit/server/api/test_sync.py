@@ -175,7 +175,7 @@ def test_node_alias_by_selector_subset(server: InProcessServer) -> None:
             node_alias=True,
             selectors=[
                 types_pb2.Selector(type="k8s_psat", value="cluster:a"),
-                types_pb2.Selector(type="k8s_psat", value="zone:b"),
+                types_pb2.Selector(type="k8s_psat", value="agent_node_label:zone:b"),
             ],
         ),
         entry("spiffe://example.org/in-a", "spiffe://example.org/cluster/a"),

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from credo._proto.credo.server.v1 import types_pb2 as credo_dot_server_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x63redo/server/v1/agent.proto\x12\x0f\x63redo.server.v1\x1a\x1b\x63redo/server/v1/types.proto\"0\n\x0f\x41ttestationData\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\"]\n\x12\x41ttestAgentRequest\x12:\n\x10\x61ttestation_data\x18\x01 \x01(\x0b\x32 .credo.server.v1.AttestationData\x12\x0b\n\x03\x63sr\x18\x02 \x01(\x0c\"g\n\x13\x41ttestAgentResponse\x12\'\n\x04svid\x18\x01 \x01(\x0b\x32\x19.credo.server.v1.X509Svid\x12\'\n\x06\x62undle\x18\x02 \x01(\x0b\x32\x17.credo.server.v1.Bundle\" \n\x11RenewAgentRequest\x12\x0b\n\x03\x63sr\x18\x01 \x01(\x0c\"=\n\x12RenewAgentResponse\x12\'\n\x04svid\x18\x01 \x01(\x0b\x32\x19.credo.server.v1.X509Svid\"3\n\x12SyncEntriesRequest\x12\x1d\n\x15resume_after_event_id\x18\x01 \x01(\x03\"\xc5\x02\n\x13SyncEntriesResponse\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\x03\x12\x0c\n\x04\x66ull\x18\x02 \x01(\x08\x12\x33\n\x07\x65ntries\x18\x03 \x03(\x0b\x32\".credo.server.v1.RegistrationEntry\x12\x19\n\x11\x64\x65leted_entry_ids\x18\x04 \x03(\t\x12\'\n\x06\x62undle\x18\x05 \x01(\x0b\x32\x17.credo.server.v1.Bundle\x12\x32\n\x11\x66\x65\x64\x65rated_bundles\x18\x06 \x03(\x0b\x32\x17.credo.server.v1.Bundle\x12(\n\x07\x63rl_set\x18\x14 \x01(\x0b\x32\x17.credo.server.v1.CrlSet\x12\x37\n\x0frevoked_jwt_set\x18\x15 \x01(\x0b\x32\x1e.credo.server.v1.RevokedJwtSet\"-\n\nRevokedJwt\x12\x0b\n\x03jti\x18\x01 \x01(\t\x12\x12\n\nexpires_at\x18\x02 \x01(\x03\":\n\rRevokedJwtSet\x12)\n\x04jwts\x18\x01 \x03(\x0b\x32\x1b.credo.server.v1.RevokedJwt\",\n\x06\x43rlSet\x12\"\n\x04\x63rls\x18\x01 \x03(\x0b\x32\x14.credo.server.v1.Crl\"2\n\x11NewX509SVIDParams\x12\x10\n\x08\x65ntry_id\x18\x01 \x01(\t\x12\x0b\n\x03\x63sr\x18\x02 \x01(\x0c\"M\n\x17\x42\x61tchNewX509SVIDRequest\x12\x32\n\x06params\x18\x01 \x03(\x0b\x32\".credo.server.v1.NewX509SVIDParams\"\xcb\x01\n\x18\x42\x61tchNewX509SVIDResponse\x12\x41\n\x07results\x18\x01 \x03(\x0b\x32\x30.credo.server.v1.BatchNewX509SVIDResponse.Result\x1al\n\x06Result\x12\'\n\x06status\x18\x01 \x01(\x0b\x32\x17.credo.server.v1.Status\x12\'\n\x04svid\x18\x02 \x01(\x0b\x32\x19.credo.server.v1.X509Svid\x12\x10\n\x08\x65ntry_id\x18\x03 \x01(\t\"8\n\x10NewWITSVIDParams\x12\x10\n\x08\x65ntry_id\x18\x01 \x01(\t\x12\x12\n\npublic_key\x18\x02 \x01(\x0c\"K\n\x16\x42\x61tchNewWITSVIDRequest\x12\x31\n\x06params\x18\x01 \x03(\x0b\x32!.credo.server.v1.NewWITSVIDParams\"\xc8\x01\n\x17\x42\x61tchNewWITSVIDResponse\x12@\n\x07results\x18\x01 \x03(\x0b\x32/.credo.server.v1.BatchNewWITSVIDResponse.Result\x1ak\n\x06Result\x12\'\n\x06status\x18\x01 \x01(\x0b\x32\x17.credo.server.v1.Status\x12&\n\x04svid\x18\x02 \x01(\x0b\x32\x18.credo.server.v1.WitSvid\x12\x10\n\x08\x65ntry_id\x18\x03 \x01(\t\"7\n\x11NewJWTSVIDRequest\x12\x10\n\x08\x65ntry_id\x18\x01 \x01(\t\x12\x10\n\x08\x61udience\x18\x02 \x03(\t\"<\n\x12NewJWTSVIDResponse\x12&\n\x04svid\x18\x01 \x01(\x0b\x32\x18.credo.server.v1.JwtSvid\"\x12\n\x10GetBundleRequest\"p\n\x11GetBundleResponse\x12\'\n\x06\x62undle\x18\x01 \x01(\x0b\x32\x17.credo.server.v1.Bundle\x12\x32\n\x11\x66\x65\x64\x65rated_bundles\x18\x02 \x03(\x0b\x32\x17.credo.server.v1.Bundle2\x8e\x05\n\x05\x41gent\x12X\n\x0b\x41ttestAgent\x12#.credo.server.v1.AttestAgentRequest\x1a$.credo.server.v1.AttestAgentResponse\x12U\n\nRenewAgent\x12\".credo.server.v1.RenewAgentRequest\x1a#.credo.server.v1.RenewAgentResponse\x12Z\n\x0bSyncEntries\x12#.credo.server.v1.SyncEntriesRequest\x1a$.credo.server.v1.SyncEntriesResponse0\x01\x12g\n\x10\x42\x61tchNewX509SVID\x12(.credo.server.v1.BatchNewX509SVIDRequest\x1a).credo.server.v1.BatchNewX509SVIDResponse\x12\x64\n\x0f\x42\x61tchNewWITSVID\x12\'.credo.server.v1.BatchNewWITSVIDRequest\x1a(.credo.server.v1.BatchNewWITSVIDResponse\x12U\n\nNewJWTSVID\x12\".credo.server.v1.NewJWTSVIDRequest\x1a#.credo.server.v1.NewJWTSVIDResponse\x12R\n\tGetBundle\x12!.credo.server.v1.GetBundleRequest\x1a\".credo.server.v1.GetBundleResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x63redo/server/v1/agent.proto\x12\x0f\x63redo.server.v1\x1a\x1b\x63redo/server/v1/types.proto\"0\n\x0f\x41ttestationData\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\"]\n\x12\x41ttestAgentRequest\x12:\n\x10\x61ttestation_data\x18\x01 \x01(\x0b\x32 .credo.server.v1.AttestationData\x12\x0b\n\x03\x63sr\x18\x02 \x01(\x0c\"g\n\x13\x41ttestAgentResponse\x12\'\n\x04svid\x18\x01 \x01(\x0b\x32\x19.credo.server.v1.X509Svid\x12\'\n\x06\x62undle\x18\x02 \x01(\x0b\x32\x17.credo.server.v1.Bundle\" \n\x11RenewAgentRequest\x12\x0b\n\x03\x63sr\x18\x01 \x01(\x0c\"=\n\x12RenewAgentResponse\x12\'\n\x04svid\x18\x01 \x01(\x0b\x32\x19.credo.server.v1.X509Svid\"3\n\x12SyncEntriesRequest\x12\x1d\n\x15resume_after_event_id\x18\x01 \x01(\x03\"\xfc\x02\n\x13SyncEntriesResponse\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\x03\x12\x0c\n\x04\x66ull\x18\x02 \x01(\x08\x12\x33\n\x07\x65ntries\x18\x03 \x03(\x0b\x32\".credo.server.v1.RegistrationEntry\x12\x19\n\x11\x64\x65leted_entry_ids\x18\x04 \x03(\t\x12\'\n\x06\x62undle\x18\x05 \x01(\x0b\x32\x17.credo.server.v1.Bundle\x12\x32\n\x11\x66\x65\x64\x65rated_bundles\x18\x06 \x03(\x0b\x32\x17.credo.server.v1.Bundle\x12(\n\x07\x63rl_set\x18\x14 \x01(\x0b\x32\x17.credo.server.v1.CrlSet\x12\x37\n\x0frevoked_jwt_set\x18\x15 \x01(\x0b\x32\x1e.credo.server.v1.RevokedJwtSet\x12\x1d\n\x15heartbeat_interval_ms\x18\x07 \x01(\x03\x12\x16\n\x0e\x65ntries_digest\x18\x08 \x01(\x0c\"-\n\nRevokedJwt\x12\x0b\n\x03jti\x18\x01 \x01(\t\x12\x12\n\nexpires_at\x18\x02 \x01(\x03\":\n\rRevokedJwtSet\x12)\n\x04jwts\x18\x01 \x03(\x0b\x32\x1b.credo.server.v1.RevokedJwt\",\n\x06\x43rlSet\x12\"\n\x04\x63rls\x18\x01 \x03(\x0b\x32\x14.credo.server.v1.Crl\"2\n\x11NewX509SVIDParams\x12\x10\n\x08\x65ntry_id\x18\x01 \x01(\t\x12\x0b\n\x03\x63sr\x18\x02 \x01(\x0c\"M\n\x17\x42\x61tchNewX509SVIDRequest\x12\x32\n\x06params\x18\x01 \x03(\x0b\x32\".credo.server.v1.NewX509SVIDParams\"\xcb\x01\n\x18\x42\x61tchNewX509SVIDResponse\x12\x41\n\x07results\x18\x01 \x03(\x0b\x32\x30.credo.server.v1.BatchNewX509SVIDResponse.Result\x1al\n\x06Result\x12\'\n\x06status\x18\x01 \x01(\x0b\x32\x17.credo.server.v1.Status\x12\'\n\x04svid\x18\x02 \x01(\x0b\x32\x19.credo.server.v1.X509Svid\x12\x10\n\x08\x65ntry_id\x18\x03 \x01(\t\"8\n\x10NewWITSVIDParams\x12\x10\n\x08\x65ntry_id\x18\x01 \x01(\t\x12\x12\n\npublic_key\x18\x02 \x01(\x0c\"K\n\x16\x42\x61tchNewWITSVIDRequest\x12\x31\n\x06params\x18\x01 \x03(\x0b\x32!.credo.server.v1.NewWITSVIDParams\"\xc8\x01\n\x17\x42\x61tchNewWITSVIDResponse\x12@\n\x07results\x18\x01 \x03(\x0b\x32/.credo.server.v1.BatchNewWITSVIDResponse.Result\x1ak\n\x06Result\x12\'\n\x06status\x18\x01 \x01(\x0b\x32\x17.credo.server.v1.Status\x12&\n\x04svid\x18\x02 \x01(\x0b\x32\x18.credo.server.v1.WitSvid\x12\x10\n\x08\x65ntry_id\x18\x03 \x01(\t\"7\n\x11NewJWTSVIDRequest\x12\x10\n\x08\x65ntry_id\x18\x01 \x01(\t\x12\x10\n\x08\x61udience\x18\x02 \x03(\t\"<\n\x12NewJWTSVIDResponse\x12&\n\x04svid\x18\x01 \x01(\x0b\x32\x18.credo.server.v1.JwtSvid\"\x12\n\x10GetBundleRequest\"p\n\x11GetBundleResponse\x12\'\n\x06\x62undle\x18\x01 \x01(\x0b\x32\x17.credo.server.v1.Bundle\x12\x32\n\x11\x66\x65\x64\x65rated_bundles\x18\x02 \x03(\x0b\x32\x17.credo.server.v1.Bundle2\x8e\x05\n\x05\x41gent\x12X\n\x0b\x41ttestAgent\x12#.credo.server.v1.AttestAgentRequest\x1a$.credo.server.v1.AttestAgentResponse\x12U\n\nRenewAgent\x12\".credo.server.v1.RenewAgentRequest\x1a#.credo.server.v1.RenewAgentResponse\x12Z\n\x0bSyncEntries\x12#.credo.server.v1.SyncEntriesRequest\x1a$.credo.server.v1.SyncEntriesResponse0\x01\x12g\n\x10\x42\x61tchNewX509SVID\x12(.credo.server.v1.BatchNewX509SVIDRequest\x1a).credo.server.v1.BatchNewX509SVIDResponse\x12\x64\n\x0f\x42\x61tchNewWITSVID\x12\'.credo.server.v1.BatchNewWITSVIDRequest\x1a(.credo.server.v1.BatchNewWITSVIDResponse\x12U\n\nNewJWTSVID\x12\".credo.server.v1.NewJWTSVIDRequest\x1a#.credo.server.v1.NewJWTSVIDResponse\x12R\n\tGetBundle\x12!.credo.server.v1.GetBundleRequest\x1a\".credo.server.v1.GetBundleResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -45,37 +45,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SYNCENTRIESREQUEST']._serialized_start=424
   _globals['_SYNCENTRIESREQUEST']._serialized_end=475
   _globals['_SYNCENTRIESRESPONSE']._serialized_start=478
-  _globals['_SYNCENTRIESRESPONSE']._serialized_end=803
-  _globals['_REVOKEDJWT']._serialized_start=805
-  _globals['_REVOKEDJWT']._serialized_end=850
-  _globals['_REVOKEDJWTSET']._serialized_start=852
-  _globals['_REVOKEDJWTSET']._serialized_end=910
-  _globals['_CRLSET']._serialized_start=912
-  _globals['_CRLSET']._serialized_end=956
-  _globals['_NEWX509SVIDPARAMS']._serialized_start=958
-  _globals['_NEWX509SVIDPARAMS']._serialized_end=1008
-  _globals['_BATCHNEWX509SVIDREQUEST']._serialized_start=1010
-  _globals['_BATCHNEWX509SVIDREQUEST']._serialized_end=1087
-  _globals['_BATCHNEWX509SVIDRESPONSE']._serialized_start=1090
-  _globals['_BATCHNEWX509SVIDRESPONSE']._serialized_end=1293
-  _globals['_BATCHNEWX509SVIDRESPONSE_RESULT']._serialized_start=1185
-  _globals['_BATCHNEWX509SVIDRESPONSE_RESULT']._serialized_end=1293
-  _globals['_NEWWITSVIDPARAMS']._serialized_start=1295
-  _globals['_NEWWITSVIDPARAMS']._serialized_end=1351
-  _globals['_BATCHNEWWITSVIDREQUEST']._serialized_start=1353
-  _globals['_BATCHNEWWITSVIDREQUEST']._serialized_end=1428
-  _globals['_BATCHNEWWITSVIDRESPONSE']._serialized_start=1431
-  _globals['_BATCHNEWWITSVIDRESPONSE']._serialized_end=1631
-  _globals['_BATCHNEWWITSVIDRESPONSE_RESULT']._serialized_start=1524
-  _globals['_BATCHNEWWITSVIDRESPONSE_RESULT']._serialized_end=1631
-  _globals['_NEWJWTSVIDREQUEST']._serialized_start=1633
-  _globals['_NEWJWTSVIDREQUEST']._serialized_end=1688
-  _globals['_NEWJWTSVIDRESPONSE']._serialized_start=1690
-  _globals['_NEWJWTSVIDRESPONSE']._serialized_end=1750
-  _globals['_GETBUNDLEREQUEST']._serialized_start=1752
-  _globals['_GETBUNDLEREQUEST']._serialized_end=1770
-  _globals['_GETBUNDLERESPONSE']._serialized_start=1772
-  _globals['_GETBUNDLERESPONSE']._serialized_end=1884
-  _globals['_AGENT']._serialized_start=1887
-  _globals['_AGENT']._serialized_end=2541
+  _globals['_SYNCENTRIESRESPONSE']._serialized_end=858
+  _globals['_REVOKEDJWT']._serialized_start=860
+  _globals['_REVOKEDJWT']._serialized_end=905
+  _globals['_REVOKEDJWTSET']._serialized_start=907
+  _globals['_REVOKEDJWTSET']._serialized_end=965
+  _globals['_CRLSET']._serialized_start=967
+  _globals['_CRLSET']._serialized_end=1011
+  _globals['_NEWX509SVIDPARAMS']._serialized_start=1013
+  _globals['_NEWX509SVIDPARAMS']._serialized_end=1063
+  _globals['_BATCHNEWX509SVIDREQUEST']._serialized_start=1065
+  _globals['_BATCHNEWX509SVIDREQUEST']._serialized_end=1142
+  _globals['_BATCHNEWX509SVIDRESPONSE']._serialized_start=1145
+  _globals['_BATCHNEWX509SVIDRESPONSE']._serialized_end=1348
+  _globals['_BATCHNEWX509SVIDRESPONSE_RESULT']._serialized_start=1240
+  _globals['_BATCHNEWX509SVIDRESPONSE_RESULT']._serialized_end=1348
+  _globals['_NEWWITSVIDPARAMS']._serialized_start=1350
+  _globals['_NEWWITSVIDPARAMS']._serialized_end=1406
+  _globals['_BATCHNEWWITSVIDREQUEST']._serialized_start=1408
+  _globals['_BATCHNEWWITSVIDREQUEST']._serialized_end=1483
+  _globals['_BATCHNEWWITSVIDRESPONSE']._serialized_start=1486
+  _globals['_BATCHNEWWITSVIDRESPONSE']._serialized_end=1686
+  _globals['_BATCHNEWWITSVIDRESPONSE_RESULT']._serialized_start=1579
+  _globals['_BATCHNEWWITSVIDRESPONSE_RESULT']._serialized_end=1686
+  _globals['_NEWJWTSVIDREQUEST']._serialized_start=1688
+  _globals['_NEWJWTSVIDREQUEST']._serialized_end=1743
+  _globals['_NEWJWTSVIDRESPONSE']._serialized_start=1745
+  _globals['_NEWJWTSVIDRESPONSE']._serialized_end=1805
+  _globals['_GETBUNDLEREQUEST']._serialized_start=1807
+  _globals['_GETBUNDLEREQUEST']._serialized_end=1825
+  _globals['_GETBUNDLERESPONSE']._serialized_start=1827
+  _globals['_GETBUNDLERESPONSE']._serialized_end=1939
+  _globals['_AGENT']._serialized_start=1942
+  _globals['_AGENT']._serialized_end=2596
 # @@protoc_insertion_point(module_scope)

@@ -166,12 +166,26 @@ class SyncEntriesResponse(_message.Message):
     FEDERATED_BUNDLES_FIELD_NUMBER: _builtins.int
     CRL_SET_FIELD_NUMBER: _builtins.int
     REVOKED_JWT_SET_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _builtins.int
+    ENTRIES_DIGEST_FIELD_NUMBER: _builtins.int
     event_id: _builtins.int
     """The event id this message brings the agent up to."""
     full: _builtins.bool
     """True: `entries` is the whole authorized set and replaces what the agent
     holds. False: `entries` are created or updated entries and
     `deleted_entry_ids` are removed ones.
+    """
+    heartbeat_interval_ms: _builtins.int
+    """How often the server sends a heartbeat on this stream (milliseconds; on every
+    message). An agent that hears nothing for about three intervals treats the stream as
+    dead and reopens it. 0: the server sends no heartbeats.
+    """
+    entries_digest: _builtins.bytes
+    """Set on heartbeats only: a message with no changes, sent when the stream has been
+    quiet for heartbeat_interval_ms, whose event_id is the server's current event id and
+    whose entries_digest is the digest of every entry authorized for the agent then
+    (SHA-256 over the lines "<id> <revision_number>\\n", sorted by id). An agent whose own
+    entries have another digest is behind and syncs again.
     """
     @_builtins.property
     def entries(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.RegistrationEntry]: ...
@@ -206,10 +220,12 @@ class SyncEntriesResponse(_message.Message):
         federated_bundles: _abc.Iterable[_types_pb2.Bundle] | None = ...,
         crl_set: Global___CrlSet | None = ...,
         revoked_jwt_set: Global___RevokedJwtSet | None = ...,
+        heartbeat_interval_ms: _builtins.int = ...,
+        entries_digest: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["bundle", b"bundle", "crl_set", b"crl_set", "revoked_jwt_set", b"revoked_jwt_set"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bundle", b"bundle", "crl_set", b"crl_set", "deleted_entry_ids", b"deleted_entry_ids", "entries", b"entries", "event_id", b"event_id", "federated_bundles", b"federated_bundles", "full", b"full", "revoked_jwt_set", b"revoked_jwt_set"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bundle", b"bundle", "crl_set", b"crl_set", "deleted_entry_ids", b"deleted_entry_ids", "entries", b"entries", "entries_digest", b"entries_digest", "event_id", b"event_id", "federated_bundles", b"federated_bundles", "full", b"full", "heartbeat_interval_ms", b"heartbeat_interval_ms", "revoked_jwt_set", b"revoked_jwt_set"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

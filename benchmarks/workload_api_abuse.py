@@ -1,0 +1,152 @@
+"""Benchmark: another uid's ``FetchX509SVID`` latency while one uid churns connections.
+
+Run (as root): ``./scripts/bench workload_api_abuse [--json] [--samples N] [--churners N]``.
+
+A real ``credo-server run`` and ``credo-agent run`` (as root), one entry for
+``unix:uid:0``. **One sample** = a fresh channel to the agent's socket, ``FetchX509SVID``
+with the security header, the time to the first message (as in ``workload_api``), done by
+this process (uid 0) back to back.
+
+* ``quiet_p99_s`` — p99 of ``--samples`` (200) samples with nothing else running;
+* ``churn_p99_s`` — p99 of as many samples while ``--churners`` (2) processes running as
+  ``nobody`` loop ``connect(); close()`` on the socket as fast as they can (the attack of
+  issue 9 item 3: before per-uid rate limiting and the accept thread it made 9 of 10 other
+  users' fetches fail);
+* ``ratio`` — ``churn_p99_s / quiet_p99_s``; the target is <= 3 (``churn_p50_s`` is
+  reported too);
+* ``failures`` — fetches that failed during either phase; the target is 0;
+* ``churn_connects_per_s`` — the connects the churners completed per second.
+
+With ``--json`` the last line is one JSON object: ``{"name": "workload_api_abuse", ...}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import subprocess
+import sys
+import time
+
+import grpc
+from _common import TRUST_DOMAIN, Workspace, create_entries, entry_proto, log, percentile, report
+
+TARGETS = [("ratio", "<=", 3.0), ("failures", "<=", 0.0)]
+FETCH = "/SpiffeWorkloadAPI/FetchX509SVID"
+HEADER = (("workload.spiffe.io", "true"),)
+NOBODY = 65534
+
+# Imported as root (the interpreter may live where nobody may read), then run as nobody.
+CHURN = f"""
+import os, socket, sys, time
+path = sys.argv[1]
+os.setgroups([]); os.setgid({NOBODY}); os.setuid({NOBODY})
+n = 0
+started = time.monotonic()
+try:
+    while True:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.connect(path)
+            n += 1
+        except OSError:
+            pass
+        s.close()
+except KeyboardInterrupt:
+    pass
+print(n / (time.monotonic() - started), flush=True)
+"""
+
+
+async def _one(target: str) -> float | None:
+    """Seconds to the first message on a fresh channel; None if the fetch failed."""
+    started = time.perf_counter()
+    try:
+        async with grpc.aio.insecure_channel(target) as channel:
+            call = channel.unary_stream(FETCH)(b"", metadata=HEADER, timeout=10)
+            message = await call.read()
+            elapsed = time.perf_counter() - started
+            call.cancel()
+    except grpc.aio.AioRpcError:
+        return None
+    return None if message is grpc.aio.EOF else elapsed
+
+
+async def _samples(target: str, n: int) -> tuple[list[float], int]:
+    values: list[float] = []
+    failures = 0
+    for _ in range(n):
+        value = await _one(target)
+        if value is None:
+            failures += 1
+        else:
+            values.append(value)
+    return values, failures
+
+
+def run(samples: int, churners: int) -> dict[str, float]:
+    with Workspace() as ws:
+        os.chmod(ws.root, 0o755)  # nobody must reach the agent's public socket
+        server = ws.start_server()
+        agent = ws.start_agent(server)
+        with server.admin_channel() as admin:
+            create_entries(
+                admin,
+                [entry_proto(f"spiffe://{TRUST_DOMAIN}/bench/root", agent.spiffe_id,
+                             ["unix:uid:0"])],
+            )  # fmt: skip
+        deadline = time.monotonic() + 60
+        while asyncio.run(_one(agent.endpoint)) is None:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the agent never served the benchmark's SVID")
+            time.sleep(0.1)
+        asyncio.run(_samples(agent.endpoint, 20))  # warm up
+        log(f"quiet: {samples} samples")
+        quiet, quiet_failures = asyncio.run(_samples(agent.endpoint, samples))
+        log(f"churn: {churners} churners as nobody, {samples} samples")
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", CHURN, str(agent.socket)],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(churners)
+        ]
+        try:
+            time.sleep(1.0)  # let the churn reach full speed
+            churn, churn_failures = asyncio.run(_samples(agent.endpoint, samples))
+        finally:
+            rates = []
+            for proc in procs:
+                proc.send_signal(2)
+                out, _ = proc.communicate(timeout=30)
+                rates.append(float(out.strip() or 0))
+        agent.check_alive()
+    quiet_p99 = percentile(quiet, 99)
+    churn_p99 = percentile(churn, 99)
+    return {
+        "quiet_p99_s": round(quiet_p99, 5),
+        "churn_p50_s": round(percentile(churn, 50), 5),
+        "churn_p99_s": round(churn_p99, 5),
+        "ratio": round(churn_p99 / quiet_p99, 3),
+        "failures": float(quiet_failures + churn_failures),
+        "churn_connects_per_s": round(sum(rates), 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print one JSON object last")
+    parser.add_argument("--samples", type=int, default=200, help="fetches per phase")
+    parser.add_argument("--churners", type=int, default=2, help="churning processes")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("workload_api_abuse: run as root (the churners run as nobody)")
+    if not (1 <= args.samples <= 5000 and 1 <= args.churners <= 16):
+        sys.exit("workload_api_abuse: need 1 <= --samples <= 5000 and 1 <= --churners <= 16")
+    report("workload_api_abuse", run(args.samples, args.churners), TARGETS, as_json=args.json)
+
+
+if __name__ == "__main__":
+    main()
