@@ -459,7 +459,10 @@ def test_revocations_are_audited_with_what_they_revoked(deployment: Deployment) 
     minted = server.cli_json("x509", "mint", "--spiffe-id", f"spiffe://{TD}/minted")
     serial = format(x509.load_pem_x509_certificate(minted["x509_svid"].encode()).serial_number, "x")
     server.cli_json("x509", "revoke", "--serial", serial, "--reason", "laptop lost")
-    token = _fetch_jwt(agent, ALPHA)
+    minted_jwt = server.cli_json(
+        "jwt", "mint", "--spiffe-id", f"spiffe://{TD}/minted", "--audience", "db"
+    )
+    token = str(minted_jwt["token"])
     server.cli_json("jwt", "revoke", "--jti", _jti(token), "--reason", "leaked")
     gamma = f"spiffe://{TD}/gamma"
     entry_id = create_entry(
@@ -477,7 +480,7 @@ def test_revocations_are_audited_with_what_they_revoked(deployment: Deployment) 
     assert by_serial["details"]["reason"] == "laptop lost"
     assert by_serial["details"]["revoked_serials"] == [serial]
     (by_jti,) = [r for r in show("jwt_svid.revoke") if r["target"] == _jti(token)]
-    assert (by_jti["subject"], by_jti["details"]["reason"]) == (ALPHA, "leaked")
+    assert (by_jti["subject"], by_jti["details"]["reason"]) == (f"spiffe://{TD}/minted", "leaked")
     assert by_jti["details"]["revoked_jtis"] == [_jti(token)]
     first, repeat = [r for r in show("entry.revoke") if r["target"] == entry_id]
     assert (first["subject"], first["owner"], first["actor_kind"]) == (gamma, "carol", "admin")
