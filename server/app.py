@@ -83,10 +83,11 @@ from server.ca.keymanager import DiskKeyManager
 from server.ca.manager import AuthorityManager, AuthorityManagerConfig
 from server.ca.pool import SigningPool
 from server.config import ServerConfig
-from server.datastore.models import ListRegistrationEntriesRequest
+from server.datastore.models import DelegationPolicy, ListRegistrationEntriesRequest
 from server.datastore.protocol import DataStore
 from server.datastore.sql import SqlDataStore
 from server.delegation.exchange import Recent, TokenExchange
+from server.delegation.policy import agent_patterns_for
 from server.delegation.routes import DelegationEndpoints, delegation_routes
 from server.delegation.subjects import SubjectIssuers
 from server.federation.endpoint import bundle_endpoint_routes
@@ -506,9 +507,14 @@ def _delegation_endpoints(
             return None
         return next((e.owner for e in found if e.owner), "")
 
-    # The bundle and owners are re-read at most every second: an exchange then costs one
-    # policy lookup (plus a budget update when the policy has budgets).
+    # The bundle, owners and each agent's delegation policies are re-read at most every
+    # second: an exchange then costs no query (but a budget update when the policy has
+    # budgets), and a change to any of them reaches the token endpoint within a second.
     recent_bundle: Recent[None, Bundle] = Recent(lambda _: bundles.own_bundle(), 1.0)
+
+    def policies_for(agent: SpiffeId) -> tuple[DelegationPolicy, ...]:
+        return tuple(datastore.list_delegation_policies(by_agent_ids=agent_patterns_for(agent)))
+
     exchange = TokenExchange(
         trust_domain=td,
         datastore=datastore,
@@ -517,6 +523,7 @@ def _delegation_endpoints(
         jwt_key=lambda: ca.jwt_key,
         bundle=lambda: recent_bundle(None),
         owner_of=Recent(owner_of, 1.0),
+        policies_for=Recent(policies_for, 1.0),
     )
     return DelegationEndpoints(exchange, config.delegation.introspection_allowed)
 

@@ -31,7 +31,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final, Generic, TypeVar
 
@@ -208,7 +208,8 @@ class TokenExchange:
     bundle; ``owner_of`` the owner of an agent's registration entries (``""`` if they name
     none), or None when the agent has no registration entry at all: an identity whose
     entries were deleted (the kill switch) may not act for anyone, even while its SVID is
-    still valid.
+    still valid. ``policies_for`` returns the delegation policies whose ``agent_id`` matches
+    an agent (its own ID or a prefix of it); by default one datastore query per exchange.
     """
 
     trust_domain: TrustDomain
@@ -219,6 +220,11 @@ class TokenExchange:
     bundle: Callable[[], Bundle]
     owner_of: Callable[[SpiffeId], str | None]
     clock: Callable[[], float] = time.time
+    policies_for: Callable[[SpiffeId], Sequence[DelegationPolicy]] | None = None
+    _verified: dict[tuple[x509.Certificate, ...], tuple[Bundle, float, SpiffeId]] = field(
+        default_factory=dict, init=False, repr=False
+    )
+    _verified_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     @property
     def token_endpoint(self) -> str:
@@ -271,6 +277,30 @@ class TokenExchange:
             ) from None
         return self._check_agent(svid.spiffe_id, what)
 
+    def _verify_peer(self, chain: Sequence[x509.Certificate]) -> SpiffeId:
+        """``verify_x509_svid`` against the bundle, its signature checks remembered for up
+        to a second per certificate chain and bundle (a keep-alive client sends the same
+        certificate with every request); the validity times are checked on every call."""
+        bundle = self.bundle()
+        now = datetime.fromtimestamp(self.clock(), UTC)
+        key = tuple(chain)
+        mono = time.monotonic()
+        with self._verified_lock:
+            hit = self._verified.get(key)
+        if (
+            hit is not None
+            and hit[0] is bundle
+            and mono - hit[1] < 1.0
+            and all(c.not_valid_before_utc <= now <= c.not_valid_after_utc for c in chain)
+        ):
+            return hit[2]
+        spiffe_id = verify_x509_svid(chain, BundleSet([bundle]), now=now)
+        with self._verified_lock:
+            if len(self._verified) > 10_000:
+                self._verified.clear()
+            self._verified[key] = (bundle, mono, spiffe_id)
+        return spiffe_id
+
     def authenticate(
         self, form: Mapping[str, str], peer_chain: Sequence[x509.Certificate] | None
     ) -> SpiffeId:
@@ -288,11 +318,7 @@ class TokenExchange:
             client = self._jwt_svid(assertion, "client_assertion")
         elif peer_chain:
             try:
-                spiffe_id = verify_x509_svid(
-                    peer_chain,
-                    BundleSet([self.bundle()]),
-                    now=datetime.fromtimestamp(self.clock(), UTC),
-                )
+                spiffe_id = self._verify_peer(peer_chain)
             except X509SvidError as exc:
                 raise InvalidClient(
                     f"the client certificate is not a valid X509-SVID: {exc}"
@@ -526,10 +552,13 @@ class TokenExchange:
 
     def _policies(self, client: SpiffeId, subject: _Subject) -> list[DelegationPolicy]:
         patterns = agent_patterns_for(client)
-        candidates = self.datastore.list_delegation_policies(by_agent_ids=patterns)
+        if self.policies_for is not None:
+            found: Sequence[DelegationPolicy] = self.policies_for(client)
+        else:
+            found = self.datastore.list_delegation_policies(by_agent_ids=patterns)
         # The most specific first: the agent's own ID, then ever shorter prefixes.
         rank = {pattern: i for i, pattern in enumerate(patterns)}
-        candidates.sort(key=lambda p: (rank[p.agent_id], p.id))
+        candidates = sorted(found, key=lambda p: (rank[p.agent_id], p.id))
         # A chain link only carries the person's ``sub``: claims other than sub cannot match.
         fitting = [
             p

@@ -105,6 +105,8 @@ class SubjectIssuer:
         self._keys: jwt.PyJWKSet | None = None
         self._fetched_at = 0.0
         self._file_stamp: tuple[int, int] | None = None
+        # The last keys _load returned and when (monotonic): re-checked at most every second.
+        self._recent: tuple[jwt.PyJWKSet | None, float] = (None, 0.0)
         self._context: ssl.SSLContext | None = None
         if config.ca_file is not None:
             self._context = ssl.create_default_context(cafile=str(config.ca_file))
@@ -136,19 +138,29 @@ class SubjectIssuer:
         self._fetched_at = now
         return self._keys
 
+    def _recent_keys(self) -> jwt.PyJWKSet | None:
+        """The keys loaded less than a second ago, without the lock or a file stat."""
+        keys, checked_at = self._recent
+        return keys if keys is not None and time.monotonic() - checked_at < 1.0 else None
+
     def _key_for(self, kid: str | None) -> jwt.PyJWK:
         for force in (False, True):
-            with self._lock:
-                try:
-                    keys = self._load(force=force)
-                except (OSError, ValueError, jwt.PyJWTError) as exc:
-                    log.warning(
-                        "cannot load subject issuer keys",
-                        extra={"issuer": self.name, "error": str(exc)[:200]},
-                    )
-                    raise InvalidGrant(
-                        f"the keys of subject issuer {self.name!r} cannot be loaded right now"
-                    ) from None
+            recent = None if force else self._recent_keys()
+            if recent is not None:
+                keys = recent
+            else:
+                with self._lock:
+                    try:
+                        keys = self._load(force=force)
+                        self._recent = (keys, time.monotonic())
+                    except (OSError, ValueError, jwt.PyJWTError) as exc:
+                        log.warning(
+                            "cannot load subject issuer keys",
+                            extra={"issuer": self.name, "error": str(exc)[:200]},
+                        )
+                        raise InvalidGrant(
+                            f"the keys of subject issuer {self.name!r} cannot be loaded right now"
+                        ) from None
             candidates = [k for k in keys.keys if kid is None or k.key_id == kid]
             if len(candidates) == 1 or (candidates and kid is not None):
                 return candidates[0]

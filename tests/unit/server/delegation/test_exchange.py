@@ -7,6 +7,7 @@ in a JWKS file; agents authenticate with JWT-SVIDs signed by the server's JWT ke
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Iterator
@@ -17,11 +18,14 @@ from typing import Any
 
 import jwt
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from credo.bundle import Bundle
 from credo.jwtsvid import sign_jwt_svid
 from credo.spiffe_id import SpiffeId, TrustDomain
+from credo.x509svid import ca_certificate_template, sign_x509_svid
 from server.ca.ca import JwtKey
 from server.datastore import Budget, DelegationPolicy, SqlDataStore
 from server.delegation.config import SubjectIssuerConfig
@@ -350,3 +354,57 @@ def test_repeated_fields_are_refused(world: World) -> None:
     with pytest.raises(OAuthError) as info:
         world.exchange.exchange([("grant_type", GRANT_TYPE), ("grant_type", GRANT_TYPE)])
     assert info.value.error == "invalid_request"
+
+
+def _mtls_world(world: World) -> tuple[TokenExchange, list[Bundle], x509.Certificate]:
+    """``world``'s exchange with an X.509 CA in the bundle, and an X509-SVID for A from it."""
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    start = datetime.fromtimestamp(world.clock(), UTC) - timedelta(hours=1)
+    ca = ca_certificate_template(
+        TD, ca_key.public_key(), not_before=start, not_after=start + timedelta(days=1)
+    ).sign(ca_key, hashes.SHA256())
+    leaf = sign_x509_svid(
+        A,
+        ec.generate_private_key(ec.SECP256R1()).public_key(),
+        ca_cert=ca,
+        ca_key=ca_key,
+        ttl=timedelta(minutes=10),
+        now=datetime.fromtimestamp(world.clock(), UTC),
+    )
+    jwt_keys = {world.jwt_key.kid: world.jwt_key.private_key.public_key()}
+    current = [Bundle(TD, x509_authorities=(ca,), jwt_authorities=jwt_keys)]
+    exchange = dataclasses.replace(world.exchange, bundle=lambda: current[0])
+    return exchange, current, leaf
+
+
+def _mtls_fields(world: World) -> list[tuple[str, str]]:
+    return [
+        ("grant_type", GRANT_TYPE),
+        ("subject_token", world.person_token()),
+        ("subject_token_type", ID_TOKEN_TYPE),
+        ("audience", GIT),
+    ]
+
+
+def test_a_remembered_client_certificate_is_still_refused_once_expired(world: World) -> None:
+    """The per-certificate verification memo keeps checking the SVID's validity times."""
+    world.policy(str(A))
+    exchange, _, leaf = _mtls_world(world)
+    assert exchange.exchange(_mtls_fields(world), peer_chain=[leaf]).claims["client_id"] == str(A)
+    world.clock.now = leaf.not_valid_after_utc.timestamp() + 1
+    with pytest.raises(OAuthError) as info:
+        exchange.exchange(_mtls_fields(world), peer_chain=[leaf])
+    assert info.value.error == "invalid_client" and "expired" in info.value.description
+
+
+def test_a_remembered_client_certificate_is_refused_after_its_ca_leaves_the_bundle(
+    world: World,
+) -> None:
+    """A new bundle (its CA removed) is checked at once, not after the memo's second."""
+    world.policy(str(A))
+    exchange, current, leaf = _mtls_world(world)
+    assert exchange.exchange(_mtls_fields(world), peer_chain=[leaf]).claims["client_id"] == str(A)
+    current[0] = Bundle(TD, jwt_authorities=current[0].jwt_authorities)
+    with pytest.raises(OAuthError) as info:
+        exchange.exchange(_mtls_fields(world), peer_chain=[leaf])
+    assert info.value.error == "invalid_client"
