@@ -36,6 +36,7 @@ import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 from credo._logging import setup_logging
 from credo._rundir import RuntimeDir
@@ -44,6 +45,7 @@ from credo.errors import CredoError
 from node_agent.attestation.catalog import build_node_attestor
 from node_agent.attestation.session import AgentSession, SessionConfig
 from node_agent.attestation.store import SvidStore
+from node_agent.audit_log import DeliveryLog
 from node_agent.cache.manager import CacheConfig, CacheManager
 from node_agent.config import AgentConfig
 from node_agent.errors import AgentRemoved
@@ -128,6 +130,7 @@ async def serve(
             cache,
             build_workload_attestor(config.workload_attestor),
             metrics=metrics,
+            delivery_log=DeliveryLog(Path(config.data_dir) / "audit"),
         )
         metrics.set_gauge_sources(
             svids_cached=lambda: cache.size,

@@ -7,8 +7,9 @@ publishers (:mod:`server.bundle_publisher.catalog`) -> agent flows (:mod:`server
 :mod:`server.issuance`) -> APIs -> server identity (:mod:`server.identity`) and
 endpoints (and the HTTP front end, :mod:`server.http`); then the background loops (CA
 rotation, entry change feed, server SVID refresh, the HTTP certificate, housekeeping, bundle
-publishing, federated bundle refresh, CRL signing) run under one :class:`asyncio.TaskGroup`
-until ``stop``. Nothing else constructs these components. Where things live on disk is
+publishing, federated bundle refresh, CRL signing, audit checkpoints) run under one
+:class:`asyncio.TaskGroup` until ``stop``. Nothing else constructs these components. Where
+things live on disk is
 :mod:`server.paths`.
 
 Endpoints:
@@ -52,12 +53,15 @@ from credo._rundir import RuntimeDir
 from credo.bundle import Bundle
 from credo.errors import CredoError
 from credo.spiffe_id import SpiffeId, TrustDomain
+from server import audit
 from server.agents.attestation import NodeAttestation
 from server.agents.authn import AgentAuthenticator
 from server.agents.sync import AuthorizedEntries, SyncView
 from server.api.admin import (
+    AdminActorInterceptor,
     AdminApiConfig,
     AgentsService,
+    AuditService,
     BundlesService,
     EntriesService,
     FederationService,
@@ -69,6 +73,7 @@ from server.api.common import BundleSource
 from server.api.delegation import DelegationService
 from server.api.tls import PeerRegistry, TlsFrontend
 from server.attestation.catalog import PluginContext, build_node_attestors
+from server.audit.checkpoint import Checkpointer
 from server.authorization import EntryCache, Subscription
 from server.bundle_publisher.catalog import PublisherContext, build_bundle_publishers
 from server.bundle_publisher.runner import BundlePublishing
@@ -152,6 +157,7 @@ class _Server:
     manager: AuthorityManager
     cache: EntryCache
     identity: ServerIdentity
+    checkpointer: Checkpointer
     metrics: Metrics
     stopping: asyncio.Event
     runtime: RuntimeDir
@@ -214,6 +220,7 @@ async def _build(config: ServerConfig, stop: asyncio.Event) -> _Server:
         ca = CertificateAuthority(td, on_sign=metrics.on_sign, jwt_issuer=config.jwt_issuer)
         server_id = load_server_id(data_dir)
         log.info("server id", extra={"server_id": server_id})
+        audit.set_server_actor(server_id)  # the actor of what the server does by itself
         manager = AuthorityManager(
             AuthorityManagerConfig.from_server_config(config, server_id),
             datastore,
@@ -277,6 +284,7 @@ async def _build(config: ServerConfig, stop: asyncio.Event) -> _Server:
             wit_svid_ttl=config.wit_svid_ttl,
             pool=signing_pool,
             metrics=metrics,
+            audit_writer=datastore,
             issued=datastore,
         )
         peers = PeerRegistry()
@@ -311,6 +319,7 @@ async def _build(config: ServerConfig, stop: asyncio.Event) -> _Server:
             manager, bundles, key_type="ec-p256", dns_names=server_dns_names(bind_host)
         )
         await asyncio.to_thread(identity.refresh)
+        checkpointer = Checkpointer(datastore, identity, config.audit_checkpoint_interval)
         # The TLS front end's relay sockets: private, under the data dir, gone on exit.
         runtime = RuntimeDir.create(data_dir, setting="data_dir")
         relay_dir = runtime.path
@@ -321,7 +330,7 @@ async def _build(config: ServerConfig, stop: asyncio.Event) -> _Server:
         agent_grpc.add_insecure_port(f"unix:{relay_dir / 'agent.sock'}")
 
         admin_health = health.aio.HealthServicer()
-        admin_grpc = grpc.aio.server(options=_GRPC_OPTIONS)
+        admin_grpc = grpc.aio.server(options=_GRPC_OPTIONS, interceptors=[AdminActorInterceptor()])
         admin_pb2_grpc.add_EntriesServicer_to_server(
             EntriesService(admin_config, datastore), admin_grpc
         )
@@ -333,6 +342,9 @@ async def _build(config: ServerConfig, stop: asyncio.Event) -> _Server:
         )
         admin_pb2_grpc.add_SvidsServicer_to_server(
             SvidsService(admin_config, ca, datastore), admin_grpc
+        )
+        admin_pb2_grpc.add_AuditServicer_to_server(
+            AuditService(datastore, checkpointer), admin_grpc
         )
         admin_pb2_grpc.add_FederationServicer_to_server(
             FederationService(admin_config, datastore), admin_grpc
@@ -382,6 +394,7 @@ async def _build(config: ServerConfig, stop: asyncio.Event) -> _Server:
             manager=manager,
             cache=cache,
             identity=identity,
+            checkpointer=checkpointer,
             metrics=metrics,
             stopping=stopping,
             runtime=runtime,
@@ -608,6 +621,7 @@ async def serve(
             tasks.create_task(server.manager.run(stop), name="authority-manager")
             tasks.create_task(server.cache.run(stop), name="entry-cache")
             tasks.create_task(server.identity.run(stop), name="server-identity")
+            tasks.create_task(server.checkpointer.run(stop), name="audit-checkpoints")
             if server.http_identity is not None:
                 tasks.create_task(server.http_identity.run(stop), name="http-certificate")
             tasks.create_task(run_housekeeping(server.datastore, stop), name="housekeeping")

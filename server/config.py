@@ -66,6 +66,7 @@ _DURATIONS = (
     "agent_svid_ttl",
     "join_token_ttl",
     "join_token_max_ttl",
+    "audit_checkpoint_interval",
     "crl_next_update",
 )
 
@@ -125,6 +126,8 @@ class ServerConfig:
     # Node attestations per second per source address; signing calls per second per agent.
     attestation_rate_limit: float = 1.0
     signing_rate_limit: float = 500.0
+    # How often the audit trail's head is signed into it (a checkpoint), when it changed.
+    audit_checkpoint_interval: int = duration_field(600)
     # How often the rotation loop looks at the CA and JWT key (seconds).
     rotation_check_interval: float = 5.0
     # Seconds of quiet after which an agent's sync stream carries a heartbeat; 0: never.

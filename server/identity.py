@@ -26,6 +26,7 @@ from credo.errors import CredoError
 from credo.keys import generate_private_key, private_key_to_pkcs8_pem
 from server.api.common import BundleSource
 from server.api.tls import build_server_context
+from server.audit.checkpoint import sign_message
 from server.ca.manager import AuthorityManager
 from server.ca.templates import DEFAULT_SERVER_DNS_NAMES
 
@@ -70,6 +71,7 @@ class ServerIdentity:
         self._roots_pem = b""
         self._rng = rng
         self._leaf: x509.Certificate | None = None
+        self._chain_der: list[bytes] = []
         self._context_factory = context_factory
         self._name = name
 
@@ -115,6 +117,7 @@ class ServerIdentity:
             rng=self._rng,
         )
         self._leaf = leaf
+        self._chain_der = [c.public_bytes(serialization.Encoding.DER) for c in chain]
         chain_pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in chain)
         self._context = self._context_factory(chain_pem, private_key_to_pkcs8_pem(self._key), roots)
         self._signed_by = ca
@@ -127,6 +130,12 @@ class ServerIdentity:
             },
         )
         return True
+
+    def sign_checkpoint(self, message: bytes) -> tuple[bytes, list[bytes]]:
+        """Sign an audit checkpoint with the SVID's key; the signature and the chain (DER)."""
+        if not self._chain_der:
+            self.refresh()
+        return sign_message(self._key, message), list(self._chain_der)
 
     async def run(self, stop: asyncio.Event, interval: float = 1.0) -> None:
         """Check every ``interval`` seconds whether the SVID needs re-signing, until ``stop``."""

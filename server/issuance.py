@@ -23,22 +23,32 @@ item authorization and key checks, one WIT-SVID per item with the server's ``wit
 Authorization always happens here, in the main process, before anything is signed.
 Every signed X509-SVID is recorded in the datastore (:mod:`server.revocation`) before it
 is handed out; an entry revoked while its batch was being signed fails its items.
+
+Every signed SVID and every refused item is recorded in the audit trail (serial or
+``jti``, SPIFFE ID, entry, expiry; the actor is the calling agent) in one transaction
+per batch, before the SVIDs are returned: if the record cannot be written, the call
+fails and nothing signed leaves the server.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import json
 import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from dataclasses import field as dc_field
-from typing import Protocol
+from typing import Any, Protocol
 
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from credo.spiffe_id import SpiffeId
 from credo.witsvid import WitSvid
+from server import audit
 from server.agents.errors import EntryNotAuthorized
 from server.api.convert import parse_csr, parse_public_key
 from server.ca.ca import CertificateAuthority
@@ -129,6 +139,52 @@ class IssuedSvidStore(Protocol):
 _Work = list[tuple[int, RegistrationEntry, X509SvidRequest]]
 
 
+class AuditWriter(Protocol):
+    """Where issuance records go (the datastore)."""
+
+    def append_audit_records(
+        self, pending: Sequence[audit.PendingRecord]
+    ) -> list[audit.AuditRecord]: ...
+
+
+def entry_owner(entry: RegistrationEntry) -> str:
+    """The entry's accountable person (``""`` if it names none)."""
+    return entry.owner
+
+
+def jwt_reference(token: str) -> tuple[str, dict[str, Any]]:
+    """What names a JWT in a record without holding it: its ``jti`` if it has one, else
+    the sha256 of the token (``token_sha256``); and the claims worth keeping."""
+    claims: dict[str, Any] = {}
+    try:
+        part = token.split(".")[1]
+        decoded = json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))
+        if isinstance(decoded, dict):
+            claims = decoded
+    except (IndexError, ValueError):
+        pass
+    kept: dict[str, Any] = {k: claims[k] for k in ("aud", "exp", "iat") if k in claims}
+    jti = claims.get("jti")
+    if isinstance(jti, str) and jti:
+        return jti, kept
+    kept["token_sha256"] = hashlib.sha256(token.encode()).hexdigest()
+    return "", kept
+
+
+def x509_issued_record(
+    entry_id: str, spiffe_id: str, leaf_der: bytes, expires_at: int, owner: str = ""
+) -> audit.PendingRecord:
+    """The audit record of one signed X509-SVID (serial as lower-case hex)."""
+    serial = format(x509.load_der_x509_certificate(leaf_der).serial_number, "x")
+    return audit.pending(
+        "x509_svid.issue",
+        subject=spiffe_id,
+        target=serial,
+        owner=owner,
+        details={"entry_id": entry_id, "expires_at": expires_at},
+    )
+
+
 class Issuer:
     """Signs workload SVIDs for authorized entries, in worker processes or in-process."""
 
@@ -141,9 +197,11 @@ class Issuer:
         wit_svid_ttl: int = 3600,
         pool: SigningPool | None = None,
         metrics: Metrics | None = None,
+        audit_writer: AuditWriter | None = None,
         issued: IssuedSvidStore | None = None,
     ) -> None:
         self._ca = ca
+        self._audit = audit_writer
         self._issued = issued
         self._x509_ttl = x509_svid_ttl
         self._jwt_ttl = jwt_svid_ttl
@@ -173,7 +231,40 @@ class Issuer:
         done = [r for r in results if r is not None]
         if self._issued is not None:
             done = await self._record(done, agent_id)
+        if self._audit is not None:
+            await asyncio.to_thread(self._record_x509, done, authorized)
         return done
+
+    def _record_x509(
+        self, results: Sequence[X509Result], authorized: Mapping[str, RegistrationEntry]
+    ) -> None:
+        assert self._audit is not None
+        records: list[audit.PendingRecord] = []
+        for result in results:
+            entry = authorized.get(result.entry_id)
+            owner = entry_owner(entry) if entry is not None else ""
+            if isinstance(result, X509SvidIssued):
+                records.append(
+                    x509_issued_record(
+                        result.entry_id,
+                        result.spiffe_id,
+                        result.cert_chain[0],
+                        result.expires_at,
+                        owner,
+                    )
+                )
+            else:
+                records.append(
+                    audit.pending(
+                        "x509_svid.issue",
+                        subject=entry.spiffe_id if entry is not None else "",
+                        owner=owner,
+                        outcome=audit.REFUSED,
+                        reason=str(result.error),
+                        details={"entry_id": result.entry_id},
+                    )
+                )
+        self._audit.append_audit_records(records)
 
     async def _record(self, results: list[X509Result], agent_id: str) -> list[X509Result]:
         """Record the signed SVIDs; those of entries revoked meanwhile fail instead."""
@@ -293,7 +384,24 @@ class Issuer:
             record = jwt_record(token, entry.spiffe_id, entry_id=entry.id, agent_id=agent_id)
             if not await asyncio.to_thread(self._issued.create_issued_jwt_svid, record):
                 raise EntryNotAuthorized(entry.id)
+        if self._audit is not None:
+            await asyncio.to_thread(self._record_jwt, entry, token)
         return token
+
+    def _record_jwt(self, entry: RegistrationEntry, token: str) -> None:
+        assert self._audit is not None
+        jti, details = jwt_reference(token)
+        self._audit.append_audit_records(
+            [
+                audit.pending(
+                    "jwt_svid.issue",
+                    subject=entry.spiffe_id,
+                    target=jti,
+                    owner=entry_owner(entry),
+                    details={"entry_id": entry.id, **details},
+                )
+            ]
+        )
 
     async def wit_svids(
         self,
@@ -323,4 +431,39 @@ class Issuer:
                 continue
             expires_at = int(WitSvid.parse_insecure(token).expires_at.timestamp())
             out.append(WitSvidIssued(entry.id, entry.spiffe_id, token, int(now), expires_at))
+        if self._audit is not None:
+            self._record_wits(out, authorized)
         return out
+
+    def _record_wits(
+        self, results: Sequence[WitResult], authorized: Mapping[str, RegistrationEntry]
+    ) -> None:
+        """One ``wit_svid.issue`` record per item: its ``jti`` and expiry, or the refusal."""
+        assert self._audit is not None
+        records: list[audit.PendingRecord] = []
+        for result in results:
+            entry = authorized.get(result.entry_id)
+            owner = entry_owner(entry) if entry is not None else ""
+            if isinstance(result, WitSvidIssued):
+                jti, details = jwt_reference(result.token)
+                records.append(
+                    audit.pending(
+                        "wit_svid.issue",
+                        subject=result.spiffe_id,
+                        target=jti,
+                        owner=owner,
+                        details={"entry_id": result.entry_id, **details},
+                    )
+                )
+            else:
+                records.append(
+                    audit.pending(
+                        "wit_svid.issue",
+                        subject=entry.spiffe_id if entry is not None else "",
+                        owner=owner,
+                        outcome=audit.REFUSED,
+                        reason=str(result.error),
+                        details={"entry_id": result.entry_id},
+                    )
+                )
+        self._audit.append_audit_records(records)

@@ -24,7 +24,9 @@ X.509 authority's CRL (:mod:`server.ca.crl`), which the owning server re-signs o
 ``x509_svids_revoked`` event the datastore writes in the same transaction.
 
 :meth:`Revoker._record` is the one place every revocation passes through once it is
-committed: it logs the decision, and is where an audit trail records it.
+committed: it logs the decision. The audit records (``x509_svid.revoke``,
+``jwt_svid.revoke``, ``entry.revoke``, ``agent.ban``, docs/audit.md) are written by the
+datastore in the revocation's own transaction, so none is lost and none is invented.
 """
 
 from __future__ import annotations
@@ -158,7 +160,7 @@ class Revoker:
         return node, self._record("agent", agent_id, reason, done)
 
     def _record(self, kind: str, target: str, reason: str, done: Revocation) -> RevocationResult:
-        """Every committed revocation passes here once: log it (the audit trail hooks in here)."""
+        """Every committed revocation passes here once: log it (audited in its transaction)."""
         serials: Sequence[str] = [s.serial for s in done.revoked]
         log.warning(
             "revoked",

@@ -6,6 +6,7 @@
                     [--join-token-file FILE | --join-token -] ...   (or $CREDO_JOIN_TOKEN)
     credo-agent healthcheck [--admin-socket PATH] [--ready]
     credo-agent api ...            (node_agent.cli.api)
+    credo-agent audit show|verify  (node_agent.cli.audit: the local log of SVID deliveries)
 
 Every failure is one ``Error: ...`` line on stderr and exit code 1, never a traceback.
 """
@@ -20,6 +21,7 @@ from typing import Any
 import click
 
 from credo._cli import CliGroup, read_secret
+from node_agent.cli.audit import audit
 from node_agent.config import LOG_FORMATS, LOG_LEVELS, AgentConfig, load_config
 from node_agent.workload_api.admin import check_health
 
@@ -219,6 +221,7 @@ def _mount_api() -> None:
 
 
 _mount_api()
+cli.add_command(audit)
 
 
 def main() -> None:

@@ -19,6 +19,7 @@ module that maps Credo errors to gRPC status codes.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -29,12 +30,14 @@ import grpc
 from google.protobuf import struct_pb2
 from grpc import aio
 
+from credo._audit import Actor, PendingRecord
 from credo._proto import workload_pb2, workload_pb2_grpc
 from credo.bundle import Bundle
 from credo.errors import CredoError, InvalidSpiffeId
 from credo.jwtsvid import JwtSvid
 from credo.selector import Selector
 from credo.spiffe_id import SpiffeId, TrustDomain
+from node_agent.audit_log import DeliveryLog
 from node_agent.cache.errors import JwtSvidRateLimited, JwtSvidRefused, WitSvidUnavailable
 from node_agent.workload.attestor import WorkloadAttestor
 from node_agent.workload.errors import (
@@ -207,7 +210,9 @@ class WorkloadApiServicer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
         *,
         allow_unauthenticated_verifiers: bool = False,
         metrics: WorkloadApiMetrics | None = None,
+        delivery_log: DeliveryLog | None = None,
     ) -> None:
+        self._deliveries = delivery_log
         self._manager = manager
         self._attestor = attestor
         self._peers = peers
@@ -280,6 +285,7 @@ class WorkloadApiServicer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
         subscription = self._manager.subscribe(caller.selectors)
         try:
             previous: workload_pb2.X509SVIDResponse | None = None
+            delivered: set[int] = set()
             while True:
                 update = await subscription.next()
                 if not update.identities:
@@ -288,6 +294,7 @@ class WorkloadApiServicer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
                 if response == previous:
                     continue
                 previous = response
+                self._record_x509(caller, update, delivered)
                 log.debug(
                     "sending X509-SVIDs",
                     extra={"spiffe_ids": [str(i.spiffe_id) for i in update.identities]},
@@ -309,6 +316,68 @@ class WorkloadApiServicer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
             if response != previous:
                 previous = response
                 yield response
+
+    def _record_x509(self, caller: _Caller, update: WorkloadUpdate, delivered: set[int]) -> None:
+        """Log each X509-SVID this stream hands the caller for the first time."""
+        if self._deliveries is None:
+            return
+        for identity in update.identities:
+            leaf = identity.svid.leaf
+            if leaf.serial_number in delivered:
+                continue
+            delivered.add(leaf.serial_number)
+            self._deliveries.record(
+                PendingRecord(
+                    action="x509_svid.deliver",
+                    actor=Actor("workload", f"pid={caller.pid} uid={caller.uid}"),
+                    subject=str(identity.spiffe_id),
+                    target=format(leaf.serial_number, "x"),
+                    details={
+                        "pid": caller.pid,
+                        "uid": caller.uid,
+                        "selectors": sorted(str(s) for s in caller.selectors),
+                        "entry_id": identity.entry_id,
+                        "expires_at": int(leaf.not_valid_after_utc.timestamp()),
+                    },
+                )
+            )
+
+    def _record_jwt(self, caller: _Caller, spiffe_id: str, token: str, audience: Any) -> None:
+        if self._deliveries is None:
+            return
+        self._deliveries.record(
+            PendingRecord(
+                action="jwt_svid.deliver",
+                actor=Actor("workload", f"pid={caller.pid} uid={caller.uid}"),
+                subject=spiffe_id,
+                details={
+                    "pid": caller.pid,
+                    "uid": caller.uid,
+                    "selectors": sorted(str(s) for s in caller.selectors),
+                    "aud": list(audience),
+                    "token_sha256": hashlib.sha256(token.encode()).hexdigest(),
+                },
+            )
+        )
+
+    def _record_token(self, caller: _Caller, action: str, identity: Identity, token: str) -> None:
+        """Log a token (a WIT-SVID) handed to the caller: its SHA-256, never the token."""
+        if self._deliveries is None:
+            return
+        self._deliveries.record(
+            PendingRecord(
+                action=action,
+                actor=Actor("workload", f"pid={caller.pid} uid={caller.uid}"),
+                subject=str(identity.spiffe_id),
+                details={
+                    "pid": caller.pid,
+                    "uid": caller.uid,
+                    "selectors": sorted(str(s) for s in caller.selectors),
+                    "entry_id": identity.entry_id,
+                    "token_sha256": hashlib.sha256(token.encode()).hexdigest(),
+                },
+            )
+        )
 
     # -- JWT --------------------------------------------------------------------------
 
@@ -374,6 +443,7 @@ class WorkloadApiServicer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
                     spiffe_id=str(identity.spiffe_id), svid=token, hint=identity.hint
                 )
             )
+            self._record_jwt(caller, str(identity.spiffe_id), token, audience)
         log.debug(
             "sending JWT-SVIDs",
             extra={"spiffe_ids": [s.spiffe_id for s in svids], "audience": list(audience)},
@@ -451,6 +521,8 @@ class WorkloadApiServicer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
                 )
                 if response != previous:
                     previous = response
+                    for w in wits:
+                        self._record_token(caller, "wit_svid.deliver", w.identity, w.token)
                     log.debug(
                         "sending WIT-SVIDs",
                         extra={"spiffe_ids": [str(w.identity.spiffe_id) for w in wits]},

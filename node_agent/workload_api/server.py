@@ -17,6 +17,7 @@ from grpc import aio
 
 from credo._paths import check_path_chain
 from credo._proto import workload_pb2_grpc
+from node_agent.audit_log import DeliveryLog
 from node_agent.workload.attestor import WorkloadAttestor
 from node_agent.workload.tracker import PeerTrackingProxy
 from node_agent.workload_api.handler import WorkloadApiMetrics, WorkloadApiServicer
@@ -69,7 +70,9 @@ class WorkloadApiServer:
         attestor: WorkloadAttestor,
         *,
         metrics: WorkloadApiMetrics | None = None,
+        delivery_log: DeliveryLog | None = None,
     ) -> None:
+        self._delivery_log = delivery_log
         self.config = config
         self._manager = manager
         self._attestor = attestor
@@ -92,6 +95,7 @@ class WorkloadApiServer:
                 proxy,
                 allow_unauthenticated_verifiers=self.config.allow_unauthenticated_verifiers,
                 metrics=self._metrics,
+                delivery_log=self._delivery_log,
             ),
             server,
         )

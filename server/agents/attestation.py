@@ -32,6 +32,7 @@ from cryptography import x509
 
 from credo.keys import PublicKey
 from credo.selector import Selector
+from server import audit
 from server.agents.authn import cert_not_after, cert_serial
 from server.agents.errors import AgentBanned, RateLimited, ReattestationRefused
 from server.attestation.errors import AttestationError, UnknownNodeAttestor
@@ -92,6 +93,7 @@ class NodeAttestation:
         self, attestor: NodeAttestor, payload: bytes, public_key: PublicKey, source: str
     ) -> list[x509.Certificate]:
         """Verify ``payload`` with ``attestor``; the new agent SVID chain (leaf first)."""
+        audit.identify(audit.Actor("node", source))
         try:
             result = await asyncio.to_thread(attestor.attest, payload)
         except AttestationError as err:
@@ -100,18 +102,23 @@ class NodeAttestation:
                 "node attestation refused",
                 extra={"attestation_type": attestor.type, "source": source, "error": str(err)},
             )
+            await self._refused("", attestor.type, source, str(err))
             raise
         agent_id = str(result.agent_id)
         existing = await asyncio.to_thread(self._ds.fetch_attested_node, agent_id)
         if existing is not None and existing.banned:
             self._count(RESULT_FAILURE)
             log.warning("banned agent refused", extra={"agent_id": agent_id, "source": source})
+            await self._refused(agent_id, attestor.type, source, "the agent is banned")
             raise AgentBanned()
         if existing is not None and not result.can_reattest:
             self._count(RESULT_FAILURE)
             log.warning(
                 "re-attestation refused",
                 extra={"agent_id": agent_id, "attestation_type": attestor.type, "source": source},
+            )
+            await self._refused(
+                agent_id, attestor.type, source, "already attested; this attestor cannot re-attest"
             )
             raise ReattestationRefused(agent_id, attestor.type)
         chain = await asyncio.to_thread(
@@ -142,6 +149,17 @@ class NodeAttestation:
             },
         )
         return chain
+
+    async def _refused(self, agent_id: str, attestation_type: str, source: str, why: str) -> None:
+        """Record a refused node attestation in the audit trail."""
+        record = audit.pending(
+            "agent.attest",
+            subject=agent_id,
+            outcome=audit.REFUSED,
+            reason=why,
+            details={"attestation_type": attestation_type, "source": source},
+        )
+        await asyncio.to_thread(self._ds.append_audit_records, [record])
 
     def _record_node(self, node: AttestedNode, exists: bool) -> None:
         if not exists:

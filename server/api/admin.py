@@ -1,6 +1,10 @@
-"""The admin endpoint: ``Entries``, ``Agents``, ``Bundles``, ``Svids``, ``LocalAuthority``.
+"""The admin endpoint: ``Entries``, ``Agents``, ``Bundles``, ``Svids``, ``LocalAuthority``,
+``Audit``.
 
 Served on the local Unix socket only; trust comes from the socket's file permissions.
+:class:`AdminActorInterceptor` makes every call's audit records name the admin caller
+(``uid=U pid=P`` as the CLI declares them in metadata; the socket is open only to the
+server's user).
 Every request is validated here, at the edge, before anything changes: a batch with
 one bad item changes nothing, and the status names the item and the field
 (``entries[1].spiffe_id: ...``).
@@ -9,15 +13,16 @@ one bad item changes nothing, and the status names the item and the field
 from __future__ import annotations
 
 import asyncio
-import hashlib
+import inspect
 import logging
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import Final, TypeVar, cast
+from typing import Any, Final, TypeVar, cast
 
 import grpc
+from cryptography.hazmat.primitives import serialization
 
 from credo._proto.credo.server.v1 import admin_pb2, admin_pb2_grpc, types_pb2
 from credo._reserved import RESERVED_PATH_PREFIX, is_reserved_path
@@ -27,6 +32,7 @@ from credo.errors import BundleError, InvalidSpiffeId
 from credo.keys import generate_private_key
 from credo.spiffe_id import SpiffeId, TrustDomain
 from credo.witsvid import private_key_to_jwk
+from server import audit
 from server.api.common import BundleSource
 from server.api.convert import (
     InvalidField,
@@ -45,6 +51,8 @@ from server.api.convert import (
     x509_svid_to_proto,
 )
 from server.api.errors import ApiError, handle_errors, status_for
+from server.audit.checkpoint import Checkpointer, checkpoint_verifier
+from server.audit.context import ADMIN_PID_KEY, ADMIN_UID_KEY
 from server.ca.ca import CertificateAuthority
 from server.ca.manager import AuthorityInfo, AuthorityManager
 from server.datastore.errors import DataStoreError, NotFound
@@ -54,18 +62,23 @@ from server.datastore.models import (
     FederationRelationship,
     JoinToken,
     ListAttestedNodesRequest,
+    ListAuditRecordsRequest,
     ListRegistrationEntriesRequest,
     MatchBehavior,
     RegistrationEntry,
 )
 from server.datastore.protocol import DataStore
+from server.datastore.sql import token_fingerprint
 from server.federation.errors import InvalidRelationship
 from server.federation.relationships import PROFILE_HTTPS_SPIFFE, check_relationship
+from server.issuance import jwt_reference, x509_issued_record
 from server.revocation import MAX_REASON, RevocationResult, Revoker, issued_record, jwt_record
 
 __all__ = [
+    "AdminActorInterceptor",
     "AdminApiConfig",
     "AgentsService",
+    "AuditService",
     "BundlesService",
     "EntriesService",
     "FederationService",
@@ -168,7 +181,47 @@ def _revocation_response(result: RevocationResult) -> admin_pb2.RevocationRespon
 
 def _token_fingerprint(token: str) -> str:
     """A short, non-reversible label for a join token, fit for logs."""
-    return hashlib.sha256(token.encode()).hexdigest()[:12]
+    return token_fingerprint(token)
+
+
+def _declared_number(metadata: Any, key: str) -> str:
+    for name, value in metadata or ():
+        if name == key and isinstance(value, str) and value.isdigit():
+            return value
+    return "?"
+
+
+def admin_actor(metadata: Any) -> audit.Actor:
+    """The admin caller, as the CLI declares itself in the call's metadata."""
+    uid = _declared_number(metadata, ADMIN_UID_KEY)
+    pid = _declared_number(metadata, ADMIN_PID_KEY)
+    return audit.Actor("admin", f"uid={uid} pid={pid}")
+
+
+class AdminActorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Run every unary admin call with its caller as the actor of its audit records."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        actor = admin_actor(handler_call_details.invocation_metadata)
+        inner = handler.unary_unary
+
+        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            with audit.acting_as(actor):
+                result = inner(request, context)
+                return await result if inspect.isawaitable(result) else result
+
+        return grpc.unary_unary_rpc_method_handler(
+            unary,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
 
 
 class EntriesService(admin_pb2_grpc.EntriesServicer):
@@ -760,6 +813,14 @@ class SvidsService(admin_pb2_grpc.SvidsServicer):
             await _call(
                 self._ds.create_issued_x509_svids, [issued_record(chain[0], str(spiffe_id))]
             )
+            leaf = chain[0]
+            record = x509_issued_record(
+                "",
+                str(spiffe_id),
+                leaf.public_bytes(serialization.Encoding.DER),
+                int(leaf.not_valid_after_utc.timestamp()),
+            )
+            await _call(self._ds.append_audit_records, [record])
         log.info(
             "minted x509-svid",
             extra={"spiffe_id": str(spiffe_id), "serial": format(chain[0].serial_number, "x")},
@@ -778,6 +839,11 @@ class SvidsService(admin_pb2_grpc.SvidsServicer):
         token = await _call(self._ca.sign_jwt_svid, spiffe_id, list(request.audience), ttl)
         if self._ds is not None:
             await _call(self._ds.create_issued_jwt_svid, jwt_record(token, str(spiffe_id)))
+            jti, details = jwt_reference(token)
+            record = audit.pending(
+                "jwt_svid.issue", subject=str(spiffe_id), target=jti, details=details
+            )
+            await _call(self._ds.append_audit_records, [record])
         log.info("minted jwt-svid", extra={"spiffe_id": str(spiffe_id)})
         return admin_pb2.MintJWTSVIDResponse(
             svid=types_pb2.JwtSvid(
@@ -800,6 +866,12 @@ class SvidsService(admin_pb2_grpc.SvidsServicer):
             private_jwk = private_key_to_jwk(private_key)
         now = int(time.time())
         token = await _call(self._ca.sign_wit_svid, spiffe_id, public_key, ttl)
+        if self._ds is not None:
+            jti, details = jwt_reference(token)
+            record = audit.pending(
+                "wit_svid.issue", subject=str(spiffe_id), target=jti, details=details
+            )
+            await _call(self._ds.append_audit_records, [record])
         log.info("minted wit-svid", extra={"spiffe_id": str(spiffe_id)})
         return admin_pb2.MintWITSVIDResponse(
             svid=types_pb2.WitSvid(
@@ -916,3 +988,139 @@ class LocalAuthorityService(admin_pb2_grpc.LocalAuthorityServicer):
     ) -> admin_pb2.AuthorityInfo:
         kind, authority_id = self._kind(request), self._id(request)
         return _authority_info(await _call(self._manager.revoke, kind, authority_id))
+
+
+DEFAULT_AUDIT_PAGE: Final = 1000
+_VERIFY_PAGE: Final = 5000
+
+
+def audit_record_to_proto(rec: audit.AuditRecord) -> admin_pb2.AuditRecord:
+    return admin_pb2.AuditRecord(
+        seq=rec.seq,
+        time_ms=rec.time_ms,
+        actor_kind=rec.actor.kind,
+        actor=rec.actor.id,
+        action=rec.action,
+        subject=rec.subject,
+        target=rec.target,
+        owner=rec.owner,
+        outcome=rec.outcome,
+        reason=rec.reason,
+        request_id=rec.request_id,
+        details=rec.details,
+        prev_hash=rec.prev_hash,
+        hash=rec.hash,
+    )
+
+
+class AuditService(admin_pb2_grpc.AuditServicer):
+    """The audit trail: list records by identity, person, action and time; verify the chain."""
+
+    def __init__(
+        self,
+        datastore: DataStore,
+        checkpointer: Checkpointer,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._ds = datastore
+        self._checkpointer = checkpointer
+        self._clock = clock
+
+    @handle_errors
+    async def ListAuditRecords(
+        self, request: admin_pb2.ListAuditRecordsRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.ListAuditRecordsResponse:
+        if request.page_size < 0 or request.page_size > MAX_PAGE_SIZE:
+            raise InvalidField("page_size", f"must be between 0 and {MAX_PAGE_SIZE}")
+        if request.since_ms < 0 or request.until_ms < 0:
+            raise InvalidField("since_ms", "times are unix milliseconds, not negative")
+        now_ms = int(self._clock() * 1000)
+        if request.since_ms > now_ms:
+            raise InvalidField(
+                "since_ms", "is in the future: no record can be that new (check the date)"
+            )
+        if request.until_ms and request.since_ms and request.until_ms <= request.since_ms:
+            raise InvalidField("until_ms", "must be later than since_ms")
+        if request.by_spiffe_id:
+            try:
+                SpiffeId.parse(request.by_spiffe_id)
+            except InvalidSpiffeId as err:
+                raise InvalidField("by_spiffe_id", str(err)) from None
+        size = request.page_size or DEFAULT_AUDIT_PAGE
+        query = ListAuditRecordsRequest(
+            by_spiffe_id=request.by_spiffe_id or None,
+            by_owner=request.by_owner or None,
+            by_action=request.by_action or None,
+            since_ms=request.since_ms or None,
+            until_ms=request.until_ms or None,
+            after_seq=request.after_seq,
+            limit=size + 1,
+        )
+        found = await _call(self._ds.list_audit_records, query)
+        more = len(found) > size
+        page = found[:size]
+        return admin_pb2.ListAuditRecordsResponse(
+            records=[audit_record_to_proto(r) for r in page],
+            next_after_seq=page[-1].seq if more else 0,
+        )
+
+    def _all_records(self) -> Iterator[audit.AuditRecord]:
+        after = 0
+        while True:
+            page = self._ds.list_audit_records(
+                ListAuditRecordsRequest(after_seq=after, limit=_VERIFY_PAGE)
+            )
+            yield from page
+            if len(page) < _VERIFY_PAGE:
+                return
+            after = page[-1].seq
+
+    def _verify(self) -> admin_pb2.VerifyAuditResponse:
+        try:
+            # Signatures are checked with the certificate each checkpoint carries; who
+            # signed is checked offline against a bundle (`audit verify --file --bundle`).
+            result = audit.verify_trail(
+                self._all_records(), on_checkpoint=checkpoint_verifier(None)
+            )
+        except audit.ChainBroken as broken:
+            log.error(
+                "audit chain broken",
+                extra={"seq": broken.seq, "problem": broken.problem},
+            )
+            return admin_pb2.VerifyAuditResponse(
+                ok=False, checked=broken.checked, first_bad_seq=broken.seq, problem=broken.problem
+            )
+        return admin_pb2.VerifyAuditResponse(
+            ok=True,
+            checked=result.checked,
+            last_seq=result.last_seq,
+            head_hash=result.head_hash,
+            checkpoints=result.checkpoints,
+            signed_through=result.signed_through,
+        )
+
+    @handle_errors
+    async def VerifyAudit(
+        self, request: admin_pb2.VerifyAuditRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.VerifyAuditResponse:
+        return await _call(self._verify)
+
+    @handle_errors
+    async def CheckpointAudit(
+        self, request: admin_pb2.CheckpointAuditRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.AuditRecord:
+        made = await _call(self._checkpointer.checkpoint)
+        if made is None:
+            raise ApiError(grpc.StatusCode.FAILED_PRECONDITION, "the audit trail is empty")
+        return audit_record_to_proto(made)
+
+    @handle_errors
+    async def PruneAudit(
+        self, request: admin_pb2.PruneAuditRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.PruneAuditResponse:
+        if request.before_seq < 2:
+            raise InvalidField("before_seq", "must be 2 or more (the first record to keep)")
+        pruned = await _call(self._ds.prune_audit_records, int(request.before_seq))
+        log.warning("pruned audit records", extra={"before_seq": request.before_seq})
+        return admin_pb2.PruneAuditResponse(pruned=pruned)

@@ -33,6 +33,7 @@ import grpc
 
 from credo._proto.credo.server.v1 import agent_pb2, agent_pb2_grpc, types_pb2
 from credo._protocol import Refusal
+from server import audit
 from server.agents.attestation import NodeAttestation
 from server.agents.authn import AgentAuthenticator, Caller
 from server.agents.sync import AuthorizedEntries, SyncMessage, SyncView, federated_names
@@ -117,7 +118,10 @@ class AgentService(agent_pb2_grpc.AgentServicer):
     async def _caller(self, context: grpc.aio.ServicerContext) -> Caller:
         """The calling agent, by the verified TLS client certificate of its connection."""
         peer = self._peers.lookup(context.peer())
-        return await self._authn.authenticate(peer.certificate if peer is not None else None)
+        caller = await self._authn.authenticate(peer.certificate if peer is not None else None)
+        # This call's records are by this agent (each call runs in a task of its own).
+        audit.identify(audit.Actor("agent", caller.agent_id))
+        return caller
 
     # --- attestation ------------------------------------------------------------------
 

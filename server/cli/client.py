@@ -1,8 +1,10 @@
 """The admin API client: a gRPC channel to the server's Unix socket, and gRPC errors in words.
 
 The admin endpoint trusts whoever can open its socket (filesystem permissions), so the
-channel carries no credentials. Every call goes through :meth:`AdminClient.call`, which
-turns a gRPC status into a :class:`~server.cli.errors.CliError` a person can act on.
+channel carries no credentials; every call declares the caller's uid and pid in its
+metadata, which the server's audit trail records as the actor. Every call goes through
+:meth:`AdminClient.call`, which turns a gRPC status into a
+:class:`~server.cli.errors.CliError` a person can act on.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import grpc
 
 from credo._paths import check_path_chain
 from credo._proto.credo.server.v1 import admin_pb2_grpc
+from server.audit.context import ADMIN_PID_KEY, ADMIN_UID_KEY
 from server.cli.errors import CliError
 
 __all__ = [
@@ -76,6 +79,20 @@ def describe_rpc_error(err: grpc.RpcError, socket_path: str, noun: str = "") -> 
     return f"server error ({name}): {details}" if details else f"server error ({name})"
 
 
+class _DeclareCaller(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    """Add the caller's uid and pid to every call's metadata (the audit trail's actor)."""
+
+    def intercept_unary_unary(
+        self, continuation: Callable[..., Any], client_call_details: Any, request: Any
+    ) -> Any:
+        metadata = [
+            *(client_call_details.metadata or ()),
+            (ADMIN_UID_KEY, str(os.getuid())),
+            (ADMIN_PID_KEY, str(os.getpid())),
+        ]
+        return continuation(client_call_details._replace(metadata=metadata), request)
+
+
 class AdminClient:
     """Stubs for every admin service over one channel; use as a context manager."""
 
@@ -84,12 +101,14 @@ class AdminClient:
         self.timeout = timeout
         # Someone who owns a directory on the way could have put their own socket there.
         check_path_chain(os.path.dirname(os.path.abspath(socket_path)), "admin socket directory")
-        self._channel = grpc.insecure_channel(channel_target(socket_path))
+        self._raw_channel = grpc.insecure_channel(channel_target(socket_path))
+        self._channel = grpc.intercept_channel(self._raw_channel, _DeclareCaller())
         self.entries = admin_pb2_grpc.EntriesStub(self._channel)
         self.agents = admin_pb2_grpc.AgentsStub(self._channel)
         self.bundles = admin_pb2_grpc.BundlesStub(self._channel)
         self.svids = admin_pb2_grpc.SvidsStub(self._channel)
         self.authorities = admin_pb2_grpc.LocalAuthorityStub(self._channel)
+        self.audit = admin_pb2_grpc.AuditStub(self._channel)
         self.delegation = admin_pb2_grpc.DelegationStub(self._channel)
         self.federation = admin_pb2_grpc.FederationStub(self._channel)
 
@@ -105,7 +124,7 @@ class AdminClient:
             raise CliError(describe_rpc_error(err, self.socket_path, noun)) from None
 
     def close(self) -> None:
-        self._channel.close()
+        self._raw_channel.close()
 
     def __enter__(self) -> AdminClient:
         return self

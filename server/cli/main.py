@@ -13,6 +13,7 @@ import grpc
 
 from credo._cli import CliGroup
 from server.cli.agent import agent
+from server.cli.audit import audit
 from server.cli.bundle import bundle
 from server.cli.client import describe_rpc_error
 from server.cli.delegation import delegation
@@ -58,6 +59,7 @@ for command in (
     jwt,
     wit,
     localauthority,
+    audit,
     delegation,
 ):
     cli.add_command(command)

@@ -78,6 +78,11 @@ SETTING_FLAGS: tuple[tuple[str, Any, str], ...] = (
     ),
     ("--signing-rate-limit", float, "Signing calls per second per agent [default: 500]."),
     (
+        "--audit-checkpoint-interval",
+        str,
+        "How often the audit trail's head is signed into it, if it changed [default: 10m].",
+    ),
+    (
         "--rotation-check-interval",
         float,
         "Seconds between CA/JWT key rotation checks [default: 5].",

@@ -349,6 +349,25 @@ class ListAttestedNodesResponse:
 
 
 @dataclass(frozen=True, slots=True)
+class ListAuditRecordsRequest:
+    """Filters for ``list_audit_records``; every given filter must match.
+
+    ``by_spiffe_id`` matches a record whose subject or actor is that ID;
+    ``by_action`` matches the action exactly or, ending in ``.``, as a prefix
+    (``entry.``); times are unix milliseconds, ``since`` inclusive, ``until`` exclusive.
+    Records come in ``seq`` order after ``after_seq``, at most ``limit`` (0: all).
+    """
+
+    by_spiffe_id: str | None = None
+    by_owner: str | None = None
+    by_action: str | None = None
+    since_ms: int | None = None
+    until_ms: int | None = None
+    after_seq: int = 0
+    limit: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class Budget:
     """At most ``limit`` tokens granting ``scope`` (``*``: any token) per ``period`` seconds.
 

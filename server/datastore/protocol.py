@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
 from credo.selector import Selector
+from server.audit import AuditRecord, PendingRecord
 from server.datastore.models import (
     AttestedNode,
     Authority,
@@ -32,6 +33,7 @@ from server.datastore.models import (
     JoinToken,
     ListAttestedNodesRequest,
     ListAttestedNodesResponse,
+    ListAuditRecordsRequest,
     ListRegistrationEntriesRequest,
     ListRegistrationEntriesResponse,
     RegistrationEntry,
@@ -45,7 +47,7 @@ BundleBuilder = Callable[[bytes | None, list[Authority]], bytes | None]
 
 
 class DataStore(Protocol):
-    """Entries, nodes, join tokens, bundles, CA journal, delegation policies, events."""
+    """Entries, nodes, join tokens, bundles, CA journal, delegation policies, events, audit."""
 
     # registration entries
     def create_registration_entry(self, entry: RegistrationEntry) -> RegistrationEntry: ...
@@ -167,6 +169,14 @@ class DataStore(Protocol):
     def fetch_oldest_event_id(self) -> int: ...
     def prune_events(self, older_than: int) -> int: ...
     def add_listener(self, callback: Callable[[list[Event]], None]) -> Callable[[], None]: ...
+
+    # audit trail (records of changes are written by the calls above, in their transaction)
+    def append_audit_records(self, pending: Sequence[PendingRecord]) -> list[AuditRecord]: ...
+    def list_audit_records(
+        self, request: ListAuditRecordsRequest | None = None
+    ) -> list[AuditRecord]: ...
+    def fetch_audit_head(self) -> AuditRecord | None: ...
+    def prune_audit_records(self, before_seq: int) -> int: ...
 
     # lifecycle
     def close(self) -> None: ...

@@ -24,6 +24,11 @@ Versions:
    ``revoked_entries`` (the kill switch: entries that may not be issued for) and ``crls``
    (the current CRL of each X.509 authority), ``issued_jwt_svids`` (every JWT-SVID by
    ``jti``, with its revocation).
+7. ``delegated_tokens``: every access token the token endpoint issued (jti, client, person,
+   actor chain, expiry; never the token), revocable by jti, entry and chain.
+8. ``audit_records``: the hash-chained audit trail (:mod:`server.audit`), one row per
+   record, ``seq`` 1, 2, 3, ... assigned under a lock when the writing transaction
+   commits.
 """
 
 from __future__ import annotations
@@ -341,6 +346,31 @@ events = Table(
 )
 
 
+audit_records = Table(
+    "audit_records",
+    metadata,
+    # Assigned by the datastore (head + 1 under the audit lock), never by the database.
+    Column("seq", BigInteger, primary_key=True, autoincrement=False),
+    Column("time_ms", BigInteger, nullable=False),
+    Column("actor_kind", String(16), nullable=False),
+    Column("actor", _Str, nullable=False),
+    Column("action", String(64), nullable=False),
+    Column("subject", _Str, nullable=False),
+    Column("target", _Str, nullable=False),
+    Column("owner", _Str, nullable=False),
+    Column("outcome", String(16), nullable=False),
+    Column("reason", _Str, nullable=False),
+    Column("request_id", String(64), nullable=False),
+    Column("details", _Str, nullable=False),
+    Column("prev_hash", String(64), nullable=False),
+    Column("hash", String(64), nullable=False),
+    Index("ix_audit_records_subject", "subject"),
+    Index("ix_audit_records_actor", "actor"),
+    Index("ix_audit_records_owner", "owner"),
+    Index("ix_audit_records_action", "action"),
+    Index("ix_audit_records_time_ms", "time_ms"),
+)
+
 _entries_v1 = Table(
     "registration_entries",
     _v1_metadata,
@@ -470,6 +500,11 @@ def _step_7_delegated_tokens(conn: Connection) -> None:
     delegated_tokens.create(conn)
 
 
+def _step_8_audit_records(conn: Connection) -> None:
+    """Create ``audit_records`` (the hash-chained audit trail) and its indexes."""
+    audit_records.create(conn)
+
+
 MIGRATIONS: tuple[Callable[[Connection], None], ...] = (
     _step_1_initial,
     _step_2_authority_owner,
@@ -478,6 +513,7 @@ MIGRATIONS: tuple[Callable[[Connection], None], ...] = (
     _step_5_delegation,
     _step_6_revocation,
     _step_7_delegated_tokens,
+    _step_8_audit_records,
 )
 """Ordered steps; step ``n`` (1-based) takes the schema from version ``n - 1`` to ``n``."""
 

@@ -17,6 +17,16 @@ transaction. Event ids must become visible in id order (a poller resumes "after 
 so on PostgreSQL the event insert takes a transaction-scoped advisory lock first: event
 writers commit one at a time, in the order they took their ids. SQLite already runs one
 writer at a time.
+
+Audit records
+-------------
+Every mutation also adds its audit record (:mod:`server.audit`) to the transaction, by
+the actor of the current call; other code adds its own with ``audit.record(tx, ...)``
+inside a transaction, or :meth:`SqlDataStore.append_audit_records`. Just before commit
+the transaction takes the audit lock (a transaction-scoped advisory lock on PostgreSQL;
+SQLite's one writer), reads the chain head and appends its records after it, so any
+number of servers on one database write one chain with no fork (``seq`` is also the
+primary key). Lock order is always bundle, then events, then audit.
 """
 
 from __future__ import annotations
@@ -60,6 +70,8 @@ from sqlalchemy.exc import ArgumentError, IntegrityError
 from sqlalchemy.pool import StaticPool
 
 from credo.selector import Selector
+from server import audit
+from server.audit import AuditRecord, PendingRecord
 from server.datastore import schema
 from server.datastore.errors import (
     AlreadyExists,
@@ -84,6 +96,7 @@ from server.datastore.models import (
     JoinToken,
     ListAttestedNodesRequest,
     ListAttestedNodesResponse,
+    ListAuditRecordsRequest,
     ListRegistrationEntriesRequest,
     ListRegistrationEntriesResponse,
     MatchBehavior,
@@ -92,6 +105,7 @@ from server.datastore.models import (
 )
 from server.datastore.protocol import BundleBuilder, DataStore
 from server.datastore.schema import (
+    audit_records,
     authorities,
     budget_usage,
     bundles,
@@ -122,6 +136,7 @@ Listener = Callable[[list[Event]], None]
 _CHUNK = 1000  # ids per IN (...) list; well under SQLite's and PostgreSQL's parameter limits
 _PG_EVENT_LOCK = 0x637265646F02  # pg_advisory_xact_lock key serialising event writers
 _PG_BUNDLE_LOCK = 0x637265646F03  # pg_advisory_xact_lock key serialising update_bundle
+_PG_AUDIT_LOCK = 0x637265646F04  # pg_advisory_xact_lock key serialising audit appends
 _AUTHORITY_KINDS = frozenset({"x509", "jwt", "wit"})
 _AUTHORITY_STATUSES = frozenset({"prepared", "active", "old"})
 
@@ -192,14 +207,62 @@ def _normalize_url(url: str) -> URL:
 
 
 class _Tx:
-    """One open transaction: its connection, clock reading and the events it wrote."""
+    """One open transaction: its connection, clock reading, events and audit records."""
 
-    __slots__ = ("conn", "events", "now")
+    __slots__ = ("audit", "audited", "conn", "events", "now")
 
     def __init__(self, conn: Connection, now: int) -> None:
         self.conn = conn
         self.now = now
         self.events: list[Event] = []
+        self.audit: list[PendingRecord] = []  # chained and written just before commit
+        self.audited: list[AuditRecord] = []
+
+
+def _entry_owner(entry: RegistrationEntry) -> str:
+    """The entry's accountable person, once entries carry one (empty until then)."""
+    return str(getattr(entry, "owner", "") or "")
+
+
+def _entry_details(entry: RegistrationEntry) -> dict[str, Any]:
+    details: dict[str, Any] = {
+        "parent_id": entry.parent_id,
+        "selectors": [str(s) for s in entry.selectors],
+        "revision": entry.revision_number,
+    }
+    if entry.dns_names:
+        details["dns_names"] = list(entry.dns_names)
+    if entry.x509_svid_ttl:
+        details["x509_svid_ttl"] = entry.x509_svid_ttl
+    if entry.jwt_svid_ttl:
+        details["jwt_svid_ttl"] = entry.jwt_svid_ttl
+    if entry.expires_at:
+        details["expires_at"] = entry.expires_at
+    for flag in ("admin", "downstream", "node_alias"):
+        if getattr(entry, flag):
+            details[flag] = True
+    if entry.federates_with:
+        details["federates_with"] = list(entry.federates_with)
+    if entry.hint:
+        details["hint"] = entry.hint
+    return details
+
+
+def _audit_entries(tx: _Tx, action: str, stored: Iterable[RegistrationEntry]) -> None:
+    for entry in stored:
+        audit.record(
+            tx,
+            action,
+            subject=entry.spiffe_id,
+            target=entry.id,
+            owner=_entry_owner(entry),
+            details=_entry_details(entry),
+        )
+
+
+def token_fingerprint(token: str) -> str:
+    """A short, non-reversible label for a join token (what records and logs show)."""
+    return hashlib.sha256(token.encode()).hexdigest()[:12]
 
 
 class SqlDataStore:
@@ -352,6 +415,7 @@ class SqlDataStore:
                 self._raise_entry_conflict(tx.conn, prepared, batch=batch)
                 self._insert_entries(tx.conn, prepared)
                 self._emit(tx, [(EventKind.ENTRY_CREATED, e.id) for e, _ in prepared])
+                _audit_entries(tx, "entry.create", (e for e, _ in prepared))
         except IntegrityError as exc:
             # A concurrent writer won a race the pre-check could not see.
             with self._transaction(write=False, inject=False) as tx:
@@ -479,6 +543,7 @@ class SqlDataStore:
                     tx.conn.execute(delete(table).where(table.c.entry_id.in_(chunk)))
             self._insert_entry_children(tx.conn, stored)
             self._emit(tx, [(EventKind.ENTRY_UPDATED, e.id) for e in stored])
+            _audit_entries(tx, "entry.update", stored)
         return stored
 
     def delete_registration_entry(self, entry_id: str) -> RegistrationEntry:
@@ -516,6 +581,7 @@ class SqlDataStore:
             if deleted != len(ids):  # a concurrent delete got there first
                 raise NotFound("registration entry was deleted concurrently; nothing deleted")
             self._emit(tx, [(EventKind.ENTRY_DELETED, entry_id) for entry_id in ids])
+            _audit_entries(tx, "entry.delete", (found[entry_id] for entry_id in ids))
         return [found[entry_id] for entry_id in ids]
 
     def count_registration_entries(self) -> int:
@@ -526,6 +592,9 @@ class SqlDataStore:
     def prune_registration_entries(self, expires_before: int) -> int:
         """Delete entries whose ``expires_at`` is set and earlier than ``expires_before``."""
         with self._transaction(write=True) as tx:
+            expired = self._load_entries(
+                tx.conn, [entries.c.expires_at != 0, entries.c.expires_at < expires_before]
+            )
             gone = (
                 tx.conn.execute(
                     delete(entries)
@@ -536,6 +605,8 @@ class SqlDataStore:
                 .all()
             )
             self._emit(tx, [(EventKind.ENTRY_DELETED, entry_id) for entry_id in sorted(gone)])
+            removed = set(gone)
+            _audit_entries(tx, "entry.prune", (e for e in expired if e.id in removed))
         return len(gone)
 
     # ------------------------------------------------------------------ attested nodes
@@ -549,6 +620,13 @@ class SqlDataStore:
                 tx.conn.execute(insert(nodes).values(**_node_values(stored)))
                 self._insert_node_selectors(tx.conn, stored.spiffe_id, stored.selectors)
                 self._emit(tx, [(EventKind.NODE_CREATED, stored.spiffe_id)])
+                audit.record(
+                    tx,
+                    "agent.attest",
+                    subject=stored.spiffe_id,
+                    target=stored.cert_serial,
+                    details=_node_details(stored),
+                )
         except IntegrityError as exc:
             raise AlreadyExists(f"attested node {node.spiffe_id!r} already exists") from exc
         return stored
@@ -589,6 +667,9 @@ class SqlDataStore:
         does not lift it; only deleting the node (eviction) does.
         """
         with self._transaction(write=True) as tx:
+            was_banned = tx.conn.execute(
+                select(nodes.c.banned).where(nodes.c.spiffe_id == node.spiffe_id)
+            ).scalar()
             values = _node_values(replace(node, updated_at=tx.now))
             del values["created_at"]
             if not node.banned:
@@ -607,6 +688,14 @@ class SqlDataStore:
             )
             self._insert_node_selectors(tx.conn, node.spiffe_id, node.selectors)
             self._emit(tx, [(EventKind.NODE_UPDATED, node.spiffe_id)])
+            action = "agent.ban" if banned and not was_banned else "agent.update"
+            audit.record(
+                tx,
+                action,
+                subject=node.spiffe_id,
+                target=node.new_cert_serial or node.cert_serial,
+                details=_node_details(replace(node, banned=banned)),
+            )
         return replace(node, created_at=created, updated_at=tx.now, banned=banned)
 
     def set_node_selectors(self, spiffe_id: str, selectors: Iterable[Selector]) -> AttestedNode:
@@ -623,7 +712,9 @@ class SqlDataStore:
             tx.conn.execute(delete(node_selectors).where(node_selectors.c.spiffe_id == spiffe_id))
             self._insert_node_selectors(tx.conn, spiffe_id, tuple(sorted(set(selectors))))
             self._emit(tx, [(EventKind.NODE_UPDATED, spiffe_id)])
-            return self._load_nodes(tx.conn, [nodes.c.spiffe_id == spiffe_id])[0]
+            stored = self._load_nodes(tx.conn, [nodes.c.spiffe_id == spiffe_id])[0]
+            audit.record(tx, "agent.selectors", subject=spiffe_id, details=_node_details(stored))
+            return stored
 
     def delete_attested_node(self, spiffe_id: str) -> AttestedNode:
         """Delete the node and return it as it was; :class:`NotFound` if absent."""
@@ -635,6 +726,13 @@ class SqlDataStore:
             if gone != 1:
                 raise NotFound(f"attested node {spiffe_id!r} not found")
             self._emit(tx, [(EventKind.NODE_DELETED, spiffe_id)])
+            audit.record(
+                tx,
+                "agent.evict",
+                subject=spiffe_id,
+                target=found[0].cert_serial,
+                details=_node_details(found[0]),
+            )
         return found[0]
 
     def count_attested_nodes(self) -> int:
@@ -658,6 +756,8 @@ class SqlDataStore:
                 .all()
             )
             self._emit(tx, [(EventKind.NODE_DELETED, spiffe_id) for spiffe_id in sorted(gone)])
+            for spiffe_id in sorted(gone):
+                audit.record(tx, "agent.prune", subject=spiffe_id)
         return len(gone)
 
     # ------------------------------------------------------------------ join tokens
@@ -672,6 +772,13 @@ class SqlDataStore:
                     insert(join_tokens).values(
                         token=token.token, expires_at=token.expires_at, spiffe_id=token.spiffe_id
                     )
+                )
+                audit.record(
+                    tx,
+                    "join_token.create",
+                    subject=token.spiffe_id,
+                    target=token_fingerprint(token.token),
+                    details={"expires_at": token.expires_at},
                 )
         except IntegrityError as exc:
             raise AlreadyExists("join token already exists") from exc
@@ -699,6 +806,10 @@ class SqlDataStore:
                 .where(join_tokens.c.token == token)
                 .returning(join_tokens.c.token, join_tokens.c.expires_at, join_tokens.c.spiffe_id)
             ).first()
+            if row is not None:
+                audit.record(
+                    tx, "join_token.consume", subject=row[2], target=token_fingerprint(row[0])
+                )
         return JoinToken(row[0], row[1], row[2]) if row else None
 
     def delete_join_token(self, token: str) -> JoinToken:
@@ -737,6 +848,12 @@ class SqlDataStore:
         _require(trust_domain, "trust domain")
         with self._transaction(write=True) as tx:
             self._upsert_bundle(tx, trust_domain, data)
+            audit.record(
+                tx,
+                "bundle.set",
+                target=trust_domain,
+                details={"sha256": hashlib.sha256(data).hexdigest()},
+            )
 
     def update_bundle(self, trust_domain: str, build: BundleBuilder) -> bytes | None:
         """Read-modify-write the bundle of ``trust_domain`` in one locked transaction.
@@ -764,6 +881,12 @@ class SqlDataStore:
             if data is None or data == current:
                 return current
             self._upsert_bundle(tx, trust_domain, data)
+            audit.record(
+                tx,
+                "bundle.update",
+                target=trust_domain,
+                details={"sha256": hashlib.sha256(data).hexdigest()},
+            )
             return data
 
     def _upsert_bundle(self, tx: _Tx, trust_domain: str, data: bytes) -> None:
@@ -795,6 +918,7 @@ class SqlDataStore:
             if gone == 0:
                 raise NotFound(f"bundle for trust domain {trust_domain!r} not found")
             self._emit(tx, [(EventKind.BUNDLE_DELETED, trust_domain)])
+            audit.record(tx, "bundle.delete", target=trust_domain)
 
     # ------------------------------------------------------- federation relationships
 
@@ -824,6 +948,12 @@ class SqlDataStore:
                     insert(federation_relationships).values(
                         {c: getattr(stored, c) for c in self._FED_COLUMNS}
                     )
+                )
+                audit.record(
+                    tx,
+                    "federation.create",
+                    target=stored.trust_domain,
+                    details=_federation_details(stored),
                 )
         except IntegrityError as exc:
             raise AlreadyExists(
@@ -856,20 +986,26 @@ class SqlDataStore:
         :class:`NotFound` if there is none."""
         t = federation_relationships
         values = {c: getattr(relationship, c) for c in self._FED_COLUMNS if c != "created_at"}
+        where = t.c.trust_domain == relationship.trust_domain
         with self._transaction(write=True) as tx:
-            gone = tx.conn.execute(
-                update(t).where(t.c.trust_domain == relationship.trust_domain).values(values)
-            ).rowcount
-            if gone == 0:
+            before = tx.conn.execute(select(*(t.c[c] for c in self._FED_COLUMNS)).where(where))
+            old = before.first()
+            gone = tx.conn.execute(update(t).where(where).values(values)).rowcount
+            if gone == 0 or old is None:
                 raise NotFound(
                     f"no federation relationship with trust domain {relationship.trust_domain!r}"
                 )
-            row = tx.conn.execute(
-                select(*(t.c[c] for c in self._FED_COLUMNS)).where(
-                    t.c.trust_domain == relationship.trust_domain
+            row = tx.conn.execute(select(*(t.c[c] for c in self._FED_COLUMNS)).where(where)).first()
+            after = self._relationship(row)
+            # A refresh only notes its time and error: not a change anyone made.
+            if _federation_details(self._relationship(old)) != _federation_details(after):
+                audit.record(
+                    tx,
+                    "federation.update",
+                    target=after.trust_domain,
+                    details=_federation_details(after),
                 )
-            ).first()
-        return self._relationship(row)
+        return after
 
     def delete_federation_relationship(self, trust_domain: str) -> FederationRelationship:
         """Delete the relationship and the trust domain's federated bundle (nothing then
@@ -887,6 +1023,15 @@ class SqlDataStore:
             ).rowcount
             if gone:
                 self._emit(tx, [(EventKind.BUNDLE_DELETED, trust_domain)])
+            audit.record(
+                tx,
+                "federation.delete",
+                target=trust_domain,
+                details={
+                    **_federation_details(self._relationship(row)),
+                    "bundle_deleted": gone > 0,
+                },
+            )
         return self._relationship(row)
 
     # ------------------------------------------------------------------ authorities
@@ -903,6 +1048,12 @@ class SqlDataStore:
                     authority if authority.created_at else replace(authority, created_at=tx.now)
                 )
                 tx.conn.execute(insert(authorities).values(**_authority_values(stored)))
+                audit.record(
+                    tx,
+                    "authority.prepare",
+                    target=stored.authority_id,
+                    details=_authority_details(stored),
+                )
         except IntegrityError as exc:
             raise AlreadyExists(f"authority {authority.authority_id!r} already exists") from exc
         return stored
@@ -929,6 +1080,9 @@ class SqlDataStore:
         """Replace the authority's fields (``created_at`` of 0 keeps the stored one)."""
         _validate_authority(authority)
         with self._transaction(write=True) as tx:
+            before = self._load_authorities(
+                tx.conn, authorities.c.authority_id == authority.authority_id
+            )
             values = _authority_values(authority)
             if not authority.created_at:
                 del values["created_at"]
@@ -940,6 +1094,10 @@ class SqlDataStore:
             ).scalar()
             if created is None:
                 raise NotFound(f"authority {authority.authority_id!r} not found")
+            action = _authority_change(before[0] if before else None, authority)
+            audit.record(
+                tx, action, target=authority.authority_id, details=_authority_details(authority)
+            )
         return replace(authority, created_at=created)
 
     def delete_authority(self, authority_id: str) -> Authority:
@@ -949,6 +1107,12 @@ class SqlDataStore:
             if not found:
                 raise NotFound(f"authority {authority_id!r} not found")
             tx.conn.execute(delete(authorities).where(authorities.c.authority_id == authority_id))
+            audit.record(
+                tx,
+                "authority.revoke" if found[0].tainted else "authority.prune",
+                target=authority_id,
+                details=_authority_details(found[0]),
+            )
         return found[0]
 
     # ------------------------------------------------------------------ issued X.509-SVIDs
@@ -1043,6 +1207,15 @@ class SqlDataStore:
             if not found:
                 raise NotFound(f"no X.509-SVID with serial {serial!r} was issued")
             revoked = self._revoke_issued(tx, issued_x509_svids.c.serial == serial, reason)
+            svid = found[0]
+            audit.record(
+                tx,
+                "x509_svid.revoke",
+                subject=svid.spiffe_id,
+                target=serial,
+                owner=self._entry_owner(tx.conn, svid.entry_id),
+                details=_revocation_details(reason, revoked, [], entry_id=svid.entry_id),
+            )
         return Revocation(tuple(revoked))
 
     def revoke_registration_entry(
@@ -1054,7 +1227,7 @@ class SqlDataStore:
         Idempotent: revoking a revoked entry changes nothing and lists nothing.
         """
         with self._transaction(write=True) as tx:
-            stmt = select(entries.c.entry_id, entries.c.spiffe_id).where(
+            stmt = select(entries.c.entry_id, entries.c.spiffe_id, entries.c.owner).where(
                 entries.c.entry_id == entry_id
             )
             if self._is_pg:
@@ -1086,6 +1259,18 @@ class SqlDataStore:
             if cascade:
                 mine = or_(mine, d.actors.contains(spiffe_id + " ", autoescape=True))
             tokens = self._revoke_tokens(tx, and_(mine, d.expires_at > tx.now), reason)
+            audit.record(
+                tx,
+                "entry.revoke",
+                subject=spiffe_id,
+                target=entry_id,
+                owner=str(row[2]),
+                details={
+                    **_revocation_details(reason, revoked, jwts),
+                    "revoked_tokens": [t.jti for t in tokens],
+                    "newly_revoked": already is None,
+                },
+            )
         return Revocation(
             tuple(revoked),
             entry_newly_revoked=already is None,
@@ -1132,7 +1317,22 @@ class SqlDataStore:
                 tx, and_(j.agent_id == spiffe_id, j.expires_at > tx.now), reason
             )
             node = self._load_nodes(tx.conn, [nodes.c.spiffe_id == spiffe_id])[0]
+            audit.record(
+                tx,
+                "agent.ban",
+                subject=spiffe_id,
+                target=node.new_cert_serial or node.cert_serial,
+                details={**_node_details(node), **_revocation_details(reason, revoked, jwts)},
+            )
         return node, Revocation(tuple(revoked), revoked_jwts=tuple(jwts))
+
+    @staticmethod
+    def _entry_owner(conn: Connection, entry_id: str) -> str:
+        """The owner of the entry ``entry_id`` (``""`` if none, or no such entry)."""
+        if not entry_id:
+            return ""
+        owner = conn.execute(select(entries.c.owner).where(entries.c.entry_id == entry_id)).scalar()
+        return str(owner or "")
 
     def _revoke_issued(
         self, tx: _Tx, cond: ColumnElement[bool], reason: str
@@ -1253,9 +1453,18 @@ class SqlDataStore:
         Idempotent: an already revoked one keeps its first time and reason.
         """
         with self._transaction(write=True) as tx:
-            if not self._load_jwts(tx.conn, issued_jwt_svids.c.jti == jti):
+            found = self._load_jwts(tx.conn, issued_jwt_svids.c.jti == jti)
+            if not found:
                 raise NotFound(f"no JWT-SVID with jti {jti!r} was issued")
             jwts = self._revoke_jwts(tx, issued_jwt_svids.c.jti == jti, reason)
+            audit.record(
+                tx,
+                "jwt_svid.revoke",
+                subject=found[0].spiffe_id,
+                target=jti,
+                owner=self._entry_owner(tx.conn, found[0].entry_id),
+                details=_revocation_details(reason, [], jwts, entry_id=found[0].entry_id),
+            )
         return Revocation(revoked_jwts=tuple(jwts))
 
     def prune_issued_jwt_svids(self, expires_before: int) -> int:
@@ -1519,6 +1728,84 @@ class SqlDataStore:
                 ).rowcount
             )
 
+    # ------------------------------------------------------------------ audit records
+
+    def append_audit_records(self, pending: Sequence[PendingRecord]) -> list[AuditRecord]:
+        """Chain and store records of decisions that change nothing else (an issuance).
+
+        One transaction for the batch; returns the records as stored.
+        """
+        if not pending:
+            return []
+        with self._transaction(write=True) as tx:
+            tx.audit.extend(pending)
+        return list(tx.audited)
+
+    def list_audit_records(
+        self, request: ListAuditRecordsRequest | None = None
+    ) -> list[AuditRecord]:
+        """Return the records matching every filter of ``request``, in ``seq`` order."""
+        request = request or ListAuditRecordsRequest()
+        if request.limit < 0:
+            raise InvalidRequest(f"limit must be 0 (everything) or positive, not {request.limit}")
+        a = audit_records.c
+        conds: list[ColumnElement[bool]] = [a.seq > request.after_seq]
+        if request.by_spiffe_id is not None:
+            conds.append(or_(a.subject == request.by_spiffe_id, a.actor == request.by_spiffe_id))
+        if request.by_owner is not None:
+            conds.append(a.owner == request.by_owner)
+        if request.by_action:
+            if request.by_action.endswith("."):
+                conds.append(a.action.startswith(request.by_action, autoescape=True))
+            else:
+                conds.append(a.action == request.by_action)
+        if request.since_ms is not None:
+            conds.append(a.time_ms >= request.since_ms)
+        if request.until_ms is not None:
+            conds.append(a.time_ms < request.until_ms)
+        stmt = select(*_AUDIT_COLUMNS).where(*conds).order_by(a.seq)
+        if request.limit:
+            stmt = stmt.limit(request.limit)
+        with self._transaction(write=False) as tx:
+            return [_audit_record(row) for row in tx.conn.execute(stmt)]
+
+    def prune_audit_records(self, before_seq: int) -> int:
+        """Delete the records before ``before_seq``; the rest stays verifiable.
+
+        Writes an ``audit.prune`` record naming the first record kept and its
+        ``prev_hash`` (what :func:`server.audit.verify_trail` anchors the rest on).
+        Raises :class:`NotFound` if record ``before_seq`` does not exist.
+        """
+        if before_seq < 2:
+            raise InvalidRequest(f"prune before record 2 or later, not {before_seq}")
+        a = audit_records.c
+        with self._transaction(write=True) as tx:
+            if self._is_pg:  # no append may interleave with the cut
+                tx.conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_AUDIT_LOCK})
+            kept = tx.conn.execute(select(a.prev_hash).where(a.seq == before_seq)).scalar()
+            if kept is None:
+                raise NotFound(f"audit record {before_seq} not found")
+            gone = int(tx.conn.execute(delete(audit_records).where(a.seq < before_seq)).rowcount)
+            audit.record(
+                tx,
+                "audit.prune",
+                target=str(before_seq - 1),
+                details={
+                    "first_kept": before_seq,
+                    "first_kept_prev_hash": kept,
+                    "pruned": gone,
+                },
+            )
+        return gone
+
+    def fetch_audit_head(self) -> AuditRecord | None:
+        """The newest record (the chain head), or ``None`` when there is none."""
+        with self._transaction(write=False) as tx:
+            row = tx.conn.execute(
+                select(*_AUDIT_COLUMNS).order_by(audit_records.c.seq.desc()).limit(1)
+            ).first()
+        return _audit_record(row) if row is not None else None
+
     # ------------------------------------------------------------------ delegation policies
 
     def create_delegation_policy(self, policy: DelegationPolicy) -> DelegationPolicy:
@@ -1532,6 +1819,13 @@ class SqlDataStore:
                 tx.conn.execute(insert(delegation_policies).values(**_policy_values(stored)))
             except IntegrityError as exc:
                 raise AlreadyExists(f"delegation policy {stored.id!r} already exists") from exc
+            audit.record(
+                tx,
+                "delegation_policy.create",
+                subject=_policy_subject(stored),
+                target=stored.id,
+                details=_policy_details(stored),
+            )
         return stored
 
     def fetch_delegation_policy(self, policy_id: str) -> DelegationPolicy | None:
@@ -1565,7 +1859,15 @@ class SqlDataStore:
             ).first()
             if row is None:
                 raise NotFound(f"delegation policy {policy.id!r} not found")
-        return replace(policy, revision_number=row[0], created_at=row[1])
+            stored = replace(policy, revision_number=row[0], created_at=row[1])
+            audit.record(
+                tx,
+                "delegation_policy.update",
+                subject=_policy_subject(stored),
+                target=stored.id,
+                details=_policy_details(stored),
+            )
+        return stored
 
     def delete_delegation_policy(self, policy_id: str) -> DelegationPolicy:
         """Delete the policy (and its budget counters); :class:`NotFound` if absent."""
@@ -1576,6 +1878,13 @@ class SqlDataStore:
             tx.conn.execute(delete(budget_usage).where(budget_usage.c.policy_id == policy_id))
             tx.conn.execute(
                 delete(delegation_policies).where(delegation_policies.c.policy_id == policy_id)
+            )
+            audit.record(
+                tx,
+                "delegation_policy.delete",
+                subject=_policy_subject(found[0]),
+                target=policy_id,
+                details=_policy_details(found[0]),
             )
         return found[0]
 
@@ -1699,6 +2008,8 @@ class SqlDataStore:
             tx = _Tx(conn, int(self._clock()))
             with conn.begin():
                 yield tx
+                if tx.audit:
+                    self._append_audit(tx)
         if tx.events:
             self._notify(tx.events)
 
@@ -1711,6 +2022,25 @@ class SqlDataStore:
             except Exception:
                 # The write is committed; a broken listener must not make it look failed.
                 log.exception("datastore listener failed", extra={"listener": repr(listener)})
+
+    def _append_audit(self, tx: _Tx) -> None:
+        """Chain the transaction's audit records after the head, under the audit lock."""
+        if self._is_pg:
+            tx.conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_AUDIT_LOCK})
+        a = audit_records.c
+        head = tx.conn.execute(select(a.seq, a.hash).order_by(a.seq.desc()).limit(1)).first()
+        seq, prev = (int(head[0]), str(head[1])) if head is not None else (0, audit.GENESIS)
+        time_ms = int(self._clock() * 1000)
+        chained: list[AuditRecord] = []
+        for item in tx.audit:
+            seq += 1
+            rec = audit.chain_record(item, seq=seq, time_ms=time_ms, prev_hash=prev)
+            prev = rec.hash
+            chained.append(rec)
+        for chunk in _chunks(chained):
+            tx.conn.execute(insert(audit_records), [_audit_values(r) for r in chunk])
+        tx.audit.clear()
+        tx.audited.extend(chained)
 
     def _emit(self, tx: _Tx, changes: Sequence[tuple[EventKind, str]]) -> None:
         """Write one event row per change, in the caller's transaction."""
@@ -2297,6 +2627,147 @@ def _node_values(node: AttestedNode) -> dict[str, Any]:
         "created_at": node.created_at,
         "updated_at": node.updated_at,
     }
+
+
+def _node_details(node: AttestedNode) -> dict[str, Any]:
+    details: dict[str, Any] = {
+        "attestation_type": node.attestation_type,
+        "selectors": [str(s) for s in node.selectors],
+        "serial": node.cert_serial,
+        "not_after": node.cert_not_after,
+    }
+    if node.new_cert_serial:
+        details["new_serial"] = node.new_cert_serial
+        details["new_not_after"] = node.new_cert_not_after
+    if node.banned:
+        details["banned"] = True
+    return details
+
+
+def _federation_details(rel: FederationRelationship) -> dict[str, Any]:
+    """What a federation record keeps: the endpoint (not the fetch state)."""
+    return {
+        "bundle_endpoint_url": rel.bundle_endpoint_url,
+        "bundle_endpoint_profile": rel.bundle_endpoint_profile,
+        "endpoint_spiffe_id": rel.endpoint_spiffe_id,
+    }
+
+
+def _policy_subject(policy: DelegationPolicy) -> str:
+    """The agent a policy is for, as a record's subject (a ``/*`` pattern stays in details)."""
+    return "" if policy.agent_id.endswith("/*") else policy.agent_id
+
+
+def _policy_details(policy: DelegationPolicy) -> dict[str, Any]:
+    return {
+        "agent_id": policy.agent_id,
+        "subject_issuer": policy.subject_issuer,
+        "subject_claims": [list(c) for c in policy.subject_claims],
+        "scopes": list(policy.scopes),
+        "audiences": list(policy.audiences),
+        "max_ttl": policy.max_ttl,
+        "max_depth": policy.max_depth,
+        "budgets": [[b.scope, b.limit, b.period] for b in policy.budgets],
+        "revision_number": policy.revision_number,
+    }
+
+
+def _revocation_details(
+    reason: str,
+    revoked: Sequence[IssuedX509Svid],
+    jwts: Sequence[IssuedJwtSvid],
+    *,
+    entry_id: str = "",
+) -> dict[str, Any]:
+    """What a revocation record keeps: why, and what it revoked (serials and ``jti``s)."""
+    details: dict[str, Any] = {
+        "reason": reason,
+        "revoked_serials": [s.serial for s in revoked],
+        "revoked_jtis": [j.jti for j in jwts],
+    }
+    if entry_id:
+        details["entry_id"] = entry_id
+    return details
+
+
+def _authority_details(authority: Authority) -> dict[str, Any]:
+    return {
+        "kind": authority.kind,
+        "status": authority.status,
+        "tainted": authority.tainted,
+        "not_after": authority.not_after,
+        "owner": authority.owner,
+    }
+
+
+def _authority_change(before: Authority | None, after: Authority) -> str:
+    """The audit action of an authority update: what changed from ``before``."""
+    if before is None:
+        return "authority.update"
+    if after.tainted and not before.tainted:
+        return "authority.taint"
+    if after.status != before.status:
+        return {"active": "authority.activate", "old": "authority.deactivate"}.get(
+            after.status, "authority.update"
+        )
+    if after.owner != before.owner:
+        return "authority.adopt"
+    return "authority.update"
+
+
+_AUDIT_COLUMNS = (
+    audit_records.c.seq,
+    audit_records.c.time_ms,
+    audit_records.c.actor_kind,
+    audit_records.c.actor,
+    audit_records.c.action,
+    audit_records.c.subject,
+    audit_records.c.target,
+    audit_records.c.owner,
+    audit_records.c.outcome,
+    audit_records.c.reason,
+    audit_records.c.request_id,
+    audit_records.c.details,
+    audit_records.c.prev_hash,
+    audit_records.c.hash,
+)
+
+
+def _audit_values(rec: AuditRecord) -> dict[str, Any]:
+    return {
+        "seq": rec.seq,
+        "time_ms": rec.time_ms,
+        "actor_kind": rec.actor.kind,
+        "actor": rec.actor.id,
+        "action": rec.action,
+        "subject": rec.subject,
+        "target": rec.target,
+        "owner": rec.owner,
+        "outcome": rec.outcome,
+        "reason": rec.reason,
+        "request_id": rec.request_id,
+        "details": rec.details,
+        "prev_hash": rec.prev_hash,
+        "hash": rec.hash,
+    }
+
+
+def _audit_record(row: Any) -> AuditRecord:
+    return AuditRecord(
+        seq=int(row[0]),
+        time_ms=int(row[1]),
+        actor=audit.Actor(row[2], row[3]),
+        action=row[4],
+        subject=row[5],
+        target=row[6],
+        owner=row[7],
+        outcome=row[8],
+        reason=row[9],
+        request_id=row[10],
+        details=row[11],
+        prev_hash=row[12],
+        hash=row[13],
+    )
 
 
 def _issued_values(svid: IssuedX509Svid) -> dict[str, Any]:

@@ -45,6 +45,7 @@ from credo.jwtsvid import JwtSvid
 from credo.keys import jwt_algorithm_for
 from credo.spiffe_id import SpiffeId, TrustDomain
 from credo.x509svid import verify_x509_svid
+from server import audit
 from server.ca.ca import JwtKey
 from server.datastore.models import Budget, DelegationPolicy
 from server.datastore.protocol import DataStore
@@ -464,6 +465,7 @@ class TokenExchange:
     ) -> ExchangeResult:
         """Run one token exchange; raise an :class:`OAuthError` subclass when refused."""
         client: SpiffeId | None = None
+        seen: dict[str, Any] = {}
         try:
             form = self.parse_form(fields)
             grant = form.get("grant_type")
@@ -483,10 +485,12 @@ class TokenExchange:
                 raise InvalidRequest(
                     f"requested_token_type must be {ACCESS_TOKEN_TYPE} (the default)"
                 )
-            result = self._grant(form, client)
+            result = self._grant(form, client, seen)
             if not self.record_token(result.claims):  # revocation: recorded before handed out
                 raise InvalidClient(f"{client}'s registration entries were revoked")
         except OAuthError as err:
+            if client is not None:  # unauthenticated noise is logged, not audited
+                self._audit(client, seen, error=err)
             log.info(
                 "refused token exchange",
                 extra={
@@ -509,7 +513,45 @@ class TokenExchange:
                 "depth": len(actor_chain(result.claims["act"])),
             },
         )
+        self._audit(client, seen, result=result)
         return result
+
+    def _audit(
+        self,
+        client: SpiffeId | None,
+        seen: Mapping[str, Any],
+        *,
+        result: ExchangeResult | None = None,
+        error: OAuthError | None = None,
+    ) -> None:
+        """One ``token.exchange`` record, granted or refused, written before the answer:
+        the agent (actor and subject), the person (``sub``), scopes, audience, policy and
+        the new token's ``jti``, the agent's owner. Never a token."""
+        details: dict[str, Any] = dict(seen)
+        details.pop("owner", None)
+        if result is not None:
+            claims = result.claims
+            details.update(
+                scopes=str(claims["scope"]).split(),
+                audience=claims["aud"],
+                policy_id=result.policy_id,
+                jti=claims["jti"],
+                expires_at=claims["exp"],
+                actors=actor_chain(claims["act"]),
+            )
+        if error is not None:
+            details["error"] = error.error
+        agent = str(client) if client is not None else ""
+        record = audit.pending(
+            "token.exchange",
+            subject=agent,
+            owner=str(seen.get("owner") or ""),
+            outcome=audit.ALLOWED if error is None else audit.REFUSED,
+            reason=error.description[:300] if error is not None else "",
+            details=details,
+            actor=audit.Actor("workload", agent) if agent else None,
+        )
+        self.datastore.append_audit_records([record])
 
     def _audience(self, form: Mapping[str, str]) -> str:
         audience = form.get("audience") or form.get("resource")
@@ -589,14 +631,20 @@ class TokenExchange:
                     raise InvalidScope(f"scope {scope[:100]!r} is not within {what}")
         return requested
 
-    def _grant(self, form: Mapping[str, str], client: SpiffeId) -> ExchangeResult:
+    def _grant(
+        self, form: Mapping[str, str], client: SpiffeId, seen: dict[str, Any]
+    ) -> ExchangeResult:
         owner = self.owner_of(client)
+        seen["owner"] = owner or ""
         if owner is None:
             raise InvalidClient(
                 f"{client} has no registration entry: its identity was revoked (entry "
                 "revoked or deleted) or never registered"
             )
         subject = self._subject(form)
+        seen.update(sub=subject.sub, subject_issuer=subject.issuer_name)
+        if subject.previous_actors:
+            seen["previous_actors"] = list(subject.previous_actors)
         now = _now_s(self.clock)
         may_act = subject.claims.get("may_act") if not subject.chained else None
         if may_act is not None:
@@ -608,7 +656,10 @@ class TokenExchange:
         if str(client) in subject.previous_actors:
             raise InvalidGrant(f"{client} is already in the actor chain")
         audience = self._audience(form)
+        seen["audience"] = audience
         requested = self._requested_scopes(form)
+        if requested is not None:
+            seen["requested_scopes"] = sorted(requested)
         policies = self._policies(client, subject)
         first_error: OAuthError | None = None
         chosen: tuple[DelegationPolicy, frozenset[str]] | None = None
@@ -622,6 +673,7 @@ class TokenExchange:
             assert first_error is not None
             raise first_error
         policy, granted = chosen
+        seen["policy_id"] = policy.id
         key = self.jwt_key()
         if key is None:
             raise InvalidRequest("the server has no active JWT key yet; retry shortly")

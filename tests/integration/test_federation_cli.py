@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.processes import ServerProcess, one_line_error, start_server
+from tests.helpers.processes import ServerProcess, one_line_error, start_server, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -130,3 +130,33 @@ def test_relationship_lifecycle(server: ServerProcess, tmp_path: Path) -> None:
     ).lower() or "no federation" in one_line_error(
         server.cli("federation", "show", "--trust-domain", "p.test")
     )
+
+
+def test_relationship_changes_are_audited_not_refreshes(server: ServerProcess) -> None:
+    """create, update and delete each leave one record by the admin naming the endpoint; the
+    failing refreshes in between (nothing listens on port 1) and refused creates leave none."""
+    args = ["--trust-domain", "q.test", "--bundle-endpoint-profile", "https_web"]
+    server.cli_json("federation", "create", *args, "--bundle-endpoint-url", "https://127.0.0.1:1/a")
+    refused = create(
+        server, "--trust-domain", "Bad_TD!", "--bundle-endpoint-url", "https://x.test/"
+    )
+    assert "trust domain" in one_line_error(refused)  # type: ignore[arg-type]
+    server.cli_json("federation", "update", *args, "--bundle-endpoint-url", "https://127.0.0.1:1/b")
+
+    def refreshed() -> bool:
+        shown = server.cli_json("federation", "show", "--trust-domain", "q.test")
+        return bool(shown["last_error"])
+
+    wait_for(refreshed, 30, "a failed refresh of q.test")
+    server.cli_json("federation", "delete", "--trust-domain", "q.test")
+    records = server.cli_json("audit", "show", "--action", "federation.")["records"]
+    mine = [r for r in records if r["target"] == "q.test"]
+    assert [r["action"] for r in mine] == [
+        "federation.create",
+        "federation.update",
+        "federation.delete",
+    ]
+    assert all(r["actor_kind"] == "admin" for r in records)
+    assert mine[0]["details"]["bundle_endpoint_url"] == "https://127.0.0.1:1/a"
+    assert mine[1]["details"]["bundle_endpoint_url"] == "https://127.0.0.1:1/b"
+    assert not [r for r in records if r["target"] == "Bad_TD!"]

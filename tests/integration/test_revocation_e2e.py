@@ -451,6 +451,48 @@ def database_url() -> Iterator[str]:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+def test_revocations_are_audited_with_what_they_revoked(deployment: Deployment) -> None:
+    """`x509 revoke`, `jwt revoke` and `entry revoke` each leave one record by the admin
+    (reason, serials and jtis revoked, the entry's owner); a repeat is recorded too, with
+    nothing revoked; the chain verifies."""
+    server, agent = deployment.server, deployment.agent
+    minted = server.cli_json("x509", "mint", "--spiffe-id", f"spiffe://{TD}/minted")
+    serial = format(x509.load_pem_x509_certificate(minted["x509_svid"].encode()).serial_number, "x")
+    server.cli_json("x509", "revoke", "--serial", serial, "--reason", "laptop lost")
+    minted_jwt = server.cli_json(
+        "jwt", "mint", "--spiffe-id", f"spiffe://{TD}/minted", "--audience", "db"
+    )
+    token = str(minted_jwt["token"])
+    server.cli_json("jwt", "revoke", "--jti", _jti(token), "--reason", "leaked")
+    gamma = f"spiffe://{TD}/gamma"
+    entry_id = create_entry(
+        server, agent.spiffe_id, gamma, "unix:uid:4545", extra=["--owner", "carol"]
+    )
+    server.cli_json("entry", "revoke", "--id", entry_id, "--reason", "compromised")
+    server.cli_json("entry", "revoke", "--id", entry_id)
+
+    def show(action: str) -> list[dict[str, Any]]:
+        return list(server.cli_json("audit", "show", "--action", action)["records"])
+
+    (by_serial,) = [r for r in show("x509_svid.revoke") if r["target"] == serial]
+    assert by_serial["subject"] == f"spiffe://{TD}/minted"
+    assert by_serial["actor_kind"] == "admin"
+    assert by_serial["details"]["reason"] == "laptop lost"
+    assert by_serial["details"]["revoked_serials"] == [serial]
+    (by_jti,) = [r for r in show("jwt_svid.revoke") if r["target"] == _jti(token)]
+    assert (by_jti["subject"], by_jti["details"]["reason"]) == (f"spiffe://{TD}/minted", "leaked")
+    assert by_jti["details"]["revoked_jtis"] == [_jti(token)]
+    first, repeat = [r for r in show("entry.revoke") if r["target"] == entry_id]
+    assert (first["subject"], first["owner"], first["actor_kind"]) == (gamma, "carol", "admin")
+    assert first["details"]["reason"] == "compromised" and first["details"]["newly_revoked"]
+    assert repeat["details"]["newly_revoked"] is False
+    assert repeat["details"]["revoked_serials"] == []
+    trace = server.cli_json("audit", "trace", "--spiffe-id", gamma)["records"]
+    assert "entry.revoke" in [r["action"] for r in trace]
+    assert token not in server.cli("audit", "export", output=None).stdout
+    assert server.cli("audit", "verify", output=None).returncode == 0
+
+
 @pytest.mark.postgres
 def test_revocation_through_one_server_reaches_agents_of_the_other(
     tmp_path: Path, database_url: str

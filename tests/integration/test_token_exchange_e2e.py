@@ -389,3 +389,59 @@ def test_malformed_bodies_never_500_and_change_nothing(d: Deployment) -> None:
 @pytest.fixture
 def d(deployment: Deployment) -> Deployment:
     return deployment
+
+
+def _audit(d: Deployment, *args: str) -> list[dict[str, Any]]:
+    return list(d.server.cli_json("audit", "show", *args)["records"])
+
+
+def test_exchanges_and_policy_changes_are_audited_with_the_person(d: Deployment) -> None:
+    """A granted and a refused exchange each leave one token.exchange record naming the
+    agent, the person (sub), the scopes and the owner, never the token; policy create,
+    update and delete are recorded; ``audit trace`` of the agent names the person."""
+    agent = f"spiffe://{TD}/agents/audited"
+    create_entry(d.server, f"spiffe://{TD}/host", agent, "unix:uid:4444", extra=["--owner", "bob"])
+    d.server.cli_json(
+        "delegation", "create", "--agent-id", agent, "--subject-issuer", "corp",
+        "--scope", "repo:read", "--audience", GIT,
+    )  # fmt: skip
+    (policy,) = d.server.cli_json("delegation", "list", "--agent-id", agent)["policies"]
+    d.server.cli_json(
+        "delegation", "update", "--id", policy["id"],
+        "--scope", "repo:read", "--scope", "pr:comment",
+    )  # fmt: skip
+    granted = d.post("/oauth2/token", _form(d, agent, scope="repo:read"))
+    assert granted.status_code == 200, granted.text
+    token = granted.json()["access_token"]
+    refused = d.post("/oauth2/token", _form(d, agent, scope="admin"))
+    assert refused.status_code == 400 and refused.json()["error"] == "invalid_scope"
+    d.server.cli_json("delegation", "delete", "--id", policy["id"])
+
+    records = _audit(d, "--spiffe-id", agent, "--action", "token.")
+    assert [r["outcome"] for r in records] == ["allowed", "refused"]
+    ok, no = records
+    for rec in records:
+        assert (rec["actor"], rec["subject"], rec["owner"]) == (agent, agent, "bob")
+        assert rec["details"]["sub"] == "alice"
+        assert rec["details"]["subject_issuer"] == "corp"
+    assert ok["details"]["scopes"] == ["repo:read"]
+    assert ok["details"]["jti"] == jwt.decode(token, options={"verify_signature": False})["jti"]
+    assert ok["details"]["policy_id"] == policy["id"]
+    assert no["details"]["requested_scopes"] == ["admin"] and "admin" in no["reason"]
+    assert no["details"]["error"] == "invalid_scope"
+
+    changes = _audit(d, "--action", "delegation_policy.")
+    mine = [r for r in changes if r["target"] == policy["id"]]
+    assert [r["action"] for r in mine] == [
+        "delegation_policy.create",
+        "delegation_policy.update",
+        "delegation_policy.delete",
+    ]
+    assert all(r["subject"] == agent and r["actor_kind"] == "admin" for r in mine)
+    assert mine[1]["details"]["scopes"] == ["pr:comment", "repo:read"]
+
+    trace = d.server.cli("audit", "trace", "--spiffe-id", agent, output=None).stdout
+    assert "token.exchange" in trace and '"sub":"alice"' in trace.replace(" ", "")
+    exported = d.server.cli("audit", "export", output=None).stdout
+    assert token not in exported and token.split(".")[2] not in exported
+    assert d.server.cli("audit", "verify", output=None).returncode == 0

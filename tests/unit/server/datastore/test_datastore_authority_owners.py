@@ -11,6 +11,7 @@ from sqlalchemy import create_engine, inspect, text
 
 from server.datastore import SCHEMA_VERSION, Authority, AuthorityKind, SqlDataStore
 from server.datastore import schema as schema_mod
+from server.datastore.schema import MIGRATIONS
 from server.datastore.sql import _normalize_url
 
 
@@ -60,7 +61,6 @@ def _columns(db_url: str, table: str) -> set[str]:
 
 def test_the_owner_column_is_step_two() -> None:
     """The owner column is migration step 2 (later steps follow it)."""
-    from server.datastore.schema import MIGRATIONS
 
     assert SCHEMA_VERSION >= 2
     assert MIGRATIONS[1].__name__ == "_step_2_authority_owner"

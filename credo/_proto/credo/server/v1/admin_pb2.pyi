@@ -1045,6 +1045,250 @@ class AuthorityState(_message.Message):
 Global___AuthorityState: _TypeAlias = AuthorityState  # noqa: Y015
 
 @_typing.final
+class AuditRecord(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQ_FIELD_NUMBER: _builtins.int
+    TIME_MS_FIELD_NUMBER: _builtins.int
+    ACTOR_KIND_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    SUBJECT_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    DETAILS_FIELD_NUMBER: _builtins.int
+    PREV_HASH_FIELD_NUMBER: _builtins.int
+    HASH_FIELD_NUMBER: _builtins.int
+    seq: _builtins.int
+    time_ms: _builtins.int
+    """Unix milliseconds."""
+    actor_kind: _builtins.str
+    """"admin", "agent", "workload", "person", "node" or "server"."""
+    actor: _builtins.str
+    action: _builtins.str
+    subject: _builtins.str
+    """The SPIFFE ID concerned, if any."""
+    target: _builtins.str
+    """What was acted on: an entry id, a serial, a jti, an authority id, a trust domain."""
+    owner: _builtins.str
+    """The accountable person of the identity concerned, if known."""
+    outcome: _builtins.str
+    """"allowed" or "refused"."""
+    reason: _builtins.str
+    request_id: _builtins.str
+    details: _builtins.str
+    """A JSON object, canonical (the exact text that is hashed)."""
+    prev_hash: _builtins.str
+    hash: _builtins.str
+    def __init__(
+        self,
+        *,
+        seq: _builtins.int = ...,
+        time_ms: _builtins.int = ...,
+        actor_kind: _builtins.str = ...,
+        actor: _builtins.str = ...,
+        action: _builtins.str = ...,
+        subject: _builtins.str = ...,
+        target: _builtins.str = ...,
+        owner: _builtins.str = ...,
+        outcome: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+        details: _builtins.str = ...,
+        prev_hash: _builtins.str = ...,
+        hash: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "actor", b"actor", "actor_kind", b"actor_kind", "details", b"details", "hash", b"hash", "outcome", b"outcome", "owner", b"owner", "prev_hash", b"prev_hash", "reason", b"reason", "request_id", b"request_id", "seq", b"seq", "subject", b"subject", "target", b"target", "time_ms", b"time_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuditRecord: _TypeAlias = AuditRecord  # noqa: Y015
+
+@_typing.final
+class ListAuditRecordsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BY_SPIFFE_ID_FIELD_NUMBER: _builtins.int
+    BY_OWNER_FIELD_NUMBER: _builtins.int
+    BY_ACTION_FIELD_NUMBER: _builtins.int
+    SINCE_MS_FIELD_NUMBER: _builtins.int
+    UNTIL_MS_FIELD_NUMBER: _builtins.int
+    AFTER_SEQ_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    by_spiffe_id: _builtins.str
+    """Records whose subject or actor is this SPIFFE ID."""
+    by_owner: _builtins.str
+    by_action: _builtins.str
+    """An action ("entry.create"), or a prefix ending in "." ("entry.")."""
+    since_ms: _builtins.int
+    """Unix milliseconds; 0 means no bound. since is inclusive, until exclusive."""
+    until_ms: _builtins.int
+    after_seq: _builtins.int
+    """Records after this seq (0: from the start)."""
+    page_size: _builtins.int
+    """At most this many (0 means the default, 1000; at most 10000)."""
+    def __init__(
+        self,
+        *,
+        by_spiffe_id: _builtins.str = ...,
+        by_owner: _builtins.str = ...,
+        by_action: _builtins.str = ...,
+        since_ms: _builtins.int = ...,
+        until_ms: _builtins.int = ...,
+        after_seq: _builtins.int = ...,
+        page_size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_seq", b"after_seq", "by_action", b"by_action", "by_owner", b"by_owner", "by_spiffe_id", b"by_spiffe_id", "page_size", b"page_size", "since_ms", b"since_ms", "until_ms", b"until_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAuditRecordsRequest: _TypeAlias = ListAuditRecordsRequest  # noqa: Y015
+
+@_typing.final
+class ListAuditRecordsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECORDS_FIELD_NUMBER: _builtins.int
+    NEXT_AFTER_SEQ_FIELD_NUMBER: _builtins.int
+    next_after_seq: _builtins.int
+    """Pass as after_seq for the next page; 0 on the last page."""
+    @_builtins.property
+    def records(self) -> _containers.RepeatedCompositeFieldContainer[Global___AuditRecord]: ...
+    def __init__(
+        self,
+        *,
+        records: _abc.Iterable[Global___AuditRecord] | None = ...,
+        next_after_seq: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_after_seq", b"next_after_seq", "records", b"records"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAuditRecordsResponse: _TypeAlias = ListAuditRecordsResponse  # noqa: Y015
+
+@_typing.final
+class VerifyAuditRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerifyAuditRequest: _TypeAlias = VerifyAuditRequest  # noqa: Y015
+
+@_typing.final
+class VerifyAuditResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OK_FIELD_NUMBER: _builtins.int
+    CHECKED_FIELD_NUMBER: _builtins.int
+    LAST_SEQ_FIELD_NUMBER: _builtins.int
+    HEAD_HASH_FIELD_NUMBER: _builtins.int
+    FIRST_BAD_SEQ_FIELD_NUMBER: _builtins.int
+    PROBLEM_FIELD_NUMBER: _builtins.int
+    CHECKPOINTS_FIELD_NUMBER: _builtins.int
+    SIGNED_THROUGH_FIELD_NUMBER: _builtins.int
+    ok: _builtins.bool
+    checked: _builtins.int
+    """Records that verified (all of them when ok)."""
+    last_seq: _builtins.int
+    """The last record of the chain (when ok) and its hash."""
+    head_hash: _builtins.str
+    first_bad_seq: _builtins.int
+    """When not ok: the first bad record and what is wrong with it."""
+    problem: _builtins.str
+    checkpoints: _builtins.int
+    """Signed checkpoints in the chain, and the newest record one of them covers."""
+    signed_through: _builtins.int
+    def __init__(
+        self,
+        *,
+        ok: _builtins.bool = ...,
+        checked: _builtins.int = ...,
+        last_seq: _builtins.int = ...,
+        head_hash: _builtins.str = ...,
+        first_bad_seq: _builtins.int = ...,
+        problem: _builtins.str = ...,
+        checkpoints: _builtins.int = ...,
+        signed_through: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checked", b"checked", "checkpoints", b"checkpoints", "first_bad_seq", b"first_bad_seq", "head_hash", b"head_hash", "last_seq", b"last_seq", "ok", b"ok", "problem", b"problem", "signed_through", b"signed_through"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerifyAuditResponse: _TypeAlias = VerifyAuditResponse  # noqa: Y015
+
+@_typing.final
+class CheckpointAuditRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckpointAuditRequest: _TypeAlias = CheckpointAuditRequest  # noqa: Y015
+
+@_typing.final
+class PruneAuditRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BEFORE_SEQ_FIELD_NUMBER: _builtins.int
+    before_seq: _builtins.int
+    """The first record to keep (2 or more)."""
+    def __init__(
+        self,
+        *,
+        before_seq: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["before_seq", b"before_seq"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PruneAuditRequest: _TypeAlias = PruneAuditRequest  # noqa: Y015
+
+@_typing.final
+class PruneAuditResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PRUNED_FIELD_NUMBER: _builtins.int
+    pruned: _builtins.int
+    def __init__(
+        self,
+        *,
+        pruned: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["pruned", b"pruned"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PruneAuditResponse: _TypeAlias = PruneAuditResponse  # noqa: Y015
+
+@_typing.final
 class Budget(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -1382,6 +1382,217 @@ class LocalAuthority:
             _registered_method=True)
 
 
+class AuditStub:
+    """The audit trail (docs/audit.md): one hash-chained, append-only record of every
+    security decision, kept in the datastore.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.ListAuditRecords = channel.unary_unary(
+                '/credo.server.v1.Audit/ListAuditRecords',
+                request_serializer=credo_dot_server_dot_v1_dot_admin__pb2.ListAuditRecordsRequest.SerializeToString,
+                response_deserializer=credo_dot_server_dot_v1_dot_admin__pb2.ListAuditRecordsResponse.FromString,
+                _registered_method=True)
+        self.VerifyAudit = channel.unary_unary(
+                '/credo.server.v1.Audit/VerifyAudit',
+                request_serializer=credo_dot_server_dot_v1_dot_admin__pb2.VerifyAuditRequest.SerializeToString,
+                response_deserializer=credo_dot_server_dot_v1_dot_admin__pb2.VerifyAuditResponse.FromString,
+                _registered_method=True)
+        self.CheckpointAudit = channel.unary_unary(
+                '/credo.server.v1.Audit/CheckpointAudit',
+                request_serializer=credo_dot_server_dot_v1_dot_admin__pb2.CheckpointAuditRequest.SerializeToString,
+                response_deserializer=credo_dot_server_dot_v1_dot_admin__pb2.AuditRecord.FromString,
+                _registered_method=True)
+        self.PruneAudit = channel.unary_unary(
+                '/credo.server.v1.Audit/PruneAudit',
+                request_serializer=credo_dot_server_dot_v1_dot_admin__pb2.PruneAuditRequest.SerializeToString,
+                response_deserializer=credo_dot_server_dot_v1_dot_admin__pb2.PruneAuditResponse.FromString,
+                _registered_method=True)
+
+
+class AuditServicer:
+    """The audit trail (docs/audit.md): one hash-chained, append-only record of every
+    security decision, kept in the datastore.
+    """
+
+    def ListAuditRecords(self, request, context):
+        """Records matching every filter, in seq order, one page at a time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def VerifyAudit(self, request, context):
+        """Recompute the whole chain; a broken chain is an answer (ok = false), not an error.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CheckpointAudit(self, request, context):
+        """Sign the current head into the chain now (what `audit export` does first).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PruneAudit(self, request, context):
+        """Delete the records before before_seq; an audit.prune record keeps the rest verifiable.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_AuditServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'ListAuditRecords': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAuditRecords,
+                    request_deserializer=credo_dot_server_dot_v1_dot_admin__pb2.ListAuditRecordsRequest.FromString,
+                    response_serializer=credo_dot_server_dot_v1_dot_admin__pb2.ListAuditRecordsResponse.SerializeToString,
+            ),
+            'VerifyAudit': grpc.unary_unary_rpc_method_handler(
+                    servicer.VerifyAudit,
+                    request_deserializer=credo_dot_server_dot_v1_dot_admin__pb2.VerifyAuditRequest.FromString,
+                    response_serializer=credo_dot_server_dot_v1_dot_admin__pb2.VerifyAuditResponse.SerializeToString,
+            ),
+            'CheckpointAudit': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckpointAudit,
+                    request_deserializer=credo_dot_server_dot_v1_dot_admin__pb2.CheckpointAuditRequest.FromString,
+                    response_serializer=credo_dot_server_dot_v1_dot_admin__pb2.AuditRecord.SerializeToString,
+            ),
+            'PruneAudit': grpc.unary_unary_rpc_method_handler(
+                    servicer.PruneAudit,
+                    request_deserializer=credo_dot_server_dot_v1_dot_admin__pb2.PruneAuditRequest.FromString,
+                    response_serializer=credo_dot_server_dot_v1_dot_admin__pb2.PruneAuditResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'credo.server.v1.Audit', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('credo.server.v1.Audit', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Audit:
+    """The audit trail (docs/audit.md): one hash-chained, append-only record of every
+    security decision, kept in the datastore.
+    """
+
+    @staticmethod
+    def ListAuditRecords(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/credo.server.v1.Audit/ListAuditRecords',
+            credo_dot_server_dot_v1_dot_admin__pb2.ListAuditRecordsRequest.SerializeToString,
+            credo_dot_server_dot_v1_dot_admin__pb2.ListAuditRecordsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VerifyAudit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/credo.server.v1.Audit/VerifyAudit',
+            credo_dot_server_dot_v1_dot_admin__pb2.VerifyAuditRequest.SerializeToString,
+            credo_dot_server_dot_v1_dot_admin__pb2.VerifyAuditResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckpointAudit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/credo.server.v1.Audit/CheckpointAudit',
+            credo_dot_server_dot_v1_dot_admin__pb2.CheckpointAuditRequest.SerializeToString,
+            credo_dot_server_dot_v1_dot_admin__pb2.AuditRecord.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PruneAudit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/credo.server.v1.Audit/PruneAudit',
+            credo_dot_server_dot_v1_dot_admin__pb2.PruneAuditRequest.SerializeToString,
+            credo_dot_server_dot_v1_dot_admin__pb2.PruneAuditResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
 class DelegationStub:
     """Delegation policies: which agents may act for which people (token exchange).
     """

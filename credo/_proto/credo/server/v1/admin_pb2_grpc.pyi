@@ -370,6 +370,79 @@ class LocalAuthorityServicer(metaclass=_abc_1.ABCMeta):
 
 def add_LocalAuthorityServicer_to_server(servicer: LocalAuthorityServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
+class AuditStub:
+    """The audit trail (docs/audit.md): one hash-chained, append-only record of every
+    security decision, kept in the datastore.
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> AuditAsyncStub: ...
+    ListAuditRecords: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListAuditRecordsRequest, _admin_pb2.ListAuditRecordsResponse]
+    """Records matching every filter, in seq order, one page at a time."""
+    VerifyAudit: _grpc.UnaryUnaryMultiCallable[_admin_pb2.VerifyAuditRequest, _admin_pb2.VerifyAuditResponse]
+    """Recompute the whole chain; a broken chain is an answer (ok = false), not an error."""
+    CheckpointAudit: _grpc.UnaryUnaryMultiCallable[_admin_pb2.CheckpointAuditRequest, _admin_pb2.AuditRecord]
+    """Sign the current head into the chain now (what `audit export` does first)."""
+    PruneAudit: _grpc.UnaryUnaryMultiCallable[_admin_pb2.PruneAuditRequest, _admin_pb2.PruneAuditResponse]
+    """Delete the records before before_seq; an audit.prune record keeps the rest verifiable."""
+
+@_typing.type_check_only
+class AuditAsyncStub(AuditStub):
+    """The audit trail (docs/audit.md): one hash-chained, append-only record of every
+    security decision, kept in the datastore.
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    ListAuditRecords: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListAuditRecordsRequest, _admin_pb2.ListAuditRecordsResponse]  # type: ignore[assignment]
+    """Records matching every filter, in seq order, one page at a time."""
+    VerifyAudit: _aio.UnaryUnaryMultiCallable[_admin_pb2.VerifyAuditRequest, _admin_pb2.VerifyAuditResponse]  # type: ignore[assignment]
+    """Recompute the whole chain; a broken chain is an answer (ok = false), not an error."""
+    CheckpointAudit: _aio.UnaryUnaryMultiCallable[_admin_pb2.CheckpointAuditRequest, _admin_pb2.AuditRecord]  # type: ignore[assignment]
+    """Sign the current head into the chain now (what `audit export` does first)."""
+    PruneAudit: _aio.UnaryUnaryMultiCallable[_admin_pb2.PruneAuditRequest, _admin_pb2.PruneAuditResponse]  # type: ignore[assignment]
+    """Delete the records before before_seq; an audit.prune record keeps the rest verifiable."""
+
+class AuditServicer(metaclass=_abc_1.ABCMeta):
+    """The audit trail (docs/audit.md): one hash-chained, append-only record of every
+    security decision, kept in the datastore.
+    """
+
+    @_abc_1.abstractmethod
+    def ListAuditRecords(
+        self,
+        request: _admin_pb2.ListAuditRecordsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListAuditRecordsResponse, _abc.Awaitable[_admin_pb2.ListAuditRecordsResponse]]:
+        """Records matching every filter, in seq order, one page at a time."""
+
+    @_abc_1.abstractmethod
+    def VerifyAudit(
+        self,
+        request: _admin_pb2.VerifyAuditRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.VerifyAuditResponse, _abc.Awaitable[_admin_pb2.VerifyAuditResponse]]:
+        """Recompute the whole chain; a broken chain is an answer (ok = false), not an error."""
+
+    @_abc_1.abstractmethod
+    def CheckpointAudit(
+        self,
+        request: _admin_pb2.CheckpointAuditRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.AuditRecord, _abc.Awaitable[_admin_pb2.AuditRecord]]:
+        """Sign the current head into the chain now (what `audit export` does first)."""
+
+    @_abc_1.abstractmethod
+    def PruneAudit(
+        self,
+        request: _admin_pb2.PruneAuditRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.PruneAuditResponse, _abc.Awaitable[_admin_pb2.PruneAuditResponse]]:
+        """Delete the records before before_seq; an audit.prune record keeps the rest verifiable."""
+
+def add_AuditServicer_to_server(servicer: AuditServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
 class DelegationStub:
     """Delegation policies: which agents may act for which people (token exchange)."""
 
