@@ -11,6 +11,10 @@ entry). :func:`check_private_dir` and :func:`check_private_file` add that the di
 or file itself is the running user's and not writable by others. Each raises
 :class:`UnsafePath` (a :class:`PermissionError`) with a one-line reason naming the path
 and its owner.
+
+:func:`default_runtime_path` gives the default place of a socket: under ``/run`` when
+running as root (``/run`` is root's, so nobody can create the directories first, as in
+SPIRE's packages), else under ``/tmp``.
 """
 
 from __future__ import annotations
@@ -20,7 +24,27 @@ import pwd
 import stat
 from pathlib import Path
 
-__all__ = ["UnsafePath", "check_path_chain", "check_private_dir", "check_private_file"]
+__all__ = [
+    "UnsafePath",
+    "check_path_chain",
+    "check_private_dir",
+    "check_private_file",
+    "default_runtime_path",
+]
+
+
+def default_runtime_path(component: str, relative: str, *, per_user: bool) -> Path:
+    """``/run/<component>/<relative>`` for root; else ``/tmp/<component>/<relative>``, or
+    ``/tmp/<component>-<uid>/<relative>`` with ``per_user`` (a private socket: two users'
+    processes must not want the same directory).
+
+    Under ``/tmp`` another user may create the directory first; :func:`check_path_chain`
+    then refuses it (naming its owner) instead of using it.
+    """
+    euid = os.geteuid()
+    if euid == 0:
+        return Path("/run", component, relative)
+    return Path("/tmp", f"{component}-{euid}" if per_user else component, relative)
 
 
 class UnsafePath(PermissionError):
@@ -41,15 +65,21 @@ def _owner(uid: int) -> str:
         return f"uid {uid}"
 
 
-def check_path_chain(path: Path | str, what: str, *, skip_leaf_mode: bool = False) -> None:
+def check_path_chain(
+    path: Path | str, what: str, *, skip_leaf_mode: bool = False, agent_uid: int | None = None
+) -> None:
     """Refuse ``path`` if a component of it (as given, or resolved) that exists is owned by
     someone other than root or the running user, or is a directory others may write to
     that is not sticky.
 
     ``what`` names the path in the message (``"data directory"``). ``skip_leaf_mode``
     leaves out the write check for ``path`` itself (a directory the caller chmods next).
+    ``agent_uid`` is one more owner to accept for ``path`` itself, not for the directories
+    above it: a workload dialling the Workload API accepts the agent's socket directory.
     """
     euid = os.geteuid()
+    trusted = {0, euid}
+    whom = f"root or this user ({_owner(euid)})"
     given = os.path.abspath(path)
     for start in dict.fromkeys((given, os.path.realpath(given))):
         current = start
@@ -59,10 +89,12 @@ def check_path_chain(path: Path | str, what: str, *, skip_leaf_mode: bool = Fals
             except FileNotFoundError:
                 st = None
             if st is not None:
-                if st.st_uid not in (0, euid):
+                if st.st_uid not in trusted and not (
+                    agent_uid is not None and current == start and st.st_uid == agent_uid
+                ):
                     raise UnsafePath(
                         f"{what} {path}: {current} is owned by {_owner(st.st_uid)}, not by "
-                        f"root or this user ({_owner(euid)}); remove it or choose another path"
+                        f"{whom}; remove it or choose another path"
                     )
                 if (
                     not (skip_leaf_mode and current == start)

@@ -36,6 +36,7 @@ from credo._logging import LOG_FORMATS, LOG_LEVELS
 from credo.errors import ConfigError
 from credo.spiffe_id import TrustDomain
 from node_agent.attestation.catalog import DEFAULT_NODE_ATTESTOR, NODE_ATTESTORS
+from node_agent.paths import default_agent_admin_socket, default_workload_socket
 from node_agent.workload.catalog import DEFAULT_WORKLOAD_ATTESTORS, WORKLOAD_ATTESTORS
 
 __all__ = [
@@ -93,8 +94,9 @@ class AgentConfig:
     insecure_bootstrap: bool = False
     # The join_token node attestor's token.
     join_token: str | None = None
-    socket_path: Path = Path("/tmp/credo-agent/public/api.sock")
-    admin_socket: Path = Path("/tmp/credo-agent/private/admin.sock")
+    # Under /run/credo-agent as root, else under /tmp/credo-agent (paths.py).
+    socket_path: Path = field(default_factory=default_workload_socket)
+    admin_socket: Path = field(default_factory=default_agent_admin_socket)
     data_dir: Path = Path("./.credo/agent")
     log_level: str = "info"
     log_format: str = "text"

@@ -45,6 +45,7 @@ from server.attestation.catalog import DEFAULT_NODE_ATTESTORS, WHERE, parse_node
 from server.bundle_publisher.catalog import parse_bundle_publishers
 from server.delegation.config import DelegationConfig
 from server.http.config import HttpConfig
+from server.paths import default_admin_socket
 
 __all__ = [
     "FILE_ONLY_SETTINGS",
@@ -92,7 +93,8 @@ class ServerConfig:
     trust_domain: str = "example.org"
     data_dir: Path = Path("./.credo/server")
     bind_address: str = "0.0.0.0:8081"
-    admin_socket: Path = Path("/tmp/credo-server/private/api.sock")
+    # /run/credo-server/private/api.sock as root, else /tmp/credo-server-<uid>/private/api.sock.
+    admin_socket: Path = field(default_factory=default_admin_socket)
     # SQLAlchemy-style URL; "" means SQLite at <data_dir>/datastore.sqlite3.
     datastore: str = ""
     ca_ttl: int = duration_field(24 * 3600)

@@ -3,6 +3,8 @@
 * :func:`private_dir` creates a directory only this user can enter (0700);
 * :func:`load_server_id` reads (or creates once) ``<data-dir>/server_id``, the id that
   names the owner of this server's CA authorities in a shared datastore;
+* :func:`default_admin_socket` is where the admin socket goes by default (under ``/run``
+  as root);
 * :func:`prepare_admin_socket` makes sure the admin socket's directory is private and
   removes a stale socket of a server that is gone.
 """
@@ -15,9 +17,24 @@ import stat
 import uuid
 from pathlib import Path
 
-from credo._paths import check_path_chain, check_private_dir
+from credo._paths import check_path_chain, check_private_dir, default_runtime_path
 
-__all__ = ["load_server_id", "prepare_admin_socket", "private_dir"]
+__all__ = ["default_admin_socket", "load_server_id", "prepare_admin_socket", "private_dir"]
+
+ADMIN_SOCKET_HELP = (
+    "/run/credo-server/private/api.sock as root, else /tmp/credo-server-<uid>/private/api.sock"
+)
+"""The default admin socket, in words (for ``--help`` and docs)."""
+
+
+def default_admin_socket() -> Path:
+    """Where the admin socket is when nothing says otherwise: ``/run/credo-server/private/
+    api.sock`` as root, else ``/tmp/credo-server-<uid>/private/api.sock`` (per user).
+
+    The server and its CLI use the same default, so ``credo-server bundle show`` finds the
+    socket ``credo-server run`` made as the same user.
+    """
+    return default_runtime_path("credo-server", "private/api.sock", per_user=True)
 
 
 def private_dir(path: Path, what: str = "data directory") -> Path:
@@ -88,7 +105,7 @@ def prepare_admin_socket(path: Path) -> None:
             raise OSError(
                 f"admin socket directory {parent} is open to other users (mode "
                 f"{stat.S_IMODE(st.st_mode):o}); the admin socket needs a private (0700) "
-                "directory of its own, e.g. /tmp/credo-server/private/api.sock"
+                "directory of its own, e.g. /run/credo-server/private/api.sock"
             )
     else:
         private_dir(parent, "admin socket directory")

@@ -34,10 +34,15 @@ from credo.errors import CredoError, WorkloadApiError
 from credo.token_exchange import TokenExchangeClient
 from credo.witsvid import private_key_to_jwk
 from credo.workload_client import ENDPOINT_ENV, WorkloadApiClient, X509Context, grpc_target
+from node_agent.paths import check_socket_to_dial, workload_socket_to_dial
 
 __all__ = ["api"]
 
-DEFAULT_SOCKET = "unix:///tmp/credo-agent/public/api.sock"
+
+def _default_socket() -> str:
+    return f"unix://{workload_socket_to_dial()}"
+
+
 SVID_ENV = "CREDO_JWT_SVID"
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -70,9 +75,11 @@ def _common(f: F) -> F:
         "--socket",
         "socket_path",
         envvar=ENDPOINT_ENV,
-        default=DEFAULT_SOCKET,
-        show_default=True,
-        help=f"Workload API address (unix:///path or tcp://IP:port; env {ENDPOINT_ENV}).",
+        default=_default_socket,
+        show_default="unix:///run/credo-agent/public/api.sock if it exists, else "
+        "unix:///tmp/credo-agent/public/api.sock",
+        help=f"Workload API address (unix:///path or tcp://IP:port; env {ENDPOINT_ENV}). "
+        "A socket under a directory another user could replace is refused.",
     )(f)
     return f
 
@@ -107,9 +114,19 @@ def _unreachable(socket_path: str) -> str | None:
     return None
 
 
+def _check_socket(socket_path: str) -> None:
+    """Refuse a socket someone could have planted: another user owns a directory on the way
+    (:func:`~node_agent.paths.check_socket_to_dial`); raises an OSError saying which."""
+    target = grpc_target(socket_path)
+    if target.startswith("unix:"):
+        path = target.removeprefix("unix:")
+        check_socket_to_dial(path, "Workload API socket directory", agent_owned=True)
+
+
 @contextlib.contextmanager
 def _client(socket_path: str, timeout: float | None) -> Iterator[WorkloadApiClient]:
     try:
+        _check_socket(socket_path)
         with WorkloadApiClient(socket_path, timeout=timeout) as client:
             yield client
     except WorkloadApiError as err:
@@ -440,6 +457,7 @@ def exchange(
     if not subject:
         raise _Fail("--subject-token: no token given")
     try:
+        _check_socket(socket_path)
         context = ssl.create_default_context(cafile=ca_file) if ca_file else None
         client = TokenExchangeClient(
             token_endpoint,

@@ -20,14 +20,21 @@ from typing import Any
 
 import click
 
-from credo._cli import CliGroup, read_secret
+from credo._cli import CliError, CliGroup, read_secret
+from credo._paths import UnsafePath
 from node_agent.cli.audit import audit
-from node_agent.config import LOG_FORMATS, LOG_LEVELS, AgentConfig, load_config
+from node_agent.config import LOG_FORMATS, LOG_LEVELS, load_config
+from node_agent.paths import (
+    ADMIN_SOCKET_HELP,
+    WORKLOAD_SOCKET_HELP,
+    check_socket_to_dial,
+    default_agent_admin_socket,
+)
 from node_agent.workload_api.admin import check_health
 
 __all__ = ["cli", "main"]
 
-_DEFAULT_ADMIN_SOCKET = str(AgentConfig.admin_socket)
+_DEFAULT_ADMIN_SOCKET = str(default_agent_admin_socket())
 JOIN_TOKEN_ENV = "CREDO_JOIN_TOKEN"
 
 # Every scalar AgentConfig setting as (flag, setting, click type, help); defaults live in
@@ -58,13 +65,13 @@ SETTING_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
         "--socket",
         "socket_path",
         str,
-        "Workload API socket [default: /tmp/credo-agent/public/api.sock].",
+        f"Workload API socket [default: {WORKLOAD_SOCKET_HELP}].",
     ),
     (
         "--admin-socket",
         "admin_socket",
         str,
-        f"Admin (health) socket [default: {_DEFAULT_ADMIN_SOCKET}].",
+        f"Admin (health) socket [default: {ADMIN_SOCKET_HELP}].",
     ),
     (
         "--data-dir",
@@ -205,8 +212,13 @@ def healthcheck(admin_socket: str, timeout: float, ready: bool) -> None:
     the agent makes through its own public socket (relay, internal socket, attestation).
     Ready: live, the first entry sync from the server has completed, and the agent SVID
     has not expired. An agent cut off from its server stays ready while it serves its
-    cache. Run it as the agent's user (or root): the admin socket is private to it.
+    cache. Run it as the agent's user (or root): the admin socket is private to it. A
+    socket under a directory another user owns is refused before connecting.
     """
+    try:
+        check_socket_to_dial(admin_socket, "admin socket directory")
+    except UnsafePath as err:
+        raise CliError(str(err)) from None
     check_health(admin_socket, timeout, ready=ready)
     click.echo("agent is ready" if ready else "agent is healthy")
 

@@ -18,6 +18,7 @@ from grpc import aio
 from credo._paths import check_path_chain
 from credo._proto import workload_pb2_grpc
 from node_agent.audit_log import DeliveryLog
+from node_agent.paths import default_workload_socket
 from node_agent.workload.attestor import WorkloadAttestor
 from node_agent.workload.tracker import PeerTrackingProxy
 from node_agent.workload_api.handler import WorkloadApiMetrics, WorkloadApiServicer
@@ -32,7 +33,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SOCKET_PATH = "/tmp/credo-agent/public/api.sock"
+DEFAULT_SOCKET_PATH = str(default_workload_socket())
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from credo._paths import check_path_chain
 from credo._proto.credo.server.v1 import admin_pb2_grpc
 from server.audit.context import ADMIN_PID_KEY, ADMIN_UID_KEY
 from server.cli.errors import CliError
+from server.paths import default_admin_socket
 
 __all__ = [
     "DEFAULT_SOCKET",
@@ -30,7 +31,8 @@ __all__ = [
     "describe_rpc_error",
 ]
 
-DEFAULT_SOCKET = "/tmp/credo-server/private/api.sock"
+DEFAULT_SOCKET = str(default_admin_socket())
+"""``/run/credo-server/private/api.sock`` as root, else ``/tmp/credo-server-<uid>/...``."""
 SOCKET_ENV = "CREDO_SERVER_SOCKET"
 DEFAULT_TIMEOUT = 30.0
 

@@ -11,6 +11,7 @@ import click
 
 from server.cli.errors import CliError
 from server.config import KEY_TYPES, LOG_FORMATS, LOG_LEVELS, ConfigError, load_config
+from server.paths import ADMIN_SOCKET_HELP
 
 __all__ = ["SETTING_FLAGS", "config_from_flags", "run"]
 
@@ -33,7 +34,7 @@ SETTING_FLAGS: tuple[tuple[str, Any, str], ...] = (
         "HTTP front end host:port ([server.http] bind_address); port 0 picks a free port, "
         "written to <data-dir>/http.addr [default: no HTTP front end].",
     ),
-    ("--admin-socket", str, "Admin API Unix socket [default: /tmp/credo-server/private/api.sock]."),
+    ("--admin-socket", str, f"Admin API Unix socket [default: {ADMIN_SOCKET_HELP}]."),
     ("--datastore", str, "Datastore URL [default: SQLite in the data dir]."),
     ("--ca-ttl", str, "CA certificate lifetime [default: 24h]."),
     ("--x509-svid-ttl", str, "Default X.509-SVID lifetime [default: 1h]."),

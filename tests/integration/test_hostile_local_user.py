@@ -267,6 +267,31 @@ def test_cli_refuses_an_admin_socket_in_another_users_directory(eve_dir: Path) -
     assert "nobody" in message and str(eve_dir) in message, message
 
 
+def test_agent_cli_refuses_sockets_in_another_users_directory(eve_dir: Path) -> None:
+    """nobody planted the agent's sockets under a directory of theirs: root's
+    ``credo-agent healthcheck`` and ``credo-agent api fetch x509`` refuse before they
+    connect, in one line naming the directory and its owner (before: they dialled it)."""
+    for sub in ("private", "public"):
+        made = as_nobody("mkdir", "-m", "755", str(eve_dir / sub))
+        assert made.returncode == 0, made.stderr
+    for sock in ("private/admin.sock", "public/api.sock"):
+        bound = as_nobody(ATTACKER_PYTHON, "-c", _BIND, str(eve_dir / sock))
+        assert bound.returncode == 0, bound.stderr
+    # The admin socket's own directory is nobody's; a workload accepts the agent's socket
+    # directory whoever owns it, but not nobody's directory above it.
+    commands = (
+        (["healthcheck", "--admin-socket", f"{eve_dir}/private/admin.sock"], eve_dir / "private"),
+        (["api", "fetch", "x509", "--socket", f"unix://{eve_dir}/public/api.sock"], eve_dir),
+    )
+    for args, culprit in commands:
+        result = subprocess.run(
+            [*credo_agent_command(), *args], capture_output=True, text=True, timeout=30
+        )
+        assert result.returncode != 0, args
+        message = one_line_error(result)
+        assert f"{culprit} is owned by uid {NOBODY} (nobody)" in message, (args, message)
+
+
 def test_server_refuses_a_data_directory_another_user_owns(tmp_path: Path, eve_dir: Path) -> None:
     """root pointed --data-dir at a 0777 directory nobody made: refused (before: chmod'ed
     0700 and used, still nobody's, who could swap the SQLite file)."""

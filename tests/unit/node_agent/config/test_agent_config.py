@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -10,10 +11,12 @@ from node_agent.config import AgentConfig, ConfigError, load_config
 
 
 def test_defaults_follow_spire() -> None:
-    """Defaults: the documented socket paths, data dir, cache size 1000, info/text logs."""
+    """Defaults: the documented socket paths (under /run as root, else /tmp), data dir,
+    cache size 1000, info/text logs."""
     config = load_config(None, {"server_addresses": ("127.0.0.1:8081",)})
-    assert config.socket_path == Path("/tmp/credo-agent/public/api.sock")
-    assert config.admin_socket == Path("/tmp/credo-agent/private/admin.sock")
+    base = Path("/run" if os.geteuid() == 0 else "/tmp", "credo-agent")
+    assert config.socket_path == base / "public" / "api.sock"
+    assert config.admin_socket == base / "private" / "admin.sock"
     assert config.data_dir == Path("./.credo/agent")
     assert config.svid_cache_max_size == 1000
     assert (config.log_level, config.log_format) == ("info", "text")
