@@ -84,6 +84,7 @@ by root). The same holds for the admin socket's private/ directory under the run
 {{- define "credo.runDir" -}}/run/credo-server{{- end }}
 {{- define "credo.adminSocket" -}}/run/credo-server/private/api.sock{{- end }}
 {{- define "credo.upstreamCaDir" -}}/etc/credo/upstream-ca{{- end }}
+{{- define "credo.httpTlsDir" -}}/etc/credo/http-tls{{- end }}
 {{- define "credo.grpcPort" -}}8081{{- end }}
 {{- define "credo.agentDataVolumeDir" -}}/var/lib/credo-agent{{- end }}
 {{- define "credo.agentDataDir" -}}/var/lib/credo-agent/agent{{- end }}
@@ -219,6 +220,15 @@ refuses them) and the combinations a JSON schema cannot express. Renders nothing
 {{- if hasPrefix (printf "%scredo/" $prefix) $alias }}
 {{- fail (printf "server.nodeAlias.spiffeId: %q is under /credo/, which is reserved for the server and its agents" $alias) }}
 {{- end }}
+{{- if and $s.http.enabled $s.http.insecureHttp $s.http.tls.existingSecret }}
+{{- fail "server.http: insecureHttp serves no certificate; unset server.http.tls.existingSecret or insecureHttp" }}
+{{- end }}
+{{- if and $s.http.enabled (has (int $s.http.port) (list (int (include "credo.grpcPort" .)) (int $s.metrics.port))) }}
+{{- fail "server.http.port must differ from the agent endpoint port 8081 and server.metrics.port" }}
+{{- end }}
+{{- if and (or $s.delegation.issuers $s.delegation.introspectionAllowed) (not $s.http.enabled) }}
+{{- fail "server.delegation needs server.http.enabled: token exchange and introspection are served by the HTTP front end" }}
+{{- end }}
 {{- if hasPrefix "/run/credo-agent/" (printf "%s/" (include "credo.socketHostDir" .)) }}
 {{- fail (printf "agent.socketPath: %q is inside /run/credo-agent, the agent's private directory; choose another directory" $v.agent.socketPath) }}
 {{- end }}
@@ -253,6 +263,15 @@ attestation_rate_limit = {{ $s.attestationRateLimit | float64 | toJson }}
 signing_rate_limit = {{ $s.signingRateLimit | float64 | toJson }}
 signing_workers = {{ $s.signingWorkers | int }}
 rotation_check_interval = {{ $s.rotationCheckInterval | float64 | toJson }}
+join_token_max_ttl = {{ $s.joinTokenMaxTtl | toString | toJson }}
+crl_next_update = {{ $s.crlNextUpdate | toString | toJson }}
+jwt_issuer = {{ $s.jwtIssuer | toJson }}
+{{- if $s.bundleRefreshHint }}
+bundle_refresh_hint = {{ $s.bundleRefreshHint | toString | toJson }}
+{{- end }}
+audit_checkpoint_interval = {{ $s.auditCheckpointInterval | toString | toJson }}
+sync_heartbeat_interval = {{ $s.syncHeartbeatInterval | float64 | toJson }}
+require_entry_owner = {{ $s.requireEntryOwner }}
 {{- if $s.metrics.enabled }}
 metrics_address = {{ printf "0.0.0.0:%d" (int $s.metrics.port) | toJson }}
 {{- end }}
@@ -282,6 +301,51 @@ allowed_pod_label_keys = {{ $psat.allowedPodLabelKeys | toJson }}
 [server.bundle_publisher.k8s_configmap]
 namespace = {{ .Release.Namespace | toJson }}
 name = {{ include "credo.bundleConfigMapName" . | toJson }}
+{{- with $s.http }}
+{{- if .enabled }}
+
+# The HTTP front end: bundle endpoint, OIDC discovery, token exchange, introspection.
+[server.http]
+bind_address = {{ printf "0.0.0.0:%d" (int .port) | toJson }}
+dns_names = {{ .dnsNames | toJson }}
+{{- if .tls.existingSecret }}
+tls_cert_file = {{ printf "%s/tls.crt" (include "credo.httpTlsDir" $) | toJson }}
+tls_key_file = {{ printf "%s/tls.key" (include "credo.httpTlsDir" $) | toJson }}
+{{- end }}
+insecure_http = {{ .insecureHttp }}
+max_request_bytes = {{ .maxRequestBytes | int64 }}
+request_timeout = {{ .requestTimeout | toString | toJson }}
+idle_timeout = {{ .idleTimeout | toString | toJson }}
+{{- end }}
+{{- end }}
+{{- with $s.delegation }}
+{{- if or .issuer .introspectionAllowed .issuers }}
+
+# Token exchange (RFC 8693): who may introspect, and the people's identity providers.
+[server.delegation]
+{{- if .issuer }}
+issuer = {{ .issuer | toJson }}
+{{- end }}
+introspection_allowed = {{ .introspectionAllowed | default list | toJson }}
+{{- range $name, $i := .issuers }}
+
+[server.delegation.issuers.{{ $name | toJson }}]
+issuer = {{ $i.issuer | toJson }}
+{{- if $i.jwksUrl }}
+jwks_url = {{ $i.jwksUrl | toJson }}
+{{- end }}
+{{- if $i.audience }}
+audience = {{ $i.audience | toJson }}
+{{- end }}
+{{- if $i.algorithms }}
+algorithms = {{ $i.algorithms | toJson }}
+{{- end }}
+{{- if $i.clockSkew }}
+clock_skew = {{ $i.clockSkew | toString | toJson }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
 {{- end }}
 
 {{/* agent.toml, the file `credo-agent run --config` reads. */}}
@@ -291,14 +355,23 @@ name = {{ include "credo.bundleConfigMapName" . | toJson }}
 [agent]
 server_addresses = [{{ printf "%s.%s.svc:%d" (include "credo.serverName" .) .Release.Namespace (int .Values.server.service.port) | toJson }}]
 trust_domain = {{ .Values.trustDomain | toJson }}
+{{- if $a.trustBundleUrl }}
+# The bootstrap bundle, fetched over HTTPS (web PKI) at the first attestation.
+trust_bundle_url = {{ $a.trustBundleUrl | toJson }}
+trust_bundle_format = {{ $a.trustBundleFormat | toJson }}
+{{- else }}
 # The bundle ConfigMap the server publishes, mounted as a file: no --insecure-bootstrap.
 trust_bundle = {{ printf "%s/%s" (include "credo.bundleDir" .) (include "credo.bundleKey" .) | toJson }}
+{{- end }}
 socket_path = {{ $a.socketPath | toJson }}
 admin_socket = {{ include "credo.agentAdminSocket" . | toJson }}
 data_dir = {{ include "credo.agentDataDir" . | toJson }}
 log_level = {{ $a.logLevel | toJson }}
 log_format = {{ $a.logFormat | toJson }}
 svid_cache_max_size = {{ $a.svidCacheMaxSize | int }}
+sync_backoff_min = {{ $a.syncBackoffMin | float64 | toJson }}
+sync_backoff_max = {{ $a.syncBackoffMax | float64 | toJson }}
+svid_wait_timeout = {{ $a.svidWaitTimeout | float64 | toJson }}
 
 # The node: a projected service account token for the server's audience.
 [agent.node_attestor.k8s_psat]

@@ -28,7 +28,7 @@ import pytest
 import yaml
 
 from node_agent.attestation.k8s_psat import K8sPsatConfig
-from node_agent.config import PluginConfig
+from node_agent.config import AgentConfig, PluginConfig
 from node_agent.config import load_config as load_agent_config
 from node_agent.workload.k8s import K8sAttestorConfig
 from node_agent.workload.unix import UnixAttestorConfig
@@ -36,6 +36,7 @@ from server.attestation.join_token import JoinTokenConfig
 from server.attestation.k8s_psat import K8sPsatCluster
 from server.attestation.k8s_psat import K8sPsatConfig as ServerK8sPsatConfig
 from server.bundle_publisher.k8s_configmap import K8sConfigMapConfig
+from server.config import ServerConfig
 from server.config import load_config as load_server_config
 
 REPO = Path(__file__).resolve().parents[3]
@@ -141,6 +142,7 @@ def test_every_ci_scenario_is_present() -> None:
     assert [p.name for p in CI_VALUES] == [
         "custom-trust-domain-values.yaml",
         "default-values.yaml",
+        "http-frontend-values.yaml",
         "metrics-values.yaml",
         "postgres-ha-values.yaml",
         "upstream-ca-values.yaml",
@@ -373,6 +375,83 @@ def test_server_values_reach_server_toml(chart: Any, tmp_path: Path) -> None:
     assert (config.log_level, config.log_format) == ("warning", "text")
     assert (config.attestation_rate_limit, config.signing_rate_limit) == (2.5, 1_000_000.0)
     assert (config.signing_workers, config.rotation_check_interval) == (64, 0.5)
+
+
+def test_http_frontend_scenario_reaches_the_config_loaders(chart: Any, tmp_path: Path) -> None:
+    """server.http, server.delegation, jwtIssuer, bundleRefreshHint, the sync heartbeat and
+    the other server settings, and the agent's trustBundleUrl and backoff, are rendered
+    into server.toml / agent.toml and parsed by credo-server's and credo-agent's loaders."""
+    objects = render(chart, ci_values("http-frontend"))
+    config = load_server(objects, tmp_path)
+    assert config.jwt_issuer == "https://oidc.corp.example.com"
+    assert (config.bundle_refresh_hint, config.sync_heartbeat_interval) == (120, 15.0)
+    assert (config.join_token_max_ttl, config.crl_next_update) == (7200, 1200)
+    assert (config.audit_checkpoint_interval, config.require_entry_owner) == (300, True)
+    http = config.http
+    assert (http.bind_address, http.dns_names) == ("0.0.0.0:8443", ("credo.corp.example.com",))
+    assert (str(http.tls_cert_file), str(http.tls_key_file)) == (
+        "/etc/credo/http-tls/tls.crt",
+        "/etc/credo/http-tls/tls.key",
+    )
+    assert (http.insecure_http, http.max_request_bytes) == (False, 131072)
+    assert (http.request_timeout, http.idle_timeout) == (15, 120)
+    delegation = config.delegation
+    assert delegation.issuer == "https://credo.corp.example.com:8443"
+    assert delegation.introspection_allowed == ("spiffe://example.org/resource/git",)
+    corp = delegation.issuers["corp"]
+    assert (corp.issuer, corp.jwks_url) == (
+        "https://login.corp.example.com",
+        "https://login.corp.example.com/keys",
+    )
+    assert (corp.audience, corp.algorithms, corp.clock_skew) == (("credo",), ("RS256",), 60)
+    # The container port, the Service port, and the certificate from the Secret.
+    ports = {p["name"]: p["containerPort"] for p in server_container(objects)["ports"]}
+    assert ports == {"grpc": 8081, "http": 8443}
+    service = one(objects, "Service", "credo-server")
+    assert {"name": "http", "port": 8443, "targetPort": "http", "protocol": "TCP"} in service[
+        "spec"
+    ]["ports"]
+    mount = mounts(server_container(objects))["/etc/credo/http-tls"]
+    assert mount == {"name": "http-tls", "mountPath": "/etc/credo/http-tls", "readOnly": True}
+    secret = volumes(one(objects, "StatefulSet"))["http-tls"]["secret"]
+    assert secret["secretName"] == "credo-web-tls"
+    agent = load_agent(objects, tmp_path)
+    assert agent.trust_bundle is None
+    assert (agent.trust_bundle_url, agent.trust_bundle_format) == (
+        "https://credo.corp.example.com:8443/bundle",
+        "spiffe",
+    )
+    assert (agent.sync_backoff_min, agent.sync_backoff_max, agent.svid_wait_timeout) == (
+        0.5,
+        60.0,
+        10.0,
+    )
+
+
+def test_chart_defaults_keep_the_config_defaults(chart: Any, tmp_path: Path) -> None:
+    """With the chart's default values, the new settings equal credo's own defaults and no
+    HTTP front end or delegation table is rendered."""
+    objects = render(chart)
+    config = load_server(objects, tmp_path)
+    defaults = ServerConfig()
+    for name in (
+        "jwt_issuer",
+        "bundle_refresh_hint",
+        "sync_heartbeat_interval",
+        "join_token_max_ttl",
+        "crl_next_update",
+        "audit_checkpoint_interval",
+        "require_entry_owner",
+        "http",
+        "delegation",
+    ):
+        assert getattr(config, name) == getattr(defaults, name), name
+    assert "[server.http]" not in one(objects, "ConfigMap", "credo-server")["data"]["server.toml"]
+    agent = load_agent(objects, tmp_path)
+    agent_defaults = AgentConfig()
+    for name in ("trust_bundle_url", "sync_backoff_min", "sync_backoff_max", "svid_wait_timeout"):
+        assert getattr(agent, name) == getattr(agent_defaults, name), name
+    assert str(agent.trust_bundle) == "/etc/credo/bundle/bundle.pem"
 
 
 def test_upstream_ca_scenario_mounts_the_secret_read_only(chart: Any, tmp_path: Path) -> None:
@@ -757,6 +836,22 @@ def test_replicas_above_one_with_sqlite_fail_clearly(chart: Any) -> None:
             {"agent": {"socketPath": "/run/credo-agent/public/api.sock"}},
             "is inside /run/credo-agent, the agent's private directory",
         ),
+        (
+            {"server": {"delegation": {"introspectionAllowed": ["spiffe://example.org/x"]}}},
+            "server.delegation needs server.http.enabled",
+        ),
+        (
+            {
+                "server": {
+                    "http": {"enabled": True, "insecureHttp": True, "tls": {"existingSecret": "s"}}
+                }
+            },
+            "server.http: insecureHttp serves no certificate",
+        ),
+        (
+            {"server": {"http": {"enabled": True, "port": 8081}}},
+            "server.http.port must differ from the agent endpoint port",
+        ),
     ],
     ids=[
         "postgres-no-url",
@@ -769,6 +864,9 @@ def test_replicas_above_one_with_sqlite_fail_clearly(chart: Any) -> None:
         "alias-other-trust-domain",
         "alias-reserved-path",
         "socket-in-private-dir",
+        "delegation-without-http",
+        "insecure-http-with-certificate",
+        "http-port-clash",
     ],
 )
 def test_invalid_combinations_fail(chart: Any, values: dict[str, Any], message: str) -> None:
