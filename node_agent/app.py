@@ -137,6 +137,7 @@ async def serve(
             entries=lambda: len(cache.served),
             sync_connected=lambda: 1.0 if cache.connected else 0.0,
             sync_last_event_id=lambda: syncer.state.last_event_id if syncer else 0,
+            sync_resyncs=lambda: syncer.resyncs if syncer else 0,
         )
         async with asyncio.TaskGroup() as group:
             tasks = [

@@ -12,6 +12,9 @@ server's are, from a registry of the agent's own:
 ``credo_agent_entries``                     registration entries served to workloads
 ``credo_agent_sync_connected``              1 while the entry sync stream is up
 ``credo_agent_sync_last_event_id``          the last change-feed event id synced
+``credo_agent_sync_resyncs_total``          times a sync heartbeat showed the agent's
+                                            entries differ from the server's and it
+                                            synced the full set again
 ==========================================  =========================================
 
 The agent's own health check (``credo-agent healthcheck``) is a real ``FetchJWTSVID``
@@ -20,10 +23,11 @@ call through the public socket, so it counts among the calls.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import CounterMetricFamily, Metric
 
 from credo._metrics import serve_metrics
 
@@ -34,6 +38,7 @@ __all__ = [
     "SVIDS_CACHED",
     "SYNC_CONNECTED",
     "SYNC_LAST_EVENT_ID",
+    "SYNC_RESYNCS_TOTAL",
     "WORKLOAD_API_CALLS_TOTAL",
     "WORKLOAD_API_REFUSALS_TOTAL",
     "AgentMetrics",
@@ -45,9 +50,30 @@ SVIDS_CACHED: Final = "credo_agent_svids_cached"
 ENTRIES: Final = "credo_agent_entries"
 SYNC_CONNECTED: Final = "credo_agent_sync_connected"
 SYNC_LAST_EVENT_ID: Final = "credo_agent_sync_last_event_id"
+SYNC_RESYNCS_TOTAL: Final = "credo_agent_sync_resyncs_total"
 
 LABEL_METHOD: Final = "method"
 LABEL_CODE: Final = "code"
+
+
+class _CounterFromSource:
+    """A counter whose value a callable gives at scrape time (a count kept elsewhere, such
+    as :attr:`~node_agent.sync.syncer.EntrySyncer.resyncs`); 0 until a source is set."""
+
+    def __init__(self, name: str, documentation: str, registry: CollectorRegistry) -> None:
+        self._name = name.removesuffix("_total")
+        self._documentation = documentation
+        self._source: Callable[[], float] = lambda: 0.0
+        registry.register(self)
+
+    def set_function(self, source: Callable[[], float]) -> None:
+        self._source = source
+
+    def describe(self) -> list[Metric]:
+        return [CounterMetricFamily(self._name, self._documentation)]
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(self._name, self._documentation, value=self._source())
 
 
 class AgentMetrics:
@@ -75,6 +101,11 @@ class AgentMetrics:
         self.sync_last_event_id = Gauge(
             SYNC_LAST_EVENT_ID, "Last change-feed event id synced", registry=self.registry
         )
+        self.sync_resyncs = _CounterFromSource(
+            SYNC_RESYNCS_TOTAL,
+            "Times a sync heartbeat showed the agent behind and it synced the full set again",
+            self.registry,
+        )
 
     # The Workload API handler's hooks (node_agent.workload_api.handler.WorkloadApiMetrics).
 
@@ -93,12 +124,15 @@ class AgentMetrics:
         entries: Callable[[], float],
         sync_connected: Callable[[], float],
         sync_last_event_id: Callable[[], float],
+        sync_resyncs: Callable[[], float],
     ) -> None:
-        """Compute the gauges from the given callables at scrape time."""
+        """Compute the gauges (and the resync counter) from the given callables at scrape
+        time."""
         self.svids_cached.set_function(svids_cached)
         self.entries.set_function(entries)
         self.sync_connected.set_function(sync_connected)
         self.sync_last_event_id.set_function(sync_last_event_id)
+        self.sync_resyncs.set_function(sync_resyncs)
 
     def serve_http(self, address: str) -> tuple[str, Callable[[], None]]:
         """Serve ``/metrics`` on ``host:port``; return the bound address and a stop function."""

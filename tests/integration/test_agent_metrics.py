@@ -60,3 +60,5 @@ def test_metrics_count_calls_refusals_svids_and_sync_state(tmp_path: Path, root:
         assert samples[(telemetry.SYNC_CONNECTED, ())] == 1
         events = server.cli_json("entry", "show")  # the entry's creation is an event
         assert events["entries"] and samples[(telemetry.SYNC_LAST_EVENT_ID, ())] > 0
+        # Every push arrived: no heartbeat found the agent behind.
+        assert samples[(telemetry.SYNC_RESYNCS_TOTAL, ())] == 0

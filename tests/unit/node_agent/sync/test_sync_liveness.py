@@ -8,18 +8,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import urllib.request
 from collections.abc import Awaitable, Callable
 
 import pytest
 from agent_fake_server import FakeAgentServer, TrustRecorder, attested_client, wait_until
+from prometheus_client.parser import text_string_to_metric_families
 
 import node_agent.app as agent_app
 import node_agent.server_client as server_client
 from credo._proto.credo.server.v1 import agent_pb2
 from credo._protocol import entries_digest
+from node_agent import telemetry
 from node_agent.errors import ServerUnreachable
 from node_agent.server_client import Backoff, BackoffPolicy, ServerClient
 from node_agent.sync.syncer import EntrySyncer
+from node_agent.telemetry import AgentMetrics
 from tests.unit.node_agent.sync.test_agent_sync import Recorder
 
 
@@ -245,3 +249,51 @@ def test_server_client_retries_well_before_its_agent_svid_expires() -> None:
         await client.close()
 
     run(scenario)
+
+
+def _scrape(address: str) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def test_a_resync_is_counted_on_the_agents_metrics_endpoint() -> None:
+    """The heartbeat that finds the agent behind raises credo_agent_sync_resyncs_total on
+    the agent's real /metrics endpoint from 0 to 1."""
+    metrics = AgentMetrics()
+    address, stop = metrics.serve_http("127.0.0.1:0")
+
+    async def scenario() -> None:
+        server = FakeAgentServer()
+        await server.start()
+        server.create_entry("spiffe://example.org/a", ["unix:uid:1"])
+        client, recorder, syncer, task = await _started(server)
+        metrics.set_gauge_sources(
+            svids_cached=lambda: 0,
+            entries=lambda: len(recorder.entries),
+            sync_connected=lambda: 1,
+            sync_last_event_id=lambda: syncer.state.last_event_id,
+            sync_resyncs=lambda: syncer.resyncs,
+        )
+        before = await asyncio.to_thread(_scrape, address)
+        assert before[telemetry.SYNC_RESYNCS_TOTAL] == 0
+        lost = server.create_entry("spiffe://example.org/lost", ["unix:uid:1"], push=False)
+        _send(
+            server,
+            agent_pb2.SyncEntriesResponse(event_id=server.event_id, entries_digest=_digest(server)),
+        )
+        await wait_until(lambda: lost in recorder.entries)
+        after = await asyncio.to_thread(_scrape, address)
+        assert after[telemetry.SYNC_RESYNCS_TOTAL] == 1
+        await _cancel(task)
+        await client.close()
+        await server.stop()
+
+    try:
+        run(scenario)
+    finally:
+        stop()
