@@ -80,6 +80,7 @@ from server.datastore.errors import (
     NotFound,
     UnsupportedDatabase,
 )
+from server.datastore.issued import DELEGATED_TOKENS, JWT_SVIDS, X509_SVIDS, IssuedKind
 from server.datastore.models import (
     AttestedNode,
     Authority,
@@ -127,6 +128,8 @@ from server.datastore.schema import (
 )
 
 __all__ = ["Listener", "SqlDataStore"]
+
+_R = TypeVar("_R", IssuedX509Svid, IssuedJwtSvid, DelegatedToken)
 
 log = logging.getLogger(__name__)
 
@@ -1157,7 +1160,7 @@ class SqlDataStore:
     def fetch_issued_x509_svid(self, serial: str) -> IssuedX509Svid | None:
         """The recorded SVID with this serial (lowercase hex), or None."""
         with self._transaction(write=False) as tx:
-            found = self._load_issued(tx.conn, issued_x509_svids.c.serial == serial)
+            found = X509_SVIDS.load(tx.conn, issued_x509_svids.c.serial == serial)
         return found[0] if found else None
 
     def list_issued_x509_svids(
@@ -1183,7 +1186,7 @@ class SqlDataStore:
         if expires_after is not None:
             conds.append(c.expires_at > expires_after)
         with self._transaction(write=False) as tx:
-            return self._load_issued(tx.conn, and_(true(), *conds))
+            return X509_SVIDS.load(tx.conn, and_(true(), *conds))
 
     def prune_issued_x509_svids(self, expires_before: int) -> int:
         """Forget SVIDs that expired before ``expires_before`` (nothing verifies them)."""
@@ -1203,11 +1206,7 @@ class SqlDataStore:
         result then lists nothing.
         """
         with self._transaction(write=True) as tx:
-            found = self._load_issued(tx.conn, issued_x509_svids.c.serial == serial)
-            if not found:
-                raise NotFound(f"no X.509-SVID with serial {serial!r} was issued")
-            revoked = self._revoke_issued(tx, issued_x509_svids.c.serial == serial, reason)
-            svid = found[0]
+            svid, revoked = self._revoke_one(tx, X509_SVIDS, serial, reason)
             audit.record(
                 tx,
                 "x509_svid.revoke",
@@ -1247,18 +1246,18 @@ class SqlDataStore:
                 )
                 self._emit(tx, [(EventKind.ENTRY_REVOKED, entry_id)])
             c = issued_x509_svids.c
-            revoked = self._revoke_issued(
-                tx, and_(c.entry_id == entry_id, c.expires_at > tx.now), reason
+            revoked = self._revoke(
+                tx, X509_SVIDS, and_(c.entry_id == entry_id, c.expires_at > tx.now), reason
             )
             j = issued_jwt_svids.c
-            jwts = self._revoke_jwts(
-                tx, and_(j.entry_id == entry_id, j.expires_at > tx.now), reason
+            jwts = self._revoke(
+                tx, JWT_SVIDS, and_(j.entry_id == entry_id, j.expires_at > tx.now), reason
             )
             d = delegated_tokens.c
             mine = d.client_id == spiffe_id
             if cascade:
                 mine = or_(mine, d.actors.contains(spiffe_id + " ", autoescape=True))
-            tokens = self._revoke_tokens(tx, and_(mine, d.expires_at > tx.now), reason)
+            tokens = self._revoke(tx, DELEGATED_TOKENS, and_(mine, d.expires_at > tx.now), reason)
             audit.record(
                 tx,
                 "entry.revoke",
@@ -1309,12 +1308,12 @@ class SqlDataStore:
                 raise NotFound(f"attested node {spiffe_id!r} not found")
             self._emit(tx, [(EventKind.NODE_UPDATED, spiffe_id)])
             c = issued_x509_svids.c
-            revoked = self._revoke_issued(
-                tx, and_(c.agent_id == spiffe_id, c.expires_at > tx.now), reason
+            revoked = self._revoke(
+                tx, X509_SVIDS, and_(c.agent_id == spiffe_id, c.expires_at > tx.now), reason
             )
             j = issued_jwt_svids.c
-            jwts = self._revoke_jwts(
-                tx, and_(j.agent_id == spiffe_id, j.expires_at > tx.now), reason
+            jwts = self._revoke(
+                tx, JWT_SVIDS, and_(j.agent_id == spiffe_id, j.expires_at > tx.now), reason
             )
             node = self._load_nodes(tx.conn, [nodes.c.spiffe_id == spiffe_id])[0]
             audit.record(
@@ -1334,55 +1333,25 @@ class SqlDataStore:
         owner = conn.execute(select(entries.c.owner).where(entries.c.entry_id == entry_id)).scalar()
         return str(owner or "")
 
-    def _revoke_issued(
-        self, tx: _Tx, cond: ColumnElement[bool], reason: str
-    ) -> list[IssuedX509Svid]:
-        """Mark the matching unrevoked SVIDs revoked; one event per issuing authority."""
-        c = issued_x509_svids.c
-        pending = and_(cond, c.revoked_at == 0)
-        targets = self._load_issued(tx.conn, pending)
-        if not targets:
-            return []
-        tx.conn.execute(
-            update(issued_x509_svids).where(pending).values(revoked_at=tx.now, reason=reason)
-        )
-        self._emit(
-            tx,
-            [
-                (EventKind.X509_SVIDS_REVOKED, authority_id)
-                for authority_id in sorted({t.authority_id for t in targets})
-            ],
-        )
-        return [replace(t, revoked_at=tx.now, reason=reason) for t in targets]
+    def _revoke(
+        self, tx: _Tx, kind: IssuedKind[_R], cond: ColumnElement[bool], reason: str
+    ) -> list[_R]:
+        """Mark the matching unrevoked credentials of ``kind`` revoked, with their events."""
+        revoked = kind.revoke(tx.conn, tx.now, cond, reason)
+        if revoked:
+            self._emit(tx, kind.events(revoked))
+        return revoked
 
-    @staticmethod
-    def _load_issued(conn: Connection, cond: ColumnElement[bool]) -> list[IssuedX509Svid]:
-        c = issued_x509_svids.c
-        stmt = select(
-            c.serial,
-            c.authority_id,
-            c.spiffe_id,
-            c.expires_at,
-            c.entry_id,
-            c.agent_id,
-            c.issued_at,
-            c.revoked_at,
-            c.reason,
-        ).where(cond)
-        return [
-            IssuedX509Svid(
-                serial=r[0],
-                authority_id=r[1],
-                spiffe_id=r[2],
-                expires_at=int(r[3]),
-                entry_id=r[4],
-                agent_id=r[5],
-                issued_at=int(r[6]),
-                revoked_at=int(r[7]),
-                reason=r[8],
-            )
-            for r in conn.execute(stmt.order_by(c.serial))
-        ]
+    def _revoke_one(
+        self, tx: _Tx, kind: IssuedKind[_R], key: str, reason: str
+    ) -> tuple[_R, list[_R]]:
+        """The credential of ``kind`` named ``key`` and what revoking it revoked (nothing
+        when it already was); :class:`NotFound` if it was never recorded."""
+        cond = kind.table.c[kind.key] == key
+        found = kind.load(tx.conn, cond)
+        if not found:
+            raise NotFound(f"no {kind.noun} with {kind.key} {key!r} was issued")
+        return found[0], self._revoke(tx, kind, cond, reason)
 
     # ------------------------------------------------------------------ issued JWT-SVIDs
 
@@ -1422,7 +1391,7 @@ class SqlDataStore:
     def fetch_issued_jwt_svid(self, jti: str) -> IssuedJwtSvid | None:
         """The recorded JWT-SVID with this ``jti``, or None."""
         with self._transaction(write=False) as tx:
-            found = self._load_jwts(tx.conn, issued_jwt_svids.c.jti == jti)
+            found = JWT_SVIDS.load(tx.conn, issued_jwt_svids.c.jti == jti)
         return found[0] if found else None
 
     def list_revoked_jwt_svids(self, expires_after: int) -> list[IssuedJwtSvid]:
@@ -1431,8 +1400,8 @@ class SqlDataStore:
         j = issued_jwt_svids.c
         d = delegated_tokens.c
         with self._transaction(write=False) as tx:
-            svids = self._load_jwts(tx.conn, and_(j.revoked_at != 0, j.expires_at > expires_after))
-            tokens = self._load_tokens(
+            svids = JWT_SVIDS.load(tx.conn, and_(j.revoked_at != 0, j.expires_at > expires_after))
+            tokens = DELEGATED_TOKENS.load(
                 tx.conn, and_(d.revoked_at != 0, d.expires_at > expires_after)
             )
         return svids + [
@@ -1453,17 +1422,14 @@ class SqlDataStore:
         Idempotent: an already revoked one keeps its first time and reason.
         """
         with self._transaction(write=True) as tx:
-            found = self._load_jwts(tx.conn, issued_jwt_svids.c.jti == jti)
-            if not found:
-                raise NotFound(f"no JWT-SVID with jti {jti!r} was issued")
-            jwts = self._revoke_jwts(tx, issued_jwt_svids.c.jti == jti, reason)
+            svid, jwts = self._revoke_one(tx, JWT_SVIDS, jti, reason)
             audit.record(
                 tx,
                 "jwt_svid.revoke",
-                subject=found[0].spiffe_id,
+                subject=svid.spiffe_id,
                 target=jti,
-                owner=self._entry_owner(tx.conn, found[0].entry_id),
-                details=_revocation_details(reason, [], jwts, entry_id=found[0].entry_id),
+                owner=self._entry_owner(tx.conn, svid.entry_id),
+                details=_revocation_details(reason, [], jwts, entry_id=svid.entry_id),
             )
         return Revocation(revoked_jwts=tuple(jwts))
 
@@ -1475,45 +1441,6 @@ class SqlDataStore:
                     delete(issued_jwt_svids).where(issued_jwt_svids.c.expires_at < expires_before)
                 ).rowcount
             )
-
-    def _revoke_jwts(self, tx: _Tx, cond: ColumnElement[bool], reason: str) -> list[IssuedJwtSvid]:
-        """Mark the matching unrevoked JWT-SVIDs revoked; one event when any were."""
-        pending = and_(cond, issued_jwt_svids.c.revoked_at == 0)
-        targets = self._load_jwts(tx.conn, pending)
-        if not targets:
-            return []
-        tx.conn.execute(
-            update(issued_jwt_svids).where(pending).values(revoked_at=tx.now, reason=reason)
-        )
-        self._emit(tx, [(EventKind.JWT_SVIDS_REVOKED, "")])
-        return [replace(t, revoked_at=tx.now, reason=reason) for t in targets]
-
-    @staticmethod
-    def _load_jwts(conn: Connection, cond: ColumnElement[bool]) -> list[IssuedJwtSvid]:
-        j = issued_jwt_svids.c
-        stmt = select(
-            j.jti,
-            j.spiffe_id,
-            j.expires_at,
-            j.entry_id,
-            j.agent_id,
-            j.issued_at,
-            j.revoked_at,
-            j.reason,
-        ).where(cond)
-        return [
-            IssuedJwtSvid(
-                jti=r[0],
-                spiffe_id=r[1],
-                expires_at=int(r[2]),
-                entry_id=r[3],
-                agent_id=r[4],
-                issued_at=int(r[5]),
-                revoked_at=int(r[6]),
-                reason=r[7],
-            )
-            for r in conn.execute(stmt.order_by(j.jti))
-        ]
 
     # ------------------------------------------------------------------ delegated tokens
 
@@ -1555,7 +1482,7 @@ class SqlDataStore:
     def fetch_delegated_token(self, jti: str) -> DelegatedToken | None:
         """The recorded access token with this ``jti``, or None."""
         with self._transaction(write=False) as tx:
-            found = self._load_tokens(tx.conn, delegated_tokens.c.jti == jti)
+            found = DELEGATED_TOKENS.load(tx.conn, delegated_tokens.c.jti == jti)
         return found[0] if found else None
 
     def revoke_delegated_token(self, jti: str, reason: str, *, cascade: bool = False) -> Revocation:
@@ -1566,15 +1493,13 @@ class SqlDataStore:
         """
         d = delegated_tokens.c
         with self._transaction(write=True) as tx:
-            found = self._load_tokens(tx.conn, d.jti == jti)
-            if not found:
-                raise NotFound(f"no delegated token with jti {jti!r} was issued")
-            tokens = self._revoke_tokens(tx, d.jti == jti, reason)
+            token, tokens = self._revoke_one(tx, DELEGATED_TOKENS, jti, reason)
             if cascade:
-                tokens += self._revoke_tokens(
+                tokens += self._revoke(
                     tx,
+                    DELEGATED_TOKENS,
                     and_(
-                        d.actors.contains(found[0].client_id + " ", autoescape=True),
+                        d.actors.contains(token.client_id + " ", autoescape=True),
                         d.expires_at > tx.now,
                     ),
                     reason,
@@ -1589,47 +1514,6 @@ class SqlDataStore:
                     delete(delegated_tokens).where(delegated_tokens.c.expires_at < expires_before)
                 ).rowcount
             )
-
-    def _revoke_tokens(
-        self, tx: _Tx, cond: ColumnElement[bool], reason: str
-    ) -> list[DelegatedToken]:
-        """Mark the matching unrevoked access tokens revoked; one event when any were."""
-        pending = and_(cond, delegated_tokens.c.revoked_at == 0)
-        targets = self._load_tokens(tx.conn, pending)
-        if not targets:
-            return []
-        tx.conn.execute(
-            update(delegated_tokens).where(pending).values(revoked_at=tx.now, reason=reason)
-        )
-        self._emit(tx, [(EventKind.JWT_SVIDS_REVOKED, "")])
-        return [replace(t, revoked_at=tx.now, reason=reason) for t in targets]
-
-    @staticmethod
-    def _load_tokens(conn: Connection, cond: ColumnElement[bool]) -> list[DelegatedToken]:
-        d = delegated_tokens.c
-        stmt = select(
-            d.jti,
-            d.client_id,
-            d.subject,
-            d.actors,
-            d.expires_at,
-            d.issued_at,
-            d.revoked_at,
-            d.reason,
-        ).where(cond)
-        return [
-            DelegatedToken(
-                jti=r[0],
-                client_id=r[1],
-                subject=r[2],
-                actors=tuple(str(r[3]).split()),
-                expires_at=int(r[4]),
-                issued_at=int(r[5]),
-                revoked_at=int(r[6]),
-                reason=r[7],
-            )
-            for r in conn.execute(stmt.order_by(d.jti))
-        ]
 
     # ------------------------------------------------------------------ CRLs
 
