@@ -132,7 +132,7 @@ class Acceptor:
         self._last_summary = now
         counts = [[reason, uid, n] for (reason, uid), n in sorted(self._refused.items())]
         self._refused = {}
-        self._outbox.append((b"L" + json.dumps(counts).encode(), []))
+        self._send(b"L" + json.dumps(counts).encode(), [])
 
     # -- one connection -----------------------------------------------------------------
 
@@ -161,7 +161,7 @@ class Acceptor:
             return
         dev, ino = exe if exe is not None else (0, 0)
         data = b"C" + CONNECTION.pack(pid, uid, gid, start_time, dev, ino, exe is not None)
-        self._outbox.append((data, [conn.detach(), pidfd]))
+        self._send(data, [conn.detach(), pidfd])
 
     def _accept_batch(self) -> None:
         for _ in range(BATCH):
@@ -180,6 +180,12 @@ class Acceptor:
             self._handle(conn)
 
     # -- the agent's channel ------------------------------------------------------------
+
+    def _send(self, data: bytes, fds: list[int]) -> None:
+        """Hand ``data`` (and ``fds``, closed here once sent) to the agent now, or queue it."""
+        self._outbox.append((data, fds))
+        if len(self._outbox) == 1:
+            self._flush()  # a failure (the agent is gone) shows in the poll loop
 
     def _flush(self) -> bool:
         """Send what is queued; False when the agent is gone."""
