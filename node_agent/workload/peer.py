@@ -38,15 +38,23 @@ inside a handler.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
-import select
 import socket
 import struct
 from dataclasses import dataclass
 
 from node_agent.workload.errors import PeerChanged, PeerUnknown
+from node_agent.workload.pinning import (
+    PinRefused,
+    exe_identity,
+    exited,
+    peer_credentials_raw,
+    peer_pidfd,
+    pin,
+    read_effective_ids,
+    read_start_time,
+)
 
 __all__ = [
     "PeerCredentials",
@@ -59,10 +67,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-_UCRED = struct.Struct("3i")  # struct ucred { pid_t pid; uid_t uid; gid_t gid; }
-SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)
-"""``getsockopt`` option returning a pidfd of the peer (Linux >= 6.5)."""
 
 # sock_diag (linux/sock_diag.h, linux/unix_diag.h)
 _NETLINK_SOCK_DIAG = 4
@@ -88,22 +92,7 @@ class PeerCredentials:
 
 def peer_credentials(sock: socket.socket) -> PeerCredentials:
     """Read ``SO_PEERCRED`` from a connected Unix socket (Linux only)."""
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
-    pid, uid, gid = _UCRED.unpack(raw)
-    return PeerCredentials(pid, uid, gid)
-
-
-def peer_pidfd(sock: socket.socket) -> int | None:
-    """A pidfd for the process that called ``connect()`` (``SO_PEERPIDFD``), or None.
-
-    None where the kernel does not offer it (before Linux 6.5) or the peer is gone.
-    """
-    try:
-        return int(sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD))
-    except OSError as err:
-        if err.errno in (errno.ENOPROTOOPT, errno.EINVAL, errno.ESRCH, errno.ENODATA):
-            return None
-        raise
+    return PeerCredentials(*peer_credentials_raw(sock))
 
 
 def unix_peer_inode(inode: int) -> int | None:
@@ -169,45 +158,13 @@ def socket_holders(inode: int, proc_root: str = "/proc") -> set[int]:
     return holders
 
 
-def read_start_time(pid: int) -> int:
-    """The process start time (``/proc/<pid>/stat`` field 22, clock ticks after boot).
-
-    Raises :class:`FileNotFoundError` / :class:`ProcessLookupError` if the process is gone.
-    """
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        data = f.read()
-    # Field 2 (comm) is in parentheses and may itself contain spaces or ')'.
-    rest = data[data.rindex(b")") + 2 :].split()
-    return int(rest[22 - 3])
-
-
 def read_effective_uid(pid: int) -> int:
     """The effective uid from ``/proc/<pid>/status`` (second number of ``Uid:``)."""
     return read_effective_ids(pid)[0]
 
 
-def read_effective_ids(pid: int) -> tuple[int, int]:
-    """Effective uid and gid from ``/proc/<pid>/status`` (second of ``Uid:``, ``Gid:``)."""
-    uid: int | None = None
-    gid: int | None = None
-    with open(f"/proc/{pid}/status", "rb") as f:
-        for line in f:
-            if line.startswith(b"Uid:"):
-                uid = int(line.split()[2])
-            elif line.startswith(b"Gid:"):
-                gid = int(line.split()[2])
-    if uid is None or gid is None:
-        raise PeerChanged("process status has no Uid/Gid line", pid=pid)
-    return uid, gid
-
-
-def _exe_identity(pid: int) -> tuple[int, int] | None:
-    """``(st_dev, st_ino)`` of the process's executable, or None if the agent may not see it."""
-    try:
-        st = os.stat(f"/proc/{pid}/exe")
-    except (PermissionError, FileNotFoundError, ProcessLookupError):
-        return None
-    return (st.st_dev, st.st_ino)
+_exe_identity = exe_identity
+_exited = exited
 
 
 class PeerProcess:
@@ -254,40 +211,10 @@ class PeerProcess:
         and is refused.
         """
         pid = credentials.pid
-        if pid <= 0:
-            if pidfd is not None:
-                os.close(pidfd)
-            raise PeerUnknown("kernel reported pid 0 for the connection", pid=pid)
-        if pidfd is None:
-            try:
-                pidfd = os.pidfd_open(pid)
-            except ProcessLookupError:
-                raise PeerChanged("process exited before it could be tracked", pid=pid) from None
         try:
-            start_time = read_start_time(pid)
-            uid, gid = read_effective_ids(pid)
-            exe = _exe_identity(pid)
-            if _exited(pidfd):
-                raise PeerChanged("process exited before it could be tracked", pid=pid)
-            if uid != credentials.uid:
-                raise PeerChanged(
-                    f"effective uid is {uid}, but the connection was opened as uid "
-                    f"{credentials.uid}",
-                    pid=pid,
-                )
-            if gid != credentials.gid:
-                # e.g. it exec'd a setgid binary between connect() and accept()
-                raise PeerChanged(
-                    f"effective gid is {gid}, but the connection was opened as gid "
-                    f"{credentials.gid}",
-                    pid=pid,
-                )
-        except (FileNotFoundError, ProcessLookupError):
-            os.close(pidfd)
-            raise PeerChanged("process exited before it could be tracked", pid=pid) from None
-        except BaseException:
-            os.close(pidfd)
-            raise
+            pidfd, start_time, exe = pin(pid, credentials.uid, credentials.gid, pidfd)
+        except PinRefused as err:
+            raise (PeerUnknown if err.unknown else PeerChanged)(err.reason, pid=pid) from None
         return cls(credentials, pidfd, start_time, exe, server_inode)
 
     def ensure_same_process(self) -> None:
@@ -306,6 +233,8 @@ class PeerProcess:
             uid, gid = read_effective_ids(pid)
         except (FileNotFoundError, ProcessLookupError):
             raise PeerChanged("process exited", pid=pid) from None
+        except PinRefused as err:
+            raise PeerChanged(err.reason, pid=pid) from None
         if uid != self.credentials.uid:
             raise PeerChanged(
                 f"effective uid changed from {self.credentials.uid} to {uid}", pid=pid
@@ -371,10 +300,3 @@ class PeerProcess:
     def __repr__(self) -> str:
         c = self.credentials
         return f"PeerProcess(pid={c.pid}, uid={c.uid}, gid={c.gid})"
-
-
-def _exited(pidfd: int) -> bool:
-    """True when the process behind ``pidfd`` has exited (the pidfd polls readable)."""
-    poller = select.poll()
-    poller.register(pidfd, select.POLLIN)
-    return bool(poller.poll(0))

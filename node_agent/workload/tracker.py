@@ -30,20 +30,21 @@ agent with a bare gRPC echo server at 100 concurrent callers.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
-import errno
 import itertools
+import json
 import logging
 import os
 import socket
 import stat
+import subprocess
+import sys
 import tempfile
-import threading
-import time
 
-from node_agent.workload.errors import WorkloadError
-from node_agent.workload.peer import PeerProcess, peer_credentials, peer_pidfd
+from node_agent.workload.acceptor import CONNECTION, RELEASE
+from node_agent.workload.peer import PeerCredentials, PeerProcess
 
 __all__ = ["PeerTrackingProxy"]
 
@@ -168,70 +169,187 @@ class _Relay:
             self.proxy.release(self.peer.credentials.uid)
 
 
-ACCEPT_NICE = -10
-"""Nice value of the accept thread where the agent may raise it (root): a user churning
-connections from many processes must not out-run the agent's accepting them."""
+_ACCEPTOR_CODE = (
+    "import sys; sys.path.insert(0, sys.argv[1]); "
+    "from node_agent.workload.acceptor import main; main(sys.argv[2:])"
+)
+_CODE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+"""Where the ``node_agent`` package lives, for the accept process's ``sys.path``."""
+_FDS_SIZE = socket.CMSG_SPACE(2 * array.array("i").itemsize)
 
 
-def _raise_priority() -> None:
-    # Not permitted (not root): the thread keeps the process's priority.
-    with contextlib.suppress(OSError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), ACCEPT_NICE)
+class _AcceptProcess:
+    """The accept process (:mod:`node_agent.workload.acceptor`) and the agent's end of its
+    channel: pinned connections in, releases out."""
 
+    def __init__(self, proxy: PeerTrackingProxy, listener: socket.socket) -> None:
+        self.proxy = proxy
+        config = json.dumps(
+            {
+                "max_open": proxy.max_connections_per_uid,
+                "rate": proxy.connections_per_second,
+                "burst": proxy.connection_burst,
+                "log_interval": proxy.refusal_log_interval,
+            }
+        )
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            # -I -S: nothing from the environment, the working directory or site-packages
+            # reaches the interpreter; it needs only the standard library and this package.
+            self.process = subprocess.Popen(
+                [sys.executable, "-I", "-S", "-c", _ACCEPTOR_CODE, _CODE_ROOT,
+                 str(listener.fileno()), str(theirs.fileno()), config],
+                stdin=subprocess.DEVNULL,
+                pass_fds=(listener.fileno(), theirs.fileno()),
+            )  # fmt: skip
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        ours.setblocking(False)
+        self.channel = ours
+        self._pending: list[bytes] = []
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(ours.fileno(), self._readable)
+        self._closed = False
 
-class _Bucket:
-    """A token bucket: ``rate`` tokens a second, at most ``burst`` saved up."""
+    def _readable(self) -> None:
+        while not self._closed:
+            try:
+                data, ancdata, flags, _ = self.channel.recvmsg(256, _FDS_SIZE)
+            except BlockingIOError:
+                return
+            except OSError:
+                data, ancdata, flags = b"", [], 0
+            if not self._message(data, ancdata, flags, adopt=True):
+                self._close()
+                self.proxy._acceptor_exited(self)
+                return
 
-    __slots__ = ("stamp", "tokens")
-
-    def __init__(self, burst: float, now: float) -> None:
-        self.tokens = burst
-        self.stamp = now
-
-    def take(self, rate: float, burst: float, now: float) -> bool:
-        self.tokens = min(burst, self.tokens + (now - self.stamp) * rate)
-        self.stamp = now
-        if self.tokens < 1:
+    def _message(
+        self, data: bytes, ancdata: list[tuple[int, int, bytes]], flags: int, *, adopt: bool
+    ) -> bool:
+        """Handle one message from the accept process; False at its end (EOF)."""
+        fds = array.array("i")
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+        if not data:
+            for fd in fds:
+                os.close(fd)
             return False
-        self.tokens -= 1
+        tag = data[:1]
+        if (
+            tag == b"C"
+            and len(fds) == 2
+            and len(data) == 1 + CONNECTION.size
+            and not flags & socket.MSG_CTRUNC
+        ):
+            conn_fd, pidfd = fds
+            pid, uid, gid, start_time, dev, ino, has_exe = CONNECTION.unpack_from(data, 1)
+            conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, conn_fd)
+            if not adopt:
+                conn.close()
+                os.close(pidfd)
+                self.release(uid)
+                return True
+            try:
+                inode = os.fstat(conn_fd).st_ino
+            except OSError:
+                inode = None
+            peer = PeerProcess(
+                PeerCredentials(pid, uid, gid),
+                pidfd,
+                start_time,
+                (dev, ino) if has_exe else None,
+                inode,
+            )
+            self.proxy._adopt(conn, peer)
+            return True
+        for fd in fds:
+            os.close(fd)
+        if tag == b"L":
+            for reason, uid, count in json.loads(data[1:]):
+                log.warning(
+                    "workload connections refused",
+                    extra={
+                        "reason": reason,
+                        "uid": uid,
+                        "count": count,
+                        "interval_s": self.proxy.refusal_log_interval,
+                    },
+                )
         return True
 
+    def release(self, uid: int) -> None:
+        """Tell the accept process that a connection of ``uid`` closed."""
+        if self._closed:
+            return
+        message = b"R" + RELEASE.pack(uid)
+        if self._pending:
+            self._pending.append(message)
+            return
+        try:
+            self.channel.send(message)
+        except BlockingIOError:
+            self._pending.append(message)
+            self._loop.add_writer(self.channel.fileno(), self._writable)
+        except OSError:
+            pass  # it is gone: _readable sees the end
 
-class _RefusalLog:
-    """Counts refused connections and logs one summary line per interval, not one per refusal.
-
-    A user who opens connections as fast as they can must not be able to fill the disk
-    with the agent's log.
-    """
-
-    def __init__(self, interval: float) -> None:
-        self.interval = interval
-        self._last = -interval
-        self._counts: dict[tuple[str, int], int] = {}
-        self._lock = threading.Lock()
-
-    def refused(self, reason: str, uid: int) -> None:
-        now = time.monotonic()
-        with self._lock:
-            key = (reason, uid)
-            self._counts[key] = self._counts.get(key, 0) + 1
-            if now - self._last < self.interval:
+    def _writable(self) -> None:
+        while self._pending and not self._closed:
+            try:
+                self.channel.send(self._pending[0])
+            except BlockingIOError:
                 return
-            self._last = now
-            counts, self._counts = self._counts, {}
-        self._emit(counts)
+            except OSError:
+                self._pending.clear()
+                break
+            self._pending.pop(0)
+        if not self._closed:
+            self._loop.remove_writer(self.channel.fileno())
 
-    def flush(self) -> None:
-        with self._lock:
-            counts, self._counts = self._counts, {}
-        self._emit(counts)
+    def _close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._loop.remove_reader(self.channel.fileno())
+        if self._pending:
+            self._loop.remove_writer(self.channel.fileno())
+        self.channel.close()
+        if self.process.poll() is None:
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
 
-    def _emit(self, counts: dict[tuple[str, int], int]) -> None:
-        for (reason, uid), count in sorted(counts.items()):
-            log.warning(
-                "workload connections refused",
-                extra={"reason": reason, "uid": uid, "count": count, "interval_s": self.interval},
-            )
+    def stop(self) -> None:
+        """Ask the accept process to stop, log its last refusal counts, wait for it."""
+        if self._closed:
+            return
+        self._loop.remove_reader(self.channel.fileno())
+        try:
+            self.channel.setblocking(True)
+            self.channel.settimeout(5)
+            self.channel.send(b"S")
+            while True:
+                data, ancdata, flags, _ = self.channel.recvmsg(256, _FDS_SIZE)
+                if not self._message(data, ancdata, flags, adopt=False):
+                    break
+        except OSError:
+            pass
+        self._closed = True
+        if self._pending:
+            self._loop.remove_writer(self.channel.fileno())
+        self.channel.close()
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
 
 
 class PeerTrackingProxy:
@@ -241,13 +359,15 @@ class PeerTrackingProxy:
     the gRPC server must listen on :attr:`internal_address`. :meth:`lookup` maps a
     handler's ``context.peer()`` to the pinned caller.
 
-    Connections are accepted and their callers pinned on a thread of their own
-    (:meth:`_accept_loop`), which does nothing else: neither the event loop's work nor
-    another caller's connections can stretch the time between a workload's ``connect()``
-    and the agent pinning it. Per uid, at most ``max_connections_per_uid`` may be open and
-    new ones are accepted at ``connections_per_second`` (bursts of ``connection_burst``);
-    the excess is closed at once, before any other work, and counted in one log line per
-    ``refusal_log_interval`` seconds.
+    Connections are accepted and their callers pinned by a process of its own
+    (:mod:`node_agent.workload.acceptor`), which does nothing else: neither the agent's
+    work (the event loop, the gRPC server, the GIL they hold) nor another caller's
+    connections can stretch the time between a workload's ``connect()`` and its being
+    pinned. Per uid, at most ``max_connections_per_uid`` may be open and new ones are
+    accepted at ``connections_per_second`` (bursts of ``connection_burst``); the excess is
+    closed at once by that process, before any other work, and counted in one log line per
+    ``refusal_log_interval`` seconds. Pinned connections reach the agent with their pidfd
+    over a socket pair (``SCM_RIGHTS``).
     """
 
     def __init__(
@@ -266,10 +386,9 @@ class PeerTrackingProxy:
         self.max_connections_per_uid = max_connections_per_uid
         self.connections_per_second = connections_per_second
         self.connection_burst = connection_burst
+        self.refusal_log_interval = refusal_log_interval
         self.open_by_uid: dict[int, int] = {}
-        self._buckets: dict[int, _Bucket] = {}
-        self._lock = threading.Lock()
-        self._refusals = _RefusalLog(refusal_log_interval)
+        """Relayed connections open, by uid (the accept process keeps the same count)."""
         self._own_dir = private_dir is None
         self.private_dir = private_dir or tempfile.mkdtemp(prefix="credo-wl-")
         st = os.lstat(self.private_dir)
@@ -284,8 +403,8 @@ class PeerTrackingProxy:
         self.connections: set[_Relay] = set()
         self.counter = itertools.count()
         self._listener: socket.socket | None = None
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._acceptor: _AcceptProcess | None = None
+        self._restart: asyncio.TimerHandle | None = None
         self._accepting = False
 
     @property
@@ -315,104 +434,23 @@ class PeerTrackingProxy:
         except OSError:
             sock.close()
             raise
-        self._loop = asyncio.get_running_loop()
         self._listener = sock
         self._accepting = True
-        self._thread = threading.Thread(
-            target=self._accept_loop, args=(sock,), name="workload-api-accept", daemon=True
-        )
-        self._thread.start()
+        try:
+            self._acceptor = _AcceptProcess(self, sock)
+        except BaseException:
+            self._listener = None
+            self._accepting = False
+            sock.close()
+            raise
         log.info("workload API listening", extra={"socket": self.public_path})
-
-    # -- the accept thread ------------------------------------------------------------
-
-    def _accept_loop(self, listener: socket.socket) -> None:
-        """Accept, shed or pin, hand over to the event loop; nothing else runs here."""
-        _raise_priority()
-        while self._accepting:
-            try:
-                conn, _ = listener.accept()
-            except OSError as err:
-                if not self._accepting:
-                    return
-                if err.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    self._refusals.refused(f"cannot accept: {err.strerror}", -1)
-                    time.sleep(0.01)  # out of descriptors: let some connections close
-                continue
-            peer = self._pin(conn)
-            if peer is None:
-                conn.close()
-                continue
-            loop = self._loop
-            try:
-                assert loop is not None
-                loop.call_soon_threadsafe(self._adopt, conn, peer)
-            except RuntimeError:  # the loop is closed: we are shutting down
-                conn.close()
-                peer.close()
-                self.release(peer.credentials.uid)
-                return
-
-    def _pin(self, conn: socket.socket) -> PeerProcess | None:
-        """Who connected, pinned; None (after counting the refusal) to shed the connection."""
-        try:
-            creds = peer_credentials(conn)
-        except OSError as err:
-            self._refusals.refused(f"no peer credentials: {err.strerror}", -1)
-            return None
-        uid = creds.uid
-        with self._lock:
-            now = time.monotonic()
-            bucket = self._buckets.get(uid)
-            if bucket is None:
-                if len(self._buckets) > 4096:  # forget full (idle) buckets
-                    self._buckets = {
-                        u: b
-                        for u, b in self._buckets.items()
-                        if b.tokens + (now - b.stamp) * self.connections_per_second
-                        < self.connection_burst
-                    }
-                bucket = self._buckets[uid] = _Bucket(self.connection_burst, now)
-            if self.open_by_uid.get(uid, 0) >= self.max_connections_per_uid:
-                reason = (
-                    f"too many open connections for this uid (limit {self.max_connections_per_uid})"
-                )
-            elif not bucket.take(self.connections_per_second, self.connection_burst, now):
-                reason = (
-                    f"connecting too fast (limit {self.connections_per_second:g}/s, "
-                    f"burst {self.connection_burst})"
-                )
-            else:
-                reason = ""
-                self.open_by_uid[uid] = self.open_by_uid.get(uid, 0) + 1
-        if reason:
-            self._refusals.refused(reason, uid)
-            return None
-        try:
-            pidfd = peer_pidfd(conn)
-            peer = PeerProcess.capture(
-                creds, pidfd=pidfd, server_inode=os.fstat(conn.fileno()).st_ino
-            )
-        except (WorkloadError, OSError) as err:
-            self.release(uid)
-            reason = err.reason if isinstance(err, WorkloadError) else str(err)
-            self._refusals.refused(reason, uid)
-            return None
-        return peer
-
-    def release(self, uid: int) -> None:
-        """A connection of ``uid`` closed (thread-safe)."""
-        with self._lock:
-            left = self.open_by_uid.get(uid, 1) - 1
-            if left > 0:
-                self.open_by_uid[uid] = left
-            else:
-                self.open_by_uid.pop(uid, None)
 
     # -- the event loop ---------------------------------------------------------------
 
     def _adopt(self, conn: socket.socket, peer: PeerProcess) -> None:
         """Start relaying a pinned connection (on the event loop)."""
+        uid = peer.credentials.uid
+        self.open_by_uid[uid] = self.open_by_uid.get(uid, 0) + 1
         relay = _Relay(self, peer)
         self.connections.add(relay)
         if not self._accepting:
@@ -421,26 +459,59 @@ class PeerTrackingProxy:
             return
         relay.task = asyncio.get_running_loop().create_task(relay.run(conn))
 
+    def release(self, uid: int) -> None:
+        """A relayed connection of ``uid`` closed: the accept process may take another."""
+        left = self.open_by_uid.get(uid, 1) - 1
+        if left > 0:
+            self.open_by_uid[uid] = left
+        else:
+            self.open_by_uid.pop(uid, None)
+        if self._acceptor is not None:
+            self._acceptor.release(uid)
+
+    def _acceptor_exited(self, acceptor: _AcceptProcess) -> None:
+        """The accept process died (not stopped by us): start another after a second."""
+        if self._acceptor is not acceptor or not self._accepting:
+            return
+        self._acceptor = None
+        log.error(
+            "the workload API accept process exited; starting a new one",
+            extra={"exit_code": acceptor.process.poll()},
+        )
+
+        def restart() -> None:
+            self._restart = None
+            if self._accepting and self._listener is not None:
+                try:
+                    self._acceptor = _AcceptProcess(self, self._listener)
+                except OSError as err:
+                    log.error(
+                        "cannot start the workload API accept process",
+                        extra={"error": str(err)},
+                    )
+                    self._restart = asyncio.get_running_loop().call_later(1.0, restart)
+
+        self._restart = asyncio.get_running_loop().call_later(1.0, restart)
+
     def stop_accepting(self) -> None:
         """Stop taking new connections; existing ones keep flowing."""
         listener, self._listener = self._listener, None
         if listener is None:
             return
         self._accepting = False
-        with contextlib.suppress(OSError):
-            listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
+        if self._restart is not None:
+            self._restart.cancel()
+            self._restart = None
+        acceptor, self._acceptor = self._acceptor, None
+        if acceptor is not None:
+            acceptor.stop()
         listener.close()
-        self._refusals.flush()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.public_path)
 
     async def stop(self) -> None:
         """Stop accepting, close every relayed connection, remove the private directory."""
         self.stop_accepting()
-        await asyncio.sleep(0)  # run hand-overs already queued by the accept thread
         for relay in list(self.connections):
             relay.close()
         await asyncio.sleep(0)

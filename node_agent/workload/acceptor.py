@@ -1,0 +1,289 @@
+"""The accept process: accepts Workload API connections, pins or sheds them, hands them over.
+
+:class:`~node_agent.workload.tracker.PeerTrackingProxy` starts this module as a process of
+its own (a fresh interpreter, ``-I -S``, importing only the standard library and
+:mod:`node_agent.workload.pinning`) with two inherited descriptors: the public listening
+socket and one end of a ``SOCK_SEQPACKET`` socket pair to the agent. It does nothing but:
+
+1. accept every connection as soon as the kernel queues it;
+2. read ``SO_PEERCRED`` and shed the connection (close it at once) when its uid already has
+   ``max_open`` connections open or connects faster than its token bucket allows
+   (``rate`` a second, ``burst`` saved up);
+3. otherwise pin the caller at once (:func:`~node_agent.workload.pinning.pin`: the pidfd from
+   ``SO_PEERPIDFD``, start time, effective ids, executable) and pass the connection and the
+   pidfd to the agent with ``SCM_RIGHTS``, with the pinned facts;
+4. count refusals and send the agent one summary per ``log_interval`` seconds (the agent
+   logs it).
+
+Why a process and not a thread of the agent: a Python thread needs the agent's GIL after
+every ``accept()``, and the event loop and the gRPC server hold it for milliseconds at a
+time. While one user looped ``connect(); close()`` the thread fell behind, the listen queue
+filled, and other users' ``connect()`` failed (``EAGAIN``: gRPC's ``UNAVAILABLE``) or waited
+behind thousands of queued connections. This process competes for nothing but a CPU, and
+runs at a raised priority where the agent may raise it (root).
+
+Protocol (each message one datagram; the first byte says what it is):
+
+* to the agent, ``C`` + :data:`CONNECTION` with two descriptors (the connection, the pidfd);
+* to the agent, ``L`` + JSON ``[[reason, uid, count], ...]``: refusals since the last one;
+* from the agent, ``R`` + :data:`RELEASE`: a connection of ``uid`` closed;
+* from the agent, ``S``: stop (the last refusal counts are sent first).
+
+The process exits when the agent says so, closes its end, or dies.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import errno
+import json
+import os
+import select
+import signal
+import socket
+import struct
+import sys
+import time
+from collections import deque
+
+from node_agent.workload.pinning import PinRefused, peer_credentials_raw, peer_pidfd, pin
+
+__all__ = ["CONNECTION", "RELEASE", "Acceptor", "main"]
+
+CONNECTION = struct.Struct("=iiiQQQB")
+"""pid, uid, gid (``SO_PEERCRED``), start time, executable ``st_dev``, ``st_ino``, and
+whether the executable could be seen (1) or not (0)."""
+RELEASE = struct.Struct("=i")
+"""The uid whose connection closed."""
+
+ACCEPT_NICE = -10
+"""Nice value of this process where it may raise it (root): a user churning connections from
+many processes must not out-run its accepting them."""
+BATCH = 256
+"""Connections accepted per wake-up before the agent's channel is looked at again."""
+MAX_OUTBOX = 1024
+"""Pinned connections waiting for the agent to take them; beyond that new ones are shed."""
+
+
+class Acceptor:
+    """The accept loop (see the module docstring); :meth:`run` returns when the agent leaves."""
+
+    def __init__(
+        self,
+        listener: socket.socket,
+        channel: socket.socket,
+        *,
+        max_open: int,
+        rate: float,
+        burst: float,
+        log_interval: float,
+    ) -> None:
+        self.listener = listener
+        self.channel = channel
+        self.max_open = max_open
+        self.rate = rate
+        self.burst = burst
+        self.log_interval = log_interval
+        self.open_by_uid: dict[int, int] = {}
+        self._buckets: dict[int, list[float]] = {}  # uid -> [tokens, stamp]
+        self._outbox: deque[tuple[bytes, list[int]]] = deque()
+        self._refused: dict[tuple[str, int], int] = {}
+        self._last_summary = -log_interval
+
+    # -- admission ----------------------------------------------------------------------
+
+    def _admit(self, uid: int, now: float) -> str:
+        """Why ``uid``'s new connection is shed, or "" (then it counts as open)."""
+        bucket = self._buckets.get(uid)
+        if bucket is None:
+            if len(self._buckets) > 4096:  # forget full (idle) buckets
+                self._buckets = {
+                    u: b
+                    for u, b in self._buckets.items()
+                    if b[0] + (now - b[1]) * self.rate < self.burst
+                }
+            bucket = self._buckets[uid] = [self.burst, now]
+        if self.open_by_uid.get(uid, 0) >= self.max_open:
+            return f"too many open connections for this uid (limit {self.max_open})"
+        tokens = min(self.burst, bucket[0] + (now - bucket[1]) * self.rate)
+        bucket[1] = now
+        if tokens < 1:
+            bucket[0] = tokens
+            return f"connecting too fast (limit {self.rate:g}/s, burst {self.burst:g})"
+        bucket[0] = tokens - 1
+        self.open_by_uid[uid] = self.open_by_uid.get(uid, 0) + 1
+        return ""
+
+    def _release(self, uid: int) -> None:
+        left = self.open_by_uid.get(uid, 0) - 1
+        if left > 0:
+            self.open_by_uid[uid] = left
+        else:
+            self.open_by_uid.pop(uid, None)
+
+    def _refuse(self, reason: str, uid: int, now: float) -> None:
+        key = (reason, uid)
+        self._refused[key] = self._refused.get(key, 0) + 1
+        if now - self._last_summary >= self.log_interval:
+            self._summarize(now)
+
+    def _summarize(self, now: float) -> None:
+        self._last_summary = now
+        counts = [[reason, uid, n] for (reason, uid), n in sorted(self._refused.items())]
+        self._refused = {}
+        self._send(b"L" + json.dumps(counts).encode(), [])
+
+    # -- one connection -----------------------------------------------------------------
+
+    def _handle(self, conn: socket.socket) -> None:
+        now = time.monotonic()
+        try:
+            pid, uid, gid = peer_credentials_raw(conn)
+        except OSError as err:
+            conn.close()
+            self._refuse(f"no peer credentials: {err.strerror}", -1, now)
+            return
+        reason = self._admit(uid, now)
+        if not reason and len(self._outbox) >= MAX_OUTBOX:
+            self._release(uid)
+            reason = "the agent is not taking connections fast enough"
+        if reason:
+            conn.close()
+            self._refuse(reason, uid, now)
+            return
+        try:
+            pidfd, start_time, exe = pin(pid, uid, gid, peer_pidfd(conn))
+        except (PinRefused, OSError) as err:
+            conn.close()
+            self._release(uid)
+            self._refuse(err.reason if isinstance(err, PinRefused) else str(err), uid, now)
+            return
+        dev, ino = exe if exe is not None else (0, 0)
+        data = b"C" + CONNECTION.pack(pid, uid, gid, start_time, dev, ino, exe is not None)
+        self._send(data, [conn.detach(), pidfd])
+
+    def _accept_batch(self) -> None:
+        for _ in range(BATCH):
+            try:
+                conn, _ = self.listener.accept()
+            except BlockingIOError:
+                return
+            except OSError as err:
+                if err.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self._refuse(f"cannot accept: {err.strerror}", -1, time.monotonic())
+                    time.sleep(0.01)  # out of descriptors: let some connections close
+                    return
+                if err.errno == errno.EINVAL:  # the listener was shut down
+                    raise
+                continue  # ECONNABORTED and the like: that connection is gone
+            self._handle(conn)
+
+    # -- the agent's channel ------------------------------------------------------------
+
+    def _send(self, data: bytes, fds: list[int]) -> None:
+        """Hand ``data`` (and ``fds``, closed here once sent) to the agent now, or queue it."""
+        self._outbox.append((data, fds))
+        if len(self._outbox) == 1:
+            self._flush()  # a failure (the agent is gone) shows in the poll loop
+
+    def _flush(self) -> bool:
+        """Send what is queued; False when the agent is gone."""
+        outbox = self._outbox
+        while outbox:
+            data, fds = outbox[0]
+            try:
+                if fds:
+                    rights = array.array("i", fds).tobytes()
+                    self.channel.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)])
+                else:
+                    self.channel.send(data)
+            except BlockingIOError:
+                return True
+            except OSError:
+                return False
+            outbox.popleft()
+            for fd in fds:  # the agent has its own copies now
+                os.close(fd)
+        return True
+
+    def _read_channel(self) -> bool:
+        """Apply the agent's releases; False when the agent is gone."""
+        while True:
+            try:
+                data = self.channel.recv(64)
+            except BlockingIOError:
+                return True
+            except OSError:
+                return False
+            if not data:
+                return False
+            if data[:1] == b"R" and len(data) == 1 + RELEASE.size:
+                self._release(RELEASE.unpack_from(data, 1)[0])
+            elif data == b"S":  # stop: send the last refusal counts, then leave
+                if self._refused:
+                    self._summarize(time.monotonic())
+                self.channel.settimeout(5)
+                self._flush()
+                return False
+
+    def run(self) -> None:
+        """Serve until the agent closes the channel."""
+        self.listener.setblocking(False)
+        self.channel.setblocking(False)
+        lfd, cfd = self.listener.fileno(), self.channel.fileno()
+        poller = select.poll()
+        poller.register(lfd, select.POLLIN)
+        poller.register(cfd, select.POLLIN)
+        want_out = False
+        while True:
+            timeout = -1.0
+            if self._refused:
+                timeout = max(0.0, self._last_summary + self.log_interval - time.monotonic())
+                timeout = timeout * 1000 + 1
+            for fd, events in poller.poll(timeout):
+                if fd == cfd:
+                    if events & select.POLLIN and not self._read_channel():
+                        return
+                    if events & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
+                        return
+                elif events & select.POLLIN:
+                    try:
+                        self._accept_batch()
+                    except OSError:
+                        return
+                elif events & (select.POLLERR | select.POLLNVAL):
+                    return
+            if self._refused and (time.monotonic() - self._last_summary >= self.log_interval):
+                self._summarize(time.monotonic())
+            if not self._flush():
+                return
+            if bool(self._outbox) != want_out:
+                want_out = bool(self._outbox)
+                poller.modify(cfd, select.POLLIN | (select.POLLOUT if want_out else 0))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``acceptor LISTENER_FD CHANNEL_FD CONFIG_JSON`` (started by the agent, not by hand)."""
+    args = sys.argv[1:] if argv is None else argv
+    listener_fd, channel_fd, config = int(args[0]), int(args[1]), json.loads(args[2])
+    # The agent decides when this process stops (it closes the channel): a terminal's ^C
+    # or a SIGTERM to the process group must not leave the agent without its accept loop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    with contextlib.suppress(OSError):  # not permitted (not root): keep the priority
+        os.setpriority(os.PRIO_PROCESS, 0, ACCEPT_NICE)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, listener_fd)
+    channel = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, channel_fd)
+    Acceptor(
+        listener,
+        channel,
+        max_open=int(config["max_open"]),
+        rate=float(config["rate"]),
+        burst=float(config["burst"]),
+        log_interval=float(config["log_interval"]),
+    ).run()
+
+
+if __name__ == "__main__":
+    main()
