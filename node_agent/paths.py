@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from credo._paths import check_path_chain, default_runtime_path
+from credo._paths import UnsafePath, check_path_chain, default_runtime_path
 
 __all__ = [
     "ADMIN_SOCKET_HELP",
@@ -59,13 +59,14 @@ def check_socket_to_dial(path: Path | str, what: str, *, agent_owned: bool = Fal
     theirs. A workload dialling the Workload API (``agent_owned``) also accepts a socket
     directory of another user (the agent's), but not above it: ``/tmp/credo-agent`` made by
     someone else is refused, so use ``/run`` (or a directory of root's) for an agent that
-    serves other users. A directory that does not exist passes (connecting then says so).
+    serves other users. A directory that does not exist, or that this user may not look
+    into, passes: connecting then says it is missing, or permission denied.
     """
     directory = os.path.dirname(os.path.abspath(path))
-    agent_uid = None
-    if agent_owned:
-        try:
-            agent_uid = os.stat(directory).st_uid
-        except OSError:
-            return
-    check_path_chain(directory, what, agent_uid=agent_uid)
+    try:
+        agent_uid = os.stat(directory).st_uid if agent_owned else None
+        check_path_chain(directory, what, agent_uid=agent_uid)
+    except UnsafePath:
+        raise
+    except OSError:
+        return

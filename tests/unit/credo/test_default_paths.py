@@ -113,3 +113,12 @@ def test_a_missing_socket_directory_passes(tmp_path: Path) -> None:
     """Nothing there yet: connecting says the socket is missing, not the path check."""
     check_socket_to_dial(tmp_path / "none" / "api.sock", "x", agent_owned=True)
     check_socket_to_dial(tmp_path / "none" / "api.sock", "x")
+
+
+@needs_root
+def test_a_directory_this_user_may_not_look_into_is_left_to_connect(tmp_path: Path) -> None:
+    """A caller who cannot search the path gets connect's permission denied, not a
+    traceback from the check."""
+    tmp_path.chmod(0o700)
+    with effective_uid(OTHER):
+        check_socket_to_dial(tmp_path / "private" / "admin.sock", "admin socket directory")
