@@ -28,7 +28,10 @@ key whose AlgorithmIdentifier and BIT STRING header are byte for byte the canoni
 for its curve (learned from the first key of that curve the signer encodes) followed by an
 uncompressed point (``04``, X, Y at full width). The key was parsed from exactly those
 bytes, and re-encoding an uncompressed point gives the same X and Y, so the SPKI is the
-one the builder writes. Anything else (a compressed point, an RSA key) is encoded again.
+one the builder writes. The prefixes are kept by the SPKI's length (91 bytes for P-256,
+120 for P-384, 158 for P-521), and each names its curve by OID, so the check needs neither
+the key's type nor its curve. Anything else (a compressed point, an RSA key, a curve whose
+length another curve took first) is encoded again.
 
 The builder still signs whatever the template does not cover, and so raises the errors it
 always raised: a key that is neither EC nor RSA, a SPIFFE ID without a path, a DNS name
@@ -354,8 +357,8 @@ class WorkloadSvidSigner:
         self._templates: dict[type, _Template | None] = {}
         self._last_validity: tuple[int, int, bytes] = (0, 0, b"")
         self._signature_algorithm = b""
-        # by curve name: the canonical SPKI up to and including the point's 04, its length
-        self._ec_spki_heads: dict[str, tuple[bytes, int]] = {}
+        # by the length of a curve's SPKI: its canonical bytes up to the point's X and Y
+        self._ec_spki_heads: dict[int, bytes] = {}
 
     def __repr__(self) -> str:
         return f"WorkloadSvidSigner(ca_serial={self._ca_certificate.serial_number:x})"
@@ -408,20 +411,20 @@ class WorkloadSvidSigner:
     def _spki(self, public_key: PublicKey, key_info: bytes | None) -> bytes:
         """``public_key.public_bytes(DER, SubjectPublicKeyInfo)``: ``key_info`` itself when
         it is a canonical EC encoding (see the module doc), else encoded here."""
-        if not isinstance(public_key, ec.EllipticCurvePublicKey):
-            return public_key.public_bytes(_DER, _SPKI)
-        curve = public_key.curve.name
-        head = self._ec_spki_heads.get(curve)
-        if head is not None and key_info is not None:
-            prefix, size = head
-            if len(key_info) == size and key_info.startswith(prefix):
+        if key_info is not None:
+            # The prefix names the curve (its OID): no need to look at the key itself.
+            prefix = self._ec_spki_heads.get(len(key_info))
+            if prefix is not None and key_info.startswith(prefix):
                 return key_info
         spki = public_key.public_bytes(_DER, _SPKI)
-        if head is None:
+        if (
+            isinstance(public_key, ec.EllipticCurvePublicKey)
+            and len(spki) not in self._ec_spki_heads
+        ):
             coordinate = (public_key.curve.key_size + 7) // 8
             prefix = spki[: len(spki) - 2 * coordinate]
             if prefix.endswith(b"\x04"):  # uncompressed, as public_bytes always writes
-                self._ec_spki_heads = {**self._ec_spki_heads, curve: (prefix, len(spki))}
+                self._ec_spki_heads = {**self._ec_spki_heads, len(spki): prefix}
         return spki
 
     def assemble(self, tbs: bytes, signature: bytes) -> bytes:
