@@ -20,8 +20,8 @@ prototype's TBSCertificate byte for byte; if not (the certificate shape changed 
 :mod:`credo.x509svid`), that kind of key stays on the builder and a warning is logged.
 It then signs the TBSCertificate with the CA key and assembles the Certificate.
 
-Encoding an EC public key costs about half an ECDSA signature (OpenSSL converts the point
-to affine coordinates), so a caller that read the key from a CSR passes the request's own
+Encoding an EC public key costs about a fifth of a P-256 signature (OpenSSL converts the
+point to affine coordinates), so a caller that read the key from a CSR passes the request's own
 SubjectPublicKeyInfo as ``key_info`` (:func:`request_key_info`). The signer puts those
 bytes in the leaf only when they are what ``public_bytes`` would write for that key: an EC
 key whose AlgorithmIdentifier and BIT STRING header are byte for byte the canonical ones
