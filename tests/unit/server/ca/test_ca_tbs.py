@@ -205,7 +205,13 @@ _WHEN = st.datetimes(
     min_value=datetime(1950, 1, 1, 0, 0, 10), max_value=datetime(2199, 1, 1), timezones=st.just(UTC)
 )
 _TTL = st.one_of(st.integers(1, 7200), st.integers(1, 200 * 365 * 86400))
-_SERIAL = st.one_of(st.none(), st.integers(1, 2**159 - 1))
+_SERIAL = st.one_of(
+    st.none(),
+    st.integers(1, 2**159 - 1),
+    # every size boundary: a top bit that needs a leading zero byte, and the value below it
+    st.integers(0, 158).map(lambda bit: 1 << bit),
+    st.integers(1, 159).map(lambda bits: (1 << bits) - 1),
+)
 _KEY = st.tuples(
     st.sampled_from(["ec-p256", "ec-p384", "rsa-2048"]),
     st.integers(0, 1),
