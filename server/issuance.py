@@ -54,6 +54,7 @@ from server.api.convert import parse_csr, parse_public_key
 from server.ca.ca import CertificateAuthority
 from server.ca.errors import CaError, PoolUnavailable
 from server.ca.pool import ERROR_INVALID, SigningPool, SignItem
+from server.ca.tbs import request_key_info
 from server.datastore.models import IssuedJwtSvid, IssuedX509Svid, RegistrationEntry
 from server.revocation import issued_record, jwt_record
 from server.telemetry import KIND_X509, Metrics
@@ -353,7 +354,11 @@ class Issuer:
                 if spiffe_id is None:
                     spiffe_id = ids[entry.spiffe_id] = SpiffeId.parse(entry.spiffe_id)
                 chain = self._ca.sign_x509_svid(
-                    spiffe_id, public_key, entry.x509_svid_ttl or self._x509_ttl, entry.dns_names
+                    spiffe_id,
+                    public_key,
+                    entry.x509_svid_ttl or self._x509_ttl,
+                    entry.dns_names,
+                    request_key_info(request.csr),
                 )
             except (ValueError, CaError) as err:
                 out.append((i, IssueFailed(entry.id, err)))

@@ -132,16 +132,21 @@ def build_workload_svid(
     ttl: int,
     dns_names: Sequence[str],
     now: datetime,
+    key_info: bytes | None = None,
 ) -> SignedLeaf:
     """Sign a workload X509-SVID leaf with ``signer`` (the issuing CA's
     :attr:`X509CA.leaf_signer`): the one implementation of its contents.
+
+    ``key_info`` is the DER SubjectPublicKeyInfo ``public_key`` was loaded from (a CSR's,
+    :func:`server.ca.tbs.request_key_info`), if the caller has it: it saves encoding the
+    key again (:meth:`WorkloadSvidSigner.sign`).
 
     Used by :meth:`CertificateAuthority.sign_x509_svid` and by the signing worker
     processes (:mod:`server.ca.pool`), so both paths hand out identical certificates.
     """
     if spiffe_id.trust_domain != trust_domain:
         raise InvalidSpiffeId(str(spiffe_id), f"not in trust domain {trust_domain}; cannot sign it")
-    return signer.sign(spiffe_id, public_key, _ttl(ttl), dns_names, now)
+    return signer.sign(spiffe_id, public_key, _ttl(ttl), dns_names, now, key_info=key_info)
 
 
 @functools.lru_cache(maxsize=64)
@@ -281,8 +286,12 @@ class CertificateAuthority:
         public_key: PublicKey,
         ttl: int,
         dns_names: Sequence[str] = (),
+        key_info: bytes | None = None,
     ) -> list[x509.Certificate]:
-        """Sign a workload X509-SVID; return ``[leaf, *intermediates]`` (never the root)."""
+        """Sign a workload X509-SVID; return ``[leaf, *intermediates]`` (never the root).
+
+        ``key_info``: the DER SubjectPublicKeyInfo ``public_key`` was loaded from, if known
+        (see :func:`build_workload_svid`)."""
         started = time.perf_counter()
         self._check_member(spiffe_id)
         ca = self._active_x509()
@@ -294,6 +303,7 @@ class CertificateAuthority:
             ttl,
             dns_names,
             self._clock(),
+            key_info,
         )
         leaf = x509.load_der_x509_certificate(signed.der)
         return self._signed(SIGN_X509_WORKLOAD, ca, leaf, started)

@@ -49,7 +49,7 @@ from credo.spiffe_id import SpiffeId, TrustDomain
 from server.ca.ca import X509CA, build_workload_svid
 from server.ca.errors import CaError, PoolUnavailable
 from server.ca.keymanager import read_key_file
-from server.ca.tbs import WorkloadSvidSigner
+from server.ca.tbs import WorkloadSvidSigner, request_key_info
 
 __all__ = [
     "ERROR_CA",
@@ -186,7 +186,14 @@ def _sign_chunk(spec: _Authority, now: datetime, items: list[SignItem]) -> list[
             if spiffe_id is None:
                 spiffe_id = ids[spiffe_id_text] = SpiffeId.parse(spiffe_id_text)
             leaf = build_workload_svid(
-                trust_domain, signer, spiffe_id, public_key, ttl, dns_names, now
+                trust_domain,
+                signer,
+                spiffe_id,
+                public_key,
+                ttl,
+                dns_names,
+                now,
+                request_key_info(csr),
             )
         except CaError as err:
             out.append((None, 0, ERROR_CA, str(err)))

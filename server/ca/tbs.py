@@ -20,6 +20,19 @@ prototype's TBSCertificate byte for byte; if not (the certificate shape changed 
 :mod:`credo.x509svid`), that kind of key stays on the builder and a warning is logged.
 It then signs the TBSCertificate with the CA key and assembles the Certificate.
 
+Encoding an EC public key costs about a fifth of a P-256 signature (OpenSSL converts the
+point to affine coordinates), so a caller that read the key from a CSR passes the request's own
+SubjectPublicKeyInfo as ``key_info`` (:func:`request_key_info`). The signer puts those
+bytes in the leaf only when they are what ``public_bytes`` would write for that key: an EC
+key whose AlgorithmIdentifier and BIT STRING header are byte for byte the canonical ones
+for its curve (learned from the first key of that curve the signer encodes) followed by an
+uncompressed point (``04``, X, Y at full width). The key was parsed from exactly those
+bytes, and re-encoding an uncompressed point gives the same X and Y, so the SPKI is the
+one the builder writes. The prefixes are kept by the SPKI's length (91 bytes for P-256,
+120 for P-384, 158 for P-521), and each names its curve by OID, so the check needs neither
+the key's type nor its curve. Anything else (a compressed point, an RSA key, a curve whose
+length another curve took first) is encoded again.
+
 The builder still signs whatever the template does not cover, and so raises the errors it
 always raised: a key that is neither EC nor RSA, a SPIFFE ID without a path, a DNS name
 that is not ASCII, a first DNS name that does not fit a CN (1 to 64 bytes), a serial out
@@ -46,7 +59,7 @@ from credo.spiffe_id import SpiffeId
 from credo.x509svid import signature_hash_for
 from server.ca import templates
 
-__all__ = ["SignedLeaf", "WorkloadSvidSigner"]
+__all__ = ["SignedLeaf", "WorkloadSvidSigner", "request_key_info"]
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +200,17 @@ def _key_bits(spki: bytes) -> bytes:
     _, algorithm_end = _header(spki, content)
     bits, end = _header(spki, algorithm_end)
     return spki[bits + 1 : end]  # after the unused-bits byte (always 0 for a key)
+
+
+def request_key_info(csr: bytes) -> bytes:
+    """The SubjectPublicKeyInfo element of a DER PKCS#10 request (RFC 2986): the third
+    field of its CertificationRequestInfo. ``csr`` must already have loaded with
+    ``x509.load_der_x509_csr``, which accepts DER only."""
+    info, _ = _header(csr, 0)  # CertificationRequest ::= SEQUENCE { info, ... }
+    version, _ = _header(csr, info)  # CertificationRequestInfo ::= SEQUENCE { version, ...
+    _, subject = _header(csr, version)
+    _, spki = _header(csr, subject)  # ... subject, subjectPKInfo, attributes }
+    return csr[spki : _header(csr, spki)[1]]
 
 
 def _seconds(when: datetime) -> int:
@@ -333,6 +357,8 @@ class WorkloadSvidSigner:
         self._templates: dict[type, _Template | None] = {}
         self._last_validity: tuple[int, int, bytes] = (0, 0, b"")
         self._signature_algorithm = b""
+        # by the length of a curve's SPKI: its canonical bytes up to the point's X and Y
+        self._ec_spki_heads: dict[int, bytes] = {}
 
     def __repr__(self) -> str:
         return f"WorkloadSvidSigner(ca_serial={self._ca_certificate.serial_number:x})"
@@ -354,9 +380,14 @@ class WorkloadSvidSigner:
         now: datetime | None = None,
         *,
         serial_number: int | None = None,
+        key_info: bytes | None = None,
     ) -> SignedLeaf:
         """Sign the workload X509-SVID :func:`server.ca.templates.workload_svid_template`
-        describes for these arguments (a random serial unless ``serial_number`` is given)."""
+        describes for these arguments (a random serial unless ``serial_number`` is given).
+
+        ``key_info`` is the DER SubjectPublicKeyInfo ``public_key`` was loaded from, if the
+        caller has it (see the module doc); it must be those very bytes.
+        """
         now = now if now is not None else datetime.now(UTC)
         not_before, not_after = templates.leaf_window(self._ca_not_after, ttl, now)
         template = self._templates.get(type(public_key))
@@ -374,8 +405,27 @@ class WorkloadSvidSigner:
         if cached_start != start or cached_end != end:
             validity = _validity(start, end)
             self._last_validity = (start, end, validity)
-        tbs = template.tbs(serial, validity, public_key.public_bytes(_DER, _SPKI), uri, dns_names)
+        tbs = template.tbs(serial, validity, self._spki(public_key, key_info), uri, dns_names)
         return SignedLeaf(self.assemble(tbs, self._sign_tbs(tbs)), end, True)
+
+    def _spki(self, public_key: PublicKey, key_info: bytes | None) -> bytes:
+        """``public_key.public_bytes(DER, SubjectPublicKeyInfo)``: ``key_info`` itself when
+        it is a canonical EC encoding (see the module doc), else encoded here."""
+        if key_info is not None:
+            # The prefix names the curve (its OID): no need to look at the key itself.
+            prefix = self._ec_spki_heads.get(len(key_info))
+            if prefix is not None and key_info.startswith(prefix):
+                return key_info
+        spki = public_key.public_bytes(_DER, _SPKI)
+        if (
+            isinstance(public_key, ec.EllipticCurvePublicKey)
+            and len(spki) not in self._ec_spki_heads
+        ):
+            coordinate = (public_key.curve.key_size + 7) // 8
+            prefix = spki[: len(spki) - 2 * coordinate]
+            if prefix.endswith(b"\x04"):  # uncompressed, as public_bytes always writes
+                self._ec_spki_heads = {**self._ec_spki_heads, len(spki): prefix}
+        return spki
 
     def assemble(self, tbs: bytes, signature: bytes) -> bytes:
         """The Certificate DER for a TBSCertificate and the CA's signature over it."""

@@ -23,7 +23,7 @@ import pytest
 from ca_testkit import TD
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.verification import PolicyBuilder, Store
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
@@ -34,9 +34,10 @@ from credo.spiffe_id import SpiffeId
 from credo.x509svid import signature_hash_for, verify_x509_svid
 from server.ca import templates
 from server.ca.ca import X509CA, build_workload_svid
-from server.ca.tbs import SignedLeaf, WorkloadSvidSigner
+from server.ca.tbs import SignedLeaf, WorkloadSvidSigner, request_key_info
 
 DER = serialization.Encoding.DER
+SPKI = serialization.PublicFormat.SubjectPublicKeyInfo
 PREFIX = f"spiffe://{TD.name}"
 MAX_PATH = 2048 - len(PREFIX)  # SPIFFE IDs up to 2048 bytes must be accepted
 CA_START = datetime(1950, 1, 1, 0, 0, 10, tzinfo=UTC)  # NotBefore 1950-01-01T00:00:00Z
@@ -106,9 +107,50 @@ def signer(name: str) -> WorkloadSvidSigner:
 
 
 @functools.cache
+def workload_private_key(key_type: str, index: int) -> PrivateKey:
+    """Workload keys, a few per type (RSA keys are slow to make)."""
+    return generate_private_key(key_type)
+
+
 def workload_key(key_type: str, index: int) -> PublicKey:
-    """Workload public keys, a few per type (RSA keys are slow to make)."""
-    return generate_private_key(key_type).public_key()
+    """The public half of ``workload_private_key(key_type, index)``."""
+    return workload_private_key(key_type, index).public_key()
+
+
+@functools.cache
+def workload_csr(key_type: str, index: int) -> bytes:
+    """A DER PKCS#10 request for ``workload_private_key(key_type, index)``."""
+    key = workload_private_key(key_type, index)
+    builder = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([]))
+    return builder.sign(key, signature_hash_for(key)).public_bytes(DER)
+
+
+def _compressed_key_info(key: PublicKey) -> bytes:
+    """An EC key's SubjectPublicKeyInfo with the point compressed (``02``/``03`` then X):
+    valid, but not what ``public_bytes`` writes."""
+    assert isinstance(key, ec.EllipticCurvePublicKey)
+    canonical = key.public_bytes(DER, SPKI)
+    algorithm = canonical[2 : 4 + canonical[3]]  # short-form lengths for P-256 and P-384
+    point = key.public_bytes(
+        serialization.Encoding.X962, serialization.PublicFormat.CompressedPoint
+    )
+    body = algorithm + bytes((0x03, len(point) + 1, 0)) + point
+    return bytes((0x30, len(body))) + body
+
+
+def key_and_info(key_type: str, index: int, source: str) -> tuple[PublicKey, bytes | None]:
+    """A workload public key and the ``key_info`` a caller would pass with it: none (the
+    key object only), a CSR's SubjectPublicKeyInfo (what the server passes), or a valid
+    non-canonical one (a compressed EC point) the key was loaded from."""
+    if source == "key":
+        return workload_key(key_type, index), None
+    if source == "compressed" and key_type.startswith("ec-"):
+        info = _compressed_key_info(workload_key(key_type, index))
+        loaded = serialization.load_der_public_key(info)
+        assert isinstance(loaded, ec.EllipticCurvePublicKey)
+        return loaded, info
+    csr = workload_csr(key_type, index)
+    return x509.load_der_x509_csr(csr).public_key(), request_key_info(csr)
 
 
 def _builder_leaf(
@@ -163,8 +205,18 @@ _WHEN = st.datetimes(
     min_value=datetime(1950, 1, 1, 0, 0, 10), max_value=datetime(2199, 1, 1), timezones=st.just(UTC)
 )
 _TTL = st.one_of(st.integers(1, 7200), st.integers(1, 200 * 365 * 86400))
-_SERIAL = st.one_of(st.none(), st.integers(1, 2**159 - 1))
-_KEY = st.tuples(st.sampled_from(["ec-p256", "ec-p384", "rsa-2048"]), st.integers(0, 1))
+_SERIAL = st.one_of(
+    st.none(),
+    st.integers(1, 2**159 - 1),
+    # every size boundary: a top bit that needs a leading zero byte, and the value below it
+    st.integers(0, 158).map(lambda bit: 1 << bit),
+    st.integers(1, 159).map(lambda bits: (1 << bits) - 1),
+)
+_KEY = st.tuples(
+    st.sampled_from(["ec-p256", "ec-p384", "rsa-2048"]),
+    st.integers(0, 1),
+    st.sampled_from(["key", "csr", "compressed"]),
+)
 
 GENERATED = settings(
     max_examples=150,
@@ -190,9 +242,17 @@ GENERATED = settings(
     datetime(2030, 1, 1, tzinfo=UTC),
     3600,
     None,
-    ("ec-p256", 0),
+    ("ec-p256", 0, "csr"),
 )
-@example("ec-p256-root", "/a", (), datetime(1950, 1, 1, 0, 0, 10, tzinfo=UTC), 1, 1, ("ec-p256", 0))
+@example(
+    "ec-p256-root",
+    "/a",
+    (),
+    datetime(1950, 1, 1, 0, 0, 10, tzinfo=UTC),
+    1,
+    1,
+    ("ec-p256", 0, "key"),
+)
 @example(
     "rsa-2048-root",
     "/a",
@@ -200,7 +260,7 @@ GENERATED = settings(
     datetime(2049, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
     1,
     2**159 - 1,
-    ("rsa-2048", 0),
+    ("rsa-2048", 0, "csr"),
 )
 @example(
     "ec-p256-root-until-2050",
@@ -209,7 +269,7 @@ GENERATED = settings(
     datetime(2049, 12, 31, tzinfo=UTC),
     86400 * 2,
     2**127,
-    ("ec-p384", 1),
+    ("ec-p384", 1, "compressed"),
 )
 @example(
     "ec-p256-root-until-2050",
@@ -218,7 +278,7 @@ GENERATED = settings(
     datetime(2050, 1, 1, 0, 0, 9, tzinfo=UTC),
     60,
     None,
-    ("ec-p256", 1),
+    ("ec-p256", 1, "key"),
 )
 @example(
     "ec-p256-root-until-2050",
@@ -227,7 +287,7 @@ GENERATED = settings(
     datetime(2050, 1, 1, 0, 0, 11, tzinfo=UTC),
     60,
     None,
-    ("ec-p256", 1),
+    ("ec-p256", 1, "key"),
 )
 def test_template_leaves_are_the_builders_certificates(
     ca_name: str,
@@ -236,18 +296,25 @@ def test_template_leaves_are_the_builders_certificates(
     now: datetime,
     ttl: int,
     serial: int | None,
-    key: tuple[str, int],
+    key: tuple[str, int, str],
 ) -> None:
-    """For any ID, DNS names, time, TTL, key and serial, the signer hands out the builder's
-    certificate (or raises the builder's error), and every leaf it makes is trusted."""
+    """For any ID, DNS names, time, TTL, key (with or without the SubjectPublicKeyInfo it
+    was loaded from) and serial, the signer hands out the builder's certificate (or raises
+    the builder's error), and every leaf it makes is trusted."""
     ca = authority(ca_name)
     leaf_signer = signer(ca_name)
     spiffe_id = SpiffeId.parse(PREFIX + path)
-    public_key = workload_key(*key)
+    public_key, key_info = key_and_info(*key)
     lifetime = timedelta(seconds=ttl)
     try:
         signed = leaf_signer.sign(
-            spiffe_id, public_key, lifetime, dns_names, now, serial_number=serial
+            spiffe_id,
+            public_key,
+            lifetime,
+            dns_names,
+            now,
+            serial_number=serial,
+            key_info=key_info,
         )
     except ValueError as err:
         event(f"builder error: {str(err)[:30]}")
@@ -447,3 +514,38 @@ def test_openssl_verifies_template_leaves(
     assert signed.templated
     leaf = x509.load_der_x509_certificate(signed.der)
     assert _openssl_verify(ca, leaf, tmp_path) == f"{tmp_path / 'leaf.pem'}: OK"
+
+
+# --- the SubjectPublicKeyInfo a CSR carries ----------------------------------------------
+
+
+@pytest.mark.parametrize("key_type", ["ec-p256", "ec-p384", "rsa-2048"])
+def test_request_key_info_is_the_csrs_subject_public_key_info(key_type: str) -> None:
+    """``request_key_info`` cuts out exactly the SPKI cryptography reads the CSR's key from."""
+    csr = workload_csr(key_type, 0)
+    key = x509.load_der_x509_csr(csr).public_key()
+    assert request_key_info(csr) == key.public_bytes(DER, SPKI)
+    assert serialization.load_der_public_key(request_key_info(csr)) == key
+
+
+def test_canonical_key_info_goes_into_the_leaf_as_given() -> None:
+    """A canonical EC ``key_info`` is put in the leaf as it is, without encoding the key
+    again, which is why callers must pass the bytes the key was loaded from: given another
+    key's SPKI, the leaf carries that other key."""
+    leaf_signer = signer("ec-p256-root")
+    own, other = workload_key("ec-p256", 0), workload_key("ec-p256", 1)
+    signed = leaf_signer.sign(
+        WORKLOAD, own, timedelta(hours=1), (), NOW, key_info=other.public_bytes(DER, SPKI)
+    )
+    assert signed.templated
+    assert x509.load_der_x509_certificate(signed.der).public_key() == other
+
+
+def test_non_canonical_key_info_is_encoded_again() -> None:
+    """A compressed EC point is valid but not what the builder writes: the leaf gets the
+    key encoded by cryptography, as the builder's does."""
+    key, info = key_and_info("ec-p256", 0, "compressed")
+    signed = signer("ec-p256-root").sign(WORKLOAD, key, timedelta(hours=1), (), NOW, key_info=info)
+    leaf = x509.load_der_x509_certificate(signed.der)
+    assert signed.templated
+    assert leaf.public_key().public_bytes(DER, SPKI) == key.public_bytes(DER, SPKI) != info
