@@ -84,7 +84,6 @@ from server.ca.manager import AuthorityManager, AuthorityManagerConfig
 from server.ca.pool import SigningPool
 from server.config import ServerConfig
 from server.datastore.models import (
-    DelegatedToken,
     DelegationPolicy,
     IssuedJwtSvid,
     IssuedX509Svid,
@@ -92,7 +91,7 @@ from server.datastore.models import (
 )
 from server.datastore.protocol import DataStore
 from server.datastore.sql import SqlDataStore
-from server.delegation.exchange import Recent, TokenExchange, actor_chain
+from server.delegation.exchange import Recent, TokenExchange
 from server.delegation.policy import agent_patterns_for
 from server.delegation.routes import DelegationEndpoints, delegation_routes
 from server.delegation.subjects import SubjectIssuers
@@ -549,16 +548,6 @@ def _delegation_endpoints(
         owner_of=Recent(owner_of, 1.0),
         policies_for=Recent(policies_for, 1.0),
         revoked_credential=revoked_credential,
-        record_token=lambda claims: datastore.create_delegated_token(
-            DelegatedToken(
-                jti=str(claims["jti"]),
-                client_id=str(claims["client_id"]),
-                subject=str(claims["sub"]),
-                actors=tuple(actor_chain(claims["act"])),
-                expires_at=int(claims["exp"]),
-                issued_at=int(claims["iat"]),
-            )
-        ),
     )
     return DelegationEndpoints(exchange, config.delegation.introspection_allowed)
 

@@ -28,6 +28,7 @@ from server.datastore.models import (
     Event,
     EventKind,
     FederationRelationship,
+    GrantOutcome,
     IssuedJwtSvid,
     IssuedX509Svid,
     JoinToken,
@@ -39,6 +40,7 @@ from server.datastore.models import (
     MatchBehavior,
     RegistrationEntry,
     Revocation,
+    TokenGrant,
 )
 from server.datastore.protocol import DataStore
 from server.datastore.schema import SCHEMA_VERSION
@@ -62,6 +64,7 @@ __all__ = [
     "Event",
     "EventKind",
     "FederationRelationship",
+    "GrantOutcome",
     "InvalidRequest",
     "IssuedJwtSvid",
     "IssuedX509Svid",
@@ -78,5 +81,6 @@ __all__ = [
     "Revocation",
     "SchemaTooNew",
     "SqlDataStore",
+    "TokenGrant",
     "UnsupportedDatabase",
 ]

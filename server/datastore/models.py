@@ -12,9 +12,12 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from credo.selector import Selector
+
+if TYPE_CHECKING:
+    from server.audit import PendingRecord
 
 __all__ = [
     "AttestedNode",
@@ -30,6 +33,7 @@ __all__ = [
     "Event",
     "EventKind",
     "FederationRelationship",
+    "GrantOutcome",
     "IssuedJwtSvid",
     "IssuedX509Svid",
     "JoinToken",
@@ -40,6 +44,7 @@ __all__ = [
     "MatchBehavior",
     "RegistrationEntry",
     "Revocation",
+    "TokenGrant",
 ]
 
 AuthorityKind = Literal["x509", "jwt", "wit"]
@@ -422,3 +427,27 @@ class BudgetUse:
     window_start: int
     used: int
     refused: int
+
+
+@dataclass(frozen=True, slots=True)
+class TokenGrant:
+    """A granted token exchange to record: the token (never the token itself), one unit of
+    each of ``budgets`` of policy ``policy_id`` in their windows at ``now``, and the grant's
+    audit record; all of them, or (refused) none but the exhausted budget's refusal counter.
+    """
+
+    token: DelegatedToken
+    audit: PendingRecord
+    policy_id: str = ""
+    budgets: tuple[Budget, ...] = ()
+    now: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class GrantOutcome:
+    """What recording a :class:`TokenGrant` did: ``recorded``, or refused because the
+    ``exhausted`` budget had no unit left, or (``exhausted`` None) because the client has
+    no unrevoked registration entry any more."""
+
+    recorded: bool
+    exhausted: Budget | None = None

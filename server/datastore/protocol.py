@@ -21,13 +21,13 @@ from server.audit import AuditRecord, PendingRecord
 from server.datastore.models import (
     AttestedNode,
     Authority,
-    Budget,
     BudgetUse,
     Crl,
     DelegatedToken,
     DelegationPolicy,
     Event,
     FederationRelationship,
+    GrantOutcome,
     IssuedJwtSvid,
     IssuedX509Svid,
     JoinToken,
@@ -38,6 +38,7 @@ from server.datastore.models import (
     ListRegistrationEntriesResponse,
     RegistrationEntry,
     Revocation,
+    TokenGrant,
 )
 
 __all__ = ["BundleBuilder", "DataStore"]
@@ -122,9 +123,6 @@ class DataStore(Protocol):
     ) -> list[DelegationPolicy]: ...
     def update_delegation_policy(self, policy: DelegationPolicy) -> DelegationPolicy: ...
     def delete_delegation_policy(self, policy_id: str) -> DelegationPolicy: ...
-    def consume_budgets(
-        self, policy_id: str, agent_id: str, budgets: Sequence[Budget], now: int
-    ) -> Budget | None: ...
     def list_budget_use(self, policy_id: str, now: int) -> list[BudgetUse]: ...
     def prune_budget_use(self, window_before: int) -> int: ...
     # issued X.509-SVIDs, revocation (entries, SVIDs, banned nodes) and CRLs
@@ -153,6 +151,7 @@ class DataStore(Protocol):
     def revoke_jwt_svid(self, jti: str, reason: str) -> Revocation: ...
     def prune_issued_jwt_svids(self, expires_before: int) -> int: ...
     def create_delegated_token(self, token: DelegatedToken) -> bool: ...
+    def record_token_grants(self, grants: Sequence[TokenGrant]) -> list[GrantOutcome]: ...
     def fetch_delegated_token(self, jti: str) -> DelegatedToken | None: ...
     def revoke_delegated_token(
         self, jti: str, reason: str, *, cascade: bool = False

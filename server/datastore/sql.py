@@ -92,6 +92,7 @@ from server.datastore.models import (
     Event,
     EventKind,
     FederationRelationship,
+    GrantOutcome,
     IssuedJwtSvid,
     IssuedX509Svid,
     JoinToken,
@@ -103,6 +104,7 @@ from server.datastore.models import (
     MatchBehavior,
     RegistrationEntry,
     Revocation,
+    TokenGrant,
 )
 from server.datastore.protocol import BundleBuilder, DataStore
 from server.datastore.schema import (
@@ -1451,33 +1453,89 @@ class SqlDataStore:
         The caller must not hand out a token for which this returns False.
         """
         with self._transaction(write=True) as tx:
-            stmt = select(entries.c.entry_id).where(entries.c.spiffe_id == token.client_id)
-            if self._is_pg:
-                stmt = stmt.with_for_update(read=True)
-            ids = set(tx.conn.execute(stmt).scalars())
-            if ids:
-                ids -= set(
-                    tx.conn.execute(
-                        select(revoked_entries.c.entry_id).where(
-                            revoked_entries.c.entry_id.in_(ids)
-                        )
-                    ).scalars()
-                )
-            if not ids:
+            if not self._has_live_entry(tx.conn, token.client_id):
                 return False
-            tx.conn.execute(
-                insert(delegated_tokens).values(
-                    jti=token.jti,
-                    client_id=token.client_id,
-                    subject=token.subject,
-                    actors="".join(a + " " for a in token.actors),
-                    expires_at=token.expires_at,
-                    issued_at=token.issued_at or tx.now,
-                    revoked_at=token.revoked_at,
-                    reason=token.reason,
-                )
-            )
+            self._insert_token(tx, token)
         return True
+
+    def record_token_grants(self, grants: Sequence[TokenGrant]) -> list[GrantOutcome]:
+        """Record granted token exchanges, all in one transaction (group commit).
+
+        For each grant, in order: refused (``recorded`` False) when its client has no
+        unrevoked registration entry, or when one of its budgets has no unit left in its
+        window (then none of its units is taken and that budget's ``refused`` counter goes
+        up); else one unit of every budget is taken, the token recorded and its audit
+        record chained, in the same transaction. Safe against concurrent callers on every
+        backend: each budget unit is taken by one conditional upsert (``INSERT ... ON
+        CONFLICT DO UPDATE ... WHERE used < limit``), so two servers racing for the last
+        unit cannot both win. The caller must hand out only the tokens whose outcome is
+        ``recorded``.
+        """
+        outcomes: list[GrantOutcome] = []
+        if not grants:
+            return outcomes
+        with self._transaction(write=True) as tx:
+            live: dict[str, bool] = {}
+            for grant in grants:
+                client = grant.token.client_id
+                if client not in live:
+                    live[client] = self._has_live_entry(tx.conn, client)
+                if not live[client]:
+                    outcomes.append(GrantOutcome(recorded=False))
+                    continue
+                exhausted = self._take_units(tx.conn, grant)
+                if exhausted is not None:
+                    outcomes.append(GrantOutcome(recorded=False, exhausted=exhausted))
+                    continue
+                self._insert_token(tx, grant.token)
+                tx.audit.append(grant.audit)
+                outcomes.append(GrantOutcome(recorded=True))
+        return outcomes
+
+    def _take_units(self, conn: Connection, grant: TokenGrant) -> Budget | None:
+        """One unit of each of the grant's budgets, or none and the exhausted budget."""
+        if not grant.budgets:
+            return None
+        agent = grant.token.client_id
+        savepoint = conn.begin_nested()
+        for budget in grant.budgets:
+            window = grant.now - grant.now % budget.period
+            if not self._take_unit(conn, grant.policy_id, agent, budget, window):
+                savepoint.rollback()
+                self._count_refusal(conn, grant.policy_id, agent, budget.scope, window)
+                return budget
+        savepoint.commit()
+        return None
+
+    def _has_live_entry(self, conn: Connection, spiffe_id: str) -> bool:
+        """Whether ``spiffe_id`` has a registration entry that is not revoked (PostgreSQL:
+        the entries stay locked for share until the transaction ends)."""
+        stmt = select(entries.c.entry_id).where(entries.c.spiffe_id == spiffe_id)
+        if self._is_pg:
+            stmt = stmt.with_for_update(read=True)
+        ids = set(conn.execute(stmt).scalars())
+        if ids:
+            ids -= set(
+                conn.execute(
+                    select(revoked_entries.c.entry_id).where(revoked_entries.c.entry_id.in_(ids))
+                ).scalars()
+            )
+        return bool(ids)
+
+    @staticmethod
+    def _insert_token(tx: _Tx, token: DelegatedToken) -> None:
+        tx.conn.execute(
+            insert(delegated_tokens).values(
+                jti=token.jti,
+                client_id=token.client_id,
+                subject=token.subject,
+                actors="".join(a + " " for a in token.actors),
+                expires_at=token.expires_at,
+                issued_at=token.issued_at or tx.now,
+                revoked_at=token.revoked_at,
+                reason=token.reason,
+            )
+        )
 
     def fetch_delegated_token(self, jti: str) -> DelegatedToken | None:
         """The recorded access token with this ``jti``, or None."""
@@ -1771,35 +1829,6 @@ class SqlDataStore:
                 details=_policy_details(found[0]),
             )
         return found[0]
-
-    def consume_budgets(
-        self, policy_id: str, agent_id: str, budgets: Sequence[Budget], now: int
-    ) -> Budget | None:
-        """Take one unit of each budget in its current window: all of them, or none.
-
-        Returns ``None`` when every budget had a unit left (all are now used), or the first
-        exhausted budget (nothing consumed; its ``refused`` counter goes up). Safe against
-        concurrent callers on every backend: each unit is taken by one conditional upsert,
-        so two servers racing for the last unit cannot both win.
-        """
-        if not budgets:
-            return None
-        exhausted: Budget | None = None
-        try:
-            with self._transaction(write=True) as tx:
-                for budget in budgets:
-                    window = now - now % budget.period
-                    if not self._take_unit(tx.conn, policy_id, agent_id, budget, window):
-                        exhausted = budget
-                        raise _RollBack
-        except _RollBack:
-            pass
-        if exhausted is None:
-            return None
-        window = now - now % exhausted.period
-        with self._transaction(write=True) as tx:
-            self._count_refusal(tx.conn, policy_id, agent_id, exhausted.scope, window)
-        return exhausted
 
     def _upsert(self) -> Any:
         return (pg_dialect if self._is_pg else sqlite_dialect).insert(budget_usage)
@@ -2389,10 +2418,6 @@ def _validate_entry(entry: RegistrationEntry) -> None:
         raise InvalidRequest("registration entry TTLs must be 0 (server default) or positive")
     if entry.expires_at < 0:
         raise InvalidRequest("registration entry expires_at must be 0 (never) or positive")
-
-
-class _RollBack(Exception):
-    """Raised inside a transaction to undo it without an error reaching the caller."""
 
 
 def _validate_policy(policy: DelegationPolicy) -> None:

@@ -18,10 +18,15 @@ One request, in this order (each step raises its :mod:`server.delegation.errors`
    token, else the policy's), the policy's, and the previous link's; the lifetime is the
    least of the policy's ``max_ttl``, the subject token's and the previous link's
    remaining life;
-6. budgets: one unit of every policy budget for a granted scope (or ``*``), all or none;
-7. the token: an RFC 9068 JWT (``typ: at+jwt``) signed with the server's active JWT key.
+6. the token: an RFC 9068 JWT (``typ: at+jwt``) signed with the server's active JWT key;
+7. the record, in one transaction: one unit of every policy budget for a granted scope
+   (or ``*``), all or none; the token's record (so that it can be revoked; refused when
+   the client's entries were revoked meanwhile); the grant's audit record. Concurrent
+   exchanges share that transaction (:class:`~server.delegation.groupcommit.GroupCommit`).
+   Only a recorded token is handed out.
 
-A refused exchange writes nothing but the budget's refusal counter (and a log line).
+A refused exchange writes nothing but its audit record and the budget's refusal counter
+(and a log line).
 """
 
 from __future__ import annotations
@@ -47,7 +52,13 @@ from credo.spiffe_id import SpiffeId, TrustDomain
 from credo.x509svid import verify_x509_svid
 from server import audit
 from server.ca.ca import JwtKey
-from server.datastore.models import Budget, DelegationPolicy
+from server.datastore.models import (
+    Budget,
+    DelegatedToken,
+    DelegationPolicy,
+    GrantOutcome,
+    TokenGrant,
+)
 from server.datastore.protocol import DataStore
 from server.delegation.errors import (
     InvalidClient,
@@ -59,6 +70,7 @@ from server.delegation.errors import (
     UnauthorizedClient,
     UnsupportedGrantType,
 )
+from server.delegation.groupcommit import GroupCommit
 from server.delegation.policy import agent_patterns_for, claims_match
 from server.delegation.subjects import (
     SubjectIssuers,
@@ -229,10 +241,12 @@ class TokenExchange:
     """``(kind, id)`` -> whether a credential is revoked: kind ``"jti"`` (a JWT-SVID),
     ``"serial"`` (an X509-SVID, lowercase hex; for both, true too when the entry it was
     issued for is revoked) or ``"token"`` (a delegated access token, by ``jti``)."""
-    record_token: Callable[[Mapping[str, Any]], bool] = field(default=lambda claims: True)
-    """Records an issued token's claims (jti, client, subject, chain, expiry; never the
-    token) before it is handed out, so that it can be revoked; False when the client's
-    entries were revoked meanwhile (the token is then not handed out)."""
+    _recorder: GroupCommit[TokenGrant, GrantOutcome] | None = field(
+        default=None, init=False, repr=False
+    )
+
+    def __post_init__(self) -> None:
+        self._recorder = GroupCommit(self.datastore.record_token_grants)
 
     @property
     def token_endpoint(self) -> str:
@@ -485,9 +499,8 @@ class TokenExchange:
                 raise InvalidRequest(
                     f"requested_token_type must be {ACCESS_TOKEN_TYPE} (the default)"
                 )
-            result = self._grant(form, client, seen)
-            if not self.record_token(result.claims):  # revocation: recorded before handed out
-                raise InvalidClient(f"{client}'s registration entries were revoked")
+            result, budgets = self._grant(form, client, seen)
+            self._record(client, seen, result, budgets)
         except OAuthError as err:
             if client is not None:  # unauthenticated noise is logged, not audited
                 self._audit(client, seen, error=err)
@@ -513,8 +526,39 @@ class TokenExchange:
                 "depth": len(actor_chain(result.claims["act"])),
             },
         )
-        self._audit(client, seen, result=result)
         return result
+
+    def _record(
+        self,
+        client: SpiffeId,
+        seen: Mapping[str, Any],
+        result: ExchangeResult,
+        budgets: tuple[Budget, ...],
+    ) -> None:
+        """Budgets, the token's record and the grant's audit record, in one transaction
+        (shared with concurrent exchanges); raises when refused (nothing of it written)."""
+        claims = result.claims
+        grant = TokenGrant(
+            token=DelegatedToken(
+                jti=str(claims["jti"]),
+                client_id=str(claims["client_id"]),
+                subject=str(claims["sub"]),
+                actors=tuple(actor_chain(claims["act"])),
+                expires_at=int(claims["exp"]),
+                issued_at=int(claims["iat"]),
+            ),
+            audit=self._audit_record(client, seen, result=result),
+            policy_id=result.policy_id,
+            budgets=budgets,
+            now=int(claims["iat"]),
+        )
+        assert self._recorder is not None
+        outcome = self._recorder.submit(grant)
+        if outcome.recorded:
+            return
+        if outcome.exhausted is None:
+            raise InvalidClient(f"{client}'s registration entries were revoked")
+        raise self._exhausted(outcome.exhausted, result.policy_id, client, grant.now)
 
     def _audit(
         self,
@@ -524,6 +568,20 @@ class TokenExchange:
         result: ExchangeResult | None = None,
         error: OAuthError | None = None,
     ) -> None:
+        """Write the ``token.exchange`` record of a refusal (a grant's is written with the
+        token's record, :meth:`_record`)."""
+        self.datastore.append_audit_records(
+            [self._audit_record(client, seen, result=result, error=error)]
+        )
+
+    def _audit_record(
+        self,
+        client: SpiffeId | None,
+        seen: Mapping[str, Any],
+        *,
+        result: ExchangeResult | None = None,
+        error: OAuthError | None = None,
+    ) -> audit.PendingRecord:
         """One ``token.exchange`` record, granted or refused, written before the answer:
         the agent (actor and subject), the person (``sub``), scopes, audience, policy and
         the new token's ``jti``, the agent's owner. Never a token."""
@@ -542,7 +600,7 @@ class TokenExchange:
         if error is not None:
             details["error"] = error.error
         agent = str(client) if client is not None else ""
-        record = audit.pending(
+        return audit.pending(
             "token.exchange",
             subject=agent,
             owner=str(seen.get("owner") or ""),
@@ -551,7 +609,6 @@ class TokenExchange:
             details=details,
             actor=audit.Actor("workload", agent) if agent else None,
         )
-        self.datastore.append_audit_records([record])
 
     def _audience(self, form: Mapping[str, str]) -> str:
         audience = form.get("audience") or form.get("resource")
@@ -633,7 +690,8 @@ class TokenExchange:
 
     def _grant(
         self, form: Mapping[str, str], client: SpiffeId, seen: dict[str, Any]
-    ) -> ExchangeResult:
+    ) -> tuple[ExchangeResult, tuple[Budget, ...]]:
+        """The signed token and the policy budgets it takes a unit of (not yet taken)."""
         owner = self.owner_of(client)
         seen["owner"] = owner or ""
         if owner is None:
@@ -684,7 +742,7 @@ class TokenExchange:
         )
         if lifetime <= 0:
             raise InvalidGrant("subject_token has expired")
-        self._spend(policy, client, granted, now)
+        budgets = tuple(b for b in policy.budgets if b.scope == "*" or b.scope in granted)
         claims: dict[str, Any] = {
             "iss": self.issuer(),
             "sub": subject.sub,
@@ -711,19 +769,14 @@ class TokenExchange:
             "expires_in": lifetime,
             "scope": claims["scope"],
         }
-        return ExchangeResult(response=response, claims=claims, policy_id=policy.id)
+        return ExchangeResult(response=response, claims=claims, policy_id=policy.id), budgets
 
-    def _spend(
-        self, policy: DelegationPolicy, client: SpiffeId, granted: frozenset[str], now: int
-    ) -> None:
-        due = [b for b in policy.budgets if b.scope == "*" or b.scope in granted]
-        exhausted: Budget | None = self.datastore.consume_budgets(policy.id, str(client), due, now)
-        if exhausted is None:
-            return
+    @staticmethod
+    def _exhausted(exhausted: Budget, policy_id: str, client: SpiffeId, now: int) -> OAuthError:
         resets = now - now % exhausted.period + exhausted.period
         when = datetime.fromtimestamp(resets, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        raise UnauthorizedClient(
+        return UnauthorizedClient(
             f"budget {exhausted.scope}={exhausted.limit}/{exhausted.period}s of delegation "
-            f"policy {policy.id} is used up for {client}; it resets at {when} "
+            f"policy {policy_id} is used up for {client}; it resets at {when} "
             f"(in {resets - now}s)"
         )

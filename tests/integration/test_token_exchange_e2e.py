@@ -8,12 +8,15 @@ introspection agree; malformed bodies (hypothesis) never get a 500 and change no
 from __future__ import annotations
 
 import json
+import re
 import ssl
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -352,6 +355,47 @@ def test_budget_is_exact_and_named_when_used_up(d: Deployment) -> None:
     ]
     (use,) = d.server.cli_json("delegation", "budget", "show", "--id", policy["id"])["budgets"]
     assert (use["used"], use["remaining"], use["refused"]) == (3, 0, 1)
+
+
+def test_concurrent_exchanges_take_exactly_the_budget_and_it_resets(d: Deployment) -> None:
+    """*=4/5s, twelve exchanges at once on one server (sharing its group commits): exactly
+    four tokens, every refusal names the budget and when it resets; after that moment the
+    next window grants again."""
+    agent = f"spiffe://{TD}/agents/burst"
+    create_entry(d.server, f"spiffe://{TD}/host", agent, "unix:uid:4343")
+    d.server.cli_json(
+        "delegation", "create", "--agent-id", agent, "--subject-issuer", "corp",
+        "--scope", "repo:read", "--audience", GIT, "--budget", "*=4/5s",
+    )  # fmt: skip
+    assertion = d.svid(agent)
+    form = {
+        "grant_type": GRANT,
+        "subject_token": d.person_token(),
+        "subject_token_type": ID_TOKEN,
+        "audience": GIT,
+        "client_assertion_type": JWT_SPIFFE,
+        "client_assertion": assertion,
+    }
+    # Start the burst early in a window, so that all of it falls into that one window.
+    wait_for(lambda: time.time() % 5 < 0.5, 10, "the start of a 5 s window", interval=0.02)
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        responses = list(pool.map(lambda _: d.post("/oauth2/token", form), range(12)))
+    granted = [r for r in responses if r.status_code == 200]
+    refused = [r.json() for r in responses if r.status_code != 200]
+    assert len(granted) == 4, [r.text for r in responses]
+    assert {e["error"] for e in refused} == {"unauthorized_client"}
+    whens = set()
+    for error in refused:
+        assert "*=4/5s" in error["error_description"]
+        named = re.search(r"resets at (\S+) ", error["error_description"])
+        assert named is not None, error
+        whens.add(named.group(1))
+    (when,) = whens  # one window
+    reset_at = datetime.strptime(when, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
+    again = wait_for(
+        lambda: (r := d.post("/oauth2/token", form)).status_code == 200 and r, 30, "a new window"
+    )
+    assert time.time() >= reset_at and again.json()["access_token"]
 
 
 FIELD_NAMES = st.sampled_from(

@@ -24,10 +24,11 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from credo.bundle import Bundle
 from credo.jwtsvid import sign_jwt_svid
+from credo.selector import Selector
 from credo.spiffe_id import SpiffeId, TrustDomain
 from credo.x509svid import ca_certificate_template, sign_x509_svid
 from server.ca.ca import JwtKey
-from server.datastore import Budget, DelegationPolicy, SqlDataStore
+from server.datastore import Budget, DelegationPolicy, RegistrationEntry, SqlDataStore
 from server.delegation.config import SubjectIssuerConfig
 from server.delegation.errors import OAuthError
 from server.delegation.exchange import (
@@ -145,6 +146,10 @@ def world(tmp_path: Path) -> Iterator[World]:
         clock=clock,
     )
     owners = {str(A): "alice@example.com", str(B): "team-review", str(C): ""}
+    for uid, agent in enumerate((A, B, C)):  # a token is recorded only for a registered agent
+        store.create_registration_entry(
+            RegistrationEntry(str(agent), f"spiffe://{TD}/host", (Selector("unix", f"uid:{uid}"),))
+        )
     exchange = TokenExchange(
         trust_domain=TD,
         datastore=store,
