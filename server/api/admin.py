@@ -867,6 +867,7 @@ class SvidsService(admin_pb2_grpc.SvidsServicer):
         now = int(time.time())
         token = await _call(self._ca.sign_wit_svid, spiffe_id, public_key, ttl)
         if self._ds is not None:
+            await _call(self._ds.create_issued_jwt_svid, jwt_record(token, str(spiffe_id)))
             jti, details = jwt_reference(token)
             record = audit.pending(
                 "wit_svid.issue", subject=str(spiffe_id), target=jti, details=details
@@ -912,7 +913,8 @@ class SvidsService(admin_pb2_grpc.SvidsServicer):
             result = await self._revoker.revoke_jti(jti, reason)
         except NotFound:
             raise ApiError(
-                grpc.StatusCode.NOT_FOUND, f"no JWT-SVID with jti {jti} was issued"
+                grpc.StatusCode.NOT_FOUND,
+                f"no JWT-SVID, WIT-SVID or delegated token with jti {jti} was issued",
             ) from None
         return _revocation_response(result)
 

@@ -25,6 +25,7 @@ from cryptography import x509
 
 from credo.bundle import public_key_to_jwk
 from credo.keys import jwt_algorithm_for
+from server import audit
 from server.datastore.errors import NotFound
 from server.delegation.errors import (
     InvalidClient,
@@ -183,9 +184,10 @@ class DelegationEndpoints:
                 f"{caller} may not revoke this token: it was not issued to or for {caller}"
             )
         try:
-            self.exchange.datastore.revoke_delegated_token(
-                str(claims["jti"]), f"revoked by {caller} (RFC 7009)"
-            )
+            with audit.acting_as(audit.Actor("workload", str(caller))):
+                self.exchange.datastore.revoke_delegated_token(
+                    str(claims["jti"]), f"revoked by {caller} (RFC 7009)"
+                )
         except NotFound:
             return
 
