@@ -329,3 +329,29 @@ def test_agent_ban_revokes_the_delegated_tokens_of_its_workloads(
             assert banned["details"]["revoked_tokens"] == [_jti(token)]
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_person_revokes_a_token_issued_on_their_behalf(deployment: Deployment) -> None:
+    """With no client credentials but their own token from the identity provider as
+    ``subject_token``, the person revokes a delegated token issued for them (the record
+    names the person as actor); someone else's token, or a token this server issued used as
+    the person's credential, is refused and revokes nothing."""
+    d = deployment
+    token = _exchange(d, CODER, scope="repo:read")
+    bob = d.person_token(sub="bob")
+    refused = d.post("/oauth2/revoke", {"token": token, "subject_token": bob})
+    assert refused.status_code == 400, refused.text
+    assert refused.json()["error"] == "unauthorized_client"
+    assert "bob may not revoke" in refused.json()["error_description"]
+    assert _active(d, token)
+    own = d.post("/oauth2/revoke", {"token": token, "subject_token": token})
+    assert own.status_code == 401 and own.json()["error"] == "invalid_client", own.text
+    assert _active(d, token)
+    forged = d.post("/oauth2/revoke", {"token": token, "subject_token": "a.b.c"})
+    assert forged.status_code == 400, forged.text
+    assert _active(d, token)
+    done = d.post("/oauth2/revoke", {"token": token, "subject_token": d.person_token()})
+    assert done.status_code == 200, done.text
+    assert not _active(d, token)
+    record = next(r for r in _audit(d, "token.revoke") if r["target"] == _jti(token))
+    assert (record["actor_kind"], record["actor"]) == ("person", "alice")
