@@ -249,6 +249,7 @@ __all__ += ["ConfigError"]
 #       ├── InvalidWitSvid                            malformed header, claims or cnf key
 #       ├── WitSvidExpired                            exp is in the past (or nbf ahead)
 #       ├── UntrustedWitSvid                          no WIT bundle / unknown kid / bad signature
+#       ├── WitSvidRevoked                            its jti is in the revocation list given
 #       └── InvalidWorkloadProof                      the Workload Proof Token was refused
 
 
@@ -270,6 +271,11 @@ class UntrustedWitSvid(WitSvidError):
     """No WIT bundle for the token's trust domain, no key for its ``kid``, or a bad signature."""
 
 
+class WitSvidRevoked(WitSvidError):
+    """The token's ``jti`` is in the revocation source the verifier passed (the server's
+    signed list at ``/jwt-revocations`` carries revoked WIT-SVIDs with the JWTs)."""
+
+
 class InvalidWorkloadProof(WitSvidError):
     """The Workload Proof Token is malformed, expired, for another audience, not bound to
     the WIT (``wth``) or to the tokens sent with it (``ath``/``tth``/``oth``), or not signed
@@ -284,6 +290,7 @@ __all__ += [
     "UntrustedWitSvid",
     "WitSvidError",
     "WitSvidExpired",
+    "WitSvidRevoked",
 ]
 
 

@@ -24,7 +24,7 @@ import hashlib
 import json
 import math
 import secrets
-from collections.abc import Mapping
+from collections.abc import Container, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
@@ -43,6 +43,7 @@ from credo.errors import (
     UntrustedWitSvid,
     WitSvidError,
     WitSvidExpired,
+    WitSvidRevoked,
 )
 from credo.keys import PrivateKey, PublicKey, jwt_algorithm_for
 from credo.spiffe_id import SpiffeId
@@ -337,13 +338,17 @@ class WitSvid:
         *,
         now: datetime | None = None,
         leeway: timedelta = DEFAULT_LEEWAY,
+        revoked: Container[str] | None = None,
     ) -> WitSvid:
         """Parse ``token`` and check it against the WIT bundle of its trust domain.
 
         Checks the header (``typ``, ``alg``, ``kid``), the claims (``sub``, ``exp``,
         ``nbf``, ``cnf.jwk``), that ``kid`` names a key of the WIT bundle for ``sub``'s
-        trust domain, and the signature. Proof of possession is the caller's next step
-        (:func:`credo.wpt.verify_wpt`).
+        trust domain, and the signature. ``revoked`` is a revocation source: any container
+        of revoked ``jti`` values, e.g. a :class:`credo.revocation.JwtRevocationList` or
+        :class:`credo.revocation.PolledRevocationList` (the server lists revoked WIT-SVIDs
+        there with the JWTs): a listed ``jti`` raises :class:`credo.errors.WitSvidRevoked`.
+        Proof of possession is the caller's next step (:func:`credo.wpt.verify_wpt`).
         """
         wit = cls.parse_insecure(token)
         td = wit.spiffe_id.trust_domain
@@ -372,4 +377,6 @@ class WitSvid:
             raise WitSvidExpired(f"token expired at {wit.expires_at.isoformat()}")
         if wit.not_before is not None and wit.not_before > moment + leeway:
             raise WitSvidExpired(f"token is not valid before {wit.not_before.isoformat()}")
+        if revoked is not None and wit.jti is not None and wit.jti in revoked:
+            raise WitSvidRevoked(f"jti {wit.jti[:64]!r} has been revoked")
         return wit

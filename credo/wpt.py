@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import math
 import secrets
-from collections.abc import Mapping
+from collections.abc import Container, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
@@ -247,16 +247,18 @@ def verify_request(
     other_tokens: Mapping[str, str] | None = None,
     now: datetime | None = None,
     leeway: timedelta = DEFAULT_LEEWAY,
+    revoked: Container[str] | None = None,
 ) -> WorkloadProof:
     """Authenticate an HTTP request by its ``Workload-Identity-Token`` and
-    ``Workload-Proof-Token`` headers: the WIT against ``bundles``, then the proof."""
+    ``Workload-Proof-Token`` headers: the WIT against ``bundles`` (and ``revoked``, a
+    revocation source as :meth:`credo.WitSvid.parse_and_validate` takes), then the proof."""
     wit_text = _header(headers, WIT_HEADER)
     wpt_text = _header(headers, WPT_HEADER)
     if not wit_text:
         raise InvalidWitSvid(f"request has no {WIT_HEADER} header")
     if not wpt_text:
         raise InvalidWorkloadProof(f"request has no {WPT_HEADER} header")
-    wit = WitSvid.parse_and_validate(wit_text, bundles, now=now, leeway=leeway)
+    wit = WitSvid.parse_and_validate(wit_text, bundles, now=now, leeway=leeway, revoked=revoked)
     return verify_wpt(
         wpt_text,
         wit,

@@ -71,6 +71,7 @@ from server.api.admin import (
 from server.api.agent import AgentService
 from server.api.common import BundleSource
 from server.api.delegation import DelegationService
+from server.api.peercred import AdminSocketRelay
 from server.api.tls import PeerRegistry, TlsFrontend
 from server.attestation.catalog import PluginContext, build_node_attestors
 from server.audit.checkpoint import Checkpointer
@@ -162,6 +163,7 @@ class _Server:
     runtime: RuntimeDir
     agent_grpc: grpc.aio.Server
     admin_grpc: grpc.aio.Server
+    admin_relay: AdminSocketRelay
     frontend: TlsFrontend
     publishing: BundlePublishing
     crl_signer: CrlSigner
@@ -190,6 +192,7 @@ class _Server:
             self.admin_grpc.stop(SHUTDOWN_GRACE),
         )
         await self.frontend.close()
+        await self.admin_relay.close()
         if self.http is not None:
             await self.http.close()
         if self.signing_pool is not None:
@@ -329,7 +332,15 @@ async def _build(config: ServerConfig, stop: asyncio.Event) -> _Server:
         agent_grpc.add_insecure_port(f"unix:{relay_dir / 'agent.sock'}")
 
         admin_health = health.aio.HealthServicer()
-        admin_grpc = grpc.aio.server(options=_GRPC_OPTIONS, interceptors=[AdminActorInterceptor()])
+        admin_socket = Path(config.admin_socket).absolute()
+        # The admin socket is a relay that reads each caller's SO_PEERCRED (the audit
+        # trail's admin actor); gRPC listens on a private socket behind it.
+        admin_relay = AdminSocketRelay(
+            admin_socket, upstream=relay_dir / "admin.sock", relay_dir=relay_dir
+        )
+        admin_grpc = grpc.aio.server(
+            options=_GRPC_OPTIONS, interceptors=[AdminActorInterceptor(admin_relay)]
+        )
         admin_pb2_grpc.add_EntriesServicer_to_server(
             EntriesService(admin_config, datastore), admin_grpc
         )
@@ -355,9 +366,8 @@ async def _build(config: ServerConfig, stop: asyncio.Event) -> _Server:
             DelegationService(td, datastore, config.delegation.issuers), admin_grpc
         )
         health_pb2_grpc.add_HealthServicer_to_server(admin_health, admin_grpc)
-        admin_socket = Path(config.admin_socket).absolute()
         prepare_admin_socket(admin_socket)
-        admin_grpc.add_insecure_port(f"unix:{admin_socket}")
+        admin_grpc.add_insecure_port(f"unix:{relay_dir / 'admin.sock'}")
 
         frontend = TlsFrontend(
             bind_host,
@@ -399,6 +409,7 @@ async def _build(config: ServerConfig, stop: asyncio.Event) -> _Server:
             runtime=runtime,
             agent_grpc=agent_grpc,
             admin_grpc=admin_grpc,
+            admin_relay=admin_relay,
             frontend=frontend,
             publishing=publishing,
             federation=BundleRefresher(datastore, td, on_refresh=metrics.on_federation_refresh),
@@ -556,6 +567,7 @@ async def _start_endpoints(server: _Server) -> RunningServer:
     config = server.config
     await server.agent_grpc.start()
     await server.admin_grpc.start()
+    await server.admin_relay.start()
     os.chmod(config.admin_socket, 0o600)
     await server.frontend.start()
     host, port = server.frontend.address

@@ -18,7 +18,9 @@ agent is authorized for, and returns one result per request, in order:
 
 :meth:`Issuer.wit_svids` signs a batch of (entry id, workload public key) the same way: per
 item authorization and key checks, one WIT-SVID per item with the server's ``wit_svid_ttl``
-(signed in-process: one ECDSA signature per item, no certificate to build).
+(signed in-process: one ECDSA signature per item, no certificate to build). Each WIT-SVID
+is recorded by ``jti`` with the JWT-SVIDs (``issued_jwt_svids``): revoked by ``jwt revoke
+--jti``, ``entry revoke`` and ``agent ban``, and listed with them for verifiers.
 
 Authorization always happens here, in the main process, before anything is signed.
 Every signed X509-SVID is recorded in the datastore (:mod:`server.revocation`) before it
@@ -412,12 +414,18 @@ class Issuer:
         self,
         requests: Sequence[WitSvidRequest],
         authorized: Mapping[str, RegistrationEntry],
+        agent_id: str = "",
     ) -> list[WitResult]:
-        """One WIT-SVID (or failure) per request, in order; off the event loop."""
-        return await asyncio.to_thread(self._sign_wits, list(requests), authorized)
+        """One WIT-SVID (or failure) per request, in order; off the event loop. Each is
+        recorded by ``jti`` (with the JWT-SVIDs: revocable the same way) before it is
+        returned, and refused if its entry was revoked meanwhile."""
+        return await asyncio.to_thread(self._sign_wits, list(requests), authorized, agent_id)
 
     def _sign_wits(
-        self, requests: list[WitSvidRequest], authorized: Mapping[str, RegistrationEntry]
+        self,
+        requests: list[WitSvidRequest],
+        authorized: Mapping[str, RegistrationEntry],
+        agent_id: str,
     ) -> list[WitResult]:
         now = time.time()
         out: list[WitResult] = []
@@ -435,6 +443,11 @@ class Issuer:
                 out.append(IssueFailed(entry.id, err))
                 continue
             expires_at = int(WitSvid.parse_insecure(token).expires_at.timestamp())
+            if self._issued is not None and not self._issued.create_issued_jwt_svid(
+                jwt_record(token, entry.spiffe_id, entry_id=entry.id, agent_id=agent_id)
+            ):
+                out.append(IssueFailed(entry.id, EntryNotAuthorized(entry.id)))
+                continue
             out.append(WitSvidIssued(entry.id, entry.spiffe_id, token, int(now), expires_at))
         if self._audit is not None:
             self._record_wits(out, authorized)

@@ -13,10 +13,14 @@ authority, entry, SPIFFE ID, agent, expiry) so that any of them can be revoked:
   revocation revokes those issued to its SPIFFE ID (``cascade``: and every token whose
   actor chain contains it); RFC 7009 ``POST /oauth2/revoke`` revokes one. Revoked ones
   are in the JWT revocation list with the revoked JWT-SVIDs;
-* one JWT-SVID by ``jti`` (``credo-server jwt revoke --jti J``); entry revocation and bans
-  revoke the entry's / agent's unexpired JWT-SVIDs too (every JWT-SVID is recorded,
-  :func:`jwt_record`). Agents receive the revoked ``jti``s on their sync stream and their
-  ``ValidateJWTSVID`` refuses them.
+* one JWT by ``jti`` (``credo-server jwt revoke --jti J``): a JWT-SVID, a WIT-SVID or a
+  delegated token (``jti``s are random, one namespace); entry revocation and bans revoke
+  the entry's / agent's unexpired JWT-SVIDs and WIT-SVIDs too (every one is recorded,
+  :func:`jwt_record`, WIT-SVIDs with the JWT-SVIDs), and a ban the delegated tokens issued to
+  the identities the agent held SVIDs for. Agents receive the revoked ``jti``s on their
+  sync stream: their ``ValidateJWTSVID`` refuses them and a revoked WIT-SVID is replaced on
+  the workload's stream; the signed list at ``/jwt-revocations`` carries them for verifiers
+  (:meth:`credo.WitSvid.parse_and_validate` takes it as ``revoked``).
 
 :class:`Revoker` is what the admin API calls; every call is idempotent (revoking again
 revokes nothing more and still succeeds). Revoked serials reach verifiers through each
@@ -45,6 +49,7 @@ from aiohttp import web
 from cryptography import x509
 
 from credo.revocation import REVOCATION_LIST_PATH
+from server.datastore.errors import NotFound
 from server.datastore.models import (
     AttestedNode,
     DelegatedToken,
@@ -150,8 +155,13 @@ class Revoker:
         return self._record("entry", entry_id, reason, done)
 
     async def revoke_jti(self, jti: str, reason: str) -> RevocationResult:
-        """Revoke one JWT-SVID (``NotFound`` if the server never issued that ``jti``)."""
-        done = await asyncio.to_thread(self._ds.revoke_jwt_svid, jti, reason)
+        """Revoke the JWT the server issued with this ``jti``: a JWT-SVID or WIT-SVID
+        (recorded together), else a delegated access token. ``NotFound`` if it issued none."""
+        try:
+            done = await asyncio.to_thread(self._ds.revoke_jwt_svid, jti, reason)
+        except NotFound:
+            done = await asyncio.to_thread(self._ds.revoke_delegated_token, jti, reason)
+            return self._record("delegated_token", jti, reason, done)
         return self._record("jwt_svid", jti, reason, done)
 
     async def ban_agent(self, agent_id: str, reason: str) -> tuple[AttestedNode, RevocationResult]:

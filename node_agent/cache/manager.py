@@ -170,6 +170,7 @@ class CacheManager:
         if wit_kids:
             self.wit_svids.drop_untrusted(wit_kids, bundles.tainted_jwt)
         self.jwt_svids.drop_revoked(bundles.revoked_jtis)
+        self.wit_svids.drop_revoked(bundles.revoked_jtis)
         self._subs.notify_bundles()
         self._changed()
 

@@ -6,10 +6,11 @@ that has no WIT yet (or whose WIT is past its renewal time) in one ``BatchNewWIT
 and keeps token and key until about half the WIT's lifetime (+-10% jitter, like the other
 SVIDs); then the next fetch gets a new key pair and token, and the stream pushes them.
 
-A WIT whose signing key is tainted or left the bundle (revoked), or whose entry is gone, is
-dropped at once. While the server cannot be reached a cached WIT is served until shortly
-before it expires, and the renewal is retried after a short delay. Tokens and keys are
-never logged.
+A WIT whose signing key is tainted or left the bundle (revoked), whose ``jti`` the server
+lists as revoked (sync stream), or whose entry is gone, is dropped at once (the stream then
+pushes a new one, unless the entry itself was revoked). While the server cannot be reached
+a cached WIT is served until shortly before it expires, and the renewal is retried after a
+short delay. Tokens and keys are never logged.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class _CachedWit:
     key_id: str
     expires_at: float
     refresh_at: float
+    jti: str = ""
 
 
 def _keys(count: int) -> list[tuple[PrivateKey, bytes]]:
@@ -159,6 +161,7 @@ class WitSvidCache:
                     key_id=wit.key_id,
                     expires_at=expires_at,
                     refresh_at=renew_at(issued_at, expires_at, received_at=self._clock()),
+                    jti=wit.jti or "",
                 )
                 issued += 1
             if issued:
@@ -183,6 +186,17 @@ class WitSvidCache:
         """Drop the WITs of every entry not in ``entry_ids`` (their entries are gone)."""
         for entry_id in [e for e in self._wits if e not in entry_ids]:
             del self._wits[entry_id]
+
+    def drop_revoked(self, jtis: Collection[str]) -> bool:
+        """Drop WITs whose ``jti`` was revoked (True if any): the next fetch signs new ones."""
+        if not jtis:
+            return False
+        revoked = [e for e, c in self._wits.items() if c.jti and c.jti in jtis]
+        for entry_id in revoked:
+            del self._wits[entry_id]
+        if revoked:
+            log.warning("dropped revoked WIT-SVIDs", extra={"svids": len(revoked)})
+        return bool(revoked)
 
     def drop_untrusted(self, key_ids: Collection[str], tainted: Collection[str]) -> None:
         """Drop WITs signed by a key not in ``key_ids`` (revoked) or in ``tainted``: the next

@@ -3,8 +3,9 @@
 
 Served on the local Unix socket only; trust comes from the socket's file permissions.
 :class:`AdminActorInterceptor` makes every call's audit records name the admin caller
-(``uid=U pid=P`` as the CLI declares them in metadata; the socket is open only to the
-server's user).
+(``uid=U pid=P`` of the connected process, read with ``SO_PEERCRED`` by
+:class:`~server.api.peercred.AdminSocketRelay`; the socket is open only to the server's
+user).
 Every request is validated here, at the edge, before anything changes: a batch with
 one bad item changes nothing, and the status names the item and the field
 (``entries[1].spiffe_id: ...``).
@@ -51,8 +52,8 @@ from server.api.convert import (
     x509_svid_to_proto,
 )
 from server.api.errors import ApiError, handle_errors, status_for
+from server.api.peercred import AdminSocketRelay, PeerCredentials
 from server.audit.checkpoint import Checkpointer, checkpoint_verifier
-from server.audit.context import ADMIN_PID_KEY, ADMIN_UID_KEY
 from server.ca.ca import CertificateAuthority
 from server.ca.manager import AuthorityInfo, AuthorityManager
 from server.datastore.errors import DataStoreError, NotFound
@@ -184,22 +185,21 @@ def _token_fingerprint(token: str) -> str:
     return token_fingerprint(token)
 
 
-def _declared_number(metadata: Any, key: str) -> str:
-    for name, value in metadata or ():
-        if name == key and isinstance(value, str) and value.isdigit():
-            return value
-    return "?"
-
-
-def admin_actor(metadata: Any) -> audit.Actor:
-    """The admin caller, as the CLI declares itself in the call's metadata."""
-    uid = _declared_number(metadata, ADMIN_UID_KEY)
-    pid = _declared_number(metadata, ADMIN_PID_KEY)
-    return audit.Actor("admin", f"uid={uid} pid={pid}")
+def admin_actor(creds: PeerCredentials | None) -> audit.Actor:
+    """The admin caller, by the uid and pid the kernel reported for its connection
+    (``uid=? pid=?`` for a connection that did not come through the admin socket)."""
+    if creds is None:
+        return audit.Actor("admin", "uid=? pid=?")
+    return audit.Actor("admin", f"uid={creds.uid} pid={creds.pid}")
 
 
 class AdminActorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Run every unary admin call with its caller as the actor of its audit records."""
+    """Run every unary admin call with its caller as the actor of its audit records: the
+    credentials ``relay`` read with ``SO_PEERCRED`` (what the CLI declares in the call's
+    metadata is ignored)."""
+
+    def __init__(self, relay: AdminSocketRelay | None = None) -> None:
+        self._relay = relay
 
     async def intercept_service(
         self,
@@ -209,10 +209,11 @@ class AdminActorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         handler = await continuation(handler_call_details)
         if handler is None or handler.unary_unary is None:
             return handler
-        actor = admin_actor(handler_call_details.invocation_metadata)
         inner = handler.unary_unary
+        relay = self._relay
 
         async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            actor = admin_actor(relay.lookup(context.peer()) if relay is not None else None)
             with audit.acting_as(actor):
                 result = inner(request, context)
                 return await result if inspect.isawaitable(result) else result
@@ -867,6 +868,7 @@ class SvidsService(admin_pb2_grpc.SvidsServicer):
         now = int(time.time())
         token = await _call(self._ca.sign_wit_svid, spiffe_id, public_key, ttl)
         if self._ds is not None:
+            await _call(self._ds.create_issued_jwt_svid, jwt_record(token, str(spiffe_id)))
             jti, details = jwt_reference(token)
             record = audit.pending(
                 "wit_svid.issue", subject=str(spiffe_id), target=jti, details=details
@@ -912,7 +914,8 @@ class SvidsService(admin_pb2_grpc.SvidsServicer):
             result = await self._revoker.revoke_jti(jti, reason)
         except NotFound:
             raise ApiError(
-                grpc.StatusCode.NOT_FOUND, f"no JWT-SVID with jti {jti} was issued"
+                grpc.StatusCode.NOT_FOUND,
+                f"no JWT-SVID, WIT-SVID or delegated token with jti {jti} was issued",
             ) from None
         return _revocation_response(result)
 

@@ -190,7 +190,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             for i, p in enumerate(request.params)
         ]
         authorized = await self._authorized.including(caller, (r.entry_id for r in requests))
-        results = await self._issuer.wit_svids(requests, authorized)
+        results = await self._issuer.wit_svids(requests, authorized, caller.agent_id)
         return agent_pb2.BatchNewWITSVIDResponse(results=[_wit_result(r) for r in results])
 
     @handle_errors

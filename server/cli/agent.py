@@ -85,7 +85,9 @@ def show(socket_path: str, output: str, spiffe_id: str) -> None:
 @click.option("--reason", default="", help="Why (kept with the revocations).")
 def ban(socket_path: str, output: str, spiffe_id: str, reason: str) -> None:
     """Refuse the agent from its next call on, until it is evicted, and revoke every
-    unexpired X.509-SVID it obtained. Banning a banned agent changes nothing."""
+    unexpired X.509-SVID, JWT-SVID and WIT-SVID it obtained (its own included) and the
+    delegated tokens issued to the identities it held them for. Banning a banned agent
+    changes nothing."""
     with AdminClient(socket_path) as client:
         node = client.call(
             client.agents.BanAgent,

@@ -82,7 +82,8 @@ def describe_rpc_error(err: grpc.RpcError, socket_path: str, noun: str = "") -> 
 
 
 class _DeclareCaller(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
-    """Add the caller's uid and pid to every call's metadata (the audit trail's actor)."""
+    """Add the caller's uid and pid to every call's metadata. The server names the admin
+    actor by the connection's ``SO_PEERCRED`` and ignores these (kept for older servers)."""
 
     def intercept_unary_unary(
         self, continuation: Callable[..., Any], client_call_details: Any, request: Any

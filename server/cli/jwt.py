@@ -1,5 +1,5 @@
 """``credo-server jwt mint|revoke``: mint a JWT-SVID for any SPIFFE ID (printed: the admin
-asked for it), revoke one by its ``jti``."""
+asked for it), revoke a JWT-SVID, WIT-SVID or delegated token by its ``jti``."""
 
 from __future__ import annotations
 
@@ -50,15 +50,22 @@ def mint(
 
 @jwt.command()
 @admin_options
-@click.option("--jti", required=True, help="The JWT ID (jti claim) of the JWT-SVID.")
+@click.option(
+    "--jti",
+    required=True,
+    help="The JWT ID (jti claim) of a JWT-SVID, WIT-SVID or delegated access token.",
+)
 @click.option("--reason", default="", help="Why (kept with the revocation).")
 def revoke(socket_path: str, output: str, jti: str, reason: str) -> None:
-    """Revoke one JWT-SVID the server issued: every agent's ValidateJWTSVID refuses it from
-    then on and no agent hands it out again. Revoking it again changes nothing."""
+    """Revoke one JWT the server issued, by its jti: a JWT-SVID or WIT-SVID (every agent's
+    ValidateJWTSVID refuses it, no agent hands it out again, a revoked WIT-SVID is replaced
+    on its workload's stream) or a delegated access token (introspection answers inactive,
+    the token endpoint refuses it as a chain link). All are in the signed revocation list at
+    /jwt-revocations. Revoking it again changes nothing."""
     with AdminClient(socket_path) as client:
         reply = client.call(
             client.svids.RevokeJWTSVID,
             admin_pb2.RevokeJWTSVIDRequest(jti=jti, reason=reason),
-            noun="JWT-SVID",
+            noun="JWT",
         )
-    emit(output, message_to_dict(reply), render_revocation(reply, f"JWT-SVID {jti}"))
+    emit(output, message_to_dict(reply), render_revocation(reply, f"jti {jti}"))

@@ -243,17 +243,23 @@ def render_bundle(message: types_pb2.Bundle, bundle_format: str) -> str:
 
 
 def render_revocation(reply: admin_pb2.RevocationResponse, what: str) -> str:
-    """What a revocation call did, for people: the target, then each newly revoked serial."""
-    n = len(reply.revoked)
-    if n == 0 and not reply.entry_newly_revoked:
+    """What a revocation call did, for people: the target, then each credential it newly
+    revoked (X.509-SVIDs by serial, JWT-/WIT-SVIDs and delegated tokens by ``jti``)."""
+    n, m, k = len(reply.revoked), len(reply.revoked_jwts), len(reply.revoked_tokens)
+    if n == m == k == 0 and not reply.entry_newly_revoked:
         head = f"{what} was already revoked; nothing more to revoke"
     else:
-        head = f"{what} revoked; {n} X.509-SVID{'' if n == 1 else 's'} revoked"
+        head = (
+            f"{what} revoked; {n} X.509-SVID{'' if n == 1 else 's'}, {m} JWT-/WIT-SVID"
+            f"{'' if m == 1 else 's'}, {k} delegated token{'' if k == 1 else 's'} revoked"
+        )
     lines = [head]
     for svid in reply.revoked:
         lines.append(
             f"  serial {svid.serial}  {svid.spiffe_id}  expires {format_time(svid.expires_at)}"
         )
+    for jwt in reply.revoked_jwts:
+        lines.append(f"  jti {jwt.jti}  {jwt.spiffe_id}  expires {format_time(jwt.expires_at)}")
     for token in reply.revoked_tokens:
         lines.append(
             f"  delegated token {token.jti}  {token.client_id} for {token.subject}  "

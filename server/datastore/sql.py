@@ -1317,15 +1317,47 @@ class SqlDataStore:
             jwts = self._revoke(
                 tx, JWT_SVIDS, and_(j.agent_id == spiffe_id, j.expires_at > tx.now), reason
             )
+            tokens = self._revoke_agent_tokens(tx, spiffe_id, reason)
             node = self._load_nodes(tx.conn, [nodes.c.spiffe_id == spiffe_id])[0]
             audit.record(
                 tx,
                 "agent.ban",
                 subject=spiffe_id,
                 target=node.new_cert_serial or node.cert_serial,
-                details={**_node_details(node), **_revocation_details(reason, revoked, jwts)},
+                details={
+                    **_node_details(node),
+                    **_revocation_details(reason, revoked, jwts),
+                    "revoked_tokens": [t.jti for t in tokens],
+                },
             )
-        return node, Revocation(tuple(revoked), revoked_jwts=tuple(jwts))
+        return node, Revocation(
+            tuple(revoked), revoked_jwts=tuple(jwts), revoked_tokens=tuple(tokens)
+        )
+
+    def _revoke_agent_tokens(self, tx: _Tx, agent_id: str, reason: str) -> list[DelegatedToken]:
+        """Revoke the unexpired delegated tokens issued to the agent itself or to an identity
+        it obtained an unexpired SVID for (X.509, JWT or WIT). A token does not record the
+        node its client was on, so an identity served by several agents loses its tokens on
+        all of them: its workloads elsewhere exchange again with their own SVIDs."""
+        c, j = issued_x509_svids.c, issued_jwt_svids.c
+        held = {agent_id}
+        held.update(
+            tx.conn.execute(
+                select(c.spiffe_id).where(c.agent_id == agent_id, c.expires_at > tx.now).distinct()
+            ).scalars()
+        )
+        held.update(
+            tx.conn.execute(
+                select(j.spiffe_id).where(j.agent_id == agent_id, j.expires_at > tx.now).distinct()
+            ).scalars()
+        )
+        d = delegated_tokens.c
+        return self._revoke(
+            tx,
+            DELEGATED_TOKENS,
+            and_(d.client_id.in_(sorted(held)), d.expires_at > tx.now),
+            reason,
+        )
 
     @staticmethod
     def _entry_owner(conn: Connection, entry_id: str) -> str:
@@ -1562,6 +1594,18 @@ class SqlDataStore:
                     ),
                     reason,
                 )
+            audit.record(
+                tx,
+                "token.revoke",
+                subject=token.client_id,
+                target=jti,
+                details={
+                    "reason": reason,
+                    "sub": token.subject,
+                    "revoked_tokens": [t.jti for t in tokens],
+                    "cascade": cascade,
+                },
+            )
         return Revocation(revoked_tokens=tuple(tokens))
 
     def prune_delegated_tokens(self, expires_before: int) -> int:

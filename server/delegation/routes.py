@@ -3,7 +3,8 @@
 ========================================  ==========================================
 ``POST /oauth2/token``                    RFC 8693 token exchange (form-encoded)
 ``POST /oauth2/introspect``               RFC 7662 introspection, for allowed SPIFFE IDs
-``POST /oauth2/revoke``                   RFC 7009 revocation of a delegated token
+``POST /oauth2/revoke``                   RFC 7009 revocation of a delegated token (by an
+                                          agent, or by the person with their own token)
 ``GET /oauth2/jwks``                      the keys that sign access tokens (JWKS)
 ``GET /.well-known/oauth-authorization-server``  RFC 8414 metadata
 ========================================  ==========================================
@@ -25,6 +26,7 @@ from cryptography import x509
 
 from credo.bundle import public_key_to_jwk
 from credo.keys import jwt_algorithm_for
+from server import audit
 from server.datastore.errors import NotFound
 from server.delegation.errors import (
     InvalidClient,
@@ -37,12 +39,13 @@ from server.delegation.exchange import (
     AT_JWT,
     GRANT_TYPE,
     JWT_SPIFFE_ASSERTION,
+    SUBJECT_ISSUER_CLAIM,
     SUBJECT_TOKEN_TYPES,
     TOKEN_PATH,
     TokenExchange,
     actor_chain,
 )
-from server.delegation.subjects import check_times
+from server.delegation.subjects import check_times, unverified_claims
 from server.http import HttpError, json_response
 
 __all__ = ["INTROSPECT_PATH", "JWKS_PATH", "METADATA_PATH", "REVOKE_PATH", "delegation_routes"]
@@ -164,9 +167,19 @@ class DelegationEndpoints:
 
     def _revoke(self, fields: list[tuple[str, str]], chain: list[x509.Certificate] | None) -> None:
         """RFC 7009: the caller may revoke a token issued to it (``client_id``), one whose
-        chain it is in, or one issued for it (``aud``); unknown or dead tokens are no error."""
+        chain it is in, or one issued for it (``aud``); unknown or dead tokens are no error.
+
+        A person (no client credentials) authenticates with ``subject_token``: their own
+        token from a trusted subject issuer, as at the token endpoint. They may revoke a
+        token issued on their behalf (same ``sub`` and subject issuer)."""
         form = self.exchange.parse_form(fields)
-        caller = self.exchange.authenticate(form, chain)
+        person: tuple[str, str] | None = None
+        if chain is None and "client_assertion" not in form and "subject_token" in form:
+            person = self._person(form["subject_token"])
+            actor = audit.Actor("person", person[0])
+        else:
+            caller = self.exchange.authenticate(form, chain)
+            actor = audit.Actor("workload", str(caller))
         token = form.get("token")
         if not token:
             raise InvalidRequest("token is required")
@@ -176,18 +189,38 @@ class DelegationEndpoints:
         claims = self._verified_claims(token)
         if claims is None or not isinstance(claims.get("jti"), str):
             return  # RFC 7009 2.2: an invalid token is no error
-        aud = claims.get("aud")
-        audiences = aud if isinstance(aud, list) else [aud]
-        if str(caller) not in (*actor_chain(claims.get("act")), *audiences):
-            raise UnauthorizedClient(
-                f"{caller} may not revoke this token: it was not issued to or for {caller}"
-            )
+        if person is not None:
+            if (claims.get("sub"), claims.get(SUBJECT_ISSUER_CLAIM)) != person:
+                raise UnauthorizedClient(
+                    f"{person[0]} may not revoke this token: it was not issued on their behalf"
+                )
+        else:
+            aud = claims.get("aud")
+            audiences = aud if isinstance(aud, list) else [aud]
+            if actor.id not in (*actor_chain(claims.get("act")), *audiences):
+                raise UnauthorizedClient(
+                    f"{actor.id} may not revoke this token: it was not issued to or for {actor.id}"
+                )
         try:
-            self.exchange.datastore.revoke_delegated_token(
-                str(claims["jti"]), f"revoked by {caller} (RFC 7009)"
-            )
+            with audit.acting_as(actor):
+                self.exchange.datastore.revoke_delegated_token(
+                    str(claims["jti"]), f"revoked by {actor.kind} {actor.id} (RFC 7009)"
+                )
         except NotFound:
             return
+
+    def _person(self, subject_token: str) -> tuple[str, str]:
+        """(sub, issuer) of a person's own token from a trusted subject issuer; a token this
+        server issued is not a person's credential (InvalidClient / InvalidGrant)."""
+        iss = unverified_claims(subject_token).get("iss")
+        if iss == self.exchange.issuer():
+            raise InvalidClient(
+                "subject_token must be the person's own token from their identity provider, "
+                "not a token this server issued"
+            )
+        issuer = self.exchange.subjects.for_iss(iss)
+        verified = issuer.verify(subject_token)
+        return verified.sub, issuer.config.issuer
 
     async def revoke(self, request: web.Request) -> web.StreamResponse:
         fields = await _form_fields(request)

@@ -580,8 +580,20 @@ def test_two_servers_appending_concurrently_make_one_chain(tmp_path: Path, pg_ur
 def test_authority_and_bundle_changes_are_recorded_by_the_admin(tmp_path: Path) -> None:
     """prepare, activate, taint and revoke of the X.509 CA, and a federated bundle set and
     deleted: each once, by the admin caller (rotation the server does itself is by the
-    server)."""
+    server). The admin actor is the uid and pid the kernel reports for the connection, not
+    what the caller declares in its metadata."""
     with start_server(tmp_path) as server:
+        with grpc.insecure_channel(f"unix:{server.admin_socket}") as channel:
+            admin_pb2_grpc.AgentsStub(channel).CreateJoinToken(
+                admin_pb2.CreateJoinTokenRequest(),
+                metadata=[("credo-admin-uid", "0"), ("credo-admin-pid", "1")],
+                timeout=30,
+            )
+        (forged,) = _records(server, "--action", "join_token.create")
+        assert (forged["actor_kind"], forged["actor"]) == (
+            "admin",
+            f"uid={os.getuid()} pid={os.getpid()}",
+        )
         startup = _records(server, "--action", "authority.")
         assert startup and {r["actor_kind"] for r in startup} == {"server"}
         old = server.cli_json("localauthority", "x509", "show")["active"]["authority_id"]
@@ -594,7 +606,11 @@ def test_authority_and_bundle_changes_are_recorded_by_the_admin(tmp_path: Path) 
         server.cli_json("bundle", "set", "--trust-domain", "partner.example", "--path", str(pem))
         server.cli_json("bundle", "delete", "--trust-domain", "partner.example")
         after = [r for r in _records(server) if r["actor_kind"] == "admin"]
-        got = [(r["action"], r["target"]) for r in after if r["action"] != "bundle.update"]
+        got = [
+            (r["action"], r["target"])
+            for r in after
+            if r["action"] not in ("bundle.update", "join_token.create")
+        ]
         assert got == [
             ("authority.prepare", new),
             ("authority.deactivate", old),

@@ -299,7 +299,7 @@ def test_revoking_a_jti_makes_validation_refuse_it(deployment: Deployment) -> No
     assert JwtSvid.parse_and_validate(fresh, bundle, ["db"], revoked=revoked).jwt_id == _jti(fresh)
     again = server.cli_json("jwt", "revoke", "--jti", jti)
     assert again["revoked_jwts"] == []
-    assert "no JWT-SVID with jti" in one_line_error(
+    assert "no JWT-SVID, WIT-SVID or delegated token with jti" in one_line_error(
         server.cli("jwt", "revoke", "--jti", "unknown-jti", output=None)
     )
 

@@ -7,6 +7,9 @@ with ``invalid_client``.
 
 from __future__ import annotations
 
+import shutil
+from typing import Any
+
 import jwt
 import pytest
 import requests
@@ -16,7 +19,14 @@ import credo
 from credo.bundle import Bundle, JwtBundle
 from credo.errors import AccessTokenRevoked
 from credo.revocation import IntrospectionRevocation, JwtRevocationList, PolledRevocationList
-from tests.helpers.processes import create_entry, wait_for
+from credo.workload_client import WorkloadApiClient
+from tests.helpers.processes import (
+    create_entry,
+    one_line_error,
+    short_temp_dir,
+    start_agent,
+    wait_for,
+)
 from tests.integration.test_token_exchange_e2e import (
     ACCESS_TOKEN,
     GIT,
@@ -240,3 +250,108 @@ def test_verify_access_token_with_introspection_as_revocation_source(
     assert out.status_code == 200, out.text
     with pytest.raises(AccessTokenRevoked):
         verify()
+
+
+def _audit(d: Deployment, action: str) -> list[dict[str, Any]]:
+    return list(d.server.cli_json("audit", "show", "--action", action)["records"])
+
+
+def test_jwt_revoke_takes_a_delegated_token_jti(deployment: Deployment) -> None:
+    """`jwt revoke --jti` of a delegated token revokes it (introspection inactive, in the
+    signed list), says so, is idempotent and audited; an unknown jti is a one-line error
+    naming every kind of JWT it looked for."""
+    d = deployment
+    token = _exchange(d, CODER, scope="repo:read")
+    jti = _jti(token)
+    out = d.server.cli_json("jwt", "revoke", "--jti", jti, "--reason", "leaked in a log")
+    assert [(t["jti"], t["client_id"], t["subject"]) for t in out["revoked_tokens"]] == [
+        (jti, CODER, "alice")
+    ]
+    assert not _active(d, token)
+    assert jti in _revocation_list(d)
+    human = d.server.cli("jwt", "revoke", "--jti", jti, output=None)
+    assert human.returncode == 0, human.stderr
+    assert "already revoked" in human.stdout
+    record = next(r for r in _audit(d, "token.revoke") if r["target"] == jti)
+    assert record["subject"] == CODER and record["actor_kind"] == "admin"
+    assert record["details"]["reason"] == "leaked in a log"
+    assert record["details"]["sub"] == "alice"
+    missing = d.server.cli("jwt", "revoke", "--jti", "no-such-jti", output=None)
+    assert "no JWT-SVID, WIT-SVID or delegated token with jti no-such-jti" in one_line_error(
+        missing
+    )
+
+
+def test_rfc7009_revocation_is_audited_with_the_workload_as_actor(
+    deployment: Deployment,
+) -> None:
+    """A revocation at /oauth2/revoke writes a token.revoke record whose actor is the
+    authenticated caller."""
+    d = deployment
+    token = _exchange(d, CODER, scope="repo:read")
+    assert d.post("/oauth2/revoke", {**_caller(d, CODER), "token": token}).status_code == 200
+    record = next(r for r in _audit(d, "token.revoke") if r["target"] == _jti(token))
+    assert (record["actor_kind"], record["actor"]) == ("workload", CODER)
+    assert record["details"]["revoked_tokens"] == [_jti(token)]
+
+
+def test_agent_ban_revokes_the_delegated_tokens_of_its_workloads(
+    deployment: Deployment, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """A workload on a real agent exchanges a person's token with the JWT-SVID the agent gave
+    it; `agent ban` revokes that delegated token (introspection inactive, in the signed list,
+    listed in the agent.ban record); a token of an identity the agent never served stays
+    active."""
+    d = deployment
+    workload = f"spiffe://{TD}/agents/on-banned-node"
+    root = short_temp_dir("credo-ban-")
+    try:
+        with start_agent(d.server, root) as agent:
+            create_entry(d.server, agent.spiffe_id, workload)
+            d.server.cli_json(
+                "delegation", "create", "--agent-id", workload, "--subject-issuer", "corp",
+                "--scope", "repo:read", "--audience", GIT,
+            )  # fmt: skip
+            wait_for(lambda: workload in agent.fetch_ids(), 60, "the workload's identity")
+            with WorkloadApiClient(agent.endpoint) as client:
+                svid = client.fetch_jwt_svid([f"{d.issuer}/oauth2/token"], workload).token
+            form = {**_form(d, workload, scope="repo:read"), "client_assertion": svid}
+            response = d.post("/oauth2/token", form)
+            assert response.status_code == 200, response.text
+            token = str(response.json()["access_token"])
+            other = _exchange(d, CODER, scope="repo:read")
+            assert _active(d, token)
+            d.server.cli_json("agent", "ban", "--spiffe-id", agent.spiffe_id, "--reason", "x")
+            assert not _active(d, token)
+            assert _active(d, other)
+            assert _jti(token) in _revocation_list(d)
+            banned = next(r for r in _audit(d, "agent.ban") if r["subject"] == agent.spiffe_id)
+            assert banned["details"]["revoked_tokens"] == [_jti(token)]
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_person_revokes_a_token_issued_on_their_behalf(deployment: Deployment) -> None:
+    """With no client credentials but their own token from the identity provider as
+    ``subject_token``, the person revokes a delegated token issued for them (the record
+    names the person as actor); someone else's token, or a token this server issued used as
+    the person's credential, is refused and revokes nothing."""
+    d = deployment
+    token = _exchange(d, CODER, scope="repo:read")
+    bob = d.person_token(sub="bob")
+    refused = d.post("/oauth2/revoke", {"token": token, "subject_token": bob})
+    assert refused.status_code == 400, refused.text
+    assert refused.json()["error"] == "unauthorized_client"
+    assert "bob may not revoke" in refused.json()["error_description"]
+    assert _active(d, token)
+    own = d.post("/oauth2/revoke", {"token": token, "subject_token": token})
+    assert own.status_code == 401 and own.json()["error"] == "invalid_client", own.text
+    assert _active(d, token)
+    forged = d.post("/oauth2/revoke", {"token": token, "subject_token": "a.b.c"})
+    assert forged.status_code == 400, forged.text
+    assert _active(d, token)
+    done = d.post("/oauth2/revoke", {"token": token, "subject_token": d.person_token()})
+    assert done.status_code == 200, done.text
+    assert not _active(d, token)
+    record = next(r for r in _audit(d, "token.revoke") if r["target"] == _jti(token))
+    assert (record["actor_kind"], record["actor"]) == ("person", "alice")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import ssl
 import stat
 import subprocess
 import sys
@@ -30,8 +31,10 @@ import pytest
 from joserfc import jwt as jose_jwt
 from joserfc.jwk import ECKey, KeySet
 
-from credo import WitSvid, create_wpt
+from credo import Bundle, WitSvid, create_wpt
 from credo._proto import workload_pb2, workload_pb2_grpc
+from credo.errors import WitSvidRevoked
+from credo.revocation import JwtRevocationList
 from credo.witsvid import private_key_from_jwk
 from credo.wpt import WIT_HEADER, WPT_HEADER
 from tests.helpers.processes import (
@@ -68,7 +71,9 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
     root = short_temp_dir("credo-wit-", mode=0o755)
     try:
         server_dir = tmp_path_factory.mktemp("wit-server")
-        with start_server(server_dir, wit_svid_ttl=f"{WIT_TTL}s") as server:
+        with start_server(
+            server_dir, wit_svid_ttl=f"{WIT_TTL}s", http_bind_address="127.0.0.1:0"
+        ) as server:
             agent = start_agent(server, root)
             with agent:
                 for spiffe_id in (ALPHA, BETA):
@@ -395,3 +400,79 @@ def test_no_wit_or_key_in_logs(deployment: Deployment) -> None:
     for item in wits.values():
         assert item.wit_svid.split(".")[1] not in logs
         assert json.loads(item.wit_svid_key)["d"] not in logs
+
+
+# --- revocation ----------------------------------------------------------------------------
+
+
+def _bundle(server: ServerProcess) -> Bundle:
+    shown = server.cli("bundle", "show", "--format", "spiffe", output=None).stdout
+    return Bundle.parse(TD, shown)
+
+
+def _revocation_list(server: ServerProcess) -> JwtRevocationList:
+    trust = ssl.create_default_context(cadata=server.bundle_pem())
+    return JwtRevocationList.fetch(
+        f"{server.http_url}/jwt-revocations", _bundle(server).jwt_bundle(), context=trust
+    )
+
+
+def test_revoking_a_wit_by_jti_reaches_agent_and_verifiers(deployment: Deployment) -> None:
+    """`jwt revoke --jti` takes a WIT-SVID's jti: the signed list at /jwt-revocations carries
+    it, so a verifier passing that list to WitSvid.parse_and_validate refuses the WIT (and
+    still accepts the replacement); the agent drops the revoked WIT and its workload gets a
+    new one; revoking again revokes nothing more."""
+    server, agent = deployment.server, deployment.agent
+    bundle = _bundle(server).wit_bundle()
+
+    # A WIT just renewed (most of its 20 s left), so that it is still unexpired when the
+    # verifier checks it after the CLI calls below.
+    def renewed() -> str | None:
+        token = str(_first_wits(agent)[ALPHA].wit_svid)
+        left = WitSvid.parse_insecure(token).expires_at.timestamp() - time.time()
+        return token if left > WIT_TTL - 4 else None
+
+    old = str(wait_for(renewed, 2 * WIT_TTL, "a freshly renewed WIT-SVID", interval=0.5))
+    jti = WitSvid.parse_insecure(old).jti
+    assert jti
+    out = server.cli_json("jwt", "revoke", "--jti", jti, "--reason", "wit leaked")
+    assert [(j["jti"], j["spiffe_id"]) for j in out["revoked_jwts"]] == [(jti, ALPHA)]
+    listed = _revocation_list(server)
+    assert jti in listed
+    with pytest.raises(WitSvidRevoked, match="revoked"):
+        WitSvid.parse_and_validate(old, bundle, revoked=listed)
+    assert server.cli_json("jwt", "revoke", "--jti", jti)["revoked_jwts"] == []
+    wait_for(
+        lambda: "dropped revoked WIT-SVIDs" in agent.logs,
+        CALL_TIMEOUT,
+        "the agent to drop the revoked WIT-SVID",
+    )
+    new = _first_wits(agent)[ALPHA].wit_svid
+    assert WitSvid.parse_insecure(new).jti != jti
+    assert str(WitSvid.parse_and_validate(new, bundle, revoked=listed).spiffe_id) == ALPHA
+    records = server.cli_json("audit", "show", "--action", "jwt_svid.revoke")["records"]
+    first = next(r for r in records if r["target"] == jti)
+    assert first["details"]["reason"] == "wit leaked"
+    assert first["details"]["revoked_jtis"] == [jti] and first["subject"] == ALPHA
+
+
+def test_entry_revoke_and_wit_mint_revocation(deployment: Deployment) -> None:
+    """`entry revoke` revokes the unexpired WIT-SVIDs issued for the entry and the workload's
+    stream serves none for it again; a WIT minted with `wit mint` is revocable by its jti."""
+    server, agent = deployment.server, deployment.agent
+    minted = server.cli_json("wit", "mint", "--spiffe-id", f"spiffe://{TD}/minted-wit")
+    minted_jti = WitSvid.parse_insecure(minted["token"]).jti
+    out = server.cli_json("jwt", "revoke", "--jti", minted_jti)
+    assert [j["jti"] for j in out["revoked_jwts"]] == [minted_jti]
+
+    gamma = f"spiffe://{TD}/wit/gamma"
+    entry_id = create_entry(server, agent.spiffe_id, gamma)
+    wait_for(lambda: gamma in _first_wits(agent), 60, "a WIT-SVID for the new entry")
+    issued = WitSvid.parse_insecure(_first_wits(agent)[gamma].wit_svid).jti
+    out = server.cli_json("entry", "revoke", "--id", entry_id, "--reason", "compromised")
+    revoked = {j["jti"]: j for j in out["revoked_jwts"]}
+    assert issued in revoked
+    assert revoked[issued]["entry_id"] == entry_id
+    assert revoked[issued]["agent_id"] == agent.spiffe_id
+    wait_for(lambda: gamma not in _first_wits(agent), 30, "the revoked entry's WIT to go")
+    assert issued in _revocation_list(server)

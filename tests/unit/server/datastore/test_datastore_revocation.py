@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from ds_helpers import FakeClock
 
@@ -9,6 +11,7 @@ from credo.selector import Selector
 from server.datastore import (
     AttestedNode,
     Crl,
+    DelegatedToken,
     EventKind,
     IssuedJwtSvid,
     IssuedX509Svid,
@@ -189,3 +192,27 @@ def test_jwt_svids_are_revoked_by_jti_entry_and_ban(store: SqlDataStore, clock: 
     assert [j.jti for j in banned.revoked_jwts] == ["j5"]
     assert [j.jti for j in store.list_revoked_jwt_svids(clock.now)] == ["j1", "j2", "j5"]
     assert store.prune_issued_jwt_svids(clock.now) == 1
+
+
+def test_ban_revokes_the_delegated_tokens_of_identities_the_agent_held(
+    store: SqlDataStore, clock: FakeClock
+) -> None:
+    """A ban revokes the unexpired delegated tokens issued to an identity the agent obtained
+    an unexpired SVID (X.509 or JWT/WIT) for; tokens of other identities stay; the agent.ban
+    record lists the revoked tokens."""
+    web, db = _entry(store, "web"), _entry(store, "db")
+    _entry(store, "other")
+    store.create_attested_node(AttestedNode(AGENT, "join_token"))
+    store.create_issued_x509_svids([_svid("a1", web.id, expires_at=clock.now + 300)])
+    jwt = IssuedJwtSvid("w1", f"{TD}/db", clock.now + 300, entry_id=db.id, agent_id=AGENT)
+    assert store.create_issued_jwt_svid(jwt)
+    for jti, client in (("t-web", "web"), ("t-db", "db"), ("t-other", "other")):
+        token = DelegatedToken(jti, f"{TD}/{client}", "alice", (f"{TD}/{client}",), clock.now + 60)
+        assert store.create_delegated_token(token)
+    _, banned = store.ban_attested_node(AGENT, "stolen")
+    assert sorted(t.jti for t in banned.revoked_tokens) == ["t-db", "t-web"]
+    assert store.fetch_delegated_token("t-other").revoked_at == 0  # type: ignore[union-attr]
+    (record,) = [r for r in store.list_audit_records() if r.action == "agent.ban"]
+    assert sorted(json.loads(record.details)["revoked_tokens"]) == ["t-db", "t-web"]
+    _, again = store.ban_attested_node(AGENT, "stolen")
+    assert again.revoked_tokens == ()

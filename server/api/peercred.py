@@ -1,0 +1,149 @@
+"""Who is calling the admin endpoint, as the kernel says: ``SO_PEERCRED`` on its Unix socket.
+
+``grpc.aio`` gives a handler only ``context.peer()`` (``unix:`` for a client that did not
+bind its socket), never the connection's file descriptor, so the server cannot read the
+caller's credentials there; and whatever the CLI puts in the call's metadata is only what
+it declares. :class:`AdminSocketRelay` therefore owns the admin socket itself, as the TLS
+front end owns the agent port (:mod:`server.api.tls`):
+
+1. it accepts a connection on the admin socket and reads ``SO_PEERCRED`` (pid, uid, gid of
+   the process that connected) from the accepted socket;
+2. it connects to the admin gRPC server's internal socket in the server's private (0700)
+   runtime directory from a client socket bound to a unique path there, and registers
+   that path with the credentials before gRPC can see a call on it;
+3. it relays bytes both ways and forgets the mapping when the connection ends.
+
+:meth:`AdminSocketRelay.lookup` maps a handler's ``context.peer()`` back to the
+credentials. Only the server's uid can reach the private directory, so a connection that
+did not come through the relay has no credentials and is named ``uid=? pid=?``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import socket
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["AdminSocketRelay", "PeerCredentials"]
+
+log = logging.getLogger(__name__)
+
+_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+_CHUNK = 256 * 1024
+
+
+@dataclass(frozen=True)
+class PeerCredentials:
+    """The process that connected, as ``SO_PEERCRED`` reported it when it connected."""
+
+    pid: int
+    uid: int
+    gid: int
+
+
+def peer_credentials(sock: socket.socket) -> PeerCredentials:
+    """``SO_PEERCRED`` of a connected Unix socket (Linux)."""
+    pid, uid, gid = _UCRED.unpack(
+        sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    )
+    return PeerCredentials(pid, uid, gid)
+
+
+class AdminSocketRelay:
+    """Accept on ``public_path``; relay each connection to gRPC on ``upstream``."""
+
+    def __init__(self, public_path: Path, *, upstream: Path, relay_dir: Path) -> None:
+        self.public_path = public_path
+        self.upstream = upstream
+        self._relay_dir = relay_dir
+        self._peers: dict[str, PeerCredentials] = {}
+        self._ids = itertools.count(1)
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    def lookup(self, grpc_peer: str) -> PeerCredentials | None:
+        """The credentials behind ``context.peer()``, or None if not relayed by us."""
+        return self._peers.get(grpc_peer)
+
+    async def start(self) -> None:
+        """Listen on the admin socket (the caller sets its mode)."""
+        self._server = await asyncio.start_unix_server(self._accept, path=str(self.public_path))
+
+    async def close(self) -> None:
+        """Stop accepting and drop every open connection."""
+        if self._server is not None:
+            self._server.close()
+        for writer in list(self._writers):
+            writer.transport.abort()
+        if self._tasks:
+            _, pending = await asyncio.wait(list(self._tasks), timeout=2)
+            for task in pending:
+                task.cancel()
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 2)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        self._writers.add(writer)
+        try:
+            await self._relay(reader, writer)
+        except (OSError, asyncio.IncompleteReadError) as err:
+            log.debug("admin connection ended", extra={"error": str(err)})
+        except asyncio.CancelledError:
+            pass  # a cancelled relay has nothing left to do (see server.api.tls)
+        finally:
+            self._writers.discard(writer)
+            self._tasks.discard(task)
+            writer.transport.abort()
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        creds = peer_credentials(writer.get_extra_info("socket"))
+        path = self._relay_dir / f"a{next(self._ids)}"
+        key = f"unix:{path}"
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(str(path))
+            sock.setblocking(False)
+            self._peers[key] = creds  # before gRPC can see a call on this connection
+            await asyncio.get_running_loop().sock_connect(sock, str(self.upstream))
+            up_reader, up_writer = await asyncio.open_unix_connection(sock=sock, limit=_CHUNK)
+        except BaseException:
+            self._peers.pop(key, None)
+            sock.close()
+            with contextlib.suppress(OSError):
+                path.unlink()
+            raise
+        with contextlib.suppress(OSError):
+            path.unlink()  # the name stays attached to the connected socket
+        self._writers.add(up_writer)
+        try:
+            await asyncio.gather(_pump(reader, up_writer), _pump(up_reader, writer))
+        finally:
+            self._writers.discard(up_writer)
+            self._peers.pop(key, None)
+            up_writer.transport.abort()
+
+
+async def _pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+    try:
+        while True:
+            data = await src.read(_CHUNK)
+            if not data:
+                break
+            dst.write(data)
+            await dst.drain()
+    finally:
+        if dst.can_write_eof():
+            with contextlib.suppress(OSError, RuntimeError):
+                dst.write_eof()
+        else:
+            dst.close()
