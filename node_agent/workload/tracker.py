@@ -43,7 +43,7 @@ import subprocess
 import sys
 import tempfile
 
-from node_agent.workload.acceptor import CONNECTION, RELEASE
+from node_agent.workload.acceptor import CONNECTION, MESSAGE_MAX, RELEASE
 from node_agent.workload.peer import PeerCredentials, PeerProcess
 
 __all__ = ["PeerTrackingProxy"]
@@ -217,7 +217,7 @@ class _AcceptProcess:
     def _readable(self) -> None:
         while not self._closed:
             try:
-                data, ancdata, flags, _ = self.channel.recvmsg(256, _FDS_SIZE)
+                data, ancdata, flags, _ = self.channel.recvmsg(MESSAGE_MAX, _FDS_SIZE)
             except BlockingIOError:
                 return
             except OSError:
@@ -239,6 +239,8 @@ class _AcceptProcess:
             for fd in fds:
                 os.close(fd)
             return False
+        if flags & socket.MSG_TRUNC:
+            data = b"?"  # never sent that big: ignore it (closing what came with it)
         tag = data[:1]
         if (
             tag == b"C"
@@ -336,7 +338,7 @@ class _AcceptProcess:
             self.channel.settimeout(5)
             self.channel.send(b"S")
             while True:
-                data, ancdata, flags, _ = self.channel.recvmsg(256, _FDS_SIZE)
+                data, ancdata, flags, _ = self.channel.recvmsg(MESSAGE_MAX, _FDS_SIZE)
                 if not self._message(data, ancdata, flags, adopt=False):
                     break
         except OSError:
