@@ -4,10 +4,12 @@
 ``context.peer()``, so ``SO_PEERCRED`` cannot be read there. :class:`PeerTrackingProxy`
 therefore owns the public socket itself:
 
-1. a thread of its own accepts a workload's connection, reads ``SO_PEERCRED`` (and
-   ``SO_PEERPIDFD``) from the accepted socket and pins the process at once
-   (:class:`~node_agent.workload.peer.PeerProcess`: pidfd, start time, uid, executable),
-   or sheds it when its uid has too many open connections or connects too fast;
+1. a process of its own (:mod:`node_agent.workload.acceptor`) accepts a workload's
+   connection, reads ``SO_PEERCRED`` (and ``SO_PEERPIDFD``) from the accepted socket and
+   pins the process at once (pidfd, start time, uid, executable), or sheds it when its uid
+   has too many open connections or connects too fast; it passes the connection and the
+   pidfd to the agent (``SCM_RIGHTS``), which wraps them in a
+   :class:`~node_agent.workload.peer.PeerProcess`;
 2. it opens a connection to the gRPC server's *internal* socket from a client socket
    **bound to a unique path** ``<private dir>/c-<n>``. The gRPC server reports that bound
    path as the peer (``context.peer() == "unix:<private dir>/c-<n>"``, checked against
