@@ -4,10 +4,12 @@
 ``context.peer()``, so ``SO_PEERCRED`` cannot be read there. :class:`PeerTrackingProxy`
 therefore owns the public socket itself:
 
-1. a thread of its own accepts a workload's connection, reads ``SO_PEERCRED`` (and
-   ``SO_PEERPIDFD``) from the accepted socket and pins the process at once
-   (:class:`~node_agent.workload.peer.PeerProcess`: pidfd, start time, uid, executable),
-   or sheds it when its uid has too many open connections or connects too fast;
+1. a process of its own (:mod:`node_agent.workload.acceptor`) accepts a workload's
+   connection, reads ``SO_PEERCRED`` (and ``SO_PEERPIDFD``) from the accepted socket and
+   pins the process at once (pidfd, start time, uid, executable), or sheds it when its uid
+   has too many open connections or connects too fast; it passes the connection and the
+   pidfd to the agent (``SCM_RIGHTS``), which wraps them in a
+   :class:`~node_agent.workload.peer.PeerProcess`;
 2. it opens a connection to the gRPC server's *internal* socket from a client socket
    **bound to a unique path** ``<private dir>/c-<n>``. The gRPC server reports that bound
    path as the peer (``context.peer() == "unix:<private dir>/c-<n>"``, checked against
@@ -43,7 +45,7 @@ import subprocess
 import sys
 import tempfile
 
-from node_agent.workload.acceptor import CONNECTION, RELEASE
+from node_agent.workload.acceptor import CONNECTION, MESSAGE_MAX, RELEASE
 from node_agent.workload.peer import PeerCredentials, PeerProcess
 
 __all__ = ["PeerTrackingProxy"]
@@ -217,7 +219,7 @@ class _AcceptProcess:
     def _readable(self) -> None:
         while not self._closed:
             try:
-                data, ancdata, flags, _ = self.channel.recvmsg(256, _FDS_SIZE)
+                data, ancdata, flags, _ = self.channel.recvmsg(MESSAGE_MAX, _FDS_SIZE)
             except BlockingIOError:
                 return
             except OSError:
@@ -239,6 +241,8 @@ class _AcceptProcess:
             for fd in fds:
                 os.close(fd)
             return False
+        if flags & socket.MSG_TRUNC:
+            data = b"?"  # never sent that big: ignore it (closing what came with it)
         tag = data[:1]
         if (
             tag == b"C"
@@ -336,7 +340,7 @@ class _AcceptProcess:
             self.channel.settimeout(5)
             self.channel.send(b"S")
             while True:
-                data, ancdata, flags, _ = self.channel.recvmsg(256, _FDS_SIZE)
+                data, ancdata, flags, _ = self.channel.recvmsg(MESSAGE_MAX, _FDS_SIZE)
                 if not self._message(data, ancdata, flags, adopt=False):
                     break
         except OSError:
