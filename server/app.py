@@ -387,6 +387,7 @@ async def _build(config: ServerConfig, stop: asyncio.Event) -> _Server:
             ca_expiry=lambda: (
                 ca.x509_ca.not_after.timestamp() - time.time() if ca.x509_ca is not None else 0.0
             ),
+            datastore_statements=lambda: datastore.statements_executed,
         )
         return _Server(
             config=config,
