@@ -208,7 +208,7 @@ class SyncView:
     ) -> AsyncGenerator[SyncMessage, None]:
         """The messages for ``caller``'s stream, until it must end (see the module doc)."""
         agent_id = caller.agent_id
-        sub = self._cache.subscribe()
+        sub = self._cache.subscribe(agent_id)
         started = time.monotonic()
         sent_messages = 0
         reason = "closed by the agent"
