@@ -222,7 +222,7 @@ class EntryCache:
         self,
         datastore: DataStore,
         *,
-        poll_interval: float = 1.0,
+        poll_interval: float = 5.0,
         history_limit: int = 100_000,
     ) -> None:
         self._ds = datastore
@@ -236,6 +236,8 @@ class EntryCache:
         self._history_start = 0
         self._subscribers: set[Subscription] = set()
         self._by_agent: dict[str, set[Subscription]] = {}
+        self.bundle_events = 0
+        """Bundle events applied so far (the server identity re-reads the bundle when moved)."""
         self._wake: asyncio.Event | None = None
         self._lock: asyncio.Lock | None = None
         self._remove_listener: object = None
@@ -349,6 +351,8 @@ class EntryCache:
                     agents.add(event.subject)
             else:
                 agents = None  # bundles, CRLs, revoked JWT-SVIDs: every agent is told
+                if event.kind in (EventKind.BUNDLE_UPDATED, EventKind.BUNDLE_DELETED):
+                    self.bundle_events += 1
         self.event_id = events[-1].id
         self.version += 1
         if agents is None:

@@ -43,7 +43,7 @@ from node_agent.attestation.join_token import JoinTokenAttestor, JoinTokenConfig
 from node_agent.attestation.session import AgentSession, SessionConfig
 from node_agent.attestation.store import SvidStore
 from node_agent.cache.signer import SignedBatch, sign_batch
-from node_agent.errors import AgentRemoved
+from node_agent.errors import AgentRemoved, ServerUnreachable
 from node_agent.server_client import MAX_BATCH, BackoffPolicy, ServerClient, ServerClientConfig
 from node_agent.sync.entries import RegistrationEntry, TrustBundles
 from node_agent.sync.syncer import EntrySyncer
@@ -165,6 +165,8 @@ class SimAgent:
         self.svids: dict[str, Any] = {}
         """Entry id -> the last X509-SVID signed for it."""
         self.renewals = 0
+        self.retries = 0
+        """Signing and renewal calls retried after the server did not answer in time."""
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
@@ -196,21 +198,49 @@ class SimAgent:
         """The synced entries, oldest first (as the real cache orders them)."""
         return sorted(self.recorder.entries.values(), key=lambda e: e.sort_key)
 
-    async def sign(self, entries: Sequence[RegistrationEntry] | None = None) -> SignedBatch:
-        """Sign an X509-SVID for each of ``entries`` (default: every synced entry)."""
+    async def sign(
+        self, entries: Sequence[RegistrationEntry] | None = None, *, retry_for: float = 0.0
+    ) -> SignedBatch:
+        """Sign an X509-SVID for each of ``entries`` (default: every synced entry).
+
+        A call that finds the server unreachable (overloaded: its deadline passed) is
+        retried with the client's backoff for up to ``retry_for`` seconds, as the agent's
+        SVID cache retries a failed signing call.
+        """
         todo = list(self.workload_entries() if entries is None else entries)
         signed = SignedBatch()
         for start in range(0, len(todo), MAX_BATCH):
-            batch = await sign_batch(self.client, todo[start : start + MAX_BATCH])
+            batch = await self._sign_batch(todo[start : start + MAX_BATCH], retry_for)
             signed.issued += batch.issued
             signed.refused += batch.refused
         for entry, svid in signed.issued:
             self.svids[entry.id] = svid
         return signed
 
-    async def renew(self) -> None:
-        """Renew the agent SVID now (``RenewAgent`` with a new key), as at half-life."""
-        await self.session.renew()
+    async def _sign_batch(
+        self, batch: Sequence[RegistrationEntry], retry_for: float
+    ) -> SignedBatch:
+        return await self._retrying(lambda: sign_batch(self.client, batch), retry_for)
+
+    async def _retrying(self, call: Callable[[], Awaitable[T]], retry_for: float) -> T:
+        """``call()``, again after the client's backoff while the server does not answer in
+        time, for up to ``retry_for`` seconds (as the agent's own retry loops do)."""
+        deadline = time.monotonic() + retry_for
+        backoff = self.client.backoff()
+        while True:
+            try:
+                return await call()
+            except ServerUnreachable:
+                delay = backoff.next()
+                if time.monotonic() + delay > deadline:
+                    raise
+                self.retries += 1
+                await asyncio.sleep(delay)
+
+    async def renew(self, *, retry_for: float = 0.0) -> None:
+        """Renew the agent SVID now (``RenewAgent`` with a new key), as at half-life;
+        retried like :meth:`sign`."""
+        await self._retrying(self.session.renew, retry_for)
         self.renewals += 1
 
     async def stop(self) -> None:
