@@ -203,6 +203,11 @@ class SyncView:
         self.heartbeat_interval = heartbeat_interval
         """Seconds of quiet after which a stream carries a heartbeat; 0: never."""
 
+    @property
+    def feed_position(self) -> int:
+        """The last event id the entry cache applied (what the streams have been told of)."""
+        return self._cache.event_id
+
     async def stream(
         self, caller: Caller, resume_after_event_id: int
     ) -> AsyncGenerator[SyncMessage, None]:
