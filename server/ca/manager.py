@@ -343,7 +343,11 @@ class AuthorityManager:
         if snapshot is None:
             rows = self.datastore.list_authorities(kind, owner=self.owner)
         else:
-            rows = [r for r in snapshot if r.kind == kind and r.owner == self.owner]
+            rows = [
+                r
+                for r in snapshot
+                if r.kind == kind and (self.owner is None or r.owner == self.owner)
+            ]
         active = [r for r in rows if r.status == "active"]
         prepared = [r for r in rows if r.status == "prepared"]
         old = [r for r in rows if r.status == "old"]
