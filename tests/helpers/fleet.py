@@ -124,6 +124,25 @@ class Recorder:
                 await asyncio.wait_for(self._changed.wait(), left)
 
 
+class _TimedTrust:
+    """The syncer's trust listener: notes when each X.509 authority arrived, then hands it
+    to the agent session (which stores the bundle and rebuilds the channels, as the agent's
+    does). Noted first: the session's file writes run on the loop, one agent after another
+    here, where a real agent has only its own."""
+
+    def __init__(self, agent: SimAgent) -> None:
+        self._agent = agent
+
+    def set_authorities(
+        self, authorities: tuple[x509.Certificate, ...], tainted: frozenset[bytes] = frozenset()
+    ) -> None:
+        now = time.perf_counter()
+        seen = self._agent.recorder.authority_seen
+        for cert in authorities:
+            seen.setdefault(_der(cert), now)
+        self._agent.session.set_authorities(authorities, tainted)
+
+
 class SimAgent:
     """One simulated node agent (see the module docstring)."""
 
@@ -157,7 +176,7 @@ class SimAgent:
             self.store,
         )
         self.recorder = Recorder()
-        self.syncer = EntrySyncer(self.client, self.recorder, self.session)
+        self.syncer = EntrySyncer(self.client, self.recorder, _TimedTrust(self))
         self.removed: AgentRemoved | None = None
         """Set when the server banned (or evicted) the agent: its loops have ended."""
         self.failure: BaseException | None = None
