@@ -46,8 +46,11 @@ With ``--json`` the last line is one JSON object: ``{"name": "fleet", "metrics":
 from __future__ import annotations
 
 import argparse
+import collections
+import logging
 import os
 import random
+import re
 import resource
 import secrets
 import sys
@@ -268,6 +271,19 @@ def _rotation(fleet: Fleet, admin: Any) -> list[float]:
     return [t - started for t in seen]
 
 
+class _StreamLosses(logging.Handler):
+    """Counts why the simulated agents' sync streams were lost (the syncer's log lines,
+    which otherwise print without their fields), instead of printing each line."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.reasons: collections.Counter[str] = collections.Counter()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        error = str(getattr(record, "error", record.getMessage()))
+        self.reasons[re.sub(r"127\.0\.0\.1:\d+", "SERVER", error)[:90]] += 1
+
+
 def _raise_fd_limit() -> None:
     """Two sockets per agent here, one each in the server (inherited): lift the soft limit."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -291,6 +307,10 @@ def main() -> None:
     if not (1 <= args.svids <= 100 and 1 <= args.changes <= 2000 and args.idle > 0):
         sys.exit("fleet: need 1 <= --svids <= 100, 1 <= --changes <= 2000, --idle > 0")
     _raise_fd_limit()
+    losses = _StreamLosses()
+    syncer_log = logging.getLogger("node_agent.sync.syncer")
+    syncer_log.addHandler(losses)
+    syncer_log.propagate = False
     metrics: dict[str, float] = {}
     started = time.perf_counter()
     with Workspace("credo-fleet-") as ws:
@@ -308,6 +328,9 @@ def main() -> None:
                 ws, "ref", args.reference_agents, args.svids, args.reference_idle, args.changes, ""
             )
             metrics.update({f"{k}_{args.reference_agents}": v for k, v in ref.items()})
+    for reason, count in losses.reasons.most_common(5):
+        log(f"sync streams reopened {count}x: {reason}")
+    metrics["stream_reopens"] = sum(losses.reasons.values())
     metrics["agents"] = args.agents
     metrics["run_s"] = round(time.perf_counter() - started, 1)
     targets = [t for t in TARGETS if t[0] in metrics]
