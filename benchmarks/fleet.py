@@ -117,7 +117,7 @@ def measure(
         "attestation_rate_limit": 100_000,
     }
     if url:
-        flags["datastore_url"] = url
+        flags["datastore"] = url
     server = ws.start_server(name, **flags)
     bundle = write_server_bundle(server, ws.root / f"{name}-bundle.pem")
     rss_before = rss_mb(server.pid)
@@ -310,6 +310,7 @@ def main() -> None:
     losses = _StreamLosses()
     syncer_log = logging.getLogger("node_agent.sync.syncer")
     syncer_log.addHandler(losses)
+    syncer_log.setLevel(logging.INFO)  # the routine reopenings (new SVID, resync) too
     syncer_log.propagate = False
     metrics: dict[str, float] = {}
     started = time.perf_counter()
