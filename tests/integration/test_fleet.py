@@ -10,6 +10,7 @@ agent only.
 
 from __future__ import annotations
 
+import shutil
 import threading
 from collections.abc import Iterator
 
@@ -54,6 +55,7 @@ def fleet() -> Iterator[FleetUnderTest]:
             yield FleetUnderTest(server, sim, wanted)
     finally:
         server.close()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def _holds_exactly(agent: SimAgent, wanted: set[str]) -> bool:
