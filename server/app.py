@@ -396,6 +396,7 @@ async def _build(config: ServerConfig, stop: asyncio.Event) -> _Server:
             ca_expiry=lambda: (
                 ca.x509_ca.not_after.timestamp() - time.time() if ca.x509_ca is not None else 0.0
             ),
+            datastore_statements=lambda: datastore.statements_executed,
         )
         return _Server(
             config=config,
@@ -621,10 +622,18 @@ async def serve(
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(server.manager.run(stop), name="authority-manager")
             tasks.create_task(server.cache.run(stop), name="entry-cache")
-            tasks.create_task(server.identity.run(stop), name="server-identity")
+            tasks.create_task(
+                server.identity.run(stop, bundle_generation=lambda: server.cache.bundle_events),
+                name="server-identity",
+            )
             tasks.create_task(server.checkpointer.run(stop), name="audit-checkpoints")
             if server.http_identity is not None:
-                tasks.create_task(server.http_identity.run(stop), name="http-certificate")
+                tasks.create_task(
+                    server.http_identity.run(
+                        stop, bundle_generation=lambda: server.cache.bundle_events
+                    ),
+                    name="http-certificate",
+                )
             tasks.create_task(run_housekeeping(server.datastore, stop), name="housekeeping")
             tasks.create_task(server.publishing.run(stop), name="bundle-publishing")
             tasks.create_task(

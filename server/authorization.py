@@ -29,6 +29,7 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from credo._reserved import AGENT_PATH_PREFIX
 from credo.selector import Selector
 from server.datastore.models import Event, EventKind, RegistrationEntry
 from server.datastore.protocol import DataStore
@@ -40,6 +41,35 @@ log = logging.getLogger(__name__)
 _ENTRY_EVENTS = frozenset(
     {EventKind.ENTRY_CREATED, EventKind.ENTRY_UPDATED, EventKind.ENTRY_DELETED}
 )
+_NODE_EVENTS = frozenset({EventKind.NODE_CREATED, EventKind.NODE_UPDATED, EventKind.NODE_DELETED})
+
+
+def _names_agent(spiffe_id: str) -> bool:
+    """Whether ``spiffe_id`` (``spiffe://<td>/<path>``) has a node agent's path."""
+    parts = spiffe_id.split("/", 3)
+    return len(parts) == 4 and f"/{parts[3]}".startswith(AGENT_PATH_PREFIX)
+
+
+def _concerns(agents: set[str] | None, *versions: RegistrationEntry | None) -> set[str] | None:
+    """``agents`` plus the agents a change of an entry (its ``versions``, old and new) may
+    concern; None when that may be any agent.
+
+    An entry whose parent is a node agent's SPIFFE ID is authorized for that agent only,
+    and so are the descendants it brings: they are reached through the entry's SPIFFE ID,
+    which other agents reach (or not) through entries of their own, unchanged. (No entry
+    can have an agent's SPIFFE ID as its own: the ``/credo/`` paths are reserved.) Any
+    other change — a node alias, an entry under another entry or under the server — may
+    concern every agent.
+    """
+    if agents is None:
+        return None
+    for entry in versions:
+        if entry is None:
+            continue
+        if entry.node_alias or not _names_agent(entry.parent_id):
+            return None
+        agents.add(entry.parent_id)
+    return agents
 
 
 class EntryIndex:
@@ -163,8 +193,13 @@ class EntryChange:
 
 @dataclass(eq=False)
 class Subscription:
-    """A sync stream's view of the feed: ``wait`` returns the events applied since."""
+    """A sync stream's view of the feed: ``wait`` returns the events applied since.
 
+    With an ``agent_id`` it is woken only by events that may change what that agent is
+    authorized for or must be told (:meth:`EntryCache.subscribe`); without one, by all.
+    """
+
+    agent_id: str = ""
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _events: list[Event] = field(default_factory=list)
 
@@ -200,6 +235,9 @@ class EntryCache:
         self._history_limit = history_limit
         self._history_start = 0
         self._subscribers: set[Subscription] = set()
+        self._by_agent: dict[str, set[Subscription]] = {}
+        self.bundle_events = 0
+        """Bundle events applied so far (the server identity re-reads the bundle when moved)."""
         self._wake: asyncio.Event | None = None
         self._lock: asyncio.Lock | None = None
         self._remove_listener: object = None
@@ -287,6 +325,8 @@ class EntryCache:
             else {}
         )
         done: set[str] = set()
+        # The agents these events concern; None: possibly every agent (see _concerns).
+        agents: set[str] | None = set()
         for event in events:
             if event.kind in _ENTRY_EVENTS:
                 if event.subject in done:
@@ -295,23 +335,32 @@ class EntryCache:
                 new = fetched.get(event.subject)
                 old = self.index.put(new) if new is not None else self.index.remove(event.subject)
                 self._remember(EntryChange(event.id, event.subject, old, new))
+                agents = _concerns(agents, old, new)
             elif event.kind is EventKind.ENTRY_REVOKED:
                 revoked = self.index.get(event.subject)
                 if revoked is not None:
                     self.index.revoke(event.subject)
                     self._remember(EntryChange(event.id, event.subject, revoked, revoked))
-            elif event.kind in (
-                EventKind.NODE_CREATED,
-                EventKind.NODE_UPDATED,
-                EventKind.NODE_DELETED,
-            ):
+                    agents = _concerns(agents, revoked, revoked)
+            elif event.kind in _NODE_EVENTS:
                 self._node_events.append(event)
                 if len(self._node_events) > self._history_limit:
                     dropped = self._node_events.popleft()
                     self._history_start = max(self._history_start, dropped.id)
+                if agents is not None:
+                    agents.add(event.subject)
+            else:
+                agents = None  # bundles, CRLs, revoked JWT-SVIDs: every agent is told
+                if event.kind in (EventKind.BUNDLE_UPDATED, EventKind.BUNDLE_DELETED):
+                    self.bundle_events += 1
         self.event_id = events[-1].id
         self.version += 1
-        for sub in list(self._subscribers):
+        if agents is None:
+            woken: Iterable[Subscription] = list(self._subscribers)
+        else:
+            woken = [sub for a in agents for sub in self._by_agent.get(a, ())]
+            woken += [sub for sub in self._subscribers if not sub.agent_id]
+        for sub in woken:
             sub._push(events)
 
     def _remember(self, change: EntryChange) -> None:
@@ -322,13 +371,22 @@ class EntryCache:
         while self._node_events and self._node_events[0].id <= self._history_start:
             self._node_events.popleft()
 
-    def subscribe(self) -> Subscription:
-        sub = Subscription()
+    def subscribe(self, agent_id: str = "") -> Subscription:
+        """A subscription to the feed: for the stream of ``agent_id``, woken only by the
+        events that concern that agent; without it, by every event."""
+        sub = Subscription(agent_id)
         self._subscribers.add(sub)
+        if agent_id:
+            self._by_agent.setdefault(agent_id, set()).add(sub)
         return sub
 
     def unsubscribe(self, sub: Subscription) -> None:
         self._subscribers.discard(sub)
+        subs = self._by_agent.get(sub.agent_id)
+        if subs is not None:
+            subs.discard(sub)
+            if not subs:
+                del self._by_agent[sub.agent_id]
 
     # --- resume -----------------------------------------------------------------------
 

@@ -137,13 +137,34 @@ class ServerIdentity:
             self.refresh()
         return sign_message(self._key, message), list(self._chain_der)
 
-    async def run(self, stop: asyncio.Event, interval: float = 1.0) -> None:
-        """Check every ``interval`` seconds whether the SVID needs re-signing, until ``stop``."""
+    async def run(
+        self,
+        stop: asyncio.Event,
+        interval: float = 1.0,
+        bundle_generation: Callable[[], int] | None = None,
+    ) -> None:
+        """Check every ``interval`` seconds whether the SVID needs re-signing, until ``stop``.
+
+        With ``bundle_generation`` (a count that moves whenever the stored bundle may have
+        changed: the entry cache's count of bundle events) a check whose count, CA and
+        renewal time are unchanged reads nothing from the datastore.
+        """
+        seen = -1
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), interval)
             if stop.is_set():
                 return
+            if bundle_generation is not None:
+                generation = bundle_generation()
+                if (
+                    generation == seen
+                    and self._context is not None
+                    and time.time() < self._renew_at
+                    and self._manager.ca.x509_ca is self._signed_by
+                ):
+                    continue
+                seen = generation
             try:
                 await asyncio.to_thread(self.refresh)
             except (CredoError, OSError, ssl.SSLError) as err:

@@ -16,6 +16,7 @@ from credo._metrics import serve_metrics
 __all__ = [
     "AGENTS",
     "CA_EXPIRY_SECONDS",
+    "DATASTORE_STATEMENTS_TOTAL",
     "ENTRIES",
     "FEDERATION_REFRESHES_TOTAL",
     "HTTP_REQUESTS_TOTAL",
@@ -45,6 +46,7 @@ NODE_ATTESTATIONS_TOTAL: Final = "credo_node_attestations_total"
 CA_EXPIRY_SECONDS: Final = "credo_ca_expiry_seconds"
 FEDERATION_REFRESHES_TOTAL: Final = "credo_federation_bundle_refreshes_total"
 HTTP_REQUESTS_TOTAL: Final = "credo_http_requests_total"
+DATASTORE_STATEMENTS_TOTAL: Final = "credo_datastore_statements_total"
 HTTP_REQUEST_SECONDS: Final = "credo_http_request_seconds"
 
 LABEL_KIND: Final = "kind"
@@ -99,6 +101,13 @@ class Metrics:
         self.ca_expiry = Gauge(
             CA_EXPIRY_SECONDS, "Seconds until the active X.509 CA expires", registry=self.registry
         )
+        # A counter read from the datastore at scrape time (a Gauge: prometheus_client's
+        # Counter cannot take a callable); its name says it only grows.
+        self.datastore_statements = Gauge(
+            DATASTORE_STATEMENTS_TOTAL,
+            "SQL statements sent to the datastore since the server started",
+            registry=self.registry,
+        )
 
         self.federation_refreshes = Counter(
             FEDERATION_REFRESHES_TOTAL,
@@ -143,11 +152,13 @@ class Metrics:
         entries: Callable[[], float],
         agents: Callable[[], float],
         ca_expiry: Callable[[], float],
+        datastore_statements: Callable[[], float] = lambda: 0.0,
     ) -> None:
         """Compute the gauges from the given callables at scrape time."""
         self.entries.set_function(entries)
         self.agents.set_function(agents)
         self.ca_expiry.set_function(ca_expiry)
+        self.datastore_statements.set_function(datastore_statements)
 
     def serve_http(self, address: str) -> tuple[str, Callable[[], None]]:
         """Serve ``/metrics`` on ``host:port``; return the bound address and a stop function."""

@@ -203,12 +203,17 @@ class SyncView:
         self.heartbeat_interval = heartbeat_interval
         """Seconds of quiet after which a stream carries a heartbeat; 0: never."""
 
+    @property
+    def feed_position(self) -> int:
+        """The last event id the entry cache applied (what the streams have been told of)."""
+        return self._cache.event_id
+
     async def stream(
         self, caller: Caller, resume_after_event_id: int
     ) -> AsyncGenerator[SyncMessage, None]:
         """The messages for ``caller``'s stream, until it must end (see the module doc)."""
         agent_id = caller.agent_id
-        sub = self._cache.subscribe()
+        sub = self._cache.subscribe(agent_id)
         started = time.monotonic()
         sent_messages = 0
         reason = "closed by the agent"

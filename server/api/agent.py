@@ -25,9 +25,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
-from collections.abc import AsyncIterator
-from typing import Final
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Final, TypeVar, cast
 
 import grpc
 
@@ -60,6 +61,12 @@ from server.issuance import (
 __all__ = ["MAX_CSRS_PER_CALL", "AgentService"]
 
 MAX_CSRS_PER_CALL: Final = 500
+# A bundle part read for sync messages is shared for at most this long (seconds) at one
+# feed position (the revoked JWT list also depends on the time), and among so many keys.
+_SHARED_MAX_AGE: Final = 1.0
+_SHARED_MAX_KEYS: Final = 64
+
+T = TypeVar("T")
 
 
 def _x509_result(result: X509Result) -> agent_pb2.BatchNewX509SVIDResponse.Result:
@@ -114,6 +121,34 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         self._issuer = issuer
         self._bundles = bundles
         self._peers = peers
+        # Bundle parts read for sync messages, shared by every stream at the same feed
+        # position: a CA rotation wakes all N streams at once, and they read the datastore
+        # once, not N times. key -> (feed position, when read, the read in flight or done).
+        self._shared: dict[tuple[object, ...], tuple[int, float, asyncio.Future[Any]]] = {}
+
+    async def _shared_read(self, key: tuple[object, ...], read: Callable[[], T]) -> T:
+        """``read()`` in a worker thread, or the result of one already made (or under way)
+        at the current feed position less than a second ago.
+
+        Every bundle, CRL and JWT-revocation change is an event: a stream woken by it sees
+        the feed at (or past) that event, so a read made at the same position is as new.
+        """
+        position = self._sync.feed_position
+        now = time.monotonic()
+        held = self._shared.get(key)
+        if held is None or held[0] != position or now - held[1] > _SHARED_MAX_AGE:
+            if len(self._shared) > _SHARED_MAX_KEYS:
+                self._shared.clear()
+            future: asyncio.Future[Any] = asyncio.ensure_future(asyncio.to_thread(read))
+            held = (position, now, future)
+            self._shared[key] = held
+            future.add_done_callback(functools.partial(self._forget_failed, key))
+        return cast(T, await asyncio.shield(held[2]))
+
+    def _forget_failed(self, key: tuple[object, ...], done: asyncio.Future[Any]) -> None:
+        held = self._shared.get(key)
+        if held is not None and held[2] is done and (done.cancelled() or done.exception()):
+            del self._shared[key]
 
     async def _caller(self, context: grpc.aio.ServicerContext) -> Caller:
         """The calling agent, by the verified TLS client certificate of its connection."""
@@ -248,16 +283,19 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         )
         if message.crls:
             response.crl_set.SetInParent()
-            response.crl_set.crls.extend(await asyncio.to_thread(self._bundles.crls))
+            response.crl_set.crls.extend(await self._shared_read(("crls",), self._bundles.crls))
         if message.revoked_jwts:
             response.revoked_jwt_set.SetInParent()
             response.revoked_jwt_set.jwts.extend(
                 agent_pb2.RevokedJwt(jti=jti, expires_at=exp)
-                for jti, exp in await asyncio.to_thread(self._bundles.revoked_jwts)
+                for jti, exp in await self._shared_read(("jwts",), self._bundles.revoked_jwts)
             )
         if message.bundles is not None:
-            response.bundle.CopyFrom(await asyncio.to_thread(self._bundles.own))
+            names = message.bundles
+            response.bundle.CopyFrom(await self._shared_read(("own",), self._bundles.own))
             response.federated_bundles.extend(
-                await asyncio.to_thread(self._bundles.federated, message.bundles)
+                await self._shared_read(
+                    ("federated", names), lambda: self._bundles.federated(names)
+                )
             )
         return response

@@ -329,14 +329,25 @@ class AuthorityManager:
         """Do whatever rotation step is due at ``now`` (default: the clock) for both kinds."""
         now = now or self._clock()
         with self._lock:
+            # One read of the CA journal per check (it runs every few seconds on every
+            # server): each kind's step and the pruning work from it. A kind's step only
+            # writes rows of that kind, so the snapshot stays right for the next kinds.
+            snapshot = self.datastore.list_authorities()
             for kind in KINDS:
-                self._tick_kind(kind, now)
-            self._prune_foreign(now)
+                self._tick_kind(kind, now, snapshot)
+            self._prune_foreign(now, snapshot)
 
     def _rows(
-        self, kind: AuthorityKind
+        self, kind: AuthorityKind, snapshot: list[Authority] | None = None
     ) -> tuple[Authority | None, Authority | None, list[Authority]]:
-        rows = self.datastore.list_authorities(kind, owner=self.owner)
+        if snapshot is None:
+            rows = self.datastore.list_authorities(kind, owner=self.owner)
+        else:
+            rows = [
+                r
+                for r in snapshot
+                if r.kind == kind and (self.owner is None or r.owner == self.owner)
+            ]
         active = [r for r in rows if r.status == "active"]
         prepared = [r for r in rows if r.status == "prepared"]
         old = [r for r in rows if r.status == "old"]
@@ -348,8 +359,10 @@ class AuthorityManager:
             return cert.not_valid_before_utc, cert.not_valid_after_utc
         return _dt(row.created_at), _dt(row.not_after)
 
-    def _tick_kind(self, kind: AuthorityKind, now: datetime) -> None:
-        active, prepared, old = self._rows(kind)
+    def _tick_kind(
+        self, kind: AuthorityKind, now: datetime, snapshot: list[Authority] | None = None
+    ) -> None:
+        active, prepared, old = self._rows(kind, snapshot)
         if active is None:
             if prepared is None:
                 prepared = self._prepare(kind, now)
@@ -367,10 +380,11 @@ class AuthorityManager:
             if _dt(row.not_after) <= now:
                 self._delete(row, "pruned")
 
-    def _prune_foreign(self, now: datetime) -> None:
+    def _prune_foreign(self, now: datetime, snapshot: list[Authority] | None = None) -> None:
         """Prune other servers' authorities past their NotAfter (the row only: no key here)."""
         pruned: list[Authority] = []
-        for row in self.datastore.list_authorities():
+        rows = self.datastore.list_authorities() if snapshot is None else snapshot
+        for row in rows:
             if row.owner == self.owner or _dt(row.not_after) > now:
                 continue
             try:

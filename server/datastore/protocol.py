@@ -178,4 +178,9 @@ class DataStore(Protocol):
     def prune_audit_records(self, before_seq: int) -> int: ...
 
     # lifecycle
+    @property
+    def statements_executed(self) -> int:
+        """SQL statements sent to the database so far."""
+        ...
+
     def close(self) -> None: ...

@@ -291,6 +291,11 @@ class SqlDataStore:
         self._guard = threading.Lock()  # protects _listeners, _next_error, _closed
         self._next_error: BaseException | None = None
         self._closed = False
+        # Every SQL statement sent to the database, counted where it is sent (the fleet
+        # benchmark's db_statements_per_s_idle; the server's credo_datastore_statements_total).
+        self._statements = 0
+        self._statements_lock = threading.Lock()
+        event.listen(engine, "before_cursor_execute", self._count_statement)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -350,6 +355,15 @@ class SqlDataStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def _count_statement(self, *_: Any) -> None:
+        with self._statements_lock:
+            self._statements += 1
+
+    @property
+    def statements_executed(self) -> int:
+        """SQL statements sent to the database since the store was opened (migrations too)."""
+        return self._statements
 
     # ------------------------------------------------------------------ test and feed hooks
 

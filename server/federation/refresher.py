@@ -46,7 +46,8 @@ MIN_REFRESH: Final = 1.0
 MAX_REFRESH: Final = 3600.0
 DEFAULT_REFRESH: Final = 300.0
 MAX_BACKOFF: Final = 300.0
-_RELOAD_INTERVAL: Final = 1.0
+_RELOAD_INTERVAL: Final = 5.0
+# (How often the relationships are read again: a new one is picked up within it.)
 
 Fetcher = Callable[..., Bundle]
 

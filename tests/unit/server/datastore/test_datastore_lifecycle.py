@@ -129,3 +129,15 @@ def test_closed_store_refuses_calls(db_url: str) -> None:
     ds.close()
     with pytest.raises(DataStoreError, match="closed"):
         ds.count_registration_entries()
+
+
+def test_statements_executed_counts_each_statement_sent(store: SqlDataStore) -> None:
+    """The statement counter grows by the statements a call sends, and not while idle."""
+    before = store.statements_executed
+    assert before > 0  # the migrations
+    assert store.statements_executed == before
+    store.count_registration_entries()
+    one_call = store.statements_executed - before
+    assert one_call >= 1
+    store.count_registration_entries()
+    assert store.statements_executed - before == 2 * one_call
