@@ -59,7 +59,11 @@ from types import TracebackType
 from typing import Any, Self
 
 import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from credo._proto.credo.server.v1 import admin_pb2, admin_pb2_grpc
 
 __all__ = [
     "AgentProcess",
@@ -492,8 +496,14 @@ def start_server(
 
 
 def join_token(server: ServerProcess) -> str:
-    """A fresh join token from ``credo-server token generate``."""
-    return str(server.cli_json("token", "generate")["token"])
+    """A fresh join token: ``CreateJoinToken`` on the admin socket, the call ``credo-server
+    token generate`` makes (tests/integration/test_server_cli.py runs the command itself; the
+    harness skips the CLI's process start, as every agent start needs a token)."""
+    with server.admin_channel() as channel:
+        reply = admin_pb2_grpc.AgentsStub(channel).CreateJoinToken(
+            admin_pb2.CreateJoinTokenRequest(), timeout=30
+        )
+    return str(reply.token)
 
 
 def agent_id(token: str, trust_domain: str = DEFAULT_TRUST_DOMAIN) -> str:
@@ -502,8 +512,21 @@ def agent_id(token: str, trust_domain: str = DEFAULT_TRUST_DOMAIN) -> str:
 
 
 def write_server_bundle(server: ServerProcess, path: Path) -> Path:
-    """Write ``credo-server bundle show --format pem`` to ``path`` (a bootstrap bundle)."""
-    path.write_text(server.bundle_pem())
+    """Write the server's X.509 authorities as PEM to ``path`` (a bootstrap bundle): what
+    ``credo-server bundle show --format pem`` prints, from ``GetBundle`` on the admin socket
+    (:meth:`ServerProcess.bundle_pem` runs the command)."""
+    with server.admin_channel() as channel:
+        reply = admin_pb2_grpc.BundlesStub(channel).GetBundle(
+            admin_pb2.GetBundleAdminRequest(), timeout=30
+        )
+    path.write_text(
+        "".join(
+            x509.load_der_x509_certificate(authority.asn1)
+            .public_bytes(serialization.Encoding.PEM)
+            .decode()
+            for authority in reply.x509_authorities
+        )
+    )
     return path
 
 
