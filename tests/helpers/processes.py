@@ -84,10 +84,10 @@ __all__ = [
     "write_server_bundle",
 ]
 
-START_TIMEOUT = 30.0
+START_TIMEOUT = 60.0
 STOP_TIMEOUT = 15.0
 DEFAULT_TRUST_DOMAIN = "example.org"
-AGENT_START_TIMEOUT = 30.0
+AGENT_START_TIMEOUT = 60.0
 GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
