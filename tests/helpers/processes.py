@@ -454,6 +454,28 @@ class ServerProcess(ManagedProcess):
             )
         return json.loads(result.stdout)
 
+    def entries(self) -> list[Any]:
+        """Every registration entry (``ListEntries`` on the admin socket, all pages): for
+        checking what the server holds without a CLI process start per look."""
+        entries: list[Any] = []
+        request = admin_pb2.ListEntriesRequest(page_size=500)
+        with self.admin_channel() as channel:
+            stub = admin_pb2_grpc.EntriesStub(channel)
+            while True:
+                reply = stub.ListEntries(request, timeout=30)
+                entries.extend(reply.entries)
+                if not reply.next_page_token:
+                    return entries
+                request.page_token = reply.next_page_token
+
+    def entry_count(self) -> int:
+        """``CountEntries`` on the admin socket."""
+        with self.admin_channel() as channel:
+            reply = admin_pb2_grpc.EntriesStub(channel).CountEntries(
+                admin_pb2.CountEntriesRequest(), timeout=30
+            )
+        return int(reply.count)
+
     def bundle_pem(self) -> str:
         """``credo-server bundle show --format pem``: the bundle's X.509 authorities."""
         result = self.cli("bundle", "show", "--format", "pem", output=None)
