@@ -518,14 +518,9 @@ def start_server(
 
 
 def join_token(server: ServerProcess) -> str:
-    """A fresh join token: ``CreateJoinToken`` on the admin socket, the call ``credo-server
-    token generate`` makes (tests/integration/test_server_cli.py runs the command itself; the
-    harness skips the CLI's process start, as every agent start needs a token)."""
-    with server.admin_channel() as channel:
-        reply = admin_pb2_grpc.AgentsStub(channel).CreateJoinToken(
-            admin_pb2.CreateJoinTokenRequest(), timeout=30
-        )
-    return str(reply.token)
+    """A fresh join token from ``credo-server token generate`` (through the CLI: the audit
+    trail names the CLI process as the admin who made it, which tests check)."""
+    return str(server.cli_json("token", "generate")["token"])
 
 
 def agent_id(token: str, trust_domain: str = DEFAULT_TRUST_DOMAIN) -> str:
