@@ -59,7 +59,11 @@ from types import TracebackType
 from typing import Any, Self
 
 import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from credo._proto.credo.server.v1 import admin_pb2, admin_pb2_grpc
 
 __all__ = [
     "AgentProcess",
@@ -80,10 +84,10 @@ __all__ = [
     "write_server_bundle",
 ]
 
-START_TIMEOUT = 30.0
+START_TIMEOUT = 60.0
 STOP_TIMEOUT = 15.0
 DEFAULT_TRUST_DOMAIN = "example.org"
-AGENT_START_TIMEOUT = 30.0
+AGENT_START_TIMEOUT = 60.0
 GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
@@ -450,6 +454,28 @@ class ServerProcess(ManagedProcess):
             )
         return json.loads(result.stdout)
 
+    def entries(self) -> list[Any]:
+        """Every registration entry (``ListEntries`` on the admin socket, all pages): for
+        checking what the server holds without a CLI process start per look."""
+        entries: list[Any] = []
+        request = admin_pb2.ListEntriesRequest(page_size=500)
+        with self.admin_channel() as channel:
+            stub = admin_pb2_grpc.EntriesStub(channel)
+            while True:
+                reply = stub.ListEntries(request, timeout=30)
+                entries.extend(reply.entries)
+                if not reply.next_page_token:
+                    return entries
+                request.page_token = reply.next_page_token
+
+    def entry_count(self) -> int:
+        """``CountEntries`` on the admin socket."""
+        with self.admin_channel() as channel:
+            reply = admin_pb2_grpc.EntriesStub(channel).CountEntries(
+                admin_pb2.CountEntriesRequest(), timeout=30
+            )
+        return int(reply.count)
+
     def bundle_pem(self) -> str:
         """``credo-server bundle show --format pem``: the bundle's X.509 authorities."""
         result = self.cli("bundle", "show", "--format", "pem", output=None)
@@ -492,7 +518,8 @@ def start_server(
 
 
 def join_token(server: ServerProcess) -> str:
-    """A fresh join token from ``credo-server token generate``."""
+    """A fresh join token from ``credo-server token generate`` (through the CLI: the audit
+    trail names the CLI process as the admin who made it, which tests check)."""
     return str(server.cli_json("token", "generate")["token"])
 
 
@@ -502,8 +529,21 @@ def agent_id(token: str, trust_domain: str = DEFAULT_TRUST_DOMAIN) -> str:
 
 
 def write_server_bundle(server: ServerProcess, path: Path) -> Path:
-    """Write ``credo-server bundle show --format pem`` to ``path`` (a bootstrap bundle)."""
-    path.write_text(server.bundle_pem())
+    """Write the server's X.509 authorities as PEM to ``path`` (a bootstrap bundle): what
+    ``credo-server bundle show --format pem`` prints, from ``GetBundle`` on the admin socket
+    (:meth:`ServerProcess.bundle_pem` runs the command)."""
+    with server.admin_channel() as channel:
+        reply = admin_pb2_grpc.BundlesStub(channel).GetBundle(
+            admin_pb2.GetBundleAdminRequest(), timeout=30
+        )
+    path.write_text(
+        "".join(
+            x509.load_der_x509_certificate(authority.asn1)
+            .public_bytes(serialization.Encoding.PEM)
+            .decode()
+            for authority in reply.x509_authorities
+        )
+    )
     return path
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -388,17 +389,31 @@ def test_run_loop_ticks_until_stopped(make_manager: MakeManager, clock: FakeCloc
     """run() starts the manager, ticks every interval, and returns when stop is set."""
     manager = make_manager(rotation_check_interval=0.01)
     seen: list[AuthorityChange] = []
-    manager.on_change.append(seen.append)
 
     async def main() -> None:
+        loop = asyncio.get_running_loop()
+        changed = asyncio.Event()
+
+        def on_change(change: AuthorityChange) -> None:  # called on the manager's thread
+            seen.append(change)
+            loop.call_soon_threadsafe(changed.set)
+
+        async def until(predicate: Callable[[], bool]) -> None:
+            while not predicate():
+                await asyncio.wait_for(changed.wait(), 30)
+                changed.clear()
+
+        manager.on_change.append(on_change)
         stop = asyncio.Event()
         task = asyncio.create_task(manager.run(stop))
-        await asyncio.sleep(0.05)
+        # start() (on a worker thread) activates an X.509 authority at the current time;
+        # only then move the clock past half its life, so a later tick must prepare the next.
+        await until(lambda: any(c.action == "activated" and c.kind == "x509" for c in seen))
+        started = len(seen)
         clock.advance(CA_TTL / 2 + 1)
-        for _ in range(100):
-            await asyncio.sleep(0.01)
-            if any(c.action == "prepared" and c.kind == "x509" for c in seen[2:]):
-                break
+        await until(
+            lambda: any(c.action == "prepared" and c.kind == "x509" for c in seen[started:])
+        )
         stop.set()
         await asyncio.wait_for(task, 5)
 
