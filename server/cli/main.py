@@ -6,27 +6,15 @@ one place where failures become a single ``Error: ...`` line and exit code 1.
 
 from __future__ import annotations
 
+from importlib import import_module
 from typing import Any
 
 import click
 import grpc
 
 from credo._cli import CliGroup
-from server.cli.agent import agent
-from server.cli.audit import audit
-from server.cli.bundle import bundle
 from server.cli.client import describe_rpc_error
-from server.cli.delegation import delegation
-from server.cli.entry import entry
 from server.cli.errors import CliError
-from server.cli.federation import federation
-from server.cli.healthcheck import healthcheck
-from server.cli.jwt import jwt
-from server.cli.localauthority import localauthority
-from server.cli.run import run
-from server.cli.token import token
-from server.cli.wit import wit
-from server.cli.x509 import x509
 
 __all__ = ["cli", "main"]
 
@@ -42,27 +30,43 @@ class CredoGroup(CliGroup):
             raise CliError(describe_rpc_error(exc, socket_path)) from None
 
 
-@click.group(cls=CredoGroup, context_settings={"help_option_names": ["-h", "--help"]})
+# Each command's module, imported only when that command runs (or help lists it): one
+# ``credo-server entry show`` should not pay for importing the server itself.
+_COMMANDS: dict[str, str] = {
+    "run": "server.cli.run",
+    "healthcheck": "server.cli.healthcheck",
+    "entry": "server.cli.entry",
+    "token": "server.cli.token",
+    "agent": "server.cli.agent",
+    "bundle": "server.cli.bundle",
+    "federation": "server.cli.federation",
+    "x509": "server.cli.x509",
+    "jwt": "server.cli.jwt",
+    "wit": "server.cli.wit",
+    "localauthority": "server.cli.localauthority",
+    "audit": "server.cli.audit",
+    "delegation": "server.cli.delegation",
+}
+
+
+class _LazyCredoGroup(CredoGroup):
+    """:class:`CredoGroup` whose commands are loaded from their modules on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(_COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        module = _COMMANDS.get(cmd_name)
+        if module is None:
+            return None
+        command = getattr(import_module(module), cmd_name)
+        assert isinstance(command, click.Command)
+        return command
+
+
+@click.group(cls=_LazyCredoGroup, context_settings={"help_option_names": ["-h", "--help"]})
 def cli() -> None:
     """Credo signing server: issues SPIFFE identities to node agents and their workloads."""
-
-
-for command in (
-    run,
-    healthcheck,
-    entry,
-    token,
-    agent,
-    bundle,
-    federation,
-    x509,
-    jwt,
-    wit,
-    localauthority,
-    audit,
-    delegation,
-):
-    cli.add_command(command)
 
 
 def main() -> None:
