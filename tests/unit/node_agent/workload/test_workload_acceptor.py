@@ -75,7 +75,8 @@ async def _stop(r: _Running) -> None:
 
 
 async def _who(ch: aio.Channel) -> bytes:
-    return await ch.unary_unary("/T/Who")(b"", timeout=10)
+    answer: bytes = await ch.unary_unary("/T/Who")(b"", timeout=10)
+    return answer
 
 
 async def _until(condition: Any, what: str, timeout: float = 10) -> None:
@@ -194,6 +195,34 @@ def test_one_uid_filling_the_handoff_queue_does_not_shed_another_uids(
         for _, fds, _ in acc._outbox:
             for fd in fds:
                 os.close(fd)
+        listener.close()
+        ours.close()
+        agent.close()
+
+
+def test_refusal_summaries_of_many_uids_arrive_whole() -> None:
+    """Refusals of 100 uids with long reasons reach the agent in several messages that
+    each fit the agent's buffer (none cut off), every count once."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    ours, agent = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    acc = Acceptor(listener, ours, max_open=1, rate=1, burst=1, log_interval=10)
+    try:
+        for uid in range(100):
+            for _ in range(uid + 1):
+                acc._refuse("r" * 300 + str(uid), uid)
+        acc._summarize(time.monotonic())
+        agent.setblocking(False)
+        entries = []
+        while True:
+            try:
+                data, _, flags, _ = agent.recvmsg(MESSAGE_MAX)
+            except BlockingIOError:
+                break
+            assert data[:1] == b"L" and not flags & socket.MSG_TRUNC
+            entries.extend(json.loads(data[1:]))
+        assert sorted(u for _, u, _ in entries) == list(range(100))
+        assert all(n == u + 1 and r.endswith(str(u)) for r, u, n in entries)
+    finally:
         listener.close()
         ours.close()
         agent.close()
