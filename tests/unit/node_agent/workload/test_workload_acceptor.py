@@ -258,7 +258,7 @@ def test_a_hung_accept_process_is_killed_and_replaced(
     heartbeats stop, the agent kills it, logs it, and a new one serves connections."""
 
     async def main() -> None:
-        r = await _start(short_dir, acceptor_heartbeat=0.05, acceptor_timeout=0.5)
+        r = await _start(short_dir, acceptor_heartbeat=0.05, acceptor_timeout=1.0)
         try:
             old = r.proxy._acceptor
             assert old is not None
@@ -282,10 +282,10 @@ def test_a_live_accept_process_is_left_alone(short_dir: str) -> None:
     """With heartbeats flowing, the watchdog keeps the accept process for many timeouts."""
 
     async def main() -> None:
-        r = await _start(short_dir, acceptor_heartbeat=0.02, acceptor_timeout=0.2)
+        r = await _start(short_dir, acceptor_heartbeat=0.02, acceptor_timeout=1.0)
         try:
             first = r.proxy._acceptor
-            for _ in range(10):
+            for _ in range(20):  # two timeouts
                 assert await _who(r.channel()) == str(os.getpid()).encode()
                 await asyncio.sleep(0.1)
             assert r.proxy._acceptor is first
