@@ -429,7 +429,10 @@ class PeerTrackingProxy:
     accepted at ``connections_per_second`` (bursts of ``connection_burst``); the excess is
     closed at once by that process, before any other work, and counted in one log line per
     ``refusal_log_interval`` seconds. Pinned connections reach the agent with their pidfd
-    over a socket pair (``SCM_RIGHTS``).
+    over a socket pair (``SCM_RIGHTS``). The process sends a heartbeat every
+    ``acceptor_heartbeat`` seconds; when nothing comes from it for ``acceptor_timeout``
+    seconds, or it exits, it is replaced a second later by one that starts from the
+    agent's :attr:`open_by_uid`.
     """
 
     def __init__(
