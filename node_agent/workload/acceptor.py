@@ -13,7 +13,14 @@ socket and one end of a ``SOCK_SEQPACKET`` socket pair to the agent. It does not
    ``SO_PEERPIDFD``, start time, effective ids, executable) and pass the connection and the
    pidfd to the agent with ``SCM_RIGHTS``, with the pinned facts;
 4. count refusals and send the agent one summary per ``log_interval`` seconds (the agent
-   logs it).
+   logs it);
+5. send a heartbeat every ``heartbeat`` seconds, so the agent notices when this process
+   hangs (say in ``stat()`` of an executable on a hung network or FUSE mount) and replaces
+   it.
+
+The agent passes its count of open connections by uid in the config (``open``): a process
+started after another one exited must count the relays still open, or their releases would
+free slots it never counted.
 
 Why a process and not a thread of the agent: a Python thread needs the agent's GIL after
 every ``accept()``, and the event loop and the gRPC server hold it for milliseconds at a
@@ -25,7 +32,9 @@ runs at a raised priority where the agent may raise it (root).
 Protocol (each message one datagram; the first byte says what it is):
 
 * to the agent, ``C`` + :data:`CONNECTION` with two descriptors (the connection, the pidfd);
-* to the agent, ``L`` + JSON ``[[reason, uid, count], ...]``: refusals since the last one;
+* to the agent, ``L`` + JSON ``[[reason, uid, count], ...]``: refusals since the last one
+  (at most :data:`SUMMARY_ENTRIES` entries a message, several messages when there are more);
+* to the agent, ``H``: a heartbeat;
 * from the agent, ``R`` + :data:`RELEASE`: a connection of ``uid`` closed;
 * from the agent, ``S``: stop (the last refusal counts are sent first).
 
@@ -69,7 +78,10 @@ BATCH = 256
 PAUSE_UNDER_CHURN = 0.0005
 """Seconds to wait after a batch that shed connections (at most 4096 can queue meanwhile)."""
 MAX_OUTBOX = 1024
-"""Pinned connections waiting for the agent to take them; beyond that new ones are shed."""
+"""Pinned connections waiting for the agent to take them; beyond that one is shed (see
+:meth:`Acceptor._queue`)."""
+SUMMARY_ENTRIES = 32
+"""Refusal counts per ``L`` message (each well below :data:`MESSAGE_MAX`)."""
 
 
 class Acceptor:
@@ -84,6 +96,8 @@ class Acceptor:
         rate: float,
         burst: float,
         log_interval: float,
+        heartbeat: float = 1.0,
+        open_by_uid: dict[int, int] | None = None,
     ) -> None:
         self.listener = listener
         # The C accept, returning the bare descriptor (socket.accept() wraps it once more).
@@ -93,9 +107,15 @@ class Acceptor:
         self.rate = rate
         self.burst = burst
         self.log_interval = log_interval
-        self.open_by_uid: dict[int, int] = {}
+        self.heartbeat = heartbeat
+        self.max_outbox = MAX_OUTBOX
+        self.open_by_uid: dict[int, int] = {u: n for u, n in (open_by_uid or {}).items() if n > 0}
         self._buckets: dict[int, list[float]] = {}  # uid -> [tokens, stamp]
-        self._outbox: deque[tuple[bytes, list[int]]] = deque()
+        # (message, descriptors, uid of the connection or -1)
+        self._outbox: deque[tuple[bytes, list[int], int]] = deque()
+        self._queued_by_uid: dict[int, int] = {}
+        self._queued_total = 0
+        self._next_heartbeat = 0.0
         self._refused: dict[tuple[str, int], int] = {}
         self._last_summary = -log_interval
         self._too_many = f"too many open connections for this uid (limit {max_open})"
@@ -140,16 +160,13 @@ class Acceptor:
         self._last_summary = now
         counts = [[reason, uid, n] for (reason, uid), n in sorted(self._refused.items())]
         self._refused = {}
-        for i in range(0, len(counts), 32):  # messages well below MESSAGE_MAX
-            self._send(b"L" + json.dumps(counts[i : i + 32]).encode(), [])
+        for i in range(0, len(counts), SUMMARY_ENTRIES):
+            self._send(b"L" + json.dumps(counts[i : i + SUMMARY_ENTRIES]).encode(), [])
 
     # -- one connection -----------------------------------------------------------------
 
     def _handle(self, conn: socket.socket, pid: int, uid: int, gid: int, now: float) -> None:
         reason = self._admit(uid, now)
-        if not reason and len(self._outbox) >= MAX_OUTBOX:
-            self._release(uid)
-            reason = "the agent is not taking connections fast enough"
         if reason:
             conn.close()
             self._refuse(reason, uid)
@@ -163,7 +180,55 @@ class Acceptor:
             return
         dev, ino = exe if exe is not None else (0, 0)
         data = b"C" + CONNECTION.pack(pid, uid, gid, start_time, dev, ino, exe is not None)
-        self._send(data, [conn.detach(), pidfd])
+        self._queue(uid, data, [conn.detach(), pidfd])
+
+    _SLOW_AGENT = "the agent is not taking connections fast enough"
+
+    def _queue(self, uid: int, data: bytes, fds: list[int]) -> None:
+        """Queue a pinned connection of ``uid`` (counted open) for the agent.
+
+        While the agent is not reading, at most :attr:`max_outbox` wait. When that is full,
+        the connection shed is the newest one of the uid with the most waiting (this one
+        when that is its own uid): one uid churning connections while the agent stalls
+        cannot shed another uid's.
+        """
+        queued = self._queued_by_uid
+        if self._queued_total >= self.max_outbox:
+            top = max(queued, key=queued.__getitem__)
+            if queued[top] <= queued.get(uid, 0):
+                top = uid
+            if top == uid:
+                for fd in fds:
+                    os.close(fd)
+                self._release(uid)
+                self._refuse(self._SLOW_AGENT, uid)
+                return
+            self._drop_newest(top)
+        queued[uid] = queued.get(uid, 0) + 1
+        self._queued_total += 1
+        self._send(data, fds, uid)
+
+    def _drop_newest(self, uid: int) -> None:
+        """Shed the newest connection of ``uid`` waiting in the outbox."""
+        outbox = self._outbox
+        for i in range(len(outbox) - 1, -1, -1):
+            if outbox[i][2] == uid:
+                _, fds, _ = outbox[i]
+                del outbox[i]
+                for fd in fds:
+                    os.close(fd)
+                self._unqueued(uid)
+                self._release(uid)
+                self._refuse(self._SLOW_AGENT, uid)
+                return
+
+    def _unqueued(self, uid: int) -> None:
+        self._queued_total -= 1
+        left = self._queued_by_uid.get(uid, 0) - 1
+        if left > 0:
+            self._queued_by_uid[uid] = left
+        else:
+            self._queued_by_uid.pop(uid, None)
 
     def _accept_batch(self) -> None:
         """Accept what is queued (up to :data:`BATCH`); shed the excess as cheaply as we can.
@@ -216,9 +281,9 @@ class Acceptor:
 
     # -- the agent's channel ------------------------------------------------------------
 
-    def _send(self, data: bytes, fds: list[int]) -> None:
+    def _send(self, data: bytes, fds: list[int], uid: int = -1) -> None:
         """Hand ``data`` (and ``fds``, closed here once sent) to the agent now, or queue it."""
-        self._outbox.append((data, fds))
+        self._outbox.append((data, fds, uid))
         if len(self._outbox) == 1:
             self._flush()  # a failure (the agent is gone) shows in the poll loop
 
@@ -226,7 +291,7 @@ class Acceptor:
         """Send what is queued; False when the agent is gone."""
         outbox = self._outbox
         while outbox:
-            data, fds = outbox[0]
+            data, fds, uid = outbox[0]
             try:
                 if fds:
                     rights = array.array("i", fds).tobytes()
@@ -240,6 +305,8 @@ class Acceptor:
             outbox.popleft()
             for fd in fds:  # the agent has its own copies now
                 os.close(fd)
+            if uid >= 0:
+                self._unqueued(uid)
         return True
 
     def _read_channel(self) -> bool:
@@ -272,10 +339,15 @@ class Acceptor:
         poller.register(cfd, select.POLLIN)
         want_out = False
         while True:
-            timeout = -1.0
+            now = time.monotonic()
+            if now >= self._next_heartbeat:
+                self._next_heartbeat = now + self.heartbeat
+                if not self._outbox:  # anything queued tells the agent we are alive anyway
+                    self._send(b"H", [])
+            wake = self._next_heartbeat
             if self._refused:
-                timeout = max(0.0, self._last_summary + self.log_interval - time.monotonic())
-                timeout = timeout * 1000 + 1
+                wake = min(wake, self._last_summary + self.log_interval)
+            timeout = max(0.0, wake - now) * 1000 + 1
             for fd, events in poller.poll(timeout):
                 if fd == cfd:
                     if events & select.POLLIN and not self._read_channel():
@@ -317,6 +389,8 @@ def main(argv: list[str] | None = None) -> None:
         rate=float(config["rate"]),
         burst=float(config["burst"]),
         log_interval=float(config["log_interval"]),
+        heartbeat=float(config.get("heartbeat", 1.0)),
+        open_by_uid={int(uid): int(n) for uid, n in config.get("open", {}).items()},
     ).run()
 
 

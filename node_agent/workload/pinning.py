@@ -50,13 +50,19 @@ def peer_credentials_raw(sock: socket.socket) -> tuple[int, int, int]:
 def peer_pidfd(sock: socket.socket) -> int | None:
     """A pidfd for the process that called ``connect()`` (``SO_PEERPIDFD``), or None.
 
-    None where the kernel does not offer it (before Linux 6.5) or the peer is gone.
+    None only where the kernel does not know the option (``ENOPROTOOPT``: before Linux 6.5);
+    the caller then opens a pidfd from the pid. Raises :class:`PinRefused` when the kernel
+    knows the option but cannot name the process: on Linux 6.5 to 6.14 ``EINVAL`` /
+    ``ESRCH`` (and ``ENODATA``) mean the peer has exited, and its pid may already belong to
+    another process, so opening one from the pid could pin the wrong process.
     """
     try:
         return int(sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD))
     except OSError as err:
-        if err.errno in (errno.ENOPROTOOPT, errno.EINVAL, errno.ESRCH, errno.ENODATA):
+        if err.errno == errno.ENOPROTOOPT:
             return None
+        if err.errno in (errno.EINVAL, errno.ESRCH, errno.ENODATA):
+            raise PinRefused("process exited before it could be tracked") from None
         raise
 
 

@@ -44,6 +44,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 
 from node_agent.workload.acceptor import CONNECTION, MESSAGE_MAX, RELEASE
 from node_agent.workload.peer import PeerCredentials, PeerProcess
@@ -172,11 +173,13 @@ class _Relay:
 
 
 _ACCEPTOR_CODE = (
-    "import sys; sys.path.insert(0, sys.argv[1]); "
+    "import sys; sys.path.append(sys.argv[1]); "
     "from node_agent.workload.acceptor import main; main(sys.argv[2:])"
 )
 _CODE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-"""Where the ``node_agent`` package lives, for the accept process's ``sys.path``."""
+"""Where the ``node_agent`` package lives, for the accept process's ``sys.path`` (after the
+standard library: when installed, this is site-packages, and nothing there may shadow a
+standard module)."""
 _FDS_SIZE = socket.CMSG_SPACE(2 * array.array("i").itemsize)
 
 
@@ -192,6 +195,10 @@ class _AcceptProcess:
                 "rate": proxy.connections_per_second,
                 "burst": proxy.connection_burst,
                 "log_interval": proxy.refusal_log_interval,
+                "heartbeat": proxy.acceptor_heartbeat,
+                # A process replacing one that exited counts the relays still open: their
+                # releases will come to it.
+                "open": {str(uid): n for uid, n in proxy.open_by_uid.items()},
             }
         )
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -215,19 +222,50 @@ class _AcceptProcess:
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(ours.fileno(), self._readable)
         self._closed = False
+        self._last_heard = time.monotonic()
+        self._watchdog = self._loop.call_later(proxy.acceptor_timeout, self._check_alive)
 
     def _readable(self) -> None:
         while not self._closed:
             try:
-                data, ancdata, flags, _ = self.channel.recvmsg(MESSAGE_MAX, _FDS_SIZE)
+                data, ancdata, flags, _ = self.channel.recvmsg(
+                    MESSAGE_MAX, _FDS_SIZE, socket.MSG_CMSG_CLOEXEC
+                )
             except BlockingIOError:
                 return
             except OSError:
                 data, ancdata, flags = b"", [], 0
+            self._last_heard = time.monotonic()
             if not self._message(data, ancdata, flags, adopt=True):
                 self._close()
                 self.proxy._acceptor_exited(self)
                 return
+
+    def _check_alive(self) -> None:
+        """Replace the accept process when nothing came from it for ``acceptor_timeout``.
+
+        It sends a heartbeat every ``acceptor_heartbeat`` seconds; any message counts. What
+        is waiting in the channel is read first, so a stall of the agent's own loop does not
+        look like a hung accept process.
+        """
+        if self._closed:
+            return
+        self._readable()
+        if self._closed:
+            return
+        timeout = self.proxy.acceptor_timeout
+        silent = time.monotonic() - self._last_heard
+        if silent < timeout:
+            self._watchdog = self._loop.call_later(timeout - silent, self._check_alive)
+            return
+        log.error(
+            "the workload API accept process stopped answering; killing it",
+            extra={"pid": self.process.pid, "silent_s": round(silent, 1)},
+        )
+        with contextlib.suppress(OSError):
+            self.process.kill()
+        self._close()
+        self.proxy._acceptor_exited(self)
 
     def _message(
         self, data: bytes, ancdata: list[tuple[int, int, bytes]], flags: int, *, adopt: bool
@@ -244,14 +282,19 @@ class _AcceptProcess:
         if flags & socket.MSG_TRUNC:
             data = b"?"  # never sent that big: ignore it (closing what came with it)
         tag = data[:1]
-        if (
-            tag == b"C"
-            and len(fds) == 2
-            and len(data) == 1 + CONNECTION.size
-            and not flags & socket.MSG_CTRUNC
-        ):
-            conn_fd, pidfd = fds
+        if tag == b"C" and len(data) == 1 + CONNECTION.size:
             pid, uid, gid, start_time, dev, ino, has_exe = CONNECTION.unpack_from(data, 1)
+            if len(fds) != 2 or flags & socket.MSG_CTRUNC:
+                # The accept process counted this connection open: free its slot.
+                for fd in fds:
+                    os.close(fd)
+                log.warning(
+                    "workload connection dropped in the handoff",
+                    extra={"uid": uid, "descriptors": len(fds)},
+                )
+                self.release(uid)
+                return True
+            conn_fd, pidfd = fds
             conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, conn_fd)
             if not adopt:
                 conn.close()
@@ -274,7 +317,12 @@ class _AcceptProcess:
         for fd in fds:
             os.close(fd)
         if tag == b"L":
-            for reason, uid, count in json.loads(data[1:]):
+            try:
+                counts = [(str(r), int(u), int(n)) for r, u, n in json.loads(data[1:])]
+            except (ValueError, TypeError):
+                log.warning("malformed refusal summary from the accept process")
+                return True
+            for reason, uid, count in counts:
                 log.warning(
                     "workload connections refused",
                     extra={
@@ -316,35 +364,45 @@ class _AcceptProcess:
             self._loop.remove_writer(self.channel.fileno())
 
     def _close(self) -> None:
+        """Close the channel (the accept process exits when it sees that) and reap it later,
+        without blocking the event loop."""
         if self._closed:
             return
         self._closed = True
+        self._watchdog.cancel()
         self._loop.remove_reader(self.channel.fileno())
         if self._pending:
             self._loop.remove_writer(self.channel.fileno())
         self.channel.close()
-        if self.process.poll() is None:
-            try:
-                self.process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
+        self._reap(time.monotonic() + 5)
+
+    def _reap(self, kill_at: float) -> None:
+        if self.process.poll() is not None:
+            return
+        if time.monotonic() >= kill_at:
+            with contextlib.suppress(OSError):
                 self.process.kill()
-                self.process.wait()
+        with contextlib.suppress(RuntimeError):  # the loop is closing: Popen reaps it
+            self._loop.call_later(0.05, self._reap, kill_at)
 
     def stop(self) -> None:
         """Ask the accept process to stop, log its last refusal counts, wait for it."""
         if self._closed:
             return
+        self._watchdog.cancel()
         self._loop.remove_reader(self.channel.fileno())
         try:
             self.channel.setblocking(True)
             self.channel.settimeout(5)
             self.channel.send(b"S")
             while True:
-                data, ancdata, flags, _ = self.channel.recvmsg(MESSAGE_MAX, _FDS_SIZE)
+                data, ancdata, flags, _ = self.channel.recvmsg(
+                    MESSAGE_MAX, _FDS_SIZE, socket.MSG_CMSG_CLOEXEC
+                )
                 if not self._message(data, ancdata, flags, adopt=False):
                     break
-        except OSError:
-            pass
+        except (OSError, ValueError, TypeError):
+            pass  # gone, timed out, or sent something malformed: it is killed below
         self._closed = True
         if self._pending:
             self._loop.remove_writer(self.channel.fileno())
@@ -371,7 +429,10 @@ class PeerTrackingProxy:
     accepted at ``connections_per_second`` (bursts of ``connection_burst``); the excess is
     closed at once by that process, before any other work, and counted in one log line per
     ``refusal_log_interval`` seconds. Pinned connections reach the agent with their pidfd
-    over a socket pair (``SCM_RIGHTS``).
+    over a socket pair (``SCM_RIGHTS``). The process sends a heartbeat every
+    ``acceptor_heartbeat`` seconds; when nothing comes from it for ``acceptor_timeout``
+    seconds, or it exits, it is replaced a second later by one that starts from the
+    agent's :attr:`open_by_uid`.
     """
 
     def __init__(
@@ -383,6 +444,8 @@ class PeerTrackingProxy:
         connections_per_second: float = 100.0,
         connection_burst: int = 200,
         refusal_log_interval: float = 10.0,
+        acceptor_heartbeat: float = 1.0,
+        acceptor_timeout: float = 10.0,
     ) -> None:
         self.public_path = public_path
         # Each relayed connection holds a few file descriptors; one user must not be able
@@ -391,6 +454,10 @@ class PeerTrackingProxy:
         self.connections_per_second = connections_per_second
         self.connection_burst = connection_burst
         self.refusal_log_interval = refusal_log_interval
+        # The accept process sends a heartbeat this often; silent for acceptor_timeout, it
+        # is killed and replaced (it may hang in stat() on a hung network or FUSE mount).
+        self.acceptor_heartbeat = acceptor_heartbeat
+        self.acceptor_timeout = acceptor_timeout
         self.open_by_uid: dict[int, int] = {}
         """Relayed connections open, by uid (the accept process keeps the same count)."""
         self._own_dir = private_dir is None

@@ -3,7 +3,8 @@
 argv: <api socket> <flood> <target binary>. Queues <flood> non-blocking connects to the
 Workload API socket, connects for real, forks a child that keeps the socket and execs
 <target> in the parent. The child waits until the parent runs <target>, speaks gRPC over the
-inherited connection, prints what it got as JSON, kills the parent and exits.
+inherited connection, prints what it got as JSON (with ``shed``: how many of the queued
+connections the agent closed at once), kills the parent and exits.
 """
 
 import contextlib
@@ -82,6 +83,20 @@ with grpc.insecure_channel("unix:" + relay_path) as channel:
         result = {"code": err.code().name, "details": err.details()}
     finally:
         stream.cancel()
+
+
+def was_shed(s: socket.socket) -> bool:
+    """The agent closed this queued connection at once (EOF or reset), unlike a relayed one."""
+    s.setblocking(False)
+    try:
+        return s.recv(1) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+result["shed"] = sum(was_shed(s) for s in queued)
 print(json.dumps(result), flush=True)
 os.kill(parent, signal.SIGKILL)
 os._exit(0)
