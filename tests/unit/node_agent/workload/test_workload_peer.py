@@ -407,3 +407,26 @@ def test_holder_scans_share_one_scan_begun_after_every_request() -> None:
         for s in (a, b, c, d):
             s.close()
     assert batches == [{inode_a, inode_c}, {inode_a}, {inode_a}]
+
+
+def test_connection_that_sends_nothing_never_reaches_the_grpc_server(short_dir: str) -> None:
+    """A caller that connects and closes without speaking (a connection flood) is not
+    relayed upstream: only the connection that sends a request costs an internal one."""
+    import socket as _socket
+
+    async def main() -> None:
+        r = await _start(short_dir)
+        try:
+            for _ in range(5):
+                s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+                s.connect(r.proxy.public_path)
+                s.close()
+            async with aio.insecure_channel("unix:" + r.proxy.public_path) as ch:
+                answer = await ch.unary_unary("/T/Who")(b"", timeout=10)
+            assert answer == f"{os.getpid()} {os.geteuid()}".encode()
+            # the silent connections were handed over before the call's; none was numbered
+            assert next(r.proxy.counter) == 1
+        finally:
+            await _stop(r)
+
+    asyncio.run(main())
