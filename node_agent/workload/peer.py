@@ -38,10 +38,12 @@ inside a handler.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
 import struct
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from node_agent.workload.errors import PeerChanged, PeerUnknown
@@ -57,11 +59,13 @@ from node_agent.workload.pinning import (
 )
 
 __all__ = [
+    "HolderScans",
     "PeerCredentials",
     "PeerProcess",
     "peer_credentials",
     "peer_pidfd",
     "read_start_time",
+    "scan_socket_holders",
     "socket_holders",
     "unix_peer_inode",
 ]
@@ -132,30 +136,97 @@ def unix_peer_inode(inode: int) -> int | None:
     return None
 
 
-def socket_holders(inode: int, proc_root: str = "/proc") -> set[int]:
-    """The pids of every process with a file descriptor on socket ``inode`` (that we may see).
+def scan_socket_holders(inodes: Collection[int], proc_root: str = "/proc") -> dict[int, set[int]]:
+    """For each socket inode, the pids of every process with a descriptor on it (that we may see).
 
-    Scans ``<proc_root>/*/fd``; a process whose fd table the agent may not read (another
+    One pass over ``<proc_root>/*/fd`` answers any number of inodes, so concurrent holder
+    checks share it (:class:`HolderScans`). Each fd directory is opened once and its links
+    are read relative to it. A process whose fd table the agent may not read (another
     user's, when the agent is not root) is not seen.
     """
-    target = f"socket:[{inode}]"
-    holders: set[int] = set()
+    targets = {f"socket:[{inode}]": inode for inode in inodes}
+    holders: dict[int, set[int]] = {inode: set() for inode in inodes}
+    if not targets:
+        return holders
+    readlink = os.readlink
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
     for name in os.listdir(proc_root):
         if not name.isdigit():
             continue
-        fd_dir = f"{proc_root}/{name}/fd"
         try:
-            fds = os.listdir(fd_dir)
+            fd_dir = os.open(f"{proc_root}/{name}/fd", flags)
         except OSError:
             continue
-        for fd in fds:
-            try:
-                if os.readlink(f"{fd_dir}/{fd}") == target:
-                    holders.add(int(name))
-                    break
-            except OSError:
-                continue
+        try:
+            fds = os.listdir(fd_dir)
+            for fd in fds:
+                try:
+                    link = readlink(fd, dir_fd=fd_dir)
+                except OSError:
+                    continue
+                if (inode := targets.get(link)) is not None:
+                    holders[inode].add(int(name))
+        except OSError:
+            continue
+        finally:
+            os.close(fd_dir)
     return holders
+
+
+def socket_holders(inode: int, proc_root: str = "/proc") -> set[int]:
+    """The pids of every process with a file descriptor on socket ``inode`` (that we may see)."""
+    return scan_socket_holders((inode,), proc_root)[inode]
+
+
+class HolderScans:
+    """Shares ``/proc`` scans among concurrent holder checks on one event loop.
+
+    :meth:`holders` is answered by a scan that *starts after* it was asked (never by one
+    already running), so a shared answer is as fresh as a scan of its own; requests that
+    arrive while a scan runs wait for the next one, which answers all of them at once. Under
+    load this turns one full scan per new connection into about two per burst.
+    """
+
+    def __init__(self, proc_root: str = "/proc") -> None:
+        self._proc_root = proc_root
+        self._pending: dict[int, list[asyncio.Future[set[int]]]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self.scans = 0  # scans run so far (for tests and benchmarks)
+
+    async def holders(self, inode: int) -> set[int]:
+        """The pids holding socket ``inode``, from a scan begun after this call."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[set[int]] = loop.create_future()
+        self._pending.setdefault(inode, []).append(future)
+        if self._task is None:
+            self._task = loop.create_task(self._run())
+        return set(await future)
+
+    async def _run(self) -> None:
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, {}
+                self.scans += 1
+                try:
+                    found = await asyncio.to_thread(scan_socket_holders, batch, self._proc_root)
+                except Exception as err:
+                    for futures in batch.values():
+                        for future in futures:
+                            if not future.done():
+                                future.set_exception(err)
+                    continue
+                except BaseException:  # cancelled: nobody will scan for the waiting ones
+                    for futures in (*batch.values(), *self._pending.values()):
+                        for future in futures:
+                            future.cancel()
+                    self._pending = {}
+                    raise
+                for inode, futures in batch.items():
+                    for future in futures:
+                        if not future.done():
+                            future.set_result(found[inode])
+        finally:
+            self._task = None
 
 
 def read_effective_uid(pid: int) -> int:
@@ -220,7 +291,12 @@ class PeerProcess:
     def ensure_same_process(self) -> None:
         """Raise :class:`PeerChanged` unless the pid still names the process that connected.
 
-        Call it *after* attestation: it proves the selectors were read from the caller.
+        Call it *after* attestation: it proves the selectors were read from the caller. The
+        effective uid/gid and the executable are read from ``/proc/<pid>`` and *then* the
+        pidfd is polled: a pid is not reused before its process has exited and been reaped,
+        so a pidfd that has not exited after the reads proves they were the pinned
+        process's (the start time need not be read again; it was recorded at the pin only
+        to name that same process).
         """
         pid = self.pid
         if self._pidfd < 0:
@@ -228,13 +304,15 @@ class PeerProcess:
         if _exited(self._pidfd):
             raise PeerChanged("process exited", pid=pid)
         try:
-            if read_start_time(pid) != self._start_time:
-                raise PeerChanged("pid now names a different process", pid=pid)
             uid, gid = read_effective_ids(pid)
+            exe = _exe_identity(pid) if self._exe is not None else None
         except (FileNotFoundError, ProcessLookupError):
             raise PeerChanged("process exited", pid=pid) from None
         except PinRefused as err:
             raise PeerChanged(err.reason, pid=pid) from None
+        if _exited(self._pidfd):
+            # the reads may have come from a later process that reused the pid
+            raise PeerChanged("process exited", pid=pid)
         if uid != self.credentials.uid:
             raise PeerChanged(
                 f"effective uid changed from {self.credentials.uid} to {uid}", pid=pid
@@ -243,20 +321,18 @@ class PeerProcess:
             raise PeerChanged(
                 f"effective gid changed from {self.credentials.gid} to {gid}", pid=pid
             )
-        if self._exe is not None and _exe_identity(pid) != self._exe:
+        if self._exe is not None and exe != self._exe:
             raise PeerChanged("process now runs a different executable", pid=pid)
 
-    def ensure_sole_holder(self) -> None:
-        """Raise :class:`PeerChanged` unless only the pinned process holds the connection.
+    def _holder_check_inode(self) -> int | None:
+        """The client socket's inode for the holder check, or None if it is not needed.
 
-        Defeats the exec race: a process that connects, forks a child keeping the socket
-        and execs a trusted binary is pinned as that binary, but the child is the one
-        talking. Checked once per connection (a scan of ``/proc/*/fd``); skipped when the
-        kernel cannot name the client's socket (no ``sock_diag``). Blocking: run it in a
-        thread.
+        None when the connection already passed, when the kernel cannot name the client's
+        socket (no ``sock_diag``) or when the caller's descriptors cannot be seen; the last
+        two are logged and mark the connection checked, as before.
         """
         if self._sole_holder or self._server_inode is None:
-            return
+            return None
         pid = self.pid
         client = unix_peer_inode(self._server_inode)
         if client is None:
@@ -264,7 +340,7 @@ class PeerProcess:
                 raise PeerChanged("process exited", pid=pid)
             log.debug("cannot name the client socket; holder check skipped", extra={"pid": pid})
             self._sole_holder = True
-            return
+            return None
         try:
             os.listdir(f"/proc/{pid}/fd")
         except PermissionError:
@@ -275,10 +351,13 @@ class PeerProcess:
                 "cannot read the caller's descriptors; holder check skipped", extra={"pid": pid}
             )
             self._sole_holder = True
-            return
+            return None
         except FileNotFoundError:
             raise PeerChanged("process exited", pid=pid) from None
-        holders = socket_holders(client)
+        return client
+
+    def _judge_holders(self, holders: set[int]) -> None:
+        pid = self.pid
         if pid not in holders:
             raise PeerChanged(
                 "the process that connected no longer holds the connection "
@@ -290,6 +369,29 @@ class PeerProcess:
                 f"the connection is shared with other processes (pids {others})", pid=pid
             )
         self._sole_holder = True
+
+    def ensure_sole_holder(self) -> None:
+        """Raise :class:`PeerChanged` unless only the pinned process holds the connection.
+
+        Defeats the exec race: a process that connects, forks a child keeping the socket
+        and execs a trusted binary is pinned as that binary, but the child is the one
+        talking. Checked once per connection (a scan of ``/proc/*/fd``); skipped when the
+        kernel cannot name the client's socket (no ``sock_diag``). Blocking; on an event
+        loop use :meth:`ensure_sole_holder_shared`.
+        """
+        client = self._holder_check_inode()
+        if client is not None:
+            self._judge_holders(socket_holders(client))
+
+    async def ensure_sole_holder_shared(self, scans: HolderScans) -> None:
+        """:meth:`ensure_sole_holder` with the ``/proc`` scan shared through ``scans``.
+
+        The same check: the scan that answers starts after this call (see
+        :class:`HolderScans`), so it sees every process holding the connection by then.
+        """
+        client = self._holder_check_inode()
+        if client is not None:
+            self._judge_holders(await scans.holders(client))
 
     def close(self) -> None:
         """Release the pidfd; later :meth:`ensure_same_process` calls fail. Idempotent."""

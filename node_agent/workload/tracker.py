@@ -15,7 +15,9 @@ therefore owns the public socket itself:
    path as the peer (``context.peer() == "unix:<private dir>/c-<n>"``, checked against
    grpcio 1.85), so the handler finds the pinned process with :meth:`lookup`;
 3. it relays bytes both ways (asyncio protocols, with back-pressure) and, when either side
-   closes, closes the other and forgets the mapping.
+   closes, closes the other and forgets the mapping. The internal connection is opened
+   when the workload sends its first bytes, so one that connects and closes without
+   speaking (a connection flood) costs the gRPC server nothing.
 
 The private directory is created 0700, so only the agent's uid can reach the internal
 socket or bind a name in it: nobody can pose as another connection. The bound path is
@@ -71,10 +73,15 @@ class _Half(asyncio.Protocol):
         partner = self.partner
         if partner is not None and partner.transport is not None:
             partner.transport.write(data)
+        elif self is self.conn.down:
+            self.conn.first_bytes(data)
 
     def eof_received(self) -> bool:
         self.got_eof = True
         partner = self.partner
+        if self is self.conn.down and self.conn.early is None:
+            self.conn.close()  # it sent nothing: there is nothing to relay
+            return False
         if partner is not None and partner.transport is not None:
             if partner.transport.can_write_eof():
                 partner.transport.write_eof()
@@ -109,10 +116,15 @@ class _Relay:
         self.peer = peer
         self.key: str | None = None
         self.task: asyncio.Task[None] | None = None
+        self.early: bytearray | None = None  # read from the caller before upstream was up
         self.closed = False
 
     async def run(self, conn: socket.socket) -> None:
-        """Wrap the accepted socket, then connect upstream; reading waits until that is done."""
+        """Wrap the accepted socket; its first bytes open the upstream connection.
+
+        A caller that connects and closes without sending anything (a gRPC client always
+        speaks first: the HTTP/2 preface) never costs the gRPC server a connection.
+        """
         loop = asyncio.get_running_loop()
         try:
             conn.setblocking(False)
@@ -124,9 +136,17 @@ class _Relay:
         assert isinstance(down, asyncio.Transport)
         if self.closed:
             down.close()
+
+    def first_bytes(self, data: bytes) -> None:
+        """The caller's first bytes: hold them (and further reads) until upstream is up."""
+        if self.early is not None:
+            self.early += data  # read before pause_reading took effect
             return
+        self.early = bytearray(data)
+        down = self.down.transport
+        assert down is not None
         down.pause_reading()
-        await self._connect_upstream(down)
+        self.task = asyncio.get_running_loop().create_task(self._connect_upstream(down))
 
     async def _connect_upstream(self, down: asyncio.Transport) -> None:
         loop = asyncio.get_running_loop()
@@ -142,7 +162,7 @@ class _Relay:
             finally:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
-            await loop.create_unix_connection(lambda: self.up, sock=sock)
+            up, _ = await loop.create_unix_connection(lambda: self.up, sock=sock)
         except (OSError, asyncio.CancelledError) as err:
             sock.close()
             if not isinstance(err, asyncio.CancelledError):
@@ -151,7 +171,14 @@ class _Relay:
                 )
             self.close()
             return
-        if not self.closed:
+        if self.closed:
+            return
+        if self.early:
+            up.write(bytes(self.early))
+        self.early = bytearray()
+        if self.down.got_eof and up.can_write_eof():
+            up.write_eof()
+        else:
             down.resume_reading()
 
     def close(self) -> None:

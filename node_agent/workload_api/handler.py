@@ -46,7 +46,7 @@ from node_agent.workload.errors import (
     PeerChanged,
     PeerUnknown,
 )
-from node_agent.workload.peer import PeerProcess
+from node_agent.workload.peer import HolderScans, PeerProcess
 from node_agent.workload_api.manager import Identity, Manager, WorkloadUpdate
 
 __all__ = ["SECURITY_HEADER", "PeerLookup", "WorkloadApiMetrics", "WorkloadApiServicer"]
@@ -218,6 +218,7 @@ class WorkloadApiServicer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
         self._peers = peers
         self._allow_unauthenticated_verifiers = allow_unauthenticated_verifiers
         self._metrics = metrics
+        self._holder_scans = HolderScans()
 
     # -- shared steps -----------------------------------------------------------------
 
@@ -239,8 +240,9 @@ class WorkloadApiServicer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
             selectors = await self._attestor.attest(peer.pid)
             peer.ensure_same_process()
             # The exec race: a child that kept the socket of a process now running a
-            # trusted binary must not speak for it (once per connection; scans /proc).
-            await asyncio.to_thread(peer.ensure_sole_holder)
+            # trusted binary must not speak for it (once per connection; scans /proc,
+            # one scan shared by the connections that ask at the same time).
+            await peer.ensure_sole_holder_shared(self._holder_scans)
         except (PeerChanged, PeerUnknown) as err:
             log.warning(
                 "workload caller changed during attestation",

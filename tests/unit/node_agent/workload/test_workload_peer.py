@@ -18,8 +18,9 @@ import grpc
 import pytest
 from grpc import aio
 
+import node_agent.workload.peer as peer_module
 from node_agent.workload.errors import PeerChanged, PeerUnknown
-from node_agent.workload.peer import PeerCredentials, PeerProcess
+from node_agent.workload.peer import HolderScans, PeerCredentials, PeerProcess
 from node_agent.workload.tracker import PeerTrackingProxy
 
 
@@ -341,13 +342,91 @@ def test_holder_check_refuses_a_connection_a_child_kept(short_dir: str) -> None:
         shared = PeerProcess.capture(_creds(os.getpid()), server_inode=server_inode)
         with pytest.raises(PeerChanged, match="shared with other processes"):
             shared.ensure_sole_holder()
+        shared_async = PeerProcess.capture(_creds(os.getpid()), server_inode=server_inode)
+        with pytest.raises(PeerChanged, match="shared with other processes"):
+            asyncio.run(shared_async.ensure_sole_holder_shared(HolderScans()))
         client.close()
         gone = PeerProcess.capture(_creds(os.getpid()), server_inode=server_inode)
         with pytest.raises(PeerChanged, match="no longer holds"):
             gone.ensure_sole_holder()
+        gone_async = PeerProcess.capture(_creds(os.getpid()), server_inode=server_inode)
+        with pytest.raises(PeerChanged, match="no longer holds"):
+            asyncio.run(gone_async.ensure_sole_holder_shared(HolderScans()))
+        for peer in (shared, shared_async, gone, gone_async):
+            peer.close()
     finally:
         assert child.stdin is not None
         child.stdin.close()
         child.wait()
         server_side.close()
         listener.close()
+
+
+def test_holder_scans_share_one_scan_begun_after_every_request() -> None:
+    """Concurrent holder requests are answered by one scan; a request made while a scan
+    runs is not answered by it but by the next one, which sees what changed meanwhile."""
+    import socket as _socket
+    import threading
+
+    a, b = _socket.socketpair()
+    c, d = _socket.socketpair()
+    inode_a, inode_c = os.fstat(a.fileno()).st_ino, os.fstat(c.fileno()).st_ino
+    entered, release = threading.Event(), threading.Event()
+    batches: list[set[int]] = []
+    real_scan = peer_module.scan_socket_holders
+
+    def gated_scan(inodes: Any, proc_root: str = "/proc") -> dict[int, set[int]]:
+        batches.append(set(inodes))
+        found = real_scan(inodes, proc_root)
+        if len(batches) == 2:  # read /proc, not yet answered
+            entered.set()
+            release.wait(10)
+        return found
+
+    async def main() -> None:
+        scans = HolderScans()
+        both = await asyncio.gather(scans.holders(inode_a), scans.holders(inode_c))
+        assert both == [{os.getpid()}, {os.getpid()}]
+        assert scans.scans == 1
+        first = asyncio.create_task(scans.holders(inode_a))
+        await asyncio.to_thread(entered.wait, 10)  # the second scan has read /proc
+        a.close()  # after that scan began: only a later scan can see it
+        late = asyncio.create_task(scans.holders(inode_a))
+        await asyncio.sleep(0)
+        release.set()
+        assert await first == {os.getpid()}
+        assert await late == set()
+        assert scans.scans == 3
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(peer_module, "scan_socket_holders", gated_scan)
+    try:
+        asyncio.run(main())
+    finally:
+        mp.undo()
+        for s in (a, b, c, d):
+            s.close()
+    assert batches == [{inode_a, inode_c}, {inode_a}, {inode_a}]
+
+
+def test_connection_that_sends_nothing_never_reaches_the_grpc_server(short_dir: str) -> None:
+    """A caller that connects and closes without speaking (a connection flood) is not
+    relayed upstream: only the connection that sends a request costs an internal one."""
+    import socket as _socket
+
+    async def main() -> None:
+        r = await _start(short_dir)
+        try:
+            for _ in range(5):
+                s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+                s.connect(r.proxy.public_path)
+                s.close()
+            async with aio.insecure_channel("unix:" + r.proxy.public_path) as ch:
+                answer = await ch.unary_unary("/T/Who")(b"", timeout=10)
+            assert answer == f"{os.getpid()} {os.geteuid()}".encode()
+            # the silent connections were handed over before the call's; none was numbered
+            assert next(r.proxy.counter) == 1
+        finally:
+            await _stop(r)
+
+    asyncio.run(main())
