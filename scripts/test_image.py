@@ -247,7 +247,8 @@ class Deployment:
         self.names: list[str] = []
         statefulset = objects["StatefulSet/credo-server"]
         daemonset = objects["DaemonSet/credo-agent"]
-        self.server = containers(statefulset)["server"]
+        self.server_pod = containers(statefulset)
+        self.server = self.server_pod["server"]
         self.agent_pod = containers(daemonset)
         self.agent = self.agent_pod["agent"]
         self.test = containers(objects["Pod/credo-test-x509-svid"])["fetch-x509-svid"]
@@ -283,12 +284,23 @@ class Deployment:
     def _empty_dir(self, role: str, container: str) -> list[str]:
         """An emptyDir as the kubelet makes one: a fresh directory, root-owned, mode 0777."""
         host = self.work / f"empty-{role}-{container.strip('/').replace('/', '-')}"
-        host.mkdir()
-        host.chmod(0o777)
+        if not host.exists():  # the pod's containers share it: the init container first
+            host.mkdir()
+            host.chmod(0o777)
         return self._mount(host, container)
+
+    def prepare_private_dirs(self, role: str, c: dict[str, Any]) -> None:
+        """A pod's ``private-dirs`` init container, as the chart runs it (root, CAP_CHOWN
+        only), on the emptyDirs it names; the pod's main container then gets the same ones."""
+        args = [*PODMAN, "run", "--rm", "--network", "none", *LIMITS, *security_args(c)]
+        for mount in c["volumeMounts"]:
+            args += self._empty_dir(role, mount["mountPath"])
+        args += ["--entrypoint", c["command"][0], self.image, *c["command"][1:]]
+        run(args, what=f"podman run ({role} private-dirs init container)")
 
     def start_server(self) -> str:
         name = self.name("server")
+        self.prepare_private_dirs("server", self.server_pod["private-dirs"])
         c = self.server
         env = [f"{e['name']}={e['value']}" for e in c["env"] if "value" in e]
         args = [*PODMAN, "run", "-d", "--name", name, "--network", "none", *LIMITS]
@@ -329,6 +341,7 @@ class Deployment:
 
     def start_agent(self, server: str, token: str) -> str:
         name = self.name("agent")
+        self.prepare_private_dirs("agent", self.agent_pod["private-dirs"])
         c = self.agent
         args = [*PODMAN, "run", "-d", "--name", name, *LIMITS, *security_args(c)]
         # hostPID as in the DaemonSet; the server's network namespace stands in for the

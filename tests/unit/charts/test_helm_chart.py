@@ -555,6 +555,14 @@ def test_server_runs_non_root_with_a_read_only_root_filesystem(chart: Any) -> No
     # Everything the server writes is on a volume: data dir, admin socket dir, /tmp. The
     # volumes sit one level above the directories the server creates and chmods 0700 itself.
     assert {"/var/lib/credo", "/run/credo-server", "/tmp"} <= set(mounts(server_container(objects)))
+    # An emptyDir is root's, mode 0777, which the server refuses as a parent of its private
+    # directories: an init container (root, CAP_CHOWN only) makes them the server's, 0700.
+    init = {c["name"]: c for c in pod["initContainers"]}["private-dirs"]
+    assert init["command"][-2:] == ["/run/credo-server", "/tmp"]
+    assert "chmod 0700" in init["command"][2] and "chown 10001:10001" in init["command"][2]
+    assert init["securityContext"]["runAsUser"] == 0
+    assert init["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["CHOWN"]}
+    assert set(mounts(init)) == {"/run/credo-server", "/tmp"}
 
 
 def test_probes_run_credo_server_healthcheck(chart: Any) -> None:
@@ -736,6 +744,16 @@ def test_agent_runs_as_its_own_user_without_capabilities(chart: Any) -> None:
     assert init["socket-dir"]["command"] == ["chown", "10002:10002", "/run/credo/agent-sockets"]
     assert init["socket-dir"]["securityContext"]["runAsUser"] == 0
     assert init["socket-dir"]["securityContext"]["capabilities"] == {
+        "drop": ["ALL"],
+        "add": ["CHOWN"],
+    }
+    assert init["private-dirs"]["command"][-3:] == [
+        "/run/credo-agent/private",
+        "/var/lib/credo-agent",
+        "/tmp",
+    ]
+    assert "chown 10002:10002" in init["private-dirs"]["command"][2]
+    assert init["private-dirs"]["securityContext"]["capabilities"] == {
         "drop": ["ALL"],
         "add": ["CHOWN"],
     }
