@@ -1,7 +1,9 @@
 """Benchmark: registration entries created per second through the admin API, and server start
 time with 100,000 entries in the datastore.
 
-Run: ``./scripts/bench entries [--json] [--entries N] [--batch N] [--total N]``.
+Run: ``./scripts/bench entries [--json] [--entries N] [--batch N] [--total N]``;
+``--million``: the start with 1,000,000 entries on SQLite and PostgreSQL instead
+(:mod:`_entries_million`).
 
 * ``create_per_s`` — entries stored per second by ``Entries.BatchCreateEntry`` on the admin
   Unix socket of a real ``credo-server run`` (SQLite in its data dir), ``--batch`` entries a
