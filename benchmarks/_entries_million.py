@@ -84,9 +84,6 @@ def fill_sqlite(url: str, total: int) -> None:
     engine = create_engine(url)
     try:
         with engine.begin() as conn:
-            # 1 GiB of page cache for this connection: the random-key index inserts stay
-            # in memory until the commit (the fill took 100 s with the default 2 MiB).
-            conn.exec_driver_sql("PRAGMA cache_size=-1048576")
             entry_rows: list[dict[str, Any]] = []
             selector_rows: list[dict[str, Any]] = []
             for entry, selector in rows(total):
