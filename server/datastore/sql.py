@@ -2161,7 +2161,8 @@ class SqlDataStore:
     def _load_entries(
         conn: Connection, conds: list[ColumnElement[bool]], *, limit: int | None = None
     ) -> list[RegistrationEntry]:
-        """Load matching entries, ordered by id: one query per table, joined in Python.
+        """Load matching entries, ordered by id: one query per table (per page of the full
+        listing, see :meth:`_load_all_entries`), joined in Python.
 
         Child rows come back ordered by (entry id, sort key), which is already the order
         the record keeps them in, so records are built without re-normalising.
