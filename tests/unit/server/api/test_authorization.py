@@ -46,6 +46,22 @@ def test_alias_needs_all_its_selectors() -> None:
     assert set(index.authorized(AGENT, [])) == set()
 
 
+def test_index_built_from_a_list_with_a_repeated_id_keeps_the_last_version() -> None:
+    """Building the index from entries is put() of each in turn: a later version of the
+    same id replaces the earlier one, under its own parent only."""
+    index = EntryIndex(
+        [
+            e("w", "spiffe://td/w", AGENT),
+            e("v", "spiffe://td/v", AGENT),
+            e("w", "spiffe://td/w2", SERVER),
+        ]
+    )
+    assert len(index) == 2
+    assert index.get("w") == e("w", "spiffe://td/w2", SERVER)
+    assert set(index.authorized(AGENT, [])) == {"v"}
+    assert index.descendant_ids([SERVER]) == {"w"}
+
+
 def test_update_moves_entry_between_parents_and_expired_are_skipped() -> None:
     """Re-putting an entry re-indexes it; an expired entry is never authorized."""
     index = EntryIndex([e("w", "spiffe://td/w", AGENT)])

@@ -383,3 +383,30 @@ def test_bulk_list_matches_fetch_and_restores_gc(store: SqlDataStore) -> None:
     assert listed == sorted(made, key=lambda e: e.id)
     sample = listed[::997]
     assert store.fetch_registration_entries(e.id for e in sample) == {e.id: e for e in sample}
+
+
+def test_full_listing_read_in_pages_keeps_every_child_row(
+    store: SqlDataStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The unfiltered listing (the cache load) reads entries in id pages; each page's
+    selectors, DNS names and federations come from its own id range, none lost or moved
+    across a page boundary."""
+    import server.datastore.sql as sql
+
+    monkeypatch.setattr(sql, "_LOAD_PAGE", 3)
+    created = store.create_registration_entries(
+        [
+            entry(
+                f"w{i}",
+                f"unix:uid:{i}",
+                "unix:gid:7",
+                parent=AGENT if i % 2 else f"{TD}/other",
+                dns_names=(f"w{i}.example", "shared.example"),
+                federates_with=("b.org", f"f{i}.org") if i % 3 else (),
+            )
+            for i in range(10)
+        ]
+    )
+    listed = store.list_registration_entries().entries
+    assert listed == sorted(created, key=lambda e: e.id)
+    assert [e.id for e in listed] == sorted(e.id for e in created)
