@@ -29,6 +29,8 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from server.api.relay import ConnectionRelay
+
 __all__ = ["AdminSocketRelay", "PeerCredentials"]
 
 log = logging.getLogger(__name__)
@@ -54,18 +56,18 @@ def peer_credentials(sock: socket.socket) -> PeerCredentials:
     return PeerCredentials(pid, uid, gid)
 
 
-class AdminSocketRelay:
+class AdminSocketRelay(ConnectionRelay):
     """Accept on ``public_path``; relay each connection to gRPC on ``upstream``."""
 
+    _NAME = "admin connection"
+
     def __init__(self, public_path: Path, *, upstream: Path, relay_dir: Path) -> None:
+        super().__init__()
         self.public_path = public_path
         self.upstream = upstream
         self._relay_dir = relay_dir
         self._peers: dict[str, PeerCredentials] = {}
         self._ids = itertools.count(1)
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._writers: set[asyncio.StreamWriter] = set()
 
     def lookup(self, grpc_peer: str) -> PeerCredentials | None:
         """The credentials behind ``context.peer()``, or None if not relayed by us."""
@@ -74,36 +76,6 @@ class AdminSocketRelay:
     async def start(self) -> None:
         """Listen on the admin socket (the caller sets its mode)."""
         self._server = await asyncio.start_unix_server(self._accept, path=str(self.public_path))
-
-    async def close(self) -> None:
-        """Stop accepting and drop every open connection."""
-        if self._server is not None:
-            self._server.close()
-        for writer in list(self._writers):
-            writer.transport.abort()
-        if self._tasks:
-            _, pending = await asyncio.wait(list(self._tasks), timeout=2)
-            for task in pending:
-                task.cancel()
-        if self._server is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 2)
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        self._writers.add(writer)
-        try:
-            await self._relay(reader, writer)
-        except (OSError, asyncio.IncompleteReadError) as err:
-            log.debug("admin connection ended", extra={"error": str(err)})
-        except asyncio.CancelledError:
-            pass  # a cancelled relay has nothing left to do (see server.api.tls)
-        finally:
-            self._writers.discard(writer)
-            self._tasks.discard(task)
-            writer.transport.abort()
 
     async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         creds = peer_credentials(writer.get_extra_info("socket"))

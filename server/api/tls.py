@@ -38,6 +38,8 @@ from pathlib import Path
 
 from cryptography import x509
 
+from server.api.relay import ConnectionRelay
+
 __all__ = ["PeerInfo", "PeerRegistry", "TlsFrontend", "build_server_context"]
 
 log = logging.getLogger(__name__)
@@ -99,8 +101,11 @@ def build_server_context(cert_chain_pem: bytes, key_pem: bytes, roots_pem: bytes
     return ctx
 
 
-class TlsFrontend:
+class TlsFrontend(ConnectionRelay):
     """Accept TLS on ``host:port`` and relay each connection to gRPC on ``upstream``."""
+
+    _ENDED = (OSError, ssl.SSLError, TimeoutError, asyncio.IncompleteReadError)
+    _NAME = "agent connection"
 
     def __init__(
         self,
@@ -112,16 +117,14 @@ class TlsFrontend:
         context_provider: Callable[[], ssl.SSLContext],
         peers: PeerRegistry,
     ) -> None:
+        super().__init__()
         self._host = host
         self._port = port
         self._upstream = upstream
         self._relay_dir = relay_dir
         self._context_provider = context_provider
         self.peers = peers
-        self._server: asyncio.Server | None = None
         self._ids = itertools.count(1)
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._writers: set[asyncio.StreamWriter] = set()
 
     @property
     def address(self) -> tuple[str, int]:
@@ -135,41 +138,6 @@ class TlsFrontend:
         self._server = await asyncio.start_server(
             self._accept, self._host, self._port, reuse_address=True, backlog=1024
         )
-
-    def stop_accepting(self) -> None:
-        if self._server is not None:
-            self._server.close()
-
-    async def close(self) -> None:
-        """Stop accepting and drop every open connection."""
-        self.stop_accepting()
-        for writer in list(self._writers):
-            writer.transport.abort()
-        if self._tasks:
-            _, pending = await asyncio.wait(list(self._tasks), timeout=2)
-            for task in pending:
-                task.cancel()
-        if self._server is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 2)
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        self._writers.add(writer)
-        try:
-            await self._relay(reader, writer)
-        except (OSError, ssl.SSLError, TimeoutError, asyncio.IncompleteReadError) as err:
-            log.debug("agent connection ended", extra={"error": str(err)})
-        except asyncio.CancelledError:
-            # Swallowed on purpose: asyncio's stream server logs a cancelled handler task
-            # as an error (Python 3.11), and a cancelled relay has nothing left to do.
-            pass
-        finally:
-            self._writers.discard(writer)
-            self._tasks.discard(task)
-            writer.transport.abort()
 
     async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peername = writer.get_extra_info("peername") or ("", 0)
