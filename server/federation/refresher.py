@@ -164,6 +164,15 @@ class BundleRefresher:
         return bundle, changed
 
     async def _refresh(self, state: _State) -> None:
+        """Fetch, store and record one relationship's bundle; the state is free again (its
+        ``task`` None) only once the outcome is recorded, so what ``federation show`` says
+        is never behind a finished refresh."""
+        try:
+            await self._refresh_and_record(state)
+        finally:
+            state.task = None
+
+    async def _refresh_and_record(self, state: _State) -> None:
         rel = state.relationship
         error = ""
         try:
@@ -194,8 +203,6 @@ class BundleRefresher:
                         "jwt_authorities": len(bundle.jwt_authorities),
                     },
                 )
-        finally:
-            state.task = None
         if self._on_refresh is not None:
             self._on_refresh(rel.trust_domain, not error)
         await asyncio.to_thread(self._record, rel, error)

@@ -41,7 +41,7 @@ def run_ticks(refresher: BundleRefresher, clock: Clock, steps: list[float]) -> N
             clock.now += step
             await refresher._tick()
             await asyncio.sleep(0)
-            for _ in range(200):
+            for _ in range(6000):  # up to 30 s on a loaded machine; usually one or two
                 if all(s.task is None for s in refresher._states.values()):
                     break
                 await asyncio.sleep(0.005)
