@@ -214,11 +214,22 @@ def short_temp_dir(prefix: str = "credo-a-", mode: int = 0o700) -> Path:
     """A fresh directory directly under /tmp (short enough for Unix socket paths).
 
     ``mode=0o755`` lets other users (e.g. a workload dropped to ``nobody``) reach the
-    agent's public socket inside it. The caller removes it.
+    agent's public socket inside it. The caller may remove it; whatever is left is removed
+    when the test process exits.
     """
     root = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
     os.chmod(root, mode)
+    _SHORT_TEMP_DIRS.append(root)
     return root
+
+
+_SHORT_TEMP_DIRS: list[Path] = []
+
+
+@atexit.register
+def _remove_short_temp_dirs() -> None:
+    for root in _SHORT_TEMP_DIRS:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def _die_with_parent() -> None:
