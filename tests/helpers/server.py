@@ -24,6 +24,7 @@ import asyncio
 import shutil
 import tempfile
 import threading
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -142,6 +143,8 @@ class InProcessServer:
     def __init__(self, tmp_path: Path, **overrides: Any) -> None:
         # Unix socket paths are limited to ~100 bytes: keep the admin socket short.
         self._sock_dir = Path(tempfile.mkdtemp(prefix="credo-t-"))
+        # Removed by __exit__, or when this object goes (a test that called start()/stop()).
+        weakref.finalize(self, shutil.rmtree, self._sock_dir, ignore_errors=True)
         settings: dict[str, Any] = {
             "trust_domain": "example.org",
             "data_dir": tmp_path / "server",
