@@ -29,14 +29,13 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.api.relay import ConnectionRelay
+from server.api.relay import CHUNK, ConnectionRelay, pump
 
 __all__ = ["AdminSocketRelay", "PeerCredentials"]
 
 log = logging.getLogger(__name__)
 
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
-_CHUNK = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -87,7 +86,7 @@ class AdminSocketRelay(ConnectionRelay):
             sock.setblocking(False)
             self._peers[key] = creds  # before gRPC can see a call on this connection
             await asyncio.get_running_loop().sock_connect(sock, str(self.upstream))
-            up_reader, up_writer = await asyncio.open_unix_connection(sock=sock, limit=_CHUNK)
+            up_reader, up_writer = await asyncio.open_unix_connection(sock=sock, limit=CHUNK)
         except BaseException:
             self._peers.pop(key, None)
             sock.close()
@@ -98,24 +97,8 @@ class AdminSocketRelay(ConnectionRelay):
             path.unlink()  # the name stays attached to the connected socket
         self._writers.add(up_writer)
         try:
-            await asyncio.gather(_pump(reader, up_writer), _pump(up_reader, writer))
+            await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
         finally:
             self._writers.discard(up_writer)
             self._peers.pop(key, None)
             up_writer.transport.abort()
-
-
-async def _pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-    try:
-        while True:
-            data = await src.read(_CHUNK)
-            if not data:
-                break
-            dst.write(data)
-            await dst.drain()
-    finally:
-        if dst.can_write_eof():
-            with contextlib.suppress(OSError, RuntimeError):
-                dst.write_eof()
-        else:
-            dst.close()

@@ -14,9 +14,12 @@ import asyncio
 import contextlib
 import logging
 
-__all__ = ["ConnectionRelay"]
+__all__ = ["CHUNK", "ConnectionRelay", "pump"]
 
 log = logging.getLogger(__name__)
+
+CHUNK = 256 * 1024
+"""Bytes read at a time, and the upstream stream's buffer limit."""
 
 
 class ConnectionRelay:
@@ -69,3 +72,20 @@ class ConnectionRelay:
 
     async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         raise NotImplementedError
+
+
+async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+    """Copy ``src`` to ``dst`` until EOF, then pass the EOF on (or close ``dst``)."""
+    try:
+        while True:
+            data = await src.read(CHUNK)
+            if not data:
+                break
+            dst.write(data)
+            await dst.drain()
+    finally:
+        if dst.can_write_eof():
+            with contextlib.suppress(OSError, RuntimeError):
+                dst.write_eof()
+        else:
+            dst.close()

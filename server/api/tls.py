@@ -38,14 +38,13 @@ from pathlib import Path
 
 from cryptography import x509
 
-from server.api.relay import ConnectionRelay
+from server.api.relay import CHUNK, ConnectionRelay, pump
 
 __all__ = ["PeerInfo", "PeerRegistry", "TlsFrontend", "build_server_context"]
 
 log = logging.getLogger(__name__)
 
 _HANDSHAKE_TIMEOUT = 10.0
-_CHUNK = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -156,7 +155,7 @@ class TlsFrontend(ConnectionRelay):
             # Register before gRPC can see a call on this connection.
             self.peers.add(key, info)
             await asyncio.get_running_loop().sock_connect(sock, str(self._upstream))
-            up_reader, up_writer = await asyncio.open_unix_connection(sock=sock, limit=_CHUNK)
+            up_reader, up_writer = await asyncio.open_unix_connection(sock=sock, limit=CHUNK)
         except BaseException:
             self.peers.remove(key)
             sock.close()
@@ -167,25 +166,9 @@ class TlsFrontend(ConnectionRelay):
             path.unlink()  # the name stays attached to the connected socket
         self._writers.add(up_writer)
         try:
-            await asyncio.gather(_pump(reader, up_writer), _pump(up_reader, writer))
+            await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
         finally:
             self._writers.discard(up_writer)
             # Forget the peer before the socket (and so its name) is released.
             self.peers.remove(key)
             up_writer.transport.abort()
-
-
-async def _pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-    try:
-        while True:
-            data = await src.read(_CHUNK)
-            if not data:
-                break
-            dst.write(data)
-            await dst.drain()
-    finally:
-        if dst.can_write_eof():
-            with contextlib.suppress(OSError, RuntimeError):
-                dst.write_eof()
-        else:
-            dst.close()
