@@ -372,6 +372,9 @@ svid_cache_max_size = {{ $a.svidCacheMaxSize | int }}
 sync_backoff_min = {{ $a.syncBackoffMin | float64 | toJson }}
 sync_backoff_max = {{ $a.syncBackoffMax | float64 | toJson }}
 svid_wait_timeout = {{ $a.svidWaitTimeout | float64 | toJson }}
+{{- if $a.metrics.enabled }}
+metrics_address = {{ printf "0.0.0.0:%d" (int $a.metrics.port) | toJson }}
+{{- end }}
 
 # The node: a projected service account token for the server's audience.
 [agent.node_attestor.k8s_psat]

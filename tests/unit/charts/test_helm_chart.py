@@ -502,6 +502,12 @@ def test_metrics_scenario_exposes_the_metrics_port(chart: Any, tmp_path: Path) -
     assert volumes(statefulset)["data"] == {"name": "data", "emptyDir": {}}
     agent = load_agent(objects, tmp_path)
     assert (agent.log_level, agent.log_format) == ("debug", "text")
+    assert agent.metrics_address == "0.0.0.0:9989"
+    daemonset = one(objects, "DaemonSet")
+    agent_ports = {p["name"]: p["containerPort"] for p in agent_container(objects)["ports"]}
+    assert agent_ports == {"metrics": 9989}
+    agent_annotations = daemonset["spec"]["template"]["metadata"]["annotations"]
+    assert agent_annotations["prometheus.io/port"] == "9989"
 
 
 def test_postgres_ha_scenario_passes_the_url_from_the_secret(chart: Any, tmp_path: Path) -> None:
