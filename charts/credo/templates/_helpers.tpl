@@ -85,6 +85,24 @@ by root). The same holds for the admin socket's private/ directory under the run
 {{- define "credo.adminSocket" -}}/run/credo-server/private/api.sock{{- end }}
 {{- define "credo.upstreamCaDir" -}}/etc/credo/upstream-ca{{- end }}
 {{- define "credo.httpTlsDir" -}}/etc/credo/http-tls{{- end }}
+{{- define "credo.delegationDir" -}}/etc/credo/delegation{{- end }}
+
+{{/*
+The files of the delegation issuers (JWKS documents, CA bundles), as ConfigMap data:
+"<name>-jwks.json" and "<name>-ca.pem"; empty when no issuer has any.
+*/}}
+{{- define "credo.delegationFiles" -}}
+{{- range $name, $i := .Values.server.delegation.issuers }}
+{{- if $i.jwks }}
+{{ printf "%s-jwks.json" $name }}: |
+  {{- $i.jwks | nindent 2 }}
+{{- end }}
+{{- if $i.caBundle }}
+{{ printf "%s-ca.pem" $name }}: |
+  {{- $i.caBundle | nindent 2 }}
+{{- end }}
+{{- end }}
+{{- end }}
 {{- define "credo.grpcPort" -}}8081{{- end }}
 {{- define "credo.agentDataVolumeDir" -}}/var/lib/credo-agent{{- end }}
 {{- define "credo.agentDataDir" -}}/var/lib/credo-agent/agent{{- end }}
@@ -331,8 +349,17 @@ introspection_allowed = {{ .introspectionAllowed | default list | toJson }}
 
 [server.delegation.issuers.{{ $name | toJson }}]
 issuer = {{ $i.issuer | toJson }}
+{{- if and $i.jwksUrl $i.jwks }}
+{{- fail (printf "server.delegation.issuers.%s: give jwksUrl or jwks, not both" $name) }}
+{{- end }}
 {{- if $i.jwksUrl }}
 jwks_url = {{ $i.jwksUrl | toJson }}
+{{- end }}
+{{- if $i.jwks }}
+jwks_file = {{ printf "%s/%s-jwks.json" (include "credo.delegationDir" $) $name | toJson }}
+{{- end }}
+{{- if $i.caBundle }}
+ca_file = {{ printf "%s/%s-ca.pem" (include "credo.delegationDir" $) $name | toJson }}
 {{- end }}
 {{- if $i.audience }}
 audience = {{ $i.audience | toJson }}

@@ -404,6 +404,21 @@ def test_http_frontend_scenario_reaches_the_config_loaders(chart: Any, tmp_path:
         "https://login.corp.example.com/keys",
     )
     assert (corp.audience, corp.algorithms, corp.clock_skew) == (("credo",), ("RS256",), 60)
+    assert str(corp.ca_file) == "/etc/credo/delegation/corp-ca.pem"
+    partner = delegation.issuers["partner"]
+    assert (str(partner.jwks_file), partner.jwks_url) == (
+        "/etc/credo/delegation/partner-jwks.json",
+        "",
+    )
+    # The JWKS document and the CA bundle are files of the -delegation ConfigMap, mounted
+    # where server.toml says they are.
+    files = one(objects, "ConfigMap", "credo-server-delegation")["data"]
+    assert json.loads(files["partner-jwks.json"])["keys"][0]["kid"] == "p1"
+    assert files["corp-ca.pem"].startswith("-----BEGIN CERTIFICATE-----\n")
+    mount = mounts(server_container(objects))["/etc/credo/delegation"]
+    assert mount == {"name": "delegation", "mountPath": "/etc/credo/delegation", "readOnly": True}
+    delegation_volume = volumes(one(objects, "StatefulSet"))["delegation"]
+    assert delegation_volume["configMap"]["name"] == "credo-server-delegation"
     # The container port, the Service port, and the certificate from the Secret.
     ports = {p["name"]: p["containerPort"] for p in server_container(objects)["ports"]}
     assert ports == {"grpc": 8081, "http": 8443}
@@ -876,6 +891,23 @@ def test_replicas_above_one_with_sqlite_fail_clearly(chart: Any) -> None:
             {"server": {"http": {"enabled": True, "port": 8081}}},
             "server.http.port must differ from the agent endpoint port",
         ),
+        (
+            {
+                "server": {
+                    "http": {"enabled": True},
+                    "delegation": {
+                        "issuers": {
+                            "corp": {
+                                "issuer": "https://idp.example",
+                                "jwksUrl": "https://idp.example/keys",
+                                "jwks": '{"keys": []}',
+                            }
+                        }
+                    },
+                }
+            },
+            "server.delegation.issuers.corp: give jwksUrl or jwks, not both",
+        ),
     ],
     ids=[
         "postgres-no-url",
@@ -891,6 +923,7 @@ def test_replicas_above_one_with_sqlite_fail_clearly(chart: Any) -> None:
         "delegation-without-http",
         "insecure-http-with-certificate",
         "http-port-clash",
+        "issuer-jwks-twice",
     ],
 )
 def test_invalid_combinations_fail(chart: Any, values: dict[str, Any], message: str) -> None:
