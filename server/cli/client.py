@@ -28,6 +28,7 @@ __all__ = [
     "SOCKET_ENV",
     "AdminClient",
     "channel_target",
+    "check_admin_socket",
     "describe_rpc_error",
 ]
 
@@ -96,14 +97,19 @@ class _DeclareCaller(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
         return continuation(client_call_details._replace(metadata=metadata), request)
 
 
+def check_admin_socket(socket_path: str) -> None:
+    """Refuse to dial an admin socket under a directory another user owns or may write to
+    (:func:`~credo._paths.check_path_chain`): they could have put their own socket there."""
+    check_path_chain(os.path.dirname(os.path.abspath(socket_path)), "admin socket directory")
+
+
 class AdminClient:
     """Stubs for every admin service over one channel; use as a context manager."""
 
     def __init__(self, socket_path: str, *, timeout: float = DEFAULT_TIMEOUT) -> None:
         self.socket_path = socket_path
         self.timeout = timeout
-        # Someone who owns a directory on the way could have put their own socket there.
-        check_path_chain(os.path.dirname(os.path.abspath(socket_path)), "admin socket directory")
+        check_admin_socket(socket_path)
         self._raw_channel = grpc.insecure_channel(channel_target(socket_path))
         self._channel = grpc.intercept_channel(self._raw_channel, _DeclareCaller())
         self.entries = admin_pb2_grpc.EntriesStub(self._channel)

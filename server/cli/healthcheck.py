@@ -6,7 +6,7 @@ import click
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from server.cli.client import channel_target, describe_rpc_error
+from server.cli.client import channel_target, check_admin_socket, describe_rpc_error
 from server.cli.errors import CliError
 from server.cli.output import emit
 from server.cli.params import admin_options
@@ -19,6 +19,7 @@ __all__ = ["healthcheck"]
 @click.option("--timeout", type=float, default=5.0, show_default=True, help="Seconds to wait.")
 def healthcheck(socket_path: str, output: str, timeout: float) -> None:
     """Check that the server is up and serving; exit 1 if not."""
+    check_admin_socket(socket_path)
     with grpc.insecure_channel(channel_target(socket_path)) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:

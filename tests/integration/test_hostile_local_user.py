@@ -255,26 +255,22 @@ s.bind(sys.argv[1])
 
 def test_cli_refuses_an_admin_socket_in_another_users_directory(eve_dir: Path) -> None:
     """nobody put a socket where root's CLI looks for the server: credo-server bundle show
-    refuses before it connects, naming the directory's owner."""
+    and credo-server healthcheck (a probe nobody's socket could answer SERVING) refuse
+    before they connect, naming the directory's owner."""
     made = as_nobody("mkdir", "-m", "700", str(eve_dir / "private"))
     assert made.returncode == 0, made.stderr
     bound = as_nobody(ATTACKER_PYTHON, "-c", _BIND, str(eve_dir / "private" / "api.sock"))
     assert bound.returncode == 0, bound.stderr
-    result = subprocess.run(
-        [
-            *credo_server_command(),
-            "bundle",
-            "show",
-            "--socket",
-            f"{eve_dir}/private/api.sock",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert result.returncode != 0
-    message = one_line_error(result)
-    assert "nobody" in message and str(eve_dir) in message, message
+    for command in (["bundle", "show"], ["healthcheck", "--timeout", "2"]):
+        result = subprocess.run(
+            [*credo_server_command(), *command, "--socket", f"{eve_dir}/private/api.sock"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert result.returncode != 0, command
+        message = one_line_error(result)
+        assert "nobody" in message and str(eve_dir) in message, (command, message)
 
 
 def test_agent_cli_refuses_sockets_in_another_users_directory(eve_dir: Path) -> None:
