@@ -321,24 +321,26 @@ class Issuer:
                 self._audit.append_audit_records(_x509_audit(results, authorized))
             return results
         out = results
+        pending = _x509_audit(results, authorized, serials)  # built before the write lock
 
         def audited(revoked: frozenset[str]) -> list[audit.PendingRecord]:
             nonlocal out
-            if revoked:
-                out = [
-                    IssueFailed(r.entry_id, EntryNotAuthorized(r.entry_id))
-                    if isinstance(r, X509SvidIssued) and r.entry_id in revoked
-                    else r
-                    for r in results
-                ]
+            if not revoked:
+                return pending
+            out = [
+                IssueFailed(r.entry_id, EntryNotAuthorized(r.entry_id))
+                if isinstance(r, X509SvidIssued) and r.entry_id in revoked
+                else r
+                for r in results
+            ]
             return _x509_audit(out, authorized, serials)
 
         if self._one_store:
             self._issued.create_issued_x509_svids(records, audit=audited)
         else:
-            audited(self._issued.create_issued_x509_svids(records))
+            written = audited(self._issued.create_issued_x509_svids(records))
             if self._audit is not None:
-                self._audit.append_audit_records(_x509_audit(out, authorized, serials))
+                self._audit.append_audit_records(written)
         return out
 
     async def _sign_work(self, work: _Work) -> list[tuple[int, X509Result]]:
