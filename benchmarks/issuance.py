@@ -20,6 +20,12 @@ Run: ``./scripts/bench issuance [--json] [--batches N] [--concurrency N]``.
   :mod:`server.ca.tbs`, given a CSR's key and SubjectPublicKeyInfo as the server is), which
   is what ``svid_sign`` measures.
 * ``ratio`` — ``svids_per_s / build_sign_per_s``; the target is >= 0.5.
+* ``server_cpu_ms_per_svid`` and ``workers_cpu_ms_per_svid`` — CPU time (user + system,
+  psutil ``cpu_times``) of the server's main process and of its signing workers over the
+  timed calls, per SVID; ``build_sign_cpu_ms`` is the CPU time of one raw build+sign here.
+  These do not depend on what else the machine is running (the wall rates do), and
+  ``cpu_ratio`` — ``2 * build_sign_cpu_ms / (server + workers)`` — is the ratio the server
+  would reach with both cores to itself (a lower bound: it ignores the client's share).
   ``ratio_template`` is ``svids_per_s / template_sign_per_s`` (no target: the server also
   checks each CSR's signature, which costs more than the template signature itself).
 
@@ -32,11 +38,13 @@ With ``--json`` the last line is one JSON object: ``{"name": "issuance", "metric
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import threading
 import time
 from datetime import UTC, datetime, timedelta
 
+import psutil
 from _common import (
     TRUST_DOMAIN,
     Workspace,
@@ -78,17 +86,19 @@ class BuildSign:
         self.csr_key = x509.load_der_x509_csr(self.csr).public_key()
         self.count = 0
         self.spent = [0.0, 0.0]  # builder, template
+        self.cpu = 0.0  # builder, CPU seconds
         self.burst(50)
-        self.count, self.spent = 0, [0.0, 0.0]
+        self.count, self.spent, self.cpu = 0, [0.0, 0.0], 0.0
 
     def burst(self, n: int) -> None:
         ttl = timedelta(hours=1)
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         for _ in range(n):
             sign_x509_svid(
                 self.spiffe_id, self.public_key, ca_cert=self.ca_cert, ca_key=self.ca_key, ttl=ttl
             )
         middle = time.perf_counter()
+        self.cpu += time.process_time() - cpu
         signer = self.ca.leaf_signer
         for _ in range(n):
             build_workload_svid(
@@ -115,8 +125,23 @@ class BuildSign:
         return self.count / self.spent[0]
 
     @property
+    def cpu_ms(self) -> float:
+        return self.cpu / self.count * 1000
+
+    @property
     def template_rate(self) -> float:
         return self.count / self.spent[1]
+
+
+def cpu_seconds(process: psutil.Process) -> tuple[float, float]:
+    """CPU seconds (user + system) of ``process`` and of its descendants now alive."""
+    times = process.cpu_times()
+    children = 0.0
+    for child in process.children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            t = child.cpu_times()
+            children += t.user + t.system
+    return times.user + times.system, children
 
 
 def run(batches: int, concurrency: int, raw_seconds: float) -> dict[str, float]:
@@ -161,6 +186,8 @@ def run(batches: int, concurrency: int, raw_seconds: float) -> dict[str, float]:
             call(1)  # warm up: connection, entry cache catch-up
             if errors:
                 raise errors[0]
+            server_process = psutil.Process(server.pid)
+            cpu_before = cpu_seconds(server_process)
             log(f"timing {batches} calls of {BATCH} CSRs, {concurrency} caller(s)")
             shares = [batches // concurrency + (i < batches % concurrency)
                       for i in range(concurrency)]  # fmt: skip
@@ -182,6 +209,7 @@ def run(batches: int, concurrency: int, raw_seconds: float) -> dict[str, float]:
                 for t in threads:
                     t.join()
                 elapsed = time.perf_counter() - started
+            cpu_after = cpu_seconds(server_process)
             if errors:
                 raise errors[0]
         finally:
@@ -189,6 +217,10 @@ def run(batches: int, concurrency: int, raw_seconds: float) -> dict[str, float]:
     if concurrency > 1:
         raw.seconds(raw_seconds)
     svids_per_s = batches * BATCH / elapsed
+    server_ms, workers_ms = (
+        (after - before) / (batches * BATCH) * 1000
+        for before, after in zip(cpu_before, cpu_after, strict=True)
+    )
     return {
         "svids_per_s": round(svids_per_s, 1),
         "build_sign_per_s": round(raw.rate, 1),
@@ -196,6 +228,10 @@ def run(batches: int, concurrency: int, raw_seconds: float) -> dict[str, float]:
         "ratio": round(svids_per_s / raw.rate, 3),
         "ratio_template": round(svids_per_s / raw.template_rate, 3),
         "batch_s": round(elapsed / batches * concurrency, 3),
+        "server_cpu_ms_per_svid": round(server_ms, 4),
+        "workers_cpu_ms_per_svid": round(workers_ms, 4),
+        "build_sign_cpu_ms": round(raw.cpu_ms, 4),
+        "cpu_ratio": round(2 * raw.cpu_ms / (server_ms + workers_ms), 3),
     }
 
 

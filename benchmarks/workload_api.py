@@ -21,6 +21,11 @@ against either server.
   Workload API). Rounds alternate agent/echo so both see the same machine load.
   (``echo_p50_100_s`` and ``echo_p99_1_s`` are reported too.)
 * ``ratio_p99_100`` — ``p99_100_s / echo_p99_100_s``; the target is <= 3.
+* ``agent_cpu_ms_per_call`` / ``echo_cpu_ms_per_call`` — CPU time (user + system, psutil
+  ``cpu_times``) of the agent (with its acceptor process) and of the echo server over their
+  100-client rounds, per
+  sample; ``cpu_ratio`` is the first over the second. These do not depend on what else the
+  machine runs (the latencies do).
 
 The latency includes the client's own share of the CPU: 100 clients, the echo server or the
 agent, and (idle) the signing server all share this machine's cores.
@@ -32,12 +37,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import sys
 import time
 from pathlib import Path
 
 import grpc
+import psutil
 from _common import (
     TRUST_DOMAIN,
     ManagedProcess,
@@ -114,9 +121,26 @@ async def _round(
     return list(await asyncio.gather(*(_one(target, method, metadata) for _ in range(n))))
 
 
+def _cpu(process: psutil.Process) -> float:
+    """CPU seconds (user + system) of ``process`` and of its descendants (the agent's
+    connection acceptor) so far."""
+    total = 0.0
+    for p in (process, *process.children(recursive=True)):
+        with contextlib.suppress(psutil.Error):
+            times = p.cpu_times()
+            total += times.user + times.system
+    return total
+
+
 async def _measure(
-    agent_target: str, echo_target: str, samples_1: int, rounds: int
+    agent_target: str,
+    echo_target: str,
+    samples_1: int,
+    rounds: int,
+    cpu: dict[str, tuple[psutil.Process, float]],
 ) -> dict[str, list[float]]:
+    """Latencies by series; ``cpu[name]`` (agent, echo) gains the CPU seconds its process
+    spent in the 100-client rounds."""
     agent = (agent_target, FETCH, HEADER)
     echo = (echo_target, ECHO, ())
     lat: dict[str, list[float]] = {"agent_1": [], "echo_1": [], "agent_100": [], "echo_100": []}
@@ -131,10 +155,12 @@ async def _measure(
     await _round(*agent, CONCURRENCY)  # warm-up round, not counted
     await _round(*echo, CONCURRENCY)
     for _ in range(rounds):
-        lat["agent_100"].extend(await _round(*agent, CONCURRENCY))
-        await asyncio.sleep(0.2)
-        lat["echo_100"].extend(await _round(*echo, CONCURRENCY))
-        await asyncio.sleep(0.2)
+        for name, series, args in (("agent", "agent_100", agent), ("echo", "echo_100", echo)):
+            process, spent = cpu[name]
+            before = _cpu(process)
+            lat[series].extend(await _round(*args, CONCURRENCY))
+            await asyncio.sleep(0.2)  # the streams' cancellations are handled in the window
+            cpu[name] = (process, spent + _cpu(process) - before)
     return lat
 
 
@@ -166,11 +192,13 @@ def run(samples_1: int, rounds: int) -> dict[str, float]:
         ws.adopt(echo)
         echo.start()
         asyncio.run(_first_fetch(agent.endpoint))
-        lat = asyncio.run(_measure(agent.endpoint, f"unix:{echo.socket}", samples_1, rounds))
+        cpu = {"agent": (psutil.Process(agent.pid), 0.0), "echo": (psutil.Process(echo.pid), 0.0)}
+        lat = asyncio.run(_measure(agent.endpoint, f"unix:{echo.socket}", samples_1, rounds, cpu))
         agent.check_alive()
         echo.check_alive()
     p99_100 = percentile(lat["agent_100"], 99)
     echo_p99_100 = percentile(lat["echo_100"], 99)
+    agent_ms, echo_ms = (cpu[name][1] / (rounds * CONCURRENCY) * 1000 for name in ("agent", "echo"))
     return {
         "p50_1_s": round(percentile(lat["agent_1"], 50), 5),
         "p99_1_s": round(percentile(lat["agent_1"], 99), 5),
@@ -180,6 +208,9 @@ def run(samples_1: int, rounds: int) -> dict[str, float]:
         "echo_p50_100_s": round(percentile(lat["echo_100"], 50), 5),
         "echo_p99_100_s": round(echo_p99_100, 5),
         "ratio_p99_100": round(p99_100 / echo_p99_100, 3),
+        "agent_cpu_ms_per_call": round(agent_ms, 4),
+        "echo_cpu_ms_per_call": round(echo_ms, 4),
+        "cpu_ratio": round(agent_ms / echo_ms, 3),
     }
 
 

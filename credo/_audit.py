@@ -163,9 +163,14 @@ class AuditRecord:
         }
 
 
+# What json.dumps builds on each call with these options; built once (no state is kept).
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+_COMPACT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
 def canonical_details(details: Mapping[str, Any]) -> str:
     """``details`` as canonical JSON (sorted keys, no spaces): the bytes that are hashed."""
-    return json.dumps(dict(details), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return _CANONICAL.encode(dict(details))
 
 
 def record_hash(
@@ -185,7 +190,7 @@ def record_hash(
     prev_hash: str,
 ) -> str:
     """The record's hash over every field and the previous hash (see the module doc)."""
-    blob = json.dumps(
+    blob = _COMPACT.encode(
         [
             FORMAT,
             seq,
@@ -201,22 +206,21 @@ def record_hash(
             request_id,
             details,
             prev_hash,
-        ],
-        separators=(",", ":"),
-        ensure_ascii=False,
+        ]
     )
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def check_no_secret(pending: PendingRecord) -> None:
-    """Raise :class:`InvalidAuditRecord` if any value looks like a JWT or a PEM block."""
+def check_no_secret(pending: PendingRecord, details: str | None = None) -> None:
+    """Raise :class:`InvalidAuditRecord` if any value looks like a JWT or a PEM block;
+    ``details``: :func:`canonical_details` of ``pending.details``, if the caller has it."""
     values = [
         pending.actor.id,
         pending.subject,
         pending.target,
         pending.owner,
         pending.reason,
-        canonical_details(pending.details),
+        canonical_details(pending.details) if details is None else details,
     ]
     for value in values:
         if _JWT_SHAPE.search(value) or _PEM_SHAPE.search(value):
@@ -228,8 +232,8 @@ def check_no_secret(pending: PendingRecord) -> None:
 
 def chain_record(pending: PendingRecord, *, seq: int, time_ms: int, prev_hash: str) -> AuditRecord:
     """The stored form of ``pending`` as record ``seq`` after the record hashed ``prev_hash``."""
-    check_no_secret(pending)
     details = canonical_details(pending.details)
+    check_no_secret(pending, details)
     digest = record_hash(
         seq=seq,
         time_ms=time_ms,

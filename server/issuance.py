@@ -29,7 +29,8 @@ is handed out; an entry revoked while its batch was being signed fails its items
 Every signed SVID and every refused item is recorded in the audit trail (serial or
 ``jti``, SPIFFE ID, entry, expiry; the actor is the calling agent) in one transaction
 per batch, before the SVIDs are returned: if the record cannot be written, the call
-fails and nothing signed leaves the server.
+fails and nothing signed leaves the server. For an X509-SVID batch that is the same
+transaction as the signed SVIDs' records (each leaf is read once for both).
 """
 
 from __future__ import annotations
@@ -40,10 +41,10 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from dataclasses import field as dc_field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -58,7 +59,7 @@ from server.ca.errors import CaError, PoolUnavailable
 from server.ca.pool import ERROR_INVALID, SigningPool, SignItem
 from server.ca.tbs import request_key_info
 from server.datastore.models import IssuedJwtSvid, IssuedX509Svid, RegistrationEntry
-from server.revocation import issued_record, jwt_record
+from server.revocation import authority_id_of, jwt_record
 from server.telemetry import KIND_X509, Metrics
 
 __all__ = [
@@ -91,12 +92,15 @@ class X509SvidRequest:
 
 @dataclass(frozen=True)
 class X509SvidIssued:
-    """A signed X509-SVID: its chain as DER, leaf first, and the leaf's NotAfter."""
+    """A signed X509-SVID: its chain as DER, leaf first, and the leaf's NotAfter;
+    ``authority_id``: the leaf's AuthorityKeyIdentifier (hex), when the signer knows it
+    (:func:`~server.revocation.authority_id_of` reads it from the leaf otherwise)."""
 
     entry_id: str
     spiffe_id: str
     cert_chain: list[bytes]
     expires_at: int
+    authority_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -134,7 +138,12 @@ WitResult = WitSvidIssued | IssueFailed
 class IssuedSvidStore(Protocol):
     """Where signed X509-SVIDs are recorded (the datastore)."""
 
-    def create_issued_x509_svids(self, svids: Sequence[IssuedX509Svid]) -> frozenset[str]: ...
+    def create_issued_x509_svids(
+        self,
+        svids: Sequence[IssuedX509Svid],
+        *,
+        audit: Callable[[frozenset[str]], Sequence[audit.PendingRecord]] | None = None,
+    ) -> frozenset[str]: ...
 
     def create_issued_jwt_svid(self, svid: IssuedJwtSvid) -> bool: ...
 
@@ -175,10 +184,17 @@ def jwt_reference(token: str) -> tuple[str, dict[str, Any]]:
 
 
 def x509_issued_record(
-    entry_id: str, spiffe_id: str, leaf_der: bytes, expires_at: int, owner: str = ""
+    entry_id: str,
+    spiffe_id: str,
+    leaf_der: bytes,
+    expires_at: int,
+    owner: str = "",
+    *,
+    serial: str = "",
 ) -> audit.PendingRecord:
-    """The audit record of one signed X509-SVID (serial as lower-case hex)."""
-    serial = format(x509.load_der_x509_certificate(leaf_der).serial_number, "x")
+    """The audit record of one signed X509-SVID (serial as lower-case hex); ``serial``:
+    the leaf's, if the caller has already read it from ``leaf_der``."""
+    serial = serial or format(x509.load_der_x509_certificate(leaf_der).serial_number, "x")
     return audit.pending(
         "x509_svid.issue",
         subject=spiffe_id,
@@ -186,6 +202,42 @@ def x509_issued_record(
         owner=owner,
         details={"entry_id": entry_id, "expires_at": expires_at},
     )
+
+
+def _x509_audit(
+    results: Sequence[X509Result],
+    authorized: Mapping[str, RegistrationEntry],
+    serials: Mapping[int, str] | None = None,
+) -> list[audit.PendingRecord]:
+    """One ``x509_svid.issue`` record per result: the SVID's serial (``serials[i]`` when
+    already read from result ``i``'s leaf) and expiry, or the refusal."""
+    records: list[audit.PendingRecord] = []
+    for i, result in enumerate(results):
+        entry = authorized.get(result.entry_id)
+        owner = entry_owner(entry) if entry is not None else ""
+        if isinstance(result, X509SvidIssued):
+            records.append(
+                x509_issued_record(
+                    result.entry_id,
+                    result.spiffe_id,
+                    result.cert_chain[0],
+                    result.expires_at,
+                    owner,
+                    serial=serials.get(i, "") if serials else "",
+                )
+            )
+        else:
+            records.append(
+                audit.pending(
+                    "x509_svid.issue",
+                    subject=entry.spiffe_id if entry is not None else "",
+                    owner=owner,
+                    outcome=audit.REFUSED,
+                    reason=str(result.error),
+                    details={"entry_id": result.entry_id},
+                )
+            )
+    return records
 
 
 class Issuer:
@@ -206,6 +258,8 @@ class Issuer:
         self._ca = ca
         self._audit = audit_writer
         self._issued = issued
+        # Both the datastore: a batch's SVIDs and its audit records share one transaction.
+        self._one_store = audit_writer is not None and cast(object, audit_writer) is issued
         self._x509_ttl = x509_svid_ttl
         self._jwt_ttl = jwt_svid_ttl
         self._wit_ttl = wit_svid_ttl
@@ -233,65 +287,61 @@ class Issuer:
             results[i] = result
         done = [r for r in results if r is not None]
         if self._issued is not None:
-            done = await self._record(done, agent_id)
+            # off the event loop: reading 500 leaves and the transaction
+            return await asyncio.to_thread(self._record, done, authorized, agent_id)
         if self._audit is not None:
-            await asyncio.to_thread(self._record_x509, done, authorized)
+            await asyncio.to_thread(self._audit.append_audit_records, _x509_audit(done, authorized))
         return done
 
-    def _record_x509(
-        self, results: Sequence[X509Result], authorized: Mapping[str, RegistrationEntry]
-    ) -> None:
-        assert self._audit is not None
-        records: list[audit.PendingRecord] = []
-        for result in results:
-            entry = authorized.get(result.entry_id)
-            owner = entry_owner(entry) if entry is not None else ""
-            if isinstance(result, X509SvidIssued):
-                records.append(
-                    x509_issued_record(
-                        result.entry_id,
-                        result.spiffe_id,
-                        result.cert_chain[0],
-                        result.expires_at,
-                        owner,
-                    )
+    def _record(
+        self, results: list[X509Result], authorized: Mapping[str, RegistrationEntry], agent_id: str
+    ) -> list[X509Result]:
+        """Record the signed SVIDs and the batch's audit records in one transaction; those
+        of entries revoked meanwhile fail instead (and are audited as refused)."""
+        assert self._issued is not None
+        serials: dict[int, str] = {}
+        records: list[IssuedX509Svid] = []
+        for i, result in enumerate(results):
+            if not isinstance(result, X509SvidIssued):
+                continue
+            leaf = x509.load_der_x509_certificate(result.cert_chain[0])
+            serials[i] = format(leaf.serial_number, "x")
+            records.append(
+                IssuedX509Svid(
+                    serial=serials[i],
+                    authority_id=result.authority_id or authority_id_of(leaf),
+                    spiffe_id=result.spiffe_id,
+                    expires_at=result.expires_at,  # the leaf's NotAfter
+                    entry_id=result.entry_id,
+                    agent_id=agent_id,
                 )
-            else:
-                records.append(
-                    audit.pending(
-                        "x509_svid.issue",
-                        subject=entry.spiffe_id if entry is not None else "",
-                        owner=owner,
-                        outcome=audit.REFUSED,
-                        reason=str(result.error),
-                        details={"entry_id": result.entry_id},
-                    )
-                )
-        self._audit.append_audit_records(records)
-
-    async def _record(self, results: list[X509Result], agent_id: str) -> list[X509Result]:
-        """Record the signed SVIDs; those of entries revoked meanwhile fail instead."""
-        signed = [r for r in results if isinstance(r, X509SvidIssued)]
-        if not signed or self._issued is None:
+            )
+        if not records:
+            if self._audit is not None:
+                self._audit.append_audit_records(_x509_audit(results, authorized))
             return results
-        store = self._issued
+        out = results
+        pending = _x509_audit(results, authorized, serials)  # built before the write lock
 
-        def record() -> frozenset[str]:  # parsing 500 leaves: off the event loop too
-            records = [
-                issued_record(r.cert_chain[0], r.spiffe_id, entry_id=r.entry_id, agent_id=agent_id)
-                for r in signed
+        def audited(revoked: frozenset[str]) -> list[audit.PendingRecord]:
+            nonlocal out
+            if not revoked:
+                return pending
+            out = [
+                IssueFailed(r.entry_id, EntryNotAuthorized(r.entry_id))
+                if isinstance(r, X509SvidIssued) and r.entry_id in revoked
+                else r
+                for r in results
             ]
-            return store.create_issued_x509_svids(records)
+            return _x509_audit(out, authorized, serials)
 
-        revoked = await asyncio.to_thread(record)
-        if not revoked:
-            return results
-        return [
-            IssueFailed(r.entry_id, EntryNotAuthorized(r.entry_id))
-            if isinstance(r, X509SvidIssued) and r.entry_id in revoked
-            else r
-            for r in results
-        ]
+        if self._one_store:
+            self._issued.create_issued_x509_svids(records, audit=audited)
+        else:
+            written = audited(self._issued.create_issued_x509_svids(records))
+            if self._audit is not None:
+                self._audit.append_audit_records(written)
+        return out
 
     async def _sign_work(self, work: _Work) -> list[tuple[int, X509Result]]:
         """Sign the authorized items: in the worker pool when the batch is large enough."""
@@ -326,6 +376,7 @@ class Issuer:
         chain = [c.public_bytes(_DER) for c in ca.chain]
         out: list[tuple[int, X509Result]] = []
         count = 0
+        authority_id = ""
         for (i, entry, _), (leaf, expires_at, error, message) in zip(work, signed, strict=True):
             if leaf is None:
                 failure: Exception = (
@@ -334,7 +385,16 @@ class Issuer:
                 out.append((i, IssueFailed(entry.id, failure)))
                 continue
             count += 1
-            out.append((i, X509SvidIssued(entry.id, entry.spiffe_id, [leaf, *chain], expires_at)))
+            if not authority_id:  # every leaf of this batch has the same signer
+                authority_id = authority_id_of(x509.load_der_x509_certificate(leaf))
+            out.append(
+                (
+                    i,
+                    X509SvidIssued(
+                        entry.id, entry.spiffe_id, [leaf, *chain], expires_at, authority_id
+                    ),
+                )
+            )
         if count and self._metrics is not None:
             self._metrics.svids_signed.labels(KIND_X509).inc(count)
             # One observation per batch: the mean time per SVID across the workers.

@@ -1136,13 +1136,21 @@ class SqlDataStore:
 
     # ------------------------------------------------------------------ issued X.509-SVIDs
 
-    def create_issued_x509_svids(self, svids: Sequence[IssuedX509Svid]) -> frozenset[str]:
+    def create_issued_x509_svids(
+        self,
+        svids: Sequence[IssuedX509Svid],
+        *,
+        audit: Callable[[frozenset[str]], Sequence[PendingRecord]] | None = None,
+    ) -> frozenset[str]:
         """Record signed SVIDs, except those of revoked entries: return those entries' ids.
 
         The caller must not hand out an SVID whose entry id comes back: its entry was
         revoked after it was authorized. The entries' rows are share-locked first, so a
         concurrent :meth:`revoke_registration_entry` either sees these rows (and revokes
         them) or is seen here.
+
+        ``audit``, given those entries' ids, returns the batch's audit records: they are
+        chained and written in the same transaction (both are written, or neither).
         """
         if not svids:
             return frozenset()
@@ -1165,13 +1173,16 @@ class SqlDataStore:
                     ).scalars()
                 )
             rows = [
-                _issued_values(replace(s, issued_at=s.issued_at or tx.now))
+                {**_issued_values(s), "issued_at": s.issued_at or tx.now}
                 for s in svids
                 if s.entry_id not in revoked
             ]
             for chunk in _chunks(rows):
                 tx.conn.execute(insert(issued_x509_svids), list(chunk))
-        return frozenset(revoked)
+            refused = frozenset(revoked)
+            if audit is not None:
+                tx.audit.extend(audit(refused))
+        return refused
 
     def fetch_issued_x509_svid(self, serial: str) -> IssuedX509Svid | None:
         """The recorded SVID with this serial (lowercase hex), or None."""

@@ -362,6 +362,30 @@ def test_holder_check_refuses_a_connection_a_child_kept(short_dir: str) -> None:
         listener.close()
 
 
+def test_holder_scans_wait_for_the_requests_already_on_their_way() -> None:
+    """A request made a loop turn after the first (another connection's handler, runnable
+    when the scan was due) joins the same scan, begun after both."""
+    import socket as _socket
+
+    a, b = _socket.socketpair()
+    c, d = _socket.socketpair()
+    inode_a, inode_c = os.fstat(a.fileno()).st_ino, os.fstat(c.fileno()).st_ino
+
+    async def main() -> None:
+        scans = HolderScans()
+        first = asyncio.create_task(scans.holders(inode_a))
+        await asyncio.sleep(0)  # the first has asked; its scan is due
+        second = asyncio.create_task(scans.holders(inode_c))
+        assert await asyncio.gather(first, second) == [{os.getpid()}, {os.getpid()}]
+        assert scans.scans == 1
+
+    try:
+        asyncio.run(main())
+    finally:
+        for s in (a, b, c, d):
+            s.close()
+
+
 def test_holder_scans_share_one_scan_begun_after_every_request() -> None:
     """Concurrent holder requests are answered by one scan; a request made while a scan
     runs is not answered by it but by the next one, which sees what changed meanwhile."""

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 from ds_helpers import FakeClock
 
 from credo.selector import Selector
+from server import audit
 from server.datastore import (
     AttestedNode,
     Crl,
@@ -216,3 +218,33 @@ def test_ban_revokes_the_delegated_tokens_of_identities_the_agent_held(
     assert sorted(json.loads(record.details)["revoked_tokens"]) == ["t-db", "t-web"]
     _, again = store.ban_attested_node(AGENT, "stolen")
     assert again.revoked_tokens == ()
+
+
+def test_issued_svids_and_their_audit_records_share_one_transaction(store: SqlDataStore) -> None:
+    """``audit`` is told the revoked entries and its records are chained in the same
+    transaction: a record that cannot be written leaves no SVID recorded either."""
+    entry, revoked = _entry(store), _entry(store, "old")
+    store.revoke_registration_entry(revoked.id, "compromised")
+    told: list[frozenset[str]] = []
+
+    def records(refused: frozenset[str]) -> list[audit.PendingRecord]:
+        told.append(refused)
+        return [audit.pending("x509_svid.issue", target="0a", details={"entry_id": entry.id})]
+
+    head = store.fetch_audit_head()
+    refused = store.create_issued_x509_svids(
+        [_svid("0a", entry.id), _svid("0b", revoked.id)], audit=records
+    )
+    assert refused == frozenset({revoked.id}) and told == [refused]
+    new_head = store.fetch_audit_head()
+    assert new_head is not None and new_head.seq == (head.seq if head else 0) + 1
+    assert (new_head.action, new_head.target) == ("x509_svid.issue", "0a")
+
+    def secret(refused: frozenset[str]) -> list[audit.PendingRecord]:
+        made = audit.pending("x509_svid.issue", target="0c")
+        return [replace(made, reason="-----BEGIN PRIVATE KEY-----")]
+
+    with pytest.raises(audit.InvalidAuditRecord):
+        store.create_issued_x509_svids([_svid("0c", entry.id)], audit=secret)
+    assert store.fetch_issued_x509_svid("0c") is None
+    assert store.fetch_audit_head() == new_head
