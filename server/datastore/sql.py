@@ -155,8 +155,8 @@ def _revoked_statement(table: Any, key: str) -> Select[Any]:
     return select(table.c.revoked_at, entry_revoked).where(table.c[key] == bindparam("ident"))
 
 
-# Built once: the token endpoint runs these on every exchange, and building a statement
-# (and its cache key) costs more than running it on SQLite.
+# Built once: the token endpoint runs these on every exchange (the audit ones every audited
+# write), and building a statement and its cache key costs more than running it on SQLite.
 _X509_REVOKED = _revoked_statement(issued_x509_svids, "serial")
 _JWT_REVOKED = _revoked_statement(issued_jwt_svids, "jti")
 _TOKEN_REVOKED = select(delegated_tokens.c.revoked_at).where(
@@ -171,6 +171,11 @@ _LIVE_ENTRY_PG = (
     .where(entries.c.spiffe_id == bindparam("spiffe_id"))
     .with_for_update(read=True)
 )
+_AUDIT_HEAD = (
+    select(audit_records.c.seq, audit_records.c.hash).order_by(audit_records.c.seq.desc()).limit(1)
+)
+_INSERT_AUDIT = insert(audit_records)
+_INSERT_TOKENS = insert(delegated_tokens)
 _REVOKED_AMONG = select(revoked_entries.c.entry_id).where(
     revoked_entries.c.entry_id.in_(bindparam("ids", expanding=True))
 )
@@ -1580,7 +1585,7 @@ class SqlDataStore:
                 tx.audit.append(grant.audit)
                 outcomes.append(GrantOutcome(recorded=True))
             for chunk in _chunks(tokens):
-                tx.conn.execute(insert(delegated_tokens), list(chunk))
+                tx.conn.execute(_INSERT_TOKENS, list(chunk))
         return outcomes
 
     def _take_units(self, conn: Connection, grant: TokenGrant) -> Budget | None:
@@ -1610,7 +1615,7 @@ class SqlDataStore:
 
     @staticmethod
     def _insert_token(tx: _Tx, token: DelegatedToken) -> None:
-        tx.conn.execute(insert(delegated_tokens), [_token_values(token, tx.now)])
+        tx.conn.execute(_INSERT_TOKENS, [_token_values(token, tx.now)])
 
     def fetch_delegated_token(self, jti: str) -> DelegatedToken | None:
         """The recorded access token with this ``jti``, or None."""
@@ -2027,8 +2032,7 @@ class SqlDataStore:
         """Chain the transaction's audit records after the head, under the audit lock."""
         if self._is_pg:
             tx.conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_AUDIT_LOCK})
-        a = audit_records.c
-        head = tx.conn.execute(select(a.seq, a.hash).order_by(a.seq.desc()).limit(1)).first()
+        head = tx.conn.execute(_AUDIT_HEAD).first()
         seq, prev = (int(head[0]), str(head[1])) if head is not None else (0, audit.GENESIS)
         time_ms = int(self._clock() * 1000)
         chained: list[AuditRecord] = []
@@ -2038,7 +2042,7 @@ class SqlDataStore:
             prev = rec.hash
             chained.append(rec)
         for chunk in _chunks(chained):
-            tx.conn.execute(insert(audit_records), [_audit_values(r) for r in chunk])
+            tx.conn.execute(_INSERT_AUDIT, [_audit_values(r) for r in chunk])
         tx.audit.clear()
         tx.audited.extend(chained)
 
