@@ -17,6 +17,7 @@ signature per token.
   during the endpoint phase, per successful exchange: what one exchange costs the
   server, less moved by other load on the machine than the rates;
 * ``raw_sign_cpu_ms`` — CPU time of one raw signature (the reference's cost);
+* ``client_cpu_ms_per_exchange`` — CPU time of this process (the clients) per exchange;
 * ``reference_https_per_s``, ``reference_server_cpu_ms`` — the floor of any endpoint
   written like this one: a bare aiohttp server in its own process (mutual TLS with the
   same client certificate, the same clients and form) that parses the form and answers a
@@ -261,11 +262,13 @@ def main() -> None:
         log(f"{args.clients} clients for {args.seconds}s against {url}")
         asyncio.run(_drive(url, form, context, min(args.clients, 4), 1.0))  # warm up
         started, server_cpu = time.perf_counter(), _cpu_s(server.pid)
+        client_cpu = time.process_time()
         count, latencies, failures = asyncio.run(
             _drive(url, form, context, args.clients, args.seconds)
         )
         elapsed = time.perf_counter() - started
         server_cpu = _cpu_s(server.pid) - server_cpu
+        client_cpu = time.process_time() - client_cpu
         log("raw ES256 signing (after)")
         raw_after, cpu_after = _raw_sign_rate(min(3.0, args.seconds / 3))
         log(f"reference: a bare aiohttp mutual-TLS server, {args.clients} clients")
@@ -282,6 +285,7 @@ def main() -> None:
         "ratio": round(rate / raw, 4),
         "server_cpu_ms_per_exchange": round(1000 * server_cpu / max(count, 1), 3),
         "raw_sign_cpu_ms": round(1000 * (cpu_before + cpu_after) / 2, 4),
+        "client_cpu_ms_per_exchange": round(1000 * client_cpu / max(count, 1), 3),
         "reference_https_per_s": round(reference, 1),
         "reference_server_cpu_ms": round(reference_cpu, 3),
         "reference_ratio": round(reference / raw, 4),

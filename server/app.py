@@ -540,7 +540,6 @@ def _delegation_endpoints(
         bundle=lambda: recent_bundle(None),
         owner_of=Recent(owner_of, 1.0),
         policies_for=Recent(policies_for, 1.0),
-        revoked_credential=datastore.credential_revoked,
     )
     return DelegationEndpoints(exchange, config.delegation.introspection_allowed)
 

@@ -1213,11 +1213,15 @@ class SqlDataStore:
         X509-SVID, lowercase hex) or ``"jti"`` (a JWT-SVID), true too when the entry it
         was issued for is revoked; ``"token"`` a delegated access token by ``jti``. An
         unrecorded credential is not revoked."""
+        with self._transaction(write=False) as tx:
+            return self._revoked_in(tx.conn, kind, ident)
+
+    @staticmethod
+    def _revoked_in(conn: Connection, kind: str, ident: str) -> bool:
         stmt = {"serial": _X509_REVOKED, "jti": _JWT_REVOKED, "token": _TOKEN_REVOKED}.get(kind)
         if stmt is None:
             raise InvalidRequest(f"unknown credential kind {kind!r}")
-        with self._transaction(write=False) as tx:
-            row = tx.conn.execute(stmt, {"ident": ident}).first()
+        row = conn.execute(stmt, {"ident": ident}).first()
         return row is not None and any(bool(value) for value in row)
 
     def fetch_issued_x509_svid(self, serial: str) -> IssuedX509Svid | None:
@@ -1555,7 +1559,8 @@ class SqlDataStore:
         """Record granted token exchanges, all in one transaction (group commit).
 
         For each grant, in order: refused (``recorded`` False) when its client has no
-        unrevoked registration entry, or when one of its budgets has no unit left in its
+        unrevoked registration entry, when the credential it authenticated with
+        (``client_credential``) is revoked, or when one of its budgets has no unit left in its
         window (then none of its units is taken and that budget's ``refused`` counter goes
         up); else one unit of every budget is taken, the token recorded and its audit
         record chained, in the same transaction. Safe against concurrent callers on every
@@ -1576,6 +1581,11 @@ class SqlDataStore:
                     live[client] = self._has_live_entry(tx.conn, client)
                 if not live[client]:
                     outcomes.append(GrantOutcome(recorded=False))
+                    continue
+                if grant.client_credential is not None and self._revoked_in(
+                    tx.conn, *grant.client_credential
+                ):
+                    outcomes.append(GrantOutcome(recorded=False, revoked_credential=True))
                     continue
                 exhausted = self._take_units(tx.conn, grant)
                 if exhausted is not None:
