@@ -16,7 +16,12 @@ signature per token.
 * ``server_cpu_ms_per_exchange`` — CPU time (user + system) the server process used
   during the endpoint phase, per successful exchange: what one exchange costs the
   server, less moved by other load on the machine than the rates;
-* ``raw_sign_cpu_ms`` — CPU time of one raw signature (the reference's cost).
+* ``raw_sign_cpu_ms`` — CPU time of one raw signature (the reference's cost);
+* ``client_cpu_ms_per_exchange`` — CPU time of this process (the clients) per exchange;
+* ``reference_https_per_s``, ``reference_server_cpu_ms`` — the floor of any endpoint
+  written like this one: a bare aiohttp server in its own process (mutual TLS with the
+  same client certificate, the same clients and form) that parses the form and answers a
+  JSON body of the same size without doing anything else, measured the same way.
 
 With ``--json`` the last line is ``{"name": "token_exchange", "metrics": {...}}``.
 """
@@ -25,15 +30,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
 import json
+import multiprocessing
 import ssl
 import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import jwt
 from _common import Workspace, log, percentile, report
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
 
 TARGET_RATIO = 0.25
 IDP = "https://login.example.com"
@@ -99,6 +110,106 @@ async def _drive(
     return len(latencies), latencies, failures
 
 
+def _self_signed(root: Path) -> tuple[Path, Path, str]:
+    """A localhost server certificate and key for the reference server, and its PEM."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    pem = cert.public_bytes(serialization.Encoding.PEM).decode()
+    cert_file, key_file = root / "reference.pem", root / "reference.key"
+    cert_file.write_text(pem)
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_file, key_file, pem
+
+
+def _reference_server(cert: str, key: str, client_ca: str, body: bytes, port: Any) -> None:
+    """The reference: mutual TLS, parse the form, answer ``body`` as JSON; nothing else."""
+    from aiohttp import web
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cert, key)
+    context.load_verify_locations(cadata=client_ca)
+    context.verify_mode = ssl.CERT_REQUIRED
+
+    async def token(request: web.Request) -> web.Response:
+        form = await request.post()
+        if "subject_token" not in form:
+            return web.json_response({"error": "invalid_request"}, status=400)
+        return web.Response(body=body, content_type="application/json")
+
+    async def serve() -> None:
+        app = web.Application()
+        app.router.add_post("/oauth2/token", token)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context)
+        await site.start()
+        port.value = runner.addresses[0][1]
+        await asyncio.Event().wait()
+
+    asyncio.run(serve())
+
+
+def _reference(
+    ws: Workspace, form: dict[str, str], cert: Path, key: Path, client_ca: str, args: Any
+) -> tuple[float, float]:
+    """(requests per second, server CPU ms per request) of the reference server."""
+    server_cert, server_key, server_pem = _self_signed(ws.root)
+    body = json.dumps(
+        {
+            "access_token": "x" * 700,
+            "issued_token_type": "urn:ietf:params:oauth:token-type:access_token",
+            "token_type": "Bearer",
+            "expires_in": 300,
+            "scope": "repo:read",
+        }
+    ).encode()
+    spawn = multiprocessing.get_context("spawn")
+    port = spawn.Value("i", 0)
+    process = spawn.Process(
+        target=_reference_server,
+        args=(str(server_cert), str(server_key), client_ca, body, port),
+        daemon=True,
+    )
+    process.start()
+    try:
+        deadline = time.monotonic() + 30
+        while port.value == 0:
+            if time.monotonic() > deadline or not process.is_alive():
+                raise RuntimeError("the reference server did not start")
+            time.sleep(0.05)
+        context = ssl.create_default_context(cadata=server_pem)
+        context.load_cert_chain(cert, key)
+        url = f"https://localhost:{port.value}/oauth2/token"
+        asyncio.run(_drive(url, form, context, min(args.clients, 4), 1.0))  # warm up
+        assert process.pid is not None
+        started, cpu = time.perf_counter(), _cpu_s(process.pid)
+        count, _, _ = asyncio.run(_drive(url, form, context, args.clients, args.seconds / 2))
+        elapsed, cpu = time.perf_counter() - started, _cpu_s(process.pid) - cpu
+    finally:
+        process.terminate()
+        process.join(5)
+    return count / elapsed, 1000 * cpu / max(count, 1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="token exchanges per second")
     parser.add_argument("--json", action="store_true")
@@ -151,13 +262,17 @@ def main() -> None:
         log(f"{args.clients} clients for {args.seconds}s against {url}")
         asyncio.run(_drive(url, form, context, min(args.clients, 4), 1.0))  # warm up
         started, server_cpu = time.perf_counter(), _cpu_s(server.pid)
+        client_cpu = time.process_time()
         count, latencies, failures = asyncio.run(
             _drive(url, form, context, args.clients, args.seconds)
         )
         elapsed = time.perf_counter() - started
         server_cpu = _cpu_s(server.pid) - server_cpu
+        client_cpu = time.process_time() - client_cpu
         log("raw ES256 signing (after)")
         raw_after, cpu_after = _raw_sign_rate(min(3.0, args.seconds / 3))
+        log(f"reference: a bare aiohttp mutual-TLS server, {args.clients} clients")
+        reference, reference_cpu = _reference(ws, form, cert, key, server.bundle_pem(), args)
     raw = (raw_before + raw_after) / 2
     rate = count / elapsed
     metrics = {
@@ -170,6 +285,10 @@ def main() -> None:
         "ratio": round(rate / raw, 4),
         "server_cpu_ms_per_exchange": round(1000 * server_cpu / max(count, 1), 3),
         "raw_sign_cpu_ms": round(1000 * (cpu_before + cpu_after) / 2, 4),
+        "client_cpu_ms_per_exchange": round(1000 * client_cpu / max(count, 1), 3),
+        "reference_https_per_s": round(reference, 1),
+        "reference_server_cpu_ms": round(reference_cpu, 3),
+        "reference_ratio": round(reference / raw, 4),
     }
     report(
         "token_exchange",

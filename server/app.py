@@ -86,8 +86,6 @@ from server.ca.pool import SigningPool
 from server.config import ServerConfig
 from server.datastore.models import (
     DelegationPolicy,
-    IssuedJwtSvid,
-    IssuedX509Svid,
     ListRegistrationEntriesRequest,
 )
 from server.datastore.protocol import DataStore
@@ -525,23 +523,6 @@ def _delegation_endpoints(
             return None
         return next((e.owner for e in found if e.owner), "")
 
-    def revoked_credential(kind: str, ident: str) -> bool:
-        if kind == "token":
-            token = datastore.fetch_delegated_token(ident)
-            return token is not None and token.revoked_at != 0
-        issued: IssuedJwtSvid | IssuedX509Svid | None = (
-            datastore.fetch_issued_jwt_svid(ident)
-            if kind == "jti"
-            else datastore.fetch_issued_x509_svid(ident)
-        )
-        if issued is None:
-            return False
-        if issued.revoked_at:
-            return True
-        return (
-            bool(issued.entry_id) and datastore.fetch_entry_revocation(issued.entry_id) is not None
-        )
-
     # The bundle, owners and each agent's delegation policies are re-read at most every
     # second: an exchange then costs no query (but a budget update when the policy has
     # budgets), and a change to any of them reaches the token endpoint within a second.
@@ -559,7 +540,6 @@ def _delegation_endpoints(
         bundle=lambda: recent_bundle(None),
         owner_of=Recent(owner_of, 1.0),
         policies_for=Recent(policies_for, 1.0),
-        revoked_credential=revoked_credential,
     )
     return DelegationEndpoints(exchange, config.delegation.introspection_allowed)
 

@@ -441,13 +441,18 @@ class TokenGrant:
     policy_id: str = ""
     budgets: tuple[Budget, ...] = ()
     now: int = 0
+    client_credential: tuple[str, str] | None = None
+    """``(kind, id)`` of the credential the client authenticated with (``"serial"`` of an
+    X509-SVID, ``"jti"`` of a JWT-SVID): refused when it is revoked (or its entry is)."""
 
 
 @dataclass(frozen=True, slots=True)
 class GrantOutcome:
     """What recording a :class:`TokenGrant` did: ``recorded``, or refused because the
-    ``exhausted`` budget had no unit left, or (``exhausted`` None) because the client has
-    no unrevoked registration entry any more."""
+    ``exhausted`` budget had no unit left, because the client's credential is revoked
+    (``revoked_credential``), or (neither) because the client has no unrevoked
+    registration entry any more."""
 
     recorded: bool
     exhausted: Budget | None = None
+    revoked_credential: bool = False

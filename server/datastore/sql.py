@@ -52,9 +52,11 @@ from sqlalchemy import (
     Engine,
     Select,
     and_,
+    bindparam,
     create_engine,
     delete,
     event,
+    exists,
     func,
     insert,
     make_url,
@@ -144,6 +146,39 @@ _PG_BUNDLE_LOCK = 0x637265646F03  # pg_advisory_xact_lock key serialising update
 _PG_AUDIT_LOCK = 0x637265646F04  # pg_advisory_xact_lock key serialising audit appends
 _AUTHORITY_KINDS = frozenset({"x509", "jwt", "wit"})
 _AUTHORITY_STATUSES = frozenset({"prepared", "active", "old"})
+
+
+def _revoked_statement(table: Any, key: str) -> Select[Any]:
+    """``revoked_at`` of the credential whose ``key`` is ``:ident``, and whether the entry
+    it was issued for is revoked."""
+    entry_revoked = exists().where(revoked_entries.c.entry_id == table.c.entry_id)
+    return select(table.c.revoked_at, entry_revoked).where(table.c[key] == bindparam("ident"))
+
+
+# Built once: the token endpoint runs these on every exchange (the audit ones every audited
+# write), and building a statement and its cache key costs more than running it on SQLite.
+_X509_REVOKED = _revoked_statement(issued_x509_svids, "serial")
+_JWT_REVOKED = _revoked_statement(issued_jwt_svids, "jti")
+_TOKEN_REVOKED = select(delegated_tokens.c.revoked_at).where(
+    delegated_tokens.c.jti == bindparam("ident")
+)
+_LIVE_ENTRY = select(entries.c.entry_id).where(
+    entries.c.spiffe_id == bindparam("spiffe_id"),
+    ~exists().where(revoked_entries.c.entry_id == entries.c.entry_id),
+)
+_LIVE_ENTRY_PG = (
+    select(entries.c.entry_id)
+    .where(entries.c.spiffe_id == bindparam("spiffe_id"))
+    .with_for_update(read=True)
+)
+_AUDIT_HEAD = (
+    select(audit_records.c.seq, audit_records.c.hash).order_by(audit_records.c.seq.desc()).limit(1)
+)
+_INSERT_AUDIT = insert(audit_records)
+_INSERT_TOKENS = insert(delegated_tokens)
+_REVOKED_AMONG = select(revoked_entries.c.entry_id).where(
+    revoked_entries.c.entry_id.in_(bindparam("ids", expanding=True))
+)
 
 
 def _chunks(items: Sequence[Any], size: int = _CHUNK) -> Iterator[Sequence[Any]]:
@@ -1184,6 +1219,22 @@ class SqlDataStore:
                 tx.audit.extend(audit(refused))
         return refused
 
+    def credential_revoked(self, kind: str, ident: str) -> bool:
+        """Whether a credential is revoked, in one statement: ``kind`` ``"serial"`` (an
+        X509-SVID, lowercase hex) or ``"jti"`` (a JWT-SVID), true too when the entry it
+        was issued for is revoked; ``"token"`` a delegated access token by ``jti``. An
+        unrecorded credential is not revoked."""
+        with self._transaction(write=False) as tx:
+            return self._revoked_in(tx.conn, kind, ident)
+
+    @staticmethod
+    def _revoked_in(conn: Connection, kind: str, ident: str) -> bool:
+        stmt = {"serial": _X509_REVOKED, "jti": _JWT_REVOKED, "token": _TOKEN_REVOKED}.get(kind)
+        if stmt is None:
+            raise InvalidRequest(f"unknown credential kind {kind!r}")
+        row = conn.execute(stmt, {"ident": ident}).first()
+        return row is not None and any(bool(value) for value in row)
+
     def fetch_issued_x509_svid(self, serial: str) -> IssuedX509Svid | None:
         """The recorded SVID with this serial (lowercase hex), or None."""
         with self._transaction(write=False) as tx:
@@ -1519,7 +1570,8 @@ class SqlDataStore:
         """Record granted token exchanges, all in one transaction (group commit).
 
         For each grant, in order: refused (``recorded`` False) when its client has no
-        unrevoked registration entry, or when one of its budgets has no unit left in its
+        unrevoked registration entry, when the credential it authenticated with
+        (``client_credential``) is revoked, or when one of its budgets has no unit left in its
         window (then none of its units is taken and that budget's ``refused`` counter goes
         up); else one unit of every budget is taken, the token recorded and its audit
         record chained, in the same transaction. Safe against concurrent callers on every
@@ -1533,6 +1585,7 @@ class SqlDataStore:
             return outcomes
         with self._transaction(write=True) as tx:
             live: dict[str, bool] = {}
+            tokens: list[dict[str, Any]] = []
             for grant in grants:
                 client = grant.token.client_id
                 if client not in live:
@@ -1540,13 +1593,20 @@ class SqlDataStore:
                 if not live[client]:
                     outcomes.append(GrantOutcome(recorded=False))
                     continue
+                if grant.client_credential is not None and self._revoked_in(
+                    tx.conn, *grant.client_credential
+                ):
+                    outcomes.append(GrantOutcome(recorded=False, revoked_credential=True))
+                    continue
                 exhausted = self._take_units(tx.conn, grant)
                 if exhausted is not None:
                     outcomes.append(GrantOutcome(recorded=False, exhausted=exhausted))
                     continue
-                self._insert_token(tx, grant.token)
+                tokens.append(_token_values(grant.token, tx.now))
                 tx.audit.append(grant.audit)
                 outcomes.append(GrantOutcome(recorded=True))
+            for chunk in _chunks(tokens):
+                tx.conn.execute(_INSERT_TOKENS, list(chunk))
         return outcomes
 
     def _take_units(self, conn: Connection, grant: TokenGrant) -> Budget | None:
@@ -1567,32 +1627,16 @@ class SqlDataStore:
     def _has_live_entry(self, conn: Connection, spiffe_id: str) -> bool:
         """Whether ``spiffe_id`` has a registration entry that is not revoked (PostgreSQL:
         the entries stay locked for share until the transaction ends)."""
-        stmt = select(entries.c.entry_id).where(entries.c.spiffe_id == spiffe_id)
-        if self._is_pg:
-            stmt = stmt.with_for_update(read=True)
-        ids = set(conn.execute(stmt).scalars())
+        if not self._is_pg:
+            return conn.execute(_LIVE_ENTRY, {"spiffe_id": spiffe_id}).first() is not None
+        ids = set(conn.execute(_LIVE_ENTRY_PG, {"spiffe_id": spiffe_id}).scalars())
         if ids:
-            ids -= set(
-                conn.execute(
-                    select(revoked_entries.c.entry_id).where(revoked_entries.c.entry_id.in_(ids))
-                ).scalars()
-            )
+            ids -= set(conn.execute(_REVOKED_AMONG, {"ids": sorted(ids)}).scalars())
         return bool(ids)
 
     @staticmethod
     def _insert_token(tx: _Tx, token: DelegatedToken) -> None:
-        tx.conn.execute(
-            insert(delegated_tokens).values(
-                jti=token.jti,
-                client_id=token.client_id,
-                subject=token.subject,
-                actors="".join(a + " " for a in token.actors),
-                expires_at=token.expires_at,
-                issued_at=token.issued_at or tx.now,
-                revoked_at=token.revoked_at,
-                reason=token.reason,
-            )
-        )
+        tx.conn.execute(_INSERT_TOKENS, [_token_values(token, tx.now)])
 
     def fetch_delegated_token(self, jti: str) -> DelegatedToken | None:
         """The recorded access token with this ``jti``, or None."""
@@ -2009,8 +2053,7 @@ class SqlDataStore:
         """Chain the transaction's audit records after the head, under the audit lock."""
         if self._is_pg:
             tx.conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_AUDIT_LOCK})
-        a = audit_records.c
-        head = tx.conn.execute(select(a.seq, a.hash).order_by(a.seq.desc()).limit(1)).first()
+        head = tx.conn.execute(_AUDIT_HEAD).first()
         seq, prev = (int(head[0]), str(head[1])) if head is not None else (0, audit.GENESIS)
         time_ms = int(self._clock() * 1000)
         chained: list[AuditRecord] = []
@@ -2020,7 +2063,7 @@ class SqlDataStore:
             prev = rec.hash
             chained.append(rec)
         for chunk in _chunks(chained):
-            tx.conn.execute(insert(audit_records), [_audit_values(r) for r in chunk])
+            tx.conn.execute(_INSERT_AUDIT, [_audit_values(r) for r in chunk])
         tx.audit.clear()
         tx.audited.extend(chained)
 
@@ -2752,6 +2795,20 @@ _AUDIT_COLUMNS = (
     audit_records.c.prev_hash,
     audit_records.c.hash,
 )
+
+
+def _token_values(token: DelegatedToken, now: int) -> dict[str, Any]:
+    """The ``delegated_tokens`` row of a token (issued ``now`` unless it says when)."""
+    return {
+        "jti": token.jti,
+        "client_id": token.client_id,
+        "subject": token.subject,
+        "actors": "".join(a + " " for a in token.actors),
+        "expires_at": token.expires_at,
+        "issued_at": token.issued_at or now,
+        "revoked_at": token.revoked_at,
+        "reason": token.reason,
+    }
 
 
 def _audit_values(rec: AuditRecord) -> dict[str, Any]:

@@ -21,9 +21,11 @@ One request, in this order (each step raises its :mod:`server.delegation.errors`
 6. the token: an RFC 9068 JWT (``typ: at+jwt``) signed with the server's active JWT key;
 7. the record, in one transaction: one unit of every policy budget for a granted scope
    (or ``*``), all or none; the token's record (so that it can be revoked; refused when
-   the client's entries were revoked meanwhile); the grant's audit record. Concurrent
-   exchanges share that transaction (:class:`~server.delegation.groupcommit.GroupCommit`).
-   Only a recorded token is handed out.
+   the client's entries were revoked meanwhile, or the credential it authenticated with:
+   step 2's revocation check is made here, in the same transaction, or before answering
+   a refusal); the grant's audit record. Concurrent exchanges share that transaction
+   (:class:`~server.delegation.groupcommit.GroupCommit`). Only a recorded token is handed
+   out.
 
 A refused exchange writes nothing but its audit record and the budget's refusal counter
 (and a log line).
@@ -151,6 +153,10 @@ class Recent(Generic[_K, _V]):
         return value
 
 
+class _RevokedClient(InvalidClient):
+    """The client authenticated with a revoked credential (or one of a revoked entry)."""
+
+
 def _now_s(clock: Callable[[], float]) -> int:
     return int(clock())
 
@@ -237,16 +243,20 @@ class TokenExchange:
         default_factory=dict, init=False, repr=False
     )
     _verified_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
-    revoked_credential: Callable[[str, str], bool] = field(default=lambda kind, ident: False)
+    revoked_credential: Callable[[str, str], bool] | None = None
     """``(kind, id)`` -> whether a credential is revoked: kind ``"jti"`` (a JWT-SVID),
     ``"serial"`` (an X509-SVID, lowercase hex; for both, true too when the entry it was
-    issued for is revoked) or ``"token"`` (a delegated access token, by ``jti``)."""
+    issued for is revoked) or ``"token"`` (a delegated access token, by ``jti``); by
+    default the datastore's ``credential_revoked``, which the recording transaction asks
+    too."""
     _recorder: GroupCommit[TokenGrant, GrantOutcome] | None = field(
         default=None, init=False, repr=False
     )
+    _revoked: Callable[[str, str], bool] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._recorder = GroupCommit(self.datastore.record_token_grants)
+        self._revoked = self.revoked_credential or self.datastore.credential_revoked
 
     @property
     def token_endpoint(self) -> str:
@@ -276,6 +286,12 @@ class TokenExchange:
         return spiffe_id
 
     def _jwt_svid(self, token: str, what: str) -> SpiffeId:
+        spiffe_id, jti = self._jwt_svid_unchecked(token, what)
+        self._check_not_revoked("jti", jti, what + " (a JWT-SVID)")
+        return spiffe_id
+
+    def _jwt_svid_unchecked(self, token: str, what: str) -> tuple[SpiffeId, str]:
+        """The agent a JWT-SVID names and its ``jti``; not yet checked against revocation."""
         audiences = [self.token_endpoint, self.issuer()]
         try:
             typ = jwt.get_unverified_header(token).get("typ")
@@ -297,8 +313,7 @@ class TokenExchange:
                 f"{what} is not a JWT-SVID of {self.trust_domain} for audience "
                 f"{self.token_endpoint}: {exc}"
             ) from None
-        self._check_not_revoked("jti", str(svid.claims.get("jti", "")), what + " (a JWT-SVID)")
-        return self._check_agent(svid.spiffe_id, what)
+        return self._check_agent(svid.spiffe_id, what), str(svid.claims.get("jti", ""))
 
     def _verify_peer(self, chain: Sequence[x509.Certificate]) -> SpiffeId:
         """``verify_x509_svid`` against the bundle, its signature checks remembered for up
@@ -325,13 +340,24 @@ class TokenExchange:
         return spiffe_id
 
     def _check_not_revoked(self, kind: str, ident: str, what: str) -> None:
-        if ident and self.revoked_credential(kind, ident):
-            raise InvalidClient(f"{what} has been revoked")
+        if ident and self._revoked(kind, ident):
+            raise _RevokedClient(f"{what} has been revoked")
 
     def authenticate(
         self, form: Mapping[str, str], peer_chain: Sequence[x509.Certificate] | None
     ) -> SpiffeId:
         """The calling agent's SPIFFE ID; InvalidClient when it cannot be established."""
+        client, credential = self._identify(form, peer_chain)
+        if credential is not None:
+            self._check_not_revoked(*credential)
+        return client
+
+    def _identify(
+        self, form: Mapping[str, str], peer_chain: Sequence[x509.Certificate] | None
+    ) -> tuple[SpiffeId, tuple[str, str, str] | None]:
+        """:meth:`authenticate` but the revocation check: the agent, and ``(kind, id, what)``
+        of the credential it authenticated with, to check for revocation."""
+        credential: tuple[str, str, str] | None
         assertion = form.get("client_assertion")
         assertion_type = form.get("client_assertion_type")
         if assertion is not None or assertion_type is not None:
@@ -342,7 +368,8 @@ class TokenExchange:
                 )
             if not assertion:
                 raise InvalidClient("client_assertion is empty; expected a JWT-SVID")
-            client = self._jwt_svid(assertion, "client_assertion")
+            client, jti = self._jwt_svid_unchecked(assertion, "client_assertion")
+            credential = ("jti", jti, "client_assertion (a JWT-SVID)") if jti else None
         elif peer_chain:
             try:
                 spiffe_id = self._verify_peer(peer_chain)
@@ -350,10 +377,9 @@ class TokenExchange:
                 raise InvalidClient(
                     f"the client certificate is not a valid X509-SVID: {exc}"
                 ) from None
-            self._check_not_revoked(
-                "serial", format(peer_chain[0].serial_number, "x"), "the client certificate"
-            )
             client = self._check_agent(spiffe_id, "the client certificate")
+            serial = format(peer_chain[0].serial_number, "x")
+            credential = ("serial", serial, "the client certificate")
         else:
             raise InvalidClient(
                 "the client is not authenticated: use mutual TLS with your X509-SVID, or send "
@@ -363,7 +389,7 @@ class TokenExchange:
         client_id = form.get("client_id")
         if client_id is not None and client_id != str(client):
             raise InvalidClient(f"client_id {client_id[:200]!r} is not the authenticated {client}")
-        return client
+        return client, credential
 
     # --- step 3: the subject ---------------------------------------------------------
 
@@ -394,7 +420,7 @@ class TokenExchange:
         except jwt.PyJWTError as exc:
             raise InvalidGrant(f"subject_token was refused: {exc}") from None
         check_times(verified, self.clock(), _LEEWAY, "subject_token (the previous link's token)")
-        if self.revoked_credential("token", str(verified.get("jti", ""))):
+        if self._revoked("token", str(verified.get("jti", ""))):
             raise InvalidGrant("subject_token (the previous link's token) has been revoked")
         actors = actor_chain(verified.get("act"))
         if not actors:
@@ -479,6 +505,7 @@ class TokenExchange:
     ) -> ExchangeResult:
         """Run one token exchange; raise an :class:`OAuthError` subclass when refused."""
         client: SpiffeId | None = None
+        credential: tuple[str, str, str] | None = None
         seen: dict[str, Any] = {}
         try:
             form = self.parse_form(fields)
@@ -492,7 +519,9 @@ class TokenExchange:
             unknown = sorted(set(form) - _FIELDS)
             if unknown:
                 raise InvalidRequest(f"unknown parameter {unknown[0][:64]!r}")
-            client = self.authenticate(form, peer_chain)
+            # The client's credential is checked for revocation when the grant is recorded,
+            # in the same transaction (or, when the exchange is refused, before answering).
+            client, credential = self._identify(form, peer_chain)
             self._check_actor_token(form, client)
             requested = form.get("requested_token_type")
             if requested is not None and requested not in (ACCESS_TOKEN_TYPE, JWT_TOKEN_TYPE):
@@ -500,8 +529,16 @@ class TokenExchange:
                     f"requested_token_type must be {ACCESS_TOKEN_TYPE} (the default)"
                 )
             result, budgets = self._grant(form, client, seen)
-            self._record(client, seen, result, budgets)
-        except OAuthError as err:
+            self._record(client, seen, result, budgets, credential)
+        except OAuthError as refusal:
+            err = refusal
+            if credential is not None and not isinstance(err, _RevokedClient):
+                try:  # a revoked credential is refused as such, whatever else was wrong
+                    self._check_not_revoked(*credential)
+                except _RevokedClient as revoked:
+                    err = revoked
+            if isinstance(err, _RevokedClient):
+                client = None  # as any credential that does not authenticate its holder
             if client is not None:  # unauthenticated noise is logged, not audited
                 self._audit(client, seen, error=err)
             log.info(
@@ -512,7 +549,9 @@ class TokenExchange:
                     "reason": err.description[:300],
                 },
             )
-            raise
+            if err is refusal:
+                raise
+            raise err from None
         log.info(
             "token exchange",
             extra={
@@ -534,9 +573,11 @@ class TokenExchange:
         seen: Mapping[str, Any],
         result: ExchangeResult,
         budgets: tuple[Budget, ...],
+        credential: tuple[str, str, str] | None = None,
     ) -> None:
         """Budgets, the token's record and the grant's audit record, in one transaction
-        (shared with concurrent exchanges); raises when refused (nothing of it written)."""
+        (shared with concurrent exchanges) that also checks the client's ``credential``
+        (kind, id, what) for revocation; raises when refused (nothing of it written)."""
         claims = result.claims
         grant = TokenGrant(
             token=DelegatedToken(
@@ -551,11 +592,15 @@ class TokenExchange:
             policy_id=result.policy_id,
             budgets=budgets,
             now=int(claims["iat"]),
+            client_credential=credential[:2] if credential is not None and credential[1] else None,
         )
         assert self._recorder is not None
         outcome = self._recorder.submit(grant)
         if outcome.recorded:
             return
+        if outcome.revoked_credential:
+            assert credential is not None
+            raise _RevokedClient(f"{credential[2]} has been revoked")
         if outcome.exhausted is None:
             raise InvalidClient(f"{client}'s registration entries were revoked")
         raise self._exhausted(outcome.exhausted, result.policy_id, client, grant.now)

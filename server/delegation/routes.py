@@ -17,6 +17,7 @@ here into the front end's one error shape (``{"error", "error_description"}``), 
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Collection, Mapping
 from typing import Any
 
@@ -66,7 +67,13 @@ def peer_chain(request: web.Request) -> list[x509.Certificate] | None:
     """The client certificate the TLS handshake verified (mutual TLS), or None."""
     tls = request.transport.get_extra_info("ssl_object") if request.transport else None
     der = tls.getpeercert(binary_form=True) if tls is not None else None
-    return [x509.load_der_x509_certificate(der)] if der else None
+    return [_certificate(der)] if der else None
+
+
+@functools.lru_cache(maxsize=1024)
+def _certificate(der: bytes) -> x509.Certificate:
+    """The parsed certificate (a keep-alive client presents the same one on every request)."""
+    return x509.load_der_x509_certificate(der)
 
 
 async def _form_fields(request: web.Request) -> list[tuple[str, str]]:

@@ -7,6 +7,8 @@ sets are kept for five minutes; an unknown ``kid`` triggers one refetch at most 
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import logging
 import ssl
@@ -15,6 +17,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 import jwt
@@ -36,6 +39,7 @@ _CACHE_SECONDS = 300.0
 _REFETCH_SECONDS = 30.0
 _FETCH_TIMEOUT = 5.0
 _MAX_JWKS_BYTES = 512 * 1024
+_MAX_REMEMBERED = 4096
 
 
 @dataclass(frozen=True)
@@ -52,13 +56,20 @@ class VerifiedSubject:
 
 def unverified_claims(token: str) -> dict[str, Any]:
     """The claims of a JWS compact token, unverified (to route it); InvalidRequest if not one."""
+    return dict(_unverified_claims(token))
+
+
+@functools.lru_cache(maxsize=256)
+def _unverified_claims(token: str) -> Mapping[str, Any]:
+    """The parse of :func:`unverified_claims`, remembered (an agent sends the same person's
+    token with each exchange; parsing is a pure function of the token)."""
     try:
         claims = jwt.decode(token, options={"verify_signature": False})
     except jwt.PyJWTError:
         raise InvalidRequest("subject_token is not a JWT (JWS compact serialization)") from None
     if not isinstance(claims, dict):
         raise InvalidRequest("subject_token claims are not a JSON object")
-    return claims
+    return MappingProxyType(claims)
 
 
 def _number(claims: Mapping[str, Any], name: str) -> float | None:
@@ -107,6 +118,9 @@ class SubjectIssuer:
         self._file_stamp: tuple[int, int] | None = None
         # The last keys _load returned and when (monotonic): re-checked at most every second.
         self._recent: tuple[jwt.PyJWKSet | None, float] = (None, 0.0)
+        # sha256(token) -> (kid, the key that verified it, its claims): a token verified
+        # once is not verified again while that key is still the issuer's key for its kid.
+        self._verified: dict[bytes, tuple[str | None, jwt.PyJWK, Mapping[str, Any]]] = {}
         self._context: ssl.SSLContext | None = None
         if config.ca_file is not None:
             self._context = ssl.create_default_context(cafile=str(config.ca_file))
@@ -169,7 +183,23 @@ class SubjectIssuer:
         )
 
     def verify(self, token: str) -> VerifiedSubject:
-        """Verify signature, ``iss``, ``aud``, ``exp``/``nbf``/``iat``; InvalidGrant if not."""
+        """Verify signature, ``iss``, ``aud``, ``exp``/``nbf``/``iat``; InvalidGrant if not.
+
+        The signature, ``iss`` and ``aud`` checks of a token are remembered for as long as
+        the key that verified it is the one the issuer publishes for its ``kid`` (a changed
+        or removed key verifies it again, or refuses it); its times are checked on every
+        call, against this server's clock."""
+        digest = hashlib.sha256(token.encode()).digest()
+        hit = self._verified.get(digest)
+        if hit is not None and self._key_for(hit[0]) is hit[1]:
+            claims = hit[2]
+        else:
+            claims = self._verify_signed(token, digest)
+        check_times(claims, self._clock(), self.config.clock_skew, "subject_token")
+        return VerifiedSubject(self.name, claims)
+
+    def _verify_signed(self, token: str, digest: bytes) -> Mapping[str, Any]:
+        """Everything :meth:`verify` checks but the times; the result remembered."""
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
@@ -180,7 +210,8 @@ class SubjectIssuer:
                 f"subject_token alg {alg!r} is not allowed for issuer {self.name!r} "
                 f"(allowed: {', '.join(self.config.algorithms)})"
             )
-        key = self._key_for(header.get("kid"))
+        kid = header.get("kid")
+        key = self._key_for(kid)
         try:
             claims = jwt.decode(
                 token,
@@ -190,7 +221,7 @@ class SubjectIssuer:
                 issuer=self.config.issuer,
                 options={
                     "require": ["exp", "sub", "iss", "aud"],
-                    # Times are checked below, against this server's clock.
+                    # Times are checked by verify, against this server's clock.
                     "verify_exp": False,
                     "verify_nbf": False,
                     "verify_iat": False,
@@ -208,8 +239,11 @@ class SubjectIssuer:
             raise InvalidGrant(f"subject_token was refused: {exc}") from None
         if not isinstance(claims.get("sub"), str) or not claims["sub"]:
             raise InvalidGrant("subject_token 'sub' must be a non-empty string")
-        check_times(claims, self._clock(), self.config.clock_skew, "subject_token")
-        return VerifiedSubject(self.name, claims)
+        frozen = MappingProxyType(claims)
+        if len(self._verified) >= _MAX_REMEMBERED:
+            self._verified.clear()
+        self._verified[digest] = (kid, key, frozen)
+        return frozen
 
 
 class SubjectIssuers:

@@ -19,6 +19,7 @@ from server.datastore import (
     DelegationPolicy,
     GrantOutcome,
     InvalidRequest,
+    IssuedX509Svid,
     NotFound,
     RegistrationEntry,
     SqlDataStore,
@@ -160,6 +161,41 @@ def test_a_batch_of_grants_is_one_transaction_with_its_audit(
     ]
     (use,) = store.list_budget_use(policy.id, clock.now)
     assert (use.agent_id, use.used, use.refused) == (AGENT, 2, 1)
+
+
+def test_a_grant_whose_client_credential_is_revoked_writes_nothing(
+    store: SqlDataStore, clock: FakeClock
+) -> None:
+    """The client's X509-SVID (by serial) is checked in the recording transaction: revoked,
+    or issued for a revoked entry, the grant is refused with no token, audit record or
+    budget unit (not even a refusal); an unrevoked or unrecorded serial is recorded."""
+    entry = _entry(store)
+    other = _entry(store, "spiffe://example.org/agents/other")
+    svids = [
+        IssuedX509Svid(serial, "ca1", AGENT, clock.now + 300, entry_id=entry_id, agent_id=AGENT)
+        for serial, entry_id in (("0a", entry.id), ("0b", entry.id), ("0c", other.id))
+    ]
+    store.create_issued_x509_svids(svids)
+    store.revoke_x509_svid("0b", "leaked")
+    store.revoke_registration_entry(other.id, "rogue")
+    policy = store.create_delegation_policy(_policy(budgets=(Budget("*", 10, 3600),)))
+    grants = [
+        replace(_grant(policy, clock.now, jti=serial), client_credential=("serial", serial))
+        for serial in ("0a", "0b", "0c", "ff")
+    ]
+    before = len(store.list_audit_records())
+    assert store.record_token_grants(grants) == [
+        GrantOutcome(recorded=True),
+        GrantOutcome(recorded=False, revoked_credential=True),
+        GrantOutcome(recorded=False, revoked_credential=True),
+        GrantOutcome(recorded=True),
+    ]
+    recorded = [store.fetch_delegated_token(j) is not None for j in ("0a", "0b", "0c", "ff")]
+    assert recorded == [True, False, False, True]
+    added = store.list_audit_records()[before:]
+    assert [json.loads(r.details)["jti"] for r in added] == ["0a", "ff"]
+    (use,) = store.list_budget_use(policy.id, clock.now)
+    assert (use.used, use.refused) == (2, 0)
 
 
 def test_budget_counts_are_exact_under_concurrency(db_url: str, clock: FakeClock) -> None:

@@ -248,3 +248,35 @@ def test_issued_svids_and_their_audit_records_share_one_transaction(store: SqlDa
         store.create_issued_x509_svids([_svid("0c", entry.id)], audit=secret)
     assert store.fetch_issued_x509_svid("0c") is None
     assert store.fetch_audit_head() == new_head
+
+
+def test_credential_revoked_answers_for_serials_jtis_and_tokens(
+    store: SqlDataStore, clock: FakeClock
+) -> None:
+    """Revoked itself, or issued for a revoked entry: revoked; unrecorded: not revoked."""
+    entry, other = _entry(store), _entry(store, "db")
+    store.create_issued_x509_svids([_svid("01", entry.id), _svid("02", other.id), _svid("03")])
+    for jti, entry_id in (("j1", entry.id), ("j2", other.id), ("j3", "")):
+        assert store.create_issued_jwt_svid(
+            IssuedJwtSvid(jti, f"{TD}/web", clock.now + 300, entry_id=entry_id, agent_id=AGENT)
+        )
+    token = DelegatedToken("t1", f"{TD}/web", "alice", (f"{TD}/web",), expires_at=clock.now + 300)
+    assert store.create_delegated_token(token)
+    assert store.create_delegated_token(replace(token, jti="t2"))
+    credentials = [
+        ("serial", "01"), ("serial", "02"), ("serial", "03"), ("serial", "ff"),
+        ("jti", "j1"), ("jti", "j2"), ("jti", "j3"), ("jti", "jx"),
+        ("token", "t1"), ("token", "t2"), ("token", "tx"),
+    ]  # fmt: skip
+
+    def revoked() -> set[tuple[str, str]]:
+        return {(k, i) for k, i in credentials if store.credential_revoked(k, i)}
+
+    assert revoked() == set()
+    store.revoke_registration_entry(other.id, "compromised")
+    store.revoke_x509_svid("03", "leaked")
+    store.revoke_jwt_svid("j3", "leaked")
+    store.revoke_delegated_token("t2", "leaked")
+    assert revoked() == {
+        ("serial", "02"), ("serial", "03"), ("jti", "j2"), ("jti", "j3"), ("token", "t2")
+    }  # fmt: skip

@@ -28,7 +28,13 @@ from credo.selector import Selector
 from credo.spiffe_id import SpiffeId, TrustDomain
 from credo.x509svid import ca_certificate_template, sign_x509_svid
 from server.ca.ca import JwtKey
-from server.datastore import Budget, DelegationPolicy, RegistrationEntry, SqlDataStore
+from server.datastore import (
+    Budget,
+    DelegationPolicy,
+    IssuedJwtSvid,
+    RegistrationEntry,
+    SqlDataStore,
+)
 from server.delegation.config import SubjectIssuerConfig
 from server.delegation.errors import OAuthError
 from server.delegation.exchange import (
@@ -413,3 +419,24 @@ def test_a_remembered_client_certificate_is_refused_after_its_ca_leaves_the_bund
     with pytest.raises(OAuthError) as info:
         exchange.exchange(_mtls_fields(world), peer_chain=[leaf])
     assert info.value.error == "invalid_client"
+
+
+def test_a_revoked_client_credential_is_refused_whatever_else_is_wrong(world: World) -> None:
+    """A JWT-SVID revoked after use: invalid_client, also for a request refused for another
+    reason; no token, no budget unit or refusal, no audit record (an unauthenticated caller)."""
+    policy = world.policy(str(A), budgets=(Budget("repo:write", 5, 3600),))
+    svid = world.svid(A)
+    jti = jwt.decode(svid, options={"verify_signature": False})["jti"]
+    now = int(world.clock())
+    assert world.store.create_issued_jwt_svid(IssuedJwtSvid(jti, str(A), now + 300))
+    world.run(A, world.person_token(), scope="repo:write", client_assertion=svid)
+    world.store.revoke_jwt_svid(jti, "leaked")
+    audited = len(world.store.list_audit_records())
+    for wrong in ({}, {"audience": "https://elsewhere.example.com"}, {"scope": "admin"}):
+        err = world.refused(
+            A, world.person_token(), **{"scope": "repo:write", "client_assertion": svid, **wrong}
+        )
+        assert err.error == "invalid_client" and "has been revoked" in err.description
+    assert len(world.store.list_audit_records()) == audited
+    (use,) = world.store.list_budget_use(policy.id, now)
+    assert (use.used, use.refused) == (1, 0)

@@ -127,3 +127,57 @@ def test_keys_by_oidc_discovery_are_fetched_once_and_cached(
     forged = jwt.encode(claims, other, algorithm="ES256", headers={"kid": "idp-ec"})
     with pytest.raises(InvalidGrant):
         issuer.verify(forged)
+
+
+def _write_jwks(path: Path, key: ec.EllipticCurvePrivateKey, kid: str) -> None:
+    jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(key.public_key()))
+    jwk.update(kid=kid, alg="ES256")
+    path.write_text(json.dumps({"keys": [jwk]}))
+
+
+def test_a_token_is_verified_once_per_key_and_its_times_every_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same token again costs no signature check while its key is published; its expiry
+    is still checked on every call; a replaced key verifies it again (and refuses it)."""
+    signing = ec.generate_private_key(ec.SECP256R1())
+    jwks = tmp_path / "idp.jwks"
+    _write_jwks(jwks, signing, "k1")
+    now = [1_000_000.0]
+    issuer = SubjectIssuer(
+        "corp",
+        SubjectIssuerConfig(
+            issuer="https://login.example.com",
+            audience=("credo",),
+            algorithms=("ES256",),
+            jwks_file=jwks,
+            clock_skew=0,
+        ),
+        clock=lambda: now[0],
+    )
+    token = jwt.encode(
+        {"iss": "https://login.example.com", "sub": "alice", "aud": "credo", "exp": 1_000_060},
+        signing,
+        algorithm="ES256",
+        headers={"kid": "k1"},
+    )
+    decodes: list[str] = []
+    real_decode = jwt.decode
+
+    def counting_decode(*args: Any, **kwargs: Any) -> Any:
+        decodes.append("decode")
+        return real_decode(*args, **kwargs)
+
+    monkeypatch.setattr(jwt, "decode", counting_decode)
+    for _ in range(3):
+        assert issuer.verify(token).sub == "alice"
+    assert decodes == ["decode"]
+    now[0] = 1_000_061.0
+    with pytest.raises(InvalidGrant, match="expired"):
+        issuer.verify(token)
+    now[0] = 1_000_000.0
+    _write_jwks(jwks, ec.generate_private_key(ec.SECP256R1()), "k1")
+    issuer._recent = (None, 0.0)  # the file is re-checked at most every second
+    with pytest.raises(InvalidGrant):
+        issuer.verify(token)
+    assert len(decodes) == 2
