@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
 import time
 
 import grpc
+import psutil
 from _common import TRUST_DOMAIN, Workspace, create_entries, entry_proto, log, percentile, report
 
 TARGETS = [("ratio", "<=", 3.0), ("failures", "<=", 0.0)]
@@ -55,12 +57,12 @@ try:
         s.close()
 except KeyboardInterrupt:
     pass
-print(n / (time.monotonic() - started), flush=True)
+print(n, time.monotonic() - started, flush=True)
 """
 
 
-async def _one(target: str) -> float | None:
-    """Seconds to the first message on a fresh channel; None if the fetch failed."""
+async def _one(target: str) -> float | str:
+    """Seconds to the first message on a fresh channel, or why the fetch failed."""
     started = time.perf_counter()
     try:
         async with grpc.aio.insecure_channel(target) as channel:
@@ -68,21 +70,35 @@ async def _one(target: str) -> float | None:
             message = await call.read()
             elapsed = time.perf_counter() - started
             call.cancel()
-    except grpc.aio.AioRpcError:
-        return None
-    return None if message is grpc.aio.EOF else elapsed
+    except grpc.aio.AioRpcError as err:
+        return f"{err.code().name} after {time.perf_counter() - started:.3f}s: {err.details()}"
+    return "the stream ended before a message" if message is grpc.aio.EOF else elapsed
 
 
 async def _samples(target: str, n: int) -> tuple[list[float], int]:
     values: list[float] = []
     failures = 0
-    for _ in range(n):
+    for i in range(n):
         value = await _one(target)
-        if value is None:
+        if isinstance(value, str):
             failures += 1
+            log(f"fetch {i} failed: {value}")
         else:
             values.append(value)
     return values, failures
+
+
+def _cpu_seconds(pid: int) -> tuple[float, float]:
+    """User + system CPU seconds of the agent ``pid`` and of its children (the accept
+    process)."""
+    process = psutil.Process(pid)
+    times = process.cpu_times()
+    children = 0.0
+    for child in process.children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            t = child.cpu_times()
+            children += t.user + t.system
+    return times.user + times.system, children
 
 
 def run(samples: int, churners: int) -> dict[str, float]:
@@ -97,7 +113,7 @@ def run(samples: int, churners: int) -> dict[str, float]:
                              ["unix:uid:0"])],
             )  # fmt: skip
         deadline = time.monotonic() + 60
-        while asyncio.run(_one(agent.endpoint)) is None:
+        while isinstance(asyncio.run(_one(agent.endpoint)), str):
             if time.monotonic() > deadline:
                 raise RuntimeError("the agent never served the benchmark's SVID")
             time.sleep(0.1)
@@ -105,6 +121,7 @@ def run(samples: int, churners: int) -> dict[str, float]:
         log(f"quiet: {samples} samples")
         quiet, quiet_failures = asyncio.run(_samples(agent.endpoint, samples))
         log(f"churn: {churners} churners as nobody, {samples} samples")
+        cpu_before = _cpu_seconds(agent.pid)
         procs = [
             subprocess.Popen(
                 [sys.executable, "-c", CHURN, str(agent.socket)],
@@ -117,11 +134,14 @@ def run(samples: int, churners: int) -> dict[str, float]:
             time.sleep(1.0)  # let the churn reach full speed
             churn, churn_failures = asyncio.run(_samples(agent.endpoint, samples))
         finally:
-            rates = []
+            connects, rates = 0, []
             for proc in procs:
                 proc.send_signal(2)
                 out, _ = proc.communicate(timeout=30)
-                rates.append(float(out.strip() or 0))
+                n, seconds = out.split() if out.strip() else ("0", "1")
+                connects += int(n)
+                rates.append(int(n) / float(seconds))
+            cpu_after = _cpu_seconds(agent.pid)
         agent.check_alive()
     quiet_p99 = percentile(quiet, 99)
     churn_p99 = percentile(churn, 99)
@@ -132,6 +152,12 @@ def run(samples: int, churners: int) -> dict[str, float]:
         "ratio": round(churn_p99 / quiet_p99, 3),
         "failures": float(quiet_failures + churn_failures),
         "churn_connects_per_s": round(sum(rates), 1),
+        "churn_connects": float(connects),
+        "agent_cpu_s_during_churn": round(cpu_after[0] - cpu_before[0], 3),
+        "accept_cpu_s_during_churn": round(cpu_after[1] - cpu_before[1], 3),
+        "accept_cpu_us_per_churn_connect": round(
+            (cpu_after[1] - cpu_before[1]) / max(connects, 1) * 1e6, 2
+        ),
     }
 
 
