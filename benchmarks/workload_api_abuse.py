@@ -15,7 +15,20 @@ this process (uid 0) back to back.
 * ``ratio`` — ``churn_p99_s / quiet_p99_s``; the target is <= 3 (``churn_p50_s`` is
   reported too);
 * ``failures`` — fetches that failed during either phase; the target is 0;
-* ``churn_connects_per_s`` — the connects the churners completed per second.
+* ``churn_connects_per_s`` — the connects the churners completed per second
+  (``churn_connects`` in all);
+* ``queue_full_fraction`` — of the non-blocking ``connect()`` calls a third uid (daemon,
+  uid 1) makes every 10 ms during the churn, the share that failed with ``EAGAIN`` because
+  the listen queue (shared by every uid) was full (``queue_full_probes`` of them). gRPC
+  reports such a connect as ``UNAVAILABLE`` or retries it after its one-second reconnect
+  backoff: this is what made other users' fetches fail or take a second;
+* ``accept_cpu_us_per_churn_connect`` — CPU time (user + system) of the agent's accept
+  process during the churn phase per churned connection (nearly all of them shed): the
+  cost of shedding, independent of what else the machine runs
+  (``accept_cpu_s_during_churn``); ``agent_cpu_s_during_churn`` and
+  ``agent_cpu_ms_per_quiet_fetch`` are the agent process's own.
+
+Each failed fetch is logged (stderr) with its gRPC status, details and time to failure.
 
 With ``--json`` the last line is one JSON object: ``{"name": "workload_api_abuse", ...}``.
 """
@@ -59,6 +72,30 @@ except KeyboardInterrupt:
     pass
 print(n, time.monotonic() - started, flush=True)
 """
+
+PROBE_UID = 1
+PROBE = f"""
+import os, socket, sys, time
+path = sys.argv[1]
+os.setgroups([]); os.setgid({PROBE_UID}); os.setuid({PROBE_UID})
+ok = full = 0
+try:
+    while True:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.setblocking(False)
+        try:
+            s.connect(path)
+            ok += 1
+        except BlockingIOError:
+            full += 1
+        s.close()
+        time.sleep(0.01)
+except KeyboardInterrupt:
+    pass
+print(ok, full, flush=True)
+"""
+"""A well-behaved uid's non-blocking ``connect()`` every 10 ms (as gRPC connects): ``EAGAIN``
+means the listen queue, shared by every uid, was full."""
 
 
 async def _one(target: str) -> float | str:
@@ -119,7 +156,9 @@ def run(samples: int, churners: int) -> dict[str, float]:
             time.sleep(0.1)
         asyncio.run(_samples(agent.endpoint, 20))  # warm up
         log(f"quiet: {samples} samples")
+        quiet_cpu = _cpu_seconds(agent.pid)[0]
         quiet, quiet_failures = asyncio.run(_samples(agent.endpoint, samples))
+        quiet_cpu = _cpu_seconds(agent.pid)[0] - quiet_cpu
         log(f"churn: {churners} churners as nobody, {samples} samples")
         cpu_before = _cpu_seconds(agent.pid)
         procs = [
@@ -130,6 +169,9 @@ def run(samples: int, churners: int) -> dict[str, float]:
             )
             for _ in range(churners)
         ]
+        probe = subprocess.Popen(
+            [sys.executable, "-c", PROBE, str(agent.socket)], stdout=subprocess.PIPE, text=True
+        )
         try:
             time.sleep(1.0)  # let the churn reach full speed
             churn, churn_failures = asyncio.run(_samples(agent.endpoint, samples))
@@ -142,6 +184,9 @@ def run(samples: int, churners: int) -> dict[str, float]:
                 connects += int(n)
                 rates.append(int(n) / float(seconds))
             cpu_after = _cpu_seconds(agent.pid)
+            probe.send_signal(2)
+            out, _ = probe.communicate(timeout=30)
+            probe_ok, probe_full = (int(x) for x in out.split()) if out.strip() else (0, 0)
         agent.check_alive()
     quiet_p99 = percentile(quiet, 99)
     churn_p99 = percentile(churn, 99)
@@ -153,7 +198,10 @@ def run(samples: int, churners: int) -> dict[str, float]:
         "failures": float(quiet_failures + churn_failures),
         "churn_connects_per_s": round(sum(rates), 1),
         "churn_connects": float(connects),
+        "queue_full_probes": float(probe_full),
+        "queue_full_fraction": round(probe_full / max(probe_ok + probe_full, 1), 4),
         "agent_cpu_s_during_churn": round(cpu_after[0] - cpu_before[0], 3),
+        "agent_cpu_ms_per_quiet_fetch": round(quiet_cpu / samples * 1e3, 3),
         "accept_cpu_s_during_churn": round(cpu_after[1] - cpu_before[1], 3),
         "accept_cpu_us_per_churn_connect": round(
             (cpu_after[1] - cpu_before[1]) / max(connects, 1) * 1e6, 2

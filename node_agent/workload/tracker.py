@@ -254,6 +254,9 @@ class _AcceptProcess:
                  str(listener.fileno()), str(theirs.fileno()), config],
                 stdin=subprocess.DEVNULL,
                 pass_fds=(listener.fileno(), theirs.fileno()),
+                # Its own session, so its own scheduling autogroup where the kernel has
+                # them (see acceptor.ACCEPT_NICE); it still exits when the agent does.
+                start_new_session=True,
             )  # fmt: skip
         except BaseException:
             ours.close()

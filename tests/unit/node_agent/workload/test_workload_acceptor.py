@@ -23,7 +23,7 @@ import pytest
 from grpc import aio
 
 from node_agent.workload import pinning
-from node_agent.workload.acceptor import CONNECTION, MESSAGE_MAX, Acceptor
+from node_agent.workload.acceptor import ACCEPT_NICE, CONNECTION, MESSAGE_MAX, Acceptor
 from node_agent.workload.tracker import _ACCEPTOR_CODE, PeerTrackingProxy, listen_backlog
 
 
@@ -310,6 +310,30 @@ def test_peer_pidfd_errors_of_an_exited_peer_refuse_instead_of_opening_by_pid(co
 def test_peer_pidfd_unknown_option_falls_back_to_the_pid() -> None:
     """Before Linux 6.5 (ENOPROTOOPT) the caller opens a pidfd from the pid."""
     assert pinning.peer_pidfd(_PeerPidfdError(errno.ENOPROTOOPT)) is None  # type: ignore[arg-type]
+
+
+def test_the_accept_process_is_scheduled_in_a_group_of_its_own(short_dir: str) -> None:
+    """It runs in a session of its own (so, where the kernel groups tasks by session, in a
+    scheduling autogroup of its own, not sharing one with whoever started the agent), and
+    as root it raises that group's priority like its own."""
+
+    async def main() -> None:
+        r = await _start(short_dir)
+        try:
+            acceptor = r.proxy._acceptor
+            assert acceptor is not None
+            pid = acceptor.process.pid
+            assert await _who(r.channel()) == str(os.getpid()).encode()  # it has started
+            assert os.getsid(pid) == pid != os.getsid(0)
+            if os.geteuid() == 0:
+                assert os.getpriority(os.PRIO_PROCESS, pid) == ACCEPT_NICE
+                if os.path.exists("/proc/self/autogroup"):
+                    with open(f"/proc/{pid}/autogroup", encoding="ascii") as f:
+                        assert f.read().split()[-1] == str(ACCEPT_NICE)
+        finally:
+            await _stop(r)
+
+    asyncio.run(main())
 
 
 def test_a_hung_accept_process_is_killed_and_replaced(
