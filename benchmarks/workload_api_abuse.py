@@ -26,7 +26,10 @@ this process (uid 0) back to back.
   process during the churn phase per churned connection (nearly all of them shed): the
   cost of shedding, independent of what else the machine runs
   (``accept_cpu_s_during_churn``); ``agent_cpu_s_during_churn`` and
-  ``agent_cpu_ms_per_quiet_fetch`` are the agent process's own.
+  ``agent_cpu_ms_per_quiet_fetch`` are the agent process's own;
+* ``accept_wait_per_cpu_s`` — seconds the accept process was runnable but waited for a CPU
+  (``/proc/<pid>/schedstat``) per second it ran, during the churn: while it waits, the
+  churners fill the listen queue.
 
 Each failed fetch is logged (stderr) with its gRPC status, details and time to failure.
 
@@ -125,6 +128,16 @@ async def _samples(target: str, n: int) -> tuple[list[float], int]:
     return values, failures
 
 
+def _accept_waited(pid: int) -> float:
+    """Seconds the agent's accept process (``pid``'s child) was runnable but waited for a
+    CPU (``/proc/<pid>/schedstat``, second field)."""
+    total = 0.0
+    for child in psutil.Process(pid).children(recursive=True):
+        with contextlib.suppress(OSError), open(f"/proc/{child.pid}/schedstat") as f:
+            total += int(f.read().split()[1]) / 1e9
+    return total
+
+
 def _cpu_seconds(pid: int) -> tuple[float, float]:
     """User + system CPU seconds of the agent ``pid`` and of its children (the accept
     process)."""
@@ -161,6 +174,7 @@ def run(samples: int, churners: int) -> dict[str, float]:
         quiet_cpu = _cpu_seconds(agent.pid)[0] - quiet_cpu
         log(f"churn: {churners} churners as nobody, {samples} samples")
         cpu_before = _cpu_seconds(agent.pid)
+        waited_before = _accept_waited(agent.pid)
         procs = [
             subprocess.Popen(
                 [sys.executable, "-c", CHURN, str(agent.socket)],
@@ -184,6 +198,7 @@ def run(samples: int, churners: int) -> dict[str, float]:
                 connects += int(n)
                 rates.append(int(n) / float(seconds))
             cpu_after = _cpu_seconds(agent.pid)
+            waited = _accept_waited(agent.pid) - waited_before
             probe.send_signal(2)
             out, _ = probe.communicate(timeout=30)
             probe_ok, probe_full = (int(x) for x in out.split()) if out.strip() else (0, 0)
@@ -203,6 +218,7 @@ def run(samples: int, churners: int) -> dict[str, float]:
         "agent_cpu_s_during_churn": round(cpu_after[0] - cpu_before[0], 3),
         "agent_cpu_ms_per_quiet_fetch": round(quiet_cpu / samples * 1e3, 3),
         "accept_cpu_s_during_churn": round(cpu_after[1] - cpu_before[1], 3),
+        "accept_wait_per_cpu_s": round(waited / max(cpu_after[1] - cpu_before[1], 1e-9), 3),
         "accept_cpu_us_per_churn_connect": round(
             (cpu_after[1] - cpu_before[1]) / max(connects, 1) * 1e6, 2
         ),

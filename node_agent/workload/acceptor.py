@@ -72,16 +72,8 @@ MESSAGE_MAX = 65536
 """The agent reads messages into a buffer this big."""
 
 ACCEPT_NICE = -10
-"""Nice value of this process, and of its autogroup, where it may raise them (root): a user
-churning connections from many processes must not out-run its accepting them.
-
-Where the kernel groups tasks by session for scheduling (``CONFIG_SCHED_AUTOGROUP``,
-``/proc/sys/kernel/sched_autogroup_enabled``), a nice value only ranks a process against
-the others of its session, and every session gets an equal share of the CPU: a user who
-runs each churner in a session of its own (``setsid``) gets a share per churner. The agent
-therefore starts this process in a session of its own (``setsid``), and it raises the
-priority of that session's group too (``/proc/self/autogroup``)."""
-AUTOGROUP = "/proc/self/autogroup"
+"""Nice value of this process where it may raise it (root): a user churning connections from
+many processes must not out-run its accepting them."""
 BATCH = 256
 """Connections accepted before the agent's channel is looked at again (at once: no pause
 while connections are queued, see :meth:`Acceptor._accept_batch`)."""
@@ -405,9 +397,6 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     with contextlib.suppress(OSError):  # not permitted (not root): keep the priority
         os.setpriority(os.PRIO_PROCESS, 0, ACCEPT_NICE)
-    # No such file (no CONFIG_SCHED_AUTOGROUP) or not permitted: nothing to raise.
-    with contextlib.suppress(OSError), open(AUTOGROUP, "w", encoding="ascii") as f:
-        f.write(str(ACCEPT_NICE))
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, listener_fd)
     channel = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, channel_fd)
     Acceptor(

@@ -51,7 +51,7 @@ import time
 from node_agent.workload.acceptor import CONNECTION, MESSAGE_MAX, RELEASE
 from node_agent.workload.peer import PeerCredentials, PeerProcess
 
-__all__ = ["PeerTrackingProxy", "listen_backlog"]
+__all__ = ["PeerTrackingProxy"]
 
 log = logging.getLogger(__name__)
 
@@ -210,23 +210,6 @@ standard module)."""
 _FDS_SIZE = socket.CMSG_SPACE(2 * array.array("i").itemsize)
 
 
-def listen_backlog(somaxconn: str = "/proc/sys/net/core/somaxconn") -> int:
-    """The longest listen queue the kernel allows: ``net.core.somaxconn`` (at least
-    ``socket.SOMAXCONN``).
-
-    The queue is shared by every uid. A flood (one user looping ``connect(); close()``)
-    that gets ahead of the accept process while it waits for a CPU fills it, and then
-    everyone else's ``connect()`` fails with ``EAGAIN`` until it catches up. The kernel
-    caps ``listen()`` at ``somaxconn``, and ``socket.SOMAXCONN`` is a compile-time constant
-    (4096), so the sysctl is read: where an operator raised it, the queue grows with it.
-    """
-    try:
-        with open(somaxconn, encoding="ascii") as f:
-            return max(socket.SOMAXCONN, int(f.read()))
-    except (OSError, ValueError):
-        return socket.SOMAXCONN
-
-
 class _AcceptProcess:
     """The accept process (:mod:`node_agent.workload.acceptor`) and the agent's end of its
     channel: pinned connections in, releases out."""
@@ -254,9 +237,6 @@ class _AcceptProcess:
                  str(listener.fileno()), str(theirs.fileno()), config],
                 stdin=subprocess.DEVNULL,
                 pass_fds=(listener.fileno(), theirs.fileno()),
-                # Its own session, so its own scheduling autogroup where the kernel has
-                # them (see acceptor.ACCEPT_NICE); it still exits when the agent does.
-                start_new_session=True,
             )  # fmt: skip
         except BaseException:
             ours.close()
@@ -548,7 +528,7 @@ class PeerTrackingProxy:
         try:
             sock.bind(self.public_path)
             os.chmod(self.public_path, 0o777)
-            sock.listen(listen_backlog())
+            sock.listen(socket.SOMAXCONN)
         except OSError:
             sock.close()
             raise

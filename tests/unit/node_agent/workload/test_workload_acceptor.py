@@ -23,8 +23,8 @@ import pytest
 from grpc import aio
 
 from node_agent.workload import pinning
-from node_agent.workload.acceptor import ACCEPT_NICE, CONNECTION, MESSAGE_MAX, Acceptor
-from node_agent.workload.tracker import _ACCEPTOR_CODE, PeerTrackingProxy, listen_backlog
+from node_agent.workload.acceptor import CONNECTION, MESSAGE_MAX, Acceptor
+from node_agent.workload.tracker import _ACCEPTOR_CODE, PeerTrackingProxy
 
 
 @pytest.fixture
@@ -273,22 +273,6 @@ def test_shedding_never_pauses_while_connections_are_queued(
         agent.close()
 
 
-def test_the_listen_queue_is_as_long_as_the_kernel_allows(short_dir: str) -> None:
-    """The public socket's listen queue follows net.core.somaxconn where an operator raised
-    it above socket.SOMAXCONN (a flood fills a short one, and every other uid's connect()
-    fails while it is full); never shorter than socket.SOMAXCONN."""
-    path = os.path.join(short_dir, "somaxconn")
-    for value, expected in [
-        ("65535\n", 65535),
-        ("128\n", socket.SOMAXCONN),
-        ("x", socket.SOMAXCONN),
-    ]:
-        with open(path, "w", encoding="ascii") as f:
-            f.write(value)
-        assert listen_backlog(path) == expected
-    assert listen_backlog(os.path.join(short_dir, "missing")) == socket.SOMAXCONN
-
-
 class _PeerPidfdError:
     """A socket whose SO_PEERPIDFD fails with ``code`` (the kernel's answers, by version)."""
 
@@ -310,30 +294,6 @@ def test_peer_pidfd_errors_of_an_exited_peer_refuse_instead_of_opening_by_pid(co
 def test_peer_pidfd_unknown_option_falls_back_to_the_pid() -> None:
     """Before Linux 6.5 (ENOPROTOOPT) the caller opens a pidfd from the pid."""
     assert pinning.peer_pidfd(_PeerPidfdError(errno.ENOPROTOOPT)) is None  # type: ignore[arg-type]
-
-
-def test_the_accept_process_is_scheduled_in_a_group_of_its_own(short_dir: str) -> None:
-    """It runs in a session of its own (so, where the kernel groups tasks by session, in a
-    scheduling autogroup of its own, not sharing one with whoever started the agent), and
-    as root it raises that group's priority like its own."""
-
-    async def main() -> None:
-        r = await _start(short_dir)
-        try:
-            acceptor = r.proxy._acceptor
-            assert acceptor is not None
-            pid = acceptor.process.pid
-            assert await _who(r.channel()) == str(os.getpid()).encode()  # it has started
-            assert os.getsid(pid) == pid != os.getsid(0)
-            if os.geteuid() == 0:
-                assert os.getpriority(os.PRIO_PROCESS, pid) == ACCEPT_NICE
-                if os.path.exists("/proc/self/autogroup"):
-                    with open(f"/proc/{pid}/autogroup", encoding="ascii") as f:
-                        assert f.read().split()[-1] == str(ACCEPT_NICE)
-        finally:
-            await _stop(r)
-
-    asyncio.run(main())
 
 
 def test_a_hung_accept_process_is_killed_and_replaced(
