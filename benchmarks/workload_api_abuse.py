@@ -15,7 +15,23 @@ this process (uid 0) back to back.
 * ``ratio`` — ``churn_p99_s / quiet_p99_s``; the target is <= 3 (``churn_p50_s`` is
   reported too);
 * ``failures`` — fetches that failed during either phase; the target is 0;
-* ``churn_connects_per_s`` — the connects the churners completed per second.
+* ``churn_connects_per_s`` — the connects the churners completed per second
+  (``churn_connects`` in all);
+* ``queue_full_fraction`` — of the non-blocking ``connect()`` calls a third uid (daemon,
+  uid 1) makes every 10 ms during the churn, the share that failed with ``EAGAIN`` because
+  the listen queue (shared by every uid) was full (``queue_full_probes`` of them). gRPC
+  reports such a connect as ``UNAVAILABLE`` or retries it after its one-second reconnect
+  backoff: this is what made other users' fetches fail or take a second;
+* ``accept_cpu_us_per_churn_connect`` — CPU time (user + system) of the agent's accept
+  process during the churn phase per churned connection (nearly all of them shed): the
+  cost of shedding, independent of what else the machine runs
+  (``accept_cpu_s_during_churn``); ``agent_cpu_s_during_churn`` and
+  ``agent_cpu_ms_per_quiet_fetch`` are the agent process's own;
+* ``accept_wait_per_cpu_s`` — seconds the accept process was runnable but waited for a CPU
+  (``/proc/<pid>/schedstat``) per second it ran, during the churn: while it waits, the
+  churners fill the listen queue.
+
+Each failed fetch is logged (stderr) with its gRPC status, details and time to failure.
 
 With ``--json`` the last line is one JSON object: ``{"name": "workload_api_abuse", ...}``.
 """
@@ -24,12 +40,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
 import time
 
 import grpc
+import psutil
 from _common import TRUST_DOMAIN, Workspace, create_entries, entry_proto, log, percentile, report
 
 TARGETS = [("ratio", "<=", 3.0), ("failures", "<=", 0.0)]
@@ -55,12 +73,36 @@ try:
         s.close()
 except KeyboardInterrupt:
     pass
-print(n / (time.monotonic() - started), flush=True)
+print(n, time.monotonic() - started, flush=True)
 """
 
+PROBE_UID = 1
+PROBE = f"""
+import os, socket, sys, time
+path = sys.argv[1]
+os.setgroups([]); os.setgid({PROBE_UID}); os.setuid({PROBE_UID})
+ok = full = 0
+try:
+    while True:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.setblocking(False)
+        try:
+            s.connect(path)
+            ok += 1
+        except BlockingIOError:
+            full += 1
+        s.close()
+        time.sleep(0.01)
+except KeyboardInterrupt:
+    pass
+print(ok, full, flush=True)
+"""
+"""A well-behaved uid's non-blocking ``connect()`` every 10 ms (as gRPC connects): ``EAGAIN``
+means the listen queue, shared by every uid, was full."""
 
-async def _one(target: str) -> float | None:
-    """Seconds to the first message on a fresh channel; None if the fetch failed."""
+
+async def _one(target: str) -> float | str:
+    """Seconds to the first message on a fresh channel, or why the fetch failed."""
     started = time.perf_counter()
     try:
         async with grpc.aio.insecure_channel(target) as channel:
@@ -68,21 +110,45 @@ async def _one(target: str) -> float | None:
             message = await call.read()
             elapsed = time.perf_counter() - started
             call.cancel()
-    except grpc.aio.AioRpcError:
-        return None
-    return None if message is grpc.aio.EOF else elapsed
+    except grpc.aio.AioRpcError as err:
+        return f"{err.code().name} after {time.perf_counter() - started:.3f}s: {err.details()}"
+    return "the stream ended before a message" if message is grpc.aio.EOF else elapsed
 
 
 async def _samples(target: str, n: int) -> tuple[list[float], int]:
     values: list[float] = []
     failures = 0
-    for _ in range(n):
+    for i in range(n):
         value = await _one(target)
-        if value is None:
+        if isinstance(value, str):
             failures += 1
+            log(f"fetch {i} failed: {value}")
         else:
             values.append(value)
     return values, failures
+
+
+def _accept_waited(pid: int) -> float:
+    """Seconds the agent's accept process (``pid``'s child) was runnable but waited for a
+    CPU (``/proc/<pid>/schedstat``, second field)."""
+    total = 0.0
+    for child in psutil.Process(pid).children(recursive=True):
+        with contextlib.suppress(OSError), open(f"/proc/{child.pid}/schedstat") as f:
+            total += int(f.read().split()[1]) / 1e9
+    return total
+
+
+def _cpu_seconds(pid: int) -> tuple[float, float]:
+    """User + system CPU seconds of the agent ``pid`` and of its children (the accept
+    process)."""
+    process = psutil.Process(pid)
+    times = process.cpu_times()
+    children = 0.0
+    for child in process.children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            t = child.cpu_times()
+            children += t.user + t.system
+    return times.user + times.system, children
 
 
 def run(samples: int, churners: int) -> dict[str, float]:
@@ -97,14 +163,18 @@ def run(samples: int, churners: int) -> dict[str, float]:
                              ["unix:uid:0"])],
             )  # fmt: skip
         deadline = time.monotonic() + 60
-        while asyncio.run(_one(agent.endpoint)) is None:
+        while isinstance(asyncio.run(_one(agent.endpoint)), str):
             if time.monotonic() > deadline:
                 raise RuntimeError("the agent never served the benchmark's SVID")
             time.sleep(0.1)
         asyncio.run(_samples(agent.endpoint, 20))  # warm up
         log(f"quiet: {samples} samples")
+        quiet_cpu = _cpu_seconds(agent.pid)[0]
         quiet, quiet_failures = asyncio.run(_samples(agent.endpoint, samples))
+        quiet_cpu = _cpu_seconds(agent.pid)[0] - quiet_cpu
         log(f"churn: {churners} churners as nobody, {samples} samples")
+        cpu_before = _cpu_seconds(agent.pid)
+        waited_before = _accept_waited(agent.pid)
         procs = [
             subprocess.Popen(
                 [sys.executable, "-c", CHURN, str(agent.socket)],
@@ -113,15 +183,25 @@ def run(samples: int, churners: int) -> dict[str, float]:
             )
             for _ in range(churners)
         ]
+        probe = subprocess.Popen(
+            [sys.executable, "-c", PROBE, str(agent.socket)], stdout=subprocess.PIPE, text=True
+        )
         try:
             time.sleep(1.0)  # let the churn reach full speed
             churn, churn_failures = asyncio.run(_samples(agent.endpoint, samples))
         finally:
-            rates = []
+            connects, rates = 0, []
             for proc in procs:
                 proc.send_signal(2)
                 out, _ = proc.communicate(timeout=30)
-                rates.append(float(out.strip() or 0))
+                n, seconds = out.split() if out.strip() else ("0", "1")
+                connects += int(n)
+                rates.append(int(n) / float(seconds))
+            cpu_after = _cpu_seconds(agent.pid)
+            waited = _accept_waited(agent.pid) - waited_before
+            probe.send_signal(2)
+            out, _ = probe.communicate(timeout=30)
+            probe_ok, probe_full = (int(x) for x in out.split()) if out.strip() else (0, 0)
         agent.check_alive()
     quiet_p99 = percentile(quiet, 99)
     churn_p99 = percentile(churn, 99)
@@ -132,6 +212,16 @@ def run(samples: int, churners: int) -> dict[str, float]:
         "ratio": round(churn_p99 / quiet_p99, 3),
         "failures": float(quiet_failures + churn_failures),
         "churn_connects_per_s": round(sum(rates), 1),
+        "churn_connects": float(connects),
+        "queue_full_probes": float(probe_full),
+        "queue_full_fraction": round(probe_full / max(probe_ok + probe_full, 1), 4),
+        "agent_cpu_s_during_churn": round(cpu_after[0] - cpu_before[0], 3),
+        "agent_cpu_ms_per_quiet_fetch": round(quiet_cpu / samples * 1e3, 3),
+        "accept_cpu_s_during_churn": round(cpu_after[1] - cpu_before[1], 3),
+        "accept_wait_per_cpu_s": round(waited / max(cpu_after[1] - cpu_before[1], 1e-9), 3),
+        "accept_cpu_us_per_churn_connect": round(
+            (cpu_after[1] - cpu_before[1]) / max(connects, 1) * 1e6, 2
+        ),
     }
 
 

@@ -43,6 +43,7 @@ The process exits when the agent says so, closes its end, or dies.
 
 from __future__ import annotations
 
+import _socket
 import array
 import contextlib
 import errno
@@ -74,9 +75,11 @@ ACCEPT_NICE = -10
 """Nice value of this process where it may raise it (root): a user churning connections from
 many processes must not out-run its accepting them."""
 BATCH = 256
-"""Connections accepted per wake-up before the agent's channel is looked at again."""
+"""Connections accepted before the agent's channel is looked at again (at once: no pause
+while connections are queued, see :meth:`Acceptor._accept_batch`)."""
 PAUSE_UNDER_CHURN = 0.0005
-"""Seconds to wait after a batch that shed connections (at most 4096 can queue meanwhile)."""
+"""Seconds to wait after a batch that shed connections and emptied the listen queue (a
+flood of 100,000 connections a second queues 50 meanwhile; the queue holds 4096)."""
 MAX_OUTBOX = 1024
 """Pinned connections waiting for the agent to take them; beyond that one is shed (see
 :meth:`Acceptor._queue`)."""
@@ -230,23 +233,36 @@ class Acceptor:
         else:
             self._queued_by_uid.pop(uid, None)
 
-    def _accept_batch(self) -> None:
+    def _accept_batch(self) -> bool:
         """Accept what is queued (up to :data:`BATCH`); shed the excess as cheaply as we can.
 
         A uid connecting as fast as it can makes this loop do as much work per connection
         as it does itself (the kernel's part of ``accept()`` and ``close()`` is most of
-        it), so the shed path does nothing more than it must: no socket object beyond the
-        one ``getsockopt`` needs, no clock read per connection, no string formatting.
+        it), so the shed path does nothing more than it must: ``SO_PEERCRED`` read through
+        a bare ``_socket.socket`` (no Python-level wrapper to build and close), that uid's
+        bucket looked at before anything else, no clock read per connection, no string
+        formatting, no ``/proc`` read, no pidfd.
+
+        The listen queue is one for every uid: when a flood fills it, everyone else's
+        ``connect()`` fails (``EAGAIN``, which gRPC reports as ``UNAVAILABLE`` or retries
+        after its one-second reconnect backoff). So this never pauses while connections
+        are queued: after :data:`BATCH` it returns at once (the caller looks at the agent's
+        channel and comes back), and only a batch that emptied the queue and shed
+        something is followed by :data:`PAUSE_UNDER_CHURN`. Returns whether the queue was
+        emptied.
         """
         accept = self._accept
         buckets, refused, rate, too_fast = self._buckets, self._refused, self.rate, self._too_fast
+        bare, family, kind = _socket.socket, socket.AF_UNIX, socket.SOCK_STREAM
         sol, peercred, size = socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size
         now = time.monotonic()
         shed = 0
+        drained = False
         for _ in range(BATCH):
             try:
                 fd, _ = accept()
             except BlockingIOError:
+                drained = True
                 break
             except OSError as err:
                 if err.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
@@ -256,7 +272,7 @@ class Acceptor:
                 if err.errno == errno.EINVAL:  # the listener was shut down
                     raise
                 continue  # ECONNABORTED and the like: that connection is gone
-            conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fd)
+            conn = bare(family, kind, 0, fd)
             try:
                 pid, uid, gid = _UCRED.unpack(conn.getsockopt(sol, peercred, size))
             except OSError as err:
@@ -271,13 +287,14 @@ class Acceptor:
                 refused[key] = refused.get(key, 0) + 1
                 shed += 1
                 continue
-            self._handle(conn, pid, uid, gid, now)
+            self._handle(socket.socket(family, kind, 0, conn.detach()), pid, uid, gid, now)
         if self._refused and now - self._last_summary >= self.log_interval:
             self._summarize(now)
-        if shed:
+        if shed and drained:
             # Someone is churning: let the queue gather a few before the next wake-up, so
             # shedding costs a wake-up per batch rather than per connection.
             time.sleep(PAUSE_UNDER_CHURN)
+        return drained
 
     # -- the agent's channel ------------------------------------------------------------
 

@@ -228,6 +228,51 @@ def test_refusal_summaries_of_many_uids_arrive_whole() -> None:
         agent.close()
 
 
+def test_shedding_never_pauses_while_connections_are_queued(
+    short_dir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A uid out of tokens has more connections queued than one batch: every one is shed
+    without pinning (no /proc read, no pidfd), and the accept loop pauses only once the
+    listen queue is empty. A pause with connections still queued lets a flood fill the
+    queue, and then every other uid's connect() fails (EAGAIN)."""
+    from node_agent.workload import acceptor as acceptor_module
+
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(os.path.join(short_dir, "l.sock"))
+    listener.listen(4 * acceptor_module.BATCH)
+    listener.setblocking(False)
+    ours, agent = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    acc = Acceptor(listener, ours, max_open=100, rate=0.001, burst=1, log_interval=10)
+    uid = os.geteuid()
+    acc._buckets[uid] = [0.0, time.monotonic()]  # out of tokens
+    acc._last_summary = time.monotonic()  # no summary (it would reset the counts) yet
+    pauses_with_queued: list[bool] = []
+
+    def pause(seconds: float) -> None:
+        pauses_with_queued.append(bool(select.select([listener], [], [], 0)[0]))
+
+    def no_pin(*args: object) -> None:
+        raise AssertionError("a shed connection was pinned")
+
+    monkeypatch.setattr(acceptor_module.time, "sleep", pause)
+    monkeypatch.setattr(acceptor_module, "pin", no_pin)
+    count = acceptor_module.BATCH + 50
+    try:
+        for _ in range(count):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.connect(listener.getsockname())
+        for _ in range(10):
+            if acc._accept_batch():
+                break
+        assert acc._refused == {(acc._too_fast, uid): count}
+        assert pauses_with_queued == [False]
+        assert not acc.open_by_uid
+    finally:
+        listener.close()
+        ours.close()
+        agent.close()
+
+
 class _PeerPidfdError:
     """A socket whose SO_PEERPIDFD fails with ``code`` (the kernel's answers, by version)."""
 
