@@ -297,6 +297,7 @@ class SqlDataStore:
         # its own: COMMIT and ROLLBACK, and on PostgreSQL the BEGIN psycopg sends before a
         # transaction's first statement and the pool's pre-ping (a ``SELECT 1``).
         self._statements = 0
+        self._writes = 0
         self._statements_lock = threading.Lock()
         event.listen(engine, "before_cursor_execute", self._count_statement)
         event.listen(engine, "commit", self._count_transaction_control)
@@ -392,6 +393,12 @@ class SqlDataStore:
     def statements_executed(self) -> int:
         """SQL statements sent to the database since the store was opened (migrations too)."""
         return self._statements
+
+    @property
+    def writes_committed(self) -> int:
+        """Write transactions committed through this store (what a reader that caches a
+        table compares, with the change feed for other servers' writes)."""
+        return self._writes
 
     # ------------------------------------------------------------------ test and feed hooks
 
@@ -2012,6 +2019,9 @@ class SqlDataStore:
                 yield tx
                 if tx.audit:
                     self._append_audit(tx)
+        if write:
+            with self._statements_lock:
+                self._writes += 1
         if tx.events:
             self._notify(tx.events)
 
