@@ -559,12 +559,14 @@ class ServerClient:
         """Call with ``svid`` and trust ``authorities`` from now on; rebuild the channels.
 
         Old channels retire after a grace (calls in flight finish on them), every address is
-        verified again before its next use, and :meth:`credentials_changed` fires; so does
-        :meth:`channels_replaced`, unless only authorities were added to those trusted (the
-        same SVID): then a channel carrying a sync stream stays open until the stream
-        ends, and the addresses verified stay verified (against authorities still trusted).
+        verified again before its next use (unless every authority trusted so far still is:
+        then a server's identity verified against them stays verified), and
+        :meth:`credentials_changed` fires; so does :meth:`channels_replaced`, unless only
+        authorities were added to those trusted (the same SVID): then a channel carrying a
+        sync stream stays open until the stream ends.
         """
-        added_only = svid is self._svid and set(self._authorities) <= set(authorities)
+        still_trusted = set(self._authorities) <= set(authorities)
+        added_only = svid is self._svid and still_trusted
         self._svid = svid
         self._authorities = authorities
         for channel in self._channels.values():
@@ -573,10 +575,11 @@ class ServerClient:
             else:
                 self._retire(channel)
         self._channels.clear()
+        if not still_trusted:
+            self._verified.clear()
         self._changed.set()
         self._changed = asyncio.Event()
         if not added_only:
-            self._verified.clear()
             self._replaced.set()
             self._replaced = asyncio.Event()
 
