@@ -507,7 +507,8 @@ class ServerClient:
         self._authorities: tuple[x509.Certificate, ...] = ()
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._verified: set[str] = set()
-        self._retiring: set[asyncio.Task[None]] = set()
+        # Channels closing after their grace, by the task closing each.
+        self._retiring: dict[asyncio.Task[None], grpc.aio.Channel] = {}
         self._changed = asyncio.Event()
         self._replaced = asyncio.Event()
         # Sync streams open on each channel; retired channels kept until their streams end.
@@ -585,8 +586,8 @@ class ServerClient:
 
     def _retire(self, channel: grpc.aio.Channel) -> None:
         task = asyncio.get_running_loop().create_task(channel.close(grace=_CHANNEL_RETIRE_GRACE))
-        self._retiring.add(task)
-        task.add_done_callback(self._retiring.discard)
+        self._retiring[task] = channel
+        task.add_done_callback(lambda done: self._retiring.pop(done, None))
 
     def credentials_changed(self) -> asyncio.Event:
         """An event set the next time the agent SVID or the trust bundle is replaced."""
@@ -598,8 +599,9 @@ class ServerClient:
         return self._replaced
 
     async def close(self) -> None:
-        """Close every channel, retiring ones included."""
-        for channel in [*self._channels.values(), *self._lingering]:
+        """Close every channel, retiring ones included (at once, not after their grace)."""
+        retiring = list(self._retiring.values())
+        for channel in [*self._channels.values(), *self._lingering, *retiring]:
             with contextlib.suppress(Exception):
                 await channel.close(grace=None)
         self._channels.clear()
