@@ -18,9 +18,10 @@ created before it attests. The metrics, in run order:
 * ``server_cpu_idle_pct`` — server CPU (user + system, % of one core) over ``--idle`` (30) s
   with all N connected and nothing changing (heartbeats only);
 * ``db_statements_per_s_idle`` — SQL statements the server's datastore sent over that same
-  window, per second (the ``credo_datastore_statements_total`` counter, read from the
-  server's metrics endpoint: each read costs the server one statement of its own, the
-  agents gauge, which is included);
+  window, per second (the ``credo_datastore_statements_total`` counter: every statement
+  executed, and the ``BEGIN``, ``COMMIT``, ``ROLLBACK`` and pool pre-pings the driver sends
+  on its own; read from the server's metrics endpoint: each read costs the server one
+  statement of its own, the agents gauge, which is included);
 * ``entry_p99_s`` (and ``entry_p50_s``) — ``--changes`` (200) times, one after the other:
   an entry created for one agent (the next in a fixed random order) through
   ``Entries.BatchCreateEntry``, timed from before the call until that agent's sync stream
@@ -31,7 +32,10 @@ created before it attests. The metrics, in run order:
 * ``renewal_storm_s`` — every agent's SVIDs are due together (as when they all expire at
   once): all N agents sign all their SVIDs again at the same moment; until the last is back;
 * ``renew_agents_s`` — every agent renews its own agent SVID (``RenewAgent``) at once, and
-  its sync stream moves to the new mTLS channel (until all are synced again).
+  its sync stream moves to the new mTLS channel (until all are synced again);
+* over the whole run: ``call_retries`` (signing and renewal calls retried after the server
+  did not answer in time), ``stream_reopens`` (sync streams lost or reopened, by reason in
+  the log) and ``stream_opens`` (sync streams opened, the first ones included).
 
 The default run measures N = ``--agents`` (1,000) on SQLite and reports the names above,
 then the same on PostgreSQL (suffix ``_pg``) and N = ``--reference-agents`` (100) on SQLite
@@ -174,6 +178,9 @@ def measure(
             fleet.call(fleet.each(_renew_and_resync), timeout=WAIT * 2)
             renew_agents = time.perf_counter() - started
             agents_seen = list(fleet.agents)
+            retried = sum((a.retry_reasons for a in agents_seen), collections.Counter[str]())
+            for reason, count in retried.most_common(3):
+                log(f"{name}: calls retried {count}x: {reason}")
             failed = [a.name for a in fleet.agents if a.failure or a.removed]
             if failed:
                 raise RuntimeError(f"agents failed: {', '.join(failed[:5])}")
@@ -272,16 +279,21 @@ def _rotation(fleet: Fleet, admin: Any) -> list[float]:
 
 
 class _StreamLosses(logging.Handler):
-    """Counts why the simulated agents' sync streams were lost (the syncer's log lines,
-    which otherwise print without their fields), instead of printing each line."""
+    """Counts why the simulated agents' sync streams were lost or reopened (the syncer's
+    log lines with an ``error``, which otherwise print without their fields), and the
+    streams opened (its "entry sync stream open" lines), instead of printing each line."""
 
     def __init__(self) -> None:
         super().__init__(logging.INFO)
         self.reasons: collections.Counter[str] = collections.Counter()
+        self.opened = 0
 
     def emit(self, record: logging.LogRecord) -> None:
-        error = str(getattr(record, "error", record.getMessage()))
-        self.reasons[re.sub(r"127\.0\.0\.1:\d+", "SERVER", error)[:90]] += 1
+        error = getattr(record, "error", None)
+        if error is None:
+            self.opened += record.getMessage() == "entry sync stream open"
+            return
+        self.reasons[re.sub(r"127\.0\.0\.1:\d+", "SERVER", str(error))[:90]] += 1
 
 
 def _raise_fd_limit() -> None:
@@ -332,6 +344,7 @@ def main() -> None:
     for reason, count in losses.reasons.most_common(5):
         log(f"sync streams reopened {count}x: {reason}")
     metrics["stream_reopens"] = sum(losses.reasons.values())
+    metrics["stream_opens"] = losses.opened
     metrics["agents"] = args.agents
     metrics["run_s"] = round(time.perf_counter() - started, 1)
     targets = [t for t in TARGETS if t[0] in metrics]

@@ -6,7 +6,11 @@ Everything the agent asks a server goes through :class:`ServerClient`; nothing e
 * **Channels.** After attestation every call is mTLS with the agent SVID.
   :meth:`ServerClient.set_credentials` installs a new SVID or trust bundle: channels are
   rebuilt for the next call, and the old ones retire after a grace so that calls in
-  flight finish (:meth:`ServerClient.credentials_changed` fires).
+  flight finish (:meth:`ServerClient.credentials_changed` fires). A bundle that only adds
+  authorities (a CA rotation's prepared CA) leaves a sync stream on its channel: the
+  connection was verified against authorities all still trusted; that channel retires
+  when the stream ends. A new SVID or a dropped authority moves streams too
+  (:meth:`ServerClient.channels_replaced` fires).
 * **Failover.** Calls go to the current server address. A unary call that finds its
   server unreachable moves on to the next address and tries again, once around the list
   (in the configured order, wrapping round); a stream moves on for the next attempt. The
@@ -503,8 +507,13 @@ class ServerClient:
         self._authorities: tuple[x509.Certificate, ...] = ()
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._verified: set[str] = set()
-        self._retiring: set[asyncio.Task[None]] = set()
+        # Channels closing after their grace, by the task closing each.
+        self._retiring: dict[asyncio.Task[None], grpc.aio.Channel] = {}
         self._changed = asyncio.Event()
+        self._replaced = asyncio.Event()
+        # Sync streams open on each channel; retired channels kept until their streams end.
+        self._streams: dict[grpc.aio.Channel, int] = {}
+        self._lingering: set[grpc.aio.Channel] = set()
 
     # --- state ---------------------------------------------------------------------------
 
@@ -551,31 +560,52 @@ class ServerClient:
         """Call with ``svid`` and trust ``authorities`` from now on; rebuild the channels.
 
         Old channels retire after a grace (calls in flight finish on them), every address is
-        verified again before its next use, and :meth:`credentials_changed` fires.
+        verified again before its next use (unless every authority trusted so far still is:
+        then a server's identity verified against them stays verified), and
+        :meth:`credentials_changed` fires; so does :meth:`channels_replaced`, unless only
+        authorities were added to those trusted (the same SVID): then a channel carrying a
+        sync stream stays open until the stream ends.
         """
+        still_trusted = set(self._authorities) <= set(authorities)
+        added_only = svid is self._svid and still_trusted
         self._svid = svid
         self._authorities = authorities
         for channel in self._channels.values():
-            task = asyncio.get_running_loop().create_task(
-                channel.close(grace=_CHANNEL_RETIRE_GRACE)
-            )
-            self._retiring.add(task)
-            task.add_done_callback(self._retiring.discard)
+            if added_only and self._streams.get(channel):
+                self._lingering.add(channel)
+            else:
+                self._retire(channel)
         self._channels.clear()
-        self._verified.clear()
+        if not still_trusted:
+            self._verified.clear()
         self._changed.set()
         self._changed = asyncio.Event()
+        if not added_only:
+            self._replaced.set()
+            self._replaced = asyncio.Event()
+
+    def _retire(self, channel: grpc.aio.Channel) -> None:
+        task = asyncio.get_running_loop().create_task(channel.close(grace=_CHANNEL_RETIRE_GRACE))
+        self._retiring[task] = channel
+        task.add_done_callback(lambda done: self._retiring.pop(done, None))
 
     def credentials_changed(self) -> asyncio.Event:
         """An event set the next time the agent SVID or the trust bundle is replaced."""
         return self._changed
 
+    def channels_replaced(self) -> asyncio.Event:
+        """An event set the next time open streams must move to new channels: a new agent
+        SVID, or an authority no longer trusted (not a bundle that only adds some)."""
+        return self._replaced
+
     async def close(self) -> None:
-        """Close every channel, retiring ones included."""
-        for channel in self._channels.values():
+        """Close every channel, retiring ones included (at once, not after their grace)."""
+        retiring = list(self._retiring.values())
+        for channel in [*self._channels.values(), *self._lingering, *retiring]:
             with contextlib.suppress(Exception):
                 await channel.close(grace=None)
         self._channels.clear()
+        self._lingering.clear()
         for task in list(self._retiring):
             task.cancel()
         for task in list(self._retiring):
@@ -595,6 +625,10 @@ class ServerClient:
 
     async def _stub(self, address: str) -> Any:
         """An ``Agent`` stub on the mTLS channel to ``address`` (verified on first use)."""
+        return agent_pb2_grpc.AgentStub(await self._channel(address))
+
+    async def _channel(self, address: str) -> grpc.aio.Channel:
+        """The mTLS channel to ``address`` (verified on first use)."""
         if self._svid is None:
             raise RuntimeError("the server client has no agent SVID yet")
         channel = self._channels.get(address)
@@ -609,7 +643,7 @@ class ServerClient:
             )
             channel = grpc.aio.secure_channel(address, credentials, options=_CHANNEL_OPTIONS)
             self._channels[address] = channel
-        return agent_pb2_grpc.AgentStub(channel)
+        return channel
 
     def _error(
         self, err: grpc.aio.AioRpcError, address: str, *, may_remove: bool = True
@@ -811,13 +845,14 @@ class ServerClient:
         """
         address = self.address
         try:
-            stub = await self._stub(address)
+            channel = await self._channel(address)
         except ServerUnreachable as exc:
             self.failover(str(exc))
             raise
-        call = stub.SyncEntries(
+        call = agent_pb2_grpc.AgentStub(channel).SyncEntries(
             agent_pb2.SyncEntriesRequest(resume_after_event_id=resume_after_event_id)
         )
+        self._streams[channel] = self._streams.get(channel, 0) + 1
         try:
             async for message in call:
                 yield _sync_message(message)
@@ -830,3 +865,12 @@ class ServerClient:
             raise _closed_under(address, "the sync stream") from None
         finally:
             call.cancel()
+            self._stream_ended(channel)
+
+    def _stream_ended(self, channel: grpc.aio.Channel) -> None:
+        left = self._streams.pop(channel, 0) - 1
+        if left > 0:
+            self._streams[channel] = left
+        elif channel in self._lingering:
+            self._lingering.discard(channel)
+            self._retire(channel)

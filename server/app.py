@@ -600,7 +600,18 @@ async def serve(
     server = await _build(config, stop)
     try:
         async with asyncio.TaskGroup() as tasks:
-            tasks.create_task(server.manager.run(stop), name="authority-manager")
+            tasks.create_task(
+                server.manager.run(
+                    stop,
+                    # The feed's position (other servers' journal writes publish the
+                    # bundle) and this server's own writes.
+                    journal_generation=lambda: (
+                        server.cache.event_id,
+                        server.datastore.writes_committed,
+                    ),
+                ),
+                name="authority-manager",
+            )
             tasks.create_task(server.cache.run(stop), name="entry-cache")
             tasks.create_task(
                 server.identity.run(stop, bundle_generation=lambda: server.cache.bundle_events),
@@ -619,7 +630,13 @@ async def serve(
             tasks.create_task(
                 server.crl_signer.run(stop, server.crl_events.wait), name="crl-signer"
             )
-            tasks.create_task(server.federation.run(stop), name="federation")
+            tasks.create_task(
+                server.federation.run(
+                    stop,
+                    generation=lambda: (server.cache.event_id, server.datastore.writes_committed),
+                ),
+                name="federation",
+            )
             if server.signing_pool is not None:
                 server.signing_pool.start_background()
             info = await _start_endpoints(server)

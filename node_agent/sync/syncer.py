@@ -8,9 +8,11 @@ nothing else does (not even a bug in one message).
 
 Staying current, not only connected:
 
-* a new agent SVID or trust bundle (the server client rebuilds its channels and retires
-  the old ones, cancelling their calls after a grace) moves the stream to the new channel
-  at once, resuming from the last event id;
+* a new agent SVID, or a trust bundle that no longer trusts an authority (the server
+  client rebuilds its channels and retires the old ones, cancelling their calls after a
+  grace) moves the stream to the new channel at once, resuming from the last event id; a
+  bundle that only adds authorities (a CA rotation's prepared CA) leaves the stream where
+  it is (its connection was verified against authorities all still trusted);
 * the server sends a heartbeat when the stream has been quiet for its heartbeat
   interval, with its current event id and the digest of the entries it holds for the
   agent: equal digests move the agent's event id up; different ones mean the agent is
@@ -63,6 +65,10 @@ class SyncClient(Protocol):
 
     def credentials_changed(self) -> asyncio.Event:
         """An event set the next time the agent SVID or trust bundle is replaced."""
+        ...
+
+    def channels_replaced(self) -> asyncio.Event:
+        """An event set the next time open streams must move to new channels."""
         ...
 
 
@@ -131,7 +137,7 @@ class EntrySyncer:
         backoff = self.client.backoff()
         while True:
             address = self.client.address
-            changed = self.client.credentials_changed()
+            changed = self.client.channels_replaced()
             opened = time.monotonic()
             wait = True
             level = logging.WARNING
@@ -200,7 +206,9 @@ class EntrySyncer:
                     consume.result()  # its error, or it ended
                     return
                 if moved.done():
-                    raise _Reopen("agent SVID or trust bundle replaced; moving to the new channel")
+                    raise _Reopen(
+                        "agent SVID or trusted authorities replaced; moving to the new channel"
+                    )
                 silent = time.monotonic() - self._last_message
                 if self._interval > 0 and silent >= 3 * self._interval:
                     raise _Reopen(

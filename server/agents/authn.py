@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Final
@@ -48,7 +49,7 @@ from server.agents.errors import (
     UntrustedAuthority,
 )
 from server.ca.ca import CertificateAuthority
-from server.datastore.models import AttestedNode
+from server.datastore.models import AttestedNode, Authority
 from server.datastore.protocol import DataStore
 from server.ratelimit import KeyedRateLimiter
 from server.revocation import issued_record
@@ -149,7 +150,11 @@ class AgentAuthenticator:
 
     def issued_by_live_authority(self, cert: x509.Certificate) -> bool:
         """True if ``cert`` was signed by an X.509 authority still in the CA journal."""
-        for row in self._ds.list_authorities("x509"):
+        return self.issued_by_one_of(cert, self._ds.list_authorities("x509"))
+
+    def issued_by_one_of(self, cert: x509.Certificate, journal: Iterable[Authority]) -> bool:
+        """True if ``cert`` was signed by one of the X.509 authorities of ``journal``."""
+        for row in journal:
             der = bytes(row.public_data)
             memo_key = (der, cert.signature)
             if memo_key in self._issuer_memo:

@@ -51,7 +51,7 @@ from server.agents.errors import (
     UntrustedAuthority,
 )
 from server.authorization import EntryCache, Subscription
-from server.datastore.models import Event, EventKind, RegistrationEntry
+from server.datastore.models import Authority, Event, EventKind, RegistrationEntry
 from server.datastore.protocol import DataStore
 
 __all__ = [
@@ -202,6 +202,7 @@ class SyncView:
         self._stopping = stopping or asyncio.Event()
         self.heartbeat_interval = heartbeat_interval
         """Seconds of quiet after which a stream carries a heartbeat; 0: never."""
+        self._journal: tuple[int, asyncio.Future[list[Authority]]] | None = None
 
     @property
     def feed_position(self) -> int:
@@ -301,8 +302,8 @@ class SyncView:
                 # back with its renewed one (its next call would be refused anyway).
                 raise AgentSvidExpired("agent SVID expired; reconnect")
             events = events or []
-            if any(e.kind in _BUNDLE_EVENTS for e in events) and not await asyncio.to_thread(
-                self._authn.issued_by_live_authority, cert
+            if any(e.kind in _BUNDLE_EVENTS for e in events) and not self._authn.issued_by_one_of(
+                cert, await self._x509_journal()
             ):
                 raise UntrustedAuthority(
                     "agent SVID was signed by an authority that is no longer trusted"
@@ -352,6 +353,27 @@ class SyncView:
                     bundles=None,
                     digest=entries_digest(sent.items()),
                 )
+
+    async def _x509_journal(self) -> list[Authority]:
+        """The X.509 authorities of the CA journal, read once per feed position.
+
+        A bundle change wakes every stream at once, and each checks its agent's SVID
+        against the journal: they share one read made at (or past) the position that woke
+        them, as fresh as a read of each stream's own.
+        """
+        position = self._cache.event_id
+        held = self._journal
+        if (
+            held is None
+            or held[0] != position
+            or (held[1].done() and (held[1].cancelled() or held[1].exception() is not None))
+        ):
+            held = (
+                position,
+                asyncio.ensure_future(asyncio.to_thread(self._ds.list_authorities, "x509")),
+            )
+            self._journal = held
+        return await asyncio.shield(held[1])
 
     async def _next_events(self, sub: Subscription, timeout: float) -> list[Event] | None:
         """The next events for ``sub``; None when none came within ``timeout`` seconds.

@@ -52,6 +52,7 @@ import logging
 import secrets
 import string
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -92,6 +93,8 @@ log = logging.getLogger(__name__)
 
 KINDS: tuple[AuthorityKind, ...] = ("x509", "jwt", "wit")
 _KID_ALPHABET = string.ascii_letters + string.digits
+# Seconds a check may work from the last read of the CA journal when nothing says it moved.
+_JOURNAL_REREAD = 60.0
 _MAX_REFRESH_HINT = 300
 
 
@@ -232,6 +235,8 @@ class AuthorityManager:
         self.ca = ca if ca is not None else CertificateAuthority(config.trust_domain, clock=clock)
         self.on_change: list[Callable[[AuthorityChange], None]] = []
         self._lock = threading.RLock()
+        # The last read of the whole CA journal: (generation it was read at, when, rows).
+        self._journal: tuple[object, float, list[Authority]] | None = None
         self._started = False
         self._upstream: UpstreamCa | None = None
         self.publisher = BundlePublisher(config.trust_domain, datastore, config.refresh_hint)
@@ -258,8 +263,14 @@ class AuthorityManager:
             self.tick(now)
             self._publish_bundle()
 
-    async def run(self, stop_event: asyncio.Event) -> None:
-        """Run :meth:`tick` every ``rotation_check_interval`` seconds until ``stop_event``."""
+    async def run(
+        self, stop_event: asyncio.Event, journal_generation: Callable[[], object] | None = None
+    ) -> None:
+        """Run :meth:`tick` every ``rotation_check_interval`` seconds until ``stop_event``.
+
+        ``journal_generation`` (see :meth:`tick`) spares an idle server the journal read of
+        each check.
+        """
         if not self._started:
             await asyncio.to_thread(self.start)
         while not stop_event.is_set():
@@ -270,7 +281,7 @@ class AuthorityManager:
             else:
                 return
             try:
-                await asyncio.to_thread(self.tick)
+                await asyncio.to_thread(self.tick, None, journal_generation)
             except (CredoError, OSError) as err:
                 log.error("authority rotation step failed", extra={"error": str(err)})
 
@@ -325,17 +336,39 @@ class AuthorityManager:
 
     # --- rotation ---------------------------------------------------------------------
 
-    def tick(self, now: datetime | None = None) -> None:
-        """Do whatever rotation step is due at ``now`` (default: the clock) for both kinds."""
+    def tick(
+        self, now: datetime | None = None, generation: Callable[[], object] | None = None
+    ) -> None:
+        """Do whatever rotation step is due at ``now`` (default: the clock) for both kinds.
+
+        ``generation`` returns a value that moves whenever the CA journal may have changed
+        (the server passes its change feed's position with the datastore's count of
+        committed writes: a journal write by another server publishes the bundle, an event,
+        and this server's own writes are counted). While it stands still, for at most
+        a minute, the check works from the journal it read last: the steps depend only
+        on the rows and the time.
+        """
         now = now or self._clock()
         with self._lock:
             # One read of the CA journal per check (it runs every few seconds on every
             # server): each kind's step and the pruning work from it. A kind's step only
             # writes rows of that kind, so the snapshot stays right for the next kinds.
-            snapshot = self.datastore.list_authorities()
+            snapshot = self._read_journal(generation)
             for kind in KINDS:
                 self._tick_kind(kind, now, snapshot)
             self._prune_foreign(now, snapshot)
+
+    def _read_journal(self, generation: Callable[[], object] | None) -> list[Authority]:
+        if generation is None:
+            return self.datastore.list_authorities()
+        seen = generation()  # before the read: a write made during it moves it again
+        held = self._journal
+        if held is not None and held[0] == seen and time.monotonic() - held[1] < _JOURNAL_REREAD:
+            return held[2]
+        read_at = time.monotonic()
+        snapshot = self.datastore.list_authorities()
+        self._journal = (seen, read_at, snapshot)
+        return snapshot
 
     def _rows(
         self, kind: AuthorityKind, snapshot: list[Authority] | None = None

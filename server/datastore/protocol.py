@@ -189,4 +189,9 @@ class DataStore(Protocol):
         """SQL statements sent to the database so far."""
         ...
 
+    @property
+    def writes_committed(self) -> int:
+        """Write transactions this store committed so far (this process's writes only)."""
+        ...
+
     def close(self) -> None: ...

@@ -327,10 +327,30 @@ class SqlDataStore:
         self._next_error: BaseException | None = None
         self._closed = False
         # Every SQL statement sent to the database, counted where it is sent (the fleet
-        # benchmark's db_statements_per_s_idle; the server's credo_datastore_statements_total).
+        # benchmark's db_statements_per_s_idle; the server's credo_datastore_statements_total):
+        # the statements executed (SQLite's BEGIN among them), and what the driver sends on
+        # its own: COMMIT and ROLLBACK, and on PostgreSQL the BEGIN psycopg sends before a
+        # transaction's first statement and the pool's pre-ping (a ``SELECT 1``).
         self._statements = 0
+        self._writes = 0
         self._statements_lock = threading.Lock()
         event.listen(engine, "before_cursor_execute", self._count_statement)
+        event.listen(engine, "commit", self._count_transaction_control)
+        event.listen(engine, "rollback", self._count_transaction_control)
+        # One held connection, outside any transaction, for the one-statement reads made
+        # every second (the change feed's poll): on PostgreSQL a pooled connection would
+        # cost a pre-ping and a BEGIN and COMMIT around each.
+        self._single: Connection | None = None
+        self._single_lock = threading.Lock()
+        if self._is_pg:
+            event.listen(engine, "begin", self._count_transaction_control)
+            ping = engine.dialect.do_ping
+
+            def counted_ping(dbapi_conn: Any) -> bool:
+                self._count_statement()
+                return ping(dbapi_conn)
+
+            engine.dialect.do_ping = counted_ping  # type: ignore[method-assign,assignment]
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -383,6 +403,10 @@ class SqlDataStore:
         """Close every pooled connection; later calls raise :class:`DataStoreError`."""
         with self._guard:
             self._closed = True
+        with self._single_lock:
+            if self._single is not None:
+                self._single.close()
+                self._single = None
         self._engine.dispose()
 
     def __enter__(self) -> SqlDataStore:
@@ -395,10 +419,21 @@ class SqlDataStore:
         with self._statements_lock:
             self._statements += 1
 
+    def _count_transaction_control(self, conn: Connection) -> None:
+        # Outside a transaction (see _single_statement) no BEGIN, COMMIT or ROLLBACK is sent.
+        if not conn.get_execution_options().get("credo_autocommit", False):
+            self._count_statement()
+
     @property
     def statements_executed(self) -> int:
         """SQL statements sent to the database since the store was opened (migrations too)."""
         return self._statements
+
+    @property
+    def writes_committed(self) -> int:
+        """Write transactions committed through this store (what a reader that caches a
+        table compares, with the change feed for other servers' writes)."""
+        return self._writes
 
     # ------------------------------------------------------------------ test and feed hooks
 
@@ -791,8 +826,8 @@ class SqlDataStore:
 
     def count_attested_nodes(self) -> int:
         """Return how many attested nodes exist."""
-        with self._transaction(write=False) as tx:
-            return int(tx.conn.execute(select(func.count()).select_from(nodes)).scalar_one())
+        with self._single_statement() as conn:  # the agents gauge: each metrics scrape
+            return int(conn.execute(select(func.count()).select_from(nodes)).scalar_one())
 
     def prune_attested_nodes(self, expires_before: int) -> int:
         """Delete non-banned nodes whose ``cert_not_after`` is before ``expires_before``.
@@ -1027,8 +1062,8 @@ class SqlDataStore:
     def list_federation_relationships(self) -> list[FederationRelationship]:
         """Every relationship, by trust domain."""
         t = federation_relationships
-        with self._transaction(write=False) as tx:
-            rows = tx.conn.execute(
+        with self._single_statement() as conn:  # the refresher reloads them every few seconds
+            rows = conn.execute(
                 select(*(t.c[c] for c in self._FED_COLUMNS)).order_by(t.c.trust_domain)
             ).all()
         return [self._relationship(r) for r in rows]
@@ -1122,13 +1157,15 @@ class SqlDataStore:
         self, kind: str | None = None, owner: str | None = None
     ) -> list[Authority]:
         """Return the authorities of ``kind`` and ``owner`` (``None``: any), oldest first."""
-        with self._transaction(write=False) as tx:
-            conds = []
-            if kind is not None:
-                conds.append(authorities.c.kind == kind)
-            if owner is not None:
-                conds.append(authorities.c.owner == owner)
-            return self._load_authorities(tx.conn, and_(*conds) if conds else None)
+        conds = []
+        if kind is not None:
+            conds.append(authorities.c.kind == kind)
+        if owner is not None:
+            conds.append(authorities.c.owner == owner)
+        # One statement: the rotation check reads the journal every few seconds, and every
+        # agent call checks its SVID's authority against it.
+        with self._single_statement() as conn:
+            return self._load_authorities(conn, and_(*conds) if conds else None)
 
     def update_authority(self, authority: Authority) -> Authority:
         """Replace the authority's fields (``created_at`` of 0 keeps the stored one)."""
@@ -1746,8 +1783,9 @@ class SqlDataStore:
         """Return up to ``limit`` events with ids above ``after_id``, in id order."""
         if limit <= 0:
             raise InvalidRequest(f"event limit must be positive, not {limit}")
-        with self._transaction(write=False) as tx:
-            rows = tx.conn.execute(
+        # One statement, no transaction: the change feed polls this every second.
+        with self._single_statement() as conn:
+            rows = conn.execute(
                 select(events.c.id, events.c.kind, events.c.subject, events.c.created_at)
                 .where(events.c.id > after_id)
                 .order_by(events.c.id)
@@ -1757,8 +1795,8 @@ class SqlDataStore:
 
     def fetch_latest_event_id(self) -> int:
         """Return the highest event id (0 when no event was ever written)."""
-        with self._transaction(write=False) as tx:
-            return int(tx.conn.execute(select(func.max(events.c.id))).scalar() or 0)
+        with self._single_statement() as conn:
+            return int(conn.execute(select(func.max(events.c.id))).scalar() or 0)
 
     def fetch_oldest_event_id(self) -> int:
         """Return the lowest event id still stored (0 when there is none).
@@ -2036,8 +2074,54 @@ class SqlDataStore:
                 yield tx
                 if tx.audit:
                     self._append_audit(tx)
+        if write:
+            with self._statements_lock:
+                self._writes += 1
         if tx.events:
             self._notify(tx.events)
+
+    @contextmanager
+    def _single_statement(self) -> Iterator[Connection]:
+        """A connection outside any transaction, for a read that is one statement.
+
+        One statement is atomic by itself (a snapshot of its own), so reads of that kind
+        made every second need no transaction: only the statement goes to the database,
+        not a BEGIN and a COMMIT around it (nor, on PostgreSQL, the pool's pre-ping: the
+        connection is held, and replaced when it fails).
+        """
+        with self._guard:
+            if self._closed:
+                raise DataStoreError("datastore is closed")
+            injected, self._next_error = self._next_error, None
+        if injected is not None:
+            raise injected
+        if not self._is_pg:
+            # SQLite: the connection's BEGIN is ours (_configure_sqlite), so without it the
+            # driver runs the statement on its own (autocommit), and no pre-ping is made.
+            with self._serial or nullcontext(), self._engine.connect() as conn:
+                yield conn.execution_options(credo_autocommit=True)
+            return
+        if not self._single_lock.acquire(blocking=False):
+            # The held connection is busy (calls read concurrently): a pooled one.
+            with self._engine.connect() as pooled:
+                yield pooled.execution_options(isolation_level="AUTOCOMMIT", credo_autocommit=True)
+            return
+        try:
+            held = self._single
+            if held is None or held.closed or held.invalidated:
+                held = self._engine.connect().execution_options(
+                    isolation_level="AUTOCOMMIT", credo_autocommit=True
+                )
+                self._single = held
+            try:
+                yield held
+            except BaseException:
+                self._single = None
+                held.close()
+                raise
+            held.rollback()  # ends SQLAlchemy's autobegun transaction; nothing is sent
+        finally:
+            self._single_lock.release()
 
     def _notify(self, written: list[Event]) -> None:
         with self._guard:
@@ -2557,8 +2641,10 @@ def _configure_sqlite(engine: Engine, busy_timeout_ms: int) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
-        write = conn.get_execution_options().get("credo_write", False)
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+        options = conn.get_execution_options()
+        if options.get("credo_autocommit", False):
+            return  # one statement on its own (SqlDataStore._single_statement)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if options.get("credo_write", False) else "BEGIN")
 
 
 def _require(value: str, what: str) -> None:

@@ -47,6 +47,8 @@ MAX_REFRESH: Final = 3600.0
 DEFAULT_REFRESH: Final = 300.0
 MAX_BACKOFF: Final = 300.0
 _RELOAD_INTERVAL: Final = 5.0
+# With a generation (see BundleRefresher.run): at most this long between two reads.
+_RELOAD_FALLBACK: Final = 30.0
 # (How often the relationships are read again: a new one is picked up within it.)
 
 Fetcher = Callable[..., Bundle]
@@ -87,12 +89,24 @@ class BundleRefresher:
         self._states: dict[str, _State] = {}
         # Called with (trust domain, fetched and stored?) after every fetch (metrics).
         self._on_refresh = on_refresh
+        # The last read of the relationships: (generation it was read at, when, rows).
+        self._read: tuple[object, float, list[FederationRelationship]] | None = None
 
-    async def run(self, stop: asyncio.Event) -> None:
+    async def run(
+        self, stop: asyncio.Event, generation: Callable[[], object] | None = None
+    ) -> None:
+        """Reload the relationships every few seconds and refresh each bundle when due.
+
+        ``generation`` returns a value that moves whenever the relationships may have
+        changed (the server passes its change feed's position with the datastore's count
+        of committed writes); while it stands still, the relationships read last are used
+        for up to ``_RELOAD_FALLBACK`` seconds (a change made through another server that
+        stores no bundle: an endpoint moved).
+        """
         try:
             while not stop.is_set():
                 try:
-                    await self._tick()
+                    await self._tick(generation)
                 except DataStoreError as err:
                     log.error("reading federation relationships failed", extra={"error": str(err)})
                 with contextlib.suppress(TimeoutError):
@@ -108,11 +122,25 @@ class BundleRefresher:
         due = [s.due - now for s in self._states.values() if s.task is None]
         return max(0.05, min([_RELOAD_INTERVAL, *due]))
 
-    async def _tick(self) -> None:
-        current = {
-            r.trust_domain: r
-            for r in await asyncio.to_thread(self._ds.list_federation_relationships)
-        }
+    async def _relationships(
+        self, generation: Callable[[], object] | None
+    ) -> list[FederationRelationship]:
+        seen = generation() if generation is not None else None  # before the read
+        read_at = self._clock()
+        held = self._read
+        if (
+            generation is not None
+            and held is not None
+            and held[0] == seen
+            and read_at - held[1] < _RELOAD_FALLBACK
+        ):
+            return held[2]
+        rows = await asyncio.to_thread(self._ds.list_federation_relationships)
+        self._read = (seen, read_at, rows)
+        return rows
+
+    async def _tick(self, generation: Callable[[], object] | None = None) -> None:
+        current = {r.trust_domain: r for r in await self._relationships(generation)}
         for name in list(self._states):
             if name not in current:
                 state = self._states.pop(name)

@@ -27,8 +27,10 @@ the address of a server it started on 127.0.0.1). Nothing here starts a process.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
+import re
 import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
@@ -186,6 +188,8 @@ class SimAgent:
         self.renewals = 0
         self.retries = 0
         """Signing and renewal calls retried after the server did not answer in time."""
+        self.retry_reasons: collections.Counter[str] = collections.Counter()
+        """Why they were retried (the error, its server address left out)."""
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
@@ -249,11 +253,12 @@ class SimAgent:
         while True:
             try:
                 return await call()
-            except ServerUnreachable:
+            except ServerUnreachable as exc:
                 delay = backoff.next()
                 if time.monotonic() + delay > deadline:
                     raise
                 self.retries += 1
+                self.retry_reasons[re.sub(r"\d+\.\d+\.\d+\.\d+:\d+", "SERVER", str(exc))[:90]] += 1
                 await asyncio.sleep(delay)
 
     async def renew(self, *, retry_for: float = 0.0) -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from credo.selector import Selector
 from server.authorization import EntryCache, Subscription
-from server.datastore import RegistrationEntry, SqlDataStore
+from server.datastore import Event, RegistrationEntry, SqlDataStore
 
 TD = "spiffe://example.org"
 ALICE = f"{TD}/credo/agent/join_token/alice"
@@ -83,3 +83,40 @@ def test_a_bundle_change_wakes_every_stream(store: SqlDataStore) -> None:
     alice, bob = cache.subscribe(ALICE), cache.subscribe(BOB)
     store.set_bundle("example.org", b"{}")
     assert _woken(cache, alice, bob) == [True, True]
+
+
+def test_the_idle_poll_costs_one_statement_and_sees_another_servers_change(
+    store: SqlDataStore, tmp_path: Path
+) -> None:
+    """Nothing changing, each poll of the change feed sends the database one statement
+    (no BEGIN and COMMIT around it: the server's idle statement rate is about one per
+    poll interval); an entry another server writes to the database is seen by the next."""
+    cache = EntryCache(store, poll_interval=0.01)
+    cache.load()
+    polls = 0
+    list_events = store.list_events
+
+    def counted(after_id: int, limit: int = 1000) -> list[Event]:
+        nonlocal polls
+        polls += 1
+        return list_events(after_id, limit)
+
+    store.list_events = counted  # type: ignore[method-assign]
+
+    async def idle(wanted: int) -> int:
+        stop = asyncio.Event()
+        before = store.statements_executed
+        runner = asyncio.create_task(cache.run(stop))
+        while polls < wanted:
+            await asyncio.sleep(0.01)
+        stop.set()
+        await runner
+        return store.statements_executed - before
+
+    sent = asyncio.run(idle(20))
+    assert polls >= 20 and sent == polls
+
+    with SqlDataStore.open(f"sqlite:///{tmp_path / 'credo.db'}") as other:
+        created = other.create_registration_entry(_entry("elsewhere", ALICE))
+    asyncio.run(cache.catch_up())
+    assert cache.index.get(created.id) is not None

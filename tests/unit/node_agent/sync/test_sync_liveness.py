@@ -12,7 +12,13 @@ import urllib.request
 from collections.abc import Awaitable, Callable
 
 import pytest
-from agent_fake_server import FakeAgentServer, TrustRecorder, attested_client, wait_until
+from agent_fake_server import (
+    FakeAgentServer,
+    TrustRecorder,
+    attested_client,
+    make_authority,
+    wait_until,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
 import node_agent.app as agent_app
@@ -104,6 +110,40 @@ def test_new_credentials_move_the_stream_and_changes_keep_arriving(
         assert server.state.resume_requests[1:] == [
             e for e in server.state.resume_requests[1:] if e > 0
         ]
+        await _cancel(task)
+        await client.close()
+        await server.stop()
+
+    run(scenario)
+
+
+def test_a_bundle_that_only_adds_an_authority_leaves_the_stream_on_its_channel(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A CA rotation's prepared CA joins the bundle: the next call gets a channel that
+    trusts it, but the stream stays where it is (no reopening, past the old channel's
+    grace); dropping an authority afterwards moves it."""
+    monkeypatch.setattr(server_client, "_CHANNEL_RETIRE_GRACE", 0.05)
+
+    async def scenario() -> None:
+        server = FakeAgentServer()
+        await server.start()
+        server.create_entry("spiffe://example.org/a", ["unix:uid:1"])
+        client, recorder, syncer, task = await _started(server)
+        svid, old = client._svid, server.authorities[0].cert
+        assert svid is not None
+        stream_channel = client._channels[server.address]
+        client.set_credentials(svid, (old, make_authority().cert))
+        await client.fetch_bundle()
+        assert client._channels[server.address] is not stream_channel
+        await asyncio.sleep(0.1)  # past the grace a retired channel's calls are cancelled
+        server.create_entry("spiffe://example.org/after", ["unix:uid:1"])
+        await wait_until(lambda: len(recorder.entries) == 2)
+        assert server.state.resume_requests == [0] and syncer.streams == 1
+
+        client.set_credentials(svid, (old,))
+        await wait_until(lambda: len(server.state.resume_requests) == 2)
+        assert syncer.streams == 2
         await _cancel(task)
         await client.close()
         await server.stop()

@@ -454,3 +454,33 @@ def test_expired_upstream_is_refused(
     manager = make_manager(upstream_ca_cert=cert_path, upstream_ca_key=key_path)
     with pytest.raises(UpstreamCaError, match="upstream ca certificate expires at"):
         manager.start()
+
+
+def test_checks_work_from_the_last_journal_read_while_the_generation_stands(
+    make_manager: MakeManager, datastore: SqlDataStore, clock: FakeClock
+) -> None:
+    """With a generation (the server passes its feed position and the datastore's
+    committed writes), a check that finds nothing due sends the database nothing; each
+    rotation step's write moves it, so the steps go on as with a read per check."""
+    manager = make_manager()
+    manager.start()
+
+    def generation() -> object:
+        return datastore.writes_committed
+
+    manager.tick(clock.advance(1), generation)  # the first check reads the journal
+    before = datastore.statements_executed
+    for _ in range(10):
+        manager.tick(clock.advance(1), generation)
+    assert datastore.statements_executed == before
+
+    actions: list[str] = []
+    manager.on_change.append(lambda change: actions.append(change.action))
+    for _ in range(4 * CA_TTL // 10):
+        manager.tick(clock.advance(10), generation)
+        _assert_signs_and_verifies(manager, clock())
+        for kind in ("x509", "jwt", "wit"):
+            rows = datastore.list_authorities(kind)
+            assert [r.status for r in rows].count("active") == 1
+            assert len(rows) <= 3
+    assert actions.count("activated") >= 3 * 4 and actions.count("pruned") >= 3 * 2

@@ -141,3 +141,20 @@ def test_statements_executed_counts_each_statement_sent(store: SqlDataStore) -> 
     assert one_call >= 1
     store.count_registration_entries()
     assert store.statements_executed - before == 2 * one_call
+
+
+def test_statements_executed_counts_what_the_driver_sends_too(store: SqlDataStore) -> None:
+    """A read in a transaction is its BEGIN, its statement and its COMMIT (psycopg sends
+    the BEGIN itself on PostgreSQL; SQLite's is ours); the change feed's poll, one
+    statement on its own, is one."""
+    store.list_events(0)  # the held connection (PostgreSQL) is made
+    store.count_registration_entries()  # a pooled connection is made (not pinged: new)
+    before = store.statements_executed
+    store.count_registration_entries()
+    in_transaction = store.statements_executed - before
+    # A pooled PostgreSQL connection is pinged when checked out again: one more.
+    assert in_transaction == (4 if store._is_pg else 3)
+    before = store.statements_executed
+    for _ in range(5):
+        store.list_events(0)
+    assert store.statements_executed - before == 5

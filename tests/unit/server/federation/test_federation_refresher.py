@@ -143,3 +143,30 @@ def test_a_deleted_relationship_is_not_refreshed(tmp_path: Path) -> None:
     run_ticks(refresher, clock, [5, 5])
     assert len(calls) == 1
     assert store.fetch_bundle("partner.test") is None
+
+
+def test_relationships_are_read_again_only_when_the_generation_moves(tmp_path: Path) -> None:
+    """With a generation (the server's: feed position and committed writes), a reload
+    whose generation stands still reads nothing, until the fallback interval passes; a
+    relationship written (the generation moves) is seen by the next reload."""
+    store, refresher, clock, _calls = make(tmp_path, [lambda: bundle(1)])
+
+    def generation() -> object:
+        return store.writes_committed
+
+    async def body() -> list[int]:
+        sent = []
+        for step in (0.0, 5.0, 5.0, 5.0, 30.0):
+            clock.now += step
+            before = store.statements_executed
+            await refresher._tick(generation)
+            sent.append(store.statements_executed - before)
+        store.create_federation_relationship(REL)
+        await refresher._tick(generation)
+        return sent
+
+    try:
+        assert asyncio.run(body()) == [1, 0, 0, 0, 1]
+        assert "partner.test" in refresher._states
+    finally:
+        store.close()
