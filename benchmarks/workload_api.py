@@ -57,7 +57,7 @@ from _common import (
     wait_for,
 )
 
-TARGETS = [("ratio_p99_100", "<=", 3.0)]
+TARGETS = [("ratio_p99_100", "<=", 2.0)]
 FETCH = "/SpiffeWorkloadAPI/FetchX509SVID"
 ECHO = "/bench.Echo/Stream"
 HEADER = (("workload.spiffe.io", "true"),)
