@@ -372,6 +372,11 @@ class Acceptor:
                     if events & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
                         return
                 elif events & select.POLLIN:
+                    # The agent's releases first, even when poll() listed the listener
+                    # first: a client that closed its connection and connects again must
+                    # find its slot freed, not be shed at its per-uid limit.
+                    if not self._read_channel():
+                        return
                     try:
                         self._accept_batch()
                     except OSError:
