@@ -36,6 +36,7 @@ from types import FrameType
 from typing import Any
 
 import grpc
+import psutil
 
 from credo._proto.credo.server.v1 import admin_pb2, admin_pb2_grpc, types_pb2
 from tests.helpers.processes import (
@@ -118,6 +119,18 @@ def report(
 def log(message: str) -> None:
     """Progress on stderr, so stdout stays the table or the JSON line."""
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def cpu_seconds(process: psutil.Process) -> tuple[float, float]:
+    """CPU seconds (user + system) so far of ``process`` and of its descendants now alive
+    (the server's signing workers, the agent's accept process)."""
+    times = process.cpu_times()
+    children = 0.0
+    for child in process.children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            t = child.cpu_times()
+            children += t.user + t.system
+    return times.user + times.system, children
 
 
 def rss_mb(pid: int) -> float:

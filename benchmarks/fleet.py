@@ -67,7 +67,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import psutil
-from _common import TRUST_DOMAIN, Workspace, log, percentile, report, rss_mb
+from _common import TRUST_DOMAIN, Workspace, cpu_seconds, log, percentile, report, rss_mb
 
 from credo._proto.credo.server.v1 import admin_pb2, admin_pb2_grpc
 from tests.helpers.fleet import Fleet, SimAgent, create_join_tokens, workload_entries
@@ -110,8 +110,7 @@ def _statements(metrics_address: str) -> float:
 
 
 def _cpu_seconds(pid: int) -> float:
-    times = psutil.Process(pid).cpu_times()
-    return float(times.user + times.system)
+    return cpu_seconds(psutil.Process(pid))[0]
 
 
 def measure(

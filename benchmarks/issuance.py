@@ -38,7 +38,6 @@ With ``--json`` the last line is one JSON object: ``{"name": "issuance", "metric
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 import threading
 import time
@@ -49,6 +48,7 @@ from _common import (
     TRUST_DOMAIN,
     Workspace,
     attest,
+    cpu_seconds,
     create_entries,
     entry_proto,
     log,
@@ -131,17 +131,6 @@ class BuildSign:
     @property
     def template_rate(self) -> float:
         return self.count / self.spent[1]
-
-
-def cpu_seconds(process: psutil.Process) -> tuple[float, float]:
-    """CPU seconds (user + system) of ``process`` and of its descendants now alive."""
-    times = process.cpu_times()
-    children = 0.0
-    for child in process.children(recursive=True):
-        with contextlib.suppress(psutil.Error):
-            t = child.cpu_times()
-            children += t.user + t.system
-    return times.user + times.system, children
 
 
 def run(batches: int, concurrency: int, raw_seconds: float) -> dict[str, float]:

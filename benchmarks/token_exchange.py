@@ -40,7 +40,7 @@ from typing import Any
 
 import aiohttp
 import jwt
-from _common import Workspace, log, percentile, report
+from _common import Workspace, cpu_seconds, log, percentile, report
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -53,11 +53,11 @@ AGENT = "spiffe://example.org/agents/bench"
 GRANT = "urn:ietf:params:oauth:grant-type:token-exchange"
 
 
-def _cpu_s(pid: int) -> float:
+def _cpu_s(process: Any) -> float:
+    """CPU seconds so far of the server (or reference) process itself."""
     import psutil
 
-    times = psutil.Process(pid).cpu_times()
-    return float(times.user + times.system)
+    return cpu_seconds(psutil.Process(process.pid))[0]
 
 
 def _raw_sign_rate(seconds: float) -> tuple[float, float]:
@@ -201,9 +201,9 @@ def _reference(
         url = f"https://localhost:{port.value}/oauth2/token"
         asyncio.run(_drive(url, form, context, min(args.clients, 4), 1.0))  # warm up
         assert process.pid is not None
-        started, cpu = time.perf_counter(), _cpu_s(process.pid)
+        started, cpu = time.perf_counter(), _cpu_s(process)
         count, _, _ = asyncio.run(_drive(url, form, context, args.clients, args.seconds / 2))
-        elapsed, cpu = time.perf_counter() - started, _cpu_s(process.pid) - cpu
+        elapsed, cpu = time.perf_counter() - started, _cpu_s(process) - cpu
     finally:
         process.terminate()
         process.join(5)
@@ -261,13 +261,13 @@ def main() -> None:
         raw_before, cpu_before = _raw_sign_rate(min(3.0, args.seconds / 3))
         log(f"{args.clients} clients for {args.seconds}s against {url}")
         asyncio.run(_drive(url, form, context, min(args.clients, 4), 1.0))  # warm up
-        started, server_cpu = time.perf_counter(), _cpu_s(server.pid)
+        started, server_cpu = time.perf_counter(), _cpu_s(server)
         client_cpu = time.process_time()
         count, latencies, failures = asyncio.run(
             _drive(url, form, context, args.clients, args.seconds)
         )
         elapsed = time.perf_counter() - started
-        server_cpu = _cpu_s(server.pid) - server_cpu
+        server_cpu = _cpu_s(server) - server_cpu
         client_cpu = time.process_time() - client_cpu
         log("raw ES256 signing (after)")
         raw_after, cpu_after = _raw_sign_rate(min(3.0, args.seconds / 3))

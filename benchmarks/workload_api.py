@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
 import sys
 import time
@@ -49,6 +48,7 @@ from _common import (
     TRUST_DOMAIN,
     ManagedProcess,
     Workspace,
+    cpu_seconds,
     create_entries,
     entry_proto,
     log,
@@ -121,17 +121,6 @@ async def _round(
     return list(await asyncio.gather(*(_one(target, method, metadata) for _ in range(n))))
 
 
-def _cpu(process: psutil.Process) -> float:
-    """CPU seconds (user + system) of ``process`` and of its descendants (the agent's
-    connection acceptor) so far."""
-    total = 0.0
-    for p in (process, *process.children(recursive=True)):
-        with contextlib.suppress(psutil.Error):
-            times = p.cpu_times()
-            total += times.user + times.system
-    return total
-
-
 async def _measure(
     agent_target: str,
     echo_target: str,
@@ -157,10 +146,10 @@ async def _measure(
     for _ in range(rounds):
         for name, series, args in (("agent", "agent_100", agent), ("echo", "echo_100", echo)):
             process, spent = cpu[name]
-            before = _cpu(process)
+            before = sum(cpu_seconds(process))
             lat[series].extend(await _round(*args, CONCURRENCY))
             await asyncio.sleep(0.2)  # the streams' cancellations are handled in the window
-            cpu[name] = (process, spent + _cpu(process) - before)
+            cpu[name] = (process, spent + sum(cpu_seconds(process)) - before)
     return lat
 
 

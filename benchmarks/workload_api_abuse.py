@@ -48,7 +48,16 @@ import time
 
 import grpc
 import psutil
-from _common import TRUST_DOMAIN, Workspace, create_entries, entry_proto, log, percentile, report
+from _common import (
+    TRUST_DOMAIN,
+    Workspace,
+    cpu_seconds,
+    create_entries,
+    entry_proto,
+    log,
+    percentile,
+    report,
+)
 
 TARGETS = [("ratio", "<=", 3.0), ("failures", "<=", 0.0)]
 FETCH = "/SpiffeWorkloadAPI/FetchX509SVID"
@@ -138,19 +147,6 @@ def _accept_waited(pid: int) -> float:
     return total
 
 
-def _cpu_seconds(pid: int) -> tuple[float, float]:
-    """User + system CPU seconds of the agent ``pid`` and of its children (the accept
-    process)."""
-    process = psutil.Process(pid)
-    times = process.cpu_times()
-    children = 0.0
-    for child in process.children(recursive=True):
-        with contextlib.suppress(psutil.NoSuchProcess):
-            t = child.cpu_times()
-            children += t.user + t.system
-    return times.user + times.system, children
-
-
 def run(samples: int, churners: int) -> dict[str, float]:
     with Workspace() as ws:
         os.chmod(ws.root, 0o755)  # nobody must reach the agent's public socket
@@ -169,11 +165,12 @@ def run(samples: int, churners: int) -> dict[str, float]:
             time.sleep(0.1)
         asyncio.run(_samples(agent.endpoint, 20))  # warm up
         log(f"quiet: {samples} samples")
-        quiet_cpu = _cpu_seconds(agent.pid)[0]
+        agent_process = psutil.Process(agent.pid)
+        quiet_cpu = cpu_seconds(agent_process)[0]
         quiet, quiet_failures = asyncio.run(_samples(agent.endpoint, samples))
-        quiet_cpu = _cpu_seconds(agent.pid)[0] - quiet_cpu
+        quiet_cpu = cpu_seconds(agent_process)[0] - quiet_cpu
         log(f"churn: {churners} churners as nobody, {samples} samples")
-        cpu_before = _cpu_seconds(agent.pid)
+        cpu_before = cpu_seconds(agent_process)
         waited_before = _accept_waited(agent.pid)
         procs = [
             subprocess.Popen(
@@ -197,7 +194,7 @@ def run(samples: int, churners: int) -> dict[str, float]:
                 n, seconds = out.split() if out.strip() else ("0", "1")
                 connects += int(n)
                 rates.append(int(n) / float(seconds))
-            cpu_after = _cpu_seconds(agent.pid)
+            cpu_after = cpu_seconds(agent_process)
             waited = _accept_waited(agent.pid) - waited_before
             probe.send_signal(2)
             out, _ = probe.communicate(timeout=30)

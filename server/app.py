@@ -598,19 +598,17 @@ async def serve(
     stop = stop if stop is not None else asyncio.Event()
     started = time.perf_counter()
     server = await _build(config, stop)
+
+    def generation() -> tuple[int, int]:
+        # What moves when the CA journal or the federation relationships may have changed:
+        # the feed's position (another server's write publishes an event: a journal write
+        # the bundle) and this server's own committed writes (server/datastore/snapshot.py).
+        return server.cache.event_id, server.datastore.writes_committed
+
     try:
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(
-                server.manager.run(
-                    stop,
-                    # The feed's position (other servers' journal writes publish the
-                    # bundle) and this server's own writes.
-                    journal_generation=lambda: (
-                        server.cache.event_id,
-                        server.datastore.writes_committed,
-                    ),
-                ),
-                name="authority-manager",
+                server.manager.run(stop, journal_generation=generation), name="authority-manager"
             )
             tasks.create_task(server.cache.run(stop), name="entry-cache")
             tasks.create_task(
@@ -631,10 +629,7 @@ async def serve(
                 server.crl_signer.run(stop, server.crl_events.wait), name="crl-signer"
             )
             tasks.create_task(
-                server.federation.run(
-                    stop,
-                    generation=lambda: (server.cache.event_id, server.datastore.writes_committed),
-                ),
+                server.federation.run(stop, generation=generation),
                 name="federation",
             )
             if server.signing_pool is not None:

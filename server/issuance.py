@@ -227,17 +227,22 @@ def _x509_audit(
                 )
             )
         else:
-            records.append(
-                audit.pending(
-                    "x509_svid.issue",
-                    subject=entry.spiffe_id if entry is not None else "",
-                    owner=owner,
-                    outcome=audit.REFUSED,
-                    reason=str(result.error),
-                    details={"entry_id": result.entry_id},
-                )
-            )
+            records.append(_refusal_record("x509_svid.issue", result, entry, owner))
     return records
+
+
+def _refusal_record(
+    action: str, result: IssueFailed, entry: RegistrationEntry | None, owner: str
+) -> audit.PendingRecord:
+    """The ``refused`` audit record of one item of a signing batch."""
+    return audit.pending(
+        action,
+        subject=entry.spiffe_id if entry is not None else "",
+        owner=owner,
+        outcome=audit.REFUSED,
+        reason=str(result.error),
+        details={"entry_id": result.entry_id},
+    )
 
 
 class Issuer:
@@ -534,14 +539,5 @@ class Issuer:
                     )
                 )
             else:
-                records.append(
-                    audit.pending(
-                        "wit_svid.issue",
-                        subject=entry.spiffe_id if entry is not None else "",
-                        owner=owner,
-                        outcome=audit.REFUSED,
-                        reason=str(result.error),
-                        details={"entry_id": result.entry_id},
-                    )
-                )
+                records.append(_refusal_record("wit_svid.issue", result, entry, owner))
         self._audit.append_audit_records(records)

@@ -52,7 +52,6 @@ import logging
 import secrets
 import string
 import threading
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -77,6 +76,7 @@ from server.ca.upstream import UpstreamCa, load_upstream_ca, spki_der
 from server.config import ServerConfig
 from server.datastore.errors import NotFound
 from server.datastore.models import Authority, AuthorityKind
+from server.datastore.snapshot import Snapshot
 
 __all__ = [
     "KINDS",
@@ -235,8 +235,8 @@ class AuthorityManager:
         self.ca = ca if ca is not None else CertificateAuthority(config.trust_domain, clock=clock)
         self.on_change: list[Callable[[AuthorityChange], None]] = []
         self._lock = threading.RLock()
-        # The last read of the whole CA journal: (generation it was read at, when, rows).
-        self._journal: tuple[object, float, list[Authority]] | None = None
+        # The last read of the whole CA journal (see tick).
+        self._journal = Snapshot(lambda: self.datastore.list_authorities(), _JOURNAL_REREAD)
         self._started = False
         self._upstream: UpstreamCa | None = None
         self.publisher = BundlePublisher(config.trust_domain, datastore, config.refresh_hint)
@@ -353,22 +353,10 @@ class AuthorityManager:
             # One read of the CA journal per check (it runs every few seconds on every
             # server): each kind's step and the pruning work from it. A kind's step only
             # writes rows of that kind, so the snapshot stays right for the next kinds.
-            snapshot = self._read_journal(generation)
+            snapshot = self._journal.get(generation)
             for kind in KINDS:
                 self._tick_kind(kind, now, snapshot)
             self._prune_foreign(now, snapshot)
-
-    def _read_journal(self, generation: Callable[[], object] | None) -> list[Authority]:
-        if generation is None:
-            return self.datastore.list_authorities()
-        seen = generation()  # before the read: a write made during it moves it again
-        held = self._journal
-        if held is not None and held[0] == seen and time.monotonic() - held[1] < _JOURNAL_REREAD:
-            return held[2]
-        read_at = time.monotonic()
-        snapshot = self.datastore.list_authorities()
-        self._journal = (seen, read_at, snapshot)
-        return snapshot
 
     def _rows(
         self, kind: AuthorityKind, snapshot: list[Authority] | None = None

@@ -35,6 +35,7 @@ from credo.spiffe_id import SpiffeId, TrustDomain
 from server.datastore.errors import DataStoreError, NotFound
 from server.datastore.models import FederationRelationship
 from server.datastore.protocol import DataStore
+from server.datastore.snapshot import Snapshot
 from server.federation.errors import BundleFetchFailed
 from server.federation.fetch import fetch_bundle
 
@@ -89,8 +90,10 @@ class BundleRefresher:
         self._states: dict[str, _State] = {}
         # Called with (trust domain, fetched and stored?) after every fetch (metrics).
         self._on_refresh = on_refresh
-        # The last read of the relationships: (generation it was read at, when, rows).
-        self._read: tuple[object, float, list[FederationRelationship]] | None = None
+        # The last read of the relationships (see run).
+        self._relationships = Snapshot(
+            lambda: self._ds.list_federation_relationships(), _RELOAD_FALLBACK, clock
+        )
 
     async def run(
         self, stop: asyncio.Event, generation: Callable[[], object] | None = None
@@ -122,25 +125,9 @@ class BundleRefresher:
         due = [s.due - now for s in self._states.values() if s.task is None]
         return max(0.05, min([_RELOAD_INTERVAL, *due]))
 
-    async def _relationships(
-        self, generation: Callable[[], object] | None
-    ) -> list[FederationRelationship]:
-        seen = generation() if generation is not None else None  # before the read
-        read_at = self._clock()
-        held = self._read
-        if (
-            generation is not None
-            and held is not None
-            and held[0] == seen
-            and read_at - held[1] < _RELOAD_FALLBACK
-        ):
-            return held[2]
-        rows = await asyncio.to_thread(self._ds.list_federation_relationships)
-        self._read = (seen, read_at, rows)
-        return rows
-
     async def _tick(self, generation: Callable[[], object] | None = None) -> None:
-        current = {r.trust_domain: r for r in await self._relationships(generation)}
+        rows = await asyncio.to_thread(self._relationships.get, generation)
+        current = {r.trust_domain: r for r in rows}
         for name in list(self._states):
             if name not in current:
                 state = self._states.pop(name)
