@@ -168,8 +168,16 @@ class Workspace:
         self.adopt(server)
         return server
 
-    def start_agent(self, server: ServerProcess, name: str = "agent", **flags: Any) -> AgentProcess:
-        """``credo-agent run`` in ``<root>/<name>`` joined with a fresh token, until it serves."""
+    def start_agent(
+        self,
+        server: ServerProcess,
+        name: str = "agent",
+        *,
+        new_session: bool = False,
+        **flags: Any,
+    ) -> AgentProcess:
+        """``credo-agent run`` in ``<root>/<name>`` joined with a fresh token, until it serves
+        (``new_session``: in a session of its own, as a service manager starts it)."""
         root = self.root / name
         root.mkdir()
         agent = start_agent(
@@ -178,6 +186,7 @@ class Workspace:
             trust_domain=TRUST_DOMAIN,
             die_with_parent=True,
             timeout=START_TIMEOUT,
+            new_session=new_session,
             **{"log_level": "info", **flags},
         )
         self.adopt(agent)

@@ -29,7 +29,10 @@ this process (uid 0) back to back.
   ``agent_cpu_ms_per_quiet_fetch`` are the agent process's own;
 * ``accept_wait_per_cpu_s`` — seconds the accept process was runnable but waited for a CPU
   (``/proc/<pid>/schedstat``) per second it ran, during the churn: while it waits, the
-  churners fill the listen queue.
+  churners fill the listen queue. ``agent_wait_per_cpu_s`` and ``victim_wait_per_cpu_s``
+  are the same for the agent's main process and for this process (the victim), every
+  thread; ``agent_wait_ms_per_churn_fetch`` and ``victim_wait_ms_per_churn_fetch`` are
+  their waits per churn-phase fetch.
 
 Each failed fetch is logged (stderr) with its gRPC status, details and time to failure.
 
@@ -137,21 +140,37 @@ async def _samples(target: str, n: int) -> tuple[list[float], int]:
     return values, failures
 
 
-def _accept_waited(pid: int) -> float:
-    """Seconds the agent's accept process (``pid``'s child) was runnable but waited for a
-    CPU (``/proc/<pid>/schedstat``, second field)."""
-    total = 0.0
-    for child in psutil.Process(pid).children(recursive=True):
-        with contextlib.suppress(OSError), open(f"/proc/{child.pid}/schedstat") as f:
-            total += int(f.read().split()[1]) / 1e9
-    return total
+def _sched(pid: int) -> tuple[float, float]:
+    """CPU seconds run and seconds runnable but waiting for a CPU, summed over every thread
+    of ``pid`` now alive (``/proc/<pid>/task/<tid>/schedstat``, first two fields)."""
+    ran = waited = 0.0
+    with contextlib.suppress(OSError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                fields = f.read().split()
+                ran += int(fields[0]) / 1e9
+                waited += int(fields[1]) / 1e9
+    return ran, waited
+
+
+def _waits(agent_pid: int) -> dict[str, tuple[float, float]]:
+    """:func:`_sched` of the victim (this process), the agent's main process and its accept
+    process (``agent_pid``'s children)."""
+    accept = [0.0, 0.0]
+    for child in psutil.Process(agent_pid).children(recursive=True):
+        ran, waited = _sched(child.pid)
+        accept[0] += ran
+        accept[1] += waited
+    return {"victim": _sched(os.getpid()), "agent": _sched(agent_pid), "accept": tuple(accept)}
 
 
 def run(samples: int, churners: int) -> dict[str, float]:
     with Workspace() as ws:
         os.chmod(ws.root, 0o755)  # nobody must reach the agent's public socket
         server = ws.start_server()
-        agent = ws.start_agent(server)
+        # In a session of its own, as systemd (or any service manager) starts a service: the
+        # agent then sets its session's autogroup nice (node_agent/priority.py).
+        agent = ws.start_agent(server, new_session=True)
         with server.admin_channel() as admin:
             create_entries(
                 admin,
@@ -171,17 +190,24 @@ def run(samples: int, churners: int) -> dict[str, float]:
         quiet_cpu = cpu_seconds(agent_process)[0] - quiet_cpu
         log(f"churn: {churners} churners as nobody, {samples} samples")
         cpu_before = cpu_seconds(agent_process)
-        waited_before = _accept_waited(agent.pid)
+        waits_before = _waits(agent.pid)
+        # Another user's processes are not in this one's session: each churner in a session
+        # of its own (the attacker's best choice where the kernel shares CPUs between
+        # session autogroups), the probe in one more.
         procs = [
             subprocess.Popen(
                 [sys.executable, "-c", CHURN, str(agent.socket)],
                 stdout=subprocess.PIPE,
                 text=True,
+                start_new_session=True,
             )
             for _ in range(churners)
         ]
         probe = subprocess.Popen(
-            [sys.executable, "-c", PROBE, str(agent.socket)], stdout=subprocess.PIPE, text=True
+            [sys.executable, "-c", PROBE, str(agent.socket)],
+            stdout=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
         )
         try:
             time.sleep(1.0)  # let the churn reach full speed
@@ -195,12 +221,14 @@ def run(samples: int, churners: int) -> dict[str, float]:
                 connects += int(n)
                 rates.append(int(n) / float(seconds))
             cpu_after = cpu_seconds(agent_process)
-            waited = _accept_waited(agent.pid) - waited_before
+            waits_after = _waits(agent.pid)
             probe.send_signal(2)
             out, _ = probe.communicate(timeout=30)
             probe_ok, probe_full = (int(x) for x in out.split()) if out.strip() else (0, 0)
         agent.check_alive()
     quiet_p99 = percentile(quiet, 99)
+    waited = {k: waits_after[k][1] - waits_before[k][1] for k in waits_after}
+    ran = {k: waits_after[k][0] - waits_before[k][0] for k in waits_after}
     churn_p99 = percentile(churn, 99)
     return {
         "quiet_p99_s": round(quiet_p99, 5),
@@ -215,7 +243,11 @@ def run(samples: int, churners: int) -> dict[str, float]:
         "agent_cpu_s_during_churn": round(cpu_after[0] - cpu_before[0], 3),
         "agent_cpu_ms_per_quiet_fetch": round(quiet_cpu / samples * 1e3, 3),
         "accept_cpu_s_during_churn": round(cpu_after[1] - cpu_before[1], 3),
-        "accept_wait_per_cpu_s": round(waited / max(cpu_after[1] - cpu_before[1], 1e-9), 3),
+        "accept_wait_per_cpu_s": round(waited["accept"] / max(ran["accept"], 1e-9), 3),
+        "agent_wait_per_cpu_s": round(waited["agent"] / max(ran["agent"], 1e-9), 3),
+        "victim_wait_per_cpu_s": round(waited["victim"] / max(ran["victim"], 1e-9), 3),
+        "agent_wait_ms_per_churn_fetch": round(waited["agent"] / samples * 1e3, 3),
+        "victim_wait_ms_per_churn_fetch": round(waited["victim"] / samples * 1e3, 3),
         "accept_cpu_us_per_churn_connect": round(
             (cpu_after[1] - cpu_before[1]) / max(connects, 1) * 1e6, 2
         ),

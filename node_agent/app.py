@@ -49,6 +49,7 @@ from node_agent.audit_log import DeliveryLog
 from node_agent.cache.manager import CacheConfig, CacheManager
 from node_agent.config import AgentConfig
 from node_agent.errors import AgentRemoved
+from node_agent.priority import apply_priority
 from node_agent.server_client import Backoff, BackoffPolicy, ServerClient, ServerClientConfig
 from node_agent.sync.entries import TrustBundles
 from node_agent.sync.syncer import EntrySyncer
@@ -265,6 +266,9 @@ def run(config: AgentConfig) -> int:
     for message in config.deprecations:
         log.warning(message)
     _raise_open_file_limit()
+    # Before asyncio and gRPC start threads (they inherit it; apply_priority sets any
+    # already running too).
+    log.info("scheduling priority", extra=apply_priority(config.nice))
 
     async def main() -> None:
         stop = asyncio.Event()

@@ -108,6 +108,10 @@ class AgentConfig:
     sync_backoff_max: float = 30.0
     # How long a new subscription waits for SVIDs of matching entries to be signed.
     svid_wait_timeout: float = 5.0
+    # Nice value of the agent's processes where it may set it (root), and of its session's
+    # autogroup when it leads its session (a service manager started it): see
+    # node_agent/priority.py. A local user churning connections must not starve it.
+    nice: int = -10
     # host:port of the Prometheus endpoint (port 0: any free one); "" disables it.
     metrics_address: str = ""
     # [agent.node_attestor.<name>]: exactly one.
@@ -174,6 +178,8 @@ class AgentConfig:
                 raise ConfigError(
                     f"metrics_address: expected host:port, got {self.metrics_address!r}"
                 )
+        if not -20 <= self.nice <= 19:
+            raise ConfigError(f"nice: expected -20 to 19, got {self.nice}")
         if self.svid_wait_timeout < 0:
             raise ConfigError(f"svid_wait_timeout: must be >= 0, got {self.svid_wait_timeout}")
         if self.join_token is not None:

@@ -118,6 +118,13 @@ SETTING_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
         float,
         "How long a new workload waits for its SVIDs to be signed, s [default: 5].",
     ),
+    (
+        "--nice",
+        "nice",
+        click.IntRange(-20, 19),
+        "Nice value of the agent (and of its session's autogroup when it leads its "
+        "session) where it may set it (root) [default: -10].",
+    ),
 )
 
 

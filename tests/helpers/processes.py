@@ -249,6 +249,8 @@ class ManagedProcess:
     def __init__(self, log_path: Path, *, die_with_parent: bool = False) -> None:
         self.log_path = log_path
         self.die_with_parent = die_with_parent
+        self.new_session = False
+        """Start it in a session of its own (``setsid``), as a service manager does."""
         self.proc: subprocess.Popen[bytes] | None = None
 
     def _spawn(self, command: Sequence[str], *, stdin: bytes | None = None) -> None:
@@ -269,6 +271,7 @@ class ManagedProcess:
                 stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE,
                 env=env,
                 preexec_fn=_die_with_parent if self.die_with_parent else None,
+                start_new_session=self.new_session,
             )
         if stdin is not None:
             assert self.proc.stdin is not None
@@ -711,12 +714,14 @@ def start_agent(
     wait: bool = True,
     die_with_parent: bool = False,
     timeout: float = AGENT_START_TIMEOUT,
+    new_session: bool = False,
     **flags: Any,
 ) -> AgentProcess:
     """Start ``credo-agent run`` in ``root`` joined to ``server`` (see module doc).
 
     ``token`` defaults to a fresh join token, ``bundle`` to the server's bundle written to
     ``root/bundle.pem``; ``flags`` are extra ``credo-agent run`` flags (``None``: left out).
+    ``new_session``: in a session of its own, as a service manager starts it.
     """
     if bundle is None:
         bundle = write_server_bundle(server, root / "bundle.pem")
@@ -729,6 +734,7 @@ def start_agent(
         flags=flags,
         die_with_parent=die_with_parent,
     )
+    agent.new_session = new_session
     try:
         return agent.start(wait=wait, timeout=timeout)
     except BaseException:

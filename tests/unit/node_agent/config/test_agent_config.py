@@ -72,6 +72,8 @@ def test_top_level_toml_and_single_address(tmp_path: Path) -> None:
         ({"trust_bundle_format": "der"}, "trust_bundle_format"),
         ({"no_such_setting": 1}, "no_such_setting"),
         ({"server_addresses": ("h:1",), "metrics_address": "9988"}, "metrics_address"),
+        ({"server_addresses": ("h:1",), "nice": -21}, "nice"),
+        ({"server_addresses": ("h:1",), "nice": 20}, "nice"),
     ],
 )
 def test_bad_settings_raise_config_error_naming_them(
