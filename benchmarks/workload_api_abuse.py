@@ -3,15 +3,16 @@
 Run (as root): ``./scripts/bench workload_api_abuse [--json] [--samples N] [--churners N]``.
 
 A real ``credo-server run`` and ``credo-agent run`` (as root), one entry for
-``unix:uid:0``. **One sample** = a fresh channel to the agent's socket, ``FetchX509SVID``
-with the security header, the time to the first message (as in ``workload_api``), done by
-this process (uid 0) back to back.
+``unix:uid:0``; the agent in a session of its own, as a service manager starts it (it then
+sets its session's autogroup nice, see ``node_agent/priority.py``). **One sample** = a
+fresh channel to the agent's socket, ``FetchX509SVID`` with the security header, the time
+to the first message (as in ``workload_api``), done by this process (uid 0) back to back.
 
 * ``quiet_p99_s`` — p99 of ``--samples`` (200) samples with nothing else running;
 * ``churn_p99_s`` — p99 of as many samples while ``--churners`` (2) processes running as
-  ``nobody`` loop ``connect(); close()`` on the socket as fast as they can (the attack of
-  issue 9 item 3: before per-uid rate limiting and the accept thread it made 9 of 10 other
-  users' fetches fail);
+  ``nobody``, each in a session of its own, loop ``connect(); close()`` on the socket as
+  fast as they can (the attack of issue 9 item 3: before per-uid rate limiting and the
+  accept thread it made 9 of 10 other users' fetches fail);
 * ``ratio`` — ``churn_p99_s / quiet_p99_s``; the target is <= 3 (``churn_p50_s`` is
   reported too);
 * ``failures`` — fetches that failed during either phase; the target is 0;

@@ -18,8 +18,8 @@ import pytest
 from tests.helpers.processes import (
     AgentProcess,
     ServerProcess,
-    start_agent,
     short_temp_dir,
+    start_agent,
     start_server,
     wait_for,
 )
