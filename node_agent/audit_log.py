@@ -151,6 +151,9 @@ class DeliveryLog:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(directory, 0o700)
         self._seq, self._prev = self._resume()
+        self._path = str(self.path)
+        self._fd = -1  # open (O_APPEND) on the file at self._path, whose identity is:
+        self._fd_file: tuple[int, int] | None = None
 
     @property
     def path(self) -> Path:
@@ -189,18 +192,48 @@ class DeliveryLog:
         self.path.rename(self._dir / f"{LOG_NAME}.1")
 
     def record(self, pending: PendingRecord) -> AuditRecord:
-        """Chain ``pending`` after the last record and append it (flushed to the file)."""
+        """Chain ``pending`` after the last record and append it (written to the file).
+
+        The file stays open between records; each record first checks (one ``stat``) that
+        the path still names that file, and starts a new one if it was removed.
+        """
         with self._lock:
-            if not self.path.exists():
-                self._open_new()
+            try:
+                st: os.stat_result | None = os.stat(self._path)
+            except FileNotFoundError:
+                st = None
+            if st is None or (st.st_dev, st.st_ino) != self._fd_file:
+                st = self._reopen(st is not None)
             rec = chain_record(
                 pending, seq=self._seq + 1, time_ms=int(self._clock() * 1000), prev_hash=self._prev
             )
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(_line(rec) + "\n")
-                size = f.tell()
+            line = (_line(rec) + "\n").encode("utf-8")
+            view = memoryview(line)
+            while view:
+                view = view[os.write(self._fd, view) :]
             self._seq, self._prev = rec.seq, rec.hash
-            if size >= self._max:
+            if st.st_size + len(line) >= self._max:
+                self._close_file()
                 self._rotate()
                 self._open_new()
             return rec
+
+    def _reopen(self, exists: bool) -> os.stat_result:
+        """Open the log file for appending (a new one, with its header, if missing)."""
+        self._close_file()
+        if not exists:
+            self._open_new()
+        self._fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        st = os.fstat(self._fd)
+        self._fd_file = (st.st_dev, st.st_ino)
+        return st
+
+    def _close_file(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+        self._fd, self._fd_file = -1, None
+
+    def close(self) -> None:
+        """Close the open log file (a later record opens it again). Idempotent."""
+        with self._lock:
+            self._close_file()

@@ -39,15 +39,19 @@ inside a handler.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
 import struct
-from collections.abc import Collection
+import subprocess
+import sys
 from dataclasses import dataclass
 from typing import Final
 
+from node_agent.workload import holders as _holders
 from node_agent.workload.errors import PeerChanged, PeerUnknown
+from node_agent.workload.holders import scan_socket_holders
 from node_agent.workload.pinning import (
     PinRefused,
     exe_identity,
@@ -137,63 +141,112 @@ def unix_peer_inode(inode: int) -> int | None:
     return None
 
 
-def scan_socket_holders(inodes: Collection[int], proc_root: str = "/proc") -> dict[int, set[int]]:
-    """For each socket inode, the pids of every process with a descriptor on it (that we may see).
-
-    One pass over ``<proc_root>/*/fd`` answers any number of inodes, so concurrent holder
-    checks share it (:class:`HolderScans`). Each fd directory is opened once and its links
-    are read relative to it. A process whose fd table the agent may not read (another
-    user's, when the agent is not root) is not seen.
-    """
-    targets = {f"socket:[{inode}]": inode for inode in inodes}
-    holders: dict[int, set[int]] = {inode: set() for inode in inodes}
-    if not targets:
-        return holders
-    readlink = os.readlink
-    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
-    for name in os.listdir(proc_root):
-        if not name.isdigit():
-            continue
-        try:
-            fd_dir = os.open(f"{proc_root}/{name}/fd", flags)
-        except OSError:
-            continue
-        try:
-            fds = os.listdir(fd_dir)
-            for fd in fds:
-                try:
-                    link = readlink(fd, dir_fd=fd_dir)
-                except OSError:
-                    continue
-                if (inode := targets.get(link)) is not None:
-                    holders[inode].add(int(name))
-        except OSError:
-            continue
-        finally:
-            os.close(fd_dir)
-    return holders
-
-
 def socket_holders(inode: int, proc_root: str = "/proc") -> set[int]:
     """The pids of every process with a file descriptor on socket ``inode`` (that we may see)."""
     return scan_socket_holders((inode,), proc_root)[inode]
 
 
+_SCANNER_CODE = (
+    "import sys; sys.path.append(sys.argv[1]); "
+    "from node_agent.workload.holders import main; main(sys.argv[2:])"
+)
+_CODE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+"""Where the ``node_agent`` package lives, for the scan process's ``sys.path`` (after the
+standard library, as for the accept process)."""
+
+
+class ScanProcess:
+    """The holder scan process (:mod:`node_agent.workload.holders`) and the agent's end of
+    its channel. One request at a time (:class:`HolderScans` sends one batch per scan)."""
+
+    TIMEOUT: Final = 10.0
+    """Seconds a scan may take before the process is taken for hung and killed."""
+
+    def __init__(self, proc_root: str) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            # -I -S: nothing from the environment, the working directory or site-packages.
+            self.process = subprocess.Popen(
+                [sys.executable, "-I", "-S", "-c", _SCANNER_CODE, _CODE_ROOT,
+                 str(theirs.fileno()), proc_root],
+                stdin=subprocess.DEVNULL,
+                pass_fds=(theirs.fileno(),),
+            )  # fmt: skip
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        ours.setblocking(False)
+        self.channel = ours
+
+    async def scan(self, inodes: list[int]) -> dict[int, set[int]]:
+        """Holders of each inode, from a scan the process begins after this call.
+
+        Raises :class:`OSError` (or :class:`TimeoutError`) when the process is gone, hung
+        or answers nonsense; it is then of no further use (:meth:`close` it).
+        """
+        loop = asyncio.get_running_loop()
+        found: dict[int, set[int]] = {}
+        async with asyncio.timeout(self.TIMEOUT):
+            for i in range(0, len(inodes), _holders.MAX_INODES):
+                part = inodes[i : i + _holders.MAX_INODES]
+                await loop.sock_sendall(
+                    self.channel, b"Q" + b"".join(map(_holders.INODE.pack, part))
+                )
+                got: dict[int, tuple[int, set[int]]] = {}
+                while True:
+                    data = await loop.sock_recv(self.channel, _holders.MESSAGE_MAX)
+                    if not data:
+                        raise ConnectionError("the holder scan process exited")
+                    try:
+                        if _holders.decode_reply(data, got):
+                            break
+                    except (ValueError, struct.error) as err:
+                        raise ConnectionError(str(err)) from None
+                for inode in part:
+                    count, pids = got.get(inode, (0, set()))
+                    if count > len(pids):
+                        # More holders than listed: the socket is refused either way (the
+                        # pinned pid is missing, or others are listed); say so.
+                        pids = pids | {-1}
+                    found[inode] = pids
+        return found
+
+    def close(self) -> None:
+        """Close the channel (the process exits when it sees that) and reap it."""
+        self.channel.close()
+        try:
+            self.process.wait(timeout=1)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(OSError):
+                self.process.kill()
+            self.process.wait()
+
+
 class HolderScans:
     """Shares ``/proc`` scans among concurrent holder checks on one event loop.
 
-        :meth:`holders` is answered by a scan that *starts after* it was asked (never by one
-        already running), so a shared answer is as fresh as a scan of its own; requests that
-        arrive while a scan runs wait for the next one, which answers all of them at once. Under
-        load this turns one full scan per new connection into a few per burst; a scan also waits
+    :meth:`holders` is answered by a scan that *starts after* it was asked (never by one
+    already running), so a shared answer is as fresh as a scan of its own; requests that
+    arrive while a scan runs wait for the next one, which answers all of them at once. Under
+    load this turns one full scan per new connection into a few per burst; a scan also waits
     a few event loop turns for the handlers already runnable (:meth:`_gather`) to ask.
+
+    With ``process`` (the default) the scans run in a process of their own
+    (:class:`ScanProcess`, started at the first scan), on another core and without the
+    agent's GIL; a batch whose process failed is scanned in a thread instead, and the next
+    batch starts a new process. Without it they run in a thread. Call :meth:`close` at the
+    end.
     """
 
     GATHER_TURNS: Final = 8
     """Event loop turns a scan may wait for more requests to join it (while they come)."""
 
-    def __init__(self, proc_root: str = "/proc") -> None:
+    def __init__(self, proc_root: str = "/proc", *, process: bool = True) -> None:
         self._proc_root = proc_root
+        self._use_process = process
+        self._process: ScanProcess | None = None
         self._pending: dict[int, list[asyncio.Future[set[int]]]] = {}
         self._task: asyncio.Task[None] | None = None
         self.scans = 0  # scans run so far (for tests and benchmarks)
@@ -212,13 +265,32 @@ class HolderScans:
             waiting = now
 
     async def holders(self, inode: int) -> set[int]:
-        """The pids holding socket ``inode``, from a scan begun after this call."""
+        """The pids holding socket ``inode``, from a scan begun after this call.
+
+        A pid of -1 in the answer stands for holders beyond the ones listed (only when
+        more than :data:`~node_agent.workload.holders.MAX_PIDS_LISTED` hold it).
+        """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[set[int]] = loop.create_future()
         self._pending.setdefault(inode, []).append(future)
         if self._task is None:
             self._task = loop.create_task(self._run())
         return set(await future)
+
+    async def _scan(self, inodes: list[int]) -> dict[int, set[int]]:
+        """One scan of ``inodes``, begun now: in the scan process, else in a thread."""
+        if self._use_process:
+            try:
+                if self._process is None:
+                    self._process = ScanProcess(self._proc_root)
+                return await self._process.scan(inodes)
+            except (OSError, TimeoutError) as err:
+                log.error(
+                    "the holder scan process failed; scanning in a thread this time",
+                    extra={"error": str(err) or type(err).__name__},
+                )
+                self._close_process()
+        return await asyncio.to_thread(scan_socket_holders, inodes, self._proc_root)
 
     async def _run(self) -> None:
         try:
@@ -228,7 +300,7 @@ class HolderScans:
                     await self._gather()
                     batch, self._pending = self._pending, {}
                     self.scans += 1
-                    found = await asyncio.to_thread(scan_socket_holders, batch, self._proc_root)
+                    found = await self._scan(list(batch))
                 except Exception as err:
                     for futures in batch.values():
                         for future in futures:
@@ -247,6 +319,17 @@ class HolderScans:
                             future.set_result(found[inode])
         finally:
             self._task = None
+
+    def _close_process(self) -> None:
+        process, self._process = self._process, None
+        if process is not None:
+            process.close()
+
+    def close(self) -> None:
+        """Stop the scan process (a later scan would start another). Idempotent."""
+        if self._task is not None:
+            self._task.cancel()
+        self._close_process()
 
 
 def read_effective_uid(pid: int) -> int:
@@ -377,16 +460,19 @@ class PeerProcess:
         return client
 
     def _judge_holders(self, holders: set[int]) -> None:
+        """Refuse unless ``holders`` is exactly the pinned pid (-1: more holders unlisted)."""
         pid = self.pid
+        more = " and more" if -1 in holders else ""
+        listed = sorted(holders - {-1})
         if pid not in holders:
             raise PeerChanged(
                 "the process that connected no longer holds the connection "
-                f"(held by pids {sorted(holders)})",
+                f"(held by pids {listed}{more})",
                 pid=pid,
             )
-        if others := sorted(holders - {pid}):
+        if others := [p for p in listed if p != pid]:
             raise PeerChanged(
-                f"the connection is shared with other processes (pids {others})", pid=pid
+                f"the connection is shared with other processes (pids {others}{more})", pid=pid
             )
         self._sole_holder = True
 

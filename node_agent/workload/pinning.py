@@ -17,6 +17,7 @@ import struct
 __all__ = [
     "SO_PEERPIDFD",
     "PinRefused",
+    "effective_ids",
     "exe_identity",
     "exited",
     "peer_credentials_raw",
@@ -24,6 +25,8 @@ __all__ = [
     "pin",
     "read_effective_ids",
     "read_start_time",
+    "read_status",
+    "status_field",
 ]
 
 _UCRED = struct.Struct("3i")  # struct ucred { pid_t pid; uid_t uid; gid_t gid; }
@@ -78,23 +81,57 @@ def read_start_time(pid: int) -> int:
     return int(rest[22 - 3])
 
 
+def read_status(path: str) -> bytes:
+    """The whole of a ``/proc/<pid>/status`` file, read with bare system calls."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        data = os.read(fd, 16384)
+        while chunk := os.read(fd, 16384):  # a status larger than that: unusual
+            data += chunk
+    finally:
+        os.close(fd)
+    return data
+
+
+def status_field(status: bytes, name: bytes) -> list[bytes] | None:
+    """The values of line ``name:`` of a status file (split on whitespace), or None.
+
+    The first such line counts. Only the first line (``Name:``, the command name) holds
+    text the process chose, and the kernel escapes newlines in it, so no process can
+    plant a line of its own.
+    """
+    if status.startswith(name + b":"):
+        start = len(name) + 1
+    else:
+        at = status.find(b"\n" + name + b":")
+        if at < 0:
+            return None
+        start = at + len(name) + 2
+    end = status.find(b"\n", start)
+    return status[start : end if end >= 0 else len(status)].split()
+
+
+def effective_ids(status: bytes) -> tuple[int, int]:
+    """Effective uid and gid (second of ``Uid:``, ``Gid:``) from a status file's text.
+
+    Raises :class:`PinRefused` if it has no such lines.
+    """
+    uid = status_field(status, b"Uid")
+    gid = status_field(status, b"Gid")
+    if not uid or not gid:
+        raise PinRefused("process status has no Uid/Gid line")
+    try:
+        return int(uid[1] if len(uid) > 1 else uid[0]), int(gid[1] if len(gid) > 1 else gid[0])
+    except ValueError:
+        raise PinRefused("process status has a malformed Uid/Gid line") from None
+
+
 def read_effective_ids(pid: int) -> tuple[int, int]:
     """Effective uid and gid from ``/proc/<pid>/status`` (second of ``Uid:``, ``Gid:``).
 
     Raises :class:`PinRefused` if the file has no such lines.
     """
-    uid: int | None = None
-    gid: int | None = None
-    with open(f"/proc/{pid}/status", "rb") as f:
-        for line in f:
-            if line.startswith(b"Uid:"):
-                uid = int(line.split()[2])
-            elif line.startswith(b"Gid:"):
-                gid = int(line.split()[2])
-                break  # Gid: follows Uid:
-    if uid is None or gid is None:
-        raise PinRefused("process status has no Uid/Gid line")
-    return uid, gid
+    return effective_ids(read_status(f"/proc/{pid}/status"))
 
 
 def exe_identity(pid: int) -> tuple[int, int] | None:

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from credo.errors import ConfigError
 from credo.selector import Selector
 from node_agent.workload.errors import AttestationFailed
+from node_agent.workload.pinning import PinRefused, effective_ids, read_status, status_field
 
 __all__ = ["DEFAULT_WORKLOAD_SIZE_LIMIT", "UnixAttestor", "UnixAttestorConfig"]
 
@@ -87,16 +88,15 @@ class UnixAttestor:
     def _attest(self, pid: int) -> list[Selector]:
         proc = os.path.join(self.config.proc_root, str(pid))
         try:
-            status = _read_status(os.path.join(proc, "status"))
+            status = read_status(os.path.join(proc, "status"))
         except FileNotFoundError:
             raise AttestationFailed("process not found", pid=pid) from None
         except OSError as err:
             raise AttestationFailed(f"cannot read process status: {err}", pid=pid) from None
         try:
-            uid = _second(status, "Uid")
-            gid = _second(status, "Gid")
-            groups = [int(g) for g in status.get("Groups", [])]
-        except (KeyError, ValueError):
+            uid, gid = effective_ids(status)
+            groups = [int(g) for g in status_field(status, b"Groups") or ()]
+        except (PinRefused, ValueError):
             raise AttestationFailed("process status lacks Uid/Gid lines", pid=pid) from None
 
         out = [Selector("unix", f"uid:{uid}")]
@@ -202,22 +202,6 @@ def _path_mismatch(pid: int, exe_link: str, path: str) -> str | None:
     if (running.st_dev, running.st_ino) != (here.st_dev, here.st_ino):
         return "the file at that path is not the one the caller runs"
     return None
-
-
-def _read_status(path: str) -> dict[str, list[str]]:
-    fields: dict[str, list[str]] = {}
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            name, sep, value = line.partition(":")
-            if sep:
-                fields[name] = value.split()
-    return fields
-
-
-def _second(status: dict[str, list[str]], name: str) -> int:
-    """The effective id: second of real/effective/saved/filesystem (or the only one)."""
-    values = status[name]
-    return int(values[1] if len(values) > 1 else values[0])
 
 
 def _user_name(uid: int) -> str | None:

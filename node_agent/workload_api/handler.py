@@ -22,9 +22,10 @@ import asyncio
 import hashlib
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, replace
-from typing import Any, NoReturn, Protocol, TypeAlias
+from typing import Any, Final, NoReturn, Protocol, TypeAlias
 
 import grpc
 from google.protobuf import struct_pb2
@@ -49,7 +50,13 @@ from node_agent.workload.errors import (
 from node_agent.workload.peer import HolderScans, PeerProcess
 from node_agent.workload_api.manager import Identity, Manager, WorkloadUpdate
 
-__all__ = ["SECURITY_HEADER", "PeerLookup", "WorkloadApiMetrics", "WorkloadApiServicer"]
+__all__ = [
+    "SECURITY_HEADER",
+    "PeerLookup",
+    "WorkloadApiMetrics",
+    "WorkloadApiServicer",
+    "X509ResponseCache",
+]
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +136,49 @@ def _x509_svid_response(update: WorkloadUpdate) -> workload_pb2.X509SVIDResponse
         crl=list(update.crls),
         federated_bundles=_federated_x509(update.federated_bundles),
     )
+
+
+class X509ResponseCache:
+    """Built ``X509SVIDResponse`` messages, by what they are made of (least recently used
+    dropped beyond :attr:`SIZE`).
+
+    Building one serializes every SVID's chain and private key and the bundles again; many
+    workloads with the same identities, and every new connection of one workload, get the
+    same message. The key is the SPIFFE IDs and hints with the identities (``id()``) of the
+    SVID and bundle objects, which are immutable: a rotated SVID or a new bundle is a new
+    object, so a new key. Each entry keeps those objects alive, so no other object can take
+    their ids while it is cached.
+    """
+
+    SIZE: Final = 64
+
+    def __init__(self) -> None:
+        self._entries: OrderedDict[
+            tuple[object, ...], tuple[tuple[object, ...], workload_pb2.X509SVIDResponse]
+        ] = OrderedDict()
+        self.built = 0  # responses built, not found here (for tests)
+
+    def response(self, update: WorkloadUpdate) -> workload_pb2.X509SVIDResponse:
+        """The response for ``update``, built once per distinct content."""
+        federated = update.federated_bundles
+        key = (
+            tuple((str(i.spiffe_id), id(i.svid), i.hint) for i in update.identities),
+            id(update.bundle),
+            update.crls,
+            tuple((name, id(b)) for name, b in federated.items()),
+        )
+        entries = self._entries
+        hit = entries.get(key)
+        if hit is not None:
+            entries.move_to_end(key)
+            return hit[1]
+        response = _x509_svid_response(update)
+        self.built += 1
+        alive = (tuple(i.svid for i in update.identities), update.bundle, tuple(federated.values()))
+        entries[key] = (alive, response)
+        while len(entries) > self.SIZE:
+            entries.popitem(last=False)
+        return response
 
 
 class WorkloadApiMetrics(Protocol):
@@ -219,6 +269,11 @@ class WorkloadApiServicer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
         self._allow_unauthenticated_verifiers = allow_unauthenticated_verifiers
         self._metrics = metrics
         self._holder_scans = HolderScans()
+        self.x509_responses = X509ResponseCache()
+
+    def close(self) -> None:
+        """Stop the holder scan process (started at the first new connection's call)."""
+        self._holder_scans.close()
 
     # -- shared steps -----------------------------------------------------------------
 
@@ -292,8 +347,8 @@ class WorkloadApiServicer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
                 update = await subscription.next()
                 if not update.identities:
                     await _refuse(context, caller, "no identity issued", _why_none(update))
-                response = _x509_svid_response(update)
-                if response == previous:
+                response = self.x509_responses.response(update)
+                if response is previous or response == previous:
                     continue
                 previous = response
                 self._record_x509(caller, update, delivered)

@@ -80,6 +80,12 @@ class WorkloadApiServer:
         self._metrics = metrics
         self._proxy: PeerTrackingProxy | None = None
         self._server: aio.Server | None = None
+        self._servicer: WorkloadApiServicer | None = None
+
+    @property
+    def servicer(self) -> WorkloadApiServicer | None:
+        """The handler while serving (None before :meth:`start` and after :meth:`stop`)."""
+        return self._servicer
 
     async def start(self) -> None:
         """Create the socket directory (0755), remove a stale socket, and start serving."""
@@ -89,17 +95,15 @@ class WorkloadApiServer:
         os.chmod(directory, 0o755)
         proxy = PeerTrackingProxy(self.config.socket_path, self.config.private_dir)
         server = aio.server()
-        workload_pb2_grpc.add_SpiffeWorkloadAPIServicer_to_server(
-            WorkloadApiServicer(
-                self._manager,
-                self._attestor,
-                proxy,
-                allow_unauthenticated_verifiers=self.config.allow_unauthenticated_verifiers,
-                metrics=self._metrics,
-                delivery_log=self._delivery_log,
-            ),
-            server,
+        servicer = WorkloadApiServicer(
+            self._manager,
+            self._attestor,
+            proxy,
+            allow_unauthenticated_verifiers=self.config.allow_unauthenticated_verifiers,
+            metrics=self._metrics,
+            delivery_log=self._delivery_log,
         )
+        workload_pb2_grpc.add_SpiffeWorkloadAPIServicer_to_server(servicer, server)
         if server.add_insecure_port(proxy.internal_address) == 0:
             raise OSError(f"cannot listen on {proxy.internal_address}")
         await server.start()
@@ -108,18 +112,21 @@ class WorkloadApiServer:
         except BaseException:
             await server.stop(None)
             await proxy.stop()
+            servicer.close()
             raise
-        self._proxy, self._server = proxy, server
+        self._proxy, self._server, self._servicer = proxy, server, servicer
         log.info("workload API started", extra={"socket": self.config.socket_path})
 
     async def stop(self, grace: float | None = 5.0) -> None:
         """Stop accepting, let calls finish for ``grace`` seconds, then close everything."""
-        proxy, server = self._proxy, self._server
-        self._proxy = self._server = None
+        proxy, server, servicer = self._proxy, self._server, self._servicer
+        self._proxy = self._server = self._servicer = None
         if proxy is not None:
             proxy.stop_accepting()
         if server is not None:
             await server.stop(grace)
         if proxy is not None:
             await proxy.stop()
+        if servicer is not None:
+            servicer.close()
         log.info("workload API stopped", extra={"socket": self.config.socket_path})

@@ -60,3 +60,26 @@ def test_a_changed_byte_or_a_missing_file_breaks_the_log(tmp_path: Path) -> None
     rotated.unlink()
     with pytest.raises(ChainBroken, match="does not continue the file before it"):
         verify_log(directory)
+
+
+def test_a_log_file_removed_or_replaced_while_open_is_not_written_blind(tmp_path: Path) -> None:
+    """The log keeps its file open between records, but each record looks at the path
+    first: a removed file is started again (its header continuing the chain) and a file
+    put in its place is appended to, so no record goes to an unlinked file."""
+    directory = tmp_path / "audit"
+    log = DeliveryLog(directory)
+    log.record(_delivery(0))
+    (directory / LOG_NAME).unlink()
+    log.record(_delivery(1))
+    assert [r.seq for r in read_records(directory)] == [2]
+    assert verify_log(directory).last_seq == 2
+    path = directory / LOG_NAME
+    kept = path.read_text()
+    path.rename(directory / "elsewhere")
+    path.write_text(kept)  # another file, same content, at the path
+    log.record(_delivery(2))
+    assert [r.seq for r in read_records(directory)] == [2, 3]
+    assert (directory / "elsewhere").read_text() == kept  # the old file got nothing more
+    log.close()
+    log.record(_delivery(3))
+    assert verify_log(directory).last_seq == 4

@@ -408,7 +408,7 @@ def test_holder_scans_share_one_scan_begun_after_every_request() -> None:
         return found
 
     async def main() -> None:
-        scans = HolderScans()
+        scans = HolderScans(process=False)  # the gate patches the thread-side scan
         both = await asyncio.gather(scans.holders(inode_a), scans.holders(inode_c))
         assert both == [{os.getpid()}, {os.getpid()}]
         assert scans.scans == 1
@@ -454,3 +454,125 @@ def test_connection_that_sends_nothing_never_reaches_the_grpc_server(short_dir: 
             await _stop(r)
 
     asyncio.run(main())
+
+
+def test_holder_scan_process_refuses_a_socket_a_second_process_holds(short_dir: str) -> None:
+    """The scan runs in a process of its own (not the agent's), and its answer is as
+    fresh as a scan in the agent: a socket another process holds is refused; once that
+    process has let go, the next request (a new scan) accepts it."""
+    import socket as _socket
+
+    from node_agent.workload.peer import unix_peer_inode
+
+    listener = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    path = os.path.join(short_dir, "p.sock")
+    listener.bind(path)
+    listener.listen(1)
+    client = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    client.connect(path)
+    server_side, _ = listener.accept()
+    server_inode = os.fstat(server_side.fileno()).st_ino
+    client_inode = unix_peer_inode(server_inode)
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import sys; sys.stdin.read()"],
+        stdin=subprocess.PIPE,
+        pass_fds=(client.fileno(),),
+    )
+    scans = HolderScans()
+
+    async def main() -> None:
+        shared = PeerProcess.capture(_creds(os.getpid()), server_inode=server_inode)
+        try:
+            with pytest.raises(
+                PeerChanged, match=rf"shared with other processes \(pids \[{child.pid}\]"
+            ):
+                await shared.ensure_sole_holder_shared(scans)
+        finally:
+            shared.close()
+        scanner = scans._process
+        assert scanner is not None and scanner.process.poll() is None
+        assert scanner.process.pid not in (os.getpid(), child.pid)
+        assert child.stdin is not None
+        child.stdin.close()
+        await asyncio.to_thread(child.wait, 10)
+        assert await scans.holders(client_inode) == {os.getpid()}
+        sole = PeerProcess.capture(_creds(os.getpid()), server_inode=server_inode)
+        try:
+            await sole.ensure_sole_holder_shared(scans)
+        finally:
+            sole.close()
+        assert scans._process is scanner  # the same process answered each scan
+        assert scans.scans == 3
+
+    try:
+        asyncio.run(main())
+        scanner = scans._process
+        scans.close()
+        assert scanner is not None and scanner.process.poll() is not None  # stopped, reaped
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        server_side.close()
+        client.close()
+        listener.close()
+
+
+def test_holder_scans_survive_the_scan_process_dying(caplog: pytest.LogCaptureFixture) -> None:
+    """A scan process killed between scans costs nothing but a log line: that batch is
+    scanned in the agent (a thread) and the next starts a new process."""
+    import socket as _socket
+
+    a, b = _socket.socketpair()
+    inode = os.fstat(a.fileno()).st_ino
+    scans = HolderScans()
+
+    async def main() -> None:
+        assert await scans.holders(inode) == {os.getpid()}
+        first = scans._process
+        assert first is not None
+        first.process.kill()
+        await asyncio.to_thread(first.process.wait, 10)
+        with caplog.at_level("ERROR", logger="node_agent.workload.peer"):
+            assert await scans.holders(inode) == {os.getpid()}
+        assert any("holder scan process failed" in r.getMessage() for r in caplog.records)
+        assert scans._process is None
+        assert await scans.holders(inode) == {os.getpid()}
+        assert scans._process is not None and scans._process is not first
+
+    try:
+        asyncio.run(main())
+    finally:
+        scans.close()
+        a.close()
+        b.close()
+
+
+def test_holder_scan_replies_past_the_listed_pids_still_refuse() -> None:
+    """A socket with more holders than a reply lists is refused all the same: the reply
+    keeps the true count, and the pids it leaves out stand in as -1."""
+    from node_agent.workload import holders
+
+    many = set(range(1000, 1000 + holders.MAX_PIDS_LISTED + 5))
+    messages = list(holders.encode_reply({7: many, 8: {os.getpid()}}))
+    assert all(len(m) <= holders.MESSAGE_MAX for m in messages)
+    got: dict[int, tuple[int, set[int]]] = {}
+    assert [holders.decode_reply(m, got) for m in messages][-1] is True
+    assert got[8] == (1, {os.getpid()})
+    count, listed = got[7]
+    assert count == len(many) and len(listed) == holders.MAX_PIDS_LISTED
+    peer = PeerProcess.capture(_creds(os.getpid()))
+    try:
+        with pytest.raises(PeerChanged, match="and more"):
+            peer._judge_holders(listed | {os.getpid(), -1})
+    finally:
+        peer.close()
+    # a reply bigger than one datagram is split
+    huge = {inode: many for inode in range(200)}
+    parts = list(holders.encode_reply(huge))
+    assert len(parts) > 1 and parts[-1][:1] == b"E"
+    assert all(len(m) <= holders.MESSAGE_MAX for m in parts)
+    got = {}
+    for m in parts:
+        holders.decode_reply(m, got)
+    assert set(got) == set(huge)

@@ -42,6 +42,7 @@ class FakeCa:
         self.kid = f"{trust_domain}-jwt-1"
         self.wit_key = generate_private_key()
         self.wit_kid = f"{trust_domain}-wit-1"
+        self._bundle: Bundle | None = None
 
     def issue(self, spiffe_id: str, ttl: timedelta = timedelta(hours=1)) -> X509Svid:
         """A fresh X509-SVID (new key) for ``spiffe_id``."""
@@ -51,13 +52,16 @@ class FakeCa:
         return X509Svid(sid, (leaf,), key)
 
     def bundle(self) -> Bundle:
-        """The trust domain's bundle (CA cert + JWT key + WIT key)."""
-        return Bundle(
-            self.trust_domain,
-            (self.cert,),
-            {self.kid: self.jwt_key.public_key()},
-            wit_authorities={self.wit_kid: self.wit_key.public_key()},
-        )
+        """The trust domain's bundle (CA cert + JWT key + WIT key): one object, as the
+        agent's cache keeps one until the bundle changes."""
+        if self._bundle is None:
+            self._bundle = Bundle(
+                self.trust_domain,
+                (self.cert,),
+                {self.kid: self.jwt_key.public_key()},
+                wit_authorities={self.wit_kid: self.wit_key.public_key()},
+            )
+        return self._bundle
 
     def sign_jwt(self, spiffe_id: SpiffeId, audience: Iterable[str]) -> str:
         """A JWT-SVID signed by this trust domain."""

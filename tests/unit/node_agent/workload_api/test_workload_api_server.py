@@ -138,6 +138,41 @@ def test_pyspiffe_stream_receives_update(api: Api) -> None:
     assert second.default_svid.leaf.serial_number == rotated.leaf.serial_number
 
 
+def _first_x509_response(api: Api) -> workload_pb2.X509SVIDResponse:
+    """The first FetchX509SVID message on a new connection."""
+    channel, stub = _stub(api)
+    with channel:
+        call = stub.FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=HEADER, timeout=10)
+        response: workload_pb2.X509SVIDResponse = next(call)
+        call.cancel()
+    return response
+
+
+def test_x509_response_is_built_once_and_again_when_the_svid_rotates(api: Api) -> None:
+    """New connections of a workload share one built response; a rotated SVID (a new
+    object) is a new one, so no connection after the rotation gets the old SVID."""
+    api.manager.add([MY_UID], "spiffe://example.org/workload")
+    servicer = api.server.servicer
+    first = _first_x509_response(api)
+    again = _first_x509_response(api)
+    assert again == first
+    assert servicer.x509_responses.built == 1
+    entry_selectors, old = api.manager.entries[0]
+    rotated = api.manager.ca.issue("spiffe://example.org/workload")
+    api.manager.entries[0] = (
+        entry_selectors,
+        type(old)(old.entry_id, old.spiffe_id, rotated, old.hint),
+    )
+    after = _first_x509_response(api)
+    assert after.svids[0].x509_svid == rotated.marshal_chain_der()
+    assert after.svids[0].x509_svid_key == rotated.marshal_key_der()
+    assert after.svids[0].x509_svid != first.svids[0].x509_svid
+    assert servicer.x509_responses.built == 2
+    api.manager.crl_ders = (b"a CRL",)  # any other part of the response changing counts too
+    assert list(_first_x509_response(api).crl) == [b"a CRL"]
+    assert servicer.x509_responses.built == 3
+
+
 def test_stream_ends_with_permission_denied_when_identity_removed(api: Api) -> None:
     """When the caller loses its last identity, the X509-SVID stream ends PERMISSION_DENIED."""
     api.manager.add([MY_UID], "spiffe://example.org/workload")
