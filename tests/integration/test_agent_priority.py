@@ -44,9 +44,14 @@ def _thread_nices(pid: int) -> set[int]:
     return {_nice(pid, int(tid)) for tid in os.listdir(f"/proc/{pid}/task")}
 
 
-def _autogroup(pid: int) -> tuple[str, int]:
-    """(name, nice) of ``pid``'s autogroup: ``/autogroup-42 nice -10``."""
-    name, _, nice = Path(f"/proc/{pid}/autogroup").read_text().split()
+def _autogroup(pid: int) -> tuple[str, int] | None:
+    """(name, nice) of ``pid``'s autogroup: ``/autogroup-42 nice -10``; None for the root
+    autogroup, which the kernel shows as an empty file (pid 1, and whatever descends from
+    it without a ``setsid``, as in a container whose processes never start a session)."""
+    text = Path(f"/proc/{pid}/autogroup").read_text()
+    if not text.strip():
+        return None
+    name, _, nice = text.split()
     return name, int(nice)
 
 
@@ -81,7 +86,8 @@ def test_an_agent_leading_its_session_raises_its_threads_and_its_autogroup(
     with start_agent(server, short_temp_dir(), new_session=True) as agent:
         assert os.getsid(agent.pid) == agent.pid
         assert _thread_nices(agent.pid) == {-10}
-        assert _autogroup(agent.pid)[1] == -10
+        own = _autogroup(agent.pid)
+        assert own is not None and own[1] == -10
         accept = _accept_process(agent)
         assert _autogroup(accept.pid) == _autogroup(agent.pid)
         assert 'autogroup="' in agent.logs and "nice=-10" in agent.logs
