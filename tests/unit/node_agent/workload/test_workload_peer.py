@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -34,6 +35,17 @@ def short_dir() -> Iterator[str]:
 
 def _creds(pid: int) -> PeerCredentials:
     return PeerCredentials(pid, os.geteuid(), os.getegid())
+
+
+def _connected_pair(path: str) -> tuple[socket.socket, socket.socket, socket.socket]:
+    """A listening Unix socket at ``path``, a client connected to it, and the accepted end."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client.connect(path)
+    server_side, _ = listener.accept()
+    return listener, client, server_side
 
 
 def test_pid_zero_is_refused() -> None:
@@ -320,17 +332,9 @@ def test_holder_check_refuses_a_connection_a_child_kept(short_dir: str) -> None:
     """The exec race in miniature: the pinned process passed its connection on (a child
     holds it) and no longer holds it itself; ensure_sole_holder refuses, as it does when
     both hold it."""
-    import socket as _socket
-
     from node_agent.workload.peer import unix_peer_inode
 
-    listener = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
-    path = os.path.join(short_dir, "h.sock")
-    listener.bind(path)
-    listener.listen(1)
-    client = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
-    client.connect(path)
-    server_side, _ = listener.accept()
+    listener, client, server_side = _connected_pair(os.path.join(short_dir, "h.sock"))
     server_inode = os.fstat(server_side.fileno()).st_ino
     assert unix_peer_inode(server_inode) == os.fstat(client.fileno()).st_ino
     child = subprocess.Popen(
@@ -460,17 +464,9 @@ def test_holder_scan_process_refuses_a_socket_a_second_process_holds(short_dir: 
     """The scan runs in a process of its own (not the agent's), and its answer is as
     fresh as a scan in the agent: a socket another process holds is refused; once that
     process has let go, the next request (a new scan) accepts it."""
-    import socket as _socket
-
     from node_agent.workload.peer import unix_peer_inode
 
-    listener = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
-    path = os.path.join(short_dir, "p.sock")
-    listener.bind(path)
-    listener.listen(1)
-    client = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
-    client.connect(path)
-    server_side, _ = listener.accept()
+    listener, client, server_side = _connected_pair(os.path.join(short_dir, "p.sock"))
     server_inode = os.fstat(server_side.fileno()).st_ino
     client_inode = unix_peer_inode(server_inode)
     child = subprocess.Popen(
