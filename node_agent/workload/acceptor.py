@@ -122,6 +122,7 @@ class Acceptor:
         self._refused: dict[tuple[str, int], int] = {}
         self._last_summary = -log_interval
         self._too_many = f"too many open connections for this uid (limit {max_open})"
+        self._gone = False  # the agent closed the channel or said stop (seen mid-batch)
         self._too_fast = f"connecting too fast (limit {rate:g}/s, burst {burst:g})"
 
     # -- admission ----------------------------------------------------------------------
@@ -170,6 +171,14 @@ class Acceptor:
 
     def _handle(self, conn: socket.socket, pid: int, uid: int, gid: int, now: float) -> None:
         reason = self._admit(uid, now)
+        if reason is self._too_many and not self._gone:
+            # The agent may have released one of this uid's connections since this batch
+            # began (the client closed one and connected again while we were accepting):
+            # apply what is waiting in the channel before shedding it at its limit.
+            if self._read_channel():
+                reason = self._admit(uid, now)
+            else:
+                self._gone = True
         if reason:
             conn.close()
             self._refuse(reason, uid)
@@ -380,6 +389,8 @@ class Acceptor:
                     try:
                         self._accept_batch()
                     except OSError:
+                        return
+                    if self._gone:
                         return
                 elif events & (select.POLLERR | select.POLLNVAL):
                     return

@@ -3,6 +3,7 @@ socket pair, driven through PeerTrackingProxy)."""
 
 from __future__ import annotations
 
+import array
 import asyncio
 import errno
 import json
@@ -23,7 +24,7 @@ import pytest
 from grpc import aio
 
 from node_agent.workload import pinning
-from node_agent.workload.acceptor import CONNECTION, MESSAGE_MAX, Acceptor
+from node_agent.workload.acceptor import CONNECTION, MESSAGE_MAX, RELEASE, Acceptor
 from node_agent.workload.tracker import _ACCEPTOR_CODE, PeerTrackingProxy
 
 
@@ -268,6 +269,43 @@ def test_shedding_never_pauses_while_connections_are_queued(
         assert pauses_with_queued == [False]
         assert not acc.open_by_uid
     finally:
+        listener.close()
+        ours.close()
+        agent.close()
+
+
+def test_a_release_sent_during_a_batch_frees_the_slot_before_shedding(short_dir: str) -> None:
+    """The uid is at its limit (1) when a batch begins; the agent releases that connection
+    (its client closed it) and the client connects again before the batch ends. The accept
+    process reads the release before shedding the new connection at the limit, so the
+    client is served, not refused."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(os.path.join(short_dir, "l.sock"))
+    listener.listen(8)
+    listener.setblocking(False)
+    ours, agent = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours.setblocking(False)
+    uid = os.geteuid()
+    acc = Acceptor(
+        listener, ours, max_open=1, rate=100, burst=100, log_interval=10, open_by_uid={uid: 1}
+    )
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        agent.send(b"R" + RELEASE.pack(uid))  # the release, not yet read by the accept loop
+        client.connect(listener.getsockname())
+        assert acc._accept_batch()
+        assert acc._refused == {}
+        assert acc.open_by_uid == {uid: 1}
+        data, ancdata, _, _ = agent.recvmsg(MESSAGE_MAX, socket.CMSG_SPACE(8))
+        assert data[:1] == b"C" and CONNECTION.unpack_from(data, 1)[:2] == (os.getpid(), uid)
+        fds = array.array("i")
+        for _, _, payload in ancdata:
+            fds.frombytes(payload)
+        assert len(fds) == 2
+        for fd in fds:
+            os.close(fd)
+    finally:
+        client.close()
         listener.close()
         ours.close()
         agent.close()
