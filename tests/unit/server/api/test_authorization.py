@@ -115,10 +115,29 @@ def _new_jwt(agent: AttestedAgent, entry_id: str) -> agent_pb2.NewJWTSVIDRespons
         )
 
 
-def test_entry_expiring_after_first_use_is_refused(server: InProcessServer) -> None:
-    """The per-agent authorization memo must not outlive an entry's (or its parent's) expiry."""
+class _AheadClock:
+    """``time`` for the module under test, with a wall clock that can be moved forward."""
+
+    monotonic = staticmethod(time.monotonic)
+
+    def __init__(self) -> None:
+        self.ahead = 0.0
+
+    def time(self) -> float:
+        return time.time() + self.ahead
+
+
+def test_entry_expiring_after_first_use_is_refused(
+    server: InProcessServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The per-agent authorization memo must not outlive an entry's (or its parent's) expiry
+    (the server's clock is moved past it rather than waited for)."""
+    from server.agents import sync
+
+    clock = _AheadClock()
+    monkeypatch.setattr(sync, "time", clock)
     agent = server.attest(server.create_join_token())
-    expires_at = int(time.time()) + 3
+    expires_at = int(time.time()) + 60
     parent = create_entry(
         server, "spiffe://example.org/parent", agent.agent_id, expires_at=expires_at
     )
@@ -126,7 +145,7 @@ def test_entry_expiring_after_first_use_is_refused(server: InProcessServer) -> N
     # Served (and memoised) while valid.
     assert _new_jwt(agent, parent).svid.token
     assert sign(agent, (child, make_csr())).results[0].svid.cert_chain
-    time.sleep(max(0.0, expires_at - time.time()) + 1.1)
+    clock.ahead = expires_at - time.time() + 1
     with pytest.raises(grpc.RpcError) as err:
         _new_jwt(agent, parent)
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
